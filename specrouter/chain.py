@@ -1,0 +1,147 @@
+"""The multi-level speculative step.
+
+A chain is a list of levels M_0 -> M_1 -> ... -> M_N (the target). Level i proposes tokens to level
+i+1 by running its own verification rounds over the tokens level i-1 proposes; every token a level
+emits is distributed exactly as that level's model given its prefix, so the level passes its own
+probabilities upward as the proposal distribution q_draft (TriForce's rule). Only the target's
+verdict is committed, so the output is distributed exactly as the target alone (greedy: identical).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specrouter.levels import Block, Level
+from specrouter.sampling import SamplingParams
+from specrouter.sequence import SequenceState
+from specrouter.verification import Verdict, rejection_sample
+
+
+@dataclass
+class LevelStats:
+    """Per-level counters for one request. A level's draft counters describe the blocks it proposed to
+    the level above; its recovered / bonus counters describe the verdicts it gave the level below."""
+
+    name: str
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_rounds: int = 0  # verification rounds of this level's proposals
+    num_recovered_tokens: int = 0
+    num_bonus_tokens: int = 0
+    num_emitted_tokens: int = 0  # tokens this level emitted as a verifier
+    time_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens the level above emits per verification of this level's block (accepted + 1)."""
+        return (self.num_accepted_tokens + self.num_rounds) / self.num_rounds if self.num_rounds else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "num_rounds": self.num_rounds,
+            "num_recovered_tokens": self.num_recovered_tokens,
+            "num_bonus_tokens": self.num_bonus_tokens,
+            "num_emitted_tokens": self.num_emitted_tokens,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "time_s": round(self.time_s, 4),
+        }
+
+
+@dataclass
+class Chain:
+    levels: list[Level]  # bottom drafter first, target last
+    draft_lens: list[int]  # draft_lens[i]: block length level i proposes to level i+1
+
+    def __post_init__(self):
+        if len(self.draft_lens) != len(self.levels) - 1:
+            raise ValueError(f"need {len(self.levels) - 1} draft lengths, got {self.draft_lens}")
+        if any(k < 1 for k in self.draft_lens):
+            raise ValueError(f"draft lengths must be >= 1, got {self.draft_lens}")
+        for below, level in zip(self.levels, self.levels[1:]):
+            if not level.can_verify:
+                raise ValueError(f"{level.name} cannot verify: it may only be the first (bottom) level")
+            if below.vocab_size > level.vocab_size:
+                raise ValueError(f"{below.name} has a larger vocabulary than its verifier {level.name}")
+
+    @property
+    def names(self) -> list[str]:
+        return [level.name for level in self.levels]
+
+
+@dataclass
+class StepContext:
+    """What one request's steps share: sampling, randomness, end tokens and statistics."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    eos_ids: frozenset[int]
+    stats: list[LevelStats] = field(default_factory=list)
+
+    def seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+
+
+def speculative_step(chain: Chain, seq: SequenceState, ctx: StepContext, budget: int) -> list[int]:
+    """One target verification; returns the committed tokens (at least one, at most `budget`)."""
+    top = len(chain.levels) - 1
+    k = min(chain.draft_lens[-1], budget - 1) if top > 0 else 0
+    return verify_round(chain, top, seq, list(seq.token_ids), k, ctx).tokens[:budget]
+
+
+def verify_round(chain: Chain, i: int, seq: SequenceState, prefix: list[int], k: int, ctx: StepContext) -> Verdict:
+    """Level i verifies a block of up to k tokens that level i-1 proposes after `prefix`."""
+    level, stats = chain.levels[i], ctx.stats[i]
+    if i > 0 and k > 0:
+        block = propose(chain, i - 1, seq, prefix, k, ctx)
+    else:
+        block = Block([], torch.empty(0, level.vocab_size))
+    t0 = time.perf_counter()
+    p_target = level.score(seq, prefix, block.token_ids, ctx.params)  # [len(block) + 1, V]
+    verdict = rejection_sample(block.token_ids, _match_vocab(block.q_draft, p_target.shape[-1]), p_target, ctx.generator)
+    stats.time_s += time.perf_counter() - t0
+    stats.num_emitted_tokens += len(verdict.tokens)
+    stats.num_bonus_tokens += verdict.bonus
+    stats.num_recovered_tokens += not verdict.bonus
+    if len(block):
+        below = ctx.stats[i - 1]
+        below.num_draft_tokens += len(block)
+        below.num_accepted_tokens += verdict.num_accepted
+        below.num_rounds += 1
+    return verdict
+
+
+def propose(chain: Chain, i: int, seq: SequenceState, prefix: list[int], n: int, ctx: StepContext) -> Block:
+    """Level i proposes up to n tokens after `prefix`, each with the distribution it was drawn from."""
+    if i == 0:
+        t0 = time.perf_counter()
+        block = chain.levels[0].propose(seq, prefix, n, ctx.params, ctx.seed())
+        ctx.stats[0].time_s += time.perf_counter() - t0
+        return block
+    tokens: list[int] = []
+    rows: list[torch.Tensor] = []
+    while len(tokens) < n:
+        k = min(chain.draft_lens[i - 1], n - len(tokens) - 1)
+        verdict = verify_round(chain, i, seq, prefix + tokens, k, ctx)
+        tokens += verdict.tokens
+        rows.append(verdict.p_rows)
+        if ctx.eos_ids.intersection(verdict.tokens):
+            break  # drafting past the end is wasted work (stopping early keeps the proposal exact)
+    return Block(tokens[:n], torch.cat(rows)[:n])
+
+
+def _match_vocab(q_draft: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Pad a drafter's rows [k, V_d] to the verifier's vocabulary size (same tokenizer, larger padded head)."""
+    if q_draft.shape[-1] == vocab:
+        return q_draft
+    return torch.nn.functional.pad(q_draft, (0, vocab - q_draft.shape[-1]))

@@ -1,0 +1,107 @@
+"""The levels of a chain, behind one small interface.
+
+Every level can `propose` tokens (drafting for the level above). Model levels can also `score` a
+block (verifying the level below): a smaller model, or the target itself with layers skipped (a
+slim view over the same weights) are both `ModelLevel`s. The model-free prompt-lookup drafter only
+proposes, so it sits at the bottom of a chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specrouter.sampling import SamplingParams
+from specrouter.sequence import SequenceState, common_prefix_len
+from specrouter.worker import ModelWorker
+
+
+@dataclass(frozen=True)
+class Block:
+    token_ids: list[int]
+    q_draft: torch.Tensor  # [len(token_ids), V]: distribution each token was drawn from
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+class Level(Protocol):
+    name: str
+    vocab_size: int
+    can_verify: bool
+
+    def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block: ...
+
+    def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor: ...
+
+    def release(self, seq_id: str) -> None: ...
+
+
+class ModelLevel:
+    """A model view behind a worker. Mirrors which tokens the worker has cached, per sequence, so each
+    call resends only what changed and rolls the worker back exactly to the last shared position."""
+
+    can_verify = True
+
+    def __init__(self, name: str, worker: ModelWorker):
+        self.name = name
+        self.worker = worker
+        self.vocab_size = worker.vocab_size
+        self._cached: dict[str, list[int]] = {}
+
+    def _start(self, seq_id: str, ctx: list[int]) -> int:
+        # Re-feed at least the last context token: its logits predict the next one.
+        return min(common_prefix_len(self._cached.get(seq_id, []), ctx), len(ctx) - 1)
+
+    def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
+        start = self._start(seq.seq_id, ctx)
+        result = self.worker.draft(seq.seq_id, seq.version, start, ctx[start:], n, params, seed)
+        self._cached[seq.seq_id] = ctx + result.token_ids[:-1]
+        return Block(result.token_ids, result.q_draft)
+
+    def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:
+        """p [len(draft) + 1, V]: this model's distribution at each draft position and one past it."""
+        start = self._start(seq.seq_id, ctx)
+        p = self.worker.forward(seq.seq_id, seq.version, start, ctx[start:] + draft, len(draft) + 1, params)
+        self._cached[seq.seq_id] = ctx + draft
+        return p
+
+    def release(self, seq_id: str) -> None:
+        self._cached.pop(seq_id, None)
+        self.worker.release(seq_id)
+
+
+class NgramLevel:
+    """Prompt-lookup drafting: find the latest earlier occurrence of the context's last n tokens
+    (n from max_n down to min_n) and propose the tokens that followed it. Deterministic, so its
+    proposal distribution is one-hot."""
+
+    can_verify = False
+
+    def __init__(self, vocab_size: int, max_n: int = 4, min_n: int = 2, name: str = "ngram"):
+        self.name = name
+        self.vocab_size = vocab_size
+        self.max_n, self.min_n = max_n, min_n
+
+    def lookup(self, ctx: list[int], n: int) -> list[int]:
+        for size in range(min(self.max_n, len(ctx) - 1), self.min_n - 1, -1):
+            pattern = ctx[-size:]
+            for i in range(len(ctx) - size - 1, -1, -1):  # latest match first
+                if ctx[i : i + size] == pattern:
+                    return ctx[i + size : i + size + n]
+        return []
+
+    def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
+        tokens = self.lookup(ctx, n)
+        q = torch.zeros(len(tokens), self.vocab_size)
+        if tokens:
+            q[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
+        return Block(tokens, q)
+
+    def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:
+        raise TypeError("the n-gram drafter cannot verify; put it at the bottom of the chain")
+
+    def release(self, seq_id: str) -> None:
+        pass

@@ -1,0 +1,172 @@
+"""A transformers causal LM run with explicit positions over our own KV cache.
+
+We keep the model's own modules (embeddings, rotary embedding, projections, MLPs, norms, LM head)
+and drive the decoder loop ourselves, gpt-fast style: every forward writes keys/values at explicit
+positions `[start, start + S)` and attends to `[0, start + S)`. Whatever the cache holds beyond that
+is stale and simply overwritten later, so a rollback is just a smaller `start` next time, and is
+idempotent. A "slim" view runs the same weights with some decoder layers skipped; it owns a
+separate cache but no copy of any weight.
+
+Supported: Llama-style decoders (Llama, SmolLM2, Qwen2/2.5, Qwen3, Mistral without sliding window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant: str | None = None):
+    """Load a transformers causal LM and its tokenizer from a local dir (or an already-cached HF id).
+
+    quant="int8": weight-only int8 linears with dynamic activation quantisation (CPU). It changes the
+    model's distribution, so it is for drafters and intermediate levels only: the target verifies.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if quant not in (None, "int8"):
+        raise ValueError(f"unknown quantisation {quant!r} (supported: int8)")
+    load_dtype = torch.float32 if quant else DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype).to(device).eval()
+    if quant == "int8":
+        model = quantize_int8(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Per-channel int8 weights for every Linear (fbgemm kernels): ~2.5x faster drafting on CPU."""
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices; the API works in the pinned torch
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+class KVCache:
+    """Keys and values of one sequence for each decoder layer of one model view.
+
+    Storage grows in chunks; only positions `[0, end)` of the latest forward are meaningful.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, chunk: int = 256):
+        self.shape = (1, num_kv_heads, 0, head_dim)  # [B, H_kv, T, D]
+        self.dtype, self.device, self.chunk = dtype, device, chunk
+        self.keys = [torch.empty(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def reserve(self, end: int) -> None:
+        if end <= self.capacity:
+            return
+        new_cap = max(end, 2 * self.capacity, self.chunk)
+        new_cap = (new_cap + self.chunk - 1) // self.chunk * self.chunk
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                grown = torch.empty((*old.shape[:2], new_cap, old.shape[3]), dtype=self.dtype, device=self.device)
+                grown[:, :, : old.shape[2]] = old
+                store[i] = grown
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H_kv, S, D] at positions [start, start+S); return views over [0, start+S)."""
+        end = start + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """The decoder of a loaded model with `skip_layers` removed; shares every weight with the model."""
+
+    hf_model: torch.nn.Module
+    skip_layers: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        config = self.hf_model.config
+        inner = self.hf_model.model
+        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+        if not all(hasattr(inner, n) for n in needed) or not hasattr(self.hf_model, "lm_head"):
+            raise UnsupportedModelError(f"{type(self.hf_model).__name__}: only Llama-style decoders are supported")
+        layer_types = getattr(config, "layer_types", None) or []
+        if getattr(config, "use_sliding_window", False) and "sliding_attention" in layer_types:
+            raise UnsupportedModelError("sliding-window attention is not supported")
+        n = config.num_hidden_layers
+        bad = [i for i in self.skip_layers if not 0 <= i < n]
+        if bad or len(set(self.skip_layers)) >= n:
+            raise ValueError(f"skip_layers {self.skip_layers} invalid for a {n}-layer model")
+
+    @property
+    def layers(self) -> list[torch.nn.Module]:
+        skip = set(self.skip_layers)
+        return [layer for i, layer in enumerate(self.hf_model.model.layers) if i not in skip]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_model.model.embed_tokens.num_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf_model.model.embed_tokens.weight.device
+
+    @property
+    def max_positions(self) -> int:
+        return self.hf_model.config.max_position_embeddings
+
+    def new_cache(self) -> KVCache:
+        config = self.hf_model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        weight = self.hf_model.model.embed_tokens.weight
+        return KVCache(len(self.layers), config.num_key_value_heads, head_dim, weight.dtype, weight.device)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int], start: int, cache: KVCache, num_logits: int) -> torch.Tensor:
+        """Run `token_ids` at positions [start, start+S); return float32 logits [num_logits, V] of the last rows."""
+        inner = self.hf_model.model
+        device = self.device
+        seq_len = len(token_ids)
+        end = start + seq_len
+        if end > self.max_positions:
+            raise ValueError(f"sequence of {end} tokens exceeds the model's {self.max_positions} positions")
+        cache.reserve(end)
+        ids = torch.tensor([token_ids], dtype=torch.long, device=device)  # [B=1, S]
+        positions = torch.arange(start, end, device=device)[None]  # [B, S]
+        x = inner.embed_tokens(ids)  # [B, S, H]
+        cos, sin = inner.rotary_emb(x, positions)  # [B, S, D] each
+        # Query i (at position start+i) sees keys 0..start+i; a single query sees everything.
+        mask = None
+        if seq_len > 1:
+            key_pos = torch.arange(end, device=device)
+            mask = key_pos[None, :] <= positions[0, :, None]  # [S, start+S]
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            shape = (1, seq_len, -1, attn.head_dim)
+            q, k, v = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape), attn.v_proj(h).view(shape)
+            if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D]
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k_all, v_all = cache.write(li, start, k, v)  # [B, H_kv, start+S, D]
+            o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, seq_len, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = inner.norm(x[:, -num_logits:])
+        return self.hf_model.lm_head(x)[0].float()  # [num_logits, V]

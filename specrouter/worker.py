@@ -1,0 +1,108 @@
+"""A model worker: one model view with a KV cache per sequence.
+
+The worker is the unit that later lives in a Ray actor, so its interface is plain data in and out:
+every call names the sequence id, the version it is based on and an explicit start position.
+- `forward`: score a block at positions [start, start+S) in one pass (prefill and verification);
+- `draft`: the same, then sample k tokens autoregressively with their probabilities;
+- `truncate`: roll the sequence back to a position (idempotent);
+- `release`: free the sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from specrouter.model import KVCache, ModelView
+from specrouter.sampling import SamplingParams, probs_from_logits, sample
+from specrouter.sequence import PositionGapError, StaleVersionError
+
+
+@dataclass
+class _Slot:
+    cache: KVCache
+    length: int = 0  # positions [0, length) hold valid keys/values
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class DraftResult:
+    token_ids: list[int]
+    q_draft: torch.Tensor  # [k, V]: the distribution each token was sampled from
+
+
+class ModelWorker:
+    def __init__(self, name: str, view: ModelView):
+        self.name = name
+        self.view = view
+        self._slots: dict[str, _Slot] = {}
+        self.busy_s = 0.0  # time spent in forward passes, for profiling
+
+    @property
+    def vocab_size(self) -> int:
+        return self.view.vocab_size
+
+    def _slot(self, seq_id: str, version: int, start: int) -> _Slot:
+        slot = self._slots.get(seq_id)
+        if slot is None:
+            slot = self._slots[seq_id] = _Slot(self.view.new_cache(), version=version)
+        if version < slot.version:
+            raise StaleVersionError(f"{self.name}: {seq_id} version {version} < current {slot.version}")
+        if start > slot.length:
+            raise PositionGapError(f"{self.name}: {seq_id} start {start} beyond cached length {slot.length}")
+        slot.version = version
+        return slot
+
+    def _run(self, slot: _Slot, start: int, token_ids: list[int], num_logits: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        logits = self.view.forward(token_ids, start, slot.cache, num_logits)  # [num_logits, V]
+        slot.length = start + len(token_ids)
+        self.busy_s += time.perf_counter() - t0
+        return logits
+
+    def forward(
+        self, seq_id: str, version: int, start: int, token_ids: list[int], num_logits: int, params: SamplingParams
+    ) -> torch.Tensor:
+        """Cache `token_ids` at [start, start+S) (dropping anything cached beyond start) -> p [num_logits, V]."""
+        slot = self._slot(seq_id, version, start)
+        return probs_from_logits(self._run(slot, start, token_ids, num_logits), params)
+
+    def draft(
+        self, seq_id: str, version: int, start: int, token_ids: list[int], k: int, params: SamplingParams, seed: int
+    ) -> DraftResult:
+        """Feed `token_ids` at `start`, then sample k tokens one at a time; the last one is not cached."""
+        slot = self._slot(seq_id, version, start)
+        generator = torch.Generator(device=self.view.device).manual_seed(seed)
+        drafted, rows = [], []
+        feed, pos = token_ids, start
+        for _ in range(k):
+            q = probs_from_logits(self._run(slot, pos, feed, 1), params)  # [1, V]
+            token = int(sample(q, generator)[0])
+            drafted.append(token)
+            rows.append(q)
+            pos, feed = pos + len(feed), [token]
+        q_draft = torch.cat(rows) if rows else torch.empty(0, self.vocab_size)
+        return DraftResult(drafted, q_draft)
+
+    def truncate(self, seq_id: str, version: int, position: int) -> int:
+        """Forget positions >= `position`; repeating it (or truncating beyond the end) is a no-op."""
+        slot = self._slots.get(seq_id)
+        if slot is None:
+            return 0
+        if version < slot.version:
+            raise StaleVersionError(f"{self.name}: {seq_id} version {version} < current {slot.version}")
+        slot.version = version
+        slot.length = min(slot.length, position)
+        return slot.length
+
+    def cached_length(self, seq_id: str) -> int:
+        slot = self._slots.get(seq_id)
+        return slot.length if slot else 0
+
+    def release(self, seq_id: str) -> None:
+        self._slots.pop(seq_id, None)
+
+    def num_sequences(self) -> int:
+        return len(self._slots)

@@ -1,0 +1,125 @@
+"""Engine from chain specs on saved tiny models and on the real SmolLM2-135M, in fp32."""
+
+import pytest
+import torch
+
+from specrouter.engine import Engine, LevelSpec, default_skip_layers, parse_chain
+from specrouter.sampling import SamplingParams
+
+CODE_PROMPT = 'def is_palindrome(text: str) -> bool:\n    """Return True if text reads the same backwards."""\n'
+CHAT_PROMPT = "The three primary colors are"
+
+
+def hf_greedy(engine: Engine, prompt: str, n: int) -> list[int]:
+    """Reference: transformers' own greedy generate on the engine's target model."""
+    model = engine.chain.levels[-1].worker.view.hf_model
+    ids = engine.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_level_spec_parsing():
+    assert LevelSpec.parse("m@skip:1+3-5") == LevelSpec("m", (1, 3, 4, 5))
+    assert LevelSpec.parse("m@skip") == LevelSpec("m", ())
+    assert LevelSpec.parse("m@int8") == LevelSpec("m", None, "int8")
+    assert LevelSpec.parse("m@skip:2@int8").label == "m@skip:2@int8"
+    for bad in ("m@bogus", "m@skip:x", "@skip"):
+        with pytest.raises(ValueError):
+            LevelSpec.parse(bad)
+    with pytest.raises(ValueError):
+        parse_chain("a,ngram")
+    with pytest.raises(ValueError):
+        parse_chain("a,b@skip")
+    assert default_skip_layers(28) == (7, 9, 11, 13, 15, 17, 19)
+
+
+TINY_CHAINS = [
+    "draft,target",
+    "ngram,target",
+    "target@skip:1,target",
+    "draft@int8,target",
+    "ngram,draft,target",
+    "draft,target@skip:2,target",
+    "ngram,draft,target@skip:1,target",
+]
+
+
+@pytest.mark.parametrize("chain", TINY_CHAINS)
+def test_tiny_chain_greedy_equals_transformers_generate(tiny_dirs, chain):
+    spec = ",".join(tiny_dirs.get(name.split("@")[0], "ngram") + (name[len(name.split("@")[0]) :]) for name in chain.split(","))
+    engine = Engine(spec, dtype="float32")
+    for prompt in (CODE_PROMPT, CHAT_PROMPT):
+        result = engine.generate_text(prompt, 24, ignore_eos=True)
+        assert result.token_ids == hf_greedy(engine, prompt, 24), chain
+    assert result.level_stats[-1].num_emitted_tokens >= 24
+
+
+SMOL_CHAINS = [
+    ("ngram,smollm2-135m", [4]),
+    ("smollm2-135m@skip:20-25,smollm2-135m", [3]),
+    ("smollm2-135m@int8,smollm2-135m", [4]),
+    ("ngram,smollm2-135m@int8,smollm2-135m", [3, 4]),
+    ("ngram,smollm2-135m@int8,smollm2-135m@skip:24-27,smollm2-135m", [2, 3, 4]),
+]
+
+
+@pytest.fixture(scope="module")
+def smol_reference(smollm2_dir):
+    target_only = Engine("smollm2-135m", dtype="float32")
+    return {p: target_only.generate_text(p, 32, ignore_eos=True).token_ids for p in (CODE_PROMPT, CHAT_PROMPT)}, hf_greedy(
+        target_only, CODE_PROMPT, 32
+    )
+
+
+def test_smollm2_target_only_equals_transformers_generate(smol_reference):
+    ours, hf = smol_reference
+    assert ours[CODE_PROMPT] == hf
+
+
+@pytest.mark.parametrize("chain, draft_lens", SMOL_CHAINS, ids=[c for c, _ in SMOL_CHAINS])
+def test_smollm2_chain_greedy_equals_target_only(smol_reference, chain, draft_lens):
+    expected, _ = smol_reference
+    engine = Engine(chain, dtype="float32", draft_lens=draft_lens)
+    for prompt, tokens in expected.items():
+        result = engine.generate_text(prompt, 32, ignore_eos=True)
+        assert result.token_ids == tokens, (chain, prompt)
+    assert result.level_stats[0].num_draft_tokens > 0
+
+
+def test_sampling_is_seeded(tiny_dirs):
+    engine = Engine(f"{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32")
+    params = SamplingParams(temperature=0.8, top_k=50)
+    a = engine.generate_text(CHAT_PROMPT, 16, params=params, seed=1, ignore_eos=True)
+    b = engine.generate_text(CHAT_PROMPT, 16, params=params, seed=1, ignore_eos=True)
+    c = engine.generate_text(CHAT_PROMPT, 16, params=params, seed=2, ignore_eos=True)
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_generation_stops_at_end_token_and_at_budget(tiny_dirs):
+    engine = Engine(tiny_dirs["target"], dtype="float32")
+    result = engine.generate_text(CHAT_PROMPT, 10, ignore_eos=True)
+    assert len(result.token_ids) == 10 and result.finish_reason == "length"
+    engine.eos_ids = frozenset({result.token_ids[3]})
+    stopped = engine.generate_text(CHAT_PROMPT, 10)
+    assert stopped.finish_reason == "stop" and stopped.token_ids == result.token_ids[: result.token_ids.index(result.token_ids[3]) + 1]
+
+
+def test_context_window_and_budget_are_checked(tiny_dirs):
+    engine = Engine(tiny_dirs["target"], dtype="float32")
+    with pytest.raises(ValueError, match="context window"):
+        engine.generate(list(range(500)), 100)
+    with pytest.raises(ValueError):
+        engine.generate([1, 2], 0)
+
+
+def test_workers_are_released_after_generation(tiny_dirs):
+    engine = Engine(f"ngram,{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32")
+    engine.generate_text(CHAT_PROMPT, 8)
+    assert all(level.worker.num_sequences() == 0 for level in engine.chain.levels[1:])
+
+
+def test_skip_level_shares_the_target_weights(tiny_dirs):
+    engine = Engine(f"{tiny_dirs['target']}@skip:1,{tiny_dirs['target']}", dtype="float32")
+    slim, full = (level.worker.view for level in engine.chain.levels)
+    assert slim.hf_model is full.hf_model and len(slim.layers) == len(full.layers) - 1

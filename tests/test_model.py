@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from conftest import tiny_llama
+from specrouter.model import ModelView, load_hf_model
+
+
+def test_forward_with_explicit_positions_matches_transformers(tmp_path):
+    model = tiny_llama(0, 300)
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits[0]  # [S, V]
+    view = ModelView(model)
+    cache = view.new_cache()
+    prefill = view.forward(ids[0, :12].tolist(), 0, cache, 12)
+    block = view.forward(ids[0, 12:].tolist(), 12, cache, 8)  # continues from the cache
+    torch.testing.assert_close(torch.cat([prefill, block]), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_smollm2_forward_matches_transformers(smollm2_dir):
+    model, tokenizer = load_hf_model(str(smollm2_dir), "float32")
+    ids = tokenizer("def add(a, b):\n    return a + b\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        reference = model(ids).logits[0, -3:]
+    view = ModelView(model)
+    ours = view.forward(ids[0].tolist(), 0, view.new_cache(), 3)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_skip_view_shares_weights_and_runs_fewer_layers():
+    model = tiny_llama(0, 300)
+    full, slim = ModelView(model), ModelView(model, (1, 2))
+    assert len(slim.layers) == 2 and all(a is b for a, b in zip(slim.layers, [model.model.layers[0], model.model.layers[3]]))
+    ids = list(range(10))
+    assert not torch.allclose(full.forward(ids, 0, full.new_cache(), 1), slim.forward(ids, 0, slim.new_cache(), 1))
+
+
+def test_invalid_skip_layers_are_rejected():
+    model = tiny_llama(0, 300)
+    with pytest.raises(ValueError):
+        ModelView(model, (7,))
+    with pytest.raises(ValueError):
+        ModelView(model, (0, 1, 2, 3))
+
+
+def test_cache_grows_past_its_first_chunk():
+    model = tiny_llama(0, 300)
+    view = ModelView(model)
+    cache = view.new_cache()
+    ids = torch.randint(0, 300, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    view.forward(ids[:200], 0, cache, 1)
+    last = view.forward(ids[200:], 200, cache, 1)
+    assert cache.capacity >= 300
+    torch.testing.assert_close(last, view.forward(ids, 0, view.new_cache(), 1), atol=1e-5, rtol=1e-5)
