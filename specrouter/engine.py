@@ -76,8 +76,8 @@ def parse_chain(text: str) -> list[LevelSpec]:
 
 
 def default_skip_layers(num_layers: int) -> tuple[int, ...]:
-    """Skip a quarter of the layers, every other one from the lower-middle to just before the top two:
-    early and final layers matter most for agreement with the full model."""
+    """For models without a measured set (catalog `default_skip`, from bench/skip_search.py): skip a
+    quarter of the layers, every other one from the lower-middle to just before the top two."""
     candidates = list(range(num_layers // 4, num_layers - 2, 2))
     return tuple(candidates[: max(1, num_layers // 4)])
 
@@ -116,10 +116,25 @@ class GenerationResult:
 
 
 @dataclass
-class _Loaded:
+class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     workers: dict[tuple[int, ...], ModelWorker] = field(default_factory=dict)  # by skipped layers
+
+
+class ModelStore:
+    """Loaded models by (name, quantisation), so chains built side by side share weights and workers."""
+
+    def __init__(self, dtype: str = "float32", device: str = "cpu"):
+        self.dtype, self.device = dtype, device
+        self._loaded: dict[tuple[str, str | None], LoadedModel] = {}
+
+    def get(self, name: str, quant: str | None = None) -> LoadedModel:
+        key = (name, quant)
+        if key not in self._loaded:
+            model, tokenizer = load_hf_model(catalog.resolve(name), self.dtype, self.device, quant)
+            self._loaded[key] = LoadedModel(model, tokenizer)
+        return self._loaded[key]
 
 
 class Engine:
@@ -130,13 +145,15 @@ class Engine:
         device: str = "cpu",
         draft_lens: list[int] | None = None,
         num_threads: int | None = None,
+        store: ModelStore | None = None,
     ):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.specs = parse_chain(chain) if isinstance(chain, str) else list(chain)
-        self.dtype, self.device = dtype, device
-        self._loaded: dict[str, _Loaded] = {}
-        target = self._load(self.specs[-1].model)
+        if store is not None and (store.dtype, store.device) != (dtype, device):
+            raise ValueError("the model store was built for another dtype or device")
+        self.store = store or ModelStore(dtype, device)
+        target = self.store.get(self.specs[-1].model)
         self.tokenizer = target.tokenizer
         levels = [self._build_level(spec, target.model.lm_head.out_features) for spec in self.specs]
         if draft_lens is None:
@@ -145,22 +162,16 @@ class Engine:
         self.eos_ids = frozenset(self._end_tokens(target))
         self.max_positions = target.model.config.max_position_embeddings
 
-    def _load(self, name: str, quant: str | None = None) -> _Loaded:
-        key = f"{name}@{quant}" if quant else name
-        if key not in self._loaded:
-            model, tokenizer = load_hf_model(catalog.resolve(name), self.dtype, self.device, quant)
-            self._loaded[key] = _Loaded(model, tokenizer)
-        return self._loaded[key]
-
     def _build_level(self, spec: LevelSpec, target_vocab: int) -> Level:
         if spec.model == "ngram":
             return NgramLevel(target_vocab)
-        loaded = self._load(spec.model, spec.quant)
+        loaded = self.store.get(spec.model, spec.quant)
         if loaded.tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ValueError(f"{spec.model} does not share the target's tokenizer")
         skip = spec.skip_layers
         if skip == ():
-            skip = default_skip_layers(loaded.model.config.num_hidden_layers)
+            entry = catalog.CATALOG.get(spec.model)
+            skip = entry.default_skip if entry and entry.default_skip else default_skip_layers(loaded.model.config.num_hidden_layers)
         skip = skip or ()
         if skip not in loaded.workers:
             label = LevelSpec(spec.model, skip or None, spec.quant).label
@@ -168,7 +179,7 @@ class Engine:
         worker = loaded.workers[skip]
         return ModelLevel(worker.name, worker)
 
-    def _end_tokens(self, target: _Loaded) -> set[int]:
+    def _end_tokens(self, target: LoadedModel) -> set[int]:
         ids = set()
         tok = target.tokenizer
         if tok.eos_token_id is not None:

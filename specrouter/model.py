@@ -35,8 +35,7 @@ def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant:
 
     if quant not in (None, "int8"):
         raise ValueError(f"unknown quantisation {quant!r} (supported: int8)")
-    load_dtype = torch.float32 if quant else DTYPES[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
     if quant == "int8":
         model = quantize_int8(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -44,14 +43,18 @@ def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant:
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Per-channel int8 weights for every Linear (fbgemm kernels): ~2.5x faster drafting on CPU."""
+    """Per-channel int8 weights for every Linear (fbgemm kernels, fp32 activations): ~2.5x faster
+    drafting on CPU. Quantises one decoder layer at a time, so peak memory stays near the model's."""
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    qconfig = {torch.nn.Linear: per_channel_dynamic_qconfig}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices; the API works in the pinned torch
-        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        for layer in model.model.layers:
+            quantize_dynamic(layer.float(), qconfig, dtype=torch.qint8, inplace=True)
+        return quantize_dynamic(model.float(), qconfig, dtype=torch.qint8, inplace=True)  # the LM head
 
 
 class KVCache:
