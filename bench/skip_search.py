@@ -20,7 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from workloads import encode, humaneval, sharegpt  # noqa: E402
 
-from specrouter.engine import Engine, ModelStore, default_skip_layers  # noqa: E402
+from specrouter.engine import Engine  # noqa: E402
+from specrouter.spec import default_skip_layers  # noqa: E402
+from specrouter.store import ModelStore  # noqa: E402
 from specrouter.model import ModelView  # noqa: E402
 
 
@@ -43,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     store = ModelStore(args.dtype)
-    engine = Engine(args.model, dtype=args.dtype, store=store)
+    engine = Engine(args.model, provider=store)
     model, tokenizer = store.get(args.model).model, engine.tokenizer
     sequences = []
     for prompt in humaneval(2) + sharegpt(2):

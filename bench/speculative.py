@@ -25,7 +25,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 from workloads import Prompt, encode, humaneval, sharegpt  # noqa: E402
 
-from specrouter.engine import Engine, ModelStore  # noqa: E402
+from specrouter.engine import Engine  # noqa: E402
+from specrouter.store import ModelStore  # noqa: E402
 
 TARGET = "qwen2.5-coder-1.5b"
 DRAFT = "qwen2.5-coder-0.5b"
@@ -93,7 +94,7 @@ class Runner:
     def engine(self, method: Method) -> Engine:
         if method.name not in self.engines:
             self.engines[method.name] = Engine(
-                method.chain, dtype=self.store.dtype, device=self.store.device, draft_lens=list(method.draft_lens) or None, store=self.store
+                method.chain, draft_lens=list(method.draft_lens) or None, provider=self.store
             )
         return self.engines[method.name]
 
@@ -202,7 +203,7 @@ def main() -> None:
     methods = [m for m in METHODS if not args.methods or m.name in args.methods.split(",") or m.name == BASELINE]
     store = ModelStore(args.dtype)
     tokenizer = store.get(TARGET).tokenizer
-    eos_ids = sorted(Engine(TARGET, dtype=args.dtype, store=store).eos_ids)
+    eos_ids = sorted(store.target_info(TARGET).eos_ids)
     runner = Runner(store, eos_ids)
     prompts: list[Prompt] = humaneval(args.humaneval) + sharegpt(args.sharegpt)
     encoded = {p.id: encode(tokenizer, p) for p in prompts}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specrouter.acceptance import pairwise_alpha
 from specrouter.levels import Block, Level
 from specrouter.sampling import SamplingParams
 from specrouter.sequence import SequenceState
@@ -78,18 +79,57 @@ class Chain:
     def names(self) -> list[str]:
         return [level.name for level in self.levels]
 
+    def without(self, name: str) -> "Chain":
+        """The chain with a drafter removed; the level below it inherits its block length."""
+        i = self.names.index(name)
+        if i == len(self.levels) - 1:
+            raise ValueError("the target cannot be removed from its chain")
+        lens = self.draft_lens[: max(i - 1, 0)] + self.draft_lens[max(i - 1, 0) + 1 :]
+        return Chain(self.levels[:i] + self.levels[i + 1 :], lens)
+
+
+@dataclass(frozen=True)
+class VerifyRecord:
+    """One verification of a block: the feedback the router learns acceptance from."""
+
+    drafter: str
+    verifier: str
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    alphas: list[float]  # sum_x min(q_draft, p_target) at each draft position
+
+
+@dataclass(frozen=True)
+class TimingRecord:
+    """One level call as the chain saw it: the feedback the router learns costs from."""
+
+    level: str
+    op: str  # "score" (one pass over num_tokens) or "draft" (num_tokens sampled one by one)
+    num_tokens: int
+    seconds: float
+
 
 @dataclass
 class StepContext:
-    """What one request's steps share: sampling, randomness, end tokens and statistics."""
+    """What one request's steps share: sampling, randomness, end tokens, statistics and feedback."""
 
     params: SamplingParams
     generator: torch.Generator
     eos_ids: frozenset[int]
-    stats: list[LevelStats] = field(default_factory=list)
+    stats: dict[str, LevelStats] = field(default_factory=dict)
+    records: list[VerifyRecord | TimingRecord] = field(default_factory=list)
 
     def seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+
+    def level_stats(self, name: str) -> LevelStats:
+        if name not in self.stats:
+            self.stats[name] = LevelStats(name)
+        return self.stats[name]
+
+    def drain_records(self) -> list[VerifyRecord | TimingRecord]:
+        records, self.records = self.records, []
+        return records
 
 
 def speculative_step(chain: Chain, seq: SequenceState, ctx: StepContext, budget: int) -> list[int]:
@@ -101,32 +141,40 @@ def speculative_step(chain: Chain, seq: SequenceState, ctx: StepContext, budget:
 
 def verify_round(chain: Chain, i: int, seq: SequenceState, prefix: list[int], k: int, ctx: StepContext) -> Verdict:
     """Level i verifies a block of up to k tokens that level i-1 proposes after `prefix`."""
-    level, stats = chain.levels[i], ctx.stats[i]
+    level, stats = chain.levels[i], ctx.level_stats(chain.levels[i].name)
     if i > 0 and k > 0:
         block = propose(chain, i - 1, seq, prefix, k, ctx)
     else:
         block = Block([], torch.empty(0, level.vocab_size))
     t0 = time.perf_counter()
     p_target = level.score(seq, prefix, block.token_ids, ctx.params)  # [len(block) + 1, V]
-    verdict = rejection_sample(block.token_ids, _match_vocab(block.q_draft, p_target.shape[-1]), p_target, ctx.generator)
-    stats.time_s += time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    ctx.records.append(TimingRecord(level.name, "score", len(block) + 1, seconds))
+    q_draft = _match_vocab(block.q_draft, p_target.shape[-1])  # [len(block), V]
+    verdict = rejection_sample(block.token_ids, q_draft, p_target, ctx.generator)
+    stats.time_s += seconds
     stats.num_emitted_tokens += len(verdict.tokens)
     stats.num_bonus_tokens += verdict.bonus
     stats.num_recovered_tokens += not verdict.bonus
     if len(block):
-        below = ctx.stats[i - 1]
+        below = ctx.level_stats(chain.levels[i - 1].name)
         below.num_draft_tokens += len(block)
         below.num_accepted_tokens += verdict.num_accepted
         below.num_rounds += 1
+        alphas = pairwise_alpha(q_draft, p_target[: len(block)]).tolist()
+        ctx.records.append(VerifyRecord(below.name, level.name, len(block), verdict.num_accepted, alphas))
     return verdict
 
 
 def propose(chain: Chain, i: int, seq: SequenceState, prefix: list[int], n: int, ctx: StepContext) -> Block:
     """Level i proposes up to n tokens after `prefix`, each with the distribution it was drawn from."""
     if i == 0:
+        level = chain.levels[0]
         t0 = time.perf_counter()
-        block = chain.levels[0].propose(seq, prefix, n, ctx.params, ctx.seed())
-        ctx.stats[0].time_s += time.perf_counter() - t0
+        block = level.propose(seq, prefix, n, ctx.params, ctx.seed())
+        seconds = time.perf_counter() - t0
+        ctx.level_stats(level.name).time_s += seconds
+        ctx.records.append(TimingRecord(level.name, "draft", n, seconds))
         return block
     tokens: list[int] = []
     rows: list[torch.Tensor] = []

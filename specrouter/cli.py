@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at end tokens")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--adaptive", action="store_true", help="treat --chain as a pool; route each step to the best chain")
+    gen.add_argument("--prompt-class", default=None, help="with --adaptive: the prompt's class (default: classified)")
 
     models = sub.add_parser("models", help="list the offline catalog; --prepare assembles and converts")
     models.add_argument("--prepare", nargs="*", metavar="NAME", help="prepare these models (no names: all)")
@@ -47,7 +49,13 @@ def cmd_generate(args) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     engine = Engine(args.chain, dtype=args.dtype, device=args.device, draft_lens=args.draft_lens, num_threads=args.threads)
-    result = engine.generate_text(args.prompt, args.max_tokens, params=params, seed=args.seed, ignore_eos=args.ignore_eos)
+    route = None
+    if args.adaptive:
+        from specrouter.classifier import classify
+        from specrouter.router import router_for
+
+        route = router_for(engine).start(args.prompt_class or classify(args.prompt))
+    result = engine.generate_text(args.prompt, args.max_tokens, params=params, seed=args.seed, ignore_eos=args.ignore_eos, route=route)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0
@@ -57,6 +65,9 @@ def cmd_generate(args) -> int:
         f"{result.as_dict()['tokens_per_target_step']} tokens per target step; chain {' -> '.join(result.chain)}]",
         file=sys.stderr,
     )
+    if result.routing:
+        for d in result.routing["decisions"]:
+            print(f"  route @token {d['at_token']}: {' -> '.join(d['chain'])} {d['draft_lens']} ({d['reason']})", file=sys.stderr)
     for stats in result.level_stats[:-1]:
         print(
             f"  {stats.name}: drafted {stats.num_draft_tokens}, accepted {stats.num_accepted_tokens} "

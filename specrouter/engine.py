@@ -1,85 +1,40 @@
-"""The in-process engine: builds a chain from a spec and generates with it.
-
-Chain spec: comma-separated level names, drafters from smallest to largest, target last. A name is
-a catalog name (`specrouter models`), a local path or a cached HF id, `ngram` (prompt lookup), or
-`NAME@skip:L1+L2+A-B` for NAME with those decoder layers skipped (`NAME@skip` picks the default).
-A skip level shares NAME's weights. A single name means target-only decoding.
-"""
+"""The engine: builds a chain from a spec (see specrouter/spec.py) over workers from a provider
+(in-process by default), and runs the generation loop with a static or a routed chain."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from specrouter import catalog
 from specrouter.chain import Chain, LevelStats, StepContext, speculative_step
 from specrouter.levels import Level, ModelLevel, NgramLevel
-from specrouter.model import ModelView, load_hf_model
 from specrouter.sampling import SamplingParams
+from specrouter.scheduler import Plan
 from specrouter.sequence import SequenceState
-from specrouter.worker import ModelWorker
+from specrouter.spec import LevelSpec, parse_chain
+from specrouter.store import ModelStore, WorkerProvider
+from specrouter.worker import WorkerUnavailable
 
-END_TOKEN_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+
+class TargetUnavailable(RuntimeError):
+    """The target stopped answering: the request fails cleanly; the service recovers on restart."""
+
+
+class Route(Protocol):
+    """A request's chain policy: which chain runs the next step, and what it learns from each step."""
+
+    def next_plan(self) -> Plan: ...
+
+    def observe(self, records: list, committed: int, seconds: float) -> None: ...
+
+    def explain(self) -> dict: ...
+
+
 DEFAULT_DRAFT_LEN = {"model": 4, "ngram": 4}
-
-
-@dataclass(frozen=True)
-class LevelSpec:
-    model: str  # catalog name, path, HF id, or "ngram"
-    skip_layers: tuple[int, ...] | None = None  # None: all layers; () after "@skip": the default set
-    quant: str | None = None  # "int8" after "@int8"
-
-    @classmethod
-    def parse(cls, text: str) -> "LevelSpec":
-        model, *modifiers = text.strip().split("@")
-        if not model:
-            raise ValueError(f"bad level {text!r}: empty model name")
-        skip, quant = None, None
-        for mod in modifiers:
-            if mod == "skip":
-                skip = ()
-            elif mod.startswith("skip:"):
-                skip = _parse_layers(mod[len("skip:") :], text)
-            elif mod == "int8":
-                quant = "int8"
-            else:
-                raise ValueError(f"bad level {text!r}: modifiers are @skip, @skip:L1+L2+A-B and @int8")
-        return cls(model, skip, quant)
-
-    @property
-    def label(self) -> str:
-        label = self.model
-        if self.skip_layers is not None:
-            label += f"@skip:{'+'.join(map(str, self.skip_layers))}"
-        return label + (f"@{self.quant}" if self.quant else "")
-
-
-def _parse_layers(text: str, level: str) -> tuple[int, ...]:
-    layers: list[int] = []
-    try:
-        for part in text.split("+"):
-            lo, dash, hi = part.partition("-")
-            layers.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
-    except ValueError:
-        raise ValueError(f"bad layer list in {level!r}: use e.g. @skip:3+7+10-12") from None
-    return tuple(sorted(set(layers)))
-
-
-def parse_chain(text: str) -> list[LevelSpec]:
-    specs = [LevelSpec.parse(part) for part in text.split(",")]
-    if specs[-1].model == "ngram" or specs[-1].skip_layers is not None or specs[-1].quant:
-        raise ValueError("the target (last level) must be a full model, without @skip or @int8")
-    return specs
-
-
-def default_skip_layers(num_layers: int) -> tuple[int, ...]:
-    """For models without a measured set (catalog `default_skip`, from bench/skip_search.py): skip a
-    quarter of the layers, every other one from the lower-middle to just before the top two."""
-    candidates = list(range(num_layers // 4, num_layers - 2, 2))
-    return tuple(candidates[: max(1, num_layers // 4)])
 
 
 @dataclass
@@ -93,6 +48,7 @@ class GenerationResult:
     level_stats: list[LevelStats]
     text: str | None = None
     prompt_tokens: int = 0
+    routing: dict | None = None  # which chains ran and why (adaptive routing)
 
     @property
     def tokens_per_s(self) -> float:
@@ -112,29 +68,8 @@ class GenerationResult:
             "chain": self.chain,
             "draft_lens": self.draft_lens,
             "levels": [s.as_dict() for s in self.level_stats],
+            **({"routing": self.routing} if self.routing is not None else {}),
         }
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object
-    workers: dict[tuple[int, ...], ModelWorker] = field(default_factory=dict)  # by skipped layers
-
-
-class ModelStore:
-    """Loaded models by (name, quantisation), so chains built side by side share weights and workers."""
-
-    def __init__(self, dtype: str = "float32", device: str = "cpu"):
-        self.dtype, self.device = dtype, device
-        self._loaded: dict[tuple[str, str | None], LoadedModel] = {}
-
-    def get(self, name: str, quant: str | None = None) -> LoadedModel:
-        key = (name, quant)
-        if key not in self._loaded:
-            model, tokenizer = load_hf_model(catalog.resolve(name), self.dtype, self.device, quant)
-            self._loaded[key] = LoadedModel(model, tokenizer)
-        return self._loaded[key]
 
 
 class Engine:
@@ -145,50 +80,66 @@ class Engine:
         device: str = "cpu",
         draft_lens: list[int] | None = None,
         num_threads: int | None = None,
-        store: ModelStore | None = None,
+        provider: WorkerProvider | None = None,
+        retry_down_after_s: float = 5.0,
     ):
+        """`provider` supplies the workers (default: an in-process ModelStore for dtype and device)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.specs = parse_chain(chain) if isinstance(chain, str) else list(chain)
-        if store is not None and (store.dtype, store.device) != (dtype, device):
-            raise ValueError("the model store was built for another dtype or device")
-        self.store = store or ModelStore(dtype, device)
-        target = self.store.get(self.specs[-1].model)
-        self.tokenizer = target.tokenizer
-        levels = [self._build_level(spec, target.model.lm_head.out_features) for spec in self.specs]
+        self.provider = provider or ModelStore(dtype, device)
+        target = self.specs[-1].model
+        info = self.provider.target_info(target)
+        self.tokenizer, self.eos_ids, self.max_positions = info.tokenizer, info.eos_ids, info.max_positions
+        levels: list[Level] = []
+        for spec in self.specs:
+            if spec.model == "ngram":
+                levels.append(NgramLevel(info.vocab_size))
+            else:
+                worker = self.provider.worker(spec, target)
+                levels.append(ModelLevel(worker.name, worker))
+        self.levels: dict[str, Level] = {level.name: level for level in levels}  # the pool, cheapest first
+        if len(self.levels) != len(levels):
+            raise ValueError(f"chain names a level twice: {[level.name for level in levels]}")
         if draft_lens is None:
             draft_lens = [DEFAULT_DRAFT_LEN["ngram" if s.model == "ngram" else "model"] for s in self.specs[:-1]]
-        self.chain = Chain(levels, list(draft_lens))
-        self.eos_ids = frozenset(self._end_tokens(target))
-        self.max_positions = target.model.config.max_position_embeddings
+        self.chain = Chain(levels, list(draft_lens))  # the static chain: every level, in order
+        self._chains: dict[tuple, Chain] = {}
+        self._down: dict[str, float] = {}  # drafter -> when it stopped answering
+        self.retry_down_after_s = retry_down_after_s
 
-    def _build_level(self, spec: LevelSpec, target_vocab: int) -> Level:
-        if spec.model == "ngram":
-            return NgramLevel(target_vocab)
-        loaded = self.store.get(spec.model, spec.quant)
-        if loaded.tokenizer.get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(f"{spec.model} does not share the target's tokenizer")
-        skip = spec.skip_layers
-        if skip == ():
-            entry = catalog.CATALOG.get(spec.model)
-            skip = entry.default_skip if entry and entry.default_skip else default_skip_layers(loaded.model.config.num_hidden_layers)
-        skip = skip or ()
-        if skip not in loaded.workers:
-            label = LevelSpec(spec.model, skip or None, spec.quant).label
-            loaded.workers[skip] = ModelWorker(label, ModelView(loaded.model, skip))
-        worker = loaded.workers[skip]
-        return ModelLevel(worker.name, worker)
+    @property
+    def down(self) -> frozenset[str]:
+        """Drafters currently left out of chains because they stopped answering."""
+        now = time.monotonic()
+        return frozenset(n for n, t in self._down.items() if now - t < self.retry_down_after_s)
 
-    def _end_tokens(self, target: LoadedModel) -> set[int]:
-        ids = set()
-        tok = target.tokenizer
-        if tok.eos_token_id is not None:
-            ids.add(tok.eos_token_id)
-        gen_eos = getattr(target.model.generation_config, "eos_token_id", None)
-        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        vocab = tok.get_vocab()
-        ids.update(vocab[name] for name in END_TOKEN_NAMES if name in vocab)
-        return ids
+    def _mark_down(self, exc: WorkerUnavailable, chain: Chain) -> None:
+        if exc.level == chain.names[-1]:
+            raise TargetUnavailable(f"target {exc.level!r} is unavailable; retry after it restarts") from exc
+        self._down[exc.level] = time.monotonic()
+        self.levels[exc.level].forget()
+
+    def _live(self, chain: Chain) -> Chain:
+        """`chain` without drafters that stopped answering less than `retry_down_after_s` ago."""
+        for name in self.down.intersection(chain.names[:-1]):
+            chain = chain.without(name)
+        return chain
+
+    @property
+    def target_name(self) -> str:
+        return self.chain.names[-1]
+
+    def replace_level(self, name: str, level: Level) -> None:
+        """Swap the level behind a name (e.g. a restarted worker); chains are rebuilt on next use."""
+        self.levels[name] = level
+        self._chains.clear()
+
+    def chain_for(self, plan: Plan) -> Chain:
+        key = (plan.chain, plan.draft_lens)
+        if key not in self._chains:
+            self._chains[key] = Chain([self.levels[name] for name in plan.chain], list(plan.draft_lens))
+        return self._chains[key]
 
     def generate(
         self,
@@ -197,7 +148,9 @@ class Engine:
         params: SamplingParams = SamplingParams(),
         seed: int = 0,
         ignore_eos: bool = False,
+        route: Route | None = None,
     ) -> GenerationResult:
+        """Generate with the static chain, or with the chain `route` picks before every step."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if len(prompt_ids) + max_new_tokens > self.max_positions:
@@ -210,14 +163,24 @@ class Engine:
             params=params,
             generator=torch.Generator().manual_seed(seed),
             eos_ids=frozenset() if ignore_eos else self.eos_ids,
-            stats=[LevelStats(name) for name in self.chain.names],
+            stats={name: LevelStats(name) for name in self.levels},
         )
-        finish, steps = "length", 0
+        finish, steps, chain = "length", 0, self.chain
         t0 = time.perf_counter()
         try:
             while len(seq.generated) < max_new_tokens:
-                new = speculative_step(self.chain, seq, ctx, budget=max_new_tokens - len(seq.generated))
+                chain = self._live(self.chain_for(route.next_plan()) if route is not None else self.chain)
+                t_step = time.perf_counter()
+                try:
+                    new = speculative_step(chain, seq, ctx, budget=max_new_tokens - len(seq.generated))
+                except WorkerUnavailable as exc:
+                    self._mark_down(exc, chain)
+                    ctx.drain_records()
+                    continue  # nothing was committed: redo the step on the shorter chain
                 steps += 1
+                records = ctx.drain_records()
+                if route is not None:
+                    route.observe(records, len(new), time.perf_counter() - t_step)
                 end = next((i for i, t in enumerate(new) if t in ctx.eos_ids), None)
                 if end is not None:
                     seq = seq.commit(new[: end + 1])
@@ -225,17 +188,18 @@ class Engine:
                     break
                 seq = seq.commit(new)
         finally:
-            for level in self.chain.levels:
+            for level in self.levels.values():
                 level.release(seq.seq_id)
         return GenerationResult(
             token_ids=list(seq.generated),
             finish_reason=finish,
             elapsed_s=time.perf_counter() - t0,
             num_steps=steps,
-            chain=self.chain.names,
-            draft_lens=list(self.chain.draft_lens),
-            level_stats=ctx.stats,
+            chain=chain.names,
+            draft_lens=list(chain.draft_lens),
+            level_stats=[s for s in ctx.stats.values() if s.time_s > 0 or s.num_draft_tokens],
             prompt_tokens=len(prompt_ids),
+            routing=route.explain() if route is not None else None,
         )
 
     def generate_text(self, prompt: str, max_new_tokens: int, **kwargs) -> GenerationResult:

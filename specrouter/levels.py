@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from specrouter.sampling import SamplingParams
-from specrouter.sequence import SequenceState, common_prefix_len
+from specrouter.sequence import PositionGapError, SequenceState, common_prefix_len
 from specrouter.worker import ModelWorker
 
 
@@ -38,6 +38,8 @@ class Level(Protocol):
 
     def release(self, seq_id: str) -> None: ...
 
+    def forget(self) -> None: ...
+
 
 class ModelLevel:
     """A model view behind a worker. Mirrors which tokens the worker has cached, per sequence, so each
@@ -55,18 +57,31 @@ class ModelLevel:
         # Re-feed at least the last context token: its logits predict the next one.
         return min(common_prefix_len(self._cached.get(seq_id, []), ctx), len(ctx) - 1)
 
+    def _send(self, seq_id: str, ctx: list[int], call):
+        """call(start) from the shared prefix; a worker that lost the sequence (restart) gets it
+        again from position 0 (docs/protocol.md, rule 4)."""
+        try:
+            return call(self._start(seq_id, ctx))
+        except PositionGapError:
+            self._cached.pop(seq_id, None)
+            return call(0)
+
     def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
-        start = self._start(seq.seq_id, ctx)
-        result = self.worker.draft(seq.seq_id, seq.version, start, ctx[start:], n, params, seed)
+        result = self._send(seq.seq_id, ctx, lambda start: self.worker.draft(seq.seq_id, seq.version, start, ctx[start:], n, params, seed))
         self._cached[seq.seq_id] = ctx + result.token_ids[:-1]
         return Block(result.token_ids, result.q_draft)
 
     def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:
         """p [len(draft) + 1, V]: this model's distribution at each draft position and one past it."""
-        start = self._start(seq.seq_id, ctx)
-        p = self.worker.forward(seq.seq_id, seq.version, start, ctx[start:] + draft, len(draft) + 1, params)
+        p = self._send(
+            seq.seq_id, ctx, lambda start: self.worker.forward(seq.seq_id, seq.version, start, ctx[start:] + draft, len(draft) + 1, params)
+        )
         self._cached[seq.seq_id] = ctx + draft
         return p
+
+    def forget(self) -> None:
+        """Drop every mirror (the worker restarted): the next calls prefill from position 0."""
+        self._cached.clear()
 
     def release(self, seq_id: str) -> None:
         self._cached.pop(seq_id, None)
@@ -104,4 +119,7 @@ class NgramLevel:
         raise TypeError("the n-gram drafter cannot verify; put it at the bottom of the chain")
 
     def release(self, seq_id: str) -> None:
+        pass
+
+    def forget(self) -> None:
         pass

@@ -20,6 +20,14 @@ from specrouter.sampling import SamplingParams, probs_from_logits, sample
 from specrouter.sequence import PositionGapError, StaleVersionError
 
 
+class WorkerUnavailable(RuntimeError):
+    """A worker did not answer (dead, restarting, or past its deadline)."""
+
+    def __init__(self, level: str, reason: str):
+        super().__init__(f"worker {level!r} unavailable: {reason}")
+        self.level = level
+
+
 @dataclass
 class _Slot:
     cache: KVCache

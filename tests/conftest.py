@@ -69,3 +69,16 @@ def tiny_dirs(tmp_path_factory, smollm2_dir) -> dict[str, str]:
                 shutil.copy(f, path / f.name)
         paths[name] = str(path)
     return paths
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One light local Ray for the whole session; stops only what it started."""
+    import ray
+
+    from specrouter.runtime import start_local_ray
+
+    started = start_local_ray(num_cpus=8)
+    yield ray
+    if started:
+        ray.shutdown()

@@ -23,12 +23,12 @@ def models():
 
 def run(chain: Chain, prompt: list[int], n: int, params=SamplingParams(), seed=0) -> tuple[list[int], list[LevelStats]]:
     seq = SequenceState.new(f"seq-{seed}", prompt)
-    ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset(), [LevelStats(x) for x in chain.names])
+    ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset(), {x: LevelStats(x) for x in chain.names})
     while len(seq.generated) < n:
         seq = seq.commit(speculative_step(chain, seq, ctx, n - len(seq.generated)))
     for level in chain.levels:
         level.release(seq.seq_id)
-    return list(seq.generated), ctx.stats
+    return list(seq.generated), list(ctx.stats.values())
 
 
 def build(models, names: list[str], draft_lens: list[int]) -> Chain:

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from specrouter.engine import Engine, LevelSpec, ModelStore, default_skip_layers, parse_chain
+from specrouter.engine import Engine
+from specrouter.spec import LevelSpec, default_skip_layers, parse_chain
+from specrouter.store import ModelStore
 from specrouter.sampling import SamplingParams
 
 CODE_PROMPT = 'def is_palindrome(text: str) -> bool:\n    """Return True if text reads the same backwards."""\n'
@@ -130,8 +132,8 @@ def test_qwen_three_level_chain_greedy_equals_target_only_in_fp32():
     """The default family, in fp32 (bf16 can flip near-tie argmaxes between 1- and k-token passes)."""
     store = ModelStore("float32")
     prompt = 'def mean(xs: list[float]) -> float:\n    """Arithmetic mean of xs."""\n'
-    expected = Engine("qwen2.5-coder-1.5b", store=store).generate_text(prompt, 32, ignore_eos=True).token_ids
+    expected = Engine("qwen2.5-coder-1.5b", provider=store).generate_text(prompt, 32, ignore_eos=True).token_ids
     for chain, lens in (("qwen2.5-coder-0.5b,qwen2.5-coder-1.5b", [4]), ("ngram,qwen2.5-coder-0.5b@int8,qwen2.5-coder-1.5b", [3, 6])):
-        result = Engine(chain, store=store, draft_lens=lens).generate_text(prompt, 32, ignore_eos=True)
+        result = Engine(chain, provider=store, draft_lens=lens).generate_text(prompt, 32, ignore_eos=True)
         assert result.token_ids == expected, chain
         assert result.level_stats[-2].acceptance_rate > 0.5

@@ -1,0 +1,233 @@
+"""The worker data plane over gRPC: a server that exposes a process's model workers, and a client
+(`RemoteWorker`) with the same interface as `ModelWorker`, so levels cannot tell them apart.
+
+One persistent bidirectional stream per client carries msgpack frames (protos/specrouter/v1/
+worker.proto). Greedy calls move token ids only (one-hot rows are rebuilt on the client); sampled
+calls move float32 probability rows. See docs/protocol.md for the sequence-state rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import grpc
+import msgpack
+import torch
+
+from specrouter.sampling import SamplingParams
+from specrouter.sequence import PositionGapError, StaleVersionError
+from specrouter.v1 import worker_pb2, worker_pb2_grpc
+from specrouter.worker import DraftResult, ModelWorker, WorkerUnavailable
+
+
+ERRORS = {"StaleVersion": StaleVersionError, "PositionGap": PositionGapError, "ValueError": ValueError}
+KINDS = {cls: kind for kind, cls in ERRORS.items()}
+
+
+def encode_rows(probs: torch.Tensor, params: SamplingParams) -> dict:
+    if params.greedy:
+        return {"argmax": probs.argmax(-1).tolist()}
+    rows = probs.contiguous().float()
+    return {"rows": rows.numpy().tobytes(), "shape": list(rows.shape)}
+
+
+def decode_rows(reply: dict, vocab_size: int) -> torch.Tensor:
+    if "argmax" in reply:
+        ids = torch.tensor(reply["argmax"], dtype=torch.long)
+        return torch.zeros(len(ids), vocab_size).scatter_(-1, ids[:, None], 1.0)
+    return torch.frombuffer(bytearray(reply["rows"]), dtype=torch.float32).reshape(reply["shape"])
+
+
+def _params(p: list) -> SamplingParams:
+    return SamplingParams(temperature=p[0], top_k=p[1], top_p=p[2])
+
+
+# -- server ----------------------------------------------------------------------------------------------
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Serves the ModelWorkers of one process (a model and its slim views). Model calls run one at a
+    time on a dedicated thread, so the event loop stays free for health checks."""
+
+    def __init__(self, name: str, workers: dict[str, ModelWorker]):
+        self.name, self.workers = name, workers
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+
+    def handle(self, request: dict) -> dict:
+        worker = self.workers[request["view"]]
+        op = request["op"]
+        if op == "forward":
+            params = _params(request["sampling"])
+            probs = worker.forward(request["seq"], request["version"], request["start"], request["tokens"], request["num_logits"], params)
+            return encode_rows(probs, params)
+        if op == "draft":
+            params = _params(request["sampling"])
+            result = worker.draft(request["seq"], request["version"], request["start"], request["tokens"], request["k"], params, request["seed"])
+            return {"tokens": result.token_ids, **({} if params.greedy else encode_rows(result.q_draft, params))}
+        if op == "truncate":
+            return {"length": worker.truncate(request["seq"], request["version"], request["position"])}
+        if op == "release":
+            worker.release(request["seq"])
+            return {}
+        if op == "info":
+            return {"vocab_size": worker.vocab_size}
+        raise ValueError(f"unknown op {op!r}")
+
+    def _reply(self, call_id: int, payload: bytes) -> worker_pb2.Frame:
+        try:
+            reply = {"ok": True, **self.handle(msgpack.unpackb(payload))}
+        except Exception as exc:  # every failure goes back to the caller, typed; the stream lives on
+            reply = {"ok": False, "kind": KINDS.get(type(exc), type(exc).__name__), "error": str(exc)}
+        return worker_pb2.Frame(call_id=call_id, payload=msgpack.packb(reply))
+
+    async def Session(self, request_iterator, context):
+        loop = asyncio.get_running_loop()
+        async for frame in request_iterator:
+            yield await loop.run_in_executor(self._executor, self._reply, frame.call_id, frame.payload)
+
+    async def Health(self, request, context):
+        sequences = sum(w.num_sequences() for w in self.workers.values())
+        return worker_pb2.HealthReply(ready=True, name=self.name, views=list(self.workers), sequences=sequences)
+
+
+async def start_server(servicer: WorkerServicer, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, str]:
+    """Start an asyncio gRPC server for `servicer` on the running loop; returns it and its address."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, f"{host}:{bound}"
+
+
+class BackgroundServer:
+    """Runs a WorkerServicer's gRPC server on its own event-loop thread (for in-process use and tests)."""
+
+    def __init__(self, servicer: WorkerServicer, host: str = "127.0.0.1"):
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, daemon=True, name="grpc-worker-server").start()
+        self._server, self.address = asyncio.run_coroutine_threadsafe(start_server(servicer, host), self._loop).result(30)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._server.stop(grace=None), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+# -- client ----------------------------------------------------------------------------------------------
+
+
+class _Stream:
+    """One persistent bidi stream to a worker process, shared by its views; replies matched by call_id."""
+
+    def __init__(self, address: str):
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
+        self._outbox: queue.Queue = queue.Queue()
+        self._pending: dict[int, Future] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.closed: str | None = None
+        self.bytes_sent = self.bytes_received = 0
+        responses = worker_pb2_grpc.WorkerStub(self.channel).Session(iter(self._outbox.get, None))
+        threading.Thread(target=self._read, args=(responses,), daemon=True, name=f"grpc-stream-{address}").start()
+
+    def _read(self, responses) -> None:
+        try:
+            for frame in responses:
+                self.bytes_received += len(frame.payload)
+                future = self._pending.pop(frame.call_id, None)
+                if future is not None:
+                    future.set_result(msgpack.unpackb(frame.payload))
+            reason = "stream ended"
+        except grpc.RpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+        self._fail(reason)
+
+    def _fail(self, reason: str) -> None:
+        with self._lock:
+            self.closed = reason
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.set_exception(ConnectionError(reason))
+
+    def call(self, request: dict, timeout: float) -> dict:
+        payload = msgpack.packb(request)
+        future: Future = Future()
+        with self._lock:
+            if self.closed:
+                raise ConnectionError(self.closed)
+            call_id = next(self._ids)
+            self._pending[call_id] = future
+        self.bytes_sent += len(payload)
+        self._outbox.put(worker_pb2.Frame(call_id=call_id, payload=payload))
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            self._pending.pop(call_id, None)
+            raise
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self.channel.close()
+
+
+class RemoteWorker:
+    """A `ModelWorker` in another process, reached over the data plane. `resolve` returns the worker
+    process's current address, so a restarted process (new port) is found again."""
+
+    def __init__(self, name: str, resolve, timeout_s: float = 60.0, vocab_size: int | None = None):
+        self.name = name
+        self._resolve = resolve
+        self.timeout_s = timeout_s
+        self._stream: _Stream | None = None
+        self.vocab_size = vocab_size if vocab_size is not None else self._call({"op": "info"})["vocab_size"]
+
+    @property
+    def bytes_moved(self) -> int:
+        return (self._stream.bytes_sent + self._stream.bytes_received) if self._stream else 0
+
+    def _call(self, request: dict) -> dict:
+        request = {"view": self.name, **request}
+        try:
+            if self._stream is None or self._stream.closed:
+                self._stream = _Stream(self._resolve())
+            reply = self._stream.call(request, self.timeout_s)
+        except (ConnectionError, TimeoutError, grpc.RpcError, OSError) as exc:
+            self._stream = None
+            raise WorkerUnavailable(self.name, str(exc) or type(exc).__name__) from exc
+        if not reply["ok"]:
+            raise ERRORS.get(reply["kind"], RuntimeError)(reply["error"])
+        return reply
+
+    @staticmethod
+    def _sampling(params: SamplingParams) -> list:
+        return [params.temperature, params.top_k, params.top_p]
+
+    def forward(self, seq_id, version, start, token_ids, num_logits, params: SamplingParams) -> torch.Tensor:
+        reply = self._call({"op": "forward", "seq": seq_id, "version": version, "start": start, "tokens": list(token_ids),
+                            "num_logits": num_logits, "sampling": self._sampling(params)})
+        return decode_rows(reply, self.vocab_size)
+
+    def draft(self, seq_id, version, start, token_ids, k, params: SamplingParams, seed: int) -> DraftResult:
+        reply = self._call({"op": "draft", "seq": seq_id, "version": version, "start": start, "tokens": list(token_ids), "k": k,
+                            "sampling": self._sampling(params), "seed": seed})
+        tokens = reply["tokens"]
+        q = decode_rows({"argmax": tokens} if params.greedy else reply, self.vocab_size)
+        return DraftResult(tokens, q)
+
+    def truncate(self, seq_id, version, position) -> int:
+        return self._call({"op": "truncate", "seq": seq_id, "version": version, "position": position})["length"]
+
+    def release(self, seq_id) -> None:
+        if self._stream is None or self._stream.closed:
+            return  # no live connection: a dead or restarted worker holds nothing of this sequence
+        try:
+            self._call({"op": "release", "seq": seq_id})
+        except WorkerUnavailable:
+            pass
+
+    def close(self) -> None:
+        if self._stream:
+            self._stream.close()

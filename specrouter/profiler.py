@@ -1,0 +1,77 @@
+"""Online profile of each level's cost: forward time by block length (and batch size), EMA per bucket.
+
+Two operations are profiled per level, as the chain measures them (so remote overheads count):
+- `score`: one verification pass over a block of n tokens;
+- `draft`: autoregressive drafting, recorded per drafted token.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def bucket(n: int) -> int:
+    i = bisect.bisect_left(BUCKETS, n)
+    return BUCKETS[min(i, len(BUCKETS) - 1)]
+
+
+@dataclass
+class _Ema:
+    value: float
+    count: int = 1
+
+    def update(self, x: float, weight: float) -> None:
+        # A large relative change (a slowdown, a recovery) moves the estimate at once; noise does not.
+        weight = max(weight, min(0.8, abs(x - self.value) / max(self.value, 1e-9) - 0.25))
+        self.value += weight * (x - self.value)
+        self.count += 1
+
+
+@dataclass
+class ForwardProfiler:
+    ema: float = 0.2  # weight of a new observation
+    _score: dict[tuple[str, int, int], _Ema] = field(default_factory=dict)  # (level, bucket, batch)
+    _draft: dict[tuple[str, int], _Ema] = field(default_factory=dict)  # (level, batch): seconds per token
+
+    def observe_score(self, level: str, num_tokens: int, seconds: float, batch: int = 1, weight: float | None = None) -> None:
+        if num_tokens > BUCKETS[-1]:
+            return  # prefill: not a verification size
+        self._update(self._score, (level, bucket(num_tokens), batch), seconds, weight)
+
+    def observe_draft(self, level: str, num_tokens: int, seconds: float, batch: int = 1, weight: float | None = None) -> None:
+        if num_tokens > 0:
+            self._update(self._draft, (level, batch), seconds / num_tokens, weight)
+
+    def _update(self, table: dict, key, x: float, weight: float | None) -> None:
+        if key in table:
+            table[key].update(x, self.ema if weight is None else weight)
+        else:
+            table[key] = _Ema(x)
+
+    def score_time(self, level: str, num_tokens: int, batch: int = 1) -> float | None:
+        """Predicted seconds for one pass over num_tokens: the bucket's EMA, else interpolated."""
+        known = sorted((b, e.value) for (name, b, bt), e in self._score.items() if name == level and bt == batch)
+        if not known:
+            return None
+        exact = dict(known).get(bucket(num_tokens))
+        if exact is not None:
+            return exact
+        below = [kv for kv in known if kv[0] <= num_tokens]
+        above = [kv for kv in known if kv[0] >= num_tokens]
+        if below and above:
+            (b0, t0), (b1, t1) = below[-1], above[0]
+            return t0 + (t1 - t0) * (num_tokens - b0) / (b1 - b0) if b1 != b0 else t0
+        (b0, t0) = below[-1] if below else above[0]
+        return t0  # outside the profiled range: flat (verification cost grows slowly with n)
+
+    def draft_time(self, level: str, batch: int = 1) -> float | None:
+        e = self._draft.get((level, batch))
+        return e.value if e else None
+
+    def observations(self, level: str) -> int:
+        return sum(e.count for (name, *_), e in self._score.items() if name == level) + sum(
+            e.count for (name, _), e in self._draft.items() if name == level
+        )

@@ -1,0 +1,226 @@
+"""Adaptive routing: pick, per prompt class, the chain and draft lengths with the lowest predicted
+time per token, from costs and acceptances learned online, and re-plan as they move.
+
+The router is shared by all requests (it owns the profiler, the acceptance table and the current
+plan per class); `start()` gives each request a `Route` that the engine asks for a plan before every
+step and feeds each step's records to. Re-planning happens every `replan_every` steps with
+hysteresis; every `explore_every` steps the best plan that uses the least recently measured level
+runs once, so estimates of levels out of use (a drafter that slowed down and recovered) stay fresh.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from specrouter.acceptance import AcceptanceTable
+from specrouter.chain import TimingRecord, VerifyRecord
+from specrouter.levels import Level
+from specrouter.profiler import ForwardProfiler
+from specrouter.sampling import SamplingParams
+from specrouter.scheduler import Plan, predict, search
+from specrouter.sequence import SequenceState
+
+if TYPE_CHECKING:
+    from specrouter.engine import Engine
+
+
+EXPLORE_WEIGHT = 0.8  # an exploratory measurement is fresh news about a level out of use
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    replan_every: int = 2  # steps between re-plans
+    hysteresis: float = 0.05  # switch only when the best plan is predicted this much faster
+    explore_every: int = 12  # steps after which a level not measured since gets one exploratory step
+    max_drafters: int = 3
+    lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10)
+    default_cost_s: float = 0.05  # cost assumed for a level never measured
+
+
+@dataclass
+class _ClassState:
+    plan: Plan | None = None
+    steps_since_plan: int = 0
+
+
+class AdaptiveRouter:
+    def __init__(self, pool: list[str], target: str, can_verify: dict[str, bool], config: RouterConfig = RouterConfig()):
+        self.pool, self.target = list(pool), target  # pool: drafters, cheapest first
+        self.can_verify = can_verify
+        self.config = config
+        self.profiler = ForwardProfiler()
+        self.acceptance = AcceptanceTable()
+        self.overhead_s = 0.0  # per-round time outside level calls (EMA)
+        self._classes: dict[str, _ClassState] = {}
+        self._step = 0
+        self._last_measured: dict[str, int] = {name: 0 for name in self.pool + [target]}
+        self._exploring: set[str] = set()  # levels whose next measurement replaces most of the old one
+
+    # -- the latency model's inputs ---------------------------------------------------------------------
+
+    def _verify_cost(self, level: str, num_tokens: int) -> float:
+        t = self.profiler.score_time(level, num_tokens)
+        return t if t is not None else self.config.default_cost_s
+
+    def _draft_cost(self, level: str) -> float:
+        t = self.profiler.draft_time(level)
+        if t is not None:
+            return t
+        single = self.profiler.score_time(level, 1)  # a model drafts one token per single-token pass
+        return single if single is not None else self.config.default_cost_s
+
+    def plans(self, klass: str) -> list[Plan]:
+        return search(
+            self.pool,
+            self.target,
+            verify=self._verify_cost,
+            draft=self._draft_cost,
+            alpha=lambda d, v: self.acceptance.alpha(klass, d, v),
+            overhead=self.overhead_s,
+            can_verify=lambda name: self.can_verify.get(name, True),
+            lengths=self.config.lengths,
+            max_drafters=self.config.max_drafters,
+        )
+
+    # -- planning ---------------------------------------------------------------------------------------
+
+    def plan_for(self, klass: str) -> tuple[Plan, list[Plan], str]:
+        """The plan for the next step of a request of `klass`, the ranked candidates, and why."""
+        state = self._classes.setdefault(klass, _ClassState())
+        stale = self._stalest_level()
+        if stale is not None:
+            ranked = self.plans(klass)
+            explore = next((p for p in ranked if stale in p.chain), None)
+            if explore is not None:
+                # Long enough blocks that one step measures the level's acceptance, not just its cost.
+                explore = Plan(explore.chain, tuple(max(3, g) for g in explore.draft_lens), explore.predicted_s_per_token)
+                self._last_measured[stale] = self._step  # one exploratory step per stale level
+                self._exploring.add(stale)
+                return explore, ranked, f"explore: {stale} not measured for {self.config.explore_every}+ steps"
+        if state.plan is not None and state.steps_since_plan < self.config.replan_every:
+            state.steps_since_plan += 1
+            return state.plan, [], "keep"
+        ranked = self.plans(klass)
+        best = ranked[0]
+        reason = "best predicted"
+        if state.plan is not None and best.chain + best.draft_lens != state.plan.chain + state.plan.draft_lens:
+            current = self._repredict(state.plan, klass)
+            if best.predicted_s_per_token > current.predicted_s_per_token * (1 - self.config.hysteresis):
+                best, reason = current, "hysteresis: best is not enough faster"
+        state.plan, state.steps_since_plan = best, 1
+        return best, ranked, reason
+
+    def _repredict(self, plan: Plan, klass: str) -> Plan:
+        t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, lambda d, v: self.acceptance.alpha(klass, d, v), self.overhead_s)
+        return Plan(plan.chain, plan.draft_lens, t)
+
+    def _stalest_level(self) -> str | None:
+        if self.config.explore_every <= 0:
+            return None
+        name = min(self.pool, key=lambda n: self._last_measured[n], default=None)
+        if name is not None and self._step - self._last_measured[name] >= self.config.explore_every:
+            return name
+        return None
+
+    # -- feedback ---------------------------------------------------------------------------------------
+
+    def observe(self, klass: str, records: list, step_seconds: float) -> None:
+        self._step += 1
+        level_seconds = 0.0
+        rounds = 0
+        for r in records:
+            if isinstance(r, TimingRecord):
+                level_seconds += r.seconds
+                self._last_measured[r.level] = self._step
+                weight = EXPLORE_WEIGHT if r.level in self._exploring else None
+                if r.op == "score":
+                    rounds += 1
+                    self.profiler.observe_score(r.level, r.num_tokens, r.seconds, weight=weight)
+                else:
+                    self.profiler.observe_draft(r.level, r.num_tokens, r.seconds, weight=weight)
+            elif isinstance(r, VerifyRecord):
+                self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
+        self._exploring.clear()
+        if rounds:
+            per_round = max(0.0, step_seconds - level_seconds) / rounds
+            self.overhead_s += 0.2 * (per_round - self.overhead_s)
+
+    def start(self, klass: str) -> "Route":
+        return Route(self, klass)
+
+    def calibrate(self, levels: dict[str, Level], lengths: tuple[int, ...] = (1, 2, 4, 8), context: int = 32) -> None:
+        """Seed the profiles with a few passes of every level over a throwaway sequence."""
+        params = SamplingParams()
+        for name, level in levels.items():
+            seq = SequenceState.new(f"calibrate-{name}", list(range(1, context + 1)))
+            ctx = list(seq.token_ids)
+            try:
+                if level.can_verify:
+                    level.score(seq, ctx[:-1], [], params)  # prefill, not profiled
+                    for n in lengths:
+                        t0 = time.perf_counter()
+                        level.score(seq, ctx, list(range(2, n + 1)), params)
+                        self.profiler.observe_score(name, n, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                level.propose(seq, ctx, 4, params, seed=0)
+                self.profiler.observe_draft(name, 4, time.perf_counter() - t0)
+            finally:
+                level.release(seq.seq_id)
+
+
+def router_for(engine: "Engine", config: RouterConfig = RouterConfig(), calibrate: bool = True) -> AdaptiveRouter:
+    """A router over an engine's pool: every level but the last is a drafter candidate."""
+    names = list(engine.levels)
+    router = AdaptiveRouter(names[:-1], names[-1], {n: level.can_verify for n, level in engine.levels.items()}, config)
+    if calibrate:
+        router.calibrate(engine.levels)
+    return router
+
+
+@dataclass
+class Route:
+    """One request's view of the router; records what ran for the response's explanation."""
+
+    router: AdaptiveRouter
+    klass: str
+    _plan: Plan | None = None
+    _steps: Counter = field(default_factory=Counter)
+    _predicted_s: float = 0.0
+    _measured_s: float = 0.0
+    _tokens: int = 0
+    _decisions: list[dict] = field(default_factory=list)
+
+    def next_plan(self) -> Plan:
+        plan, ranked, reason = self.router.plan_for(self.klass)
+        if reason != "keep" and (not self._decisions or self._decisions[-1]["chain"] != list(plan.chain) or reason.startswith("explore")):
+            runner_up = next((p for p in ranked if p.chain != plan.chain), None)
+            self._decisions.append({
+                **plan.as_dict(),
+                "reason": reason,
+                "runner_up": runner_up.as_dict() if runner_up else None,
+                "at_token": self._tokens,
+            })
+        self._plan = plan
+        return plan
+
+    def observe(self, records: list, committed: int, seconds: float) -> None:
+        self.router.observe(self.klass, records, seconds)
+        self._steps[(self._plan.chain, self._plan.draft_lens)] += 1
+        self._predicted_s += self._plan.predicted_s_per_token * committed
+        self._measured_s += seconds
+        self._tokens += committed
+
+    def explain(self) -> dict:
+        tokens = max(1, self._tokens)
+        return {
+            "class": self.klass,
+            "predicted_s_per_token": round(self._predicted_s / tokens, 5),
+            "measured_s_per_token": round(self._measured_s / tokens, 5),
+            "steps_by_plan": [
+                {"chain": list(chain), "draft_lens": list(lens), "steps": n} for (chain, lens), n in self._steps.most_common()
+            ],
+            "decisions": self._decisions,
+        }

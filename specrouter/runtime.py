@@ -1,0 +1,216 @@
+"""The distributed runtime: one Ray actor per model (its slim views live in the same actor, sharing
+its weights), each serving the gRPC data plane; a router actor runs the chains over them.
+
+    ray_started = start_local_ray()            # embedded default: a light local Ray, if none is up
+    router = RouterActor.remote("qwen2.5-coder-0.5b@int8,qwen2.5-coder-1.5b", dtype="bfloat16")
+    ray.get(router.generate.remote(prompt_ids, 64))
+
+Placement comes from config per model: `num_cpus` plus a torch thread budget on CPU, or `num_gpus`,
+`accelerator_type`, and custom resources (e.g. {"accel_a": 1}) on a cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from specrouter.spec import LevelSpec, parse_chain
+
+ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads must not spin while another model runs
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one model's actor runs and how many threads its torch may use. Keyed in config by the
+    model's label (`name` or `name@int8`), its name, or "*" for every model."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    accelerator_type: str | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    torch_threads: int | None = None
+    device: str = "cpu"
+
+    def actor_options(self) -> dict:
+        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
+        if self.accelerator_type:
+            options["accelerator_type"] = self.accelerator_type
+        return options
+
+
+def start_local_ray(num_cpus: int | None = None) -> bool:
+    """Start a light local Ray unless one is already initialised; True if this call started it
+    (so the caller stops only what it started, with ray.shutdown())."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_worker_niceness", "0")  # model workers must not lose the CPU to others
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        object_store_memory=128 << 20,
+        log_to_driver=False,
+        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
+    )
+    return True
+
+
+@ray.remote(max_restarts=-1, max_concurrency=4)
+class WorkerActor:
+    """One loaded model and its views, each a ModelWorker with per-sequence KV caches, behind gRPC."""
+
+    def __init__(self, model: str, quant: str | None, views: list[tuple[int, ...]], dtype: str, device: str, torch_threads: int | None):
+        import torch
+
+        from specrouter.dataplane import BackgroundServer, WorkerServicer
+        from specrouter.store import ModelStore
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        store = ModelStore(dtype, device)
+        workers = {}
+        for skip in views:
+            worker = store.worker(LevelSpec(model, skip or None, quant), target=model)
+            workers[worker.name] = worker
+        self.loaded = store.get(model, quant)
+        self.server = BackgroundServer(WorkerServicer(LevelSpec(model, None, quant).label, workers))
+        self.views = list(workers)
+
+    def address(self) -> str:
+        return self.server.address
+
+    def describe(self) -> dict:
+        from specrouter.store import end_tokens
+
+        model = self.loaded.model
+        return {
+            "views": self.views,
+            "fingerprint": self.loaded.fingerprint,
+            "vocab_size": model.lm_head.out_features,
+            "max_positions": model.config.max_position_embeddings,
+            "eos_ids": sorted(end_tokens(self.loaded.tokenizer, model.generation_config)),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+        }
+
+    def health(self) -> bool:
+        return True
+
+
+class RayWorkers:
+    """A WorkerProvider whose workers are Ray actors: one per (model, quantisation); skip-layer views
+    of a model live in that model's actor."""
+
+    def __init__(self, specs: list[LevelSpec], dtype: str = "bfloat16", placement: dict[str, Placement] | None = None,
+                 timeout_s: float = 120.0):
+        from specrouter.store import resolve_skip
+
+        self.dtype, self.timeout_s = dtype, timeout_s
+        placement = placement or {}
+        groups: dict[tuple[str, str | None], list[LevelSpec]] = {}
+        for spec in specs:
+            if spec.model != "ngram":
+                groups.setdefault((spec.model, spec.quant), []).append(spec)
+        self.actors: dict[tuple[str, str | None], ray.actor.ActorHandle] = {}
+        for (model, quant), members in groups.items():
+            label = LevelSpec(model, None, quant).label
+            place = placement.get(label) or placement.get(model) or placement.get("*") or Placement()
+            num_layers = _num_layers(model)
+            views = sorted({resolve_skip(s, num_layers) for s in members})
+            self.actors[(model, quant)] = WorkerActor.options(
+                **place.actor_options(), runtime_env={"env_vars": ACTOR_ENV}
+            ).remote(model, quant, views, dtype, place.device, place.torch_threads)
+        self.described = {key: ray.get(actor.describe.remote()) for key, actor in self.actors.items()}
+
+    def target_info(self, name: str):
+        from transformers import AutoTokenizer
+
+        from specrouter import catalog
+        from specrouter.store import TargetInfo
+
+        info = self.described[(name, None)]
+        tokenizer = AutoTokenizer.from_pretrained(catalog.resolve(name))
+        return TargetInfo(tokenizer, frozenset(info["eos_ids"]), info["max_positions"], info["vocab_size"])
+
+    def worker(self, spec: LevelSpec, target: str):
+        from specrouter.dataplane import RemoteWorker
+        from specrouter.store import resolve_skip
+
+        key = (spec.model, spec.quant)
+        if self.described[key]["fingerprint"] != self.described[(target, None)]["fingerprint"]:
+            raise ValueError(f"{spec.model} does not share the target's tokenizer")
+        name = LevelSpec(spec.model, resolve_skip(spec, _num_layers(spec.model)) or None, spec.quant).label
+        # The target is waited for while Ray restarts it; a drafter is skipped (the chain shortens).
+        wait_s = self.timeout_s if name == target else 2.0
+        resolve = functools.partial(_actor_address, self.actors[key], wait_s)
+        return RemoteWorker(name, resolve, self.timeout_s, self.described[key]["vocab_size"])
+
+    def placements(self) -> dict[str, dict]:
+        return {LevelSpec(m, None, q).label: {"node_id": d["node_id"], "pid": d["pid"]} for (m, q), d in self.described.items()}
+
+
+def _actor_address(actor, wait_s: float) -> str:
+    """The actor's data-plane address, waiting up to wait_s while Ray restarts it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ray.get(actor.address.remote(), timeout=max(0.1, deadline - time.monotonic()))
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"actor not ready after {wait_s:.0f}s: {exc}") from exc
+            time.sleep(0.2)
+        except ray.exceptions.RayActorError as exc:
+            raise ConnectionError(f"actor died: {exc}") from exc
+
+
+def _num_layers(model: str) -> int:
+    from transformers import AutoConfig
+
+    from specrouter import catalog
+
+    return AutoConfig.from_pretrained(catalog.resolve(model)).num_hidden_layers
+
+
+@ray.remote(max_restarts=-1, max_concurrency=1)
+class RouterActor:
+    """Runs chains over remote workers; the same Engine as in-process, with a RayWorkers provider."""
+
+    def __init__(self, chain: str, dtype: str = "bfloat16", draft_lens: list[int] | None = None,
+                 placement: dict[str, dict] | None = None, adaptive: bool = False):
+        from specrouter.engine import Engine
+
+        specs = parse_chain(chain)
+        self.provider = RayWorkers(specs, dtype, {k: Placement(**v) for k, v in (placement or {}).items()})
+        self.engine = Engine(specs, draft_lens=draft_lens, provider=self.provider)
+        self.router = None
+        if adaptive:
+            from specrouter.router import router_for
+
+            self.router = router_for(self.engine)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: dict | None = None, seed: int = 0,
+                 ignore_eos: bool = False, prompt_class: str | None = None) -> dict:
+        from specrouter.sampling import SamplingParams
+
+        route = self.router.start(prompt_class or "default") if self.router else None
+        bytes_before = self._bytes_moved()
+        result = self.engine.generate(prompt_ids, max_new_tokens, SamplingParams(**(sampling or {})), seed, ignore_eos, route)
+        return {**result.as_dict(), "data_plane_bytes": self._bytes_moved() - bytes_before}
+
+    def _bytes_moved(self) -> int:
+        return sum(level.worker.bytes_moved for level in self.engine.levels.values() if hasattr(level, "worker"))
+
+    def placements(self) -> dict:
+        return self.provider.placements()
+
+    def actor(self, label: str):
+        """The actor handle serving a model (label as in a chain spec, without @skip)."""
+        spec = LevelSpec.parse(label)
+        return self.provider.actors[(spec.model, spec.quant)]
+
+    def describe(self) -> dict:
+        return {"levels": list(self.engine.levels), "down": sorted(self.engine.down)}

@@ -1,0 +1,79 @@
+"""Latency model and chain search (pure functions).
+
+For a chain M_0 -> ... -> M_N with draft lengths g_0..g_{N-1} and pairwise acceptance a_k between
+M_k and M_{k+1}, level k+1 emits E_k = (1 - a_k^(g_k+1)) / (1 - a_k) tokens per verification round.
+With L_0 = M_0's drafting time per token, a level's time per emitted token is
+
+    L_{k+1} = (g_k * L_k + verify_{k+1}(g_k + 1) + overhead) / E_k
+
+and the chain's predicted time per committed token is L_N. Target-only decoding is the chain of one
+level, L = verify_N(1) + overhead, so speculation switches itself off when it does not pay.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+CostFn = Callable[[str, int], float]  # (level, block length) -> seconds for one verification pass
+DraftFn = Callable[[str], float]  # level -> seconds per drafted token
+AlphaFn = Callable[[str, str], float]  # (drafter, verifier) -> acceptance
+
+
+@dataclass(frozen=True)
+class Plan:
+    chain: tuple[str, ...]  # bottom first, target last
+    draft_lens: tuple[int, ...]
+    predicted_s_per_token: float
+
+    def as_dict(self) -> dict:
+        return {"chain": list(self.chain), "draft_lens": list(self.draft_lens), "predicted_s_per_token": round(self.predicted_s_per_token, 5)}
+
+
+def expected_tokens(alpha: float, g: int) -> float:
+    """Tokens a verifier emits per round when a drafter with acceptance alpha proposes g tokens."""
+    if alpha >= 1.0 - 1e-9:
+        return g + 1.0
+    return (1.0 - alpha ** (g + 1)) / (1.0 - alpha)
+
+
+def predict(chain: tuple[str, ...], draft_lens: tuple[int, ...], verify: CostFn, draft: DraftFn, alpha: AlphaFn, overhead: float) -> float:
+    if len(chain) == 1:
+        return verify(chain[0], 1) + overhead
+    latency = draft(chain[0])
+    for k, g in enumerate(draft_lens):
+        drafter, verifier = chain[k], chain[k + 1]
+        latency = (g * latency + verify(verifier, g + 1) + overhead) / expected_tokens(alpha(drafter, verifier), g)
+    return latency
+
+
+def enumerate_chains(pool: list[str], target: str, can_verify: Callable[[str], bool], max_drafters: int = 3):
+    """Ordered subsets of the pool (kept in the pool's cheapest-first order) ending at the target."""
+    for size in range(0, min(max_drafters, len(pool)) + 1):
+        for subset in itertools.combinations(pool, size):
+            if all(can_verify(level) for level in subset[1:]):
+                yield subset + (target,)
+
+
+def search(
+    pool: list[str],
+    target: str,
+    verify: CostFn,
+    draft: DraftFn,
+    alpha: AlphaFn,
+    overhead: float = 0.0,
+    can_verify: Callable[[str], bool] = lambda name: True,
+    lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10),
+    max_drafters: int = 3,
+) -> list[Plan]:
+    """Every chain and draft-length vector, best (lowest predicted time per token) first."""
+    plans = []
+    for chain in enumerate_chains(pool, target, can_verify, max_drafters):
+        best = None
+        for lens in itertools.product(lengths, repeat=len(chain) - 1):
+            t = predict(chain, lens, verify, draft, alpha, overhead)
+            if best is None or t < best.predicted_s_per_token:
+                best = Plan(chain, lens, t)
+        plans.append(best)
+    return sorted(plans, key=lambda p: p.predicted_s_per_token)

@@ -1,0 +1,67 @@
+"""Chain specs: comma-separated level names, drafters from smallest to largest, target last.
+
+A name is a catalog name (`specrouter models`), a local path or a cached HF id, `ngram` (prompt
+lookup), or a model with modifiers: `NAME@skip:L1+L2+A-B` skips those decoder layers (a slim level
+sharing NAME's weights; `NAME@skip` picks the measured default), `NAME@int8` runs int8 weights.
+A single name means target-only decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    model: str  # catalog name, path, HF id, or "ngram"
+    skip_layers: tuple[int, ...] | None = None  # None: all layers; () after "@skip": the default set
+    quant: str | None = None  # "int8" after "@int8"
+
+    @classmethod
+    def parse(cls, text: str) -> "LevelSpec":
+        model, *modifiers = text.strip().split("@")
+        if not model:
+            raise ValueError(f"bad level {text!r}: empty model name")
+        skip, quant = None, None
+        for mod in modifiers:
+            if mod == "skip":
+                skip = ()
+            elif mod.startswith("skip:"):
+                skip = _parse_layers(mod[len("skip:") :], text)
+            elif mod == "int8":
+                quant = "int8"
+            else:
+                raise ValueError(f"bad level {text!r}: modifiers are @skip, @skip:L1+L2+A-B and @int8")
+        return cls(model, skip, quant)
+
+    @property
+    def label(self) -> str:
+        label = self.model
+        if self.skip_layers is not None:
+            label += f"@skip:{'+'.join(map(str, self.skip_layers))}"
+        return label + (f"@{self.quant}" if self.quant else "")
+
+
+def _parse_layers(text: str, level: str) -> tuple[int, ...]:
+    layers: list[int] = []
+    try:
+        for part in text.split("+"):
+            lo, dash, hi = part.partition("-")
+            layers.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+    except ValueError:
+        raise ValueError(f"bad layer list in {level!r}: use e.g. @skip:3+7+10-12") from None
+    return tuple(sorted(set(layers)))
+
+
+def parse_chain(text: str) -> list[LevelSpec]:
+    specs = [LevelSpec.parse(part) for part in text.split(",")]
+    if specs[-1].model == "ngram" or specs[-1].skip_layers is not None or specs[-1].quant:
+        raise ValueError("the target (last level) must be a full model, without @skip or @int8")
+    return specs
+
+
+def default_skip_layers(num_layers: int) -> tuple[int, ...]:
+    """For models without a measured set (catalog `default_skip`, from bench/skip_search.py): skip a
+    quarter of the layers, every other one from the lower-middle to just before the top two."""
+    candidates = list(range(num_layers // 4, num_layers - 2, 2))
+    return tuple(candidates[: max(1, num_layers // 4)])

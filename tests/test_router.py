@@ -1,0 +1,153 @@
+"""The adaptive router against a simulated environment (costs and acceptances we control), and on
+real tiny models through the engine."""
+
+import random
+
+import pytest
+
+from specrouter.chain import TimingRecord, VerifyRecord
+from specrouter.classifier import classify
+from specrouter.router import AdaptiveRouter, RouterConfig
+from specrouter.scheduler import Plan
+
+
+class SimEnv:
+    """Per-level costs (seconds per pass, seconds per drafted token) and pairwise acceptance, by class."""
+
+    def __init__(self, cost: dict[str, float], alpha: dict, seed: int = 0):
+        self.cost, self.alpha = dict(cost), alpha
+        self.slow: dict[str, float] = {}
+        self.rng = random.Random(seed)
+
+    def c(self, level: str) -> float:
+        return self.cost[level] * self.slow.get(level, 1.0)
+
+    def step(self, plan: Plan, klass: str) -> tuple[list, int, float]:
+        records: list = []
+        committed = self._round(plan, len(plan.chain) - 1, plan.draft_lens[-1] if plan.draft_lens else 0, klass, records)
+        seconds = sum(r.seconds for r in records if isinstance(r, TimingRecord))
+        return records, committed, seconds
+
+    def _round(self, plan, i, k, klass, records) -> int:
+        block = self._propose(plan, i - 1, k, klass, records) if i > 0 and k > 0 else 0
+        level = plan.chain[i]
+        records.append(TimingRecord(level, "score", block + 1, self.c(level) * (1 + 0.02 * block)))
+        if not block:
+            return 1
+        a = self.alpha[klass][(plan.chain[i - 1], level)]
+        accepted = 0
+        while accepted < block and self.rng.random() < a:
+            accepted += 1
+        records.append(VerifyRecord(plan.chain[i - 1], level, block, accepted, [a] * block))
+        return accepted + 1
+
+    def _propose(self, plan, i, n, klass, records) -> int:
+        if i == 0:
+            records.append(TimingRecord(plan.chain[0], "draft", n, n * self.c(plan.chain[0])))
+            return n
+        got = 0
+        while got < n:
+            got += self._round(plan, i, min(plan.draft_lens[i - 1], n - got - 1), klass, records)
+        return min(got, n)
+
+
+def run(router: AdaptiveRouter, env: SimEnv, klass: str, steps: int) -> list[Plan]:
+    route = router.start(klass)
+    plans = []
+    for _ in range(steps):
+        plan = route.next_plan()
+        records, committed, seconds = env.step(plan, klass)
+        route.observe(records, committed, seconds)
+        plans.append(plan)
+    return plans
+
+
+COSTS = {"A": 0.03, "B": 0.06, "T": 0.25}
+ALPHA = {"chat": {("A", "T"): 0.8, ("B", "T"): 0.85, ("A", "B"): 0.85}}
+
+
+def test_router_settles_on_the_predicted_best_chain():
+    router = AdaptiveRouter(["A", "B"], "T", {})
+    plans = run(router, SimEnv(COSTS, ALPHA), "chat", 60)
+    settled = [p.chain for p in plans[-20:]]
+    assert max(set(settled), key=settled.count) == ("A", "T")
+
+
+def test_router_switches_when_a_drafter_slows_down_and_back_when_it_recovers():
+    router = AdaptiveRouter(["A", "B"], "T", {}, RouterConfig(explore_every=10))
+    env = SimEnv(COSTS, ALPHA)
+    before = run(router, env, "chat", 60)
+    assert before[-1].chain == ("A", "T")
+    env.slow["A"] = 3.0
+    during = run(router, env, "chat", 60)
+    switched_at = next(i for i, p in enumerate(during) if "A" not in p.chain)
+    assert switched_at <= 8
+    assert [p.chain for p in during[-10:]].count(("B", "T")) >= 8
+    env.slow.clear()
+    after = run(router, env, "chat", 80)
+    back_at = next(i for i, p in enumerate(after) if p.chain == ("A", "T") and all(q.chain == ("A", "T") for q in after[i : i + 5]))
+    assert back_at <= 40
+
+
+def test_useless_drafter_pool_falls_back_to_target_only():
+    env = SimEnv({"J": 0.05, "T": 0.25}, {"chat": {("J", "T"): 0.02}})
+    router = AdaptiveRouter(["J"], "T", {})
+    plans = run(router, env, "chat", 60)
+    assert [p.chain for p in plans[-20:]].count(("T",)) >= 18
+
+
+def test_classes_with_different_best_drafters_are_routed_differently():
+    alpha = {
+        "code": {("A", "T"): 0.9, ("B", "T"): 0.5, ("A", "B"): 0.5},
+        "chat": {("A", "T"): 0.3, ("B", "T"): 0.85, ("A", "B"): 0.3},
+    }
+    env = SimEnv({"A": 0.04, "B": 0.04, "T": 0.25}, alpha)
+    router = AdaptiveRouter(["A", "B"], "T", {})
+    for _ in range(4):
+        run(router, env, "code", 20)
+        run(router, env, "chat", 20)
+    assert router.plan_for("code")[0].chain == ("A", "T")
+    assert router.plan_for("chat")[0].chain == ("B", "T")
+
+
+def test_route_explains_chain_prediction_and_runner_up():
+    router = AdaptiveRouter(["A", "B"], "T", {})
+    route = router.start("chat")
+    env = SimEnv(COSTS, ALPHA)
+    for _ in range(10):
+        plan = route.next_plan()
+        route.observe(*env.step(plan, "chat"))
+    why = route.explain()
+    assert why["class"] == "chat" and why["measured_s_per_token"] > 0 and why["predicted_s_per_token"] > 0
+    assert why["decisions"][0]["runner_up"] is not None and why["steps_by_plan"]
+
+
+@pytest.mark.parametrize(
+    "text, klass",
+    [
+        ("def add(a, b):\n    return a + b\n", "code"),
+        ("for (int i = 0; i < n; i++) {\n  sum += a[i];\n}", "code"),
+        ("Write a Python function that reverses a linked list.", "code"),
+        ("Summarize the main ideas of this article in three bullet points: ...", "summarization"),
+        ("What are some good places to visit in Portugal in spring?", "chat"),
+        ("How do I tell if a customer segment is well segmented?", "chat"),
+    ],
+)
+def test_prompt_classifier(text, klass):
+    assert classify(text) == klass
+
+
+def test_routed_generation_on_real_models_is_lossless_and_explained(tiny_dirs):
+    from specrouter.engine import Engine
+    from specrouter.router import router_for
+
+    engine = Engine(f"ngram,{tiny_dirs['draft']},{tiny_dirs['target']}@skip:1,{tiny_dirs['target']}", dtype="float32")
+    router = router_for(engine, RouterConfig(explore_every=4))
+    expected = Engine(tiny_dirs["target"], dtype="float32").generate_text("def f(x):\n    return", 40, ignore_eos=True).token_ids
+    for _ in range(2):
+        result = engine.generate_text("def f(x):\n    return", 40, ignore_eos=True, route=router.start("code"))
+        assert result.token_ids == expected
+    why = result.as_dict()["routing"]
+    assert why["class"] == "code" and why["decisions"] and why["measured_s_per_token"] > 0
+    assert sum(p["steps"] for p in why["steps_by_plan"]) == result.num_steps
+    assert router.profiler.score_time(tiny_dirs["target"], 4) is not None

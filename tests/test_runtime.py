@@ -1,0 +1,81 @@
+"""The distributed runtime on a real local Ray with tiny models: same output as in-process, and
+faults that shorten the chain (drafter) or fail cleanly then recover (target)."""
+
+import threading
+import time
+
+import pytest
+
+from specrouter.engine import Engine
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def tiny_chain(tiny_dirs):
+    return f"{tiny_dirs['draft']},{tiny_dirs['target']}@skip:1,{tiny_dirs['target']}"
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_dirs):
+    engine = Engine(tiny_dirs["target"], dtype="float32")
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+    return ids, {n: engine.generate(ids, n, ignore_eos=True).token_ids for n in (32, 200)}
+
+
+def make_router(local_ray, chain, **kwargs):
+    from specrouter.runtime import RouterActor
+
+    placement = {"*": {"num_cpus": 1, "torch_threads": 1}}
+    return RouterActor.remote(chain, dtype="float32", draft_lens=[2, 3] if chain.count(",") == 2 else [3], placement=placement, **kwargs)
+
+
+def test_distributed_chains_equal_in_process_and_target_only(local_ray, tiny_dirs, tiny_chain, expected):
+    ids, want = expected
+    for chain in (tiny_chain, f"{tiny_dirs['draft']},{tiny_dirs['target']}"):
+        router = make_router(local_ray, chain)
+        out = local_ray.get(router.generate.remote(ids, 32, ignore_eos=True), timeout=600)
+        assert out["token_ids"] == want[32], chain
+        assert out["data_plane_bytes"] > 0 and out["levels"][0]["num_draft_tokens"] > 0
+        local_ray.kill(router)
+
+
+def test_skip_view_lives_in_the_target_actor(local_ray, tiny_chain):
+    router = make_router(local_ray, tiny_chain)
+    placements = local_ray.get(router.placements.remote(), timeout=600)
+    assert len(placements) == 2  # draft actor + target actor (serving the full and the slim view)
+    local_ray.kill(router)
+
+
+def test_killing_a_drafter_mid_generation_keeps_the_output(local_ray, tiny_dirs, expected):
+    ids, want = expected
+    chain = f"{tiny_dirs['draft']},{tiny_dirs['target']}"
+    router = make_router(local_ray, chain)
+    local_ray.get(router.generate.remote(ids, 8, ignore_eos=True), timeout=600)  # warm: streams open
+    drafter = local_ray.get(router.actor.remote(tiny_dirs["draft"]), timeout=60)
+    pending = router.generate.remote(ids, 200, ignore_eos=True)
+    time.sleep(1.0)
+    local_ray.kill(drafter, no_restart=False)
+    out = local_ray.get(pending, timeout=600)
+    assert out["token_ids"] == want[200]
+    # The restarted drafter rejoins later requests.
+    time.sleep(6)
+    again = local_ray.get(router.generate.remote(ids, 32, ignore_eos=True), timeout=600)
+    assert again["token_ids"] == want[32]
+    local_ray.kill(router)
+
+
+def test_killing_the_target_fails_cleanly_then_recovers(local_ray, tiny_dirs, expected):
+    from specrouter.engine import TargetUnavailable
+
+    ids, want = expected
+    router = make_router(local_ray, f"{tiny_dirs['draft']},{tiny_dirs['target']}")
+    local_ray.get(router.generate.remote(ids, 8, ignore_eos=True), timeout=600)
+    target = local_ray.get(router.actor.remote(tiny_dirs["target"]), timeout=60)
+    local_ray.kill(target, no_restart=False)
+    with pytest.raises(local_ray.exceptions.RayTaskError) as err:
+        local_ray.get(router.generate.remote(ids, 16, ignore_eos=True), timeout=600)
+    assert isinstance(err.value.as_instanceof_cause(), TargetUnavailable)
+    out = local_ray.get(router.generate.remote(ids, 32, ignore_eos=True), timeout=600)
+    assert out["token_ids"] == want[32]
+    local_ray.kill(router)

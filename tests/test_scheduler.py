@@ -1,0 +1,53 @@
+import pytest
+
+from specrouter.scheduler import expected_tokens, predict, search
+
+
+def flat(costs: dict[str, float]):
+    return lambda level, n: costs[level]
+
+
+def test_expected_tokens_formula():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)  # 1 + 0.5 + 0.25
+
+
+def test_two_level_prediction_by_hand():
+    verify = flat({"t": 1.0})
+    t = predict(("d", "t"), (3,), verify, lambda d: 0.1, lambda d, v: 0.5, overhead=0.0)
+    assert t == pytest.approx((3 * 0.1 + 1.0) / expected_tokens(0.5, 3))
+
+
+def test_search_finds_known_optimum_among_chains_and_lengths():
+    # A cheap, well-aligned drafter beats a slow, slightly better one; the best length is found exactly.
+    verify = flat({"t": 1.0, "fast": 0.1, "slow": 0.5})
+    draft = {"fast": 0.1, "slow": 0.5}.get
+    alpha = {("fast", "t"): 0.8, ("slow", "t"): 0.9, ("fast", "slow"): 0.85}
+    plans = search(["fast", "slow"], "t", verify, draft, lambda d, v: alpha[(d, v)], lengths=tuple(range(1, 11)))
+    best = plans[0]
+    brute = min((((1 - 0.8 ** (g + 1)) / 0.2, g) for g in range(1, 11)), key=lambda x: (g_cost := x[1] * 0.1 + 1.0) / x[0])
+    assert best.chain == ("fast", "t")
+    assert best.draft_lens == (brute[1],)
+    assert {p.chain for p in plans} == {("t",), ("fast", "t"), ("slow", "t"), ("fast", "slow", "t")}
+
+
+def test_three_level_chain_wins_when_middle_level_filters_cheaply():
+    # The target is very expensive; a middle model is cheap to run and agrees almost perfectly with it,
+    # and a tiny bottom drafter agrees well with the middle one only.
+    verify = flat({"t": 10.0, "mid": 0.5, "tiny": 0.01})
+    draft = {"tiny": 0.01, "mid": 0.5}.get
+    alpha = {("tiny", "mid"): 0.8, ("mid", "t"): 0.97, ("tiny", "t"): 0.3}
+    best = search(["tiny", "mid"], "t", verify, draft, lambda d, v: alpha[(d, v)])[0]
+    assert best.chain == ("tiny", "mid", "t")
+
+
+def test_useless_drafter_falls_back_to_target_only():
+    best = search(["junk"], "t", flat({"t": 1.0, "junk": 0.2}), lambda d: 0.2, lambda d, v: 0.0)[0]
+    assert best.chain == ("t",) and best.draft_lens == ()
+
+
+def test_drafter_only_at_the_bottom_when_it_cannot_verify():
+    plans = search(["ngram", "d"], "t", flat({"t": 1.0, "d": 0.1, "ngram": 0.0}), lambda d: 0.0, lambda d, v: 0.5,
+                   can_verify=lambda n: n != "ngram")
+    assert all("ngram" not in p.chain[1:] for p in plans)
