@@ -62,11 +62,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         op = request["op"]
         if op == "forward":
             params = _params(request["sampling"])
-            probs = worker.forward(request["seq"], request["version"], request["start"], request["tokens"], request["num_logits"], params)
+            probs = worker.forward(
+                request["seq"], request["version"], request["start"], request["prefix"], request["tokens"], request["num_logits"], params
+            )
             return encode_rows(probs, params)
         if op == "draft":
             params = _params(request["sampling"])
-            result = worker.draft(request["seq"], request["version"], request["start"], request["tokens"], request["k"], params, request["seed"])
+            result = worker.draft(
+                request["seq"], request["version"], request["start"], request["prefix"], request["tokens"], request["k"], params, request["seed"]
+            )
             return {"tokens": result.token_ids, **({} if params.greedy else encode_rows(result.q_draft, params))}
         if op == "truncate":
             return {"length": worker.truncate(request["seq"], request["version"], request["position"])}
@@ -205,13 +209,13 @@ class RemoteWorker:
     def _sampling(params: SamplingParams) -> list:
         return [params.temperature, params.top_k, params.top_p]
 
-    def forward(self, seq_id, version, start, token_ids, num_logits, params: SamplingParams) -> torch.Tensor:
-        reply = self._call({"op": "forward", "seq": seq_id, "version": version, "start": start, "tokens": list(token_ids),
+    def forward(self, seq_id, version, start, prefix_hash, token_ids, num_logits, params: SamplingParams) -> torch.Tensor:
+        reply = self._call({"op": "forward", "seq": seq_id, "version": version, "start": start, "prefix": prefix_hash, "tokens": list(token_ids),
                             "num_logits": num_logits, "sampling": self._sampling(params)})
         return decode_rows(reply, self.vocab_size)
 
-    def draft(self, seq_id, version, start, token_ids, k, params: SamplingParams, seed: int) -> DraftResult:
-        reply = self._call({"op": "draft", "seq": seq_id, "version": version, "start": start, "tokens": list(token_ids), "k": k,
+    def draft(self, seq_id, version, start, prefix_hash, token_ids, k, params: SamplingParams, seed: int) -> DraftResult:
+        reply = self._call({"op": "draft", "seq": seq_id, "version": version, "start": start, "prefix": prefix_hash, "tokens": list(token_ids), "k": k,
                             "sampling": self._sampling(params), "seed": seed})
         tokens = reply["tokens"]
         q = decode_rows({"argmax": tokens} if params.greedy else reply, self.vocab_size)

@@ -134,6 +134,7 @@ class Engine:
         """Swap the level behind a name (e.g. a restarted worker); chains are rebuilt on next use."""
         self.levels[name] = level
         self._chains.clear()
+        self.chain = Chain([self.levels[n] for n in self.chain.names], self.chain.draft_lens)
 
     def chain_for(self, plan: Plan) -> Chain:
         key = (plan.chain, plan.draft_lens)

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from specrouter.sampling import SamplingParams
-from specrouter.sequence import PositionGapError, SequenceState, common_prefix_len
+from specrouter.sequence import PositionGapError, SequenceState, TokenLog, common_prefix_len
 from specrouter.worker import ModelWorker
 
 
@@ -51,32 +51,35 @@ class ModelLevel:
         self.name = name
         self.worker = worker
         self.vocab_size = worker.vocab_size
-        self._cached: dict[str, list[int]] = {}
-
-    def _start(self, seq_id: str, ctx: list[int]) -> int:
-        # Re-feed at least the last context token: its logits predict the next one.
-        return min(common_prefix_len(self._cached.get(seq_id, []), ctx), len(ctx) - 1)
+        self._cached: dict[str, TokenLog] = {}
 
     def _send(self, seq_id: str, ctx: list[int], call):
-        """call(start) from the shared prefix; a worker that lost the sequence (restart) gets it
-        again from position 0 (docs/protocol.md, rule 4)."""
+        """call(start, prefix_hash) from the longest prefix the worker shares with `ctx` (re-feeding at
+        least the last context token: its logits predict the next one). A worker that lost or
+        diverged from the sequence gets it again from position 0 (docs/protocol.md, rule 4)."""
+        log = self._cached.setdefault(seq_id, TokenLog())
+        start = min(common_prefix_len(log.tokens, ctx), len(ctx) - 1)
         try:
-            return call(self._start(seq_id, ctx))
+            return start, call(start, log.prefix_hash(start))
         except PositionGapError:
-            self._cached.pop(seq_id, None)
-            return call(0)
+            log.truncate(0)
+            return 0, call(0, log.prefix_hash(0))
 
     def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
-        result = self._send(seq.seq_id, ctx, lambda start: self.worker.draft(seq.seq_id, seq.version, start, ctx[start:], n, params, seed))
-        self._cached[seq.seq_id] = ctx + result.token_ids[:-1]
+        start, result = self._send(
+            seq.seq_id, ctx, lambda start, h: self.worker.draft(seq.seq_id, seq.version, start, h, ctx[start:], n, params, seed)
+        )
+        self._cached[seq.seq_id].put(start, ctx[start:] + result.token_ids[:-1])
         return Block(result.token_ids, result.q_draft)
 
     def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:
         """p [len(draft) + 1, V]: this model's distribution at each draft position and one past it."""
-        p = self._send(
-            seq.seq_id, ctx, lambda start: self.worker.forward(seq.seq_id, seq.version, start, ctx[start:] + draft, len(draft) + 1, params)
+        start, p = self._send(
+            seq.seq_id,
+            ctx,
+            lambda start, h: self.worker.forward(seq.seq_id, seq.version, start, h, ctx[start:] + draft, len(draft) + 1, params),
         )
-        self._cached[seq.seq_id] = ctx + draft
+        self._cached[seq.seq_id].put(start, ctx[start:] + draft)
         return p
 
     def forget(self) -> None:

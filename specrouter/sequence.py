@@ -17,7 +17,8 @@ class StaleVersionError(RuntimeError):
 
 
 class PositionGapError(RuntimeError):
-    """A call started beyond the tokens the worker holds for this sequence (it must re-prefill)."""
+    """A call cannot continue what the worker holds: it starts beyond the cached tokens, or the
+    cached prefix differs from the caller's (its prefix hash does not match). Re-send from 0."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,40 @@ class SequenceState:
     @property
     def generated(self) -> tuple[int, ...]:
         return self.token_ids[self.prompt_len :]
+
+
+class TokenLog:
+    """Token ids at positions [0, n) with a running hash of every prefix, so caller and worker can
+    check in O(1) that they agree on a whole prefix before the worker builds on it."""
+
+    _PRIME, _MASK = 1099511628211, (1 << 64) - 1
+
+    def __init__(self, tokens: list[int] | None = None):
+        self.tokens: list[int] = []
+        self._hashes: list[int] = [14695981039346656037]  # _hashes[n]: hash of tokens[:n]
+        self.extend(tokens or [])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def prefix_hash(self, n: int) -> int:
+        return self._hashes[n]
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+        del self._hashes[n + 1 :]
+
+    def extend(self, tokens: list[int]) -> None:
+        h = self._hashes[-1]
+        for t in tokens:
+            h = ((h ^ (t + 1)) * self._PRIME) & self._MASK
+            self._hashes.append(h)
+        self.tokens.extend(tokens)
+
+    def put(self, start: int, tokens: list[int]) -> None:
+        """Positions [start, start+len) now hold `tokens`; anything beyond is gone."""
+        self.truncate(start)
+        self.extend(tokens)
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:

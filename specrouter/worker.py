@@ -11,13 +11,13 @@ every call names the sequence id, the version it is based on and an explicit sta
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from specrouter.model import KVCache, ModelView
 from specrouter.sampling import SamplingParams, probs_from_logits, sample
-from specrouter.sequence import PositionGapError, StaleVersionError
+from specrouter.sequence import PositionGapError, StaleVersionError, TokenLog
 
 
 class WorkerUnavailable(RuntimeError):
@@ -31,7 +31,7 @@ class WorkerUnavailable(RuntimeError):
 @dataclass
 class _Slot:
     cache: KVCache
-    length: int = 0  # positions [0, length) hold valid keys/values
+    log: TokenLog = field(default_factory=TokenLog)  # the tokens whose keys/values the cache holds
     version: int = 0
 
 
@@ -52,36 +52,40 @@ class ModelWorker:
     def vocab_size(self) -> int:
         return self.view.vocab_size
 
-    def _slot(self, seq_id: str, version: int, start: int) -> _Slot:
+    def _slot(self, seq_id: str, version: int, start: int, prefix_hash: int) -> _Slot:
+        """The sequence's slot, if the call may build on it: not stale, no gap, same prefix."""
         slot = self._slots.get(seq_id)
         if slot is None:
             slot = self._slots[seq_id] = _Slot(self.view.new_cache(), version=version)
         if version < slot.version:
             raise StaleVersionError(f"{self.name}: {seq_id} version {version} < current {slot.version}")
-        if start > slot.length:
-            raise PositionGapError(f"{self.name}: {seq_id} start {start} beyond cached length {slot.length}")
+        if start > len(slot.log):
+            raise PositionGapError(f"{self.name}: {seq_id} start {start} beyond cached length {len(slot.log)}")
+        if slot.log.prefix_hash(start) != prefix_hash:
+            raise PositionGapError(f"{self.name}: {seq_id} holds a different prefix before position {start}")
         slot.version = version
         return slot
 
     def _run(self, slot: _Slot, start: int, token_ids: list[int], num_logits: int) -> torch.Tensor:
         t0 = time.perf_counter()
         logits = self.view.forward(token_ids, start, slot.cache, num_logits)  # [num_logits, V]
-        slot.length = start + len(token_ids)
+        slot.log.put(start, token_ids)
         self.busy_s += time.perf_counter() - t0
         return logits
 
     def forward(
-        self, seq_id: str, version: int, start: int, token_ids: list[int], num_logits: int, params: SamplingParams
+        self, seq_id: str, version: int, start: int, prefix_hash: int, token_ids: list[int], num_logits: int, params: SamplingParams
     ) -> torch.Tensor:
-        """Cache `token_ids` at [start, start+S) (dropping anything cached beyond start) -> p [num_logits, V]."""
-        slot = self._slot(seq_id, version, start)
+        """Cache `token_ids` at [start, start+S) (dropping anything cached beyond start) -> p [num_logits, V].
+        `prefix_hash` is the caller's TokenLog hash of positions [0, start)."""
+        slot = self._slot(seq_id, version, start, prefix_hash)
         return probs_from_logits(self._run(slot, start, token_ids, num_logits), params)
 
     def draft(
-        self, seq_id: str, version: int, start: int, token_ids: list[int], k: int, params: SamplingParams, seed: int
+        self, seq_id: str, version: int, start: int, prefix_hash: int, token_ids: list[int], k: int, params: SamplingParams, seed: int
     ) -> DraftResult:
         """Feed `token_ids` at `start`, then sample k tokens one at a time; the last one is not cached."""
-        slot = self._slot(seq_id, version, start)
+        slot = self._slot(seq_id, version, start, prefix_hash)
         generator = torch.Generator(device=self.view.device).manual_seed(seed)
         drafted, rows = [], []
         feed, pos = token_ids, start
@@ -102,12 +106,15 @@ class ModelWorker:
         if version < slot.version:
             raise StaleVersionError(f"{self.name}: {seq_id} version {version} < current {slot.version}")
         slot.version = version
-        slot.length = min(slot.length, position)
-        return slot.length
+        slot.log.truncate(min(len(slot.log), position))
+        return len(slot.log)
+
+    def cached_tokens(self, seq_id: str) -> list[int]:
+        slot = self._slots.get(seq_id)
+        return list(slot.log.tokens) if slot else []
 
     def cached_length(self, seq_id: str) -> int:
-        slot = self._slots.get(seq_id)
-        return slot.length if slot else 0
+        return len(self.cached_tokens(seq_id))
 
     def release(self, seq_id: str) -> None:
         self._slots.pop(seq_id, None)

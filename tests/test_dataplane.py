@@ -9,10 +9,11 @@ from specrouter.dataplane import BackgroundServer, RemoteWorker, WorkerServicer
 from specrouter.levels import ModelLevel
 from specrouter.model import ModelView
 from specrouter.sampling import SamplingParams
-from specrouter.sequence import PositionGapError, SequenceState, StaleVersionError
+from specrouter.sequence import PositionGapError, SequenceState, StaleVersionError, TokenLog
 from specrouter.worker import ModelWorker, WorkerUnavailable
 
 V = 300
+EMPTY = TokenLog().prefix_hash(0)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,8 @@ def test_remote_forward_equals_local_for_greedy_and_sampling(served):
     local = ModelWorker("local", ModelView(target))
     ids = list(range(5, 25))
     for params in (SamplingParams(), SamplingParams(temperature=0.8, top_k=20)):
-        assert torch.equal(remote.forward("s", 0, 0, ids, 3, params), local.forward("s", 0, 0, ids, 3, params))
-        a, b = remote.draft("d", 0, 0, ids, 4, params, seed=3), local.draft("d", 0, 0, ids, 4, params, seed=3)
+        assert torch.equal(remote.forward("s", 0, 0, EMPTY, ids, 3, params), local.forward("s", 0, 0, EMPTY, ids, 3, params))
+        a, b = remote.draft("d", 0, 0, EMPTY, ids, 4, params, seed=3), local.draft("d", 0, 0, EMPTY, ids, 4, params, seed=3)
         assert a.token_ids == b.token_ids and torch.equal(a.q_draft, b.q_draft)
         remote.release("s"), remote.release("d"), local.release("s"), local.release("d")
     assert remote.vocab_size == V and remote.bytes_moved > 0
@@ -40,13 +41,13 @@ def test_remote_forward_equals_local_for_greedy_and_sampling(served):
 def test_protocol_errors_cross_the_wire_typed(served):
     _, server = served
     remote = RemoteWorker("t@skip:1", lambda: server.address)
-    remote.forward("p", 5, 0, list(range(10)), 1, SamplingParams())
+    remote.forward("p", 5, 0, EMPTY, list(range(10)), 1, SamplingParams())
     with pytest.raises(StaleVersionError):
-        remote.forward("p", 4, 5, [1], 1, SamplingParams())
+        remote.forward("p", 4, 5, TokenLog(list(range(5))).prefix_hash(5), [1], 1, SamplingParams())
     with pytest.raises(PositionGapError):
-        remote.forward("p", 5, 50, [1], 1, SamplingParams())
+        remote.forward("p", 5, 50, 0, [1], 1, SamplingParams())
     assert remote.truncate("p", 5, 3) == 3 and remote.truncate("p", 5, 3) == 3  # idempotent
-    remote.forward("p", 5, 3, [1, 2], 1, SamplingParams())  # the stream still serves after errors
+    remote.forward("p", 5, 3, TokenLog([0, 1, 2]).prefix_hash(3), [1, 2], 1, SamplingParams())  # the stream still serves after errors
 
 
 def test_chain_over_remote_workers_equals_in_process(served):
