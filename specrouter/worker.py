@@ -10,7 +10,6 @@ every call names the sequence id, the version it is based on and an explicit sta
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +45,6 @@ class ModelWorker:
         self.name = name
         self.view = view
         self._slots: dict[str, _Slot] = {}
-        self.busy_s = 0.0  # time spent in forward passes, for profiling
 
     @property
     def vocab_size(self) -> int:
@@ -67,10 +65,8 @@ class ModelWorker:
         return slot
 
     def _run(self, slot: _Slot, start: int, token_ids: list[int], num_logits: int) -> torch.Tensor:
-        t0 = time.perf_counter()
         logits = self.view.forward(token_ids, start, slot.cache, num_logits)  # [num_logits, V]
         slot.log.put(start, token_ids)
-        self.busy_s += time.perf_counter() - t0
         return logits
 
     def forward(
