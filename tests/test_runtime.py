@@ -79,3 +79,12 @@ def test_killing_the_target_fails_cleanly_then_recovers(local_ray, tiny_dirs, ex
     out = local_ray.get(router.generate.remote(ids, 32, ignore_eos=True), timeout=600)
     assert out["token_ids"] == want[32]
     local_ray.kill(router)
+
+
+def test_adaptive_router_actor_is_lossless_and_explains(local_ray, tiny_dirs, expected):
+    ids, want = expected
+    router = make_router(local_ray, f"ngram,{tiny_dirs['draft']},{tiny_dirs['target']}", adaptive=True)
+    out = local_ray.get(router.generate.remote(ids, 32, ignore_eos=True, prompt_class="chat"), timeout=600)
+    assert out["token_ids"] == want[32]
+    assert out["routing"]["class"] == "chat" and out["routing"]["decisions"]
+    local_ray.kill(router)
