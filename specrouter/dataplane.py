@@ -199,6 +199,8 @@ class RemoteWorker:
                 self._stream = _Stream(self._resolve())
             reply = self._stream.call(request, self.timeout_s)
         except (ConnectionError, TimeoutError, grpc.RpcError, OSError) as exc:
+            if self._stream is not None:
+                self._stream.close()  # a stream past its deadline may be wedged: the next call opens a new one
             self._stream = None
             raise WorkerUnavailable(self.name, str(exc) or type(exc).__name__) from exc
         if not reply["ok"]:
