@@ -35,6 +35,7 @@ class RouterConfig:
     replan_every: int = 2  # steps between re-plans
     hysteresis: float = 0.05  # switch only when the best plan is predicted this much faster
     explore_every: int = 12  # steps after which a level not measured since gets one exploratory step
+    explore_margin: float = 1.5  # ... if its best plan is predicted at most this much slower than the best
     max_drafters: int = 3
     lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10)
     default_cost_s: float = 0.05  # cost assumed for a level never measured
@@ -58,6 +59,7 @@ class AdaptiveRouter:
         self._step = 0
         self._last_measured: dict[str, int] = {name: 0 for name in self.pool + [target]}
         self._exploring: set[str] = set()  # levels whose next measurement replaces most of the old one
+        self._deferred: set[str] = set()  # stale levels whose exploration was skipped once (predicted far behind)
 
     # -- the latency model's inputs ---------------------------------------------------------------------
 
@@ -94,10 +96,17 @@ class AdaptiveRouter:
         if stale is not None:
             ranked = self.plans(klass)
             explore = next((p for p in ranked if stale in p.chain), None)
-            if explore is not None:
+            promising = explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin
+            # A level predicted far behind is explored every other time only (a recovered drafter is still
+            # found again, but a slow one costs little).
+            deferred = not promising and stale not in self._deferred
+            self._last_measured[stale] = self._step
+            if deferred:
+                self._deferred.add(stale)
+            elif explore is not None:
+                self._deferred.discard(stale)
                 # Long enough blocks that one step measures the level's acceptance, not just its cost.
                 explore = Plan(explore.chain, tuple(max(3, g) for g in explore.draft_lens), explore.predicted_s_per_token)
-                self._last_measured[stale] = self._step  # one exploratory step per stale level
                 self._exploring.add(stale)
                 return explore, ranked, f"explore: {stale} not measured for {self.config.explore_every}+ steps"
         if state.plan is not None and state.steps_since_plan < self.config.replan_every:
