@@ -167,6 +167,7 @@ def _actor_address(actor, wait_s: float) -> str:
             raise ConnectionError(f"actor died: {exc}") from exc
 
 
+@functools.lru_cache(maxsize=None)
 def _num_layers(model: str) -> int:
     from transformers import AutoConfig
 
