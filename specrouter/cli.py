@@ -1,4 +1,4 @@
-"""`specrouter` command line: generate, models."""
+"""`specrouter` command line: serve, generate, bench, models."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-DEFAULT_CHAIN = "qwen2.5-coder-0.5b@int8,qwen2.5-coder-1.5b"
+from specrouter.config import DEFAULT_CHAIN
 
 
 def _int_list(text: str) -> list[int]:
@@ -36,6 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--adaptive", action="store_true", help="treat --chain as a pool; route each step to the best chain")
     gen.add_argument("--prompt-class", default=None, help="with --adaptive: the prompt's class (default: classified)")
+
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the gRPC API on an embedded local Ray")
+    srv.add_argument("--config", default=None, help="YAML ServeConfig (chain, dtype, placement, ...); flags override it")
+    srv.add_argument("--chain", default=None, help=f"the chain or, with --adaptive, the pool (default {DEFAULT_CHAIN})")
+    srv.add_argument("--adaptive", action="store_true", default=None, help="route each step to the best chain of the pool")
+    srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--grpc-port", type=int, default=None, help="public gRPC API port (default 9000; binds the config's grpc_host)")
+    srv.add_argument("--address", default=None, help="a running Ray cluster to join (default: start a local one)")
+
+    bench = sub.add_parser("bench", help="load-test a running server over HTTP (tokens/s, TTFT, inter-token latency)")
+    bench.add_argument("--url", default="http://127.0.0.1:8000")
+    bench.add_argument("--num-prompts", type=int, default=8)
+    bench.add_argument("--concurrency", type=int, default=1)
+    bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--temperature", type=float, default=0.0)
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
 
     models = sub.add_parser("models", help="list the offline catalog; --prepare assembles and converts")
     models.add_argument("--prepare", nargs="*", metavar="NAME", help="prepare these models (no names: all)")
@@ -77,6 +94,57 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    import ray
+
+    from specrouter import serve as specrouter_serve
+    from specrouter.config import ServeConfig
+    from specrouter.runtime import start_local_ray
+
+    config = ServeConfig.from_file(args.config) if args.config else ServeConfig()
+    overrides = {"chain": args.chain, "adaptive": args.adaptive, "grpc_port": args.grpc_port}
+    config = ServeConfig.model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+        started = False
+    else:
+        started = start_local_ray(num_cpus=max(4, len(config.chain.split(",")) + 2))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        print(f"specrouter: loading {config.chain} ...", file=sys.stderr, flush=True)
+        urls = specrouter_serve.start(config, args.host, args.port)
+        print(f"specrouter: serving {config.served_name}\n"
+              f"  OpenAI HTTP  {urls.http}/v1  (completions, chat/completions, models)\n"
+              f"  metrics      {urls.http}/metrics\n"
+              f"  gRPC         {urls.grpc or 'disabled'}  (specrouter.v1.SpecRouter; SDK: specrouter.client)\n"
+              "Ctrl-C stops.", flush=True)
+        stop.wait()
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from specrouter.loadtest import run_load
+
+    report = run_load(args.url, args.num_prompts, args.concurrency, args.max_tokens, args.temperature)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:28s} {value}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from specrouter import catalog
 
@@ -101,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "models": cmd_models}[args.command](args)
+        commands = {"serve": cmd_serve, "generate": cmd_generate, "bench": cmd_bench, "models": cmd_models}
+        return commands[args.command](args)
     except (CatalogError, ValueError) as exc:
         print(f"specrouter: error: {exc}", file=sys.stderr)
         return 2

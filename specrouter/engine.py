@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -91,6 +92,7 @@ class Engine:
         target = self.specs[-1].model
         info = self.provider.target_info(target)
         self.tokenizer, self.eos_ids, self.max_positions = info.tokenizer, info.eos_ids, info.max_positions
+        self.vocab_size = info.vocab_size
         levels: list[Level] = []
         for spec in self.specs:
             if spec.model == "ngram":
@@ -152,13 +154,27 @@ class Engine:
         route: Route | None = None,
     ) -> GenerationResult:
         """Generate with the static chain, or with the chain `route` picks before every step."""
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if len(prompt_ids) + max_new_tokens > self.max_positions:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
-                f"window of {self.max_positions}"
-            )
+        steps = self.steps(prompt_ids, max_new_tokens, params, seed, ignore_eos, route)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def steps(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        seed: int = 0,
+        ignore_eos: bool = False,
+        route: Route | None = None,
+    ) -> Generator[list[int], bool | None, GenerationResult]:
+        """The generation loop as a generator: yields the tokens each step commits (target-verified,
+        the end token included) and returns the GenerationResult. `send(True)` ends the generation
+        after the last yielded block with finish_reason "stop" (a stop string matched); closing it
+        (the client went away) also releases the sequence's state on every worker."""
+        self.check_request(len(prompt_ids), max_new_tokens)
         seq = SequenceState.new(uuid.uuid4().hex, list(prompt_ids))
         ctx = StepContext(
             params=params,
@@ -184,10 +200,11 @@ class Engine:
                     route.observe(records, len(new), time.perf_counter() - t_step)
                 end = next((i for i, t in enumerate(new) if t in ctx.eos_ids), None)
                 if end is not None:
-                    seq = seq.commit(new[: end + 1])
+                    new, finish = new[: end + 1], "stop"
+                seq = seq.commit(new)
+                if (yield new) or finish == "stop":
                     finish = "stop"
                     break
-                seq = seq.commit(new)
         finally:
             for level in self.levels.values():
                 level.release(seq.seq_id)
@@ -202,6 +219,18 @@ class Engine:
             prompt_tokens=len(prompt_ids),
             routing=route.explain() if route is not None else None,
         )
+
+    def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Raise ValueError for a request this engine cannot run (before any work starts)."""
+        if prompt_len < 1:
+            raise ValueError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if prompt_len + max_new_tokens > self.max_positions:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_new_tokens}) exceeds the context "
+                f"window of {self.max_positions} tokens"
+            )
 
     def generate_text(self, prompt: str, max_new_tokens: int, **kwargs) -> GenerationResult:
         prompt_ids = self.tokenizer(prompt)["input_ids"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -176,13 +177,15 @@ def _num_layers(model: str) -> int:
     return AutoConfig.from_pretrained(catalog.resolve(model)).num_hidden_layers
 
 
-@ray.remote(max_restarts=-1, max_concurrency=1)
+@ray.remote(max_restarts=-1, max_concurrency=16)
 class RouterActor:
-    """Runs chains over remote workers; the same Engine as in-process, with a RayWorkers provider."""
+    """Runs chains over remote workers; the same Engine as in-process, with a RayWorkers provider.
+    One request generates at a time (a lock); other calls (info, placements) answer meanwhile."""
 
     def __init__(self, chain: str, dtype: str = "bfloat16", draft_lens: list[int] | None = None,
-                 placement: dict[str, dict] | None = None, adaptive: bool = False):
+                 placement: dict[str, dict] | None = None, adaptive: bool = False, default_max_tokens: int = 256):
         from specrouter.engine import Engine
+        from specrouter.frontend import Frontend
 
         specs = parse_chain(chain)
         self.provider = RayWorkers(specs, dtype, {k: Placement(**v) for k, v in (placement or {}).items()})
@@ -192,14 +195,31 @@ class RouterActor:
             from specrouter.router import router_for
 
             self.router = router_for(self.engine)
+        self.frontend = Frontend(self.engine, self.router, default_max_tokens)
+        self._lock = threading.Lock()
+
+    def stream(self, request):
+        """A streaming generator over Frontend.stream (a GenerationRequest), with {"started": True}
+        when the request's turn comes: bad input fails on the first item, before the request queues
+        behind the one generating."""
+        items = self.frontend.stream(request)
+        yield next(items)
+        with self._lock:
+            yield {"started": True}
+            yield from items
+
+    def info(self) -> dict:
+        return {"chain": ",".join(s.label for s in self.engine.specs), "target": self.engine.target_name,
+                "max_context": self.engine.max_positions}
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: dict | None = None, seed: int = 0,
                  ignore_eos: bool = False, prompt_class: str | None = None) -> dict:
         from specrouter.sampling import SamplingParams
 
         route = self.router.start(prompt_class or "default") if self.router else None
-        bytes_before = self._bytes_moved()
-        result = self.engine.generate(prompt_ids, max_new_tokens, SamplingParams(**(sampling or {})), seed, ignore_eos, route)
+        with self._lock:
+            bytes_before = self._bytes_moved()
+            result = self.engine.generate(prompt_ids, max_new_tokens, SamplingParams(**(sampling or {})), seed, ignore_eos, route)
         return {**result.as_dict(), "data_plane_bytes": self._bytes_moved() - bytes_before}
 
     def _bytes_moved(self) -> int:

@@ -1,0 +1,63 @@
+"""The HTTP face of a SpecRouterServer: OpenAI's routes, /metrics (Prometheus) and /health.
+
+Bodies are read raw and validated by specrouter/openai_protocol.py, so every bad request, down to
+invalid UTF-8, gets a 4xx in OpenAI's error shape; nothing a client sends can take the server down.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from specrouter.openai_protocol import APIError
+
+log = logging.getLogger(__name__)
+
+
+def build_http_app(server) -> FastAPI:
+    app = FastAPI(title="SpecRouter", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        error = APIError(str(exc.detail), exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("request failed")
+        return JSONResponse(APIError(f"internal error: {exc}", 500, "server_error").body(), status_code=500)
+
+    async def respond(result):
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await respond(await server.completions(await request.body()))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await respond(await server.chat_completions(await request.body()))
+
+    @app.get("/v1/models")
+    async def models():
+        return server.models()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.exposition(), media_type=server.metrics.content_type)
+
+    @app.get("/health")
+    async def health():
+        reply = await server.Health(None)
+        return JSONResponse({"ready": reply.ready, "model": reply.model}, status_code=200 if reply.ready else 503)
+
+    return app
