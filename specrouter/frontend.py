@@ -70,18 +70,21 @@ class Frontend:
         text = TextStream(self.engine.tokenizer, request.stop)
         steps = self.engine.steps(ids, max_tokens, params, request.seed, request.ignore_eos, route)
         halt, pending = None, []  # tokens whose text is held back (partial character, maybe a stop string)
-        while True:
-            try:
-                new = steps.send(halt)
-            except StopIteration as done:
-                result = done.value
-                break
-            pending.extend(new)
-            delta = text.push(new)
-            halt = text.stopped or None
-            if delta:
-                yield {"text": delta, "token_ids": pending}
-                pending = []
+        try:
+            while True:
+                try:
+                    new = steps.send(halt)
+                except StopIteration as done:
+                    result = done.value
+                    break
+                pending.extend(new)
+                delta = text.push(new)
+                halt = text.stopped or None
+                if delta:
+                    yield {"text": delta, "token_ids": pending}
+                    pending = []
+        finally:
+            steps.close()  # closed early (cancelled): the workers free the sequence now
         tail = text.finish()
         if tail or pending:
             yield {"text": tail, "token_ids": pending}

@@ -201,12 +201,16 @@ class RouterActor:
     def stream(self, request):
         """A streaming generator over Frontend.stream (a GenerationRequest), with {"started": True}
         when the request's turn comes: bad input fails on the first item, before the request queues
-        behind the one generating."""
+        behind the one generating. ray.cancel() on it stops the generation after the current step."""
         items = self.frontend.stream(request)
         yield next(items)
         with self._lock:
             yield {"started": True}
-            yield from items
+            for item in items:
+                if ray.get_runtime_context().is_canceled():  # the client went away: free the workers
+                    items.close()
+                    return
+                yield item
 
     def info(self) -> dict:
         return {"chain": ",".join(s.label for s in self.engine.specs), "target": self.engine.target_name,

@@ -62,8 +62,9 @@ class SpecRouterServer:
         """The router's stream for one choice (see RouterActor.stream), with metrics. A ValueError
         from the router is an APIError(400), any other failure (a dead target) an APIError(503)."""
         t0, ttft, final, state = time.perf_counter(), None, None, None
+        refs = self.router.stream.options(num_returns="streaming").remote(request)
         try:
-            async for ref in self.router.stream.options(num_returns="streaming").remote(request):
+            async for ref in refs:
                 try:
                     item = await ref
                 except ValueError as exc:
@@ -81,6 +82,8 @@ class SpecRouterServer:
                 yield item
         finally:
             _move(self.metrics, state, None)
+            if final is None:
+                ray.cancel(refs)  # failed or abandoned (client gone, deadline): stop generating
         if final is not None:
             self.metrics.observe_request(final["stats"], final["prompt_tokens"], final["completion_tokens"],
                                          final["finish_reason"], ttft, time.perf_counter() - t0)

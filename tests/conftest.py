@@ -82,3 +82,26 @@ def local_ray():
     yield ray
     if started:
         ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_server(local_ray, tiny_dirs):
+    """SpecRouter served by Ray Serve (HTTP) and its own gRPC API, on tiny fp32 models."""
+    from ray import serve
+
+    from specrouter import serve as specrouter_serve
+    from specrouter.config import ServeConfig
+
+    config = ServeConfig(chain=f"{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32", draft_lens=[3],
+                         grpc_port=free_port(), placement={"*": {"num_cpus": 1, "torch_threads": 1}})
+    urls = specrouter_serve.start(config, "127.0.0.1", free_port())
+    yield {"http": urls.http, "grpc": urls.grpc, "model": config.served_name, "config": config}
+    serve.shutdown()

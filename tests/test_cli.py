@@ -30,3 +30,52 @@ def test_models_lists_the_catalog(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "qwen2.5-coder-1.5b" in out and "smollm2-135m" in out
+
+
+def test_bench_reports_throughput_and_latency_of_a_live_server(live_server):
+    proc = run_cli("bench", "--url", live_server["http"], "--num-prompts", "3", "--concurrency", "2", "--max-tokens", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["requests"] == 3 and report["output_tokens"] > 0 and report["output_tokens_per_s"] > 0
+    assert report["mean_ttft_ms"] > 0
+
+
+def test_serve_with_a_bad_config_exits_with_clear_error(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("chain: a,b\ndraft_lens: [1, 2, 3]\n")
+    assert main(["serve", "--config", str(config)]) == 2
+    assert "draft_lens" in capsys.readouterr().err
+
+
+def test_serve_starts_its_own_ray_answers_and_stops_cleanly_on_sigint(tiny_dirs, tmp_path):
+    """The main job end to end: `specrouter serve` on an embedded local Ray, then Ctrl-C."""
+    import signal
+    import urllib.request
+
+    import psutil
+    from conftest import free_port
+
+    http_port, grpc_port = free_port(), free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"chain: {tiny_dirs['draft']},{tiny_dirs['target']}\ndtype: float32\ngrpc_port: {grpc_port}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "specrouter.cli", "serve", "--config", str(config), "--port", str(http_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops" in line:
+                break
+        assert f"http://127.0.0.1:{http_port}/v1" in "".join(lines), "".join(lines)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        body = json.dumps({"model": tiny_dirs["target"], "prompt": "Hello", "max_tokens": 4}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert json.loads(response.read())["usage"]["completion_tokens"] == 4
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+        gone, alive = psutil.wait_procs(children, timeout=60)
+        assert not alive, [p.info if hasattr(p, "info") else p.pid for p in alive]  # it stopped all the Ray it started
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,54 @@
+"""The serving config at the edge, and the deploy/ files that carry it."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from specrouter.config import DEFAULT_CHAIN, ServeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_serve_the_default_chain_on_loopback():
+    config = ServeConfig()
+    assert config.chain == DEFAULT_CHAIN and config.served_name == "qwen2.5-coder-1.5b"
+    assert config.grpc_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("fields", [
+    {"chain": "a,,b"},
+    {"chain": "x,y", "draft_lens": [1, 2]},
+    {"dtype": "int4"},
+    {"placement": {"*": {"num_gpus": -1}}},
+    {"placement": {"*": {"gpus": 1}}},
+    {"unknown": 1},
+])
+def test_bad_configs_are_rejected_with_the_field_named(fields):
+    with pytest.raises(ValidationError):
+        ServeConfig.model_validate(fields)
+
+
+def test_serve_yaml_is_a_valid_serve_config_whose_args_validate():
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(doc)
+    app = schema.applications[0]
+    assert app.import_path == "specrouter.serve:build_app"
+    assert ServeConfig.model_validate(app.args).chain == DEFAULT_CHAIN
+    assert doc["http_options"]["host"] == "127.0.0.1"
+
+
+def test_rayservice_manifest_places_each_model_on_a_group_that_offers_its_resource():
+    manifest = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    config = ServeConfig.model_validate(serve_config["applications"][0]["args"])
+    offered = set()
+    for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        offered.update(yaml.safe_load(yaml.safe_load(group["rayStartParams"]["resources"])))
+    for label, place in config.placement.items():
+        assert set(place.resources) <= offered, label
+        assert place.num_gpus == 1 and place.device == "cuda"
