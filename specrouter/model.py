@@ -44,17 +44,22 @@ def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant:
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """Per-channel int8 weights for every Linear (fbgemm kernels, fp32 activations): ~2.5x faster
-    drafting on CPU. Quantises one decoder layer at a time, so peak memory stays near the model's."""
+    drafting on CPU. Quantises one decoder layer at a time, so peak memory stays near the model's.
+    The embedding table keeps its loaded dtype (its rows are cast to fp32 as they are looked up):
+    the same values, at half the memory of an fp32 copy (272 MB saved on Qwen2.5-0.5B)."""
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     qconfig = {torch.nn.Linear: per_channel_dynamic_qconfig}
+    embed, loaded_dtype = model.get_input_embeddings(), model.dtype
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices; the API works in the pinned torch
         for layer in model.model.layers:
             quantize_dynamic(layer.float(), qconfig, dtype=torch.qint8, inplace=True)
-        return quantize_dynamic(model.float(), qconfig, dtype=torch.qint8, inplace=True)  # the LM head
+        model = quantize_dynamic(model.float(), qconfig, dtype=torch.qint8, inplace=True)  # the LM head
+    embed.to(loaded_dtype).register_forward_hook(lambda module, inputs, output: output.float())
+    return model
 
 
 class KVCache:
@@ -136,8 +141,8 @@ class ModelView:
     def new_cache(self) -> KVCache:
         config = self.hf_model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        weight = self.hf_model.model.embed_tokens.weight
-        return KVCache(len(self.layers), config.num_key_value_heads, head_dim, weight.dtype, weight.device)
+        compute_dtype = self.hf_model.model.norm.weight.dtype  # fp32 for int8 models, whose embeddings stay bf16
+        return KVCache(len(self.layers), config.num_key_value_heads, head_dim, compute_dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, token_ids: list[int], start: int, cache: KVCache, num_logits: int) -> torch.Tensor:

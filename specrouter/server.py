@@ -17,7 +17,7 @@ import ray
 
 from specrouter import openai_protocol as oai
 from specrouter.config import ServeConfig
-from specrouter.frontend import GenerationRequest
+from specrouter.request import GenerationRequest
 from specrouter.metrics import Metrics
 from specrouter.v1 import specrouter_pb2 as pb
 from specrouter.v1.specrouter_pb2_grpc import SpecRouterServicer

@@ -3,7 +3,8 @@
 import pytest
 
 from specrouter.engine import Engine
-from specrouter.frontend import Frontend, GenerationRequest
+from specrouter.frontend import Frontend
+from specrouter.request import GenerationRequest
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,103 @@
+"""The served system end to end: `specrouter serve` (embedded local Ray, Serve HTTP, router actor,
+one actor per model) under `specrouter bench` load, for the default chain and for target-only
+serving, in one run; peak RSS of the whole process tree (driver + Ray + every actor).
+
+    .venv/bin/python bench/serving.py [--prompts 6] [--max-tokens 64] [--concurrency 1,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).parent))
+from speculative import machine_info  # noqa: E402
+
+from specrouter.config import DEFAULT_CHAIN  # noqa: E402
+from specrouter.loadtest import run_load  # noqa: E402
+
+
+class TreeRSS:
+    """Samples the summed RSS of a process and all its descendants; keeps the peak."""
+
+    def __init__(self, pid: int, every_s: float = 0.5):
+        self.root, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
+        threading.Thread(target=self._run, args=(every_s,), daemon=True).start()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            total = 0
+            try:
+                for proc in [self.root, *self.root.children(recursive=True)]:
+                    try:
+                        total += proc.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                return
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> float:
+        self._stop.set()
+        return round(self.peak / 2**30, 2)
+
+
+def serve_and_load(chain: str, draft_lens: str | None, args, port: int) -> dict:
+    cmd = [sys.executable, "-m", "specrouter.cli", "serve", "--chain", chain, "--port", str(port), "--grpc-port", str(port + 1)]
+    config = None
+    if draft_lens:
+        config = Path(f"/tmp/specrouter-bench-{port}.yaml")
+        config.write_text(f"chain: {chain}\ndraft_lens: [{draft_lens}]\n")
+        cmd += ["--config", str(config)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rss = TreeRSS(proc.pid)
+    try:
+        for line in proc.stdout:
+            if "Ctrl-C stops" in line:
+                break
+        else:
+            raise RuntimeError(f"specrouter serve exited with {proc.wait()}")
+        startup_s = time.perf_counter() - t0
+        url = f"http://127.0.0.1:{port}"
+        run_load(url, 1, 1, 8)  # warm-up
+        loads = {c: run_load(url, args.prompts, c, args.max_tokens) for c in args.concurrency}
+        return {"chain": chain, "startup_s": round(startup_s, 1), "peak_rss_gb": rss.stop(), "load": loads}
+    finally:
+        proc.send_signal(2)
+        proc.wait(timeout=180)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--chain", default=DEFAULT_CHAIN)
+    parser.add_argument("--draft-lens", default="6")
+    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
+    args = parser.parse_args()
+
+    target = args.chain.split(",")[-1]
+    runs = {"specrouter": serve_and_load(args.chain, args.draft_lens, args, 8310),
+            "target_only": serve_and_load(target, None, args, 8320)}
+    summary = {
+        f"speedup_c{c}": round(runs["specrouter"]["load"][c]["output_tokens_per_s"] / runs["target_only"]["load"][c]["output_tokens_per_s"], 3)
+        for c in args.concurrency
+    }
+    summary.update({f"{name}_peak_rss_gb": run["peak_rss_gb"] for name, run in runs.items()})
+    summary.update({f"{name}_tok_s_c{c}": run["load"][c]["output_tokens_per_s"] for name, run in runs.items() for c in args.concurrency})
+    out = Path(__file__).parent / "results" / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"benchmark": "serving", "machine": machine_info(), "config": vars(args), "summary": summary,
+                               "runs": runs}, indent=1))
+    print(json.dumps(summary, indent=1), f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
