@@ -3,7 +3,7 @@
 
 One persistent bidirectional stream per client carries msgpack frames (protos/specrouter/v1/
 worker.proto). Greedy calls move token ids only (one-hot rows are rebuilt on the client); sampled
-calls move float32 probability rows. See docs/protocol.md for the sequence-state rules.
+calls move float32 probability rows, sparse (index, value) when top-k / top-p leave a small support. See docs/protocol.md for the sequence-state rules.
 """
 
 from __future__ import annotations
@@ -29,9 +29,16 @@ KINDS = {cls: kind for kind, cls in ERRORS.items()}
 
 
 def encode_rows(probs: torch.Tensor, params: SamplingParams) -> dict:
+    """The fewest bytes that carry the rows exactly: argmax ids when greedy (one-hot rows), only the
+    non-zero entries when top-k / top-p leave a small support, else raw float32 rows."""
     if params.greedy:
         return {"argmax": probs.argmax(-1).tolist()}
-    rows = probs.contiguous().float()
+    rows = probs.contiguous().float()  # [N, V]
+    flat = rows.flatten()
+    support = flat.nonzero().squeeze(1)  # [nnz] flat indices
+    if 2 * support.numel() < flat.numel():  # (index, value) pairs are cheaper than the dense rows
+        return {"index": support.to(torch.int32).numpy().tobytes(), "value": flat[support].numpy().tobytes(),
+                "shape": list(rows.shape)}
     return {"rows": rows.numpy().tobytes(), "shape": list(rows.shape)}
 
 
@@ -39,6 +46,11 @@ def decode_rows(reply: dict, vocab_size: int) -> torch.Tensor:
     if "argmax" in reply:
         ids = torch.tensor(reply["argmax"], dtype=torch.long)
         return torch.zeros(len(ids), vocab_size).scatter_(-1, ids[:, None], 1.0)
+    if "index" in reply:
+        index = torch.frombuffer(bytearray(reply["index"]), dtype=torch.int32).long()
+        value = torch.frombuffer(bytearray(reply["value"]), dtype=torch.float32)
+        rows, cols = reply["shape"]
+        return torch.zeros(rows * cols).index_put_((index,), value).reshape(rows, cols)
     return torch.frombuffer(bytearray(reply["rows"]), dtype=torch.float32).reshape(reply["shape"])
 
 

@@ -105,3 +105,22 @@ def test_dead_drafter_shortens_the_chain_and_output_is_unchanged(tiny_dirs):
     assert result.token_ids == expected
     assert drafter.name in engine.down
     assert result.level_stats[0].num_draft_tokens > 0  # it drafted before it died
+
+
+@pytest.mark.parametrize("params, kind", [
+    (SamplingParams(), "argmax"),
+    (SamplingParams(temperature=0.9, top_k=8), "index"),
+    (SamplingParams(temperature=0.9, top_p=0.5), "index"),
+    (SamplingParams(temperature=0.9), "rows"),
+])
+def test_rows_travel_exactly_in_the_cheapest_encoding(params, kind):
+    from specrouter.dataplane import decode_rows, encode_rows
+    from specrouter.sampling import probs_from_logits
+
+    logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0)) * 3
+    probs = probs_from_logits(logits, params)  # [4, V]
+    encoded = encode_rows(probs, params)
+    assert kind in encoded
+    assert torch.equal(decode_rows(encoded, 5000), probs)
+    if kind == "index":
+        assert len(encoded["value"]) < probs.numel() * 4 / 10  # far below the dense float32 rows
