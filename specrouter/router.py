@@ -4,8 +4,11 @@ time per token, from costs and acceptances learned online, and re-plan as they m
 The router is shared by all requests (it owns the profiler, the acceptance table and the current
 plan per class); `start()` gives each request a `Route` that the engine asks for a plan before every
 step and feeds each step's records to. Re-planning happens every `replan_every` steps with
-hysteresis; every `explore_every` steps the best plan that uses the least recently measured level
-runs once, so estimates of levels out of use (a drafter that slowed down and recovered) stay fresh.
+hysteresis; every `explore_every` steps the least recently measured level is re-measured, so
+estimates of levels out of use (a drafter that slowed down and recovered) stay fresh: its best plan
+runs once if it is predicted close to the best, else one small timed pass of it (a probe) refreshes
+its cost without running a slow chain. Calibration at start measures every level's cost and every
+pair's acceptance on a short text per class.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from specrouter.acceptance import AcceptanceTable
 from specrouter.chain import TimingRecord, VerifyRecord
-from specrouter.levels import Level
+from specrouter.levels import Level, NgramLevel
 from specrouter.profiler import ForwardProfiler
 from specrouter.sampling import SamplingParams
 from specrouter.scheduler import Plan, predict, search
@@ -28,6 +33,25 @@ if TYPE_CHECKING:
 
 
 EXPLORE_WEIGHT = 0.8  # an exploratory measurement is fresh news about a level out of use
+
+# Text per prompt class on which every level's greedy agreement with every other is measured once at
+# start (teacher-forced: one pass per level), so the first requests of a class start from measured
+# acceptances, not from a blind prior.
+CALIBRATION_TEXTS = {
+    "code": (
+        "def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n"
+        '    """Merge two sorted lists into one sorted list."""\n'
+        "    result = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n"
+        "        if a[i] <= b[j]:\n            result.append(a[i])\n            i += 1\n"
+        "        else:\n            result.append(b[j])\n            j += 1\n"
+        "    result.extend(a[i:])\n    result.extend(b[j:])\n    return result\n"
+    ),
+    "chat": (
+        "Sure! Here are a few tips for sleeping better. First, go to bed and wake up at the same time every day, "
+        "even on weekends. Second, keep your bedroom cool, dark and quiet. Third, avoid caffeine in the afternoon "
+        "and screens for an hour before bed. If you still sleep badly after a few weeks, talk to a doctor."
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -48,7 +72,9 @@ class _ClassState:
 
 
 class AdaptiveRouter:
-    def __init__(self, pool: list[str], target: str, can_verify: dict[str, bool], config: RouterConfig = RouterConfig()):
+    def __init__(self, pool: list[str], target: str, can_verify: dict[str, bool], config: RouterConfig = RouterConfig(),
+                 levels: dict[str, Level] | None = None):
+        """`levels`: the pool's levels by name, to probe a stale level's cost directly (calibrate() sets it)."""
         self.pool, self.target = list(pool), target  # pool: drafters, cheapest first
         self.can_verify = can_verify
         self.config = config
@@ -59,7 +85,7 @@ class AdaptiveRouter:
         self._step = 0
         self._last_measured: dict[str, int] = {name: 0 for name in self.pool + [target]}
         self._exploring: set[str] = set()  # levels whose next measurement replaces most of the old one
-        self._deferred: set[str] = set()  # stale levels whose exploration was skipped once (predicted far behind)
+        self._levels: dict[str, Level] = levels if levels is not None else {}
 
     # -- the latency model's inputs ---------------------------------------------------------------------
 
@@ -97,14 +123,11 @@ class AdaptiveRouter:
             ranked = self.plans(klass)
             explore = next((p for p in ranked if stale in p.chain), None)
             promising = explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin
-            # A level predicted far behind is explored every other time only (a recovered drafter is still
-            # found again, but a slow one costs little).
-            deferred = not promising and stale not in self._deferred
             self._last_measured[stale] = self._step
-            if deferred:
-                self._deferred.add(stale)
+            if not promising and stale in self._levels:
+                # Far behind: re-measure its cost with one small pass instead of running a slow chain.
+                self._probe(stale)
             elif explore is not None:
-                self._deferred.discard(stale)
                 # Long enough blocks that one step measures the level's acceptance, not just its cost.
                 explore = Plan(explore.chain, tuple(max(3, g) for g in explore.draft_lens), explore.predicted_s_per_token)
                 self._exploring.add(stale)
@@ -160,9 +183,53 @@ class AdaptiveRouter:
     def start(self, klass: str) -> "Route":
         return Route(self, klass)
 
-    def calibrate(self, levels: dict[str, Level], lengths: tuple[int, ...] = (1, 2, 4, 8), context: int = 32) -> None:
-        """Seed the profiles with a few passes of every level over a throwaway sequence."""
+    def _calibrate_acceptance(self, klass: str, ids: list[int]) -> None:
+        """Every level's greedy next-token choice along `ids` (teacher-forced, one pass per model
+        level; prompt lookup for n-gram levels); alpha of each (drafter, verifier) pair in pool order
+        is their agreement, observed into the class's table."""
         params = SamplingParams()
+        choices: dict[str, torch.Tensor] = {}  # level -> [T] argmax token after ids[:t+1]
+        for name in [*self.pool, self.target]:
+            level = self._levels[name]
+            if level.can_verify:
+                seq = SequenceState.new(f"calibrate-alpha-{name}-{klass}", ids[:1])
+                try:
+                    choices[name] = level.score(seq, ids[:1], ids[1:], params).argmax(-1)[:-1]  # [T-1]
+                finally:
+                    level.release(seq.seq_id)
+            elif isinstance(level, NgramLevel):
+                choices[name] = torch.tensor([(level.lookup(ids[: t + 1], 1) or [-1])[0] for t in range(len(ids) - 1)])
+        order = [n for n in [*self.pool, self.target] if n in choices]
+        for i, drafter in enumerate(order):
+            for verifier in order[i + 1:]:
+                if self._levels[verifier].can_verify:
+                    agree = (choices[drafter] == choices[verifier]).float()  # [T-1]
+                    self.acceptance.observe(klass, drafter, verifier, [agree.mean().item()] * len(agree))
+
+    def _probe(self, name: str, context: int = 8) -> None:
+        """Time one small pass of a level (a throwaway sequence) and record it as fresh news."""
+        level, params = self._levels[name], SamplingParams()
+        seq = SequenceState.new(f"probe-{name}-{self._step}", list(range(1, context + 1)))
+        try:
+            t0 = time.perf_counter()
+            if level.can_verify:
+                level.score(seq, list(seq.token_ids), [1], params)
+                self.profiler.observe_score(name, 2, time.perf_counter() - t0, weight=EXPLORE_WEIGHT)
+            else:
+                level.propose(seq, list(seq.token_ids), 1, params, seed=0)
+            self.profiler.observe_draft(name, 1, time.perf_counter() - t0, weight=EXPLORE_WEIGHT)
+        finally:
+            level.release(seq.seq_id)
+
+    def calibrate(self, levels: dict[str, Level], lengths: tuple[int, ...] = (1, 2, 4, 8), context: int = 32,
+                  texts: dict[str, list[int]] | None = None) -> None:
+        """Seed the profiles with a few passes of every level over a throwaway sequence and, given token
+        ids of a text per class, the acceptance of every (drafter, verifier) pair on it. `levels` is kept
+        (by reference: a replaced level is seen) to probe stale levels' costs later."""
+        self._levels = levels
+        params = SamplingParams()
+        for klass, ids in (texts or {}).items():
+            self._calibrate_acceptance(klass, ids)
         for name, level in levels.items():
             seq = SequenceState.new(f"calibrate-{name}", list(range(1, context + 1)))
             ctx = list(seq.token_ids)
@@ -185,7 +252,8 @@ def router_for(engine: "Engine", config: RouterConfig = RouterConfig(), calibrat
     names = list(engine.levels)
     router = AdaptiveRouter(names[:-1], names[-1], {n: level.can_verify for n, level in engine.levels.items()}, config)
     if calibrate:
-        router.calibrate(engine.levels)
+        texts = {klass: engine.tokenizer(text)["input_ids"] for klass, text in CALIBRATION_TEXTS.items()}
+        router.calibrate(engine.levels, texts=texts)
     return router
 
 
@@ -197,9 +265,11 @@ class Route:
     klass: str
     _plan: Plan | None = None
     _steps: Counter = field(default_factory=Counter)
-    _predicted_s: float = 0.0
+    _predicted_s: float = 0.0  # decode steps only: the latency model predicts decoding, not the prefill
     _measured_s: float = 0.0
-    _tokens: int = 0
+    _tokens: int = 0  # all committed tokens
+    _decode_tokens: int = 0
+    _prefill_s: float | None = None  # the first step, which also prefills the prompt on every level
     _decisions: list[dict] = field(default_factory=list)
 
     def next_plan(self) -> Plan:
@@ -218,16 +288,21 @@ class Route:
     def observe(self, records: list, committed: int, seconds: float) -> None:
         self.router.observe(self.klass, records, seconds)
         self._steps[(self._plan.chain, self._plan.draft_lens)] += 1
+        self._tokens += committed
+        if self._prefill_s is None:
+            self._prefill_s = seconds
+            return
         self._predicted_s += self._plan.predicted_s_per_token * committed
         self._measured_s += seconds
-        self._tokens += committed
+        self._decode_tokens += committed
 
     def explain(self) -> dict:
-        tokens = max(1, self._tokens)
+        tokens = max(1, self._decode_tokens)
         return {
             "class": self.klass,
-            "predicted_s_per_token": round(self._predicted_s / tokens, 5),
+            "predicted_s_per_token": round(self._predicted_s / tokens, 5),  # decode steps (after the first)
             "measured_s_per_token": round(self._measured_s / tokens, 5),
+            "first_step_s": round(self._prefill_s or 0.0, 5),  # prefill of every level + the first step
             "steps_by_plan": [
                 {"chain": list(chain), "draft_lens": list(lens), "steps": n} for (chain, lens), n in self._steps.most_common()
             ],

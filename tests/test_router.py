@@ -151,3 +151,49 @@ def test_routed_generation_on_real_models_is_lossless_and_explained(tiny_dirs):
     assert why["class"] == "code" and why["decisions"] and why["measured_s_per_token"] > 0
     assert sum(p["steps"] for p in why["steps_by_plan"]) == result.num_steps
     assert router.profiler.score_time(tiny_dirs["target"], 4) is not None
+
+
+class SimLevel:
+    """A level whose passes take the simulated environment's cost (scaled to real seconds)."""
+
+    can_verify = True
+
+    def __init__(self, name: str, env: SimEnv):
+        self.name, self.env = name, env
+
+    def score(self, seq, ctx, draft, params):
+        import time
+
+        time.sleep(self.env.c(self.name))
+
+    def propose(self, seq, ctx, n, params, seed):
+        self.score(seq, ctx, [], params)
+
+    def release(self, seq_id):
+        pass
+
+
+def test_a_far_behind_stale_drafter_is_probed_not_run_and_found_again_when_it_recovers():
+    env = SimEnv({"A": 0.003, "S": 0.2, "T": 0.025}, {"chat": {("A", "T"): 0.7, ("S", "T"): 0.95, ("A", "S"): 0.7}})
+    router = AdaptiveRouter(["A", "S"], "T", {}, RouterConfig(explore_every=5), levels={"S": SimLevel("S", env)})
+    slow_phase = run(router, env, "chat", 60)
+    assert sum("S" in p.chain for p in slow_phase) <= 2  # measured once (or twice), then only probed
+    assert [p.chain for p in slow_phase[-10:]].count(("A", "T")) >= 8
+    env.slow["S"] = 0.01  # S becomes 100x cheaper: with its acceptance it is now the best drafter
+    recovered = run(router, env, "chat", 40)
+    found = next(i for i, p in enumerate(recovered) if "S" in p.chain)
+    assert found <= 20  # a probe every 5 steps; a 100x change takes about three probes to believe
+    assert [("S" in p.chain) for p in recovered[-10:]].count(True) >= 8
+
+
+def test_calibration_measures_each_pairs_acceptance_per_class_before_any_request(tiny_dirs):
+    from specrouter.engine import Engine
+    from specrouter.router import CALIBRATION_TEXTS, router_for
+
+    engine = Engine(f"ngram,{tiny_dirs['other']},{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32")
+    router = router_for(engine)
+    other, draft, target = tiny_dirs["other"], tiny_dirs["draft"], tiny_dirs["target"]
+    for klass in CALIBRATION_TEXTS:
+        assert router.acceptance.count(klass, draft, target) > 20 and router.acceptance.count(klass, "ngram", target) > 20
+        # The perturbed copy of the target agrees with it far more than an unrelated model does.
+        assert router.acceptance.alpha(klass, draft, target) > router.acceptance.alpha(klass, other, target) + 0.3
