@@ -57,6 +57,15 @@ def _error(exc: grpc.RpcError) -> SpecRouterError:
     return error
 
 
+def _retry_delay(exc: grpc.RpcError, backoffs: Iterator[float], started: bool = False) -> float:
+    """How long to wait before retrying a failed call, or raise its error: only UNAVAILABLE is
+    retried, only before any reply arrived, and only while the policy has attempts left."""
+    backoff = next(backoffs, None)
+    if started or exc.code() != grpc.StatusCode.UNAVAILABLE or backoff is None:
+        raise _error(exc) from None
+    return backoff
+
+
 @dataclass
 class Chunk:
     text: str
@@ -131,13 +140,12 @@ class Client:
         self.channel.close()
 
     def _unary(self, method, request, timeout: float | None):
-        for backoff in [*self.retry.backoffs(), None]:
+        backoffs = self.retry.backoffs()
+        while True:
             try:
                 return method(request, timeout=timeout or self.timeout)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or backoff is None:
-                    raise _error(exc) from None
-                time.sleep(backoff)
+                time.sleep(_retry_delay(exc, backoffs))
 
     def stream(self, prompt=None, messages=None, *, timeout: float | None = None, **params) -> Iterator[Chunk]:
         """Text chunks as they are generated (retried on UNAVAILABLE only before the first one)."""
@@ -151,7 +159,7 @@ class Client:
         return completion
 
     def _replies(self, request, timeout, completion: Completion) -> Iterator[Chunk | None]:
-        backoffs = iter([*self.retry.backoffs(), None])
+        backoffs = self.retry.backoffs()
         while True:
             started = False
             try:
@@ -160,10 +168,7 @@ class Client:
                     yield completion.add(reply)
                 return
             except grpc.RpcError as exc:
-                backoff = next(backoffs)
-                if started or exc.code() != grpc.StatusCode.UNAVAILABLE or backoff is None:
-                    raise _error(exc) from None
-                time.sleep(backoff)
+                time.sleep(_retry_delay(exc, backoffs, started))
 
     def list_models(self, timeout: float | None = None) -> list[dict]:
         reply = self._unary(self.stub.ListModels, pb.ListModelsRequest(), timeout)
@@ -189,13 +194,12 @@ class AsyncClient:
         await self.channel.close()
 
     async def _unary(self, method, request, timeout: float | None):
-        for backoff in [*self.retry.backoffs(), None]:
+        backoffs = self.retry.backoffs()
+        while True:
             try:
                 return await method(request, timeout=timeout or self.timeout)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or backoff is None:
-                    raise _error(exc) from None
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(_retry_delay(exc, backoffs))
 
     async def stream(self, prompt=None, messages=None, *, timeout: float | None = None, **params) -> AsyncIterator[Chunk]:
         async for chunk in self._replies(make_request(prompt, messages, **params), timeout, Completion()):
@@ -209,7 +213,7 @@ class AsyncClient:
         return completion
 
     async def _replies(self, request, timeout, completion: Completion) -> AsyncIterator[Chunk | None]:
-        backoffs = iter([*self.retry.backoffs(), None])
+        backoffs = self.retry.backoffs()
         while True:
             started = False
             try:
@@ -218,10 +222,7 @@ class AsyncClient:
                     yield completion.add(reply)
                 return
             except grpc.RpcError as exc:
-                backoff = next(backoffs)
-                if started or exc.code() != grpc.StatusCode.UNAVAILABLE or backoff is None:
-                    raise _error(exc) from None
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(_retry_delay(exc, backoffs, started))
 
     async def list_models(self, timeout: float | None = None) -> list[dict]:
         reply = await self._unary(self.stub.ListModels, pb.ListModelsRequest(), timeout)
