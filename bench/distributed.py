@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--omp-wait-policy", default=None, help="OMP_WAIT_POLICY of the model actors (default: runtime.ACTOR_ENV)")
     args = parser.parse_args()
     draft_lens = [int(x) for x in args.draft_lens.split(",")]
     torch.set_num_threads(2)
@@ -46,6 +47,8 @@ def main() -> None:
 
     start_local_ray(num_cpus=4)
     placement = {"*": {"num_cpus": 1, "torch_threads": 2}}
+    if args.omp_wait_policy:
+        placement["*"]["env"] = {"OMP_WAIT_POLICY": args.omp_wait_policy}
     router = RouterActor.options(num_cpus=0).remote(args.chain, dtype=args.dtype, draft_lens=draft_lens, placement=placement)
     ray.get(router.generate.remote(encoded[0], 4), timeout=900)
     remote = [ray.get(router.generate.remote(ids, args.max_tokens), timeout=900) for ids in encoded]

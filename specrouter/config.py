@@ -32,6 +32,7 @@ class PlacementConfig(BaseModel):
     resources: dict[str, float] = {}
     torch_threads: int | None = Field(default=None, ge=1)
     device: str = "cpu"
+    env: dict[str, str] = {}  # extra environment of the model's actor (e.g. OMP_WAIT_POLICY)
 
 
 class ServeConfig(BaseModel):

@@ -35,9 +35,11 @@ class Placement:
     resources: dict[str, float] = field(default_factory=dict)
     torch_threads: int | None = None
     device: str = "cpu"
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the actor's process
 
     def actor_options(self) -> dict:
-        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
+        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources),
+                   "runtime_env": {"env_vars": {**ACTOR_ENV, **self.env}}}
         if self.accelerator_type:
             options["accelerator_type"] = self.accelerator_type
         return options
@@ -78,7 +80,7 @@ class WorkerActor:
             worker = store.worker(LevelSpec(model, skip or None, quant), target=model)
             workers[worker.name] = worker
         self.loaded = store.get(model, quant)
-        self.server = BackgroundServer(WorkerServicer(LevelSpec(model, None, quant).label, workers))
+        self.server = BackgroundServer(WorkerServicer(LevelSpec(model, None, quant).label, workers), _data_plane_host())
         self.views = list(workers)
 
     def address(self) -> str:
@@ -122,9 +124,9 @@ class RayWorkers:
             place = placement.get(label) or placement.get(model) or placement.get("*") or Placement()
             num_layers = _num_layers(model)
             views = sorted({resolve_skip(s, num_layers) for s in members})
-            self.actors[(model, quant)] = WorkerActor.options(
-                **place.actor_options(), runtime_env={"env_vars": ACTOR_ENV}
-            ).remote(model, quant, views, dtype, place.device, place.torch_threads)
+            self.actors[(model, quant)] = WorkerActor.options(**place.actor_options()).remote(
+                model, quant, views, dtype, place.device, place.torch_threads
+            )
         self.described = {key: ray.get(actor.describe.remote()) for key, actor in self.actors.items()}
 
     def target_info(self, name: str):
@@ -166,6 +168,14 @@ def _actor_address(actor, wait_s: float) -> str:
             time.sleep(0.2)
         except ray.exceptions.RayActorError as exc:
             raise ConnectionError(f"actor died: {exc}") from exc
+
+
+def _data_plane_host() -> str:
+    """Loopback on a single-node Ray (nothing is exposed); the node's address on a cluster, so a
+    router on another node can reach this worker."""
+    if len(ray.nodes()) == 1:
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address()
 
 
 @functools.lru_cache(maxsize=None)
