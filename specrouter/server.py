@@ -107,6 +107,8 @@ class SpecRouterServer:
 
     async def completions(self, body: bytes) -> dict | AsyncIterator[bytes]:
         req = oai.parse(oai.CompletionRequest, body)
+        if req.max_tokens is None:
+            req.max_tokens = 16  # OpenAI's default for completions (chat's is the server's default_max_tokens)
         return await self._complete(req, self._requests(req, prompt=req.prompt, messages=None), chat=False)
 
     async def chat_completions(self, body: bytes) -> dict | AsyncIterator[bytes]:
@@ -115,8 +117,6 @@ class SpecRouterServer:
         return await self._complete(req, self._requests(req, prompt=None, messages=messages), chat=True)
 
     async def _complete(self, req: oai._Request, requests: list[GenerationRequest], chat: bool):
-        if isinstance(req, oai.CompletionRequest) and req.max_tokens is None:
-            requests = [_replace_max_tokens(r, 16) for r in requests]  # OpenAI's default for completions
         request_id = oai.new_id(chat)
         first = self._stream(requests[0])
         try:
@@ -179,8 +179,6 @@ class SpecRouterServer:
             prompt = None if request.messages else req.prompt
             messages = tuple((m.role, m.text) for m in req.messages) if request.messages else None
             (generation,) = self._requests(req, prompt, messages)
-            if req.max_tokens is None and not request.messages:
-                generation = _replace_max_tokens(generation, self.config.default_max_tokens)
             async for item in self._stream(generation):
                 if "text" in item:
                     yield pb.GenerateResponse(text=item["text"], token_ids=item["token_ids"])
@@ -240,12 +238,6 @@ def _cause(exc: BaseException) -> str:
 
 def _event(payload: dict) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
-
-
-def _replace_max_tokens(request: GenerationRequest, max_tokens: int) -> GenerationRequest:
-    from dataclasses import replace
-
-    return request if request.max_tokens is not None else replace(request, max_tokens=max_tokens)
 
 
 def _grpc_to_openai(request: pb.GenerateRequest, served: str) -> dict:
