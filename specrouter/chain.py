@@ -34,6 +34,7 @@ class LevelStats:
     num_bonus_tokens: int = 0
     num_emitted_tokens: int = 0  # tokens this level emitted as a verifier
     time_s: float = 0.0
+    vocab_map: dict | None = None  # a level with another tokenizer than the target's: its VocabMap report
 
     @property
     def acceptance_rate(self) -> float:
@@ -56,6 +57,7 @@ class LevelStats:
             "acceptance_rate": round(self.acceptance_rate, 4),
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "time_s": round(self.time_s, 4),
+            **({"vocab_map": self.vocab_map} if self.vocab_map is not None else {}),
         }
 
 
