@@ -105,3 +105,20 @@ def test_dead_drafter_shortens_the_chain_and_output_is_unchanged(tiny_dirs):
     assert result.token_ids == expected
     assert drafter.name in engine.down
     assert result.level_stats[0].num_draft_tokens > 0  # it drafted before it died
+
+
+def test_remote_worker_restricted_to_a_token_mask_equals_local(served):
+    target, server = served
+    remote = RemoteWorker("t", lambda: server.address)
+    local = ModelWorker("local", ModelView(target))
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[::3] = True
+    ids = list(range(30, 50))
+    for params in (SamplingParams(), SamplingParams(temperature=0.9)):
+        a, b = remote.draft("m", 0, 0, EMPTY, ids, 5, params, 7, allowed), local.draft("m", 0, 0, EMPTY, ids, 5, params, 7, allowed)
+        assert a.token_ids == b.token_ids and all(t % 3 == 0 for t in a.token_ids)
+        assert torch.equal(a.q_draft, b.q_draft) and float(a.q_draft[:, ~allowed].sum()) == 0.0
+        assert "allowed_bits" not in remote._mask(allowed)  # the mask went once: now it is named only
+        p = remote.forward("m", 0, 0, EMPTY, ids, 2, params, allowed)
+        assert torch.equal(p, local.forward("m", 0, 0, EMPTY, ids, 2, params, allowed))
+        remote.release("m"), local.release("m")
