@@ -5,6 +5,7 @@ i+1 by running its own verification rounds over the tokens level i-1 proposes; e
 emits is distributed exactly as that level's model given its prefix, so the level passes its own
 probabilities upward as the proposal distribution q_draft (TriForce's rule). Only the target's
 verdict is committed, so the output is distributed exactly as the target alone (greedy: identical).
+Every level speaks the target's token ids (a level on another tokenizer translates: specrouter/vocab.py).
 """
 
 from __future__ import annotations

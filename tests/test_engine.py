@@ -174,3 +174,15 @@ def test_qwen_three_level_chain_greedy_equals_target_only_in_fp32():
         result = Engine(chain, provider=store, draft_lens=lens).generate_text(prompt, 32, ignore_eos=True)
         assert result.token_ids == expected, chain
         assert result.level_stats[-2].acceptance_rate > 0.5
+
+
+@pytest.mark.heavy
+def test_real_smollm2_in_front_of_qwen_greedy_equals_target_only_in_fp32():
+    """The real cross-tokenizer pair: SmolLM2-135M (49k vocabulary) drafting for Qwen2.5-Coder-0.5B (152k)."""
+    store = ModelStore("float32")
+    target = Engine("qwen2.5-coder-0.5b", provider=store)
+    for prompt in (CODE_PROMPT, BOUNDARY_PROMPT):
+        expected = target.generate_text(prompt, 32, ignore_eos=True).token_ids
+        result = Engine("smollm2-135m,qwen2.5-coder-0.5b", provider=store, draft_lens=[4]).generate_text(prompt, 32, ignore_eos=True)
+        assert result.token_ids == expected, prompt
+        assert result.level_stats[0].num_accepted_tokens > 0 and result.level_stats[0].vocab_map["num_shared"] > 30000
