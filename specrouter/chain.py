@@ -5,6 +5,7 @@ i+1 by running its own verification rounds over the tokens level i-1 proposes; e
 emits is distributed exactly as that level's model given its prefix, so the level passes its own
 probabilities upward as the proposal distribution q_draft (TriForce's rule). Only the target's
 verdict is committed, so the output is distributed exactly as the target alone (greedy: identical).
+Every level speaks the target's token ids (a level on another tokenizer translates: specrouter/vocab.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class LevelStats:
     num_bonus_tokens: int = 0
     num_emitted_tokens: int = 0  # tokens this level emitted as a verifier
     time_s: float = 0.0
+    vocab_map: dict | None = None  # a level with another tokenizer than the target's: its VocabMap report
 
     @property
     def acceptance_rate(self) -> float:
@@ -56,6 +58,7 @@ class LevelStats:
             "acceptance_rate": round(self.acceptance_rate, 4),
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "time_s": round(self.time_s, 4),
+            **({"vocab_map": self.vocab_map} if self.vocab_map is not None else {}),
         }
 
 

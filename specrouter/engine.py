@@ -18,6 +18,7 @@ from specrouter.scheduler import Plan
 from specrouter.sequence import SequenceState
 from specrouter.spec import LevelSpec, parse_chain
 from specrouter.store import ModelStore, WorkerProvider
+from specrouter.vocab import vocab_map
 from specrouter.worker import WorkerUnavailable
 
 
@@ -73,6 +74,11 @@ class GenerationResult:
         }
 
 
+def _vocab_report(level: Level) -> dict | None:
+    vocab = getattr(level, "vocab", None)
+    return vocab.report() if vocab is not None else None
+
+
 class Engine:
     def __init__(
         self,
@@ -93,13 +99,18 @@ class Engine:
         info = self.provider.target_info(target)
         self.tokenizer, self.eos_ids, self.max_positions = info.tokenizer, info.eos_ids, info.max_positions
         self.vocab_size = info.vocab_size
+        _, target_fp = self.provider.tokenizer(self.specs[-1])
         levels: list[Level] = []
         for spec in self.specs:
             if spec.model == "ngram":
                 levels.append(NgramLevel(info.vocab_size))
-            else:
-                worker = self.provider.worker(spec, target)
-                levels.append(ModelLevel(worker.name, worker))
+                continue
+            worker = self.provider.worker(spec, target)
+            tokenizer, fingerprint = self.provider.tokenizer(spec)
+            vocab = None
+            if fingerprint != target_fp:  # another tokenizer: restrict to the shared tokens, speak target ids
+                vocab = vocab_map(tokenizer, info.tokenizer, worker.vocab_size, info.vocab_size, (fingerprint, target_fp))
+            levels.append(ModelLevel(worker.name, worker, vocab))
         self.levels: dict[str, Level] = {level.name: level for level in levels}  # the pool, cheapest first
         if len(self.levels) != len(levels):
             raise ValueError(f"chain names a level twice: {[level.name for level in levels]}")
@@ -180,7 +191,7 @@ class Engine:
             params=params,
             generator=torch.Generator().manual_seed(seed),
             eos_ids=frozenset() if ignore_eos else self.eos_ids,
-            stats={name: LevelStats(name) for name in self.levels},
+            stats={name: LevelStats(name, vocab_map=_vocab_report(level)) for name, level in self.levels.items()},
         )
         finish, steps, chain = "length", 0, self.chain
         t0 = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Every level can `propose` tokens (drafting for the level above). Model levels can also `score` a
 block (verifying the level below): a smaller model, or the target itself with layers skipped (a
-slim view over the same weights) are both `ModelLevel`s. The model-free prompt-lookup drafter only
+slim view over the same weights) are both `ModelLevel`s, and so is a model with another tokenizer
+than the target's (translated through a `VocabMap`). The model-free prompt-lookup drafter only
 proposes, so it sits at the bottom of a chain.
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from specrouter.sampling import SamplingParams
 from specrouter.sequence import PositionGapError, SequenceState, TokenLog, common_prefix_len
+from specrouter.vocab import VocabMap
 from specrouter.worker import ModelWorker
 
 
@@ -43,15 +45,26 @@ class Level(Protocol):
 
 class ModelLevel:
     """A model view behind a worker. Mirrors which tokens the worker has cached, per sequence, so each
-    call resends only what changed and rolls the worker back exactly to the last shared position."""
+    call resends only what changed and rolls the worker back exactly to the last shared position.
+
+    With a `vocab` map the model has its own tokenizer: it is restricted to the tokens it shares with
+    the target and speaks target ids outward (specrouter/vocab.py); the mirror holds its own ids."""
 
     can_verify = True
 
-    def __init__(self, name: str, worker: ModelWorker):
+    def __init__(self, name: str, worker: ModelWorker, vocab: VocabMap | None = None):
         self.name = name
         self.worker = worker
-        self.vocab_size = worker.vocab_size
+        self.vocab = vocab
+        self.vocab_size = vocab.target_rows if vocab else worker.vocab_size
+        self._allowed = vocab.allowed if vocab else None  # [V_own] bool
         self._cached: dict[str, TokenLog] = {}
+
+    def _own(self, target_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Target ids -> (the worker's ids, ends[j] = own ids spelling target_ids[: j + 1])."""
+        if self.vocab is None:
+            return target_ids, list(range(1, len(target_ids) + 1))
+        return self.vocab.to_own(target_ids)
 
     def _send(self, seq_id: str, ctx: list[int], call):
         """call(start, prefix_hash) from the longest prefix the worker shares with `ctx` (re-feeding at
@@ -66,21 +79,32 @@ class ModelLevel:
             return 0, call(0, log.prefix_hash(0))
 
     def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
+        own, _ = self._own(ctx)
         start, result = self._send(
-            seq.seq_id, ctx, lambda start, h: self.worker.draft(seq.seq_id, seq.version, start, h, ctx[start:], n, params, seed)
+            seq.seq_id,
+            own,
+            lambda start, h: self.worker.draft(seq.seq_id, seq.version, start, h, own[start:], n, params, seed, self._allowed),
         )
-        self._cached[seq.seq_id].put(start, ctx[start:] + result.token_ids[:-1])
-        return Block(result.token_ids, result.q_draft)
+        self._cached[seq.seq_id].put(start, own[start:] + result.token_ids[:-1])
+        if self.vocab is None:
+            return Block(result.token_ids, result.q_draft)
+        return Block(self.vocab.tokens_to_target(result.token_ids), self.vocab.rows_to_target(result.q_draft))
 
     def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:
         """p [len(draft) + 1, V]: this model's distribution at each draft position and one past it."""
+        own, ends = self._own(ctx + draft)
+        n_ctx = ends[len(ctx) - 1]  # own ids spelling the context
         start, p = self._send(
             seq.seq_id,
-            ctx,
-            lambda start, h: self.worker.forward(seq.seq_id, seq.version, start, h, ctx[start:] + draft, len(draft) + 1, params),
-        )
-        self._cached[seq.seq_id].put(start, ctx[start:] + draft)
-        return p
+            own[:n_ctx],
+            lambda start, h: self.worker.forward(seq.seq_id, seq.version, start, h, own[start:], len(own) - n_ctx + 1, params, self._allowed),
+        )  # p [len(own) - n_ctx + 1, V_own]: row r predicts own position n_ctx + r
+        self._cached[seq.seq_id].put(start, own[start:])
+        if self.vocab is None:
+            return p
+        # A draft token may take several own ids: keep the row before each one's first own id.
+        rows = [ends[len(ctx) - 1 + j] - n_ctx for j in range(len(draft) + 1)]
+        return self.vocab.rows_to_target(p[rows])
 
     def forget(self) -> None:
         """Drop every mirror (the worker restarted): the next calls prefill from position 0."""

@@ -130,22 +130,21 @@ class RayWorkers:
         self.described = {key: ray.get(actor.describe.remote()) for key, actor in self.actors.items()}
 
     def target_info(self, name: str):
-        from transformers import AutoTokenizer
-
-        from specrouter import catalog
         from specrouter.store import TargetInfo
 
         info = self.described[(name, None)]
-        tokenizer = AutoTokenizer.from_pretrained(catalog.resolve(name))
+        tokenizer, _ = self.tokenizer(LevelSpec(name))
         return TargetInfo(tokenizer, frozenset(info["eos_ids"]), info["max_positions"], info["vocab_size"])
+
+    def tokenizer(self, spec: LevelSpec) -> tuple[object, str]:
+        """The model's tokenizer, loaded here (the router maps vocabularies; workers only get masks)."""
+        return _tokenizer(spec.model), self.described[(spec.model, spec.quant)]["fingerprint"]
 
     def worker(self, spec: LevelSpec, target: str):
         from specrouter.dataplane import RemoteWorker
         from specrouter.store import resolve_skip
 
         key = (spec.model, spec.quant)
-        if self.described[key]["fingerprint"] != self.described[(target, None)]["fingerprint"]:
-            raise ValueError(f"{spec.model} does not share the target's tokenizer")
         name = LevelSpec(spec.model, resolve_skip(spec, _num_layers(spec.model)) or None, spec.quant).label
         # The target is waited for while Ray restarts it; a drafter is skipped (the chain shortens).
         wait_s = self.timeout_s if name == target else 2.0
@@ -176,6 +175,15 @@ def _data_plane_host() -> str:
     if len(ray.nodes()) == 1:
         return "127.0.0.1"
     return ray.util.get_node_ip_address()
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    from specrouter import catalog
+
+    return AutoTokenizer.from_pretrained(catalog.resolve(model))
 
 
 @functools.lru_cache(maxsize=None)

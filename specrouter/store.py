@@ -7,8 +7,6 @@ its own worker over the same weights. The distributed runtime provides remote wo
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +15,7 @@ import torch
 from specrouter import catalog
 from specrouter.model import ModelView, load_hf_model
 from specrouter.spec import LevelSpec, default_skip_layers
+from specrouter.vocab import tokenizer_fingerprint
 from specrouter.worker import ModelWorker
 
 END_TOKEN_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
@@ -35,6 +34,10 @@ class WorkerProvider(Protocol):
 
     def worker(self, spec: LevelSpec, target: str): ...
 
+    def tokenizer(self, spec: LevelSpec) -> tuple[object, str]:
+        """The level's tokenizer and its fingerprint (levels with another than the target's are translated)."""
+        ...
+
 
 def end_tokens(tokenizer, generation_config) -> frozenset[int]:
     """Every token that ends a generation: the tokenizer's, the generation config's, and the usual
@@ -45,10 +48,6 @@ def end_tokens(tokenizer, generation_config) -> frozenset[int]:
     vocab = tokenizer.get_vocab()
     ids.update(vocab[name] for name in END_TOKEN_NAMES if name in vocab)
     return frozenset(ids)
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
 
 
 def resolve_skip(spec: LevelSpec, num_layers: int) -> tuple[int, ...]:
@@ -90,10 +89,12 @@ class ModelStore:
             loaded.tokenizer, end_tokens(loaded.tokenizer, loaded.model.generation_config), config.max_position_embeddings, loaded.model.lm_head.out_features
         )
 
+    def tokenizer(self, spec: LevelSpec) -> tuple[object, str]:
+        loaded = self.get(spec.model, spec.quant)
+        return loaded.tokenizer, loaded.fingerprint
+
     def worker(self, spec: LevelSpec, target: str) -> ModelWorker:
         loaded = self.get(spec.model, spec.quant)
-        if spec.model != target and loaded.fingerprint != self.get(target).fingerprint:
-            raise ValueError(f"{spec.model} does not share the target's tokenizer")
         skip = resolve_skip(spec, loaded.model.config.num_hidden_layers)
         if skip not in loaded.workers:
             label = LevelSpec(spec.model, skip or None, spec.quant).label

@@ -40,6 +40,13 @@ class DraftResult:
     q_draft: torch.Tensor  # [k, V]: the distribution each token was sampled from
 
 
+def restrict(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """logits [N, V] with every token outside `allowed` [V] masked out (None: unchanged)."""
+    if allowed is None:
+        return logits
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
 class ModelWorker:
     def __init__(self, name: str, view: ModelView):
         self.name = name
@@ -70,23 +77,42 @@ class ModelWorker:
         return logits
 
     def forward(
-        self, seq_id: str, version: int, start: int, prefix_hash: int, token_ids: list[int], num_logits: int, params: SamplingParams
+        self,
+        seq_id: str,
+        version: int,
+        start: int,
+        prefix_hash: int,
+        token_ids: list[int],
+        num_logits: int,
+        params: SamplingParams,
+        allowed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cache `token_ids` at [start, start+S) (dropping anything cached beyond start) -> p [num_logits, V].
-        `prefix_hash` is the caller's TokenLog hash of positions [0, start)."""
+        `prefix_hash` is the caller's TokenLog hash of positions [0, start). `allowed` [V] bool restricts
+        the distribution to those tokens (renormalised): a level drafting for another vocabulary."""
         slot = self._slot(seq_id, version, start, prefix_hash)
-        return probs_from_logits(self._run(slot, start, token_ids, num_logits), params)
+        return probs_from_logits(restrict(self._run(slot, start, token_ids, num_logits), allowed), params)
 
     def draft(
-        self, seq_id: str, version: int, start: int, prefix_hash: int, token_ids: list[int], k: int, params: SamplingParams, seed: int
+        self,
+        seq_id: str,
+        version: int,
+        start: int,
+        prefix_hash: int,
+        token_ids: list[int],
+        k: int,
+        params: SamplingParams,
+        seed: int,
+        allowed: torch.Tensor | None = None,
     ) -> DraftResult:
-        """Feed `token_ids` at `start`, then sample k tokens one at a time; the last one is not cached."""
+        """Feed `token_ids` at `start`, then sample k tokens one at a time (among `allowed` only, if
+        given); the last one is not cached."""
         slot = self._slot(seq_id, version, start, prefix_hash)
         generator = torch.Generator(device=self.view.device).manual_seed(seed)
         drafted, rows = [], []
         feed, pos = token_ids, start
         for _ in range(k):
-            q = probs_from_logits(self._run(slot, pos, feed, 1), params)  # [1, V]
+            q = probs_from_logits(restrict(self._run(slot, pos, feed, 1), allowed), params)  # [1, V]
             token = int(sample(q, generator)[0])
             drafted.append(token)
             rows.append(q)

@@ -60,14 +60,58 @@ def tiny_dirs(tmp_path_factory, smollm2_dir) -> dict[str, str]:
     vocab = 49152
     target = tiny_llama(0, vocab)
     models = {"target": target, "draft": perturbed(target, 1, 0.05), "other": tiny_llama(2, vocab, layers=2)}
-    paths = {}
-    for name, model in models.items():
-        path = root / name
-        model.save_pretrained(path)
-        for f in smollm2_dir.iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-                shutil.copy(f, path / f.name)
-        paths[name] = str(path)
+    return {name: save_with_tokenizer(model, root / name, smollm2_dir) for name, model in models.items()}
+
+
+def save_with_tokenizer(model, path: Path, tokenizer_dir: Path) -> str:
+    model.save_pretrained(path)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, path / f.name)
+    return str(path)
+
+
+def transplant(target: LlamaForCausalLM, vocab, own_rows: int, seed: int, noise: float) -> LlamaForCausalLM:
+    """A model on another vocabulary that agrees with `target` on the tokens both share: the target's
+    decoder layers, and its embedding and head rows copied to the shared tokens' own ids (the rest
+    random); then noise on every weight (`perturbed`)."""
+    config = LlamaConfig(**{**target.config.to_dict(), "vocab_size": own_rows})
+    torch.manual_seed(seed)
+    own = LlamaForCausalLM(config).eval()
+    state = {k: v for k, v in target.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+    own.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        own.model.embed_tokens.weight[vocab.shared_own] = target.model.embed_tokens.weight[vocab.shared_target]
+        own.lm_head.weight[vocab.shared_own] = target.lm_head.weight[vocab.shared_target]
+    return perturbed(own, seed, noise)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    """The real Qwen2.5 tokenizer (CI builds it from the 1.5B's first GGUF part: scripts/test.sh)."""
+    return catalog.prepare_tokenizer("qwen2.5-coder-1.5b")
+
+
+@pytest.fixture(scope="session")
+def cross_dirs(tmp_path_factory, smollm2_dir, qwen_tokenizer_dir) -> dict[str, str]:
+    """Tiny random models on the two real tokenizers: a target and a close drafter on Qwen's (152k),
+    and drafters on SmolLM2's (49k) transplanted from the target, so they agree with it often."""
+    from transformers import AutoTokenizer
+
+    from specrouter.vocab import vocab_map
+
+    root = tmp_path_factory.mktemp("cross")
+    qwen_vocab, smol_vocab = 151936, 49152
+    vocab = vocab_map(AutoTokenizer.from_pretrained(smollm2_dir), AutoTokenizer.from_pretrained(qwen_tokenizer_dir), smol_vocab, qwen_vocab)
+    target = tiny_llama(20, qwen_vocab, layers=2)
+    with torch.no_grad():  # prefer the shared tokens, as real text does: ~1 token in 10 is outside them
+        outside = torch.ones(qwen_vocab, dtype=torch.bool)
+        outside[vocab.shared_target] = False
+        target.lm_head.weight[outside] *= 0.85
+    qwen = {"target": target, "qwen-draft": perturbed(target, 21, 0.05)}
+    smol = {"smol": transplant(target, vocab, smol_vocab, 22, 0.05), "smol-far": transplant(target, vocab, smol_vocab, 23, 0.3)}
+    paths = {name: save_with_tokenizer(model, root / name, qwen_tokenizer_dir) for name, model in qwen.items()}
+    paths.update({name: save_with_tokenizer(model, root / name, smollm2_dir) for name, model in smol.items()})
     return paths
 
 

@@ -7,10 +7,12 @@ import torch
 
 from conftest import model_level, perturbed, tiny_llama
 from specrouter.chain import Chain, LevelStats, StepContext, speculative_step
-from specrouter.levels import NgramLevel
+from specrouter.levels import ModelLevel, NgramLevel
 from specrouter.model import ModelView
 from specrouter.sampling import SamplingParams, probs_from_logits
 from specrouter.sequence import SequenceState
+from specrouter.vocab import VocabMap
+from specrouter.worker import ModelWorker
 
 VOCAB = 300
 
@@ -146,3 +148,59 @@ def test_three_level_chain_first_two_tokens_follow_target_joint(params):
     # Power: the same samples clearly reject the drafters' own joints.
     for drafter in (middle, bottom):
         assert chi_square_p_value(counts, joint_two_tokens(ModelView(drafter), prompt, params)) < 1e-6
+
+
+# -- exact sampling distribution with levels on another vocabulary -------------------------------------
+
+# Own vocabulary of 5 tokens against the target's 6: own 0..3 are target 1, 3, 4, 0; own 4 is not
+# shared; target 2 and 5 are not shared (spelled with own 4 in the own levels' context).
+SMALL_MAP = VocabMap(
+    shared_own=torch.tensor([0, 1, 2, 3]),
+    shared_target=torch.tensor([1, 3, 4, 0]),
+    spellings=((3,), (0,), (4,), (1,), (2,), (4, 4)),
+    own_rows=5,
+    target_rows=SMALL_V,
+    own_vocab=5,
+    target_vocab=SMALL_V,
+)
+
+CROSS_DISTRIBUTION_CHAINS = {
+    "own->target": (["own-bottom"], [2]),
+    "own->own->target": (["own-bottom", "own-middle"], [2, 2]),  # a cross level verifying its own tokenizer
+    "target-vocab->own->target": (["bottom", "own-middle"], [2, 2]),  # ... and the target's
+}
+
+
+def level_joint(level, prompt: list[int], params: SamplingParams) -> torch.Tensor:
+    """Exact P(x1, x2 | prompt) [V, V] of a level as it scores (for a cross level: restricted, in target ids)."""
+    seq = SequenceState.new("joint", prompt)
+    p1 = level.score(seq, prompt, [], params)[0]
+    rows = torch.stack([level.score(seq, prompt + [x], [], params)[0] for x in range(SMALL_V)])
+    level.release("joint")
+    return p1[:, None] * rows
+
+
+@pytest.mark.parametrize("case", list(CROSS_DISTRIBUTION_CHAINS))
+def test_chain_with_cross_vocabulary_levels_follows_target_joint(case):
+    params = SamplingParams(temperature=1.0)
+    target = tiny_llama(10, SMALL_V, init_std=0.1)
+    make = {
+        "own-bottom": lambda: ModelLevel("own-bottom", ModelWorker("own-bottom", ModelView(tiny_llama(13, 5, init_std=0.1, layers=2))), SMALL_MAP),
+        "own-middle": lambda: ModelLevel("own-middle", ModelWorker("own-middle", ModelView(tiny_llama(14, 5, init_std=0.1))), SMALL_MAP),
+        "bottom": lambda: model_level(tiny_llama(12, SMALL_V, init_std=0.1, layers=2), "bottom"),
+    }
+    names, lens = CROSS_DISTRIBUTION_CHAINS[case]
+    drafters = [make[name]() for name in names]
+    chain = Chain(drafters + [model_level(target, "target")], lens)
+    prompt = [1, 5, 2]  # holds both tokens the own vocabulary lacks
+    samples = 2000
+    counts = torch.zeros(SMALL_V, SMALL_V)
+    for seed in range(samples):
+        tokens, stats = run(chain, prompt, 2, params, seed=seed)
+        counts[tokens[0], tokens[1]] += 1
+    assert chi_square_p_value(counts, joint_two_tokens(ModelView(target), prompt, params)) > 1e-3
+    # Power: the same samples clearly reject the drafters' own (restricted) joints.
+    for drafter in drafters:
+        assert chi_square_p_value(counts, level_joint(drafter, prompt, params)) < 1e-6
+    # Tokens the own vocabulary lacks are still produced (from the residual or the bonus row).
+    assert counts[[2, 5]].sum() > 0

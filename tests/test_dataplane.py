@@ -124,3 +124,20 @@ def test_rows_travel_exactly_in_the_cheapest_encoding(params, kind):
     assert torch.equal(decode_rows(encoded, 5000), probs)
     if kind == "index":
         assert len(encoded["value"]) < probs.numel() * 4 / 10  # far below the dense float32 rows
+
+
+def test_remote_worker_restricted_to_a_token_mask_equals_local(served):
+    target, server = served
+    remote = RemoteWorker("t", lambda: server.address)
+    local = ModelWorker("local", ModelView(target))
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[::3] = True
+    ids = list(range(30, 50))
+    for params in (SamplingParams(), SamplingParams(temperature=0.9)):
+        a, b = remote.draft("m", 0, 0, EMPTY, ids, 5, params, 7, allowed), local.draft("m", 0, 0, EMPTY, ids, 5, params, 7, allowed)
+        assert a.token_ids == b.token_ids and all(t % 3 == 0 for t in a.token_ids)
+        assert torch.equal(a.q_draft, b.q_draft) and float(a.q_draft[:, ~allowed].sum()) == 0.0
+        assert "allowed_bits" not in remote._mask(allowed)  # the mask went once: now it is named only
+        p = remote.forward("m", 0, 0, EMPTY, ids, 2, params, allowed)
+        assert torch.equal(p, local.forward("m", 0, 0, EMPTY, ids, 2, params, allowed))
+        remote.release("m"), local.release("m")

@@ -57,6 +57,43 @@ def test_tiny_chain_greedy_equals_transformers_generate(tiny_dirs, chain):
     assert result.level_stats[-1].num_emitted_tokens >= 24
 
 
+# -- a drafter whose tokenizer differs from the target's (SmolLM2's 49k vs Qwen's 152k) ------------------
+
+BOUNDARY_PROMPT = "    for i in range(10):\n        print('你好, 世界 🎉', i * 3.14159)\n<|im_end|>\n"
+CROSS_CHAINS = [
+    ("smol,target", [4]),  # the cross pair at the bottom
+    ("ngram,smol,target", [3, 4]),
+    ("smol,qwen-draft,target", [3, 4]),  # at the bottom of a 3-level chain
+    ("smol-far,smol,target", [2, 4]),  # in the middle: smol verifies smol-far, then drafts for the target
+    ("qwen-draft,smol,target", [3, 4]),  # in the middle, verifying a drafter on the target's tokenizer
+]
+
+
+@pytest.mark.parametrize("chain, draft_lens", CROSS_CHAINS, ids=[c for c, _ in CROSS_CHAINS])
+def test_cross_tokenizer_chain_greedy_equals_transformers_generate(cross_dirs, chain, draft_lens):
+    engine = Engine(",".join(cross_dirs.get(name, name) for name in chain.split(",")), dtype="float32", draft_lens=draft_lens)
+    vocab = next(level.vocab for level in engine.chain.levels if getattr(level, "vocab", None))
+    shared = set(vocab.shared_target.tolist())
+    accepted, outside = 0, 0
+    for prompt in (CODE_PROMPT, CHAT_PROMPT, BOUNDARY_PROMPT):
+        result = engine.generate_text(prompt, 24, ignore_eos=True)
+        assert result.token_ids == hf_greedy(engine, prompt, 24), (chain, prompt)
+        accepted += sum(s.num_accepted_tokens for s in result.level_stats if "smol" in s.name)
+        outside += sum(t not in shared for t in result.token_ids)
+    assert accepted > 0  # the translated drafts were accepted, not just rejected
+    assert outside > 0  # and the target emitted tokens SmolLM2 lacks (its context spells them in pieces)
+    smol = next(s for s in result.as_dict()["levels"] if s["name"].endswith("/smol"))
+    assert smol["vocab_map"]["num_shared"] > 30000 and 0.2 < smol["vocab_map"]["coverage_of_target"] < 1
+
+
+def test_cross_tokenizer_sampling_is_seeded_and_emits_target_tokens(cross_dirs):
+    engine = Engine(f"{cross_dirs['smol']},{cross_dirs['target']}", dtype="float32")
+    params = SamplingParams(temperature=0.8, top_k=50)
+    a = engine.generate_text(CHAT_PROMPT, 16, params=params, seed=1, ignore_eos=True)
+    b = engine.generate_text(CHAT_PROMPT, 16, params=params, seed=1, ignore_eos=True)
+    assert a.token_ids == b.token_ids and a.level_stats[0].num_draft_tokens > 0
+
+
 SMOL_CHAINS = [
     ("ngram,smollm2-135m", [4]),
     ("smollm2-135m@skip:20-25,smollm2-135m", [3]),
@@ -137,3 +174,15 @@ def test_qwen_three_level_chain_greedy_equals_target_only_in_fp32():
         result = Engine(chain, provider=store, draft_lens=lens).generate_text(prompt, 32, ignore_eos=True)
         assert result.token_ids == expected, chain
         assert result.level_stats[-2].acceptance_rate > 0.5
+
+
+@pytest.mark.heavy
+def test_real_smollm2_in_front_of_qwen_greedy_equals_target_only_in_fp32():
+    """The real cross-tokenizer pair: SmolLM2-135M (49k vocabulary) drafting for Qwen2.5-Coder-0.5B (152k)."""
+    store = ModelStore("float32")
+    target = Engine("qwen2.5-coder-0.5b", provider=store)
+    for prompt in (CODE_PROMPT, BOUNDARY_PROMPT):
+        expected = target.generate_text(prompt, 32, ignore_eos=True).token_ids
+        result = Engine("smollm2-135m,qwen2.5-coder-0.5b", provider=store, draft_lens=[4]).generate_text(prompt, 32, ignore_eos=True)
+        assert result.token_ids == expected, prompt
+        assert result.level_stats[0].num_accepted_tokens > 0 and result.level_stats[0].vocab_map["num_shared"] > 30000

@@ -198,3 +198,19 @@ def test_calibration_measures_each_pairs_acceptance_per_class_before_any_request
         assert router.acceptance.count(klass, draft, target) > 20 and router.acceptance.count(klass, "ngram", target) > 20
         # The perturbed copy of the target agrees with it far more than an unrelated model does.
         assert router.acceptance.alpha(klass, draft, target) > router.acceptance.alpha(klass, other, target) + 0.3
+
+
+def test_routed_pool_with_a_cross_tokenizer_drafter_is_lossless_and_learns_its_acceptance(cross_dirs):
+    from specrouter.engine import Engine
+    from specrouter.router import router_for
+
+    smol, qwen_draft, target = cross_dirs["smol"], cross_dirs["qwen-draft"], cross_dirs["target"]
+    engine = Engine(f"{smol},{qwen_draft},{target}", dtype="float32")
+    router = router_for(engine, RouterConfig(explore_every=3))
+    prompt = "def f(x):\n    return"
+    expected = Engine(target, dtype="float32").generate_text(prompt, 32, ignore_eos=True).token_ids
+    result = engine.generate_text(prompt, 32, ignore_eos=True, route=router.start("code"))
+    assert result.token_ids == expected
+    # Its acceptance is measured like any pair's, in the verifier's tokens.
+    assert any(router.acceptance.count("code", smol, verifier) > 0 for verifier in (qwen_draft, target))
+    assert router.profiler.draft_time(smol) is not None

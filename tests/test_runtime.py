@@ -40,6 +40,20 @@ def test_distributed_chains_equal_in_process_and_target_only(local_ray, tiny_dir
         local_ray.kill(router)
 
 
+def test_distributed_cross_tokenizer_chain_equals_target_only(local_ray, cross_dirs):
+    """SmolLM2-tokenizer drafters in front of a Qwen-tokenizer target, over Ray and the data plane."""
+    engine = Engine(cross_dirs["target"], dtype="float32")
+    ids = engine.tokenizer("def add(a, b):\n    return a + b  # 加法 🎉\n")["input_ids"]
+    want = engine.generate(ids, 24, ignore_eos=True).token_ids
+    router = make_router(local_ray, f"{cross_dirs['smol']},{cross_dirs['qwen-draft']},{cross_dirs['target']}")
+    for sampling in (None, {"temperature": 0.8}):
+        out = local_ray.get(router.generate.remote(ids, 24, sampling=sampling, ignore_eos=True), timeout=600)
+        if sampling is None:
+            assert out["token_ids"] == want
+        assert out["levels"][0]["num_draft_tokens"] > 0 and out["levels"][0]["vocab_map"]["num_shared"] > 30000
+    local_ray.kill(router)
+
+
 def test_skip_view_lives_in_the_target_actor(local_ray, tiny_chain):
     router = make_router(local_ray, tiny_chain)
     placements = local_ray.get(router.placements.remote(), timeout=600)

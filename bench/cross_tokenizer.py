@@ -1,0 +1,143 @@
+"""Cross-tokenizer chains: SmolLM2-135M (49k vocabulary) drafting for the Qwen2.5-Coder pair (152k),
+against same-tokenizer chains, target-only decoding and transformers' universal assisted generation
+(which re-tokenises text between the two models), on HumanEval (code) and ShareGPT (chat) prompts,
+bf16, greedy, both Qwen end tokens honoured, in one process and one run.
+
+    .venv/bin/python bench/cross_tokenizer.py [--humaneval 6] [--sharegpt 4] [--max-tokens 128]
+    .venv/bin/python bench/cross_tokenizer.py --humaneval 1 --sharegpt 0 --max-tokens 8   # smoke test
+
+Writes bench/results/cross-tokenizer-<timestamp>.json and a PNG plot next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from speculative import BASELINE, Method, Row, machine_info, plot, summarize  # noqa: E402
+from workloads import Prompt, encode, humaneval, sharegpt  # noqa: E402
+
+from specrouter.engine import Engine  # noqa: E402
+from specrouter.store import ModelStore  # noqa: E402
+
+TARGET = "qwen2.5-coder-1.5b"
+DRAFT = "qwen2.5-coder-0.5b"
+SMOL = "smollm2-135m"
+
+METHODS = [
+    Method(BASELINE, "ours", TARGET),
+    Method("universal assisted (transformers, SmolLM2)", "hf-universal"),
+    Method("SmolLM2 -> 1.5B", "ours", f"{SMOL},{TARGET}", (5,)),
+    Method("SmolLM2 -> 0.5B -> 1.5B", "ours", f"{SMOL},{DRAFT},{TARGET}", (3, 5)),
+    Method("SmolLM2 -> 0.5B int8 -> 1.5B", "ours", f"{SMOL},{DRAFT}@int8,{TARGET}", (3, 6)),
+    Method("0.5B -> 1.5B", "ours", f"{DRAFT},{TARGET}", (4,)),
+    Method("0.5B int8 -> 1.5B", "ours", f"{DRAFT}@int8,{TARGET}", (6,)),
+]
+
+
+class Runner:
+    def __init__(self, store: ModelStore, eos_ids: list[int]):
+        self.store = store
+        self.eos_ids = eos_ids
+        self.engines: dict[str, Engine] = {}
+
+    def engine(self, method: Method) -> Engine:
+        if method.name not in self.engines:
+            self.engines[method.name] = Engine(method.chain, draft_lens=list(method.draft_lens) or None, provider=self.store)
+        return self.engines[method.name]
+
+    def run(self, method: Method, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], float, int | None, list[dict]]:
+        if method.kind == "ours":
+            result = self.engine(method).generate(prompt_ids, max_tokens)
+            return result.token_ids, result.elapsed_s, result.num_steps, [s.as_dict() for s in result.level_stats]
+        target, smol = self.store.get(TARGET), self.store.get(SMOL)
+        ids = torch.tensor([prompt_ids])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = target.model.generate(
+                ids,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.eos_ids[0],
+                assistant_model=smol.model,
+                tokenizer=target.tokenizer,
+                assistant_tokenizer=smol.tokenizer,
+            )
+        elapsed = time.perf_counter() - t0
+        tokens = out[0, len(prompt_ids) :].tolist()
+        end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        return (tokens[: end + 1] if end is not None else tokens), elapsed, None, []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--humaneval", type=int, default=6)
+    parser.add_argument("--sharegpt", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", default="", help="comma-separated subset of method names (target-only always runs)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    methods = [m for m in METHODS if not args.methods or m.name in args.methods.split(",") or m.name == BASELINE]
+    store = ModelStore(args.dtype)
+    tokenizer = store.get(TARGET).tokenizer
+    eos_ids = sorted(store.target_info(TARGET).eos_ids)
+    runner = Runner(store, eos_ids)
+    prompts: list[Prompt] = humaneval(args.humaneval) + sharegpt(args.sharegpt)
+    encoded = {p.id: encode(tokenizer, p) for p in prompts}
+
+    for m in methods:  # warm-up: load every model, build the vocabulary map, touch every code path once
+        runner.run(m, encoded[prompts[0].id], 4)
+    rows: list[Row] = []
+    bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="gen")
+    for p in prompts:  # prompt-major, so a machine slowdown hits every method alike
+        for m in methods:
+            bar.set_postfix_str(f"{p.id} | {m.name}")
+            tokens, elapsed, steps, levels = runner.run(m, encoded[p.id], args.max_tokens)
+            rows.append(Row(m.name, p.klass, p.id, len(encoded[p.id]), tokens, elapsed, steps, levels))
+            bar.update()
+    bar.close()
+
+    summary = summarize(rows, methods)
+    vocab_maps = {level["name"]: level["vocab_map"] for r in rows for level in r.levels if "vocab_map" in level}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "cross_tokenizer",
+        "machine": machine_info(),
+        "config": {**vars(args), "target": TARGET, "drafts": [SMOL, DRAFT], "greedy": True, "end_tokens": eos_ids},
+        "methods": [m.__dict__ for m in methods],
+        "vocab_maps": vocab_maps,
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "summary": summary,
+        "rows": [{**r.__dict__, "tokens_per_s": round(r.tokens_per_s, 3)} for r in rows],
+    }
+    json_path = out_dir / f"cross-tokenizer-{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=1))
+    plot(summary, out_dir / f"cross-tokenizer-{stamp}.png")
+    for klass, table in summary.items():
+        print(f"\n== {klass} ==")
+        for name, e in table.items():
+            print(f"{name:44s} {e['tokens_per_s']:6.2f} tok/s  x{e['speedup_vs_target_only']:.2f}  exact {e['exact_match_rate_vs_target_only']:.2f}")
+    uag = "universal assisted (transformers, SmolLM2)"
+    if "all" in summary and uag in summary["all"] and "SmolLM2 -> 1.5B" in summary["all"]:
+        ratio = summary["all"]["SmolLM2 -> 1.5B"]["tokens_per_s"] / summary["all"][uag]["tokens_per_s"]
+        print(f"\nSmolLM2 -> 1.5B vs universal assisted generation: x{ratio:.2f}")
+    print(f"\npeak RSS {result['peak_rss_gb']} GB; wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()
