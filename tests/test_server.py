@@ -168,3 +168,23 @@ def test_servers_bind_to_loopback_only(live_server):
         with socket.socket() as s:
             s.settimeout(5)
             assert s.connect_ex((ip, port)) != 0, f"port {port} answers on {ip}"
+
+
+def test_the_deployment_class_serves_without_serve(local_ray, tiny_dirs, target_only):
+    """SpecRouterServer is a plain class: constructed directly, it answers OpenAI bodies and gRPC."""
+    import asyncio
+
+    from specrouter import client as sdk
+    from specrouter.server import SpecRouterServer
+
+    server = SpecRouterServer({"chain": f"{tiny_dirs['draft']},{tiny_dirs['target']}", "dtype": "float32", "grpc_port": 0})
+    try:
+        body = json.dumps({"model": tiny_dirs["target"], "prompt": PROMPT, "max_tokens": 12, "temperature": 0,
+                           "ignore_eos": True}).encode()
+        out = asyncio.run(server.completions(body))
+        want = target_only.generate(target_only.tokenizer(PROMPT)["input_ids"], 12, ignore_eos=True).token_ids
+        assert out["choices"][0]["text"] == target_only.tokenizer.decode(want, skip_special_tokens=True)
+        with sdk.Client(server.grpc.address, timeout=300) as client:
+            assert client.generate(PROMPT, max_tokens=12, temperature=0, ignore_eos=True).token_ids == want
+    finally:
+        server.close()
