@@ -1,0 +1,167 @@
+"""Continuous batching: many requests advance together, one speculative step per `step()`.
+
+The loop holds the active requests and a queue. Every step it (1) admits queued requests up to
+`max_batch` (their prompts prefill inside the step's batched passes), (2) picks the chain and draft
+lengths for the batch, (3) runs one batched speculative step (chain.speculative_step_batch: batched
+drafting and batched verification per level, per-sequence verdicts and rollback), (4) commits each
+request's tokens and retires the finished ones, releasing their state on every worker. A cancelled
+request is retired at once; the others never notice (their caches and versions are their own).
+
+With an AdaptiveRouter the plan is the one with the best goodput for the current batch (committed
+tokens per second for the whole batch, specrouter/router.py `plan_for_batch`), so speculation
+shrinks and switches off as the batch grows and returns as it shrinks; without one, every step
+runs the engine's static chain (fixed draft lengths; a one-level chain is plain batched decoding).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from specrouter.chain import Chain, LevelStats, StepContext, TimingRecord, speculative_step_batch
+from specrouter.engine import Engine, GenerationResult
+from specrouter.sampling import SamplingParams
+from specrouter.sequence import SequenceState
+from specrouter.worker import WorkerUnavailable
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seq: SequenceState
+    ctx: StepContext
+    max_new_tokens: int
+    klass: str
+    t0: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
+
+    @property
+    def budget(self) -> int:
+        return self.max_new_tokens - len(self.seq.generated)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    committed: dict[str, list[int]]  # request id -> tokens committed this step (end token included)
+    finished: dict[str, GenerationResult]  # requests that finished this step
+    chain: tuple[str, ...] = ()
+    draft_lens: tuple[int, ...] = ()
+    batch: int = 0
+    seconds: float = 0.0
+
+
+class BatchLoop:
+    def __init__(self, engine: Engine, router=None, max_batch: int = 64):
+        """`router`: an AdaptiveRouter choosing each step's plan by goodput; None: the static chain."""
+        self.engine, self.router, self.max_batch = engine, router, max_batch
+        self._waiting: list[_Request] = []
+        self._active: dict[str, _Request] = {}
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    def submit(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int = 0,
+               ignore_eos: bool = False, klass: str = "default") -> str:
+        """Queue a request (it joins the batch at the next step); returns its id."""
+        self.engine.check_request(len(prompt_ids), max_new_tokens)
+        request_id = uuid.uuid4().hex
+        ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset() if ignore_eos else self.engine.eos_ids,
+                          {name: LevelStats(name) for name in self.engine.levels})
+        self._waiting.append(_Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass))
+        return request_id
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request now and free its state on every worker; False if it is unknown or done."""
+        waiting = next((r for r in self._waiting if r.request_id == request_id), None)
+        if waiting is not None:
+            self._waiting.remove(waiting)
+            return True
+        request = self._active.pop(request_id, None)
+        if request is None:
+            return False
+        self._release(request)
+        return True
+
+    def step(self) -> StepReport:
+        """Admit, plan, run one batched speculative step, commit, retire."""
+        # 1. admit queued requests between steps
+        while self._waiting and len(self._active) < self.max_batch:
+            request = self._waiting.pop(0)
+            self._active[request.request_id] = request
+        if not self._active:
+            return StepReport({}, {})
+        requests = list(self._active.values())
+        t0 = time.perf_counter()
+        while True:
+            # 2. the batch's plan
+            chain = self._chain_for([r.klass for r in requests])
+            timings: list[TimingRecord] = []
+            try:
+                # 3. one batched step: every sequence gets at least one target-verified token
+                new = speculative_step_batch(chain, [r.seq for r in requests], [r.ctx for r in requests],
+                                             [r.budget for r in requests], timings)
+                break
+            except WorkerUnavailable as exc:
+                self.engine._mark_down(exc, chain)  # a drafter: redo the step without it; the target: fail
+                for r in requests:
+                    r.ctx.drain_records()
+        seconds = time.perf_counter() - t0
+        if self.router is not None:
+            self.router.observe_batch([(r.klass, r.ctx.drain_records()) for r in requests], timings)
+        # 4. commit; retire what finished
+        committed, finished = {}, {}
+        for request, tokens in zip(requests, new):
+            request.ctx.drain_records()
+            end = next((i for i, t in enumerate(tokens) if t in request.ctx.eos_ids), None)
+            if end is not None:
+                tokens = tokens[: end + 1]
+            request.seq = request.seq.commit(tokens)
+            request.steps += 1
+            request.chains[(tuple(chain.names), tuple(chain.draft_lens))] += 1
+            committed[request.request_id] = tokens
+            if end is not None or request.budget <= 0:
+                finished[request.request_id] = self._finish(request, "stop" if end is not None else "length")
+        return StepReport(committed, finished, tuple(chain.names), tuple(chain.draft_lens), len(requests), seconds)
+
+    def run(self, requests: list[dict]) -> list[GenerationResult]:
+        """Submit every request (keyword arguments of `submit`) and step until all are done."""
+        ids = [self.submit(**request) for request in requests]
+        results: dict[str, GenerationResult] = {}
+        while self.has_work:
+            results.update(self.step().finished)
+        return [results[i] for i in ids]
+
+    def _chain_for(self, classes: list[str]) -> Chain:
+        chain = self.engine.chain_for(self.router.plan_for_batch(classes)) if self.router is not None else self.engine.chain
+        return self.engine._live(chain)
+
+    def _finish(self, request: _Request, reason: str) -> GenerationResult:
+        del self._active[request.request_id]
+        self._release(request)
+        (names, lens), _ = request.chains.most_common(1)[0]
+        return GenerationResult(
+            token_ids=list(request.seq.generated),
+            finish_reason=reason,
+            elapsed_s=time.perf_counter() - request.t0,
+            num_steps=request.steps,
+            chain=list(names),
+            draft_lens=list(lens),
+            level_stats=[s for s in request.ctx.stats.values() if s.time_s > 0 or s.num_draft_tokens],
+            prompt_tokens=request.seq.prompt_len,
+            routing={"steps_by_plan": [{"chain": list(c), "draft_lens": list(g), "steps": n}
+                                       for (c, g), n in request.chains.most_common()]},
+        )
+
+    def _release(self, request: _Request) -> None:
+        for level in self.engine.levels.values():
+            level.release(request.seq.seq_id)

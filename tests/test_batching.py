@@ -1,0 +1,78 @@
+"""Continuous batching: batched outputs equal one-at-a-time outputs; cancellation frees only its own state."""
+
+import pytest
+import torch
+
+from specrouter.batching import BatchLoop
+from specrouter.engine import Engine
+
+
+def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Varied lengths, each with a repeated stretch (so prompt lookup finds something)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        head = torch.randint(0, vocab, (3 + i % 7,), generator=gen).tolist()
+        out.append(head + head[: 2 + i % 3] + torch.randint(0, vocab, (1 + i % 4,), generator=gen).tolist())
+    return out
+
+
+def chain_spec(tiny_dirs, chain: str) -> str:
+    return ",".join(tiny_dirs.get(name.split("@")[0], name.split("@")[0]) + name[len(name.split("@")[0]):] for name in chain.split(","))
+
+
+@pytest.mark.parametrize("chain, draft_lens", [("draft,target", [3]), ("ngram,target", [4]), ("ngram,draft,target", [2, 3]),
+                                               ("target", None)])
+def test_16_concurrent_greedy_requests_equal_one_at_a_time(tiny_dirs, chain, draft_lens):
+    engine = Engine(chain_spec(tiny_dirs, chain), dtype="float32", draft_lens=draft_lens)
+    requests = [{"prompt_ids": p, "max_new_tokens": 6 + 3 * (i % 5), "ignore_eos": True} for i, p in enumerate(prompts(16, 2000))]
+    alone = [engine.generate(r["prompt_ids"], r["max_new_tokens"], ignore_eos=True).token_ids for r in requests]
+    loop = BatchLoop(engine)
+    # 12 start together, 4 join after the first step while the others run (continuous batching)
+    ids = [loop.submit(**r) for r in requests[:12]]
+    results, batches = {}, []
+    for step in range(1000):
+        if step == 1:
+            ids += [loop.submit(**r) for r in requests[12:]]
+        if not loop.has_work:
+            break
+        report = loop.step()
+        batches.append(report.batch)
+        results.update(report.finished)
+    assert [results[i].token_ids for i in ids] == alone
+    assert max(batches) == 16 and all(len(results[i].token_ids) == r["max_new_tokens"] for i, r in zip(ids, requests))
+    assert all(level.worker.num_sequences() == 0 for level in engine.levels.values() if hasattr(level, "worker"))
+
+
+def test_cancelled_request_frees_its_state_and_others_are_unchanged(tiny_dirs):
+    engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
+    requests = [{"prompt_ids": p, "max_new_tokens": 20, "ignore_eos": True} for p in prompts(6, 2000, seed=1)]
+    alone = [engine.generate(**r).token_ids for r in requests]
+    loop = BatchLoop(engine)
+    ids = [loop.submit(**r) for r in requests]
+    results = {}
+    for _ in range(2):
+        results.update(loop.step().finished)
+    workers = [level.worker for level in engine.levels.values()]
+    assert [w.num_sequences() for w in workers] == [6, 6]
+    assert loop.cancel(ids[2])
+    assert [w.num_sequences() for w in workers] == [5, 5] and loop.num_active == 5
+    assert not loop.cancel(ids[2])
+    while loop.has_work:
+        results.update(loop.step().finished)
+    assert ids[2] not in results
+    assert [results[i].token_ids for j, i in enumerate(ids) if j != 2] == [a for j, a in enumerate(alone) if j != 2]
+    assert [w.num_sequences() for w in workers] == [0, 0]
+
+
+def test_end_token_finishes_one_request_and_not_the_others(tiny_dirs):
+    engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
+    p = prompts(4, 2000, seed=2)
+    free = engine.generate(p[0], 12, ignore_eos=True).token_ids
+    engine.eos_ids = frozenset({free[4]})  # request 0 meets an "end token" at its 5th token
+    requests = [{"prompt_ids": q, "max_new_tokens": 12, "ignore_eos": i > 0} for i, q in enumerate(p)]
+    alone = [engine.generate(**r) for r in requests]
+    batched = BatchLoop(engine).run(requests)
+    assert batched[0].finish_reason == "stop" and batched[0].token_ids == free[: free.index(free[4]) + 1]
+    assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
+    assert [b.finish_reason for b in batched] == [a.finish_reason for a in alone]
