@@ -165,3 +165,27 @@ class BatchLoop:
     def _release(self, request: _Request) -> None:
         for level in self.engine.levels.values():
             level.release(request.seq.seq_id)
+
+
+def calibration_passes(level, batch: int, lengths: tuple[int, ...], context: int) -> list[tuple[str, int, float]]:
+    """Time a level's batched passes over `batch` throwaway sequences: ("score", block length, s) per
+    length (verifiers only) and ("draft", 4, s) for four tokens drafted for all of them."""
+    params, out = SamplingParams(), []
+    seqs = [SequenceState.new(f"calibrate-{level.name}-{batch}-{b}", list(range(1 + b, context + 1 + b))) for b in range(batch)]
+    ctxs = [list(seq.token_ids) for seq in seqs]
+    score = getattr(level, "score_batch", None) or (lambda items: [level.score(*item) for item in items])
+    propose = getattr(level, "propose_batch", None) or (lambda items: [level.propose(*item) for item in items])
+    try:
+        if level.can_verify:
+            score([(seq, ctx[:-1], [], params) for seq, ctx in zip(seqs, ctxs)])  # prefill, not timed
+            for n in lengths:
+                t0 = time.perf_counter()
+                score([(seq, ctx, list(range(2, n + 1)), params) for seq, ctx in zip(seqs, ctxs)])
+                out.append(("score", n, time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        propose([(seq, ctx, 4, params, 0) for seq, ctx in zip(seqs, ctxs)])
+        out.append(("draft", 4, time.perf_counter() - t0))
+    finally:
+        for seq in seqs:
+            level.release(seq.seq_id)
+    return out

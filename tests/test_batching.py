@@ -5,6 +5,7 @@ import torch
 
 from specrouter.batching import BatchLoop
 from specrouter.engine import Engine
+from specrouter.router import router_for
 
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -76,3 +77,30 @@ def test_end_token_finishes_one_request_and_not_the_others(tiny_dirs):
     assert batched[0].finish_reason == "stop" and batched[0].token_ids == free[: free.index(free[4]) + 1]
     assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
     assert [b.finish_reason for b in batched] == [a.finish_reason for a in alone]
+
+
+def test_goodput_loop_is_lossless_and_speculates_again_as_the_batch_shrinks(tiny_dirs):
+    from test_router import synthetic_batch_profile
+
+    engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
+    draft, target = list(engine.levels)
+    calibrated = router_for(engine, calibrate=False)
+    calibrated.calibrate_batches(engine.levels, batches=(1, 2), lengths=(1, 2))  # real batched passes
+    assert all(calibrated.profiler.score_time(name, 2, batch=2) > 0 for name in (draft, target))
+    assert calibrated.profiler.draft_time(draft, batch=2) > 0
+    router = router_for(engine, calibrate=False)
+    synthetic_batch_profile(router, target, draft)  # a profile where big batches don't pay
+    router.observe_batch = lambda records, timings: None  # keep it fixed while the loop runs
+    requests = [{"prompt_ids": p, "max_new_tokens": 2 + 10 * (i == 0), "ignore_eos": True} for i, p in enumerate(prompts(16, 2000, 3))]
+    alone = [engine.generate(**r).token_ids for r in requests]
+    loop = BatchLoop(engine, router)
+    ids = [loop.submit(**r) for r in requests]
+    results, plans = {}, []
+    while loop.has_work:
+        report = loop.step()
+        plans.append((report.batch, report.chain))
+        results.update(report.finished)
+    assert [results[i].token_ids for i in ids] == alone
+    assert plans[0] == (16, (target,))  # 16 at once: plain batched decoding
+    assert plans[-1] == (1, (draft, target))  # the long request alone: speculation is back
+    assert all(level.worker.num_sequences() == 0 for level in engine.levels.values())

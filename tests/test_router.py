@@ -151,3 +151,21 @@ def test_routed_generation_on_real_models_is_lossless_and_explained(tiny_dirs):
     assert why["class"] == "code" and why["decisions"] and why["measured_s_per_token"] > 0
     assert sum(p["steps"] for p in why["steps_by_plan"]) == result.num_steps
     assert router.profiler.score_time(tiny_dirs["target"], 4) is not None
+
+
+def synthetic_batch_profile(router: AdaptiveRouter, target: str, drafter: str, batches=(1, 16)) -> None:
+    """Verification cost grows with the batch's tokens; acceptance 0.8."""
+    for b in batches:
+        router.observe_batch([], [TimingRecord(target, "score", n, 0.1 + 0.02 * n * b, b) for n in (1, 2, 4, 8)]
+                             + [TimingRecord(drafter, "draft", 4, 4 * (0.02 + 0.002 * b), b)])
+    router.observe_batch([("default", [VerifyRecord(drafter, target, 4, 3, [0.8] * 4)] * 20)], [])
+
+
+def test_batch_plan_turns_speculation_off_for_a_large_batch_and_on_again_for_a_small_one():
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True})
+    synthetic_batch_profile(router, "t", "d")
+    assert router.plan_for_batch(["default"] * 16).chain == ("t",)
+    assert router.plan_for_batch(["default"] * 32).chain == ("t",)  # beyond the profile: extended along its slope
+    small = router.plan_for_batch(["default"])
+    assert small.chain == ("d", "t") and small.draft_lens[0] >= 2
+    assert router.plan_for_batch(["default"] * 2).chain == ("d", "t")  # between profiled sizes: interpolated
