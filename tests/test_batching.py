@@ -104,3 +104,35 @@ def test_goodput_loop_is_lossless_and_speculates_again_as_the_batch_shrinks(tiny
     assert plans[0] == (16, (target,))  # 16 at once: plain batched decoding
     assert plans[-1] == (1, (draft, target))  # the long request alone: speculation is back
     assert all(level.worker.num_sequences() == 0 for level in engine.levels.values())
+
+
+SMOL_PROMPTS = [
+    "def fibonacci(n):", "The capital of France is", "import numpy as np\n", "Once upon a time",
+    "for i in range(10):", "The three primary colors are", "class Stack:\n    def __init__(self):", "SELECT name FROM",
+    "Water boils at", "def is_prime(n: int) -> bool:", "My favourite fruit is", "# Sort a list in Python\n",
+    "The quick brown fox", "x = [1, 2, 3]\nprint(", "In 1969, astronauts", "def add(a, b):\n    return",
+]
+
+
+@pytest.fixture(scope="module")
+def smol_alone(smollm2_dir):
+    """Each prompt generated alone by the target (any lossless chain alone gives the same, greedy)."""
+    engine = Engine("smollm2-135m", dtype="float32")
+    ids = [engine.tokenizer(p)["input_ids"] for p in SMOL_PROMPTS]
+    requests = [{"prompt_ids": p, "max_new_tokens": 6 + 2 * (i % 4), "ignore_eos": True} for i, p in enumerate(ids)]
+    return requests, [engine.generate(**r).token_ids for r in requests]
+
+
+@pytest.mark.parametrize("chain, draft_lens", [("smollm2-135m@int8,smollm2-135m", [3]), ("ngram,smollm2-135m", [4])])
+def test_smollm2_16_concurrent_greedy_requests_equal_one_at_a_time(smol_alone, chain, draft_lens):
+    requests, alone = smol_alone
+    engine = Engine(chain, dtype="float32", draft_lens=draft_lens)
+    loop = BatchLoop(engine)
+    ids = [loop.submit(**r) for r in requests]
+    results, batches = {}, []
+    while loop.has_work:
+        report = loop.step()
+        batches.append(report.batch)
+        results.update(report.finished)
+    assert [results[i].token_ids for i in ids] == alone
+    assert batches[0] == 16
