@@ -39,6 +39,7 @@ class _Request:
     t0: float = field(default_factory=time.perf_counter)
     steps: int = 0
     chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
+    decisions: list[dict] = field(default_factory=list)  # every change of plan, with the batch size it was made for
 
     @property
     def budget(self) -> int:
@@ -80,17 +81,19 @@ class BatchLoop:
         self._waiting.append(_Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass))
         return request_id
 
-    def cancel(self, request_id: str) -> bool:
-        """Drop a request now and free its state on every worker; False if it is unknown or done."""
+    def cancel(self, request_id: str, reason: str = "cancelled") -> GenerationResult | None:
+        """Drop a request now and free its state on every worker; its result so far (None if it is
+        unknown or already finished)."""
         waiting = next((r for r in self._waiting if r.request_id == request_id), None)
         if waiting is not None:
             self._waiting.remove(waiting)
-            return True
-        request = self._active.pop(request_id, None)
-        if request is None:
-            return False
-        self._release(request)
-        return True
+            return self._result(waiting, reason)
+        request = self._active.get(request_id)
+        return self._finish(request, reason) if request is not None else None
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [r.request_id for r in self._waiting] + list(self._active)
 
     def step(self) -> StepReport:
         """Admit, plan, run one batched speculative step, commit, retire."""
@@ -119,19 +122,27 @@ class BatchLoop:
         if self.router is not None:
             self.router.observe_batch([(r.klass, r.ctx.drain_records()) for r in requests], timings)
         # 4. commit; retire what finished
+        plan = (tuple(chain.names), tuple(chain.draft_lens))
         committed, finished = {}, {}
         for request, tokens in zip(requests, new):
             request.ctx.drain_records()
             end = next((i for i, t in enumerate(tokens) if t in request.ctx.eos_ids), None)
-            if end is not None:
-                tokens = tokens[: end + 1]
+            tokens = tokens[: end + 1] if end is not None else tokens
+            self._note_plan(request, plan, len(requests))
             request.seq = request.seq.commit(tokens)
             request.steps += 1
-            request.chains[(tuple(chain.names), tuple(chain.draft_lens))] += 1
             committed[request.request_id] = tokens
             if end is not None or request.budget <= 0:
                 finished[request.request_id] = self._finish(request, "stop" if end is not None else "length")
-        return StepReport(committed, finished, tuple(chain.names), tuple(chain.draft_lens), len(requests), seconds)
+        return StepReport(committed, finished, plan[0], plan[1], len(requests), seconds)
+
+    def _note_plan(self, request: _Request, plan: tuple[tuple[str, ...], tuple[int, ...]], batch: int) -> None:
+        request.chains[plan] += 1
+        last = request.decisions[-1] if request.decisions else None
+        if last is None or (tuple(last["chain"]), tuple(last["draft_lens"])) != plan:
+            request.decisions.append({"chain": list(plan[0]), "draft_lens": list(plan[1]), "batch": batch,
+                                      "reason": "best goodput for the batch" if self.router is not None else "static chain",
+                                      "at_token": len(request.seq.generated)})
 
     def run(self, requests: list[dict]) -> list[GenerationResult]:
         """Submit every request (keyword arguments of `submit`) and step until all are done."""
@@ -148,7 +159,10 @@ class BatchLoop:
     def _finish(self, request: _Request, reason: str) -> GenerationResult:
         del self._active[request.request_id]
         self._release(request)
-        (names, lens), _ = request.chains.most_common(1)[0]
+        return self._result(request, reason)
+
+    def _result(self, request: _Request, reason: str) -> GenerationResult:
+        (names, lens), _ = request.chains.most_common(1)[0] if request.chains else ((tuple(self.engine.chain.names), ()), 0)
         return GenerationResult(
             token_ids=list(request.seq.generated),
             finish_reason=reason,
@@ -158,8 +172,8 @@ class BatchLoop:
             draft_lens=list(lens),
             level_stats=[s for s in request.ctx.stats.values() if s.time_s > 0 or s.num_draft_tokens],
             prompt_tokens=request.seq.prompt_len,
-            routing={"steps_by_plan": [{"chain": list(c), "draft_lens": list(g), "steps": n}
-                                       for (c, g), n in request.chains.most_common()]},
+            routing={"class": request.klass, "decisions": request.decisions,
+                     "steps_by_plan": [{"chain": list(c), "draft_lens": list(g), "steps": n} for (c, g), n in request.chains.most_common()]},
         )
 
     def _release(self, request: _Request) -> None:
