@@ -220,6 +220,7 @@ def speculative_step_batch(
 
 def verify_round_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list[int]], ks: list[int],
                        ctxs: list[StepContext], timings: list[TimingRecord]) -> list[Verdict]:
+    """`verify_round` for many sequences: one batched proposal below, one batched pass at level i."""
     level = chain.levels[i]
     blocks = [Block([], torch.empty(0, level.vocab_size))] * len(seqs)
     drafting = [b for b, k in enumerate(ks) if i > 0 and k > 0]
@@ -239,6 +240,8 @@ def verify_round_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes
 
 def propose_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list[int]], ns: list[int],
                   ctxs: list[StepContext], timings: list[TimingRecord]) -> list[Block]:
+    """`propose` for many sequences: an intermediate level runs batched rounds until every sequence
+    has its n tokens (or an end token); a sequence leaves the rounds once it has them."""
     if i == 0:
         level = chain.levels[0]
         items = [(seq, prefix, n, ctx.params, ctx.seed()) for seq, prefix, n, ctx in zip(seqs, prefixes, ns, ctxs)]

@@ -161,8 +161,11 @@ class AdaptiveRouter:
 
     def plan_for_batch(self, classes: list[str]) -> Plan:
         """The chain and draft lengths with the best goodput for a batch of requests of these classes
-        (acceptance averaged over them), from the costs profiled at this batch size."""
-        return search_batch(
+        (acceptance averaged over them), from the costs profiled at this batch size. Every
+        `explore_every` steps a drafter not measured since runs once if its best plan is predicted
+        within `explore_margin` of the best, so an acceptance learned while speculation was off (or
+        never learned: the prior) is checked again and speculation can return when it pays."""
+        ranked = search_batch(
             self.pool,
             self.target,
             len(classes),
@@ -173,15 +176,24 @@ class AdaptiveRouter:
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
-        )[0]
+        )
+        stale = self._stalest_level()
+        if stale is not None:
+            self._last_measured[stale] = self._step
+            explore = next((p for p in ranked if stale in p.chain), None)
+            if explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin:
+                return Plan(explore.chain, tuple(max(3, g) for g in explore.draft_lens), explore.predicted_s_per_token)
+        return ranked[0]
 
     def observe_batch(self, records: list[tuple[str, list]], timings: list[TimingRecord]) -> None:
         """One batched step's feedback: each request's (class, records) and the batch's level timings."""
+        self._step += 1
         for klass, request_records in records:
             for r in request_records:
                 if isinstance(r, VerifyRecord):
                     self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
         for t in timings:
+            self._last_measured[t.level] = self._step
             if t.op == "score":
                 self.profiler.observe_score(t.level, t.num_tokens, t.seconds, batch=t.batch)
             else:

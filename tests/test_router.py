@@ -169,3 +169,16 @@ def test_batch_plan_turns_speculation_off_for_a_large_batch_and_on_again_for_a_s
     small = router.plan_for_batch(["default"])
     assert small.chain == ("d", "t") and small.draft_lens[0] >= 2
     assert router.plan_for_batch(["default"] * 2).chain == ("d", "t")  # between profiled sizes: interpolated
+
+
+def test_batch_plan_explores_an_unmeasured_drafter_and_keeps_it_when_it_pays():
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=4))
+    timings = [TimingRecord("t", "score", n, 0.1, 1) for n in (1, 2, 4, 8)] + [TimingRecord("d", "draft", 4, 4 * 0.06, 1)]
+    router.observe_batch([], timings)
+    assert router.plan_for_batch(["default"]).chain == ("t",)  # at the prior acceptance the drafter does not pay
+    for _ in range(4):
+        router.observe_batch([], [TimingRecord("t", "score", 1, 0.1, 1)])
+    assert router.plan_for_batch(["default"]).chain == ("d", "t")  # one exploratory step
+    assert router.plan_for_batch(["default"]).chain == ("t",)
+    router.observe_batch([("default", [VerifyRecord("d", "t", 3, 3, [0.95] * 3)] * 5)], timings)
+    assert router.plan_for_batch(["default"]).chain == ("d", "t")  # it pays: speculation is back for good
