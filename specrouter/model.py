@@ -156,7 +156,9 @@ class ModelView:
         The tokens of all sequences are packed into one row of N = sum(S_b) tokens, so every weight
         matmul (embedding, projections, MLP, LM head) runs once for the batch with no padding;
         attention runs per sequence over that sequence's own cache prefix [0, start_b + S_b), causal
-        within its new tokens. Each sequence's result equals running it alone.
+        within its new tokens. Each sequence's result equals running it alone (to float rounding), except
+        on int8 views: dynamic quantisation scales activations per tensor, so a drafter's distributions
+        can depend on its batch-mates (drafts only; the target verifies at full precision).
         """
         inner = self.hf_model.model
         device = self.device
