@@ -136,3 +136,17 @@ def test_smollm2_16_concurrent_greedy_requests_equal_one_at_a_time(smol_alone, c
         results.update(report.finished)
     assert [results[i].token_ids for i in ids] == alone
     assert batches[0] == 16
+
+
+def test_sampled_requests_in_a_batch_draw_as_they_do_alone(tiny_dirs):
+    """Each request's generator is consumed in the same order as alone, so a seed gives the same
+    sample whatever the batch-mates."""
+    from specrouter.sampling import SamplingParams
+
+    engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
+    params = SamplingParams(temperature=0.8, top_p=0.95)
+    requests = [{"prompt_ids": p, "max_new_tokens": 10, "params": params, "seed": i, "ignore_eos": True}
+                for i, p in enumerate(prompts(6, 2000, seed=4))]
+    alone = [engine.generate(r["prompt_ids"], 10, params, r["seed"], ignore_eos=True).token_ids for r in requests]
+    assert [r.token_ids for r in BatchLoop(engine).run(requests)] == alone
+    assert len({tuple(a) for a in alone}) == len(alone)
