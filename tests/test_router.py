@@ -182,3 +182,12 @@ def test_batch_plan_explores_an_unmeasured_drafter_and_keeps_it_when_it_pays():
     assert router.plan_for_batch(["default"]).chain == ("t",)
     router.observe_batch([("default", [VerifyRecord("d", "t", 3, 3, [0.95] * 3)] * 5)], timings)
     assert router.plan_for_batch(["default"]).chain == ("d", "t")  # it pays: speculation is back for good
+
+
+def test_an_early_rejection_does_not_anchor_the_acceptance_estimate():
+    from specrouter.acceptance import AcceptanceTable
+
+    table = AcceptanceTable()
+    table.observe("code", "d", "t", [0.0])  # a greedy first position: rejected
+    table.observe("code", "d", "t", [1.0] * 9)
+    assert table.alpha("code", "d", "t") == pytest.approx(0.889, abs=0.01)  # the mean, not ~0.37 (EMA from 0)
