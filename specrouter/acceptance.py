@@ -29,12 +29,14 @@ class AcceptanceTable:
 
     def observe(self, klass: str, drafter: str, verifier: str, alphas: list[float]) -> None:
         for key in ((klass, drafter, verifier), (POOLED, drafter, verifier)):
-            value = self._alpha.get(key)
+            value, n = self._alpha.get(key, 0.0), self._count.get(key, 0)
             for a in alphas:
-                value = a if value is None else value + self.ema * (a - value)
-            if value is not None:
-                self._alpha[key] = value
-                self._count[key] = self._count.get(key, 0) + len(alphas)
+                n += 1
+                # the running mean until 1/ema observations, then the EMA: an early outlier (a greedy
+                # first position is 0 or 1) must not anchor the estimate for hundreds of positions
+                value += max(self.ema, 1.0 / n) * (a - value)
+            if n:
+                self._alpha[key], self._count[key] = value, n
 
     def alpha(self, klass: str, drafter: str, verifier: str) -> float:
         """The class's estimate shrunk toward the pooled one (itself shrunk toward the prior) while it

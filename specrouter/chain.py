@@ -108,8 +108,9 @@ class TimingRecord:
 
     level: str
     op: str  # "score" (one pass over num_tokens) or "draft" (num_tokens sampled one by one)
-    num_tokens: int
+    num_tokens: int  # per sequence (the longest in a batch)
     seconds: float
+    batch: int = 1  # sequences in the call
 
 
 @dataclass
@@ -144,7 +145,7 @@ def speculative_step(chain: Chain, seq: SequenceState, ctx: StepContext, budget:
 
 def verify_round(chain: Chain, i: int, seq: SequenceState, prefix: list[int], k: int, ctx: StepContext) -> Verdict:
     """Level i verifies a block of up to k tokens that level i-1 proposes after `prefix`."""
-    level, stats = chain.levels[i], ctx.level_stats(chain.levels[i].name)
+    level = chain.levels[i]
     if i > 0 and k > 0:
         block = propose(chain, i - 1, seq, prefix, k, ctx)
     else:
@@ -153,6 +154,12 @@ def verify_round(chain: Chain, i: int, seq: SequenceState, prefix: list[int], k:
     p_target = level.score(seq, prefix, block.token_ids, ctx.params)  # [len(block) + 1, V]
     seconds = time.perf_counter() - t0
     ctx.records.append(TimingRecord(level.name, "score", len(block) + 1, seconds))
+    return judge(chain, i, block, p_target, seconds, ctx)
+
+
+def judge(chain: Chain, i: int, block: Block, p_target: torch.Tensor, seconds: float, ctx: StepContext) -> Verdict:
+    """Level i's verdict on `block` from its distributions p_target [len(block) + 1, V]; counts it."""
+    stats = ctx.level_stats(chain.levels[i].name)
     q_draft = _match_vocab(block.q_draft, p_target.shape[-1])  # [len(block), V]
     verdict = rejection_sample(block.token_ids, q_draft, p_target, ctx.generator)
     stats.time_s += seconds
@@ -165,7 +172,7 @@ def verify_round(chain: Chain, i: int, seq: SequenceState, prefix: list[int], k:
         below.num_accepted_tokens += verdict.num_accepted
         below.num_rounds += 1
         alphas = pairwise_alpha(q_draft, p_target[: len(block)]).tolist()
-        ctx.records.append(VerifyRecord(below.name, level.name, len(block), verdict.num_accepted, alphas))
+        ctx.records.append(VerifyRecord(below.name, chain.levels[i].name, len(block), verdict.num_accepted, alphas))
     return verdict
 
 
@@ -196,3 +203,68 @@ def _match_vocab(q_draft: torch.Tensor, vocab: int) -> torch.Tensor:
     if q_draft.shape[-1] == vocab:
         return q_draft
     return torch.nn.functional.pad(q_draft, (0, vocab - q_draft.shape[-1]))
+
+
+# -- the same step for a batch of sequences, level by level in lockstep ------------------------------------
+# Every level call of the step above becomes one batched call over the sequences that make it; each
+# sequence's own operations (and its generator's draws) happen in the same order as alone, and the
+# verdicts come from the same `judge`. Level calls are timed per batch into `timings`.
+
+
+def speculative_step_batch(
+    chain: Chain, seqs: list[SequenceState], ctxs: list[StepContext], budgets: list[int], timings: list[TimingRecord]
+) -> list[list[int]]:
+    """One batched target verification for every sequence; the committed tokens of each."""
+    top = len(chain.levels) - 1
+    ks = [min(chain.draft_lens[-1], budget - 1) if top > 0 else 0 for budget in budgets]
+    verdicts = verify_round_batch(chain, top, seqs, [list(seq.token_ids) for seq in seqs], ks, ctxs, timings)
+    return [verdict.tokens[:budget] for verdict, budget in zip(verdicts, budgets)]
+
+
+def verify_round_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list[int]], ks: list[int],
+                       ctxs: list[StepContext], timings: list[TimingRecord]) -> list[Verdict]:
+    """`verify_round` for many sequences: one batched proposal below, one batched pass at level i."""
+    level = chain.levels[i]
+    blocks = [Block([], torch.empty(0, level.vocab_size))] * len(seqs)
+    drafting = [b for b, k in enumerate(ks) if i > 0 and k > 0]
+    if drafting:
+        proposed = propose_batch(chain, i - 1, [seqs[b] for b in drafting], [prefixes[b] for b in drafting],
+                                 [ks[b] for b in drafting], [ctxs[b] for b in drafting], timings)
+        for b, block in zip(drafting, proposed):
+            blocks[b] = block
+    items = [(seq, prefix, block.token_ids, ctx.params) for seq, prefix, block, ctx in zip(seqs, prefixes, blocks, ctxs)]
+    t0 = time.perf_counter()
+    score_batch = getattr(level, "score_batch", None)
+    p_targets = score_batch(items) if score_batch else [level.score(*item) for item in items]  # [len(block) + 1, V] each
+    seconds = time.perf_counter() - t0
+    timings.append(TimingRecord(level.name, "score", max(len(block) for block in blocks) + 1, seconds, len(seqs)))
+    return [judge(chain, i, block, p, seconds, ctx) for block, p, ctx in zip(blocks, p_targets, ctxs)]
+
+
+def propose_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list[int]], ns: list[int],
+                  ctxs: list[StepContext], timings: list[TimingRecord]) -> list[Block]:
+    """`propose` for many sequences: an intermediate level runs batched rounds until every sequence
+    has its n tokens (or an end token); a sequence leaves the rounds once it has them."""
+    if i == 0:
+        level = chain.levels[0]
+        items = [(seq, prefix, n, ctx.params, ctx.seed()) for seq, prefix, n, ctx in zip(seqs, prefixes, ns, ctxs)]
+        t0 = time.perf_counter()
+        propose_many = getattr(level, "propose_batch", None)
+        blocks = propose_many(items) if propose_many else [level.propose(*item) for item in items]
+        seconds = time.perf_counter() - t0
+        for ctx in ctxs:
+            ctx.level_stats(level.name).time_s += seconds
+        timings.append(TimingRecord(level.name, "draft", max(ns), seconds, len(seqs)))
+        return blocks
+    tokens: list[list[int]] = [[] for _ in seqs]
+    rows: list[list[torch.Tensor]] = [[] for _ in seqs]
+    open_ = list(range(len(seqs)))
+    while open_:
+        ks = [min(chain.draft_lens[i - 1], ns[b] - len(tokens[b]) - 1) for b in open_]
+        verdicts = verify_round_batch(chain, i, [seqs[b] for b in open_], [prefixes[b] + tokens[b] for b in open_], ks,
+                                      [ctxs[b] for b in open_], timings)
+        for b, verdict in zip(open_, verdicts):
+            tokens[b] += verdict.tokens
+            rows[b].append(verdict.p_rows)
+        open_ = [b for b, verdict in zip(open_, verdicts) if len(tokens[b]) < ns[b] and not ctxs[b].eos_ids.intersection(verdict.tokens)]
+    return [Block(t[:n], torch.cat(r)[:n]) for t, r, n in zip(tokens, rows, ns)]

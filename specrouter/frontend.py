@@ -17,9 +17,12 @@ from specrouter.sampling import SamplingParams
 
 
 class Frontend:
-    def __init__(self, engine: Engine, router=None, default_max_tokens: int = 256):
-        """`router`: an AdaptiveRouter (specrouter/router.py) to pick each step's chain, or None."""
+    def __init__(self, engine: Engine, router=None, default_max_tokens: int = 256, batcher=None):
+        """`router`: an AdaptiveRouter (specrouter/router.py) to pick each step's chain, or None.
+        `batcher`: a BatchServer (specrouter/batch_server.py) over the same engine: requests then run in
+        its shared batch (the router only classifies them; the batch's plan is chosen by goodput)."""
         self.engine, self.router, self.default_max_tokens = engine, router, default_max_tokens
+        self.batcher = batcher
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -50,7 +53,7 @@ class Frontend:
             text_for_class = request.prompt if isinstance(request.prompt, str) else self.engine.tokenizer.decode(ids)
             route = self.router.start(request.prompt_class or classify(text_for_class))
         text = TextStream(self.engine.tokenizer, request.stop)
-        steps = self.engine.steps(ids, max_tokens, params, request.seed, request.ignore_eos, route)
+        steps = (self.batcher or self.engine).steps(ids, max_tokens, params, request.seed, request.ignore_eos, route)
         halt, pending = None, []  # tokens whose text is held back (partial character, maybe a stop string)
         try:
             while True:

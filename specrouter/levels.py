@@ -17,7 +17,7 @@ import torch
 from specrouter.sampling import SamplingParams
 from specrouter.sequence import PositionGapError, SequenceState, TokenLog, common_prefix_len
 from specrouter.vocab import VocabMap
-from specrouter.worker import ModelWorker
+from specrouter.worker import DraftCall, ForwardCall, ModelWorker
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,52 @@ class ModelLevel:
         # A draft token may take several own ids: keep the row before each one's first own id.
         rows = [ends[len(ctx) - 1 + j] - n_ctx for j in range(len(draft) + 1)]
         return self.vocab.rows_to_target(p[rows])
+
+    def score_batch(self, items: list[tuple[SequenceState, list[int], list[int], SamplingParams]]) -> list[torch.Tensor]:
+        """`score(seq, ctx, draft, params)` for many sequences in one batched pass on the worker."""
+        if self.vocab is not None or not hasattr(self.worker, "forward_batch"):
+            # A remote worker, or a level on its own vocabulary (ids to translate): one call per sequence.
+            return [self.score(*item) for item in items]
+
+        def call(i: int, start: int, prefix_hash: int) -> ForwardCall:
+            seq, ctx, draft, params = items[i]
+            return ForwardCall(seq.seq_id, seq.version, start, prefix_hash, ctx[start:] + draft, len(draft) + 1, params)
+
+        starts, p = self._send_batch([(seq.seq_id, ctx) for seq, ctx, _, _ in items], call, self.worker.forward_batch)
+        for (seq, ctx, draft, _), start in zip(items, starts):
+            self._cached[seq.seq_id].put(start, ctx[start:] + draft)
+        return p
+
+    def propose_batch(self, items: list[tuple[SequenceState, list[int], int, SamplingParams, int]]) -> list[Block]:
+        """`propose(seq, ctx, n, params, seed)` for many sequences, drafting them together on the worker."""
+        if self.vocab is not None or not hasattr(self.worker, "draft_batch"):
+            return [self.propose(*item) for item in items]
+
+        def call(i: int, start: int, prefix_hash: int) -> DraftCall:
+            seq, ctx, n, params, seed = items[i]
+            return DraftCall(seq.seq_id, seq.version, start, prefix_hash, ctx[start:], n, params, seed)
+
+        starts, results = self._send_batch([(seq.seq_id, ctx) for seq, ctx, *_ in items], call, self.worker.draft_batch)
+        for (seq, ctx, *_), start, result in zip(items, starts, results):
+            self._cached[seq.seq_id].put(start, ctx[start:] + result.token_ids[:-1])
+        return [Block(r.token_ids, r.q_draft) for r in results]
+
+    def _send_batch(self, targets: list[tuple[str, list[int]]], call, run) -> tuple[list[int], list]:
+        """`_send` for a batch: one run over every sequence from its longest shared prefix; the
+        sequences the worker refused with a gap are resent from position 0 in a second run."""
+        logs = [self._cached.setdefault(seq_id, TokenLog()) for seq_id, _ in targets]
+        starts = [min(common_prefix_len(log.tokens, ctx), len(ctx) - 1) for log, (_, ctx) in zip(logs, targets)]
+        results = run([call(i, start, log.prefix_hash(start)) for i, (log, start) in enumerate(zip(logs, starts))])
+        gaps = [i for i, r in enumerate(results) if isinstance(r, PositionGapError)]
+        for i in gaps:
+            logs[i].truncate(0)
+            starts[i] = 0
+        for i, r in zip(gaps, run([call(i, 0, logs[i].prefix_hash(0)) for i in gaps]) if gaps else []):
+            results[i] = r
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return starts, results
 
     def forget(self) -> None:
         """Drop every mirror (the worker restarted): the next calls prefill from position 0."""

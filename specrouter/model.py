@@ -144,37 +144,71 @@ class ModelView:
         compute_dtype = self.hf_model.model.norm.weight.dtype  # fp32 for int8 models, whose embeddings stay bf16
         return KVCache(len(self.layers), config.num_key_value_heads, head_dim, compute_dtype, self.device)
 
-    @torch.inference_mode()
     def forward(self, token_ids: list[int], start: int, cache: KVCache, num_logits: int) -> torch.Tensor:
         """Run `token_ids` at positions [start, start+S); return float32 logits [num_logits, V] of the last rows."""
+        return self.forward_batch([SeqBlock(token_ids, start, cache, num_logits)])[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, blocks: list["SeqBlock"]) -> list[torch.Tensor]:
+        """One pass over many sequences, ragged: sequence b runs its S_b tokens at positions
+        [start_b, start_b + S_b) over its own cache and gets float32 logits [num_logits_b, V].
+
+        The tokens of all sequences are packed into one row of N = sum(S_b) tokens, so every weight
+        matmul (embedding, projections, MLP, LM head) runs once for the batch with no padding;
+        attention runs per sequence over that sequence's own cache prefix [0, start_b + S_b), causal
+        within its new tokens. Each sequence's result equals running it alone (to float rounding), except
+        on int8 views: dynamic quantisation scales activations per tensor, so a drafter's distributions
+        can depend on its batch-mates (drafts only; the target verifies at full precision).
+        """
         inner = self.hf_model.model
         device = self.device
-        seq_len = len(token_ids)
-        end = start + seq_len
-        if end > self.max_positions:
-            raise ValueError(f"sequence of {end} tokens exceeds the model's {self.max_positions} positions")
-        cache.reserve(end)
-        ids = torch.tensor([token_ids], dtype=torch.long, device=device)  # [B=1, S]
-        positions = torch.arange(start, end, device=device)[None]  # [B, S]
-        x = inner.embed_tokens(ids)  # [B, S, H]
-        cos, sin = inner.rotary_emb(x, positions)  # [B, S, D] each
-        # Query i (at position start+i) sees keys 0..start+i; a single query sees everything.
-        mask = None
-        if seq_len > 1:
-            key_pos = torch.arange(end, device=device)
-            mask = key_pos[None, :] <= positions[0, :, None]  # [S, start+S]
+        for b in blocks:
+            if not b.token_ids:
+                raise ValueError("every sequence in a batch needs at least one token")
+            if b.start + len(b.token_ids) > self.max_positions:
+                raise ValueError(f"sequence of {b.start + len(b.token_ids)} tokens exceeds the model's {self.max_positions} positions")
+            b.cache.reserve(b.start + len(b.token_ids))
+        lens = [len(b.token_ids) for b in blocks]
+        offsets = [sum(lens[:i]) for i in range(len(blocks))]  # where sequence b's tokens begin in the packed row
+        total = sum(lens)
+        ids = torch.tensor([[t for b in blocks for t in b.token_ids]], dtype=torch.long, device=device)  # [1, N]
+        positions = torch.cat([torch.arange(b.start, b.start + n, device=device) for b, n in zip(blocks, lens)])[None]  # [1, N]
+        x = inner.embed_tokens(ids)  # [1, N, H]
+        cos, sin = inner.rotary_emb(x, positions)  # [1, N, D] each
+        # Query i of sequence b (at position start_b+i) sees keys 0..start_b+i; a single query sees everything.
+        masks = [
+            torch.arange(b.start + n, device=device)[None, :] <= torch.arange(b.start, b.start + n, device=device)[:, None]
+            if n > 1 else None
+            for b, n in zip(blocks, lens)
+        ]  # [S_b, start_b+S_b] each
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            shape = (1, seq_len, -1, attn.head_dim)
+            shape = (1, total, -1, attn.head_dim)
             q, k, v = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape), attn.v_proj(h).view(shape)
             if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D]
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [1, heads, N, D]
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k_all, v_all = cache.write(li, start, k, v)  # [B, H_kv, start+S, D]
-            o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, seq_len, -1))
+            outs = []
+            for b, n, off, mask in zip(blocks, lens, offsets, masks):
+                rows = slice(off, off + n)
+                k_all, v_all = b.cache.write(li, b.start, k[:, :, rows], v[:, :, rows])  # [1, H_kv, start_b+S_b, D]
+                outs.append(F.scaled_dot_product_attention(q[:, :, rows], k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=True))
+            o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [1, heads, N, D]
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, total, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = inner.norm(x[:, -num_logits:])
-        return self.hf_model.lm_head(x)[0].float()  # [num_logits, V]
+        last = torch.cat([torch.arange(off + n - b.num_logits, off + n, device=device) for b, n, off in zip(blocks, lens, offsets)])
+        logits = self.hf_model.lm_head(inner.norm(x[:, last]))[0].float()  # [sum(num_logits_b), V]
+        return list(logits.split([b.num_logits for b in blocks]))
+
+
+@dataclass(frozen=True)
+class SeqBlock:
+    """One sequence's part of a batched forward: tokens to run at [start, start+len) over `cache`,
+    and how many of the last rows' logits to return."""
+
+    token_ids: list[int]
+    start: int
+    cache: KVCache
+    num_logits: int

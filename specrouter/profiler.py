@@ -52,10 +52,13 @@ class ForwardProfiler:
             table[key] = _Ema(x)
 
     def score_time(self, level: str, num_tokens: int, batch: int = 1) -> float | None:
-        """Predicted seconds for one pass over num_tokens: the bucket's EMA, else interpolated."""
+        """Predicted seconds for one pass over num_tokens per sequence for `batch` sequences: the
+        bucket's EMA, else interpolated over block lengths, then over batch sizes."""
+        batches = sorted({bt for (name, _, bt) in self._score if name == level})
+        return _over_batches([(bt, self._score_at(level, num_tokens, bt)) for bt in batches], batch)
+
+    def _score_at(self, level: str, num_tokens: int, batch: int) -> float:
         known = sorted((b, e.value) for (name, b, bt), e in self._score.items() if name == level and bt == batch)
-        if not known:
-            return None
         exact = dict(known).get(bucket(num_tokens))
         if exact is not None:
             return exact
@@ -68,10 +71,32 @@ class ForwardProfiler:
         return t0  # outside the profiled range: flat (verification cost grows slowly with n)
 
     def draft_time(self, level: str, batch: int = 1) -> float | None:
-        e = self._draft.get((level, batch))
-        return e.value if e else None
+        """Seconds per drafted token for `batch` sequences drafting together."""
+        return _over_batches(sorted((bt, e.value) for (name, bt), e in self._draft.items() if name == level), batch)
 
     def observations(self, level: str) -> int:
         return sum(e.count for (name, *_), e in self._score.items() if name == level) + sum(
             e.count for (name, _), e in self._draft.items() if name == level
         )
+
+
+def _over_batches(points: list[tuple[int, float]], batch: int) -> float | None:
+    """Cost at `batch` from costs measured at other batch sizes [(batch, seconds)], sorted: linear
+    between neighbours; past the largest measured batch, extended along the last measured slope
+    (never below it); below the smallest, flat."""
+    if not points:
+        return None
+    known = dict(points)
+    if batch in known:
+        return known[batch]
+    below = [p for p in points if p[0] < batch]
+    above = [p for p in points if p[0] > batch]
+    if below and above:
+        (b0, t0), (b1, t1) = below[-1], above[0]
+        return t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
+    if above:
+        return above[0][1]
+    if len(below) >= 2:
+        (b0, t0), (b1, t1) = below[-2], below[-1]
+        return t1 + max(0.0, (t1 - t0) / (b1 - b0)) * (batch - b1)
+    return below[-1][1]

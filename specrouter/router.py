@@ -25,7 +25,7 @@ from specrouter.chain import TimingRecord, VerifyRecord
 from specrouter.levels import Level, NgramLevel
 from specrouter.profiler import ForwardProfiler
 from specrouter.sampling import SamplingParams
-from specrouter.scheduler import Plan, predict, search
+from specrouter.scheduler import Plan, predict, search, search_batch
 from specrouter.sequence import SequenceState
 
 if TYPE_CHECKING:
@@ -89,15 +89,15 @@ class AdaptiveRouter:
 
     # -- the latency model's inputs ---------------------------------------------------------------------
 
-    def _verify_cost(self, level: str, num_tokens: int) -> float:
-        t = self.profiler.score_time(level, num_tokens)
+    def _verify_cost(self, level: str, num_tokens: int, batch: int = 1) -> float:
+        t = self.profiler.score_time(level, num_tokens, batch)
         return t if t is not None else self.config.default_cost_s
 
-    def _draft_cost(self, level: str) -> float:
-        t = self.profiler.draft_time(level)
+    def _draft_cost(self, level: str, batch: int = 1) -> float:
+        t = self.profiler.draft_time(level, batch)
         if t is not None:
             return t
-        single = self.profiler.score_time(level, 1)  # a model drafts one token per single-token pass
+        single = self.profiler.score_time(level, 1, batch)  # a model drafts one token per single-token pass
         return single if single is not None else self.config.default_cost_s
 
     def plans(self, klass: str) -> list[Plan]:
@@ -179,6 +179,61 @@ class AdaptiveRouter:
         if rounds:
             per_round = max(0.0, step_seconds - level_seconds) / rounds
             self.overhead_s += 0.2 * (per_round - self.overhead_s)
+
+    # -- batches (specrouter/batching.py) --------------------------------------------------------------
+
+    def plan_for_batch(self, classes: list[str]) -> Plan:
+        """The chain and draft lengths with the best goodput for a batch of requests of these classes
+        (acceptance averaged over them), from the costs profiled at this batch size. Every
+        `explore_every` steps a drafter not measured since runs once if its best plan is predicted
+        within `explore_margin` of the best, so an acceptance learned while speculation was off (or
+        never learned: the prior) is checked again and speculation can return when it pays."""
+        ranked = search_batch(
+            self.pool,
+            self.target,
+            len(classes),
+            verify=self._verify_cost,
+            draft=self._draft_cost,
+            alpha=lambda d, v: sum(self.acceptance.alpha(k, d, v) for k in classes) / len(classes),
+            overhead=self.overhead_s,
+            can_verify=lambda name: self.can_verify.get(name, True),
+            lengths=self.config.lengths,
+            max_drafters=self.config.max_drafters,
+        )
+        stale = self._stalest_level()
+        if stale is not None:
+            self._last_measured[stale] = self._step
+            explore = next((p for p in ranked if stale in p.chain), None)
+            if explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin:
+                return Plan(explore.chain, tuple(max(3, g) for g in explore.draft_lens), explore.predicted_s_per_token)
+        return ranked[0]
+
+    def observe_batch(self, records: list[tuple[str, list]], timings: list[TimingRecord]) -> None:
+        """One batched step's feedback: each request's (class, records) and the batch's level timings."""
+        self._step += 1
+        for klass, request_records in records:
+            for r in request_records:
+                if isinstance(r, VerifyRecord):
+                    self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
+        for t in timings:
+            self._last_measured[t.level] = self._step
+            if t.op == "score":
+                self.profiler.observe_score(t.level, t.num_tokens, t.seconds, batch=t.batch)
+            else:
+                self.profiler.observe_draft(t.level, t.num_tokens, t.seconds, batch=t.batch)
+
+    def calibrate_batches(self, levels: dict[str, Level], batches: tuple[int, ...] = (1, 4, 16),
+                          lengths: tuple[int, ...] = (1, 2, 4, 8), context: int = 32) -> None:
+        """Seed the profiles at several batch sizes with batched passes over throwaway sequences."""
+        from specrouter.batching import calibration_passes
+
+        for name, level in levels.items():
+            for batch in batches:
+                for op, num_tokens, seconds in calibration_passes(level, batch, lengths, context):
+                    if op == "score":
+                        self.profiler.observe_score(name, num_tokens, seconds, batch=batch)
+                    else:
+                        self.profiler.observe_draft(name, num_tokens, seconds, batch=batch)
 
     def start(self, klass: str) -> "Route":
         return Route(self, klass)

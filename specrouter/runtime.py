@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -198,10 +197,15 @@ def _num_layers(model: str) -> int:
 @ray.remote(max_restarts=-1, max_concurrency=16)
 class RouterActor:
     """Runs chains over remote workers; the same Engine as in-process, with a RayWorkers provider.
-    One request generates at a time (a lock); other calls (info, placements) answer meanwhile."""
+    Requests run together in one continuous batch (a BatchServer thread steps it); other calls
+    (info, placements) answer meanwhile. With `adaptive`, the batch's chain and draft lengths are
+    chosen every step by goodput for the batch."""
 
     def __init__(self, chain: str, dtype: str = "bfloat16", draft_lens: list[int] | None = None,
-                 placement: dict[str, dict] | None = None, adaptive: bool = False, default_max_tokens: int = 256):
+                 placement: dict[str, dict] | None = None, adaptive: bool = False, default_max_tokens: int = 256,
+                 max_batch: int = 16):
+        from specrouter.batch_server import BatchServer
+        from specrouter.batching import BatchLoop
         from specrouter.engine import Engine
         from specrouter.frontend import Frontend
 
@@ -213,22 +217,21 @@ class RouterActor:
             from specrouter.router import router_for
 
             self.router = router_for(self.engine)
-        self.frontend = Frontend(self.engine, self.router, default_max_tokens)
-        self._lock = threading.Lock()
+        self.batcher = BatchServer(BatchLoop(self.engine, self.router, max_batch))
+        self.frontend = Frontend(self.engine, self.router, default_max_tokens, batcher=self.batcher)
 
     def stream(self, request):
         """A streaming generator over Frontend.stream (a GenerationRequest), with {"started": True}
-        when the request's turn comes: bad input fails on the first item, before the request queues
-        behind the one generating. ray.cancel() on it stops the generation after the current step."""
+        once the request is queued for the batch: bad input fails on the first item. ray.cancel() on
+        it stops the generation after the current step and frees its state."""
         items = self.frontend.stream(request)
         yield next(items)
-        with self._lock:
-            yield {"started": True}
-            for item in items:
-                if ray.get_runtime_context().is_canceled():  # the client went away: free the workers
-                    items.close()
-                    return
-                yield item
+        yield {"started": True}
+        for item in items:
+            if ray.get_runtime_context().is_canceled():  # the client went away: free the workers
+                items.close()
+                return
+            yield item
 
     def info(self) -> dict:
         return {"chain": ",".join(s.label for s in self.engine.specs), "target": self.engine.target_name,
@@ -236,12 +239,12 @@ class RouterActor:
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: dict | None = None, seed: int = 0,
                  ignore_eos: bool = False, prompt_class: str | None = None) -> dict:
+        """One request through the batch; data_plane_bytes counts every request's traffic meanwhile."""
         from specrouter.sampling import SamplingParams
 
         route = self.router.start(prompt_class or "default") if self.router else None
-        with self._lock:
-            bytes_before = self._bytes_moved()
-            result = self.engine.generate(prompt_ids, max_new_tokens, SamplingParams(**(sampling or {})), seed, ignore_eos, route)
+        bytes_before = self._bytes_moved()
+        result = self.batcher.generate(prompt_ids, max_new_tokens, SamplingParams(**(sampling or {})), seed, ignore_eos, route)
         return {**result.as_dict(), "data_plane_bytes": self._bytes_moved() - bytes_before}
 
     def _bytes_moved(self) -> int:

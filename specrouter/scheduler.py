@@ -8,6 +8,12 @@ With L_0 = M_0's drafting time per token, a level's time per emitted token is
 
 and the chain's predicted time per committed token is L_N. Target-only decoding is the chain of one
 level, L = verify_N(1) + overhead, so speculation switches itself off when it does not pay.
+
+A batch of B sequences stepping together is the same model with batch-dependent costs: drafting a
+token for all of them takes draft(level, B), a verification pass over g+1 tokens each takes
+verify(level, g+1, B), and L_N is the batch's time per token per sequence, so the batch commits
+B / L_N tokens per second (its goodput). Verification gets dearer as B grows (the pass does B(g+1)
+tokens of work), so the best draft lengths shrink with B until target-only decoding wins.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Callable
 CostFn = Callable[[str, int], float]  # (level, block length) -> seconds for one verification pass
 DraftFn = Callable[[str], float]  # level -> seconds per drafted token
 AlphaFn = Callable[[str, str], float]  # (drafter, verifier) -> acceptance
+BatchCostFn = Callable[[str, int, int], float]  # (level, block length, batch) -> seconds for one batched pass
+BatchDraftFn = Callable[[str, int], float]  # (level, batch) -> seconds per drafted token for the batch
 
 
 @dataclass(frozen=True)
@@ -77,3 +85,13 @@ def search(
                 best = Plan(chain, lens, t)
         plans.append(best)
     return sorted(plans, key=lambda p: p.predicted_s_per_token)
+
+
+def goodput(plan: Plan, batch: int) -> float:
+    """Committed tokens per second for a whole batch running `plan` (every sequence gets a token per L_N)."""
+    return batch / plan.predicted_s_per_token
+
+
+def search_batch(pool: list[str], target: str, batch: int, verify: BatchCostFn, draft: BatchDraftFn, alpha: AlphaFn, **kwargs) -> list[Plan]:
+    """`search` with the costs of a batch of `batch` sequences: plans best goodput first."""
+    return search(pool, target, lambda level, n: verify(level, n, batch), lambda level: draft(level, batch), alpha, **kwargs)

@@ -6,6 +6,9 @@ every call names the sequence id, the version it is based on and an explicit sta
 - `draft`: the same, then sample k tokens autoregressively with their probabilities;
 - `truncate`: roll the sequence back to a position (idempotent);
 - `release`: free the sequence.
+`forward_batch` and `draft_batch` run the same calls for many sequences in batched passes; each call
+keeps its own version, start and prefix check, so a refused call (or a rolled-back sequence) changes
+only its own sequence.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specrouter.model import KVCache, ModelView
+from specrouter.model import KVCache, ModelView, SeqBlock
 from specrouter.sampling import SamplingParams, probs_from_logits, sample
 from specrouter.sequence import PositionGapError, StaleVersionError, TokenLog
 
@@ -45,6 +48,33 @@ def restrict(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor
     if allowed is None:
         return logits
     return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
+@dataclass(frozen=True)
+class ForwardCall:
+    """One sequence's `forward` inside a batch (same arguments)."""
+
+    seq_id: str
+    version: int
+    start: int
+    prefix_hash: int
+    token_ids: list[int]
+    num_logits: int
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class DraftCall:
+    """One sequence's `draft` inside a batch (same arguments)."""
+
+    seq_id: str
+    version: int
+    start: int
+    prefix_hash: int
+    token_ids: list[int]
+    k: int
+    params: SamplingParams
+    seed: int
 
 
 class ModelWorker:
@@ -143,3 +173,64 @@ class ModelWorker:
 
     def num_sequences(self) -> int:
         return len(self._slots)
+
+    # -- batched calls: many sequences per pass ----------------------------------------------------------
+
+    def _slots_for(self, calls: list[ForwardCall | DraftCall]) -> list[_Slot | Exception]:
+        """Each call's slot, or the protocol error that refuses that call alone (nothing else changes)."""
+        if len({c.seq_id for c in calls}) != len(calls):
+            raise ValueError("a batch names a sequence twice")
+        slots: list[_Slot | Exception] = []
+        for c in calls:
+            try:
+                slots.append(self._slot(c.seq_id, c.version, c.start, c.prefix_hash))
+            except (StaleVersionError, PositionGapError) as exc:
+                slots.append(exc)
+        return slots
+
+    def _run_batch(self, slots: list[_Slot], starts: list[int], feeds: list[list[int]], num_logits: list[int]) -> list[torch.Tensor]:
+        blocks = [SeqBlock(feed, start, slot.cache, n) for slot, start, feed, n in zip(slots, starts, feeds, num_logits)]
+        logits = self.view.forward_batch(blocks)  # [num_logits_b, V] each
+        for slot, start, feed in zip(slots, starts, feeds):
+            slot.log.put(start, feed)
+        return logits
+
+    def forward_batch(self, calls: list[ForwardCall]) -> list[torch.Tensor | Exception]:
+        """`forward` for many sequences in one pass: p [num_logits, V] per call, or the StaleVersionError
+        / PositionGapError that refused that call (the others still run)."""
+        slots = self._slots_for(calls)
+        ok = [i for i, slot in enumerate(slots) if not isinstance(slot, Exception)]
+        results: list[torch.Tensor | Exception] = list(slots)
+        if ok:
+            logits = self._run_batch([slots[i] for i in ok], [calls[i].start for i in ok], [calls[i].token_ids for i in ok],
+                                     [calls[i].num_logits for i in ok])
+            for i, row in zip(ok, logits):
+                results[i] = probs_from_logits(row, calls[i].params)
+        return results
+
+    def draft_batch(self, calls: list[DraftCall]) -> list[DraftResult | Exception]:
+        """`draft` for many sequences: one batched pass per drafted position, each sequence sampling
+        with its own seeded generator (so each result equals its `draft` alone); a sequence leaves the
+        batch once it has its k tokens."""
+        slots = self._slots_for(calls)
+        results: list[DraftResult | Exception] = list(slots)
+        live = [i for i, slot in enumerate(slots) if not isinstance(slot, Exception)]
+        generators = {i: torch.Generator(device=self.view.device).manual_seed(calls[i].seed) for i in live}
+        drafted: dict[int, list[int]] = {i: [] for i in live}
+        rows: dict[int, list[torch.Tensor]] = {i: [] for i in live}
+        feeds = {i: (calls[i].start, calls[i].token_ids) for i in live}  # next (position, tokens) to run
+        active = [i for i in live if calls[i].k > 0]
+        while active:
+            logits = self._run_batch([slots[i] for i in active], [feeds[i][0] for i in active], [feeds[i][1] for i in active],
+                                     [1] * len(active))
+            for i, row in zip(active, logits):
+                q = probs_from_logits(row, calls[i].params)  # [1, V]
+                token = int(sample(q, generators[i])[0])
+                drafted[i].append(token)
+                rows[i].append(q)
+                feeds[i] = (feeds[i][0] + len(feeds[i][1]), [token])
+            active = [i for i in active if len(drafted[i]) < calls[i].k]
+        for i in live:
+            q_draft = torch.cat(rows[i]) if rows[i] else torch.empty(0, self.vocab_size)
+            results[i] = DraftResult(drafted[i], q_draft)
+        return results

@@ -52,3 +52,32 @@ def test_cache_grows_past_its_first_chunk():
     last = view.forward(ids[200:], 200, cache, 1)
     assert cache.capacity >= 300
     torch.testing.assert_close(last, view.forward(ids, 0, view.new_cache(), 1), atol=1e-5, rtol=1e-5)
+
+
+def test_batched_forward_equals_each_sequence_alone():
+    """Ragged batch: 16 sequences, each at its own position with its own cache and new-token count
+    (prefills mixed with single tokens and blocks), equal to running each alone."""
+    from specrouter.model import SeqBlock
+
+    view = ModelView(tiny_llama(0, 300))
+    gen = torch.Generator().manual_seed(3)
+    alone, blocks, histories = [], [], []
+    for b in range(16):
+        cached = torch.randint(0, 300, (b * 7 % 23,), generator=gen).tolist()  # 0..22 cached tokens
+        new = torch.randint(0, 300, (1 + b % 5 if cached else 9,), generator=gen).tolist()
+        solo, shared = view.new_cache(), view.new_cache()
+        if cached:
+            view.forward(cached, 0, solo, 1)
+            view.forward(cached + [1, 2, 3], 0, shared, 1)  # stale tokens beyond the cached prefix
+        num_logits = min(len(new), 1 + b % 3)
+        alone.append(view.forward(new, len(cached), solo, num_logits))
+        blocks.append(SeqBlock(new, len(cached), shared, num_logits))
+        histories.append(cached + new)
+    batched = view.forward_batch(blocks)
+    for a, b in zip(alone, batched):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        assert torch.equal(b.argmax(-1), a.argmax(-1))
+    # the shared caches now hold exactly each history: one more token continues as a fresh full pass
+    follow = view.forward_batch([SeqBlock([7], len(hist), blk.cache, 1) for blk, hist in zip(blocks, histories)])
+    for hist, out in zip(histories, follow):
+        torch.testing.assert_close(out, view.forward(hist + [7], 0, view.new_cache(), 1), atol=1e-5, rtol=1e-5)

@@ -214,3 +214,43 @@ def test_routed_pool_with_a_cross_tokenizer_drafter_is_lossless_and_learns_its_a
     # Its acceptance is measured like any pair's, in the verifier's tokens.
     assert any(router.acceptance.count("code", smol, verifier) > 0 for verifier in (qwen_draft, target))
     assert router.profiler.draft_time(smol) is not None
+
+
+def synthetic_batch_profile(router: AdaptiveRouter, target: str, drafter: str, batches=(1, 16)) -> None:
+    """Verification cost grows with the batch's tokens; acceptance 0.8."""
+    for b in batches:
+        router.observe_batch([], [TimingRecord(target, "score", n, 0.1 + 0.02 * n * b, b) for n in (1, 2, 4, 8)]
+                             + [TimingRecord(drafter, "draft", 4, 4 * (0.02 + 0.002 * b), b)])
+    router.observe_batch([("default", [VerifyRecord(drafter, target, 4, 3, [0.8] * 4)] * 20)], [])
+
+
+def test_batch_plan_turns_speculation_off_for_a_large_batch_and_on_again_for_a_small_one():
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True})
+    synthetic_batch_profile(router, "t", "d")
+    assert router.plan_for_batch(["default"] * 16).chain == ("t",)
+    assert router.plan_for_batch(["default"] * 32).chain == ("t",)  # beyond the profile: extended along its slope
+    small = router.plan_for_batch(["default"])
+    assert small.chain == ("d", "t") and small.draft_lens[0] >= 2
+    assert router.plan_for_batch(["default"] * 2).chain == ("d", "t")  # between profiled sizes: interpolated
+
+
+def test_batch_plan_explores_an_unmeasured_drafter_and_keeps_it_when_it_pays():
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=4))
+    timings = [TimingRecord("t", "score", n, 0.1, 1) for n in (1, 2, 4, 8)] + [TimingRecord("d", "draft", 4, 4 * 0.06, 1)]
+    router.observe_batch([], timings)
+    assert router.plan_for_batch(["default"]).chain == ("t",)  # at the prior acceptance the drafter does not pay
+    for _ in range(4):
+        router.observe_batch([], [TimingRecord("t", "score", 1, 0.1, 1)])
+    assert router.plan_for_batch(["default"]).chain == ("d", "t")  # one exploratory step
+    assert router.plan_for_batch(["default"]).chain == ("t",)
+    router.observe_batch([("default", [VerifyRecord("d", "t", 3, 3, [0.95] * 3)] * 5)], timings)
+    assert router.plan_for_batch(["default"]).chain == ("d", "t")  # it pays: speculation is back for good
+
+
+def test_an_early_rejection_does_not_anchor_the_acceptance_estimate():
+    from specrouter.acceptance import AcceptanceTable
+
+    table = AcceptanceTable()
+    table.observe("code", "d", "t", [0.0])  # a greedy first position: rejected
+    table.observe("code", "d", "t", [1.0] * 9)
+    assert table.alpha("code", "d", "t") == pytest.approx(0.889, abs=0.01)  # the mean, not ~0.37 (EMA from 0)

@@ -1,6 +1,6 @@
 import pytest
 
-from specrouter.scheduler import expected_tokens, predict, search
+from specrouter.scheduler import expected_tokens, goodput, predict, search, search_batch
 
 
 def flat(costs: dict[str, float]):
@@ -51,3 +51,17 @@ def test_drafter_only_at_the_bottom_when_it_cannot_verify():
     plans = search(["ngram", "d"], "t", flat({"t": 1.0, "d": 0.1, "ngram": 0.0}), lambda d: 0.0, lambda d, v: 0.5,
                    can_verify=lambda n: n != "ngram")
     assert all("ngram" not in p.chain[1:] for p in plans)
+
+
+def test_goodput_switches_speculation_off_for_a_large_batch_and_back_on_for_a_small_one():
+    """Verification cost grows with the batch's tokens (B * (g + 1)); drafting grows slowly."""
+    verify = lambda level, n, b: {"t": 0.1 + 0.02 * n * b, "d": 0.01 + 0.001 * n * b}[level]
+    draft = lambda level, b: 0.02 + 0.002 * b
+    batches = (1, 2, 4, 8, 16, 32)
+    best = {b: search_batch(["d"], "t", b, verify, draft, lambda d, v: 0.8)[0] for b in batches}
+    lens = [p.draft_lens[0] if len(p.chain) > 1 else 0 for p in best.values()]
+    assert lens[0] >= 2 and lens[-2:] == [0, 0]  # speculation at batch 1, none at 16 and 32
+    assert lens == sorted(lens, reverse=True)  # it shrinks as the batch grows
+    for b, plan in best.items():
+        target_only = predict(("t",), (), lambda level, n: verify(level, n, b), lambda level: draft(level, b), lambda d, v: 0.8, 0.0)
+        assert goodput(plan, b) >= b / target_only  # never predicted slower than plain batched decoding

@@ -84,3 +84,52 @@ def test_different_prefix_is_refused_and_state_kept(worker):
     with pytest.raises(PositionGapError, match="different prefix"):
         worker.forward("a", 0, 5, h([9, 9, 9, 9, 9]), [1], 1, GREEDY)  # a replayed message of another branch
     assert worker.cached_tokens("a") == list(range(10))
+
+
+def _fill(worker, seq_id, tokens):
+    worker.forward(seq_id, 0, 0, EMPTY, tokens, 1, GREEDY)
+
+
+def test_forward_batch_equals_each_forward_and_one_sequence_rolls_back_alone(worker):
+    from specrouter.worker import ForwardCall
+
+    alone = ModelWorker("alone", worker.view)
+    hist = {s: list(range(3 + i, 13 + 2 * i)) for i, s in enumerate("abc")}
+    for w in (worker, alone):
+        for s, tokens in hist.items():
+            _fill(w, s, tokens)
+    # b's last 3 tokens were rejected drafts: its call starts 3 positions back; a and c continue
+    starts = {"a": len(hist["a"]), "b": len(hist["b"]) - 3, "c": len(hist["c"])}
+    calls = [ForwardCall(s, 1, starts[s], h(hist[s][: starts[s]]), [40, 41], 2, SAMPLED) for s in "abc"]
+    batched = worker.forward_batch(calls)
+    for call, p in zip(calls, batched):
+        ref = alone.forward(call.seq_id, 1, call.start, call.prefix_hash, call.token_ids, 2, SAMPLED)
+        torch.testing.assert_close(p, ref, atol=1e-6, rtol=1e-5)
+        assert worker.cached_tokens(call.seq_id) == hist[call.seq_id][: call.start] + [40, 41]
+
+
+def test_a_refused_call_in_a_batch_changes_only_its_own_sequence(worker):
+    from specrouter.worker import ForwardCall
+
+    for s in "ab":
+        _fill(worker, s, [1, 2, 3])
+    worker.truncate("a", 5, 3)  # a is at version 5: a version-1 call is stale
+    calls = [ForwardCall("a", 1, 3, h([1, 2, 3]), [9], 1, GREEDY), ForwardCall("b", 1, 3, h([1, 2, 3]), [9], 1, GREEDY),
+             ForwardCall("c", 0, 2, h([1, 2]), [9], 1, GREEDY)]  # c holds nothing: a gap
+    stale, ok, gap = worker.forward_batch(calls)
+    assert isinstance(stale, StaleVersionError) and isinstance(gap, PositionGapError)
+    assert ok.shape == (1, 300)
+    assert worker.cached_tokens("a") == [1, 2, 3] and worker.cached_tokens("b") == [1, 2, 3, 9]
+
+
+def test_draft_batch_equals_each_draft_alone(worker):
+    from specrouter.worker import DraftCall
+
+    alone = ModelWorker("alone", worker.view)
+    calls = [DraftCall(s, 0, 0, EMPTY, list(range(2 + i, 9 + 3 * i)), k, SAMPLED, seed=10 + i)
+             for i, (s, k) in enumerate(zip("abcd", (3, 1, 0, 5)))]
+    for call, got in zip(calls, worker.draft_batch(calls)):
+        ref = alone.draft(call.seq_id, 0, 0, EMPTY, call.token_ids, call.k, SAMPLED, call.seed)
+        assert got.token_ids == ref.token_ids and len(got.token_ids) == call.k
+        torch.testing.assert_close(got.q_draft, ref.q_draft, atol=1e-6, rtol=1e-5)
+        assert worker.cached_tokens(call.seq_id) == alone.cached_tokens(call.seq_id)

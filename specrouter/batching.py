@@ -1,0 +1,205 @@
+"""Continuous batching: many requests advance together, one speculative step per `step()`.
+
+The loop holds the active requests and a queue. Every step it (1) admits queued requests up to
+`max_batch` (their prompts prefill inside the step's batched passes), (2) picks the chain and draft
+lengths for the batch, (3) runs one batched speculative step (chain.speculative_step_batch: batched
+drafting and batched verification per level, per-sequence verdicts and rollback), (4) commits each
+request's tokens and retires the finished ones, releasing their state on every worker. A cancelled
+request is retired at once; the others never notice (their caches and versions are their own).
+
+With an AdaptiveRouter the plan is the one with the best goodput for the current batch (committed
+tokens per second for the whole batch, specrouter/router.py `plan_for_batch`), so speculation
+shrinks and switches off as the batch grows and returns as it shrinks; without one, every step
+runs the engine's static chain (fixed draft lengths; a one-level chain is plain batched decoding).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from specrouter.chain import Chain, LevelStats, StepContext, TimingRecord, speculative_step_batch
+from specrouter.engine import Engine, GenerationResult
+from specrouter.sampling import SamplingParams
+from specrouter.sequence import SequenceState
+from specrouter.worker import WorkerUnavailable
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seq: SequenceState
+    ctx: StepContext
+    max_new_tokens: int
+    klass: str
+    t0: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
+    decisions: list[dict] = field(default_factory=list)  # every change of plan, with the batch size it was made for
+
+    @property
+    def budget(self) -> int:
+        return self.max_new_tokens - len(self.seq.generated)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    committed: dict[str, list[int]]  # request id -> tokens committed this step (end token included)
+    finished: dict[str, GenerationResult]  # requests that finished this step
+    chain: tuple[str, ...] = ()
+    draft_lens: tuple[int, ...] = ()
+    batch: int = 0
+    seconds: float = 0.0
+
+
+class BatchLoop:
+    def __init__(self, engine: Engine, router=None, max_batch: int = 64):
+        """`router`: an AdaptiveRouter choosing each step's plan by goodput; None: the static chain."""
+        self.engine, self.router, self.max_batch = engine, router, max_batch
+        self._waiting: list[_Request] = []
+        self._active: dict[str, _Request] = {}
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    def submit(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int = 0,
+               ignore_eos: bool = False, klass: str = "default") -> str:
+        """Queue a request (it joins the batch at the next step); returns its id."""
+        self.engine.check_request(len(prompt_ids), max_new_tokens)
+        request_id = uuid.uuid4().hex
+        ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset() if ignore_eos else self.engine.eos_ids,
+                          {name: LevelStats(name) for name in self.engine.levels})
+        self._waiting.append(_Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass))
+        return request_id
+
+    def cancel(self, request_id: str, reason: str = "cancelled") -> GenerationResult | None:
+        """Drop a request now and free its state on every worker; its result so far (None if it is
+        unknown or already finished)."""
+        waiting = next((r for r in self._waiting if r.request_id == request_id), None)
+        if waiting is not None:
+            self._waiting.remove(waiting)
+            return self._result(waiting, reason)
+        request = self._active.get(request_id)
+        return self._finish(request, reason) if request is not None else None
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [r.request_id for r in self._waiting] + list(self._active)
+
+    def step(self) -> StepReport:
+        """Admit, plan, run one batched speculative step, commit, retire."""
+        # 1. admit queued requests between steps
+        while self._waiting and len(self._active) < self.max_batch:
+            request = self._waiting.pop(0)
+            self._active[request.request_id] = request
+        if not self._active:
+            return StepReport({}, {})
+        requests = list(self._active.values())
+        t0 = time.perf_counter()
+        while True:
+            # 2. the batch's plan
+            chain = self._chain_for([r.klass for r in requests])
+            timings: list[TimingRecord] = []
+            try:
+                # 3. one batched step: every sequence gets at least one target-verified token
+                new = speculative_step_batch(chain, [r.seq for r in requests], [r.ctx for r in requests],
+                                             [r.budget for r in requests], timings)
+                break
+            except WorkerUnavailable as exc:
+                self.engine._mark_down(exc, chain)  # a drafter: redo the step without it; the target: fail
+                for r in requests:
+                    r.ctx.drain_records()
+        seconds = time.perf_counter() - t0
+        if self.router is not None:
+            self.router.observe_batch([(r.klass, r.ctx.drain_records()) for r in requests], timings)
+        # 4. commit; retire what finished
+        plan = (tuple(chain.names), tuple(chain.draft_lens))
+        committed, finished = {}, {}
+        for request, tokens in zip(requests, new):
+            request.ctx.drain_records()
+            end = next((i for i, t in enumerate(tokens) if t in request.ctx.eos_ids), None)
+            tokens = tokens[: end + 1] if end is not None else tokens
+            self._note_plan(request, plan, len(requests))
+            request.seq = request.seq.commit(tokens)
+            request.steps += 1
+            committed[request.request_id] = tokens
+            if end is not None or request.budget <= 0:
+                finished[request.request_id] = self._finish(request, "stop" if end is not None else "length")
+        return StepReport(committed, finished, plan[0], plan[1], len(requests), seconds)
+
+    def _note_plan(self, request: _Request, plan: tuple[tuple[str, ...], tuple[int, ...]], batch: int) -> None:
+        request.chains[plan] += 1
+        last = request.decisions[-1] if request.decisions else None
+        if last is None or (tuple(last["chain"]), tuple(last["draft_lens"])) != plan:
+            request.decisions.append({"chain": list(plan[0]), "draft_lens": list(plan[1]), "batch": batch,
+                                      "reason": "best goodput for the batch" if self.router is not None else "static chain",
+                                      "at_token": len(request.seq.generated)})
+
+    def run(self, requests: list[dict]) -> list[GenerationResult]:
+        """Submit every request (keyword arguments of `submit`) and step until all are done."""
+        ids = [self.submit(**request) for request in requests]
+        results: dict[str, GenerationResult] = {}
+        while self.has_work:
+            results.update(self.step().finished)
+        return [results[i] for i in ids]
+
+    def _chain_for(self, classes: list[str]) -> Chain:
+        chain = self.engine.chain_for(self.router.plan_for_batch(classes)) if self.router is not None else self.engine.chain
+        return self.engine._live(chain)
+
+    def _finish(self, request: _Request, reason: str) -> GenerationResult:
+        del self._active[request.request_id]
+        self._release(request)
+        return self._result(request, reason)
+
+    def _result(self, request: _Request, reason: str) -> GenerationResult:
+        (names, lens), _ = request.chains.most_common(1)[0] if request.chains else ((tuple(self.engine.chain.names), ()), 0)
+        return GenerationResult(
+            token_ids=list(request.seq.generated),
+            finish_reason=reason,
+            elapsed_s=time.perf_counter() - request.t0,
+            num_steps=request.steps,
+            chain=list(names),
+            draft_lens=list(lens),
+            level_stats=[s for s in request.ctx.stats.values() if s.time_s > 0 or s.num_draft_tokens],
+            prompt_tokens=request.seq.prompt_len,
+            routing={"class": request.klass, "decisions": request.decisions,
+                     "steps_by_plan": [{"chain": list(c), "draft_lens": list(g), "steps": n} for (c, g), n in request.chains.most_common()]},
+        )
+
+    def _release(self, request: _Request) -> None:
+        for level in self.engine.levels.values():
+            level.release(request.seq.seq_id)
+
+
+def calibration_passes(level, batch: int, lengths: tuple[int, ...], context: int) -> list[tuple[str, int, float]]:
+    """Time a level's batched passes over `batch` throwaway sequences: ("score", block length, s) per
+    length (verifiers only) and ("draft", 4, s) for four tokens drafted for all of them."""
+    params, out = SamplingParams(), []
+    seqs = [SequenceState.new(f"calibrate-{level.name}-{batch}-{b}", list(range(1 + b, context + 1 + b))) for b in range(batch)]
+    ctxs = [list(seq.token_ids) for seq in seqs]
+    score = getattr(level, "score_batch", None) or (lambda items: [level.score(*item) for item in items])
+    propose = getattr(level, "propose_batch", None) or (lambda items: [level.propose(*item) for item in items])
+    try:
+        if level.can_verify:
+            score([(seq, ctx[:-1], [], params) for seq, ctx in zip(seqs, ctxs)])  # prefill, not timed
+            for n in lengths:
+                t0 = time.perf_counter()
+                score([(seq, ctx, list(range(2, n + 1)), params) for seq, ctx in zip(seqs, ctxs)])
+                out.append(("score", n, time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        propose([(seq, ctx, 4, params, 0) for seq, ctx in zip(seqs, ctxs)])
+        out.append(("draft", 4, time.perf_counter() - t0))
+    finally:
+        for seq in seqs:
+            level.release(seq.seq_id)
+    return out
