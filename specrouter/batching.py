@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specrouter.chain import Chain, LevelStats, StepContext, TimingRecord, speculative_step_batch
+from specrouter.chain import Chain, StepContext, TimingRecord, speculative_step_batch
 from specrouter.engine import Engine, GenerationResult
 from specrouter.sampling import SamplingParams
 from specrouter.sequence import SequenceState
@@ -77,7 +77,7 @@ class BatchLoop:
         self.engine.check_request(len(prompt_ids), max_new_tokens)
         request_id = uuid.uuid4().hex
         ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset() if ignore_eos else self.engine.eos_ids,
-                          {name: LevelStats(name) for name in self.engine.levels})
+                          self.engine.new_stats())
         self._waiting.append(_Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass))
         return request_id
 

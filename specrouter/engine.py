@@ -191,7 +191,7 @@ class Engine:
             params=params,
             generator=torch.Generator().manual_seed(seed),
             eos_ids=frozenset() if ignore_eos else self.eos_ids,
-            stats={name: LevelStats(name, vocab_map=_vocab_report(level)) for name, level in self.levels.items()},
+            stats=self.new_stats(),
         )
         finish, steps, chain = "length", 0, self.chain
         t0 = time.perf_counter()
@@ -230,6 +230,10 @@ class Engine:
             prompt_tokens=len(prompt_ids),
             routing=route.explain() if route is not None else None,
         )
+
+    def new_stats(self) -> dict[str, LevelStats]:
+        """Fresh per-level statistics for one request (with each cross-tokenizer level's mapping report)."""
+        return {name: LevelStats(name, vocab_map=_vocab_report(level)) for name, level in self.levels.items()}
 
     def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
         """Raise ValueError for a request this engine cannot run (before any work starts)."""
