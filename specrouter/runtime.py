@@ -32,7 +32,7 @@ class Placement:
     num_gpus: float = 0.0
     accelerator_type: str | None = None
     resources: dict[str, float] = field(default_factory=dict)
-    torch_threads: int | None = None
+    torch_threads: int | None = None  # None: every core of the node (the chain's models take turns)
     device: str = "cpu"
     env: dict[str, str] = field(default_factory=dict)  # extra environment of the actor's process
 
@@ -71,8 +71,9 @@ class WorkerActor:
         from specrouter.dataplane import BackgroundServer, WorkerServicer
         from specrouter.store import ModelStore
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+        # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): without a budget of its own, a model
+        # would run single-threaded although the chain's models take turns on every core.
+        torch.set_num_threads(torch_threads or len(os.sched_getaffinity(0)))
         store = ModelStore(dtype, device)
         workers = {}
         for skip in views:
