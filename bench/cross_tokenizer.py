@@ -11,7 +11,6 @@ Writes bench/results/cross-tokenizer-<timestamp>.json and a PNG plot next to it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -22,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speculative import BASELINE, Method, Row, machine_info, plot, summarize  # noqa: E402
+from speculative import BASELINE, Method, Row, bench_args, machine_info, plot, summarize  # noqa: E402
 from workloads import Prompt, encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.engine import Engine  # noqa: E402
@@ -79,15 +78,7 @@ class Runner:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--humaneval", type=int, default=6)
-    parser.add_argument("--sharegpt", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--methods", default="", help="comma-separated subset of method names (target-only always runs)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
+    args = bench_args(__doc__).parse_args()
 
     torch.set_num_threads(args.threads)
     methods = [m for m in METHODS if not args.methods or m.name in args.methods.split(",") or m.name == BASELINE]

@@ -188,16 +188,21 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_args(description: str) -> argparse.ArgumentParser:
+    """The options every method-comparison benchmark takes."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--humaneval", type=int, default=6)
     parser.add_argument("--sharegpt", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--methods", default="", help="comma-separated subset of method names")
+    parser.add_argument("--methods", default="", help="comma-separated subset of method names (target-only always runs)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = bench_args(__doc__).parse_args()
 
     torch.set_num_threads(args.threads)
     methods = [m for m in METHODS if not args.methods or m.name in args.methods.split(",") or m.name == BASELINE]
