@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speculative import BASELINE, Method, Row, bench_args, machine_info, plot, summarize  # noqa: E402
+from speculative import BASELINE, Method, bench_args, machine_info, plot, run_methods, summarize  # noqa: E402
 from workloads import Prompt, encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.engine import Engine  # noqa: E402
@@ -89,17 +88,7 @@ def main() -> None:
     prompts: list[Prompt] = humaneval(args.humaneval) + sharegpt(args.sharegpt)
     encoded = {p.id: encode(tokenizer, p) for p in prompts}
 
-    for m in methods:  # warm-up: load every model, build the vocabulary map, touch every code path once
-        runner.run(m, encoded[prompts[0].id], 4)
-    rows: list[Row] = []
-    bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="gen")
-    for p in prompts:  # prompt-major, so a machine slowdown hits every method alike
-        for m in methods:
-            bar.set_postfix_str(f"{p.id} | {m.name}")
-            tokens, elapsed, steps, levels = runner.run(m, encoded[p.id], args.max_tokens)
-            rows.append(Row(m.name, p.klass, p.id, len(encoded[p.id]), tokens, elapsed, steps, levels))
-            bar.update()
-    bar.close()
+    rows = run_methods(runner, methods, prompts, encoded, args.max_tokens)
 
     summary = summarize(rows, methods)
     vocab_maps = {level["name"]: level["vocab_map"] for r in rows for level in r.levels if "vocab_map" in level}

@@ -188,6 +188,23 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run_methods(runner, methods: list[Method], prompts: list[Prompt], encoded: dict, max_tokens: int) -> list[Row]:
+    """Warm every method up once, then run every (prompt, method) pair, prompt-major so a machine
+    slowdown hits every method alike."""
+    for m in methods:
+        runner.run(m, encoded[prompts[0].id], 4)
+    rows: list[Row] = []
+    bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="gen")
+    for p in prompts:
+        for m in methods:
+            bar.set_postfix_str(f"{p.id} | {m.name}")
+            tokens, elapsed, steps, levels = runner.run(m, encoded[p.id], max_tokens)
+            rows.append(Row(m.name, p.klass, p.id, len(encoded[p.id]), tokens, elapsed, steps, levels))
+            bar.update()
+    bar.close()
+    return rows
+
+
 def bench_args(description: str) -> argparse.ArgumentParser:
     """The options every method-comparison benchmark takes."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,17 +230,7 @@ def main() -> None:
     prompts: list[Prompt] = humaneval(args.humaneval) + sharegpt(args.sharegpt)
     encoded = {p.id: encode(tokenizer, p) for p in prompts}
 
-    for m in methods:  # warm-up: load every model and touch every code path once
-        runner.run(m, encoded[prompts[0].id], 4)
-    rows: list[Row] = []
-    bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="gen")
-    for p in prompts:  # prompt-major, so a machine slowdown hits every method alike
-        for m in methods:
-            bar.set_postfix_str(f"{p.id} | {m.name}")
-            tokens, elapsed, steps, levels = runner.run(m, encoded[p.id], args.max_tokens)
-            rows.append(Row(m.name, p.klass, p.id, len(encoded[p.id]), tokens, elapsed, steps, levels))
-            bar.update()
-    bar.close()
+    rows = run_methods(runner, methods, prompts, encoded, args.max_tokens)
 
     summary = summarize(rows, methods)
     stamp = time.strftime("%Y%m%d-%H%M%S")

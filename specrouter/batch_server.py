@@ -13,7 +13,7 @@ from collections.abc import Generator
 from dataclasses import replace
 
 from specrouter.batching import BatchLoop
-from specrouter.engine import GenerationResult
+from specrouter.engine import GenerationResult, run_to_end
 from specrouter.sampling import SamplingParams
 
 
@@ -54,12 +54,7 @@ class BatchServer:
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int = 0,
                  ignore_eos: bool = False, route=None) -> GenerationResult:
-        steps = self.steps(prompt_ids, max_new_tokens, params, seed, ignore_eos, route)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return run_to_end(self.steps(prompt_ids, max_new_tokens, params, seed, ignore_eos, route))
 
     def close(self) -> None:
         with self._cond:

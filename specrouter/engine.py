@@ -79,6 +79,15 @@ def _vocab_report(level: Level) -> dict | None:
     return vocab.report() if vocab is not None else None
 
 
+def run_to_end(steps: Generator):
+    """Drive a generation-steps generator (Engine.steps' protocol) to its end; return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 class Engine:
     def __init__(
         self,
@@ -165,12 +174,7 @@ class Engine:
         route: Route | None = None,
     ) -> GenerationResult:
         """Generate with the static chain, or with the chain `route` picks before every step."""
-        steps = self.steps(prompt_ids, max_new_tokens, params, seed, ignore_eos, route)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return run_to_end(self.steps(prompt_ids, max_new_tokens, params, seed, ignore_eos, route))
 
     def steps(
         self,
