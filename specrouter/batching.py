@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specrouter.chain import Chain, StepContext, TimingRecord, speculative_step_batch
+from specrouter.chain import Chain, StepContext, TimingRecord, VerifyRecord, speculative_step_batch
 from specrouter.engine import Engine, GenerationResult
 from specrouter.sampling import SamplingParams
+from specrouter.scheduler import Plan
 from specrouter.sequence import SequenceState
 from specrouter.worker import WorkerUnavailable
 
@@ -40,10 +41,23 @@ class _Request:
     steps: int = 0
     chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
     decisions: list[dict] = field(default_factory=list)  # every change of plan, with the batch size it was made for
+    acceptance: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)  # (drafter, verifier) -> (sum of alphas, count)
 
     @property
     def budget(self) -> int:
         return self.max_new_tokens - len(self.seq.generated)
+
+    def observe(self, records: list) -> None:
+        for r in records:
+            if isinstance(r, VerifyRecord):
+                total, n = self.acceptance.get((r.drafter, r.verifier), (0.0, 0))
+                self.acceptance[(r.drafter, r.verifier)] = (total + sum(r.alphas), n + len(r.alphas))
+
+    def alpha(self, drafter: str, verifier: str, fallback: float, weight: float = 4.0) -> float | None:
+        """This request's own acceptance of a pair, shrunk toward `fallback` (its class's) while it has
+        few observations; None before any."""
+        total, n = self.acceptance.get((drafter, verifier), (0.0, 0))
+        return (total + weight * fallback) / (n + weight) if n else None
 
 
 @dataclass(frozen=True)
@@ -107,12 +121,12 @@ class BatchLoop:
         t0 = time.perf_counter()
         while True:
             # 2. the batch's plan
-            chain = self._chain_for([r.klass for r in requests])
+            chain, top_lens = self._plan(requests)
             timings: list[TimingRecord] = []
             try:
                 # 3. one batched step: every sequence gets at least one target-verified token
                 new = speculative_step_batch(chain, [r.seq for r in requests], [r.ctx for r in requests],
-                                             [r.budget for r in requests], timings)
+                                             [r.budget for r in requests], timings, top_lens)
                 break
             except WorkerUnavailable as exc:
                 self.engine._mark_down(exc, chain)  # a drafter: redo the step without it; the target: fail
@@ -120,11 +134,15 @@ class BatchLoop:
                     r.ctx.drain_records()
         seconds = time.perf_counter() - t0
         if self.router is not None:
-            self.router.observe_batch([(r.klass, r.ctx.drain_records()) for r in requests], timings)
+            records = [r.ctx.drain_records() for r in requests]
+            for request, request_records in zip(requests, records):
+                request.observe(request_records)
+            self.router.observe_batch([(r.klass, rs) for r, rs in zip(requests, records)], timings)
         # 4. commit; retire what finished
-        plan = (tuple(chain.names), tuple(chain.draft_lens))
         committed, finished = {}, {}
-        for request, tokens in zip(requests, new):
+        for b, (request, tokens) in enumerate(zip(requests, new)):
+            lens = tuple(chain.draft_lens[:-1]) + (top_lens[b],) if top_lens is not None else tuple(chain.draft_lens)
+            plan = (tuple(chain.names), lens)
             request.ctx.drain_records()
             end = next((i for i, t in enumerate(tokens) if t in request.ctx.eos_ids), None)
             tokens = tokens[: end + 1] if end is not None else tokens
@@ -134,7 +152,7 @@ class BatchLoop:
             committed[request.request_id] = tokens
             if end is not None or request.budget <= 0:
                 finished[request.request_id] = self._finish(request, "stop" if end is not None else "length")
-        return StepReport(committed, finished, plan[0], plan[1], len(requests), seconds)
+        return StepReport(committed, finished, tuple(chain.names), tuple(chain.draft_lens), len(requests), seconds)
 
     def _note_plan(self, request: _Request, plan: tuple[tuple[str, ...], tuple[int, ...]], batch: int) -> None:
         request.chains[plan] += 1
@@ -152,9 +170,22 @@ class BatchLoop:
             results.update(self.step().finished)
         return [results[i] for i in ids]
 
-    def _chain_for(self, classes: list[str]) -> Chain:
-        chain = self.engine.chain_for(self.router.plan_for_batch(classes)) if self.router is not None else self.engine.chain
-        return self.engine._live(chain)
+    def _plan(self, requests: list[_Request]) -> tuple[Chain, list[int] | None]:
+        """The chain for the batch and each sequence's draft length at its top (None: the chain's)."""
+        if self.router is None:
+            return self.engine._live(self.engine.chain), None
+        classes = [r.klass for r in requests]
+        backlog = {name: sum(level.backlog(r.seq.seq_id, len(r.seq.token_ids)) for r in requests)
+                   for name, level in self.engine.levels.items() if name != self.engine.target_name}
+        remaining = sum(r.budget for r in requests) / len(requests)
+        chain = self.engine._live(self.engine.chain_for(self.router.plan_for_batch(classes, backlog, remaining)))
+        if len(chain.levels) < 2:
+            return chain, None
+        drafter, verifier = chain.names[-2], chain.names[-1]
+        fallback = [self.router.acceptance.alpha(k, drafter, verifier) for k in classes]
+        alphas = [r.alpha(drafter, verifier, f) for r, f in zip(requests, fallback)]
+        plan = Plan(tuple(chain.names), tuple(chain.draft_lens), 0.0)
+        return chain, self.router.sequence_draft_lens(plan, classes, alphas)
 
     def _finish(self, request: _Request, reason: str) -> GenerationResult:
         del self._active[request.request_id]

@@ -212,11 +212,14 @@ def _match_vocab(q_draft: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def speculative_step_batch(
-    chain: Chain, seqs: list[SequenceState], ctxs: list[StepContext], budgets: list[int], timings: list[TimingRecord]
+    chain: Chain, seqs: list[SequenceState], ctxs: list[StepContext], budgets: list[int], timings: list[TimingRecord],
+    top_lens: list[int] | None = None,
 ) -> list[list[int]]:
-    """One batched target verification for every sequence; the committed tokens of each."""
+    """One batched target verification for every sequence; the committed tokens of each.
+    `top_lens`: each sequence's own draft length for the target (default: the chain's)."""
     top = len(chain.levels) - 1
-    ks = [min(chain.draft_lens[-1], budget - 1) if top > 0 else 0 for budget in budgets]
+    lens = top_lens if top_lens is not None else [chain.draft_lens[-1] if top > 0 else 0] * len(seqs)
+    ks = [min(g, budget - 1) if top > 0 else 0 for g, budget in zip(lens, budgets)]
     verdicts = verify_round_batch(chain, top, seqs, [list(seq.token_ids) for seq in seqs], ks, ctxs, timings)
     return [verdict.tokens[:budget] for verdict, budget in zip(verdicts, budgets)]
 

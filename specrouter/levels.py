@@ -42,6 +42,10 @@ class Level(Protocol):
 
     def forget(self) -> None: ...
 
+    def backlog(self, seq_id: str, num_tokens: int) -> int:
+        """Tokens of a `num_tokens`-long context this level has not cached yet (what its next call must prefill)."""
+        ...
+
 
 class ModelLevel:
     """A model view behind a worker. Mirrors which tokens the worker has cached, per sequence, so each
@@ -156,6 +160,10 @@ class ModelLevel:
         """Drop every mirror (the worker restarted): the next calls prefill from position 0."""
         self._cached.clear()
 
+    def backlog(self, seq_id: str, num_tokens: int) -> int:
+        log = self._cached.get(seq_id)
+        return max(0, num_tokens - (len(log) if log is not None else 0))  # in target tokens (own ids: close enough)
+
     def release(self, seq_id: str) -> None:
         self._cached.pop(seq_id, None)
         self.worker.release(seq_id)
@@ -196,3 +204,6 @@ class NgramLevel:
 
     def forget(self) -> None:
         pass
+
+    def backlog(self, seq_id: str, num_tokens: int) -> int:
+        return 0  # no cache: a lookup reads the context as it is

@@ -70,6 +70,12 @@ class ForwardProfiler:
         (b0, t0) = below[-1] if below else above[0]
         return t0  # outside the profiled range: flat (verification cost grows slowly with n)
 
+    def prefill_time(self, level: str, num_tokens: int) -> float | None:
+        """Predicted seconds to prefill `num_tokens` (summed over sequences) into a level's caches: at
+        the cheapest per-token rate of any profiled pass, the bulk rate a long prefill runs at."""
+        rates = [e.value / (b * bt) for (name, b, bt), e in self._score.items() if name == level]
+        return min(rates) * num_tokens if rates else None
+
     def draft_time(self, level: str, batch: int = 1) -> float | None:
         """Seconds per drafted token for `batch` sequences drafting together."""
         return _over_batches(sorted((bt, e.value) for (name, bt), e in self._draft.items() if name == level), batch)

@@ -182,10 +182,16 @@ class AdaptiveRouter:
 
     # -- batches (specrouter/batching.py) --------------------------------------------------------------
 
-    def plan_for_batch(self, classes: list[str]) -> Plan:
+    def plan_for_batch(self, classes: list[str], backlog: dict[str, int] | None = None, remaining: float = float("inf")) -> Plan:
         """The chain and draft lengths with the best goodput for a batch of requests of these classes
-        (acceptance averaged over them), from the costs profiled at this batch size. Every
-        `explore_every` steps a drafter not measured since runs once if its best plan is predicted
+        (acceptance averaged over them), from the costs profiled at this batch size.
+
+        `backlog[level]`: context tokens (summed over the batch) a level has not cached, which it must
+        prefill before it can draft: a drafter left idle while the batch was large has fallen behind.
+        That one-off cost is spread over the `remaining` tokens each sequence still has to generate,
+        so a far-behind drafter returns only when it will pay for its catch-up.
+
+        Every `explore_every` steps a drafter not measured since runs once if its best plan is predicted
         within `explore_margin` of the best, so an acceptance learned while speculation was off (or
         never learned: the prior) is checked again and speculation can return when it pays."""
         ranked = search_batch(
@@ -194,12 +200,14 @@ class AdaptiveRouter:
             len(classes),
             verify=self._verify_cost,
             draft=self._draft_cost,
-            alpha=lambda d, v: sum(self.acceptance.alpha(k, d, v) for k in classes) / len(classes),
+            alpha=self._batch_alpha(classes),
             overhead=self.overhead_s,
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
         )
+        if backlog:
+            ranked = sorted((self._with_catch_up(plan, backlog, remaining) for plan in ranked), key=lambda p: p.predicted_s_per_token)
         stale = self._stalest_level()
         if stale is not None:
             self._last_measured[stale] = self._step
@@ -207,6 +215,30 @@ class AdaptiveRouter:
             if explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin:
                 return Plan(explore.chain, tuple(max(3, g) for g in explore.draft_lens), explore.predicted_s_per_token)
         return ranked[0]
+
+    def _batch_alpha(self, classes: list[str]):
+        return lambda d, v: sum(self.acceptance.alpha(k, d, v) for k in classes) / len(classes)
+
+    def _with_catch_up(self, plan: Plan, backlog: dict[str, int], remaining: float) -> Plan:
+        seconds = sum(self.profiler.prefill_time(level, backlog[level]) or 0.0 for level in plan.chain[:-1] if backlog.get(level))
+        return Plan(plan.chain, plan.draft_lens, plan.predicted_s_per_token + seconds / max(remaining, 1.0))
+
+    def sequence_draft_lens(self, plan: Plan, classes: list[str], alphas: list[float | None]) -> list[int]:
+        """Each sequence's draft length at the top of `plan`: the length (at most the plan's) that its
+        own acceptance of the top pair pays for at this batch size; None: its class's estimate. The
+        batch's pass is ragged (specrouter/model.py forward_batch), so a shorter block costs less."""
+        if len(plan.chain) < 2:
+            return [0] * len(classes)
+        batch, top = len(classes), (plan.chain[-2], plan.chain[-1])
+        class_alpha = self._batch_alpha(classes)
+        lens = []
+        for alpha in alphas:
+            pair_alpha = (lambda d, v: alpha if (d, v) == top else class_alpha(d, v)) if alpha is not None else class_alpha
+            candidates = [g for g in self.config.lengths if g <= plan.draft_lens[-1]] or [plan.draft_lens[-1]]
+            lens.append(min(candidates, key=lambda g: predict(plan.chain, plan.draft_lens[:-1] + (g,),
+                                                              lambda level, n: self._verify_cost(level, n, batch),
+                                                              lambda level: self._draft_cost(level, batch), pair_alpha, self.overhead_s)))
+        return lens
 
     def observe_batch(self, records: list[tuple[str, list]], timings: list[TimingRecord]) -> None:
         """One batched step's feedback: each request's (class, records) and the batch's level timings."""

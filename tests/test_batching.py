@@ -6,6 +6,7 @@ import torch
 from specrouter.batching import BatchLoop
 from specrouter.engine import Engine
 from specrouter.router import router_for
+from specrouter.scheduler import Plan
 
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -104,6 +105,19 @@ def test_goodput_loop_is_lossless_and_speculates_again_as_the_batch_shrinks(tiny
     assert plans[0] == (16, (target,))  # 16 at once: plain batched decoding
     assert plans[-1] == (1, (draft, target))  # the long request alone: speculation is back
     assert all(level.worker.num_sequences() == 0 for level in engine.levels.values())
+
+
+def test_sequences_drafting_different_lengths_in_one_batch_equal_one_at_a_time(tiny_dirs):
+    engine = Engine(chain_spec(tiny_dirs, "ngram,draft,target"), dtype="float32", draft_lens=[2, 4])
+    router = router_for(engine, calibrate=False)
+    router.plan_for_batch = lambda classes, backlog=None, remaining=0.0: Plan(tuple(engine.chain.names), (2, 4), 0.1)
+    router.sequence_draft_lens = lambda plan, classes, alphas: [1 + i % 4 for i in range(len(classes))]  # 1, 2, 3, 4, 1, ...
+    requests = [{"prompt_ids": p, "max_new_tokens": 9 + i % 4, "ignore_eos": True} for i, p in enumerate(prompts(7, 2000, 5))]
+    alone = [engine.generate(**r).token_ids for r in requests]
+    results = BatchLoop(engine, router).run(requests)
+    assert [r.token_ids for r in results] == alone
+    top_lens = {plan["draft_lens"][-1] for r in results for plan in r.routing["steps_by_plan"]}
+    assert top_lens == {1, 2, 3, 4}
 
 
 SMOL_PROMPTS = [

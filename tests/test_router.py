@@ -234,6 +234,28 @@ def test_batch_plan_turns_speculation_off_for_a_large_batch_and_on_again_for_a_s
     assert router.plan_for_batch(["default"] * 2).chain == ("d", "t")  # between profiled sizes: interpolated
 
 
+def test_batch_plan_charges_a_far_behind_drafter_its_catch_up_prefill():
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True})
+    synthetic_batch_profile(router, "t", "d")
+    router.observe_batch([], [TimingRecord("d", "score", n, 0.02 + 0.004 * n, 1) for n in (1, 8)])  # its prefill rate
+    assert router.plan_for_batch(["default"]).chain == ("d", "t")
+    # 2,000 uncached context tokens cost ~13 s to prefill: not worth it for 4 more tokens, worth it for 1,000
+    assert router.plan_for_batch(["default"], backlog={"d": 2000}, remaining=4).chain == ("t",)
+    assert router.plan_for_batch(["default"], backlog={"d": 2000}, remaining=1000).chain == ("d", "t")
+    assert router.profiler.prefill_time("d", 2000) == pytest.approx(2000 * (0.02 + 0.004 * 8) / 8)
+
+
+def test_each_sequence_drafts_what_its_own_acceptance_pays_for():
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True})
+    synthetic_batch_profile(router, "t", "d")
+    plan = router.plan_for_batch(["default"] * 2)
+    assert plan.chain == ("d", "t")
+    low, high, unknown = router.sequence_draft_lens(plan, ["default"] * 3, [0.2, 0.95, None])
+    assert 1 <= low < high <= plan.draft_lens[-1]
+    assert unknown == router.sequence_draft_lens(plan, ["default"], [None])[0]  # its class's acceptance (0.8)
+    assert router.sequence_draft_lens(Plan(("t",), (), 0.1), ["default"], [0.9]) == [0]
+
+
 def test_batch_plan_explores_an_unmeasured_drafter_and_keeps_it_when_it_pays():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=4))
     timings = [TimingRecord("t", "score", n, 0.1, 1) for n in (1, 2, 4, 8)] + [TimingRecord("d", "draft", 4, 4 * 0.06, 1)]
