@@ -1,5 +1,6 @@
 """Per-token time of the distributed chain (Ray actors + gRPC data plane) vs the in-process engine,
-same chain, same prompts, one run; plus data-plane bytes per committed token.
+same chain, same prompts, one run; plus data-plane bytes per committed token, and both again with
+draft-ahead pipelining (specrouter/pipeline.py: the next block drafted while the target verifies).
 
     .venv/bin/python bench/distributed.py [--chain ...] [--prompts 3] [--max-tokens 64]
 """
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from speculative import machine_info  # noqa: E402
 from workloads import encode, humaneval, sharegpt  # noqa: E402
 
+from specrouter.batching import BatchLoop  # noqa: E402
 from specrouter.engine import Engine  # noqa: E402
 from specrouter.runtime import RouterActor, start_local_ray  # noqa: E402
 
@@ -42,6 +44,8 @@ def main() -> None:
     encoded = [encode(engine.tokenizer, p) for p in prompts]
     engine.generate(encoded[0], 4)
     local = [engine.generate(ids, args.max_tokens) for ids in encoded]
+    local_pipelined = [BatchLoop(engine, pipeline=True).run([{"prompt_ids": ids, "max_new_tokens": args.max_tokens}])[0]
+                       for ids in encoded]
     del engine
     gc.collect()
 
@@ -49,21 +53,35 @@ def main() -> None:
     placement = {"*": {"num_cpus": 1, "torch_threads": 2}}
     if args.omp_wait_policy:
         placement["*"]["env"] = {"OMP_WAIT_POLICY": args.omp_wait_policy}
-    router = RouterActor.options(num_cpus=0).remote(args.chain, dtype=args.dtype, draft_lens=draft_lens, placement=placement)
-    ray.get(router.generate.remote(encoded[0], 4), timeout=900)
-    remote = [ray.get(router.generate.remote(ids, args.max_tokens), timeout=900) for ids in encoded]
+
+    def served(pipeline: bool) -> list[dict]:
+        router = RouterActor.options(num_cpus=0).remote(args.chain, dtype=args.dtype, draft_lens=draft_lens, placement=placement,
+                                                        pipeline=pipeline)
+        ray.get(router.generate.remote(encoded[0], 4), timeout=900)
+        rows = [ray.get(router.generate.remote(ids, args.max_tokens), timeout=900) for ids in encoded]
+        ray.kill(router)  # its model actors go with it
+        time.sleep(5)
+        return rows
+
+    remote, remote_pipelined = served(False), served(True)
 
     def s_per_token(rows):
         return sum(r["elapsed_s"] for r in rows) / sum(r["completion_tokens"] for r in rows)
 
-    local_rows = [r.as_dict() for r in local]
+    local_rows, local_pipelined_rows = [r.as_dict() for r in local], [r.as_dict() for r in local_pipelined]
     tokens = sum(r["completion_tokens"] for r in remote)
     summary = {
         "in_process_s_per_token": round(s_per_token(local_rows), 4),
         "distributed_s_per_token": round(s_per_token(remote), 4),
         "distributed_over_in_process": round(s_per_token(remote) / s_per_token(local_rows), 3),
+        "in_process_pipelined_s_per_token": round(s_per_token(local_pipelined_rows), 4),
+        "distributed_pipelined_s_per_token": round(s_per_token(remote_pipelined), 4),
+        "pipelined_over_plain": {"in_process": round(s_per_token(local_pipelined_rows) / s_per_token(local_rows), 3),
+                                 "distributed": round(s_per_token(remote_pipelined) / s_per_token(remote), 3)},
         "data_plane_bytes_per_token": round(sum(r["data_plane_bytes"] for r in remote) / tokens, 1),
-        "identical_outputs": sum(a["token_ids"] == b["token_ids"] for a, b in zip(local_rows, remote)),
+        "identical_outputs": {name: sum(a["token_ids"] == b["token_ids"] for a, b in zip(local_rows, rows))
+                              for name, rows in (("distributed", remote), ("in_process_pipelined", local_pipelined_rows),
+                                                 ("distributed_pipelined", remote_pipelined))},
         "prompts": len(encoded),
     }
     out = Path(__file__).parent / "results" / f"distributed-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -18,12 +18,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from specrouter.chain import Chain, StepContext, TimingRecord, VerifyRecord, speculative_step_batch
 from specrouter.engine import Engine, GenerationResult
+from specrouter.pipeline import DraftAhead, pipelined_step_batch
 from specrouter.sampling import SamplingParams
 from specrouter.scheduler import Plan
 from specrouter.sequence import SequenceState
@@ -42,6 +44,7 @@ class _Request:
     chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
     decisions: list[dict] = field(default_factory=list)  # every change of plan, with the batch size it was made for
     acceptance: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)  # (drafter, verifier) -> (sum of alphas, count)
+    ahead: DraftAhead | None = None  # with pipelining: the block drafted while the last step verified
 
     @property
     def budget(self) -> int:
@@ -71,9 +74,11 @@ class StepReport:
 
 
 class BatchLoop:
-    def __init__(self, engine: Engine, router=None, max_batch: int = 64):
-        """`router`: an AdaptiveRouter choosing each step's plan by goodput; None: the static chain."""
+    def __init__(self, engine: Engine, router=None, max_batch: int = 64, pipeline: bool = False):
+        """`router`: an AdaptiveRouter choosing each step's plan by goodput; None: the static chain.
+        `pipeline`: draft each next block while the target verifies (specrouter/pipeline.py)."""
         self.engine, self.router, self.max_batch = engine, router, max_batch
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="verify") if pipeline else None
         self._waiting: list[_Request] = []
         self._active: dict[str, _Request] = {}
 
@@ -125,13 +130,13 @@ class BatchLoop:
             timings: list[TimingRecord] = []
             try:
                 # 3. one batched step: every sequence gets at least one target-verified token
-                new = speculative_step_batch(chain, [r.seq for r in requests], [r.ctx for r in requests],
-                                             [r.budget for r in requests], timings, top_lens)
+                new = self._step(chain, requests, timings, top_lens)
                 break
             except WorkerUnavailable as exc:
                 self.engine._mark_down(exc, chain)  # a drafter: redo the step without it; the target: fail
                 for r in requests:
                     r.ctx.drain_records()
+                    r.ahead = None
         seconds = time.perf_counter() - t0
         if self.router is not None:
             records = [r.ctx.drain_records() for r in requests]
@@ -153,6 +158,15 @@ class BatchLoop:
             if end is not None or request.budget <= 0:
                 finished[request.request_id] = self._finish(request, "stop" if end is not None else "length")
         return StepReport(committed, finished, tuple(chain.names), tuple(chain.draft_lens), len(requests), seconds)
+
+    def _step(self, chain: Chain, requests: list[_Request], timings: list[TimingRecord], top_lens: list[int] | None) -> list[list[int]]:
+        seqs, ctxs, budgets = [r.seq for r in requests], [r.ctx for r in requests], [r.budget for r in requests]
+        if self._pool is None:
+            return speculative_step_batch(chain, seqs, ctxs, budgets, timings, top_lens)
+        new, aheads = pipelined_step_batch(chain, seqs, ctxs, budgets, timings, [r.ahead for r in requests], self._pool, top_lens)
+        for request, ahead in zip(requests, aheads):
+            request.ahead = ahead
+        return new
 
     def _note_plan(self, request: _Request, plan: tuple[tuple[str, ...], tuple[int, ...]], batch: int) -> None:
         request.chains[plan] += 1

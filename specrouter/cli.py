@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default=None, help="YAML ServeConfig (chain, dtype, placement, ...); flags override it")
     srv.add_argument("--chain", default=None, help=f"the chain or, with --adaptive, the pool (default {DEFAULT_CHAIN})")
     srv.add_argument("--adaptive", action="store_true", default=None, help="route each step to the best chain of the pool")
+    srv.add_argument("--pipeline", action="store_true", default=None, help="draft the next block while the target verifies")
     srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=None, help="public gRPC API port (default 9000; binds the config's grpc_host)")
@@ -106,7 +107,7 @@ def cmd_serve(args) -> int:
     from specrouter.runtime import start_local_ray
 
     config = ServeConfig.from_file(args.config) if args.config else ServeConfig()
-    overrides = {"chain": args.chain, "adaptive": args.adaptive, "grpc_port": args.grpc_port}
+    overrides = {"chain": args.chain, "adaptive": args.adaptive, "pipeline": args.pipeline, "grpc_port": args.grpc_port}
     config = ServeConfig.model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
     if args.address:
         ray.init(address=args.address, log_to_driver=False)

@@ -4,6 +4,7 @@
     dtype: bfloat16
     draft_lens: [6]                  # optional, one per drafter level
     adaptive: false                  # true: --chain is a pool and each step runs the best chain
+    pipeline: false                  # true: draft the next block while the target verifies (PipeSpec-style)
     model_name: null                 # the served model id (default: the target's name)
     default_max_tokens: 256          # when a chat request gives no max_tokens
     grpc_host: 127.0.0.1             # the public gRPC API; null port disables it
@@ -41,6 +42,7 @@ class ServeConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     draft_lens: list[int] | None = None
     adaptive: bool = False
+    pipeline: bool = False
     model_name: str | None = None
     default_max_tokens: int = Field(default=256, ge=1)
     grpc_host: str = "127.0.0.1"  # the public gRPC API (protos/specrouter/v1/specrouter.proto)

@@ -204,7 +204,7 @@ class RouterActor:
 
     def __init__(self, chain: str, dtype: str = "bfloat16", draft_lens: list[int] | None = None,
                  placement: dict[str, dict] | None = None, adaptive: bool = False, default_max_tokens: int = 256,
-                 max_batch: int = 16):
+                 max_batch: int = 16, pipeline: bool = False):
         from specrouter.batch_server import BatchServer
         from specrouter.batching import BatchLoop
         from specrouter.engine import Engine
@@ -218,7 +218,7 @@ class RouterActor:
             from specrouter.router import router_for
 
             self.router = router_for(self.engine)
-        self.batcher = BatchServer(BatchLoop(self.engine, self.router, max_batch))
+        self.batcher = BatchServer(BatchLoop(self.engine, self.router, max_batch, pipeline))
         self.frontend = Frontend(self.engine, self.router, default_max_tokens, batcher=self.batcher)
 
     def stream(self, request):
