@@ -7,6 +7,9 @@ calls move float32 probability rows, sparse (index, value) when top-k / top-p le
 A level on another vocabulary than the target's restricts its worker to the shared tokens: the mask
 travels once per stream (as bits) and is named by its digest after that. See docs/protocol.md for
 the sequence-state rules.
+
+`forward_batch` / `draft_batch` carry many sequences' calls in one frame (one batched pass on the
+worker); the reply holds each call's result, or the error that refused that call alone.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import itertools
 import queue
 import threading
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
@@ -26,7 +30,7 @@ import torch
 from specrouter.sampling import SamplingParams
 from specrouter.sequence import PositionGapError, StaleVersionError
 from specrouter.v1 import worker_pb2, worker_pb2_grpc
-from specrouter.worker import DraftResult, ModelWorker, WorkerUnavailable
+from specrouter.worker import DraftCall, DraftResult, ForwardCall, ModelWorker, WorkerUnavailable
 
 
 class UnknownMaskError(ValueError):
@@ -60,6 +64,8 @@ def decode_rows(reply: dict, vocab_size: int) -> torch.Tensor:
         value = torch.frombuffer(bytearray(reply["value"]), dtype=torch.float32)
         rows, cols = reply["shape"]
         return torch.zeros(rows * cols).index_put_((index,), value).reshape(rows, cols)
+    if not reply["rows"]:  # no rows (a draft of k = 0): frombuffer refuses an empty buffer
+        return torch.zeros(reply["shape"])
     return torch.frombuffer(bytearray(reply["rows"]), dtype=torch.float32).reshape(reply["shape"])
 
 
@@ -76,6 +82,60 @@ def decode_mask(digest: str, bits: bytes) -> torch.Tensor:
 
 def _params(p: list) -> SamplingParams:
     return SamplingParams(temperature=p[0], top_k=p[1], top_p=p[2])
+
+
+def _sampling(params: SamplingParams) -> list:
+    return [params.temperature, params.top_k, params.top_p]
+
+
+def _refusal(exc: Exception) -> dict:
+    """An error as a reply (or a batched call's entry): its kind, so the caller raises the same type."""
+    return {"ok": False, "kind": KINDS.get(type(exc), type(exc).__name__), "error": str(exc)}
+
+
+def _error(reply: dict) -> Exception:
+    return ERRORS.get(reply["kind"], RuntimeError)(reply["error"])
+
+
+# One sequence's call inside a batched frame: the fields of the per-sequence `forward` / `draft` frames.
+
+
+def _forward_fields(call: ForwardCall) -> dict:
+    return {"seq": call.seq_id, "version": call.version, "start": call.start, "prefix": call.prefix_hash,
+            "tokens": list(call.token_ids), "num_logits": call.num_logits, "sampling": _sampling(call.params)}
+
+
+def _draft_fields(call: DraftCall) -> dict:
+    return {"seq": call.seq_id, "version": call.version, "start": call.start, "prefix": call.prefix_hash,
+            "tokens": list(call.token_ids), "k": call.k, "sampling": _sampling(call.params), "seed": call.seed}
+
+
+def _forward_call(m: dict) -> ForwardCall:
+    return ForwardCall(m["seq"], m["version"], m["start"], m["prefix"], m["tokens"], m["num_logits"], _params(m["sampling"]))
+
+
+def _draft_call(m: dict) -> DraftCall:
+    return DraftCall(m["seq"], m["version"], m["start"], m["prefix"], m["tokens"], m["k"], _params(m["sampling"]), m["seed"])
+
+
+def encode_draft(result: DraftResult, params: SamplingParams) -> dict:
+    """Drafted tokens, plus their rows unless greedy (one-hot rows rebuilt from the tokens)."""
+    return {"tokens": result.token_ids, **({} if params.greedy else encode_rows(result.q_draft, params))}
+
+
+def decode_draft(reply: dict, params: SamplingParams, vocab_size: int) -> DraftResult:
+    tokens = reply["tokens"]
+    return DraftResult(tokens, decode_rows({"argmax": tokens} if params.greedy else reply, vocab_size))
+
+
+def _encode_batch(results: list, calls: list, encode) -> list[dict]:
+    """Each call's entry of a batched reply: encode(result, call.params), or the error that refused it."""
+    return [_refusal(r) if isinstance(r, Exception) else {"ok": True, **encode(r, c.params)} for r, c in zip(results, calls)]
+
+
+def _decode_batch(entries: list[dict], calls: list, decode) -> list:
+    """Each call's result, decode(entry, call.params), or its error as an exception (not raised)."""
+    return [decode(e, c.params) if e["ok"] else _error(e) for e, c in zip(entries, calls)]
 
 
 # -- server ----------------------------------------------------------------------------------------------
@@ -116,7 +176,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 request["seq"], request["version"], request["start"], request["prefix"], request["tokens"], request["k"], params, request["seed"],
                 self._allowed(request),
             )
-            return {"tokens": result.token_ids, **({} if params.greedy else encode_rows(result.q_draft, params))}
+            return encode_draft(result, params)
+        if op == "forward_batch":
+            calls = [_forward_call(m) for m in request["calls"]]
+            return {"results": _encode_batch(worker.forward_batch(calls, self._allowed(request)), calls, encode_rows)}
+        if op == "draft_batch":
+            calls = [_draft_call(m) for m in request["calls"]]
+            return {"results": _encode_batch(worker.draft_batch(calls, self._allowed(request)), calls, encode_draft)}
         if op == "truncate":
             return {"length": worker.truncate(request["seq"], request["version"], request["position"])}
         if op == "release":
@@ -130,7 +196,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             reply = {"ok": True, **self.handle(msgpack.unpackb(payload))}
         except Exception as exc:  # every failure goes back to the caller, typed; the stream lives on
-            reply = {"ok": False, "kind": KINDS.get(type(exc), type(exc).__name__), "error": str(exc)}
+            reply = _refusal(exc)
         return worker_pb2.Frame(call_id=call_id, payload=msgpack.packb(reply))
 
     async def Session(self, request_iterator, context):
@@ -237,6 +303,7 @@ class RemoteWorker:
         self._stream: _Stream | None = None
         self._masks_sent: set[str] = set()  # masks the current stream's server holds
         self._mask_cache: tuple[torch.Tensor, str, bytes] | None = None  # the last mask and its encoding
+        self.frames_sent: Counter[str] = Counter()  # frames sent, by op
         self.vocab_size = vocab_size if vocab_size is not None else self._call({"op": "info"})["vocab_size"]
 
     @property
@@ -245,6 +312,7 @@ class RemoteWorker:
 
     def _call(self, request: dict) -> dict:
         request = {"view": self.name, **request}
+        self.frames_sent[request["op"]] += 1
         try:
             if self._stream is None or self._stream.closed:
                 self._stream = _Stream(self._resolve())
@@ -256,12 +324,8 @@ class RemoteWorker:
             self._stream = None
             raise WorkerUnavailable(self.name, str(exc) or type(exc).__name__) from exc
         if not reply["ok"]:
-            raise ERRORS.get(reply["kind"], RuntimeError)(reply["error"])
+            raise _error(reply)
         return reply
-
-    @staticmethod
-    def _sampling(params: SamplingParams) -> list:
-        return [params.temperature, params.top_k, params.top_p]
 
     def _mask(self, allowed: torch.Tensor | None) -> dict:
         """The request fields naming `allowed`: its digest, and its bits unless this stream sent them."""
@@ -286,16 +350,27 @@ class RemoteWorker:
         return reply
 
     def forward(self, seq_id, version, start, prefix_hash, token_ids, num_logits, params: SamplingParams, allowed=None) -> torch.Tensor:
-        reply = self._call_masked({"op": "forward", "seq": seq_id, "version": version, "start": start, "prefix": prefix_hash,
-                                   "tokens": list(token_ids), "num_logits": num_logits, "sampling": self._sampling(params)}, allowed)
-        return decode_rows(reply, self.vocab_size)
+        call = ForwardCall(seq_id, version, start, prefix_hash, token_ids, num_logits, params)
+        return decode_rows(self._call_masked({"op": "forward", **_forward_fields(call)}, allowed), self.vocab_size)
 
     def draft(self, seq_id, version, start, prefix_hash, token_ids, k, params: SamplingParams, seed: int, allowed=None) -> DraftResult:
-        reply = self._call_masked({"op": "draft", "seq": seq_id, "version": version, "start": start, "prefix": prefix_hash,
-                                   "tokens": list(token_ids), "k": k, "sampling": self._sampling(params), "seed": seed}, allowed)
-        tokens = reply["tokens"]
-        q = decode_rows({"argmax": tokens} if params.greedy else reply, self.vocab_size)
-        return DraftResult(tokens, q)
+        call = DraftCall(seq_id, version, start, prefix_hash, token_ids, k, params, seed)
+        return decode_draft(self._call_masked({"op": "draft", **_draft_fields(call)}, allowed), params, self.vocab_size)
+
+    def forward_batch(self, calls: list[ForwardCall], allowed=None) -> list[torch.Tensor | Exception]:
+        """ModelWorker.forward_batch in one frame: p [num_logits, V] per call, or the StaleVersionError /
+        PositionGapError that refused that call alone (returned, not raised)."""
+        if not calls:
+            return []
+        reply = self._call_masked({"op": "forward_batch", "calls": [_forward_fields(c) for c in calls]}, allowed)
+        return _decode_batch(reply["results"], calls, lambda entry, params: decode_rows(entry, self.vocab_size))
+
+    def draft_batch(self, calls: list[DraftCall], allowed=None) -> list[DraftResult | Exception]:
+        """ModelWorker.draft_batch in one frame: a DraftResult per call, or the error that refused it."""
+        if not calls:
+            return []
+        reply = self._call_masked({"op": "draft_batch", "calls": [_draft_fields(c) for c in calls]}, allowed)
+        return _decode_batch(reply["results"], calls, lambda entry, params: decode_draft(entry, params, self.vocab_size))
 
     def truncate(self, seq_id, version, position) -> int:
         return self._call({"op": "truncate", "seq": seq_id, "version": version, "position": position})["length"]

@@ -113,7 +113,7 @@ class ModelLevel:
     def score_batch(self, items: list[tuple[SequenceState, list[int], list[int], SamplingParams]]) -> list[torch.Tensor]:
         """`score(seq, ctx, draft, params)` for many sequences in one batched pass on the worker."""
         if self.vocab is not None or not hasattr(self.worker, "forward_batch"):
-            # A remote worker, or a level on its own vocabulary (ids to translate): one call per sequence.
+            # A level on its own vocabulary (ids to translate), or a worker without batched calls: one call per sequence.
             return [self.score(*item) for item in items]
 
         def call(i: int, start: int, prefix_hash: int) -> ForwardCall:

@@ -260,4 +260,6 @@ class RouterActor:
         return self.provider.actors[(spec.model, spec.quant)]
 
     def describe(self) -> dict:
-        return {"levels": list(self.engine.levels), "down": sorted(self.engine.down)}
+        """The levels, those down, and the data-plane frames each level's worker sent, by op."""
+        frames = {name: dict(level.worker.frames_sent) for name, level in self.engine.levels.items() if hasattr(level, "worker")}
+        return {"levels": list(self.engine.levels), "down": sorted(self.engine.down), "data_plane_frames": frames}

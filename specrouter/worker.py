@@ -195,9 +195,9 @@ class ModelWorker:
             slot.log.put(start, feed)
         return logits
 
-    def forward_batch(self, calls: list[ForwardCall]) -> list[torch.Tensor | Exception]:
+    def forward_batch(self, calls: list[ForwardCall], allowed: torch.Tensor | None = None) -> list[torch.Tensor | Exception]:
         """`forward` for many sequences in one pass: p [num_logits, V] per call, or the StaleVersionError
-        / PositionGapError that refused that call (the others still run)."""
+        / PositionGapError that refused that call (the others still run). `allowed` as in `forward`."""
         slots = self._slots_for(calls)
         ok = [i for i, slot in enumerate(slots) if not isinstance(slot, Exception)]
         results: list[torch.Tensor | Exception] = list(slots)
@@ -205,13 +205,13 @@ class ModelWorker:
             logits = self._run_batch([slots[i] for i in ok], [calls[i].start for i in ok], [calls[i].token_ids for i in ok],
                                      [calls[i].num_logits for i in ok])
             for i, row in zip(ok, logits):
-                results[i] = probs_from_logits(row, calls[i].params)
+                results[i] = probs_from_logits(restrict(row, allowed), calls[i].params)
         return results
 
-    def draft_batch(self, calls: list[DraftCall]) -> list[DraftResult | Exception]:
+    def draft_batch(self, calls: list[DraftCall], allowed: torch.Tensor | None = None) -> list[DraftResult | Exception]:
         """`draft` for many sequences: one batched pass per drafted position, each sequence sampling
         with its own seeded generator (so each result equals its `draft` alone); a sequence leaves the
-        batch once it has its k tokens."""
+        batch once it has its k tokens. `allowed` as in `draft`."""
         slots = self._slots_for(calls)
         results: list[DraftResult | Exception] = list(slots)
         live = [i for i, slot in enumerate(slots) if not isinstance(slot, Exception)]
@@ -224,7 +224,7 @@ class ModelWorker:
             logits = self._run_batch([slots[i] for i in active], [feeds[i][0] for i in active], [feeds[i][1] for i in active],
                                      [1] * len(active))
             for i, row in zip(active, logits):
-                q = probs_from_logits(row, calls[i].params)  # [1, V]
+                q = probs_from_logits(restrict(row, allowed), calls[i].params)  # [1, V]
                 token = int(sample(q, generators[i])[0])
                 drafted[i].append(token)
                 rows[i].append(q)

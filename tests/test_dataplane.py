@@ -1,5 +1,8 @@
 """The gRPC data plane on loopback: a remote worker is indistinguishable from an in-process one."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -141,3 +144,149 @@ def test_remote_worker_restricted_to_a_token_mask_equals_local(served):
         p = remote.forward("m", 0, 0, EMPTY, ids, 2, params, allowed)
         assert torch.equal(p, local.forward("m", 0, 0, EMPTY, ids, 2, params, allowed))
         remote.release("m"), local.release("m")
+
+
+# -- batched calls: one frame per batch ------------------------------------------------------------------
+
+SAMPLED = SamplingParams(temperature=0.9, top_k=20)
+
+
+class CountingServicer(WorkerServicer):
+    """Records every frame it handles as (op, number of batched calls)."""
+
+    def __init__(self, name, workers):
+        super().__init__(name, workers)
+        self.frames: list[tuple[str, int]] = []
+
+    def handle(self, request):
+        self.frames.append((request["op"], len(request.get("calls", []))))
+        return super().handle(request)
+
+
+@pytest.fixture
+def counted(served):
+    target, _ = served
+    servicer = CountingServicer("tiny", {"t": ModelWorker("t", ModelView(target))})
+    server = BackgroundServer(servicer)
+    yield target, servicer, RemoteWorker("t", lambda: server.address)
+    server.stop()
+
+
+def test_remote_forward_batch_is_one_frame_and_equals_per_sequence_calls(counted):
+    from specrouter.worker import ForwardCall
+
+    target, servicer, remote = counted
+    local = ModelWorker("local", ModelView(target))
+    hist = {"a": list(range(3, 13)), "b": list(range(20, 34))}
+    for w in (remote, local):
+        for s, tokens in hist.items():
+            w.forward(s, 0, 0, EMPTY, tokens, 1, SamplingParams())
+    # a continues, b rolls back its last 3 (rejected) tokens, c prefills from 0: three positions, mixed sampling
+    starts = {"a": 10, "b": 11, "c": 0}
+    hist["c"] = []
+    calls = [ForwardCall(s, 1, starts[s], TokenLog(hist[s][: starts[s]]).prefix_hash(starts[s]), [40, 41, 42], 2, params)
+             for s, params in zip("abc", (SamplingParams(), SAMPLED, SAMPLED))]
+    servicer.frames.clear()
+    before = remote.bytes_moved
+    batched = remote.forward_batch(calls)
+    assert servicer.frames == [("forward_batch", 3)]  # one frame, one batched pass for the three
+    assert remote.bytes_moved > before
+    for call, p in zip(calls, batched):
+        ref = local.forward(call.seq_id, 1, call.start, call.prefix_hash, call.token_ids, 2, call.params)
+        torch.testing.assert_close(p, ref, atol=1e-6, rtol=1e-5)
+        assert servicer.workers["t"].cached_tokens(call.seq_id) == hist[call.seq_id][: call.start] + [40, 41, 42]
+
+
+def test_remote_draft_batch_is_one_frame_and_equals_each_draft_alone(counted):
+    from specrouter.worker import DraftCall
+
+    target, servicer, remote = counted
+    local = ModelWorker("local", ModelView(target))
+    calls = [DraftCall(s, 0, 0, EMPTY, list(range(2 + i, 9 + 3 * i)), k, params, seed=10 + i)
+             for i, (s, k, params) in enumerate(zip("defg", (3, 1, 0, 5), (SAMPLED, SamplingParams(), SAMPLED, SamplingParams())))]
+    servicer.frames.clear()
+    drafted = remote.draft_batch(calls)
+    assert servicer.frames == [("draft_batch", 4)]
+    for call, got in zip(calls, drafted):
+        ref = local.draft(call.seq_id, 0, 0, EMPTY, call.token_ids, call.k, call.params, call.seed)
+        assert got.token_ids == ref.token_ids and len(got.token_ids) == call.k
+        torch.testing.assert_close(got.q_draft, ref.q_draft, atol=1e-6, rtol=1e-5)
+
+
+def test_a_stale_or_gapped_call_in_a_remote_batch_is_refused_alone(counted):
+    from specrouter.worker import ForwardCall
+
+    _, servicer, remote = counted
+    for s in "ab":
+        remote.forward(s, 0, 0, EMPTY, [1, 2, 3], 1, SamplingParams())
+    remote.truncate("a", 5, 3)  # a is at version 5: a version-1 call is stale
+    h3 = TokenLog([1, 2, 3]).prefix_hash(3)
+    calls = [ForwardCall("a", 1, 3, h3, [9], 1, SamplingParams()), ForwardCall("b", 1, 3, h3, [9], 1, SAMPLED),
+             ForwardCall("c", 0, 2, TokenLog([1, 2]).prefix_hash(2), [9], 1, SamplingParams())]  # c holds nothing: a gap
+    stale, ok, gap = remote.forward_batch(calls)
+    assert isinstance(stale, StaleVersionError) and isinstance(gap, PositionGapError)
+    assert ok.shape == (1, V) and abs(float(ok.sum()) - 1.0) < 1e-5
+    worker = servicer.workers["t"]
+    assert worker.cached_tokens("a") == [1, 2, 3] and worker.cached_tokens("b") == [1, 2, 3, 9] and worker.cached_length("c") == 0
+
+
+def test_level_over_remote_worker_batches_and_resends_only_the_lost_sequence(counted):
+    target, servicer, remote = counted
+    remote_level, local_level = ModelLevel("t", remote), ModelLevel("t2", ModelWorker("t2", ModelView(target)))
+    seqs = [SequenceState.new(s, list(range(5 + i, 15 + 2 * i))) for i, s in enumerate("xyz")]
+    for level in (remote_level, local_level):
+        level.score_batch([(seq, list(seq.token_ids), [7], SamplingParams()) for seq in seqs])
+    servicer.workers["t"].release("y")  # the worker lost y (its mirror still thinks it is cached)
+    servicer.frames.clear()
+    items = [(seq, list(seq.token_ids) + [7], [8, 9], SAMPLED) for seq in seqs]
+    got, want = remote_level.score_batch(items), local_level.score_batch(items)
+    assert servicer.frames == [("forward_batch", 3), ("forward_batch", 1)]  # only y is resent, from position 0
+    for p, ref in zip(got, want):
+        torch.testing.assert_close(p, ref, atol=1e-6, rtol=1e-5)
+    assert servicer.workers["t"].cached_tokens("y") == list(seqs[1].token_ids) + [7, 8, 9]
+
+
+class DiesOnBatch(WorkerServicer):
+    """Stops its own server while it runs a batched call (the worker process dies mid-batch)."""
+
+    server, reached = None, False
+
+    def handle(self, request):
+        if request["op"] == "forward_batch":
+            self.reached = True
+            threading.Thread(target=self.server.stop, daemon=True).start()
+            time.sleep(0.5)
+        return super().handle(request)
+
+
+def test_worker_dying_mid_batch_raises_worker_unavailable(served):
+    from specrouter.worker import ForwardCall
+
+    target, _ = served
+    servicer = DiesOnBatch("tiny", {"t": ModelWorker("t", ModelView(target))})
+    servicer.server = BackgroundServer(servicer)
+    remote = RemoteWorker("t", lambda: servicer.server.address, timeout_s=5)
+    with pytest.raises(WorkerUnavailable):
+        remote.forward_batch([ForwardCall(s, 0, 0, EMPTY, [1, 2, 3], 1, SamplingParams()) for s in "ab"])
+    assert servicer.reached
+
+
+def test_remote_batches_restricted_to_a_token_mask_equal_local(counted):
+    from specrouter.worker import DraftCall, ForwardCall
+
+    target, servicer, remote = counted
+    local = ModelWorker("local", ModelView(target))
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[1::4] = True
+    drafts = [DraftCall("m", 0, 0, EMPTY, list(range(30, 44)), 3, SAMPLED, 5),
+              DraftCall("n", 0, 0, EMPTY, list(range(31, 44)), 3, SamplingParams(), 6)]
+    for got, call in zip(remote.draft_batch(drafts, allowed), drafts):
+        ref = local.draft(call.seq_id, 0, 0, EMPTY, call.token_ids, 3, call.params, call.seed, allowed)
+        assert got.token_ids == ref.token_ids and all(t % 4 == 1 for t in got.token_ids)
+        torch.testing.assert_close(got.q_draft, ref.q_draft, atol=1e-6, rtol=1e-5)
+    assert "allowed_bits" not in remote._mask(allowed)  # the batch sent the mask once: now it is named only
+    calls = [ForwardCall(s, 0, 0, EMPTY, list(range(30 + i, 44)), 2, SAMPLED) for i, s in enumerate("op")]
+    for got, call in zip(remote.forward_batch(calls, allowed), calls):
+        ref = local.forward(call.seq_id, 0, 0, EMPTY, call.token_ids, 2, SAMPLED, allowed)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+        assert float(got[:, ~allowed].sum()) == 0.0
