@@ -61,10 +61,11 @@ def test_skip_view_lives_in_the_target_actor(local_ray, tiny_chain):
     local_ray.kill(router)
 
 
-def test_killing_a_drafter_mid_generation_keeps_the_output(local_ray, tiny_dirs, expected):
+@pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "pipelined"])
+def test_killing_a_drafter_mid_generation_keeps_the_output(local_ray, tiny_dirs, expected, pipeline):
     ids, want = expected
     chain = f"{tiny_dirs['draft']},{tiny_dirs['target']}"
-    router = make_router(local_ray, chain)
+    router = make_router(local_ray, chain, pipeline=pipeline)
     local_ray.get(router.generate.remote(ids, 8, ignore_eos=True), timeout=600)  # warm: streams open
     drafter = local_ray.get(router.actor.remote(tiny_dirs["draft"]), timeout=60)
     pending = router.generate.remote(ids, 200, ignore_eos=True)
