@@ -5,7 +5,8 @@ i+1 by running its own verification rounds over the tokens level i-1 proposes; e
 emits is distributed exactly as that level's model given its prefix, so the level passes its own
 probabilities upward as the proposal distribution q_draft (TriForce's rule). Only the target's
 verdict is committed, so the output is distributed exactly as the target alone (greedy: identical).
-Every level speaks the target's token ids (a level on another tokenizer translates: specrouter/vocab.py).
+Every level speaks the target's token ids (a level on another tokenizer translates: specrouter/vocab.py,
+or, drafting greedy blocks, re-tokenises its text: specrouter/retokenize.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class LevelStats:
     num_emitted_tokens: int = 0  # tokens this level emitted as a verifier
     time_s: float = 0.0
     vocab_map: dict | None = None  # a level with another tokenizer than the target's: its VocabMap report
+    cross_tokenizer: str | None = None  # how its blocks crossed to the target's tokenizer: "text", "intersection"
 
     @property
     def acceptance_rate(self) -> float:
@@ -59,7 +61,13 @@ class LevelStats:
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "time_s": round(self.time_s, 4),
             **({"vocab_map": self.vocab_map} if self.vocab_map is not None else {}),
+            **({"cross_tokenizer": self.cross_tokenizer} if self.cross_tokenizer is not None else {}),
         }
+
+    def note_cross_tokenizer(self, mode: str) -> None:
+        """Record the mode of a block it proposed ("intersection+text" if a request saw both)."""
+        modes = set(self.cross_tokenizer.split("+")) if self.cross_tokenizer else set()
+        self.cross_tokenizer = "+".join(sorted(modes | {mode}))
 
 
 @dataclass
@@ -166,6 +174,8 @@ def judge(chain: Chain, i: int, block: Block, p_target: torch.Tensor, seconds: f
     stats.num_emitted_tokens += len(verdict.tokens)
     stats.num_bonus_tokens += verdict.bonus
     stats.num_recovered_tokens += not verdict.bonus
+    if i > 0 and block.cross_tokenizer:
+        ctx.level_stats(chain.levels[i - 1].name).note_cross_tokenizer(block.cross_tokenizer)
     if len(block):
         below = ctx.level_stats(chain.levels[i - 1].name)
         below.num_draft_tokens += len(block)
@@ -195,7 +205,7 @@ def propose(chain: Chain, i: int, seq: SequenceState, prefix: list[int], n: int,
         rows.append(verdict.p_rows)
         if ctx.eos_ids.intersection(verdict.tokens):
             break  # drafting past the end is wasted work (stopping early keeps the proposal exact)
-    return Block(tokens[:n], torch.cat(rows)[:n])
+    return Block(tokens[:n], torch.cat(rows)[:n], getattr(chain.levels[i], "cross_tokenizer", None))
 
 
 def _match_vocab(q_draft: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -270,4 +280,5 @@ def propose_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: lis
             tokens[b] += verdict.tokens
             rows[b].append(verdict.p_rows)
         open_ = [b for b, verdict in zip(open_, verdicts) if len(tokens[b]) < ns[b] and not ctxs[b].eos_ids.intersection(verdict.tokens)]
-    return [Block(t[:n], torch.cat(r)[:n]) for t, r, n in zip(tokens, rows, ns)]
+    mode = getattr(chain.levels[i], "cross_tokenizer", None)
+    return [Block(t[:n], torch.cat(r)[:n], mode) for t, r, n in zip(tokens, rows, ns)]

@@ -16,6 +16,7 @@ from specrouter.levels import Level, ModelLevel, NgramLevel
 from specrouter.sampling import SamplingParams
 from specrouter.scheduler import Plan
 from specrouter.sequence import SequenceState
+from specrouter.retokenize import retokenizer
 from specrouter.spec import LevelSpec, parse_chain
 from specrouter.store import ModelStore, WorkerProvider
 from specrouter.vocab import vocab_map
@@ -98,8 +99,11 @@ class Engine:
         num_threads: int | None = None,
         provider: WorkerProvider | None = None,
         retry_down_after_s: float = 5.0,
+        retokenize_greedy: bool = True,
     ):
-        """`provider` supplies the workers (default: an in-process ModelStore for dtype and device)."""
+        """`provider` supplies the workers (default: an in-process ModelStore for dtype and device).
+        A drafter on another tokenizer than the target's drafts greedy requests freely and has its text
+        re-tokenised (`retokenize_greedy`), else it stays on the shared tokens (specrouter/levels.py)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.specs = parse_chain(chain) if isinstance(chain, str) else list(chain)
@@ -116,10 +120,13 @@ class Engine:
                 continue
             worker = self.provider.worker(spec, target)
             tokenizer, fingerprint = self.provider.tokenizer(spec)
-            vocab = None
+            vocab, retok = None, None
             if fingerprint != target_fp:  # another tokenizer: restrict to the shared tokens, speak target ids
-                vocab = vocab_map(tokenizer, info.tokenizer, worker.vocab_size, info.vocab_size, (fingerprint, target_fp))
-            levels.append(ModelLevel(worker.name, worker, vocab))
+                fingerprints = (fingerprint, target_fp)
+                vocab = vocab_map(tokenizer, info.tokenizer, worker.vocab_size, info.vocab_size, fingerprints)
+                if retokenize_greedy:
+                    retok = retokenizer(tokenizer, info.tokenizer, worker.vocab_size, info.vocab_size, fingerprints)
+            levels.append(ModelLevel(worker.name, worker, vocab, retok))
         self.levels: dict[str, Level] = {level.name: level for level in levels}  # the pool, cheapest first
         if len(self.levels) != len(levels):
             raise ValueError(f"chain names a level twice: {[level.name for level in levels]}")

@@ -5,6 +5,11 @@ block (verifying the level below): a smaller model, or the target itself with la
 slim view over the same weights) are both `ModelLevel`s, and so is a model with another tokenizer
 than the target's (translated through a `VocabMap`). The model-free prompt-lookup drafter only
 proposes, so it sits at the bottom of a chain.
+
+A level with another tokenizer crosses to the target's vocabulary in one of two ways, reported per
+block as `cross_tokenizer`: "intersection" (restricted to the shared tokens: exact for sampling,
+and always when it verifies) or "text" (greedy drafting: it drafts freely and its text is
+re-tokenised into the target's tokens, specrouter/retokenize.py).
 """
 
 from __future__ import annotations
@@ -14,19 +19,29 @@ from typing import Protocol
 
 import torch
 
+from specrouter.retokenize import Retokenizer
 from specrouter.sampling import SamplingParams
 from specrouter.sequence import PositionGapError, SequenceState, TokenLog, common_prefix_len
 from specrouter.vocab import VocabMap
-from specrouter.worker import DraftCall, ForwardCall, ModelWorker
+from specrouter.worker import DraftCall, DraftResult, ForwardCall, ModelWorker
 
 
 @dataclass(frozen=True)
 class Block:
     token_ids: list[int]
     q_draft: torch.Tensor  # [len(token_ids), V]: distribution each token was drawn from
+    cross_tokenizer: str | None = None  # a drafter on another tokenizer: "text" or "intersection"
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+
+def one_hot(tokens: list[int], vocab_size: int) -> torch.Tensor:
+    """[len(tokens), vocab_size]: the proposal distribution of tokens chosen deterministically."""
+    q = torch.zeros(len(tokens), vocab_size)
+    if tokens:
+        q[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
+    return q
 
 
 class Level(Protocol):
@@ -52,14 +67,17 @@ class ModelLevel:
     call resends only what changed and rolls the worker back exactly to the last shared position.
 
     With a `vocab` map the model has its own tokenizer: it is restricted to the tokens it shares with
-    the target and speaks target ids outward (specrouter/vocab.py); the mirror holds its own ids."""
+    the target and speaks target ids outward (specrouter/vocab.py); the mirror holds its own ids.
+    With a `retokenizer` too, it drafts greedy blocks freely and re-tokenises their text instead."""
 
     can_verify = True
 
-    def __init__(self, name: str, worker: ModelWorker, vocab: VocabMap | None = None):
+    def __init__(self, name: str, worker: ModelWorker, vocab: VocabMap | None = None, retokenizer: Retokenizer | None = None):
         self.name = name
         self.worker = worker
         self.vocab = vocab
+        self.retokenizer = retokenizer if vocab else None
+        self.cross_tokenizer = "intersection" if vocab else None  # how its scores cross to the target's vocabulary
         self.vocab_size = vocab.target_rows if vocab else worker.vocab_size
         self._allowed = vocab.allowed if vocab else None  # [V_own] bool
         self._cached: dict[str, TokenLog] = {}
@@ -82,17 +100,32 @@ class ModelLevel:
             log.truncate(0)
             return 0, call(0, log.prefix_hash(0))
 
-    def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
+    def _draft(self, seq: SequenceState, ctx: list[int], k: int, params: SamplingParams, seed: int, allowed: torch.Tensor | None) -> DraftResult:
+        """k own tokens drafted after the context (as own ids), caching what the worker caches."""
         own, _ = self._own(ctx)
         start, result = self._send(
             seq.seq_id,
             own,
-            lambda start, h: self.worker.draft(seq.seq_id, seq.version, start, h, own[start:], n, params, seed, self._allowed),
+            lambda start, h: self.worker.draft(seq.seq_id, seq.version, start, h, own[start:], k, params, seed, allowed),
         )
         self._cached[seq.seq_id].put(start, own[start:] + result.token_ids[:-1])
+        return result
+
+    def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
+        if self.retokenizer is not None and params.greedy:
+            return self._propose_text(seq, ctx, n, params, seed)
+        result = self._draft(seq, ctx, n, params, seed, self._allowed)
         if self.vocab is None:
             return Block(result.token_ids, result.q_draft)
-        return Block(self.vocab.tokens_to_target(result.token_ids), self.vocab.rows_to_target(result.q_draft))
+        return Block(self.vocab.tokens_to_target(result.token_ids), self.vocab.rows_to_target(result.q_draft), "intersection")
+
+    def _propose_text(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
+        """Greedy: draft n + 1 own tokens freely (the last target token is dropped), re-tokenise their
+        text after the context into up to n target tokens, one-hot. The drafted own tokens stay cached
+        until the next call's context (the committed tokens, translated) rolls them back."""
+        result = self._draft(seq, ctx, n + 1, params, seed, None)
+        tokens = self.retokenizer.to_target(ctx, result.token_ids, n)
+        return Block(tokens, one_hot(tokens, self.vocab_size), "text")
 
     def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:
         """p [len(draft) + 1, V]: this model's distribution at each draft position and one past it."""
@@ -191,10 +224,7 @@ class NgramLevel:
 
     def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
         tokens = self.lookup(ctx, n)
-        q = torch.zeros(len(tokens), self.vocab_size)
-        if tokens:
-            q[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
-        return Block(tokens, q)
+        return Block(tokens, one_hot(tokens, self.vocab_size))
 
     def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:
         raise TypeError("the n-gram drafter cannot verify; put it at the bottom of the chain")

@@ -43,11 +43,16 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+@lru_cache(maxsize=1)
+def unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def token_bytes(token: str, special: bool) -> bytes:
     """The bytes a vocabulary entry stands for (a special token stands for its content)."""
     if special:
         return token.encode()
-    decode = {c: b for b, c in bytes_to_unicode().items()}
+    decode = unicode_to_bytes()
     return bytes(decode[c] for c in token)
 
 
@@ -125,6 +130,16 @@ def _entries(tokenizer) -> tuple[dict[tuple[bool, str], int], object]:
     entries = {(True, s): i for s, i in special.items()}
     entries.update(((False, s), i) for s, i in backend.get_vocab(with_added_tokens=False).items() if s not in special)
     return entries, model
+
+
+def byte_table(tokenizer, rows: int) -> tuple[tuple[bytes | None, ...], frozenset[int]]:
+    """([rows] the bytes each id stands for, None for rows without a token; the special tokens' ids)."""
+    entries, _ = _entries(tokenizer)
+    table: list[bytes | None] = [None] * rows
+    for (special, text), i in entries.items():
+        if i < rows:
+            table[i] = token_bytes(text, special)
+    return tuple(table), frozenset(i for (special, _), i in entries.items() if special and i < rows)
 
 
 def build_vocab_map(own_tokenizer, target_tokenizer, own_rows: int, target_rows: int) -> VocabMap:

@@ -60,17 +60,19 @@ def test_tiny_chain_greedy_equals_transformers_generate(tiny_dirs, chain):
 # -- a drafter whose tokenizer differs from the target's (SmolLM2's 49k vs Qwen's 152k) ------------------
 
 BOUNDARY_PROMPT = "    for i in range(10):\n        print('你好, 世界 🎉', i * 3.14159)\n<|im_end|>\n"
+# Greedy: a SmolLM2 level drafting at the bottom re-tokenises its text ("text"); one in the middle
+# proposes what it verified on the shared tokens ("intersection").
 CROSS_CHAINS = [
-    ("smol,target", [4]),  # the cross pair at the bottom
-    ("ngram,smol,target", [3, 4]),
-    ("smol,qwen-draft,target", [3, 4]),  # at the bottom of a 3-level chain
-    ("smol-far,smol,target", [2, 4]),  # in the middle: smol verifies smol-far, then drafts for the target
-    ("qwen-draft,smol,target", [3, 4]),  # in the middle, verifying a drafter on the target's tokenizer
+    ("smol,target", [4], {"smol": "text"}),  # the cross pair at the bottom
+    ("ngram,smol,target", [3, 4], {"smol": "intersection"}),
+    ("smol,qwen-draft,target", [3, 4], {"smol": "text"}),  # at the bottom of a 3-level chain
+    ("smol-far,smol,target", [2, 4], {"smol-far": "text", "smol": "intersection"}),  # smol verifies smol-far, then drafts
+    ("qwen-draft,smol,target", [3, 4], {"smol": "intersection"}),  # in the middle, verifying a drafter on the target's tokenizer
 ]
 
 
-@pytest.mark.parametrize("chain, draft_lens", CROSS_CHAINS, ids=[c for c, _ in CROSS_CHAINS])
-def test_cross_tokenizer_chain_greedy_equals_transformers_generate(cross_dirs, chain, draft_lens):
+@pytest.mark.parametrize("chain, draft_lens, modes", CROSS_CHAINS, ids=[c for c, _, _ in CROSS_CHAINS])
+def test_cross_tokenizer_chain_greedy_equals_transformers_generate(cross_dirs, chain, draft_lens, modes):
     engine = Engine(",".join(cross_dirs.get(name, name) for name in chain.split(",")), dtype="float32", draft_lens=draft_lens)
     vocab = next(level.vocab for level in engine.chain.levels if getattr(level, "vocab", None))
     shared = set(vocab.shared_target.tolist())
@@ -84,6 +86,15 @@ def test_cross_tokenizer_chain_greedy_equals_transformers_generate(cross_dirs, c
     assert outside > 0  # and the target emitted tokens SmolLM2 lacks (its context spells them in pieces)
     smol = next(s for s in result.as_dict()["levels"] if s["name"].endswith("/smol"))
     assert smol["vocab_map"]["num_shared"] > 30000 and 0.2 < smol["vocab_map"]["coverage_of_target"] < 1
+    assert {s["name"].rsplit("/", 1)[-1]: s["cross_tokenizer"] for s in result.as_dict()["levels"] if "cross_tokenizer" in s} == modes
+
+
+def test_cross_tokenizer_greedy_on_the_shared_tokens_alone_equals_transformers_generate(cross_dirs):
+    engine = Engine(f"{cross_dirs['smol']},{cross_dirs['target']}", dtype="float32", retokenize_greedy=False)
+    for prompt in (CODE_PROMPT, BOUNDARY_PROMPT):
+        result = engine.generate_text(prompt, 24, ignore_eos=True)
+        assert result.token_ids == hf_greedy(engine, prompt, 24), prompt
+        assert result.level_stats[0].cross_tokenizer == "intersection" and result.level_stats[0].num_accepted_tokens > 0
 
 
 def test_cross_tokenizer_sampling_is_seeded_and_emits_target_tokens(cross_dirs):
@@ -92,6 +103,7 @@ def test_cross_tokenizer_sampling_is_seeded_and_emits_target_tokens(cross_dirs):
     a = engine.generate_text(CHAT_PROMPT, 16, params=params, seed=1, ignore_eos=True)
     b = engine.generate_text(CHAT_PROMPT, 16, params=params, seed=1, ignore_eos=True)
     assert a.token_ids == b.token_ids and a.level_stats[0].num_draft_tokens > 0
+    assert a.level_stats[0].cross_tokenizer == "intersection"  # sampling stays on the shared tokens (exact)
 
 
 SMOL_CHAINS = [
@@ -186,3 +198,18 @@ def test_real_smollm2_in_front_of_qwen_greedy_equals_target_only_in_fp32():
         result = Engine("smollm2-135m,qwen2.5-coder-0.5b", provider=store, draft_lens=[4]).generate_text(prompt, 32, ignore_eos=True)
         assert result.token_ids == expected, prompt
         assert result.level_stats[0].num_accepted_tokens > 0 and result.level_stats[0].vocab_map["num_shared"] > 30000
+        assert result.level_stats[0].cross_tokenizer == "text"
+
+
+@pytest.mark.heavy
+def test_real_smollm2_drafting_text_is_accepted_at_least_as_often_as_on_the_shared_tokens():
+    """Greedy, 24 tokens: re-tokenised drafting (every token SmolLM2 can spell) against the intersection."""
+    store = ModelStore("float32")
+    expected = Engine("qwen2.5-coder-0.5b", provider=store).generate_text(CODE_PROMPT, 24, ignore_eos=True).token_ids
+    rates = {}
+    for retokenize in (True, False):
+        engine = Engine("smollm2-135m,qwen2.5-coder-0.5b", provider=store, draft_lens=[4], retokenize_greedy=retokenize)
+        result = engine.generate_text(CODE_PROMPT, 24, ignore_eos=True)
+        assert result.token_ids == expected
+        rates[result.level_stats[0].cross_tokenizer] = result.level_stats[0].acceptance_rate
+    assert rates["text"] >= rates["intersection"] > 0, rates

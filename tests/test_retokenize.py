@@ -1,0 +1,108 @@
+"""Re-tokenising SmolLM2's drafted text into Qwen2.5's tokens after committed Qwen tokens, with the
+real tokenizers: whatever the boundary, the tokens continue the committed ones byte for byte and are
+the ones Qwen's tokenizer gives for the text, less the last."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from specrouter.retokenize import Retokenizer, retokenizer, starts_word_or_symbol, whole_chars
+from specrouter.vocab import bytes_to_unicode
+from test_vocab import BOUNDARY_TEXTS, QWEN_ROWS, SMOL_ROWS
+
+TEXTS = BOUNDARY_TEXTS + ["def is_palindrome(text: str) -> bool:\n    return text == text[::-1]\n"]
+IDS = ["code", "emoji", "cjk", "numbers", "special", "punctuation", "palindrome"]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(smollm2_dir, qwen_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(smollm2_dir), AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def smol_to_qwen(tokenizers) -> Retokenizer:
+    smol, qwen = tokenizers
+    return retokenizer(smol, qwen, SMOL_ROWS, QWEN_ROWS)
+
+
+def smol_ids(smol, data: bytes) -> list[int]:
+    """SmolLM2 ids spelling any bytes (partial UTF-8 too): its BPE over the byte-level string."""
+    return [piece.id for piece in smol.backend_tokenizer.model.tokenize("".join(bytes_to_unicode()[b] for b in data))]
+
+
+def spelled(rt: Retokenizer, target_ids: list[int]) -> bytes:
+    return b"".join(rt.target_bytes[t] for t in target_ids)
+
+
+def without_last(rt: Retokenizer, ids: list[int]) -> list[int]:
+    return ids if ids and ids[-1] in rt.target_special else ids[:-1]
+
+
+def test_whole_chars_cuts_only_a_partial_character_at_the_end():
+    assert whole_chars("a🎉".encode()) == "a🎉".encode()
+    assert whole_chars("a🎉".encode()[:-1]) == b"a"
+    assert whole_chars("你好".encode()[:4]) == "你".encode()
+    assert whole_chars(b"") == b""
+
+
+def test_anchor_starts_on_a_word_or_symbol():
+    assert starts_word_or_symbol(b" return") and starts_word_or_symbol(b"\n") and starts_word_or_symbol(b"(") and starts_word_or_symbol(b"3")
+    assert not starts_word_or_symbol(b"indrome") and not starts_word_or_symbol("你".encode()) and not starts_word_or_symbol(b"")
+
+
+def test_built_once_per_pair(tokenizers, smol_to_qwen):
+    smol, qwen = tokenizers
+    assert retokenizer(smol, qwen, SMOL_ROWS, QWEN_ROWS) is smol_to_qwen
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=IDS)
+def test_draft_after_every_committed_boundary_is_the_targets_tokenization(tokenizers, smol_to_qwen, text):
+    """Committed: the first c of Qwen's tokens for `text`; drafted: SmolLM2 ids for the rest of its
+    bytes (mid-character when c splits an emoji). The draft becomes exactly Qwen's remaining tokens,
+    less the last (kept when it is a special token)."""
+    smol, qwen = tokenizers
+    ids = qwen.encode(text, add_special_tokens=False)
+    data = text.encode()
+    for c in range(1, len(ids)):
+        head = spelled(smol_to_qwen, ids[:c])
+        got = smol_to_qwen.to_target(ids[:c], smol_ids(smol, data[len(head) :]), 100)
+        assert got == without_last(smol_to_qwen, ids[c:]), (c, qwen.convert_ids_to_tokens(got))
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=IDS)
+def test_a_draft_cut_anywhere_continues_the_committed_bytes(tokenizers, smol_to_qwen, text):
+    """The draft ends at every byte (partial UTF-8 included): its tokens, after the committed ones,
+    spell a prefix of committed + draft bytes, and are Qwen's tokens for the whole characters there
+    (when those start with the committed tokens; else nothing is drafted), less the last; at most n."""
+    smol, qwen = tokenizers
+    ids = qwen.encode(text, add_special_tokens=False)
+    data = text.encode()
+    c = len(ids) // 3
+    head = spelled(smol_to_qwen, ids[:c])
+    for end in range(len(head) + 1, len(data) + 1):
+        draft = data[len(head) : end]
+        got = smol_to_qwen.to_target(ids[:c], smol_ids(smol, draft), 100)
+        assert data[:end].startswith(spelled(smol_to_qwen, ids[:c] + got))
+        whole = qwen.encode(whole_chars(data[:end]).decode(), add_special_tokens=False)
+        assert got == (without_last(smol_to_qwen, whole[c:]) if whole[:c] == ids[:c] else []), end
+        assert smol_to_qwen.to_target(ids[:c], smol_ids(smol, draft), 2) == got[:2]
+
+
+def test_special_tokens_map_by_content_and_end_the_draft(tokenizers, smol_to_qwen):
+    smol, qwen = tokenizers
+    committed = qwen.encode("<|im_start|>user\nhi", add_special_tokens=False)
+    draft = smol.encode(" there<|im_end|>\nmore", add_special_tokens=False)
+    assert smol.convert_tokens_to_ids("<|im_end|>") in draft
+    got = smol_to_qwen.to_target(committed, draft, 10)
+    assert got == qwen.encode(" there<|im_end|>", add_special_tokens=False)  # the special token is kept, last
+
+
+def test_a_token_straddling_the_boundary_drafts_nothing(tokenizers, smol_to_qwen):
+    smol, qwen = tokenizers
+    committed = qwen.encode("x = [1]\n", add_special_tokens=False)
+    assert smol_to_qwen.to_target(committed, smol.encode("\n\ny = 2", add_special_tokens=False), 4) == []  # "]\n\n\n"
+    # A committed tail that Qwen's tokenizer would not give for its text: "hel" + "lo" is " hello".
+    committed = qwen.encode("say", add_special_tokens=False) + qwen.encode(" hel", add_special_tokens=False)
+    assert smol_to_qwen.to_target(committed, smol.encode("lo world and more", add_special_tokens=False), 4) == []
+    # Drafted after a word that is complete in Qwen's tokens: drafted.
+    committed = qwen.encode("say hello", add_special_tokens=False)
+    assert spelled(smol_to_qwen, smol_to_qwen.to_target(committed, smol.encode(" world and more", add_special_tokens=False), 4)) == b" world and"
