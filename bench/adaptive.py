@@ -71,7 +71,7 @@ class FixedRoute:
     def __init__(self, plan: Plan):
         self.plan = plan
 
-    def next_plan(self) -> Plan:
+    def next_plan(self, backlog=None, remaining=None) -> Plan:
         return self.plan
 
     def observe(self, records, committed, seconds) -> None:

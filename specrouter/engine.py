@@ -30,7 +30,9 @@ class TargetUnavailable(RuntimeError):
 class Route(Protocol):
     """A request's chain policy: which chain runs the next step, and what it learns from each step."""
 
-    def next_plan(self) -> Plan: ...
+    def next_plan(self, backlog: dict[str, int] | None = None, remaining: float = float("inf")) -> Plan:
+        """`backlog`: context tokens each drafter has not cached; `remaining`: tokens still to generate."""
+        ...
 
     def observe(self, records: list, committed: int, seconds: float) -> None: ...
 
@@ -208,7 +210,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             while len(seq.generated) < max_new_tokens:
-                chain = self._live(self.chain_for(route.next_plan()) if route is not None else self.chain)
+                chain = self._live(self.chain_for(self._next_plan(route, seq, max_new_tokens)) if route is not None else self.chain)
                 t_step = time.perf_counter()
                 try:
                     new = speculative_step(chain, seq, ctx, budget=max_new_tokens - len(seq.generated))
@@ -241,6 +243,10 @@ class Engine:
             prompt_tokens=len(prompt_ids),
             routing=route.explain() if route is not None else None,
         )
+
+    def _next_plan(self, route: Route, seq: SequenceState, max_new_tokens: int) -> Plan:
+        backlog = {name: level.backlog(seq.seq_id, len(seq.token_ids)) for name, level in self.levels.items() if name != self.target_name}
+        return route.next_plan(backlog, max_new_tokens - len(seq.generated))
 
     def new_stats(self) -> dict[str, LevelStats]:
         """Fresh per-level statistics for one request (with each cross-tokenizer level's mapping report)."""

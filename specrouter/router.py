@@ -115,12 +115,14 @@ class AdaptiveRouter:
 
     # -- planning ---------------------------------------------------------------------------------------
 
-    def plan_for(self, klass: str) -> tuple[Plan, list[Plan], str]:
-        """The plan for the next step of a request of `klass`, the ranked candidates, and why."""
+    def plan_for(self, klass: str, backlog: dict[str, int] | None = None, remaining: float = float("inf")) -> tuple[Plan, list[Plan], str]:
+        """The plan for the next step of a request of `klass`, the ranked candidates, and why.
+        `backlog` / `remaining`: as for `plan_for_batch` (a drafter that has fallen behind the request's
+        context is charged its catch-up prefill, spread over the tokens still to generate)."""
         state = self._classes.setdefault(klass, _ClassState())
         stale = self._stalest_level()
         if stale is not None:
-            ranked = self.plans(klass)
+            ranked = self._ranked(klass, backlog, remaining)
             explore = next((p for p in ranked if stale in p.chain), None)
             promising = explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin
             self._last_measured[stale] = self._step
@@ -135,15 +137,22 @@ class AdaptiveRouter:
         if state.plan is not None and state.steps_since_plan < self.config.replan_every:
             state.steps_since_plan += 1
             return state.plan, [], "keep"
-        ranked = self.plans(klass)
+        ranked = self._ranked(klass, backlog, remaining)
         best = ranked[0]
         reason = "best predicted"
         if state.plan is not None and best.chain + best.draft_lens != state.plan.chain + state.plan.draft_lens:
             current = self._repredict(state.plan, klass)
+            if backlog:
+                current = self._with_catch_up(current, backlog, remaining)
             if best.predicted_s_per_token > current.predicted_s_per_token * (1 - self.config.hysteresis):
                 best, reason = current, "hysteresis: best is not enough faster"
         state.plan, state.steps_since_plan = best, 1
         return best, ranked, reason
+
+    def _ranked(self, klass: str, backlog: dict[str, int] | None, remaining: float) -> list[Plan]:
+        if not backlog:
+            return self.plans(klass)
+        return sorted((self._with_catch_up(p, backlog, remaining) for p in self.plans(klass)), key=lambda p: p.predicted_s_per_token)
 
     def _repredict(self, plan: Plan, klass: str) -> Plan:
         t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, lambda d, v: self.acceptance.alpha(klass, d, v), self.overhead_s)
@@ -359,8 +368,8 @@ class Route:
     _prefill_s: float | None = None  # the first step, which also prefills the prompt on every level
     _decisions: list[dict] = field(default_factory=list)
 
-    def next_plan(self) -> Plan:
-        plan, ranked, reason = self.router.plan_for(self.klass)
+    def next_plan(self, backlog: dict[str, int] | None = None, remaining: float = float("inf")) -> Plan:
+        plan, ranked, reason = self.router.plan_for(self.klass, backlog, remaining)
         if reason != "keep" and (not self._decisions or self._decisions[-1]["chain"] != list(plan.chain) or reason.startswith("explore")):
             runner_up = next((p for p in ranked if p.chain != plan.chain), None)
             self._decisions.append({

@@ -81,7 +81,7 @@ class KillAtStep:
     def __init__(self, plan, server, at: int):
         self.plan, self.server, self.at, self.steps = plan, server, at, 0
 
-    def next_plan(self):
+    def next_plan(self, backlog=None, remaining=None):
         self.steps += 1
         if self.steps == self.at:
             self.server.stop()

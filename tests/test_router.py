@@ -245,6 +245,15 @@ def test_batch_plan_charges_a_far_behind_drafter_its_catch_up_prefill():
     assert router.profiler.prefill_time("d", 2000) == pytest.approx(2000 * (0.02 + 0.004 * 8) / 8)
 
 
+def test_request_plan_charges_a_far_behind_drafter_its_catch_up_prefill():
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0))
+    synthetic_batch_profile(router, "t", "d", batches=(1,))
+    router.observe_batch([], [TimingRecord("d", "score", 8, 0.052, 1)])
+    assert router.plan_for("default")[0].chain == ("d", "t")
+    assert router.plan_for("late", backlog={"d": 2000}, remaining=4)[0].chain == ("t",)
+    assert router.plan_for("early", backlog={"d": 2000}, remaining=1000)[0].chain == ("d", "t")
+
+
 def test_each_sequence_drafts_what_its_own_acceptance_pays_for():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True})
     synthetic_batch_profile(router, "t", "d")
