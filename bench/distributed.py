@@ -8,7 +8,6 @@ draft-ahead pipelining (specrouter/pipeline.py: the next block drafted while the
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import resource
 import sys
@@ -34,7 +33,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--omp-wait-policy", default=None, help="OMP_WAIT_POLICY of the model actors (default: runtime.ACTOR_ENV)")
+    parser.add_argument("--actor-env", default=None, help='JSON environment of the model actors over runtime.ACTOR_ENV, e.g. \'{"OMP_WAIT_POLICY": "ACTIVE"}\'')
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the pipelined runs")
     args = parser.parse_args()
     draft_lens = [int(x) for x in args.draft_lens.split(",")]
     torch.set_num_threads(2)
@@ -42,33 +42,37 @@ def main() -> None:
     engine = Engine(args.chain, dtype=args.dtype, draft_lens=draft_lens)
     prompts = humaneval(args.prompts - args.prompts // 2) + sharegpt(args.prompts // 2)
     encoded = [encode(engine.tokenizer, p) for p in prompts]
-    engine.generate(encoded[0], 4)
-    local = [engine.generate(ids, args.max_tokens) for ids in encoded]
-    local_pipelined = [BatchLoop(engine, pipeline=True).run([{"prompt_ids": ids, "max_new_tokens": args.max_tokens}])[0]
-                       for ids in encoded]
-    del engine
-    gc.collect()
 
-    start_local_ray(num_cpus=4)
+    start_local_ray(num_cpus=6)
     placement = {"*": {"num_cpus": 1, "torch_threads": 2}}
-    if args.omp_wait_policy:
-        placement["*"]["env"] = {"OMP_WAIT_POLICY": args.omp_wait_policy}
+    if args.actor_env:
+        placement["*"]["env"] = json.loads(args.actor_env)
+    routers = {pipeline: RouterActor.options(num_cpus=0).remote(args.chain, dtype=args.dtype, draft_lens=draft_lens,
+                                                                  placement=placement, pipeline=pipeline)
+               for pipeline in ([False] if args.no_pipeline else [False, True])}
 
-    def served(pipeline: bool) -> list[dict]:
-        router = RouterActor.options(num_cpus=0).remote(args.chain, dtype=args.dtype, draft_lens=draft_lens, placement=placement,
-                                                        pipeline=pipeline)
-        ray.get(router.generate.remote(encoded[0], 4), timeout=900)
-        rows = [ray.get(router.generate.remote(ids, args.max_tokens), timeout=900) for ids in encoded]
-        ray.kill(router)  # its model actors go with it
-        time.sleep(5)
-        return rows
-
-    remote, remote_pipelined = served(False), served(True)
+    # Every way runs each prompt in turn (prompt-major), so a drift of the machine's speed hits them alike;
+    # only one computes at a time (the others' processes sit idle).
+    ways = {
+        "in_process": lambda ids, n: engine.generate(ids, n).as_dict(),
+        "distributed": lambda ids, n: ray.get(routers[False].generate.remote(ids, n), timeout=900),
+    }
+    if not args.no_pipeline:
+        ways["in_process_pipelined"] = lambda ids, n: BatchLoop(engine, pipeline=True).run(
+            [{"prompt_ids": ids, "max_new_tokens": n}])[0].as_dict()
+        ways["distributed_pipelined"] = lambda ids, n: ray.get(routers[True].generate.remote(ids, n), timeout=900)
+    for way in ways.values():  # warm-up
+        way(encoded[0], 8)
+    rows: dict[str, list[dict]] = {name: [] for name in ways}
+    for ids in encoded:
+        for name, way in ways.items():
+            rows[name].append(way(ids, args.max_tokens))
+    local_rows, remote = rows["in_process"], rows["distributed"]
+    local_pipelined_rows, remote_pipelined = rows.get("in_process_pipelined", []), rows.get("distributed_pipelined", [])
 
     def s_per_token(rows):
-        return sum(r["elapsed_s"] for r in rows) / sum(r["completion_tokens"] for r in rows)
+        return sum(r["elapsed_s"] for r in rows) / sum(r["completion_tokens"] for r in rows) if rows else float("nan")
 
-    local_rows, local_pipelined_rows = [r.as_dict() for r in local], [r.as_dict() for r in local_pipelined]
     tokens = sum(r["completion_tokens"] for r in remote)
     summary = {
         "in_process_s_per_token": round(s_per_token(local_rows), 4),
