@@ -3,6 +3,12 @@
 alpha = E[sum_x min(q_draft(x), p_target(x))] = 1 - E[TV(q_draft, p_target)]: the probability that
 a drafted token is accepted. Every verification pass already has both rows, so each pass updates an
 EMA per prompt class (and a pooled one across classes). Unseen pairs start from a prior.
+
+Acceptance is not independent from one position to the next: easy stretches (boilerplate, a quoted
+passage) accept long runs, hard ones reject at once, so long blocks pay more than the i.i.d. formula
+(1 - a^(g+1)) / (1 - a) says. So the table also keeps, per pair and class, how often a block that
+reached position j had it accepted (decayed counts, seeded at calibration), and expected tokens per
+round come from these position-by-position acceptance rates, each shrunk toward alpha.
 """
 
 from __future__ import annotations
@@ -19,6 +25,26 @@ def pairwise_alpha(q_draft: torch.Tensor, p_target: torch.Tensor) -> torch.Tenso
     return torch.minimum(q_draft, p_target).sum(-1)
 
 
+MAX_POSITIONS = 16
+
+
+@dataclass
+class _Runs:
+    """Decayed counts of verification rounds: reached[j] rounds had a block reach position j + 1 (every
+    earlier token accepted), accepted[j] of them accepted it too."""
+
+    reached: list[float] = field(default_factory=lambda: [0.0] * MAX_POSITIONS)
+    accepted: list[float] = field(default_factory=lambda: [0.0] * MAX_POSITIONS)
+
+    def add(self, num_draft: int, num_accepted: int, decay: float) -> None:
+        for j in range(MAX_POSITIONS):
+            self.reached[j] *= decay
+            self.accepted[j] *= decay
+        for j in range(min(num_accepted + 1, num_draft, MAX_POSITIONS)):
+            self.reached[j] += 1.0
+            self.accepted[j] += j < num_accepted
+
+
 @dataclass
 class AcceptanceTable:
     ema: float = 0.05  # weight of one position's observation
@@ -26,6 +52,9 @@ class AcceptanceTable:
     prior_weight: float = 2.0  # observations' worth of trust in the fallback
     _alpha: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (class, drafter, verifier)
     _count: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    run_decay: float = 0.99  # per round: the position rates follow about the last 100 rounds
+    run_prior_weight: float = 10.0  # rounds' worth of trust in alpha at a position
+    _runs: dict[tuple[str, str, str], _Runs] = field(default_factory=dict)
 
     def observe(self, klass: str, drafter: str, verifier: str, alphas: list[float]) -> None:
         for key in ((klass, drafter, verifier), (POOLED, drafter, verifier)):
@@ -37,6 +66,25 @@ class AcceptanceTable:
                 value += max(self.ema, 1.0 / n) * (a - value)
             if n:
                 self._alpha[key], self._count[key] = value, n
+
+    def observe_round(self, klass: str, drafter: str, verifier: str, num_draft: int, num_accepted: int) -> None:
+        """One verification round's outcome: num_accepted of num_draft drafted tokens accepted."""
+        for key in ((klass, drafter, verifier), (POOLED, drafter, verifier)):
+            self._runs.setdefault(key, _Runs()).add(num_draft, num_accepted, self.run_decay)
+
+    def expected_tokens(self, klass: str, drafter: str, verifier: str, g: int, scale: float = 1.0) -> float:
+        """Tokens a verifier emits per round for a block of g: 1 + sum_i prod_{j <= i} h_j, with h_j
+        the class's acceptance rate at position j (else the pooled one's) shrunk toward alpha, times
+        `scale` (a sequence's own acceptance relative to its class), capped at 1."""
+        alpha = self.alpha(klass, drafter, verifier)
+        runs = self._runs.get((klass, drafter, verifier)) or self._runs.get((POOLED, drafter, verifier))
+        expected, survive = 1.0, 1.0
+        for j in range(g):
+            reached, accepted = (runs.reached[j], runs.accepted[j]) if runs is not None and j < MAX_POSITIONS else (0.0, 0.0)
+            rate = (accepted + self.run_prior_weight * alpha) / (reached + self.run_prior_weight)
+            survive *= min(1.0, rate * scale)
+            expected += survive
+        return expected
 
     def alpha(self, klass: str, drafter: str, verifier: str) -> float:
         """The class's estimate shrunk toward the pooled one (itself shrunk toward the prior) while it

@@ -111,7 +111,16 @@ class AdaptiveRouter:
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
+            expected=self._expected([klass]),
         )
+
+    def _expected(self, classes: list[str], top_scale: dict[tuple[str, str], float] | None = None):
+        """(drafter, verifier, g) -> tokens per round, averaged over the classes; `top_scale` scales one
+        pair's position rates (a sequence's own acceptance relative to its class's)."""
+        def expected(d: str, v: str, g: int) -> float:
+            scale = (top_scale or {}).get((d, v), 1.0)
+            return sum(self.acceptance.expected_tokens(k, d, v, g, scale) for k in classes) / len(classes)
+        return expected
 
     # -- planning ---------------------------------------------------------------------------------------
 
@@ -155,7 +164,8 @@ class AdaptiveRouter:
         return sorted((self._with_catch_up(p, backlog, remaining) for p in self.plans(klass)), key=lambda p: p.predicted_s_per_token)
 
     def _repredict(self, plan: Plan, klass: str) -> Plan:
-        t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, lambda d, v: self.acceptance.alpha(klass, d, v), self.overhead_s)
+        t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, lambda d, v: self.acceptance.alpha(klass, d, v),
+                    self.overhead_s, self._expected([klass]))
         return Plan(plan.chain, plan.draft_lens, t)
 
     def _stalest_level(self) -> str | None:
@@ -184,6 +194,7 @@ class AdaptiveRouter:
                     self.profiler.observe_draft(r.level, r.num_tokens, r.seconds, weight=weight)
             elif isinstance(r, VerifyRecord):
                 self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
+                self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens)
         self._exploring.clear()
         if rounds:
             per_round = max(0.0, step_seconds - level_seconds) / rounds
@@ -214,6 +225,7 @@ class AdaptiveRouter:
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
+            expected=self._expected(classes),
         )
         if backlog:
             ranked = sorted((self._with_catch_up(plan, backlog, remaining) for plan in ranked), key=lambda p: p.predicted_s_per_token)
@@ -242,11 +254,13 @@ class AdaptiveRouter:
         class_alpha = self._batch_alpha(classes)
         lens = []
         for alpha in alphas:
-            pair_alpha = (lambda d, v: alpha if (d, v) == top else class_alpha(d, v)) if alpha is not None else class_alpha
+            scale = alpha / max(class_alpha(*top), 1e-6) if alpha is not None else 1.0
+            expected = self._expected(classes, {top: scale})
             candidates = [g for g in self.config.lengths if g <= plan.draft_lens[-1]] or [plan.draft_lens[-1]]
             lens.append(min(candidates, key=lambda g: predict(plan.chain, plan.draft_lens[:-1] + (g,),
                                                               lambda level, n: self._verify_cost(level, n, batch),
-                                                              lambda level: self._draft_cost(level, batch), pair_alpha, self.overhead_s)))
+                                                              lambda level: self._draft_cost(level, batch), class_alpha,
+                                                              self.overhead_s, expected)))
         return lens
 
     def observe_batch(self, records: list[tuple[str, list]], timings: list[TimingRecord]) -> None:
@@ -256,6 +270,7 @@ class AdaptiveRouter:
             for r in request_records:
                 if isinstance(r, VerifyRecord):
                     self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
+                    self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens)
         for t in timings:
             self._last_measured[t.level] = self._step
             if t.op == "score":
@@ -301,6 +316,12 @@ class AdaptiveRouter:
                 if self._levels[verifier].can_verify:
                     agree = (choices[drafter] == choices[verifier]).float()  # [T-1]
                     self.acceptance.observe(klass, drafter, verifier, [agree.mean().item()] * len(agree))
+                    # a block of up to 8 from every other position: seeds the position-by-position acceptance rates
+                    agreed = agree.tolist()
+                    for t in range(0, len(agreed), 2):
+                        block = agreed[t : t + 8]
+                        run = next((i for i, a in enumerate(block) if not a), len(block))
+                        self.acceptance.observe_round(klass, drafter, verifier, len(block), run)
 
     def _probe(self, name: str, context: int = 8) -> None:
         """Time one small pass of a level (a throwaway sequence) and record it as fresh news."""

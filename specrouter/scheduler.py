@@ -6,7 +6,8 @@ With L_0 = M_0's drafting time per token, a level's time per emitted token is
 
     L_{k+1} = (g_k * L_k + verify_{k+1}(g_k + 1) + overhead) / E_k
 
-and the chain's predicted time per committed token is L_N. Target-only decoding is the chain of one
+and the chain's predicted time per committed token is L_N. An `expected(drafter, verifier, g)` may
+replace the i.i.d. E_k (specrouter/acceptance.py: acceptance measured position by position). Target-only decoding is the chain of one
 level, L = verify_N(1) + overhead, so speculation switches itself off when it does not pay.
 
 A batch of B sequences stepping together is the same model with batch-dependent costs: drafting a
@@ -25,6 +26,7 @@ from typing import Callable
 CostFn = Callable[[str, int], float]  # (level, block length) -> seconds for one verification pass
 DraftFn = Callable[[str], float]  # level -> seconds per drafted token
 AlphaFn = Callable[[str, str], float]  # (drafter, verifier) -> acceptance
+ExpectedFn = Callable[[str, str, int], float]  # (drafter, verifier, g) -> tokens emitted per round
 BatchCostFn = Callable[[str, int, int], float]  # (level, block length, batch) -> seconds for one batched pass
 BatchDraftFn = Callable[[str, int], float]  # (level, batch) -> seconds per drafted token for the batch
 
@@ -46,13 +48,15 @@ def expected_tokens(alpha: float, g: int) -> float:
     return (1.0 - alpha ** (g + 1)) / (1.0 - alpha)
 
 
-def predict(chain: tuple[str, ...], draft_lens: tuple[int, ...], verify: CostFn, draft: DraftFn, alpha: AlphaFn, overhead: float) -> float:
+def predict(chain: tuple[str, ...], draft_lens: tuple[int, ...], verify: CostFn, draft: DraftFn, alpha: AlphaFn, overhead: float,
+            expected: ExpectedFn | None = None) -> float:
     if len(chain) == 1:
         return verify(chain[0], 1) + overhead
     latency = draft(chain[0])
     for k, g in enumerate(draft_lens):
         drafter, verifier = chain[k], chain[k + 1]
-        latency = (g * latency + verify(verifier, g + 1) + overhead) / expected_tokens(alpha(drafter, verifier), g)
+        emitted = expected(drafter, verifier, g) if expected is not None else expected_tokens(alpha(drafter, verifier), g)
+        latency = (g * latency + verify(verifier, g + 1) + overhead) / emitted
     return latency
 
 
@@ -74,13 +78,14 @@ def search(
     can_verify: Callable[[str], bool] = lambda name: True,
     lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10),
     max_drafters: int = 3,
+    expected: ExpectedFn | None = None,
 ) -> list[Plan]:
     """Every chain and draft-length vector, best (lowest predicted time per token) first."""
     plans = []
     for chain in enumerate_chains(pool, target, can_verify, max_drafters):
         best = None
         for lens in itertools.product(lengths, repeat=len(chain) - 1):
-            t = predict(chain, lens, verify, draft, alpha, overhead)
+            t = predict(chain, lens, verify, draft, alpha, overhead, expected)
             if best is None or t < best.predicted_s_per_token:
                 best = Plan(chain, lens, t)
         plans.append(best)

@@ -221,7 +221,8 @@ def synthetic_batch_profile(router: AdaptiveRouter, target: str, drafter: str, b
     for b in batches:
         router.observe_batch([], [TimingRecord(target, "score", n, 0.1 + 0.02 * n * b, b) for n in (1, 2, 4, 8)]
                              + [TimingRecord(drafter, "draft", 4, 4 * (0.02 + 0.002 * b), b)])
-    router.observe_batch([("default", [VerifyRecord(drafter, target, 4, 3, [0.8] * 4)] * 20)], [])
+    accepted = [0] * 5 + [1] * 4 + [2] * 3 + [3] * 3 + [4] * 10  # blocks of 4 accepted position by position at ~0.8
+    router.observe_batch([("default", [VerifyRecord(drafter, target, 4, n, [0.8] * 4) for n in accepted])], [])
 
 
 def test_batch_plan_turns_speculation_off_for_a_large_batch_and_on_again_for_a_small_one():
@@ -285,3 +286,32 @@ def test_an_early_rejection_does_not_anchor_the_acceptance_estimate():
     table.observe("code", "d", "t", [0.0])  # a greedy first position: rejected
     table.observe("code", "d", "t", [1.0] * 9)
     assert table.alpha("code", "d", "t") == pytest.approx(0.889, abs=0.01)  # the mean, not ~0.37 (EMA from 0)
+
+
+def test_expected_tokens_follow_measured_runs_not_just_alpha():
+    from specrouter.acceptance import AcceptanceTable
+    from specrouter.scheduler import expected_tokens
+
+    table = AcceptanceTable()
+    # streaky acceptance: half the rounds accept all 8, half reject at once (alpha 0.5 per position overall)
+    for i in range(60):
+        table.observe("chat", "d", "t", [1.0] * 8 if i % 2 else [0.0] * 8)
+        table.observe_round("chat", "d", "t", 8, 8 if i % 2 else 0)
+    iid = expected_tokens(table.alpha("chat", "d", "t"), 8)
+    assert table.expected_tokens("chat", "d", "t", 8) > iid + 1.0  # the runs say ~ 0.5 * 9 + 0.5 * 1 = 5 (shrunk toward alpha)
+    assert table.expected_tokens("chat", "d", "t", 1) == pytest.approx(1.5, abs=0.05)
+    assert table.expected_tokens("chat", "d", "t", 8, scale=0.5) < table.expected_tokens("chat", "d", "t", 8)
+    # no rounds seen: the i.i.d. formula with the pair's alpha
+    assert table.expected_tokens("code", "x", "t", 4) == pytest.approx(expected_tokens(table.alpha("code", "x", "t"), 4))
+
+
+def test_streaky_acceptance_makes_the_router_draft_longer_blocks():
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0))
+    router.observe_batch([], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)]
+                         + [TimingRecord("d", "draft", 4, 4 * 0.02, 1)])
+    router.acceptance.observe("chat", "d", "t", [0.6] * 200)
+    iid = router.plans("chat")[0]
+    for i in range(100):
+        router.acceptance.observe_round("chat", "d", "t", 10, 10 if i % 5 < 3 else 0)  # 60% of blocks accepted whole
+    streaky = router.plans("chat")[0]
+    assert streaky.chain == iid.chain == ("d", "t") and streaky.draft_lens[0] > iid.draft_lens[0]
