@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--actor-env", default=None, help='JSON environment of the model actors over runtime.ACTOR_ENV, e.g. \'{"OMP_WAIT_POLICY": "ACTIVE"}\'')
+    parser.add_argument("--actor-env", default=None, help='JSON environment of the model actors, e.g. \'{"OMP_WAIT_POLICY": "PASSIVE"}\'')
     parser.add_argument("--no-pipeline", action="store_true", help="skip the pipelined runs")
     args = parser.parse_args()
     draft_lens = [int(x) for x in args.draft_lens.split(",")]

@@ -20,9 +20,6 @@ import ray
 
 from specrouter.spec import LevelSpec, parse_chain
 
-ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads must not spin while another model runs
-
-
 @dataclass(frozen=True)
 class Placement:
     """Where one model's actor runs and how many threads its torch may use. Keyed in config by the
@@ -38,7 +35,7 @@ class Placement:
 
     def actor_options(self) -> dict:
         options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources),
-                   "runtime_env": {"env_vars": {**ACTOR_ENV, **self.env}}}
+                   "runtime_env": {"env_vars": dict(self.env)}}
         if self.accelerator_type:
             options["accelerator_type"] = self.accelerator_type
         return options
