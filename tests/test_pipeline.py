@@ -34,7 +34,10 @@ def run_pipelined(chain: Chain, prompt: list[int], n: int, params=SamplingParams
     return list(seq.generated), used
 
 
-@pytest.mark.parametrize("names, draft_lens", CHAINS, ids=["->".join(c[0]) for c in CHAINS])
+PIPELINED_CHAINS = [CHAINS[0], CHAINS[2], CHAINS[4], CHAINS[6]]  # model, n-gram, 3 levels, a slim level in the middle
+
+
+@pytest.mark.parametrize("names, draft_lens", PIPELINED_CHAINS, ids=["->".join(c[0]) for c in PIPELINED_CHAINS])
 def test_pipelined_greedy_chain_output_equals_target_only(models, names, draft_lens):
     target_only = Chain([model_level(models["target"], "target")], [])
     chain = build(models, names, draft_lens)
@@ -71,7 +74,7 @@ def test_pipelined_sampling_follows_the_target_joint():
     drafter = tiny_llama(21, SMALL_V, init_std=0.1, layers=2)  # an unrelated drafter: a biased reuse shows
     chain = Chain([model_level(drafter, "drafter"), model_level(target, "target")], [1])
     params = SamplingParams(temperature=1.0)
-    prompt, samples = [1, 3, 2], 3000
+    prompt, samples = [1, 3, 2], 2000
     counts, used = torch.zeros(SMALL_V, SMALL_V, SMALL_V), 0
     for seed in range(samples):
         tokens, n_used = run_pipelined(chain, prompt, 3, params, seed=seed)
