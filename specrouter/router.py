@@ -159,9 +159,13 @@ class AdaptiveRouter:
         return best, ranked, reason
 
     def _ranked(self, klass: str, backlog: dict[str, int] | None, remaining: float) -> list[Plan]:
+        return self._charge_catch_up(self.plans(klass), backlog, remaining)
+
+    def _charge_catch_up(self, plans: list[Plan], backlog: dict[str, int] | None, remaining: float) -> list[Plan]:
+        """The plans re-ranked with each one's catch-up prefill added (see plan_for_batch)."""
         if not backlog:
-            return self.plans(klass)
-        return sorted((self._with_catch_up(p, backlog, remaining) for p in self.plans(klass)), key=lambda p: p.predicted_s_per_token)
+            return plans
+        return sorted((self._with_catch_up(p, backlog, remaining) for p in plans), key=lambda p: p.predicted_s_per_token)
 
     def _repredict(self, plan: Plan, klass: str) -> Plan:
         t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, lambda d, v: self.acceptance.alpha(klass, d, v),
@@ -227,8 +231,7 @@ class AdaptiveRouter:
             max_drafters=self.config.max_drafters,
             expected=self._expected(classes),
         )
-        if backlog:
-            ranked = sorted((self._with_catch_up(plan, backlog, remaining) for plan in ranked), key=lambda p: p.predicted_s_per_token)
+        ranked = self._charge_catch_up(ranked, backlog, remaining)
         stale = self._stalest_level()
         if stale is not None:
             self._last_measured[stale] = self._step
