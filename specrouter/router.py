@@ -60,6 +60,8 @@ class RouterConfig:
     hysteresis: float = 0.05  # switch only when the best plan is predicted this much faster
     explore_every: int = 12  # steps after which a level not measured since gets one exploratory step
     explore_margin: float = 1.5  # ... if its best plan is predicted at most this much slower than the best
+    batch_speculation_margin: float = 0.1  # a batch speculates only if predicted at least this much faster than
+    # plain batched decoding: predictions are ~15% off, and at a large batch a wrong bet slows every request
     max_drafters: int = 3
     lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10)
     default_cost_s: float = 0.05  # cost assumed for a level never measured
@@ -232,6 +234,9 @@ class AdaptiveRouter:
             expected=self._expected(classes),
         )
         ranked = self._charge_catch_up(ranked, backlog, remaining)
+        plain = next(p for p in ranked if len(p.chain) == 1)
+        if ranked[0] is not plain and ranked[0].predicted_s_per_token > plain.predicted_s_per_token * (1 - self.config.batch_speculation_margin):
+            ranked = [plain] + [p for p in ranked if p is not plain]  # too close to call: the safe plan
         stale = self._stalest_level()
         if stale is not None:
             self._last_measured[stale] = self._step

@@ -266,6 +266,15 @@ def test_each_sequence_drafts_what_its_own_acceptance_pays_for():
     assert router.sequence_draft_lens(Plan(("t",), (), 0.1), ["default"], [0.9]) == [0]
 
 
+def test_batch_speculates_only_when_predicted_clearly_faster_than_plain_decoding():
+    cautious = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0, batch_speculation_margin=0.9))
+    bold = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0, batch_speculation_margin=0.0))
+    for router in (cautious, bold):
+        synthetic_batch_profile(router, "t", "d")
+    assert bold.plan_for_batch(["default"]).chain == ("d", "t")  # faster, but not 90% faster
+    assert cautious.plan_for_batch(["default"]).chain == ("t",)
+
+
 def test_batch_plan_explores_an_unmeasured_drafter_and_keeps_it_when_it_pays():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=4))
     timings = [TimingRecord("t", "score", n, 0.1, 1) for n in (1, 2, 4, 8)] + [TimingRecord("d", "draft", 4, 4 * 0.06, 1)]
