@@ -228,10 +228,23 @@ def speculative_step_batch(
     """One batched target verification for every sequence; the committed tokens of each.
     `top_lens`: each sequence's own draft length for the target (default: the chain's)."""
     top = len(chain.levels) - 1
-    lens = top_lens if top_lens is not None else [chain.draft_lens[-1] if top > 0 else 0] * len(seqs)
-    ks = [min(g, budget - 1) if top > 0 else 0 for g, budget in zip(lens, budgets)]
+    ks = top_block_lens(chain, budgets, top_lens)
     verdicts = verify_round_batch(chain, top, seqs, [list(seq.token_ids) for seq in seqs], ks, ctxs, timings)
     return [verdict.tokens[:budget] for verdict, budget in zip(verdicts, budgets)]
+
+
+def top_block_lens(chain: Chain, budgets: list[int], top_lens: list[int] | None) -> list[int]:
+    """Each sequence's block length for the target: its own (or the chain's), leaving room for one target token."""
+    if len(chain.levels) == 1:
+        return [0] * len(budgets)
+    lens = top_lens if top_lens is not None else [chain.draft_lens[-1]] * len(budgets)
+    return [min(g, budget - 1) for g, budget in zip(lens, budgets)]
+
+
+def score_many(level: Level, items: list[tuple[SequenceState, list[int], list[int], SamplingParams]]) -> list[torch.Tensor]:
+    """`level.score(*item)` for every item, in one batched pass where the level has one."""
+    score_batch = getattr(level, "score_batch", None)
+    return score_batch(items) if score_batch else [level.score(*item) for item in items]
 
 
 def verify_round_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list[int]], ks: list[int],
@@ -247,8 +260,7 @@ def verify_round_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes
             blocks[b] = block
     items = [(seq, prefix, block.token_ids, ctx.params) for seq, prefix, block, ctx in zip(seqs, prefixes, blocks, ctxs)]
     t0 = time.perf_counter()
-    score_batch = getattr(level, "score_batch", None)
-    p_targets = score_batch(items) if score_batch else [level.score(*item) for item in items]  # [len(block) + 1, V] each
+    p_targets = score_many(level, items)  # [len(block) + 1, V] each
     seconds = time.perf_counter() - t0
     timings.append(TimingRecord(level.name, "score", max(len(block) for block in blocks) + 1, seconds, len(seqs)))
     return [judge(chain, i, block, p, seconds, ctx) for block, p, ctx in zip(blocks, p_targets, ctxs)]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specrouter.chain import Chain, StepContext, TimingRecord, judge, propose_batch
+from specrouter.chain import Chain, StepContext, TimingRecord, judge, propose_batch, score_many, top_block_lens
 from specrouter.levels import Block
 from specrouter.sequence import SequenceState
 
@@ -50,8 +50,7 @@ def pipelined_step_batch(
     """`speculative_step_batch` with the next blocks drafted while the target verifies; returns each
     sequence's committed tokens and the block drafted ahead for its next step (or None)."""
     top, n = len(chain.levels) - 1, len(seqs)
-    lens = top_lens if top_lens is not None else [chain.draft_lens[-1] if top > 0 else 0] * n
-    ks = [min(g, budget - 1) if top > 0 else 0 for g, budget in zip(lens, budgets)]
+    ks = top_block_lens(chain, budgets, top_lens)
     prefixes = [list(seq.token_ids) for seq in seqs]
     target = chain.levels[top]
 
@@ -69,9 +68,8 @@ def pipelined_step_batch(
 
     # 2. the target verifies in the background ...
     items = [(seq, prefix, block.token_ids, ctx.params) for seq, prefix, block, ctx in zip(seqs, prefixes, blocks, ctxs)]
-    score_batch = getattr(target, "score_batch", None)
     t0 = time.perf_counter()
-    pending = pool.submit(lambda: score_batch(items) if score_batch else [target.score(*item) for item in items])
+    pending = pool.submit(score_many, target, items)
 
     # 3. ... while the drafters continue past each block (k + 1 tokens: a guess at the bonus, then the next block)
     ahead_of = [b for b in range(n) if ks[b] > 0 and budgets[b] > ks[b] + 1 and not ctxs[b].eos_ids.intersection(blocks[b].token_ids)]
