@@ -71,23 +71,34 @@ def main() -> None:
     local_pipelined_rows, remote_pipelined = rows.get("in_process_pipelined", []), rows.get("distributed_pipelined", [])
 
     def s_per_token(rows):
-        return sum(r["elapsed_s"] for r in rows) / sum(r["completion_tokens"] for r in rows) if rows else float("nan")
+        return sum(r["elapsed_s"] for r in rows) / sum(r["completion_tokens"] for r in rows)
+
+    def by_level(rows):
+        """Seconds per committed token spent in each level's calls (remote: including the data plane), and outside them."""
+        tokens = sum(r["completion_tokens"] for r in rows)
+        out = {}
+        for r in rows:
+            for level in r["levels"]:
+                out[level["name"]] = out.get(level["name"], 0.0) + level["time_s"] / tokens
+        out["outside_levels"] = s_per_token(rows) - sum(out.values())
+        return {k: round(v, 4) for k, v in out.items()}
 
     tokens = sum(r["completion_tokens"] for r in remote)
     summary = {
         "in_process_s_per_token": round(s_per_token(local_rows), 4),
         "distributed_s_per_token": round(s_per_token(remote), 4),
         "distributed_over_in_process": round(s_per_token(remote) / s_per_token(local_rows), 3),
-        "in_process_pipelined_s_per_token": round(s_per_token(local_pipelined_rows), 4),
-        "distributed_pipelined_s_per_token": round(s_per_token(remote_pipelined), 4),
-        "pipelined_over_plain": {"in_process": round(s_per_token(local_pipelined_rows) / s_per_token(local_rows), 3),
-                                 "distributed": round(s_per_token(remote_pipelined) / s_per_token(remote), 3)},
+        "s_per_token_by_level": {name: by_level(rows[name]) for name in ("in_process", "distributed")},  # pipelined: calls overlap
         "data_plane_bytes_per_token": round(sum(r["data_plane_bytes"] for r in remote) / tokens, 1),
-        "identical_outputs": {name: sum(a["token_ids"] == b["token_ids"] for a, b in zip(local_rows, rows))
-                              for name, rows in (("distributed", remote), ("in_process_pipelined", local_pipelined_rows),
-                                                 ("distributed_pipelined", remote_pipelined))},
+        "identical_outputs": {name: sum(a["token_ids"] == b["token_ids"] for a, b in zip(local_rows, r))
+                              for name, r in rows.items() if name != "in_process"},
         "prompts": len(encoded),
     }
+    if local_pipelined_rows:
+        summary["pipelined_s_per_token"] = {"in_process": round(s_per_token(local_pipelined_rows), 4),
+                                            "distributed": round(s_per_token(remote_pipelined), 4)}
+        summary["pipelined_over_plain"] = {"in_process": round(s_per_token(local_pipelined_rows) / s_per_token(local_rows), 3),
+                                           "distributed": round(s_per_token(remote_pipelined) / s_per_token(remote), 3)}
     out = Path(__file__).parent / "results" / f"distributed-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"benchmark": "distributed", "machine": machine_info(), "config": vars(args), "summary": summary,
                                "driver_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}, indent=1))

@@ -65,19 +65,25 @@ class WorkerActor:
     def __init__(self, model: str, quant: str | None, views: list[tuple[int, ...]], dtype: str, device: str, torch_threads: int | None):
         import torch
 
-        from specrouter.dataplane import BackgroundServer, WorkerServicer
+        from specrouter.dataplane import BackgroundServer, WorkerServicer, model_thread
         from specrouter.store import ModelStore
 
-        # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): without a budget of its own, a model
-        # would run single-threaded although the chain's models take turns on every core.
-        torch.set_num_threads(torch_threads or len(os.sched_getaffinity(0)))
-        store = ModelStore(dtype, device)
-        workers = {}
-        for skip in views:
-            worker = store.worker(LevelSpec(model, skip or None, quant), target=model)
-            workers[worker.name] = worker
-        self.loaded = store.get(model, quant)
-        self.server = BackgroundServer(WorkerServicer(LevelSpec(model, None, quant).label, workers), _data_plane_host())
+        def load() -> dict:
+            # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): without a budget of its own, a model
+            # would run single-threaded although the chain's models take turns on every core.
+            torch.set_num_threads(torch_threads or len(os.sched_getaffinity(0)))
+            store = ModelStore(dtype, device)
+            workers = {}
+            for skip in views:
+                worker = store.worker(LevelSpec(model, skip or None, quant), target=model)
+                workers[worker.name] = worker
+            self.loaded = store.get(model, quant)
+            return workers
+
+        label = LevelSpec(model, None, quant).label
+        thread = model_thread(label)  # loads and runs the model: one OpenMP pool in this process
+        workers = thread.submit(load).result()
+        self.server = BackgroundServer(WorkerServicer(label, workers, thread), _data_plane_host())
         self.views = list(workers)
 
     def address(self) -> str:

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_llama
 from specrouter.chain import Chain, LevelStats, StepContext, speculative_step
-from specrouter.dataplane import BackgroundServer, RemoteWorker, WorkerServicer
+from specrouter.dataplane import BackgroundServer, RemoteWorker, WorkerServicer, model_thread
 from specrouter.levels import ModelLevel
 from specrouter.model import ModelView
 from specrouter.sampling import SamplingParams
@@ -39,6 +39,22 @@ def test_remote_forward_equals_local_for_greedy_and_sampling(served):
         assert a.token_ids == b.token_ids and torch.equal(a.q_draft, b.q_draft)
         remote.release("s"), remote.release("d"), local.release("s"), local.release("d")
     assert remote.vocab_size == V and remote.bytes_moved > 0
+
+
+def test_model_calls_run_on_the_thread_the_model_was_loaded_on():
+    """One OpenMP pool per worker process: a second thread running the model would throttle both."""
+    thread = model_thread("tiny")
+    loaded_on = thread.submit(threading.get_ident).result()
+    worker = thread.submit(lambda: ModelWorker("t", ModelView(tiny_llama(0, V)))).result()
+    ran_on = []
+    forward = worker.forward
+    worker.forward = lambda *args: (ran_on.append(threading.get_ident()), forward(*args))[1]
+    server = BackgroundServer(WorkerServicer("tiny", {"t": worker}, thread))
+    try:
+        RemoteWorker("t", lambda: server.address).forward("s", 0, 0, EMPTY, [1, 2, 3], 1, SamplingParams())
+    finally:
+        server.stop()
+    assert ran_on == [loaded_on]
 
 
 def test_protocol_errors_cross_the_wire_typed(served):
