@@ -171,6 +171,7 @@ def main() -> None:
         "adaptive_tokens_per_s_after_slowdown": round(tps(slow_adaptive[after]), 3),
         "adaptive_vs_static_after_slowdown": round(tps(slow_adaptive[after]) / tps(slow_static[after]), 3),
         "adaptive_chains_after_slowdown": [r["routing"]["steps_by_plan"][:2] for r in slow_adaptive[after]],
+        "rows_after_slowdown": {"static": slow_static[after], "adaptive": slow_adaptive[after]},
     }
 
     summary = {

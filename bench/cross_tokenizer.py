@@ -36,6 +36,9 @@ METHODS = [
     Method("SmolLM2 -> 1.5B", "ours", f"{SMOL},{TARGET}", (5,)),
     Method("SmolLM2 -> 0.5B -> 1.5B", "ours", f"{SMOL},{DRAFT},{TARGET}", (3, 5)),
     Method("SmolLM2 -> 0.5B int8 -> 1.5B", "ours", f"{SMOL},{DRAFT}@int8,{TARGET}", (3, 6)),
+    Method("SmolLM2 int8 -> 1.5B", "ours", f"{SMOL}@int8,{TARGET}", (5,)),
+    Method("SmolLM2 int8 -> 0.5B -> 1.5B", "ours", f"{SMOL}@int8,{DRAFT},{TARGET}", (3, 5)),
+    Method("SmolLM2 int8 -> 0.5B int8 -> 1.5B", "ours", f"{SMOL}@int8,{DRAFT}@int8,{TARGET}", (3, 6)),
     Method("0.5B -> 1.5B", "ours", f"{DRAFT},{TARGET}", (4,)),
     Method("0.5B int8 -> 1.5B", "ours", f"{DRAFT}@int8,{TARGET}", (6,)),
 ]

@@ -116,9 +116,18 @@ class TimingRecord:
 
     level: str
     op: str  # "score" (one pass over num_tokens) or "draft" (num_tokens sampled one by one)
-    num_tokens: int  # per sequence (the longest in a batch)
+    num_tokens: int  # tokens the pass ran per sequence: its uncached context and the block (the longest in a batch)
     seconds: float
     batch: int = 1  # sequences in the call
+
+
+CATCH_UP = 8  # a drafter that must first cache more context than this is catching up: its time is no drafting cost
+
+
+def tokens_run(level: Level, seq: SequenceState, prefix: list[int], block_len: int) -> int:
+    """Tokens a level's pass over `prefix` + a block really runs: the context it has not cached (at
+    least the last token) and the block. A request's first pass is a prefill, not a block of 1."""
+    return max(1, level.backlog(seq.seq_id, len(prefix))) + block_len
 
 
 @dataclass
@@ -158,10 +167,11 @@ def verify_round(chain: Chain, i: int, seq: SequenceState, prefix: list[int], k:
         block = propose(chain, i - 1, seq, prefix, k, ctx)
     else:
         block = Block([], torch.empty(0, level.vocab_size))
+    fed = tokens_run(level, seq, prefix, len(block))
     t0 = time.perf_counter()
     p_target = level.score(seq, prefix, block.token_ids, ctx.params)  # [len(block) + 1, V]
     seconds = time.perf_counter() - t0
-    ctx.records.append(TimingRecord(level.name, "score", len(block) + 1, seconds))
+    ctx.records.append(TimingRecord(level.name, "score", fed, seconds))
     return judge(chain, i, block, p_target, seconds, ctx)
 
 
@@ -190,11 +200,13 @@ def propose(chain: Chain, i: int, seq: SequenceState, prefix: list[int], n: int,
     """Level i proposes up to n tokens after `prefix`, each with the distribution it was drawn from."""
     if i == 0:
         level = chain.levels[0]
+        catching_up = level.backlog(seq.seq_id, len(prefix)) > CATCH_UP
         t0 = time.perf_counter()
         block = level.propose(seq, prefix, n, ctx.params, ctx.seed())
         seconds = time.perf_counter() - t0
         ctx.level_stats(level.name).time_s += seconds
-        ctx.records.append(TimingRecord(level.name, "draft", n, seconds))
+        if not catching_up:
+            ctx.records.append(TimingRecord(level.name, "draft", n, seconds))
         return block
     tokens: list[int] = []
     rows: list[torch.Tensor] = []
@@ -259,10 +271,11 @@ def verify_round_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes
         for b, block in zip(drafting, proposed):
             blocks[b] = block
     items = [(seq, prefix, block.token_ids, ctx.params) for seq, prefix, block, ctx in zip(seqs, prefixes, blocks, ctxs)]
+    fed = max(tokens_run(level, seq, prefix, len(block)) for seq, prefix, block in zip(seqs, prefixes, blocks))
     t0 = time.perf_counter()
     p_targets = score_many(level, items)  # [len(block) + 1, V] each
     seconds = time.perf_counter() - t0
-    timings.append(TimingRecord(level.name, "score", max(len(block) for block in blocks) + 1, seconds, len(seqs)))
+    timings.append(TimingRecord(level.name, "score", fed, seconds, len(seqs)))
     return [judge(chain, i, block, p, seconds, ctx) for block, p, ctx in zip(blocks, p_targets, ctxs)]
 
 
@@ -273,13 +286,15 @@ def propose_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: lis
     if i == 0:
         level = chain.levels[0]
         items = [(seq, prefix, n, ctx.params, ctx.seed()) for seq, prefix, n, ctx in zip(seqs, prefixes, ns, ctxs)]
+        catching_up = any(level.backlog(seq.seq_id, len(prefix)) > CATCH_UP for seq, prefix in zip(seqs, prefixes))
         t0 = time.perf_counter()
         propose_many = getattr(level, "propose_batch", None)
         blocks = propose_many(items) if propose_many else [level.propose(*item) for item in items]
         seconds = time.perf_counter() - t0
         for ctx in ctxs:
             ctx.level_stats(level.name).time_s += seconds
-        timings.append(TimingRecord(level.name, "draft", max(ns), seconds, len(seqs)))
+        if not catching_up:
+            timings.append(TimingRecord(level.name, "draft", max(ns), seconds, len(seqs)))
         return blocks
     tokens: list[list[int]] = [[] for _ in seqs]
     rows: list[list[torch.Tensor]] = [[] for _ in seqs]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specrouter.chain import Chain, StepContext, TimingRecord, judge, propose_batch, score_many, top_block_lens
+from specrouter.chain import Chain, StepContext, TimingRecord, judge, propose_batch, score_many, tokens_run, top_block_lens
 from specrouter.levels import Block
 from specrouter.sequence import SequenceState
 
@@ -68,6 +68,7 @@ def pipelined_step_batch(
 
     # 2. the target verifies in the background ...
     items = [(seq, prefix, block.token_ids, ctx.params) for seq, prefix, block, ctx in zip(seqs, prefixes, blocks, ctxs)]
+    fed = max(tokens_run(target, seq, prefix, len(block)) for seq, prefix, block in zip(seqs, prefixes, blocks))
     t0 = time.perf_counter()
     pending = pool.submit(score_many, target, items)
 
@@ -82,7 +83,7 @@ def pipelined_step_batch(
     finally:
         p_targets = pending.result()  # [len(block) + 1, V] each; a failed verification raises here first
     seconds = time.perf_counter() - t0
-    timings.append(TimingRecord(target.name, "score", max(len(block) for block in blocks) + 1, seconds, n))
+    timings.append(TimingRecord(target.name, "score", fed, seconds, n))
 
     # 4. verdicts; keep a block drafted ahead only where the whole block and the guessed bonus held
     verdicts = [judge(chain, top, block, p, seconds, ctx) for block, p, ctx in zip(blocks, p_targets, ctxs)]

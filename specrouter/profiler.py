@@ -3,14 +3,21 @@
 Two operations are profiled per level, as the chain measures them (so remote overheads count):
 - `score`: one verification pass over a block of n tokens;
 - `draft`: autoregressive drafting, recorded per drafted token.
+
+Each level also has a speed factor that multiplies all of its costs. Two observations in a row that
+are both far off their predictions in the same direction (a level slowed down or recovered, say its
+device got busy) move it, so every block length and batch size follows at once, not only the ones
+that happen to run; a single outlier (a pause) moves only its own bucket.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+LEVEL_CHANGE = 1.5  # an observation this many times off its prediction (or 1/this) may be a level-wide change
 
 
 def bucket(n: int) -> int:
@@ -24,8 +31,6 @@ class _Ema:
     count: int = 1
 
     def update(self, x: float, weight: float) -> None:
-        # A large relative change (a slowdown, a recovery) moves the estimate at once; noise does not.
-        weight = max(weight, min(0.8, abs(x - self.value) / max(self.value, 1e-9) - 0.25))
         self.value += weight * (x - self.value)
         self.count += 1
 
@@ -35,6 +40,10 @@ class ForwardProfiler:
     ema: float = 0.2  # weight of a new observation
     _score: dict[tuple[str, int, int], _Ema] = field(default_factory=dict)  # (level, bucket, batch)
     _draft: dict[tuple[str, int], _Ema] = field(default_factory=dict)  # (level, batch): seconds per token
+    # Both tables hold costs divided by the level's speed factor at the time; predictions multiply it back.
+    _speed: dict[str, float] = field(default_factory=dict)
+    # per level: its last observation over its prediction, which entry saw it, and that entry's value before
+    _last: dict[str, tuple[float, tuple, float]] = field(default_factory=dict)
 
     def observe_score(self, level: str, num_tokens: int, seconds: float, batch: int = 1, weight: float | None = None) -> None:
         if num_tokens > BUCKETS[-1]:
@@ -46,16 +55,34 @@ class ForwardProfiler:
             self._update(self._draft, (level, batch), seconds / num_tokens, weight)
 
     def _update(self, table: dict, key, x: float, weight: float | None) -> None:
-        if key in table:
-            table[key].update(x, self.ema if weight is None else weight)
-        else:
-            table[key] = _Ema(x)
+        level = key[0]
+        speed = self.speed(level)
+        if key not in table:
+            table[key] = _Ema(x / speed)
+            return
+        entry = table[key]
+        ratio = x / (entry.value * speed) if entry.value > 0 and x > 0 else 1.0
+        last = self._last.get(level)
+        self._last[level] = (ratio, key, entry.value)
+        if _far(ratio) and last is not None and _far(last[0]) and (ratio > 1) == (last[0] > 1):
+            # Confirmed: the level changed as a whole. (If the same entry saw the first observation,
+            # undo the EMA step it took, so the change is counted once, in the speed factor.)
+            if last[1] == key:
+                entry.value = last[2]
+                ratio = x / (entry.value * speed)
+            self._speed[level] = speed * math.sqrt(ratio * last[0])
+            self._last.pop(level)
+        entry.update(x / self.speed(level), self.ema if weight is None else weight)  # far and alone: an EMA step
+
+    def speed(self, level: str) -> float:
+        """The level's cost multiplier (1.0 until a level-wide change was seen)."""
+        return self._speed.get(level, 1.0)
 
     def score_time(self, level: str, num_tokens: int, batch: int = 1) -> float | None:
         """Predicted seconds for one pass over num_tokens per sequence for `batch` sequences: the
         bucket's EMA, else interpolated over block lengths, then over batch sizes."""
         batches = sorted({bt for (name, _, bt) in self._score if name == level})
-        return _over_batches([(bt, self._score_at(level, num_tokens, bt)) for bt in batches], batch)
+        return _scaled(_over_batches([(bt, self._score_at(level, num_tokens, bt)) for bt in batches], batch), self.speed(level))
 
     def _score_at(self, level: str, num_tokens: int, batch: int) -> float:
         known = sorted((b, e.value) for (name, b, bt), e in self._score.items() if name == level and bt == batch)
@@ -74,16 +101,24 @@ class ForwardProfiler:
         """Predicted seconds to prefill `num_tokens` (summed over sequences) into a level's caches: at
         the cheapest per-token rate of any profiled pass, the bulk rate a long prefill runs at."""
         rates = [e.value / (b * bt) for (name, b, bt), e in self._score.items() if name == level]
-        return min(rates) * num_tokens if rates else None
+        return min(rates) * num_tokens * self.speed(level) if rates else None
 
     def draft_time(self, level: str, batch: int = 1) -> float | None:
         """Seconds per drafted token for `batch` sequences drafting together."""
-        return _over_batches(sorted((bt, e.value) for (name, bt), e in self._draft.items() if name == level), batch)
+        return _scaled(_over_batches(sorted((bt, e.value) for (name, bt), e in self._draft.items() if name == level), batch), self.speed(level))
 
     def observations(self, level: str) -> int:
         return sum(e.count for (name, *_), e in self._score.items() if name == level) + sum(
             e.count for (name, _), e in self._draft.items() if name == level
         )
+
+
+def _far(ratio: float) -> bool:
+    return ratio > LEVEL_CHANGE or ratio < 1 / LEVEL_CHANGE
+
+
+def _scaled(seconds: float | None, speed: float) -> float | None:
+    return None if seconds is None else seconds * speed
 
 
 def _over_batches(points: list[tuple[int, float]], batch: int) -> float | None:

@@ -1,14 +1,19 @@
 """Latency model and chain search (pure functions).
 
 For a chain M_0 -> ... -> M_N with draft lengths g_0..g_{N-1} and pairwise acceptance a_k between
-M_k and M_{k+1}, level k+1 emits E_k = (1 - a_k^(g_k+1)) / (1 - a_k) tokens per verification round.
-With L_0 = M_0's drafting time per token, a level's time per emitted token is
+M_k and M_{k+1}, level k+1 emits E_k(g) = (1 - a_k^(g+1)) / (1 - a_k) tokens per verification round
+of a block of g. Time per committed token is one top round over the tokens it emits,
 
-    L_{k+1} = (g_k * L_k + verify_{k+1}(g_k + 1) + overhead) / E_k
+    L_N = (C_{N-1}(g_{N-1}) + verify_N(g_{N-1} + 1) + overhead) / E_{N-1}(g_{N-1}),
 
-and the chain's predicted time per committed token is L_N. An `expected(drafter, verifier, g)` may
-replace the i.i.d. E_k (specrouter/acceptance.py: acceptance measured position by position). Target-only decoding is the chain of one
-level, L = verify_N(1) + overhead, so speculation switches itself off when it does not pay.
+where C_k(n) is the time level k takes to propose n tokens: n * draft_0 at the bottom; above it,
+rounds as the engine runs them (specrouter/chain.py `propose`): each asks the level below for
+r = min(g_{k-1}, n_left - 1) tokens (the level adds one of its own), costs C_{k-1}(r) +
+verify_k(r + 1) + overhead and yields E_{k-1}(r) tokens; the last round is charged in proportion to
+the tokens still needed. So a level asked for one token scores it alone, with no help from below.
+An `expected(drafter, verifier, g)` may replace the i.i.d. E_k (specrouter/acceptance.py: acceptance
+measured position by position). Target-only decoding is the chain of one level, L = verify_N(1) +
+overhead, so speculation switches itself off when it does not pay.
 
 A batch of B sequences stepping together is the same model with batch-dependent costs: drafting a
 token for all of them takes draft(level, B), a verification pass over g+1 tokens each takes
@@ -19,7 +24,9 @@ tokens of work), so the best draft lengths shrink with B until target-only decod
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,14 +57,48 @@ def expected_tokens(alpha: float, g: int) -> float:
 
 def predict(chain: tuple[str, ...], draft_lens: tuple[int, ...], verify: CostFn, draft: DraftFn, alpha: AlphaFn, overhead: float,
             expected: ExpectedFn | None = None) -> float:
-    if len(chain) == 1:
-        return verify(chain[0], 1) + overhead
-    latency = draft(chain[0])
-    for k, g in enumerate(draft_lens):
-        drafter, verifier = chain[k], chain[k + 1]
-        emitted = expected(drafter, verifier, g) if expected is not None else expected_tokens(alpha(drafter, verifier), g)
-        latency = (g * latency + verify(verifier, g + 1) + overhead) / emitted
-    return latency
+    return _ChainModel(chain, verify, draft, alpha, overhead, expected).s_per_token(draft_lens)
+
+
+class _ChainModel:
+    """The latency model of one chain; C_k(n) memoised over every draft-length vector searched."""
+
+    def __init__(self, chain: tuple[str, ...], verify: CostFn, draft: DraftFn, alpha: AlphaFn, overhead: float,
+                 expected: ExpectedFn | None):
+        self.chain, self.verify, self.draft, self.alpha, self.overhead, self.expected = chain, verify, draft, alpha, overhead, expected
+        self._emitted: dict[tuple[int, int], float] = {}
+        self._propose: dict[tuple[int, tuple[int, ...], int], float] = {}
+
+    def s_per_token(self, draft_lens: tuple[int, ...]) -> float:
+        chain = self.chain
+        if len(chain) == 1:
+            return self.verify(chain[0], 1) + self.overhead
+        top, g = len(chain) - 1, draft_lens[-1]
+        return (self.propose_time(top - 1, draft_lens, g) + self.verify(chain[top], g + 1) + self.overhead) / self.emitted(top, g)
+
+    def emitted(self, k: int, g: int) -> float:
+        """Tokens level k emits per round of a block of g from level k - 1."""
+        if (k, g) not in self._emitted:
+            drafter, verifier = self.chain[k - 1], self.chain[k]
+            self._emitted[(k, g)] = (self.expected(drafter, verifier, g) if self.expected is not None
+                                     else expected_tokens(self.alpha(drafter, verifier), g))
+        return self._emitted[(k, g)]
+
+    def propose_time(self, k: int, draft_lens: tuple[int, ...], n: int) -> float:
+        """C_k(n): seconds for level k to propose n tokens (it depends on draft_lens[:k] only)."""
+        if k == 0:
+            return n * self.draft(self.chain[0])
+        key = (k, draft_lens[:k], n)
+        if key not in self._propose:
+            seconds, left = 0.0, float(n)
+            while left > 1e-9:
+                r = min(draft_lens[k - 1], max(0, math.ceil(left - 1e-9) - 1))
+                tokens = self.emitted(k, r)
+                round_s = self.propose_time(k - 1, draft_lens, r) + self.verify(self.chain[k], r + 1) + self.overhead
+                seconds += round_s * min(1.0, left / tokens)
+                left -= tokens
+            self._propose[key] = seconds
+        return self._propose[key]
 
 
 def enumerate_chains(pool: list[str], target: str, can_verify: Callable[[str], bool], max_drafters: int = 3):
@@ -81,11 +122,13 @@ def search(
     expected: ExpectedFn | None = None,
 ) -> list[Plan]:
     """Every chain and draft-length vector, best (lowest predicted time per token) first."""
+    verify, draft = functools.cache(verify), functools.cache(draft)  # profile lookups, shared by every chain
     plans = []
     for chain in enumerate_chains(pool, target, can_verify, max_drafters):
         best = None
+        model = _ChainModel(chain, verify, draft, alpha, overhead, expected)
         for lens in itertools.product(lengths, repeat=len(chain) - 1):
-            t = predict(chain, lens, verify, draft, alpha, overhead, expected)
+            t = model.s_per_token(lens)
             if best is None or t < best.predicted_s_per_token:
                 best = Plan(chain, lens, t)
         plans.append(best)

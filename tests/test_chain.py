@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import model_level, perturbed, tiny_llama
-from specrouter.chain import Chain, LevelStats, StepContext, speculative_step
+from specrouter.chain import Chain, LevelStats, StepContext, TimingRecord, speculative_step
 from specrouter.levels import ModelLevel, NgramLevel
 from specrouter.model import ModelView
 from specrouter.sampling import SamplingParams, probs_from_logits
@@ -73,6 +73,24 @@ def test_greedy_chain_output_equals_target_only(models, names, draft_lens):
         got, stats = run(chain, prompt, 30)
         assert got == expected, f"prompt {prompt}"
     assert stats[-1].num_emitted_tokens >= 30
+
+
+def test_timings_count_the_tokens_each_pass_really_ran(models):
+    """The first step prefills the prompt on every level: the profile must not take it for a small block."""
+    chain = build(models, ["close", "target"], [3])
+    seq = SequenceState.new("timed", list(range(10, 50)))  # 40 prompt tokens
+    ctx = StepContext(SamplingParams(), torch.Generator().manual_seed(0), frozenset(), {x: LevelStats(x) for x in chain.names})
+    for step in range(2):
+        seq = seq.commit(speculative_step(chain, seq, ctx, 8))
+        timings = [r for r in ctx.drain_records() if isinstance(r, TimingRecord)]
+        target = next(r for r in timings if r.level == "target")
+        drafts = [r for r in timings if r.op == "draft"]
+        if step == 0:
+            assert target.num_tokens == 40 + 3 and not drafts  # a prefill, and the drafter catching up
+        else:
+            assert target.num_tokens == 1 + 3 and [r.num_tokens for r in drafts] == [3]
+    for level in chain.levels:
+        level.release(seq.seq_id)
 
 
 def test_close_drafter_gets_most_tokens_accepted(models):

@@ -19,6 +19,26 @@ def test_two_level_prediction_by_hand():
     assert t == pytest.approx((3 * 0.1 + 1.0) / expected_tokens(0.5, 3))
 
 
+def test_middle_level_asked_for_one_token_scores_it_alone():
+    """The engine asks the level below for n - 1 tokens at most (the level adds its own): a middle
+    level proposing one token to the target gets no help from its drafter."""
+    verify = lambda level, n: {"m": 0.2 + 0.01 * n, "t": 1.0 + 0.1 * n}[level]
+    t = predict(("d", "m", "t"), (3, 1), verify, lambda d: 0.05, lambda d, v: 0.5, overhead=0.0)
+    assert t == pytest.approx((verify("m", 1) + verify("t", 2)) / expected_tokens(0.5, 1))
+
+
+@pytest.mark.parametrize("alpha_dm, rounds", [
+    (0.0, [(2, 3), (2, 3), (1, 2), (0, 1)]),  # every round yields one token: blocks of 2, 2, 1, 0
+    (1.0, [(2, 3), (0, 1)]),  # the first round yields 3 of the 4, the last one scores alone
+])
+def test_middle_level_runs_rounds_as_the_engine_does(alpha_dm, rounds):
+    verify = lambda level, n: {"m": 0.2 + 0.01 * n, "t": 1.0 + 0.1 * n}[level]
+    draft, alpha = 0.05, {("d", "m"): alpha_dm, ("m", "t"): 0.7}
+    t = predict(("d", "m", "t"), (2, 4), verify, lambda d: draft, lambda d, v: alpha[(d, v)], overhead=0.0)
+    middle = sum(r * draft + verify("m", n) for r, n in rounds)  # the middle level's 4 tokens
+    assert t == pytest.approx((middle + verify("t", 5)) / expected_tokens(0.7, 4))
+
+
 def test_search_finds_known_optimum_among_chains_and_lengths():
     # A cheap, well-aligned drafter beats a slow, slightly better one; the best length is found exactly.
     verify = flat({"t": 1.0, "fast": 0.1, "slow": 0.5})

@@ -1,0 +1,44 @@
+"""The online forward-time profile the router plans with."""
+
+import pytest
+
+from specrouter.profiler import ForwardProfiler
+
+
+def test_a_level_wide_slowdown_reaches_every_cost_of_the_level():
+    """Seen twice in a row (here at block length 1 only), a 3x slowdown reaches the level's other
+    block lengths and its drafting cost, and a recovery brings them back."""
+    profiler = ForwardProfiler()
+    profiler.observe_draft("m", 4, 0.4)  # 0.1 s per token
+    profiler.observe_score("m", 1, 0.1)
+    profiler.observe_score("m", 8, 0.2)
+    profiler.observe_score("t", 1, 0.5)
+    for _ in range(2):
+        profiler.observe_score("m", 1, 0.3)
+    assert profiler.score_time("m", 8) == pytest.approx(0.6, rel=0.1)
+    assert profiler.draft_time("m") == pytest.approx(0.3, rel=0.1)
+    assert profiler.prefill_time("m", 8) == pytest.approx(0.6, rel=0.1)
+    assert profiler.score_time("t", 1) == pytest.approx(0.5)  # other levels are untouched
+    for _ in range(2):
+        profiler.observe_score("m", 1, 0.1)
+    assert profiler.score_time("m", 8) == pytest.approx(0.2, rel=0.15)
+    assert profiler.draft_time("m") == pytest.approx(0.1, rel=0.15)
+
+
+def test_a_single_outlier_moves_only_its_own_block_length():
+    profiler = ForwardProfiler()
+    profiler.observe_score("t", 1, 0.2)
+    profiler.observe_score("t", 8, 0.4)
+    profiler.observe_score("t", 8, 2.0)  # a pause
+    profiler.observe_score("t", 1, 0.2)
+    assert profiler.score_time("t", 1) == pytest.approx(0.2)
+    assert profiler.score_time("t", 8) > 0.4
+
+
+def test_score_time_interpolates_between_block_lengths_and_stays_flat_outside():
+    profiler = ForwardProfiler()
+    profiler.observe_score("t", 2, 0.2)
+    profiler.observe_score("t", 6, 0.4)
+    assert profiler.score_time("t", 4) == pytest.approx(0.3)
+    assert profiler.score_time("t", 1) == pytest.approx(0.2)
+    assert profiler.score_time("t", 16) == pytest.approx(0.4)
