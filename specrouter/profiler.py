@@ -28,11 +28,9 @@ def bucket(n: int) -> int:
 @dataclass
 class _Ema:
     value: float
-    count: int = 1
 
     def update(self, x: float, weight: float) -> None:
         self.value += weight * (x - self.value)
-        self.count += 1
 
 
 @dataclass
@@ -106,11 +104,6 @@ class ForwardProfiler:
     def draft_time(self, level: str, batch: int = 1) -> float | None:
         """Seconds per drafted token for `batch` sequences drafting together."""
         return _scaled(_over_batches(sorted((bt, e.value) for (name, bt), e in self._draft.items() if name == level), batch), self.speed(level))
-
-    def observations(self, level: str) -> int:
-        return sum(e.count for (name, *_), e in self._score.items() if name == level) + sum(
-            e.count for (name, _), e in self._draft.items() if name == level
-        )
 
 
 def _far(ratio: float) -> bool:

@@ -68,7 +68,7 @@ class WorkerActor:
         from specrouter.dataplane import BackgroundServer, WorkerServicer, model_thread
         from specrouter.store import ModelStore
 
-        def load() -> dict:
+        def load() -> tuple[dict, object]:
             # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): without a budget of its own, a model
             # would run single-threaded although the chain's models take turns on every core.
             torch.set_num_threads(torch_threads or len(os.sched_getaffinity(0)))
@@ -77,12 +77,11 @@ class WorkerActor:
             for skip in views:
                 worker = store.worker(LevelSpec(model, skip or None, quant), target=model)
                 workers[worker.name] = worker
-            self.loaded = store.get(model, quant)
-            return workers
+            return workers, store.get(model, quant)
 
         label = LevelSpec(model, None, quant).label
         thread = model_thread(label)  # loads and runs the model: one OpenMP pool in this process
-        workers = thread.submit(load).result()
+        workers, self.loaded = thread.submit(load).result()
         self.server = BackgroundServer(WorkerServicer(label, workers, thread), _data_plane_host())
         self.views = list(workers)
 
