@@ -83,7 +83,7 @@ def main() -> None:
     args = bench_args(__doc__).parse_args()
 
     torch.set_num_threads(args.threads)
-    methods = [m for m in METHODS if not args.methods or m.name in args.methods.split(",") or m.name == BASELINE]
+    methods = [m for m in METHODS if not args.methods or m.name in args.methods.split(";") or m.name == BASELINE]
     store = ModelStore(args.dtype)
     tokenizer = store.get(TARGET).tokenizer
     eos_ids = sorted(store.target_info(TARGET).eos_ids)

@@ -39,17 +39,25 @@ class Method:
     chain: str = ""
     draft_lens: tuple[int, ...] = ()
     assistant_quant: str | None = None
+    draft_confidence: float = 0.0  # ours: Engine(draft_confidence); transformers: assistant_confidence_threshold
+    hf_schedule: tuple[int, str] = (4, "constant")  # transformers' num_assistant_tokens and its schedule
+
+
+HF_DEFAULTS = {"hf_schedule": (20, "constant"), "draft_confidence": 0.4}  # transformers' defaults for assisted generation
 
 
 METHODS = [
     Method("target-only (transformers)", "hf"),
     Method("assisted (transformers, 0.5B)", "hf-assisted"),
     Method("assisted (transformers, 0.5B int8)", "hf-assisted", assistant_quant="int8"),
+    Method("assisted (transformers defaults, 0.5B int8)", "hf-assisted", assistant_quant="int8", **HF_DEFAULTS),
     Method("target-only", "ours", TARGET),
     Method("ngram -> 1.5B", "ours", f"ngram,{TARGET}", (6,)),
     Method("0.5B -> 1.5B", "ours", f"{DRAFT},{TARGET}", (4,)),
     Method("0.5B int8 -> 1.5B", "ours", f"{DRAFT}@int8,{TARGET}", (6,)),
+    Method("0.5B int8 -> 1.5B (stop < 0.4)", "ours", f"{DRAFT}@int8,{TARGET}", (10,), draft_confidence=0.4),
     Method("ngram -> 0.5B int8 -> 1.5B", "ours", f"ngram,{DRAFT}@int8,{TARGET}", (3, 6)),
+    Method("ngram -> 0.5B int8 -> 1.5B (stop < 0.4)", "ours", f"ngram,{DRAFT}@int8,{TARGET}", (3, 10), draft_confidence=0.4),
     Method("0.5B int8 -> 1.5B skip -> 1.5B", "ours", f"{DRAFT}@int8,{TARGET}@skip,{TARGET}", (4, 6)),
 ]
 BASELINE = "target-only"
@@ -94,7 +102,7 @@ class Runner:
     def engine(self, method: Method) -> Engine:
         if method.name not in self.engines:
             self.engines[method.name] = Engine(
-                method.chain, draft_lens=list(method.draft_lens) or None, provider=self.store
+                method.chain, draft_lens=list(method.draft_lens) or None, provider=self.store, draft_confidence=method.draft_confidence
             )
         return self.engines[method.name]
 
@@ -106,9 +114,9 @@ class Runner:
         kwargs = {}
         if method.kind == "hf-assisted":
             assistant = self.store.get(DRAFT, method.assistant_quant).model
-            assistant.generation_config.num_assistant_tokens = 4  # the best fixed schedule measured here
-            assistant.generation_config.num_assistant_tokens_schedule = "constant"
-            assistant.generation_config.assistant_confidence_threshold = 0.0
+            # (4, "constant", no confidence stop): the best fixed schedule measured here; or transformers' defaults
+            assistant.generation_config.num_assistant_tokens, assistant.generation_config.num_assistant_tokens_schedule = method.hf_schedule
+            assistant.generation_config.assistant_confidence_threshold = method.draft_confidence
             kwargs["assistant_model"] = assistant
         ids = torch.tensor([prompt_ids])
         t0 = time.perf_counter()
@@ -213,7 +221,7 @@ def bench_args(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--methods", default="", help="comma-separated subset of method names (target-only always runs)")
+    parser.add_argument("--methods", default="", help="a subset of method names, separated by ';' (target-only always runs)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return parser
 
@@ -222,7 +230,7 @@ def main() -> None:
     args = bench_args(__doc__).parse_args()
 
     torch.set_num_threads(args.threads)
-    methods = [m for m in METHODS if not args.methods or m.name in args.methods.split(",") or m.name == BASELINE]
+    methods = [m for m in METHODS if not args.methods or m.name in args.methods.split(";") or m.name == BASELINE]
     store = ModelStore(args.dtype)
     tokenizer = store.get(TARGET).tokenizer
     eos_ids = sorted(store.target_info(TARGET).eos_ids)

@@ -8,7 +8,13 @@ Acceptance is not independent from one position to the next: easy stretches (boi
 passage) accept long runs, hard ones reject at once, so long blocks pay more than the i.i.d. formula
 (1 - a^(g+1)) / (1 - a) says. So the table also keeps, per pair and class, how often a block that
 reached position j had it accepted (decayed counts, seeded at calibration), and expected tokens per
-round come from these position-by-position acceptance rates, each shrunk toward alpha.
+round come from these position-by-position acceptance rates, each shrunk toward alpha. A block
+that holds fewer tokens than asked (an n-gram without a match, a drafter that stopped unsure) counts
+its first missing position as a rejection: the verifier emits its own token there either way.
+
+A drafter that stops unsure also costs less than its block length: the table keeps, per drafter and
+class, how often a block asked for more than j tokens drafted its (j+1)-th, so the latency model
+charges the tokens a block of n is expected to draft.
 """
 
 from __future__ import annotations
@@ -36,11 +42,11 @@ class _Runs:
     reached: list[float] = field(default_factory=lambda: [0.0] * MAX_POSITIONS)
     accepted: list[float] = field(default_factory=lambda: [0.0] * MAX_POSITIONS)
 
-    def add(self, num_draft: int, num_accepted: int, decay: float) -> None:
+    def add(self, num_asked: int, num_accepted: int, decay: float) -> None:
         for j in range(MAX_POSITIONS):
             self.reached[j] *= decay
             self.accepted[j] *= decay
-        for j in range(min(num_accepted + 1, num_draft, MAX_POSITIONS)):
+        for j in range(min(num_accepted + 1, num_asked, MAX_POSITIONS)):
             self.reached[j] += 1.0
             self.accepted[j] += j < num_accepted
 
@@ -55,6 +61,8 @@ class AcceptanceTable:
     run_decay: float = 0.99  # per round: the position rates follow about the last 100 rounds
     run_prior_weight: float = 10.0  # rounds' worth of trust in alpha at a position
     _runs: dict[tuple[str, str, str], _Runs] = field(default_factory=dict)
+    draft_prior_weight: float = 3.0  # blocks' worth of trust that a drafter drafts every token asked
+    _drafts: dict[tuple[str, str], _Runs] = field(default_factory=dict)  # (class, drafter): position j reached / drafted
 
     def observe(self, klass: str, drafter: str, verifier: str, alphas: list[float]) -> None:
         for key in ((klass, drafter, verifier), (POOLED, drafter, verifier)):
@@ -67,10 +75,32 @@ class AcceptanceTable:
             if n:
                 self._alpha[key], self._count[key] = value, n
 
-    def observe_round(self, klass: str, drafter: str, verifier: str, num_draft: int, num_accepted: int) -> None:
-        """One verification round's outcome: num_accepted of num_draft drafted tokens accepted."""
+    def observe_round(self, klass: str, drafter: str, verifier: str, num_draft: int, num_accepted: int, num_asked: int | None = None) -> None:
+        """One verification round's outcome: num_accepted of num_draft drafted tokens accepted, of a
+        block asked for num_asked (default num_draft)."""
         for key in ((klass, drafter, verifier), (POOLED, drafter, verifier)):
-            self._runs.setdefault(key, _Runs()).add(num_draft, num_accepted, self.run_decay)
+            self._runs.setdefault(key, _Runs()).add(max(num_draft, num_asked or 0), num_accepted, self.run_decay)
+
+    def observe_draft(self, klass: str, drafter: str, num_asked: int, num_drafted: int) -> None:
+        """A bottom drafter asked for num_asked tokens drafted num_drafted of them."""
+        keys = {(klass, drafter), (POOLED, drafter)}
+        for key in keys:
+            self._drafts.setdefault(key, _Runs()).add(num_asked, min(num_drafted, num_asked), self.run_decay)
+
+    def expected_drafted(self, klass: str, drafter: str, n: int) -> float:
+        """Tokens a block asked for n is expected to draft: sum_i prod_{j <= i} c_j, with c_j the rate
+        at which a block that drafted j tokens (and was asked for more) drafted another, shrunk toward
+        1 (a drafter drafts what it is asked for until seen stopping)."""
+        runs = self._drafts.get((klass, drafter)) or self._drafts.get((POOLED, drafter))
+        if runs is None:
+            return float(n)
+        w = self.draft_prior_weight
+        expected, survive = 0.0, 1.0
+        for j in range(n):
+            if j < MAX_POSITIONS:
+                survive *= (runs.accepted[j] + w) / (runs.reached[j] + w)
+            expected += survive
+        return expected
 
     def expected_tokens(self, klass: str, drafter: str, verifier: str, g: int, scale: float = 1.0) -> float:
         """Tokens a verifier emits per round for a block of g: 1 + sum_i prod_{j <= i} h_j, with h_j

@@ -108,6 +108,7 @@ class VerifyRecord:
     num_draft_tokens: int
     num_accepted_tokens: int
     alphas: list[float]  # sum_x min(q_draft, p_target) at each draft position
+    num_asked: int | None = None  # the block length asked for (None: num_draft_tokens); a drafter may give fewer
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class TimingRecord:
     num_tokens: int  # tokens the pass ran per sequence: its uncached context and the block (the longest in a batch)
     seconds: float
     batch: int = 1  # sequences in the call
+    asked: int | None = None  # "draft": the tokens asked for (num_tokens: those drafted, fewer where it stopped unsure)
 
 
 CATCH_UP = 8  # a drafter that must first cache more context than this is catching up: its time is no drafting cost
@@ -172,11 +174,13 @@ def verify_round(chain: Chain, i: int, seq: SequenceState, prefix: list[int], k:
     p_target = level.score(seq, prefix, block.token_ids, ctx.params)  # [len(block) + 1, V]
     seconds = time.perf_counter() - t0
     ctx.records.append(TimingRecord(level.name, "score", fed, seconds))
-    return judge(chain, i, block, p_target, seconds, ctx)
+    return judge(chain, i, block, p_target, seconds, ctx, k)
 
 
-def judge(chain: Chain, i: int, block: Block, p_target: torch.Tensor, seconds: float, ctx: StepContext) -> Verdict:
-    """Level i's verdict on `block` from its distributions p_target [len(block) + 1, V]; counts it."""
+def judge(chain: Chain, i: int, block: Block, p_target: torch.Tensor, seconds: float, ctx: StepContext, asked: int = 0) -> Verdict:
+    """Level i's verdict on `block` (asked for `asked` tokens) from its distributions p_target
+    [len(block) + 1, V]; counts it. A block shorter than asked (an n-gram without a match, a drafter
+    that stopped unsure) is recorded too: the positions it left out emit no more than a rejection."""
     stats = ctx.level_stats(chain.levels[i].name)
     q_draft = _match_vocab(block.q_draft, p_target.shape[-1])  # [len(block), V]
     verdict = rejection_sample(block.token_ids, q_draft, p_target, ctx.generator)
@@ -191,8 +195,10 @@ def judge(chain: Chain, i: int, block: Block, p_target: torch.Tensor, seconds: f
         below.num_draft_tokens += len(block)
         below.num_accepted_tokens += verdict.num_accepted
         below.num_rounds += 1
+    if len(block) or asked:
         alphas = pairwise_alpha(q_draft, p_target[: len(block)]).tolist()
-        ctx.records.append(VerifyRecord(below.name, chain.levels[i].name, len(block), verdict.num_accepted, alphas))
+        ctx.records.append(VerifyRecord(chain.levels[i - 1].name, chain.levels[i].name, len(block), verdict.num_accepted, alphas,
+                                        max(asked, len(block))))
     return verdict
 
 
@@ -206,7 +212,7 @@ def propose(chain: Chain, i: int, seq: SequenceState, prefix: list[int], n: int,
         seconds = time.perf_counter() - t0
         ctx.level_stats(level.name).time_s += seconds
         if not catching_up:
-            ctx.records.append(TimingRecord(level.name, "draft", n, seconds))
+            ctx.records.append(TimingRecord(level.name, "draft", drafted(block, n), seconds, asked=n))
         return block
     tokens: list[int] = []
     rows: list[torch.Tensor] = []
@@ -218,6 +224,11 @@ def propose(chain: Chain, i: int, seq: SequenceState, prefix: list[int], n: int,
         if ctx.eos_ids.intersection(verdict.tokens):
             break  # drafting past the end is wasted work (stopping early keeps the proposal exact)
     return Block(tokens[:n], torch.cat(rows)[:n], getattr(chain.levels[i], "cross_tokenizer", None))
+
+
+def drafted(block: Block, n: int) -> int:
+    """Tokens a bottom drafter ran to propose `block` when asked for n (fewer where it stopped unsure)."""
+    return max(1, block.num_drafted if block.num_drafted is not None else n)
 
 
 def _match_vocab(q_draft: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -276,7 +287,7 @@ def verify_round_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes
     p_targets = score_many(level, items)  # [len(block) + 1, V] each
     seconds = time.perf_counter() - t0
     timings.append(TimingRecord(level.name, "score", fed, seconds, len(seqs)))
-    return [judge(chain, i, block, p, seconds, ctx) for block, p, ctx in zip(blocks, p_targets, ctxs)]
+    return [judge(chain, i, block, p, seconds, ctx, k) for block, p, ctx, k in zip(blocks, p_targets, ctxs, ks)]
 
 
 def propose_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list[int]], ns: list[int],
@@ -294,7 +305,7 @@ def propose_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: lis
         for ctx in ctxs:
             ctx.level_stats(level.name).time_s += seconds
         if not catching_up:
-            timings.append(TimingRecord(level.name, "draft", max(ns), seconds, len(seqs)))
+            timings.append(TimingRecord(level.name, "draft", max(drafted(b, n) for b, n in zip(blocks, ns)), seconds, len(seqs), max(ns)))
         return blocks
     tokens: list[list[int]] = [[] for _ in seqs]
     rows: list[list[torch.Tensor]] = [[] for _ in seqs]

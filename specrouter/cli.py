@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--draft-lens", type=_int_list, default=None, help="block length per drafter level, bottom first")
+    gen.add_argument("--draft-confidence", type=float, default=0.0,
+                     help="a drafting model ends its block after a token it gave less than this probability (0: never)")
     gen.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at end tokens")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
@@ -67,7 +69,8 @@ def cmd_generate(args) -> int:
     from specrouter.sampling import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    engine = Engine(args.chain, dtype=args.dtype, device=args.device, draft_lens=args.draft_lens, num_threads=args.threads)
+    engine = Engine(args.chain, dtype=args.dtype, device=args.device, draft_lens=args.draft_lens, num_threads=args.threads,
+                    draft_confidence=args.draft_confidence)
     route = None
     if args.adaptive:
         from specrouter.classifier import classify

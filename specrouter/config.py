@@ -3,6 +3,7 @@
     chain: "qwen2.5-coder-0.5b@int8,qwen2.5-coder-1.5b"   # drafters smallest first, target last
     dtype: bfloat16
     draft_lens: [6]                  # optional, one per drafter level
+    draft_confidence: 0.0            # a drafting model ends its block after a token it gave less than this
     adaptive: false                  # true: --chain is a pool and each step runs the best chain
     pipeline: false                  # true: draft the next block while the target verifies (PipeSpec-style)
     model_name: null                 # the served model id (default: the target's name)
@@ -41,6 +42,7 @@ class ServeConfig(BaseModel):
     chain: str = DEFAULT_CHAIN
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     draft_lens: list[int] | None = None
+    draft_confidence: float = Field(default=0.0, ge=0.0, lt=1.0)
     adaptive: bool = False
     pipeline: bool = False
     model_name: str | None = None

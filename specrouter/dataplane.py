@@ -107,7 +107,8 @@ def _forward_fields(call: ForwardCall) -> dict:
 
 def _draft_fields(call: DraftCall) -> dict:
     return {"seq": call.seq_id, "version": call.version, "start": call.start, "prefix": call.prefix_hash,
-            "tokens": list(call.token_ids), "k": call.k, "sampling": _sampling(call.params), "seed": call.seed}
+            "tokens": list(call.token_ids), "k": call.k, "sampling": _sampling(call.params), "seed": call.seed,
+            **({"min_conf": call.min_confidence} if call.min_confidence else {})}
 
 
 def _forward_call(m: dict) -> ForwardCall:
@@ -115,7 +116,8 @@ def _forward_call(m: dict) -> ForwardCall:
 
 
 def _draft_call(m: dict) -> DraftCall:
-    return DraftCall(m["seq"], m["version"], m["start"], m["prefix"], m["tokens"], m["k"], _params(m["sampling"]), m["seed"])
+    return DraftCall(m["seq"], m["version"], m["start"], m["prefix"], m["tokens"], m["k"], _params(m["sampling"]), m["seed"],
+                     m.get("min_conf", 0.0))
 
 
 def encode_draft(result: DraftResult, params: SamplingParams) -> dict:
@@ -185,7 +187,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             params = _params(request["sampling"])
             result = worker.draft(
                 request["seq"], request["version"], request["start"], request["prefix"], request["tokens"], request["k"], params, request["seed"],
-                self._allowed(request),
+                self._allowed(request), request.get("min_conf", 0.0),
             )
             return encode_draft(result, params)
         if op == "forward_batch":
@@ -364,8 +366,9 @@ class RemoteWorker:
         call = ForwardCall(seq_id, version, start, prefix_hash, token_ids, num_logits, params)
         return decode_rows(self._call_masked({"op": "forward", **_forward_fields(call)}, allowed), self.vocab_size)
 
-    def draft(self, seq_id, version, start, prefix_hash, token_ids, k, params: SamplingParams, seed: int, allowed=None) -> DraftResult:
-        call = DraftCall(seq_id, version, start, prefix_hash, token_ids, k, params, seed)
+    def draft(self, seq_id, version, start, prefix_hash, token_ids, k, params: SamplingParams, seed: int, allowed=None,
+              min_confidence: float = 0.0) -> DraftResult:
+        call = DraftCall(seq_id, version, start, prefix_hash, token_ids, k, params, seed, min_confidence)
         return decode_draft(self._call_masked({"op": "draft", **_draft_fields(call)}, allowed), params, self.vocab_size)
 
     def forward_batch(self, calls: list[ForwardCall], allowed=None) -> list[torch.Tensor | Exception]:

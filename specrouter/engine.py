@@ -102,10 +102,15 @@ class Engine:
         provider: WorkerProvider | None = None,
         retry_down_after_s: float = 5.0,
         retokenize_greedy: bool = True,
+        draft_confidence: float = 0.0,
     ):
         """`provider` supplies the workers (default: an in-process ModelStore for dtype and device).
         A drafter on another tokenizer than the target's drafts greedy requests freely and has its text
-        re-tokenised (`retokenize_greedy`), else it stays on the shared tokens (specrouter/levels.py)."""
+        re-tokenised (`retokenize_greedy`), else it stays on the shared tokens (specrouter/levels.py).
+        A model drafting at the bottom of a chain stops its block after a token it drafted with less
+        than `draft_confidence` probability (transformers' assistant_confidence_threshold; 0: never)."""
+        if not 0.0 <= draft_confidence < 1.0:
+            raise ValueError(f"draft_confidence must be in [0, 1), got {draft_confidence}")
         if num_threads:
             torch.set_num_threads(num_threads)
         self.specs = parse_chain(chain) if isinstance(chain, str) else list(chain)
@@ -128,7 +133,7 @@ class Engine:
                 vocab = vocab_map(tokenizer, info.tokenizer, worker.vocab_size, info.vocab_size, fingerprints)
                 if retokenize_greedy:
                     retok = retokenizer(tokenizer, info.tokenizer, worker.vocab_size, info.vocab_size, fingerprints)
-            levels.append(ModelLevel(worker.name, worker, vocab, retok))
+            levels.append(ModelLevel(worker.name, worker, vocab, retok, draft_confidence))
         self.levels: dict[str, Level] = {level.name: level for level in levels}  # the pool, cheapest first
         if len(self.levels) != len(levels):
             raise ValueError(f"chain names a level twice: {[level.name for level in levels]}")

@@ -31,6 +31,7 @@ class Block:
     token_ids: list[int]
     q_draft: torch.Tensor  # [len(token_ids), V]: distribution each token was drawn from
     cross_tokenizer: str | None = None  # a drafter on another tokenizer: "text" or "intersection"
+    num_drafted: int | None = None  # forward passes the drafter ran for it (None: one per token asked)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -68,13 +69,16 @@ class ModelLevel:
 
     With a `vocab` map the model has its own tokenizer: it is restricted to the tokens it shares with
     the target and speaks target ids outward (specrouter/vocab.py); the mirror holds its own ids.
-    With a `retokenizer` too, it drafts greedy blocks freely and re-tokenises their text instead."""
+    With a `retokenizer` too, it drafts greedy blocks freely and re-tokenises their text instead.
+    With `min_confidence`, its drafts stop after a token it was less sure of (see ModelWorker.draft)."""
 
     can_verify = True
 
-    def __init__(self, name: str, worker: ModelWorker, vocab: VocabMap | None = None, retokenizer: Retokenizer | None = None):
+    def __init__(self, name: str, worker: ModelWorker, vocab: VocabMap | None = None, retokenizer: Retokenizer | None = None,
+                 min_confidence: float = 0.0):
         self.name = name
         self.worker = worker
+        self.min_confidence = min_confidence
         self.vocab = vocab
         self.retokenizer = retokenizer if vocab else None
         self.cross_tokenizer = "intersection" if vocab else None  # how its scores cross to the target's vocabulary
@@ -106,7 +110,8 @@ class ModelLevel:
         start, result = self._send(
             seq.seq_id,
             own,
-            lambda start, h: self.worker.draft(seq.seq_id, seq.version, start, h, own[start:], k, params, seed, allowed),
+            lambda start, h: self.worker.draft(seq.seq_id, seq.version, start, h, own[start:], k, params, seed, allowed,
+                                               self.min_confidence),
         )
         self._cached[seq.seq_id].put(start, own[start:] + result.token_ids[:-1])
         return result
@@ -115,9 +120,10 @@ class ModelLevel:
         if self.retokenizer is not None and params.greedy:
             return self._propose_text(seq, ctx, n, params, seed)
         result = self._draft(seq, ctx, n, params, seed, self._allowed)
+        drafted = len(result.token_ids)
         if self.vocab is None:
-            return Block(result.token_ids, result.q_draft)
-        return Block(self.vocab.tokens_to_target(result.token_ids), self.vocab.rows_to_target(result.q_draft), "intersection")
+            return Block(result.token_ids, result.q_draft, num_drafted=drafted)
+        return Block(self.vocab.tokens_to_target(result.token_ids), self.vocab.rows_to_target(result.q_draft), "intersection", drafted)
 
     def _propose_text(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
         """Greedy: draft n + 1 own tokens freely (the last target token is dropped), re-tokenise their
@@ -125,7 +131,7 @@ class ModelLevel:
         until the next call's context (the committed tokens, translated) rolls them back."""
         result = self._draft(seq, ctx, n + 1, params, seed, None)
         tokens = self.retokenizer.to_target(ctx, result.token_ids, n)
-        return Block(tokens, one_hot(tokens, self.vocab_size), "text")
+        return Block(tokens, one_hot(tokens, self.vocab_size), "text", len(result.token_ids))
 
     def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:
         """p [len(draft) + 1, V]: this model's distribution at each draft position and one past it."""
@@ -165,12 +171,12 @@ class ModelLevel:
 
         def call(i: int, start: int, prefix_hash: int) -> DraftCall:
             seq, ctx, n, params, seed = items[i]
-            return DraftCall(seq.seq_id, seq.version, start, prefix_hash, ctx[start:], n, params, seed)
+            return DraftCall(seq.seq_id, seq.version, start, prefix_hash, ctx[start:], n, params, seed, self.min_confidence)
 
         starts, results = self._send_batch([(seq.seq_id, ctx) for seq, ctx, *_ in items], call, self.worker.draft_batch)
         for (seq, ctx, *_), start, result in zip(items, starts, results):
             self._cached[seq.seq_id].put(start, ctx[start:] + result.token_ids[:-1])
-        return [Block(r.token_ids, r.q_draft) for r in results]
+        return [Block(r.token_ids, r.q_draft, num_drafted=len(r.token_ids)) for r in results]
 
     def _send_batch(self, targets: list[tuple[str, list[int]]], call, run) -> tuple[list[int], list]:
         """`_send` for a batch: one run over every sequence from its longest shared prefix; the

@@ -86,7 +86,7 @@ def pipelined_step_batch(
     timings.append(TimingRecord(target.name, "score", fed, seconds, n))
 
     # 4. verdicts; keep a block drafted ahead only where the whole block and the guessed bonus held
-    verdicts = [judge(chain, top, block, p, seconds, ctx) for block, p, ctx in zip(blocks, p_targets, ctxs)]
+    verdicts = [judge(chain, top, block, p, seconds, ctx, k) for block, p, ctx, k in zip(blocks, p_targets, ctxs, ks)]
     next_aheads: list[DraftAhead | None] = [None] * n
     for b, guess in guesses.items():
         verdict = verdicts[b]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from specrouter.acceptance import AcceptanceTable
+from specrouter.acceptance import POOLED, AcceptanceTable
 from specrouter.chain import TimingRecord, VerifyRecord
 from specrouter.levels import Level, NgramLevel
 from specrouter.profiler import ForwardProfiler
@@ -114,6 +114,7 @@ class AdaptiveRouter:
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
             expected=self._expected([klass]),
+            drafted=self._drafted([klass]),
         )
 
     def _expected(self, classes: list[str], top_scale: dict[tuple[str, str], float] | None = None):
@@ -123,6 +124,10 @@ class AdaptiveRouter:
             scale = (top_scale or {}).get((d, v), 1.0)
             return sum(self.acceptance.expected_tokens(k, d, v, g, scale) for k in classes) / len(classes)
         return expected
+
+    def _drafted(self, classes: list[str]):
+        """(bottom drafter, n) -> tokens a block asked for n drafts, averaged over the classes."""
+        return lambda level, n: sum(self.acceptance.expected_drafted(k, level, n) for k in classes) / len(classes)
 
     # -- planning ---------------------------------------------------------------------------------------
 
@@ -171,7 +176,7 @@ class AdaptiveRouter:
 
     def _repredict(self, plan: Plan, klass: str) -> Plan:
         t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, lambda d, v: self.acceptance.alpha(klass, d, v),
-                    self.overhead_s, self._expected([klass]))
+                    self.overhead_s, self._expected([klass]), self._drafted([klass]))
         return Plan(plan.chain, plan.draft_lens, t)
 
     def _stalest_level(self) -> str | None:
@@ -198,9 +203,11 @@ class AdaptiveRouter:
                     self.profiler.observe_score(r.level, r.num_tokens, r.seconds, weight=weight)
                 else:
                     self.profiler.observe_draft(r.level, r.num_tokens, r.seconds, weight=weight)
+                    if r.asked:
+                        self.acceptance.observe_draft(klass, r.level, r.asked, r.num_tokens)
             elif isinstance(r, VerifyRecord):
                 self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
-                self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens)
+                self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked)
         self._exploring.clear()
         if rounds:
             per_round = max(0.0, step_seconds - level_seconds) / rounds
@@ -232,6 +239,7 @@ class AdaptiveRouter:
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
             expected=self._expected(classes),
+            drafted=self._drafted(classes),
         )
         ranked = self._charge_catch_up(ranked, backlog, remaining)
         plain = next(p for p in ranked if len(p.chain) == 1)
@@ -268,7 +276,7 @@ class AdaptiveRouter:
             lens.append(min(candidates, key=lambda g: predict(plan.chain, plan.draft_lens[:-1] + (g,),
                                                               lambda level, n: self._verify_cost(level, n, batch),
                                                               lambda level: self._draft_cost(level, batch), class_alpha,
-                                                              self.overhead_s, expected)))
+                                                              self.overhead_s, expected, self._drafted(classes))))
         return lens
 
     def observe_batch(self, records: list[tuple[str, list]], timings: list[TimingRecord]) -> None:
@@ -278,13 +286,15 @@ class AdaptiveRouter:
             for r in request_records:
                 if isinstance(r, VerifyRecord):
                     self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
-                    self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens)
+                    self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked)
         for t in timings:
             self._last_measured[t.level] = self._step
             if t.op == "score":
                 self.profiler.observe_score(t.level, t.num_tokens, t.seconds, batch=t.batch)
             else:
                 self.profiler.observe_draft(t.level, t.num_tokens, t.seconds, batch=t.batch)
+                if t.asked:
+                    self.acceptance.observe_draft(POOLED, t.level, t.asked, t.num_tokens)
 
     def calibrate_batches(self, levels: dict[str, Level], batches: tuple[int, ...] = (1, 4, 16),
                           lengths: tuple[int, ...] = (1, 2, 4, 8), context: int = 32) -> None:

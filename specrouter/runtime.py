@@ -206,7 +206,7 @@ class RouterActor:
 
     def __init__(self, chain: str, dtype: str = "bfloat16", draft_lens: list[int] | None = None,
                  placement: dict[str, dict] | None = None, adaptive: bool = False, default_max_tokens: int = 256,
-                 max_batch: int = 16, pipeline: bool = False):
+                 max_batch: int = 16, pipeline: bool = False, draft_confidence: float = 0.0):
         from specrouter.batch_server import BatchServer
         from specrouter.batching import BatchLoop
         from specrouter.engine import Engine
@@ -214,7 +214,7 @@ class RouterActor:
 
         specs = parse_chain(chain)
         self.provider = RayWorkers(specs, dtype, {k: Placement(**v) for k, v in (placement or {}).items()})
-        self.engine = Engine(specs, draft_lens=draft_lens, provider=self.provider)
+        self.engine = Engine(specs, draft_lens=draft_lens, provider=self.provider, draft_confidence=draft_confidence)
         self.router = None
         if adaptive:
             from specrouter.router import router_for

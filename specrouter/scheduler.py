@@ -6,7 +6,8 @@ of a block of g. Time per committed token is one top round over the tokens it em
 
     L_N = (C_{N-1}(g_{N-1}) + verify_N(g_{N-1} + 1) + overhead) / E_{N-1}(g_{N-1}),
 
-where C_k(n) is the time level k takes to propose n tokens: n * draft_0 at the bottom; above it,
+where C_k(n) is the time level k takes to propose n tokens: D(n) * draft_0 at the bottom, D(n) the
+tokens a block asked for n drafts (n, unless a `drafted(level, n)` says it stops early); above it,
 rounds as the engine runs them (specrouter/chain.py `propose`): each asks the level below for
 r = min(g_{k-1}, n_left - 1) tokens (the level adds one of its own), costs C_{k-1}(r) +
 verify_k(r + 1) + overhead and yields E_{k-1}(r) tokens; the last round is charged in proportion to
@@ -36,6 +37,7 @@ AlphaFn = Callable[[str, str], float]  # (drafter, verifier) -> acceptance
 ExpectedFn = Callable[[str, str, int], float]  # (drafter, verifier, g) -> tokens emitted per round
 BatchCostFn = Callable[[str, int, int], float]  # (level, block length, batch) -> seconds for one batched pass
 BatchDraftFn = Callable[[str, int], float]  # (level, batch) -> seconds per drafted token for the batch
+DraftedFn = Callable[[str, int], float]  # (bottom level, n asked) -> tokens it is expected to draft
 
 
 @dataclass(frozen=True)
@@ -56,16 +58,17 @@ def expected_tokens(alpha: float, g: int) -> float:
 
 
 def predict(chain: tuple[str, ...], draft_lens: tuple[int, ...], verify: CostFn, draft: DraftFn, alpha: AlphaFn, overhead: float,
-            expected: ExpectedFn | None = None) -> float:
-    return _ChainModel(chain, verify, draft, alpha, overhead, expected).s_per_token(draft_lens)
+            expected: ExpectedFn | None = None, drafted: DraftedFn | None = None) -> float:
+    return _ChainModel(chain, verify, draft, alpha, overhead, expected, drafted).s_per_token(draft_lens)
 
 
 class _ChainModel:
     """The latency model of one chain; C_k(n) memoised over every draft-length vector searched."""
 
     def __init__(self, chain: tuple[str, ...], verify: CostFn, draft: DraftFn, alpha: AlphaFn, overhead: float,
-                 expected: ExpectedFn | None):
+                 expected: ExpectedFn | None, drafted: DraftedFn | None = None):
         self.chain, self.verify, self.draft, self.alpha, self.overhead, self.expected = chain, verify, draft, alpha, overhead, expected
+        self.drafted = drafted
         self._emitted: dict[tuple[int, int], float] = {}
         self._propose: dict[tuple[int, tuple[int, ...], int], float] = {}
 
@@ -87,7 +90,8 @@ class _ChainModel:
     def propose_time(self, k: int, draft_lens: tuple[int, ...], n: int) -> float:
         """C_k(n): seconds for level k to propose n tokens (it depends on draft_lens[:k] only)."""
         if k == 0:
-            return n * self.draft(self.chain[0])
+            tokens = self.drafted(self.chain[0], n) if self.drafted is not None and n > 0 else n
+            return tokens * self.draft(self.chain[0])
         key = (k, draft_lens[:k], n)
         if key not in self._propose:
             seconds, left = 0.0, float(n)
@@ -120,13 +124,14 @@ def search(
     lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10),
     max_drafters: int = 3,
     expected: ExpectedFn | None = None,
+    drafted: DraftedFn | None = None,
 ) -> list[Plan]:
     """Every chain and draft-length vector, best (lowest predicted time per token) first."""
     verify, draft = functools.cache(verify), functools.cache(draft)  # profile lookups, shared by every chain
     plans = []
     for chain in enumerate_chains(pool, target, can_verify, max_drafters):
         best = None
-        model = _ChainModel(chain, verify, draft, alpha, overhead, expected)
+        model = _ChainModel(chain, verify, draft, alpha, overhead, expected, drafted)
         for lens in itertools.product(lengths, repeat=len(chain) - 1):
             t = model.s_per_token(lens)
             if best is None or t < best.predicted_s_per_token:

@@ -32,7 +32,7 @@ class SpecRouterServer:
         self.router = RouterActor.options(num_cpus=0).remote(
             self.config.chain, self.config.dtype, self.config.draft_lens,
             {k: v.model_dump() for k, v in self.config.placement.items()}, self.config.adaptive,
-            self.config.default_max_tokens, pipeline=self.config.pipeline,
+            self.config.default_max_tokens, pipeline=self.config.pipeline, draft_confidence=self.config.draft_confidence,
         )
         self.info = ray.get(self.router.info.remote())
         self.model = self.config.served_name

@@ -3,7 +3,8 @@
 The worker is the unit that later lives in a Ray actor, so its interface is plain data in and out:
 every call names the sequence id, the version it is based on and an explicit start position.
 - `forward`: score a block at positions [start, start+S) in one pass (prefill and verification);
-- `draft`: the same, then sample k tokens autoregressively with their probabilities;
+- `draft`: the same, then sample up to k tokens autoregressively with their probabilities (stopping
+  early after a token drafted with less than `min_confidence`);
 - `truncate`: roll the sequence back to a position (idempotent);
 - `release`: free the sequence.
 `forward_batch` and `draft_batch` run the same calls for many sequences in batched passes; each call
@@ -75,6 +76,15 @@ class DraftCall:
     k: int
     params: SamplingParams
     seed: int
+    min_confidence: float = 0.0
+
+
+def confidence(logits: torch.Tensor, q: torch.Tensor, token: int, params: SamplingParams) -> float:
+    """How sure the drafter was of the token it drafted: its probability under the sampling distribution
+    q [1, V] (under the plain softmax of logits [1, V] when greedy, whose q is one-hot)."""
+    if params.greedy:
+        return float(torch.softmax(logits.float(), dim=-1)[0, token])
+    return float(q[0, token])
 
 
 class ModelWorker:
@@ -134,19 +144,24 @@ class ModelWorker:
         params: SamplingParams,
         seed: int,
         allowed: torch.Tensor | None = None,
+        min_confidence: float = 0.0,
     ) -> DraftResult:
-        """Feed `token_ids` at `start`, then sample k tokens one at a time (among `allowed` only, if
-        given); the last one is not cached."""
+        """Feed `token_ids` at `start`, then sample up to k tokens one at a time (among `allowed` only, if
+        given), stopping after one drafted with confidence below `min_confidence`; the last one is not
+        cached. The stop depends only on the drafter's own draws, so the proposal stays exact."""
         slot = self._slot(seq_id, version, start, prefix_hash)
         generator = torch.Generator(device=self.view.device).manual_seed(seed)
         drafted, rows = [], []
         feed, pos = token_ids, start
         for _ in range(k):
-            q = probs_from_logits(restrict(self._run(slot, pos, feed, 1), allowed), params)  # [1, V]
+            logits = restrict(self._run(slot, pos, feed, 1), allowed)  # [1, V]
+            q = probs_from_logits(logits, params)  # [1, V]
             token = int(sample(q, generator)[0])
             drafted.append(token)
             rows.append(q)
             pos, feed = pos + len(feed), [token]
+            if min_confidence and confidence(logits, q, token, params) < min_confidence:
+                break
         q_draft = torch.cat(rows) if rows else torch.empty(0, self.vocab_size)
         return DraftResult(drafted, q_draft)
 
@@ -211,7 +226,7 @@ class ModelWorker:
     def draft_batch(self, calls: list[DraftCall], allowed: torch.Tensor | None = None) -> list[DraftResult | Exception]:
         """`draft` for many sequences: one batched pass per drafted position, each sequence sampling
         with its own seeded generator (so each result equals its `draft` alone); a sequence leaves the
-        batch once it has its k tokens. `allowed` as in `draft`."""
+        batch once it has its k tokens or stops unsure. `allowed` as in `draft`."""
         slots = self._slots_for(calls)
         results: list[DraftResult | Exception] = list(slots)
         live = [i for i, slot in enumerate(slots) if not isinstance(slot, Exception)]
@@ -223,13 +238,17 @@ class ModelWorker:
         while active:
             logits = self._run_batch([slots[i] for i in active], [feeds[i][0] for i in active], [feeds[i][1] for i in active],
                                      [1] * len(active))
+            unsure = set()
             for i, row in zip(active, logits):
-                q = probs_from_logits(restrict(row, allowed), calls[i].params)  # [1, V]
+                row = restrict(row, allowed)  # [1, V]
+                q = probs_from_logits(row, calls[i].params)  # [1, V]
                 token = int(sample(q, generators[i])[0])
                 drafted[i].append(token)
                 rows[i].append(q)
                 feeds[i] = (feeds[i][0] + len(feeds[i][1]), [token])
-            active = [i for i in active if len(drafted[i]) < calls[i].k]
+                if calls[i].min_confidence and confidence(row, q, token, calls[i].params) < calls[i].min_confidence:
+                    unsure.add(i)
+            active = [i for i in active if len(drafted[i]) < calls[i].k and i not in unsure]
         for i in live:
             q_draft = torch.cat(rows[i]) if rows[i] else torch.empty(0, self.vocab_size)
             results[i] = DraftResult(drafted[i], q_draft)

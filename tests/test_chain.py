@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import model_level, perturbed, tiny_llama
-from specrouter.chain import Chain, LevelStats, StepContext, TimingRecord, speculative_step
+from specrouter.chain import Chain, LevelStats, StepContext, TimingRecord, VerifyRecord, speculative_step
 from specrouter.levels import ModelLevel, NgramLevel
 from specrouter.model import ModelView
 from specrouter.sampling import SamplingParams, probs_from_logits
@@ -93,6 +93,19 @@ def test_timings_count_the_tokens_each_pass_really_ran(models):
         level.release(seq.seq_id)
 
 
+def test_a_block_shorter_than_asked_is_recorded_with_the_length_asked():
+    """An n-gram without a match proposes nothing: the round still tells the router what it asked for."""
+    target = model_level(tiny_llama(0, VOCAB), "target")
+    chain = Chain([NgramLevel(VOCAB), target], [4])
+    seq = SequenceState.new("unmatched", [1, 2, 3, 4, 5])  # no repeated n-gram
+    ctx = StepContext(SamplingParams(), torch.Generator().manual_seed(0), frozenset(), {x: LevelStats(x) for x in chain.names})
+    speculative_step(chain, seq, ctx, 8)
+    (record,) = [r for r in ctx.drain_records() if isinstance(r, VerifyRecord)]
+    assert (record.num_draft_tokens, record.num_accepted_tokens, record.num_asked) == (0, 0, 4)
+    assert ctx.stats["ngram"].num_rounds == 0  # the statistics count proposed blocks only
+    target.release(seq.seq_id)
+
+
 def test_close_drafter_gets_most_tokens_accepted(models):
     _, stats = run(build(models, ["close", "target"], [4]), PROMPTS[0], 40)
     assert stats[0].acceptance_rate > 0.5
@@ -166,6 +179,38 @@ def test_three_level_chain_first_two_tokens_follow_target_joint(params):
     # Power: the same samples clearly reject the drafters' own joints.
     for drafter in (middle, bottom):
         assert chi_square_p_value(counts, joint_two_tokens(ModelView(drafter), prompt, params)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=4, top_p=0.9)],
+    ids=["temperature", "top-k-top-p"],
+)
+def test_drafts_stopped_below_min_confidence_keep_the_target_joint(params):
+    """The drafter ends its block after a token it gave < 0.3 (here: any first token but its favourite),
+    so the block's length depends on what it drew; the output must still follow the target."""
+    target = tiny_llama(10, SMALL_V, init_std=0.1)
+    bottom = ModelLevel("bottom", ModelWorker("bottom", ModelView(tiny_llama(12, SMALL_V, init_std=0.1, layers=2))), min_confidence=0.3)
+    chain = Chain([bottom, model_level(target, "target")], [2])
+    prompt = [1, 4, 2]
+    samples = 2000
+    counts = torch.zeros(SMALL_V, SMALL_V)
+    first_blocks = torch.zeros(3)  # how many first blocks had 0, 1, 2 tokens
+    for seed in range(samples):
+        seq = SequenceState.new(f"seq-{seed}", prompt)
+        ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset(), {x: LevelStats(x) for x in chain.names})
+        seq = seq.commit(speculative_step(chain, seq, ctx, 3))  # a budget of 3: the first block asks for 2 tokens
+        first_blocks[ctx.stats["bottom"].num_draft_tokens] += 1
+        while len(seq.generated) < 3:
+            seq = seq.commit(speculative_step(chain, seq, ctx, 3 - len(seq.generated)))
+        for level in chain.levels:
+            level.release(seq.seq_id)
+        counts[seq.generated[0], seq.generated[1]] += 1
+    # The drafter stops after its first token unless it drew one it gave >= 0.3 (its favourite, token 5).
+    q_first = probs_from_logits(bottom.worker.view.forward(prompt, 0, bottom.worker.view.new_cache(), 1), params)[0]
+    assert abs(first_blocks[1] / samples - float(q_first[q_first < 0.3].sum())) < 0.05 and first_blocks[0] == 0
+    assert chi_square_p_value(counts, joint_two_tokens(ModelView(target), prompt, params)) > 1e-3
+    assert chi_square_p_value(counts, joint_two_tokens(bottom.worker.view, prompt, params)) < 1e-6
 
 
 # -- exact sampling distribution with levels on another vocabulary -------------------------------------

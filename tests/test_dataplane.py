@@ -37,7 +37,11 @@ def test_remote_forward_equals_local_for_greedy_and_sampling(served):
         assert torch.equal(remote.forward("s", 0, 0, EMPTY, ids, 3, params), local.forward("s", 0, 0, EMPTY, ids, 3, params))
         a, b = remote.draft("d", 0, 0, EMPTY, ids, 4, params, seed=3), local.draft("d", 0, 0, EMPTY, ids, 4, params, seed=3)
         assert a.token_ids == b.token_ids and torch.equal(a.q_draft, b.q_draft)
-        remote.release("s"), remote.release("d"), local.release("s"), local.release("d")
+        # A random tiny model is never sure of a token: with min_confidence both stop after the first.
+        a, b = (w.draft("c", 0, 0, EMPTY, ids, 4, params, 3, None, 0.5) for w in (remote, local))
+        assert a.token_ids == b.token_ids and len(a.token_ids) == 1
+        for w in (remote, local):
+            w.release("s"), w.release("d"), w.release("c")
     assert remote.vocab_size == V and remote.bytes_moved > 0
 
 
@@ -218,14 +222,15 @@ def test_remote_draft_batch_is_one_frame_and_equals_each_draft_alone(counted):
 
     target, servicer, remote = counted
     local = ModelWorker("local", ModelView(target))
-    calls = [DraftCall(s, 0, 0, EMPTY, list(range(2 + i, 9 + 3 * i)), k, params, seed=10 + i)
-             for i, (s, k, params) in enumerate(zip("defg", (3, 1, 0, 5), (SAMPLED, SamplingParams(), SAMPLED, SamplingParams())))]
+    calls = [DraftCall(s, 0, 0, EMPTY, list(range(2 + i, 9 + 3 * i)), k, params, seed=10 + i, min_confidence=conf)
+             for i, (s, k, params, conf) in enumerate(zip("defg", (3, 1, 0, 5), (SAMPLED, SamplingParams(), SAMPLED, SamplingParams()),
+                                                         (0.0, 0.0, 0.0, 0.5)))]
     servicer.frames.clear()
     drafted = remote.draft_batch(calls)
     assert servicer.frames == [("draft_batch", 4)]
     for call, got in zip(calls, drafted):
-        ref = local.draft(call.seq_id, 0, 0, EMPTY, call.token_ids, call.k, call.params, call.seed)
-        assert got.token_ids == ref.token_ids and len(got.token_ids) == call.k
+        ref = local.draft(call.seq_id, 0, 0, EMPTY, call.token_ids, call.k, call.params, call.seed, None, call.min_confidence)
+        assert got.token_ids == ref.token_ids and len(got.token_ids) == (1 if call.min_confidence else call.k)
         torch.testing.assert_close(got.q_draft, ref.q_draft, atol=1e-6, rtol=1e-5)
 
 

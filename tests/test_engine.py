@@ -138,6 +138,19 @@ def test_smollm2_chain_greedy_equals_target_only(smol_reference, chain, draft_le
     assert result.level_stats[0].num_draft_tokens > 0
 
 
+def test_smollm2_drafting_that_stops_unsure_greedy_equals_target_only(smol_reference):
+    expected, _ = smol_reference
+    engine = Engine("smollm2-135m@int8,smollm2-135m", dtype="float32", draft_lens=[8], draft_confidence=0.5)
+    drafted, rounds = 0, 0
+    for prompt, tokens in expected.items():
+        result = engine.generate_text(prompt, 32, ignore_eos=True)
+        assert result.token_ids == tokens, prompt
+        drafted, rounds = drafted + result.level_stats[0].num_draft_tokens, rounds + result.level_stats[0].num_rounds
+    assert 1.2 < drafted / rounds < 5  # blocks of up to 8 stopped early (~2.2 a round; ~7.3 without), not all at once
+    with pytest.raises(ValueError, match="draft_confidence"):
+        Engine("smollm2-135m", draft_confidence=1.0)
+
+
 def test_sampling_is_seeded(tiny_dirs):
     engine = Engine(f"{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32")
     params = SamplingParams(temperature=0.8, top_k=50)

@@ -314,6 +314,41 @@ def test_expected_tokens_follow_measured_runs_not_just_alpha():
     assert table.expected_tokens("code", "x", "t", 4) == pytest.approx(expected_tokens(table.alpha("code", "x", "t"), 4))
 
 
+def test_blocks_shorter_than_asked_count_their_first_missing_token_as_a_rejection():
+    from specrouter.acceptance import AcceptanceTable
+
+    table = AcceptanceTable()
+    table.observe("code", "d", "t", [1.0] * 100)  # every token drafted is accepted ...
+    for _ in range(100):
+        table.observe_round("code", "d", "t", 2, 2, num_asked=8)  # ... but blocks of 8 hold only 2
+    # 2 accepted + the verifier's own (the positions never reached stay near alpha, shrunk): not 9
+    assert 3.0 <= table.expected_tokens("code", "d", "t", 8) < 4.0
+
+
+def test_expected_drafted_tokens_follow_a_drafter_that_stops_unsure():
+    from specrouter.acceptance import AcceptanceTable
+
+    table = AcceptanceTable()
+    assert table.expected_drafted("code", "d", 8) == 8.0  # never seen stopping: it drafts what it is asked for
+    for i in range(100):
+        table.observe_draft("code", "d", 8, 2 if i % 2 else 4)
+    assert table.expected_drafted("code", "d", 8) == pytest.approx(3.0, abs=0.3)  # shrunk a little toward 8
+    assert table.expected_drafted("code", "d", 1) == pytest.approx(1.0, abs=0.01)
+    assert table.expected_drafted("chat", "d", 8) == table.expected_drafted("code", "d", 8)  # an unseen class: the pooled rates
+
+
+def test_a_drafter_that_stops_unsure_is_charged_for_the_tokens_it_drafts():
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0))
+    router.observe_batch([], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)]
+                         + [TimingRecord("d", "draft", 4, 4 * 0.05, 1)])
+    router.acceptance.observe("code", "d", "t", [0.9] * 200)
+    full = router.plans("code")[0]
+    # The same drafter, seen stopping after 3 tokens whatever it is asked for (confident runs only).
+    router.observe("code", [TimingRecord("d", "draft", 3, 3 * 0.05, asked=10)] * 40, 0.0)
+    stopping = router.plans("code")[0]
+    assert stopping.draft_lens[0] > full.draft_lens[0] and stopping.predicted_s_per_token < full.predicted_s_per_token
+
+
 def test_streaky_acceptance_makes_the_router_draft_longer_blocks():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0))
     router.observe_batch([], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)]

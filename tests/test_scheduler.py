@@ -19,6 +19,12 @@ def test_two_level_prediction_by_hand():
     assert t == pytest.approx((3 * 0.1 + 1.0) / expected_tokens(0.5, 3))
 
 
+def test_bottom_drafter_is_charged_the_tokens_it_is_expected_to_draft():
+    verify = flat({"t": 1.0})
+    t = predict(("d", "t"), (8,), verify, lambda d: 0.1, lambda d, v: 0.5, overhead=0.0, drafted=lambda d, n: min(n, 2.5))
+    assert t == pytest.approx((2.5 * 0.1 + 1.0) / expected_tokens(0.5, 8))
+
+
 def test_middle_level_asked_for_one_token_scores_it_alone():
     """The engine asks the level below for n - 1 tokens at most (the level adds its own): a middle
     level proposing one token to the target gets no help from its drafter."""

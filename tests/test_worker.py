@@ -133,3 +133,21 @@ def test_draft_batch_equals_each_draft_alone(worker):
         assert got.token_ids == ref.token_ids and len(got.token_ids) == call.k
         torch.testing.assert_close(got.q_draft, ref.q_draft, atol=1e-6, rtol=1e-5)
         assert worker.cached_tokens(call.seq_id) == alone.cached_tokens(call.seq_id)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_draft_stops_after_the_first_token_drafted_below_min_confidence(worker, params):
+    ids = list(range(40, 52))
+    full = worker.draft("full", 0, 0, EMPTY, ids, 8, params, seed=4)
+    # Each drafted token's probability under the model's softmax (temperature 1: the greedy case's own too).
+    rows = worker.forward("probe", 0, 0, EMPTY, ids + full.token_ids[:-1], 8, SAMPLED)  # [8, V]
+    confidence = [float(rows[j, t]) for j, t in enumerate(full.token_ids)]
+    threshold = sorted(confidence)[4]  # the 5th smallest: some token falls below it, not the first one alone
+    stop = next(j for j, c in enumerate(confidence) if c < threshold)
+    got = worker.draft("stopped", 0, 0, EMPTY, ids, 8, params, seed=4, min_confidence=threshold)
+    assert got.token_ids == full.token_ids[: stop + 1] and got.q_draft.shape[0] == stop + 1
+    assert worker.cached_tokens("stopped") == ids + got.token_ids[:-1]  # the last drafted token is not cached
+    from specrouter.worker import DraftCall
+
+    (batched,) = ModelWorker("batched", worker.view).draft_batch([DraftCall("s", 0, 0, EMPTY, ids, 8, params, 4, threshold)])
+    assert batched.token_ids == got.token_ids
