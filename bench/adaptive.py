@@ -1,7 +1,10 @@
 """Adaptive routing vs every static chain on a mixed code + chat workload, in one run; then the same
 with one drafter artificially slowed down half-way.
 
-    .venv/bin/python bench/adaptive.py [--humaneval 4] [--sharegpt 4] [--max-tokens 96]
+    .venv/bin/python bench/adaptive.py [--humaneval 4] [--sharegpt 4] [--max-tokens 96] [--draft-confidence 0.4]
+
+With --draft-confidence, the bottom drafter of every chain (static or routed) ends its block after a
+token it gave less than that probability, and a static chain's bottom model drafts blocks of up to 10.
 
 Writes bench/results/adaptive-<timestamp>.json (with the machine it ran on).
 """
@@ -62,11 +65,12 @@ class SlowedLevel:
         return self.inner.backlog(seq_id, num_tokens)
 
 
-def static_plans(engine: Engine) -> list[Plan]:
+def static_plans(engine: Engine, bottom_model_len: int | None = None) -> list[Plan]:
     names = list(engine.levels)
     plans = []
     for chain in enumerate_chains(names[:-1], names[-1], lambda n: engine.levels[n].can_verify):
-        lens = tuple(STATIC_LEN.get(n, 6 if i == len(chain) - 2 else 4) for i, n in enumerate(chain[:-1]))
+        lens = tuple(STATIC_LEN.get(n, bottom_model_len if i == 0 and bottom_model_len else 6 if i == len(chain) - 2 else 4)
+                     for i, n in enumerate(chain[:-1]))
         plans.append(Plan(chain, lens, 0.0))
     return plans
 
@@ -97,15 +101,16 @@ def main() -> None:
     parser.add_argument("--sharegpt", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--slow-factor", type=float, default=3.0)
+    parser.add_argument("--draft-confidence", type=float, default=0.0, help="the bottom drafter stops below this confidence")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    engine = Engine(POOL, provider=ModelStore("bfloat16"))
+    engine = Engine(POOL, provider=ModelStore("bfloat16"), draft_confidence=args.draft_confidence)
     code, chat = humaneval(args.humaneval), sharegpt(args.sharegpt)
     prompts = [p for pair in zip(code, chat) for p in pair] + code[len(chat) :] + chat[len(code) :]  # mixed, interleaved
     encoded = [(p, encode(engine.tokenizer, p)) for p in prompts]
-    statics = static_plans(engine)
+    statics = static_plans(engine, 10 if args.draft_confidence else None)
     router = router_for(engine)
     engine.generate(encoded[0][1], 8, route=router.start("warmup"))
 

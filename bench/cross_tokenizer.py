@@ -39,8 +39,11 @@ METHODS = [
     Method("SmolLM2 int8 -> 1.5B", "ours", f"{SMOL}@int8,{TARGET}", (5,)),
     Method("SmolLM2 int8 -> 0.5B -> 1.5B", "ours", f"{SMOL}@int8,{DRAFT},{TARGET}", (3, 5)),
     Method("SmolLM2 int8 -> 0.5B int8 -> 1.5B", "ours", f"{SMOL}@int8,{DRAFT}@int8,{TARGET}", (3, 6)),
+    Method("SmolLM2 int8 -> 1.5B (stop < 0.4)", "ours", f"{SMOL}@int8,{TARGET}", (10,), draft_confidence=0.4),
+    Method("SmolLM2 int8 -> 0.5B int8 -> 1.5B (stop < 0.4)", "ours", f"{SMOL}@int8,{DRAFT}@int8,{TARGET}", (4, 8), draft_confidence=0.4),
     Method("0.5B -> 1.5B", "ours", f"{DRAFT},{TARGET}", (4,)),
     Method("0.5B int8 -> 1.5B", "ours", f"{DRAFT}@int8,{TARGET}", (6,)),
+    Method("0.5B int8 -> 1.5B (stop < 0.4)", "ours", f"{DRAFT}@int8,{TARGET}", (10,), draft_confidence=0.4),
 ]
 
 
@@ -52,7 +55,8 @@ class Runner:
 
     def engine(self, method: Method) -> Engine:
         if method.name not in self.engines:
-            self.engines[method.name] = Engine(method.chain, draft_lens=list(method.draft_lens) or None, provider=self.store)
+            self.engines[method.name] = Engine(method.chain, draft_lens=list(method.draft_lens) or None, provider=self.store,
+                                               draft_confidence=method.draft_confidence)
         return self.engines[method.name]
 
     def run(self, method: Method, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], float, int | None, list[dict]]:
