@@ -2,7 +2,9 @@
 one actor per model) under `specrouter bench` load, for the default chain and for target-only
 serving, in one run; peak RSS of the whole process tree (driver + Ray + every actor).
 
-    .venv/bin/python bench/serving.py [--prompts 6] [--max-tokens 64] [--concurrency 1,4]
+    .venv/bin/python bench/serving.py [--prompts 6] [--max-tokens 64] [--concurrency 1,4] [--draft-confidence 0.4 --draft-lens 10]
+
+With --draft-confidence, the chain also runs without the confidence stop (at --plain-draft-lens) in the same run.
 """
 
 from __future__ import annotations
@@ -49,13 +51,11 @@ class TreeRSS:
         return round(self.peak / 2**30, 2)
 
 
-def serve_and_load(chain: str, draft_lens: str | None, args, port: int) -> dict:
+def serve_and_load(chain: str, draft_lens: str | None, args, port: int, draft_confidence: float = 0.0) -> dict:
     cmd = [sys.executable, "-m", "specrouter.cli", "serve", "--chain", chain, "--port", str(port), "--grpc-port", str(port + 1)]
-    config = None
-    if draft_lens:
-        config = Path(f"/tmp/specrouter-bench-{port}.yaml")
-        config.write_text(f"chain: {chain}\ndraft_lens: [{draft_lens}]\n")
-        cmd += ["--config", str(config)]
+    config = Path(f"/tmp/specrouter-bench-{port}.yaml")
+    config.write_text(f"chain: {chain}\ndraft_confidence: {draft_confidence}\n" + (f"draft_lens: [{draft_lens}]\n" if draft_lens else ""))
+    cmd += ["--config", str(config)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rss = TreeRSS(proc.pid)
@@ -69,7 +69,8 @@ def serve_and_load(chain: str, draft_lens: str | None, args, port: int) -> dict:
         url = f"http://127.0.0.1:{port}"
         run_load(url, 1, 1, 8)  # warm-up
         loads = {c: run_load(url, args.prompts, c, args.max_tokens) for c in args.concurrency}
-        return {"chain": chain, "startup_s": round(startup_s, 1), "peak_rss_gb": rss.stop(), "load": loads}
+        return {"chain": chain, "draft_lens": draft_lens, "draft_confidence": draft_confidence, "startup_s": round(startup_s, 1),
+                "peak_rss_gb": rss.stop(), "load": loads}
     finally:
         proc.send_signal(2)
         proc.wait(timeout=180)
@@ -79,17 +80,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--chain", default=DEFAULT_CHAIN)
     parser.add_argument("--draft-lens", default="6")
+    parser.add_argument("--draft-confidence", type=float, default=0.0)
+    parser.add_argument("--plain-draft-lens", default="6", help="with --draft-confidence: the lengths of the run without it")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     args = parser.parse_args()
 
     target = args.chain.split(",")[-1]
-    runs = {"specrouter": serve_and_load(args.chain, args.draft_lens, args, 8310),
-            "target_only": serve_and_load(target, None, args, 8320)}
+    runs = {"specrouter": serve_and_load(args.chain, args.draft_lens, args, 8310, args.draft_confidence)}
+    if args.draft_confidence:
+        runs["specrouter_no_stop"] = serve_and_load(args.chain, args.plain_draft_lens, args, 8330)
+    runs["target_only"] = serve_and_load(target, None, args, 8320)
     summary = {
-        f"speedup_c{c}": round(runs["specrouter"]["load"][c]["output_tokens_per_s"] / runs["target_only"]["load"][c]["output_tokens_per_s"], 3)
-        for c in args.concurrency
+        f"speedup_c{c}" + ("" if name == "specrouter" else "_no_stop"):
+            round(run["load"][c]["output_tokens_per_s"] / runs["target_only"]["load"][c]["output_tokens_per_s"], 3)
+        for name, run in runs.items() if name != "target_only" for c in args.concurrency
     }
     summary.update({f"{name}_peak_rss_gb": run["peak_rss_gb"] for name, run in runs.items()})
     summary.update({f"{name}_tok_s_c{c}": run["load"][c]["output_tokens_per_s"] for name, run in runs.items() for c in args.concurrency})

@@ -14,7 +14,9 @@ its first missing position as a rejection: the verifier emits its own token ther
 
 A drafter that stops unsure also costs less than its block length: the table keeps, per drafter and
 class, how often a block asked for more than j tokens drafted its (j+1)-th, so the latency model
-charges the tokens a block of n is expected to draft.
+charges the tokens a block of n is expected to draft. Such a drafter proposes differently at the
+bottom of a chain (where it stops) than in the middle (where it emits what it verified), so its
+rounds are kept per `role` ("bottom" or ""), a role without rounds falling back to the other's.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class AcceptanceTable:
     _count: dict[tuple[str, str, str], int] = field(default_factory=dict)
     run_decay: float = 0.99  # per round: the position rates follow about the last 100 rounds
     run_prior_weight: float = 10.0  # rounds' worth of trust in alpha at a position
-    _runs: dict[tuple[str, str, str], _Runs] = field(default_factory=dict)
+    _runs: dict[tuple[str, str, str, str], _Runs] = field(default_factory=dict)  # (class, drafter, verifier, role)
     draft_prior_weight: float = 3.0  # blocks' worth of trust that a drafter drafts every token asked
     _drafts: dict[tuple[str, str], _Runs] = field(default_factory=dict)  # (class, drafter): position j reached / drafted
 
@@ -75,10 +77,11 @@ class AcceptanceTable:
             if n:
                 self._alpha[key], self._count[key] = value, n
 
-    def observe_round(self, klass: str, drafter: str, verifier: str, num_draft: int, num_accepted: int, num_asked: int | None = None) -> None:
+    def observe_round(self, klass: str, drafter: str, verifier: str, num_draft: int, num_accepted: int, num_asked: int | None = None,
+                      role: str = "") -> None:
         """One verification round's outcome: num_accepted of num_draft drafted tokens accepted, of a
         block asked for num_asked (default num_draft)."""
-        for key in ((klass, drafter, verifier), (POOLED, drafter, verifier)):
+        for key in ((klass, drafter, verifier, role), (POOLED, drafter, verifier, role)):
             self._runs.setdefault(key, _Runs()).add(max(num_draft, num_asked or 0), num_accepted, self.run_decay)
 
     def observe_draft(self, klass: str, drafter: str, num_asked: int, num_drafted: int) -> None:
@@ -102,12 +105,15 @@ class AcceptanceTable:
             expected += survive
         return expected
 
-    def expected_tokens(self, klass: str, drafter: str, verifier: str, g: int, scale: float = 1.0) -> float:
+    def expected_tokens(self, klass: str, drafter: str, verifier: str, g: int, scale: float = 1.0, role: str = "") -> float:
         """Tokens a verifier emits per round for a block of g: 1 + sum_i prod_{j <= i} h_j, with h_j
         the class's acceptance rate at position j (else the pooled one's) shrunk toward alpha, times
         `scale` (a sequence's own acceptance relative to its class), capped at 1."""
         alpha = self.alpha(klass, drafter, verifier)
-        runs = self._runs.get((klass, drafter, verifier)) or self._runs.get((POOLED, drafter, verifier))
+        other = "" if role else "bottom"
+        runs = next((self._runs[key] for key in ((klass, drafter, verifier, role), (POOLED, drafter, verifier, role),
+                                                  (klass, drafter, verifier, other), (POOLED, drafter, verifier, other))
+                     if key in self._runs), None)
         expected, survive = 1.0, 1.0
         for j in range(g):
             reached, accepted = (runs.reached[j], runs.accepted[j]) if runs is not None and j < MAX_POSITIONS else (0.0, 0.0)

@@ -109,6 +109,7 @@ class VerifyRecord:
     num_accepted_tokens: int
     alphas: list[float]  # sum_x min(q_draft, p_target) at each draft position
     num_asked: int | None = None  # the block length asked for (None: num_draft_tokens); a drafter may give fewer
+    bottom: bool = False  # the drafter drafted at the bottom of its chain (not by verifying a level below)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def judge(chain: Chain, i: int, block: Block, p_target: torch.Tensor, seconds: f
     if len(block) or asked:
         alphas = pairwise_alpha(q_draft, p_target[: len(block)]).tolist()
         ctx.records.append(VerifyRecord(chain.levels[i - 1].name, chain.levels[i].name, len(block), verdict.num_accepted, alphas,
-                                        max(asked, len(block))))
+                                        max(asked, len(block)), i == 1))
     return verdict
 
 
@@ -227,8 +228,8 @@ def propose(chain: Chain, i: int, seq: SequenceState, prefix: list[int], n: int,
 
 
 def drafted(block: Block, n: int) -> int:
-    """Tokens a bottom drafter ran to propose `block` when asked for n (fewer where it stopped unsure)."""
-    return max(1, block.num_drafted if block.num_drafted is not None else n)
+    """Tokens a bottom drafter drafted for `block` when asked for n (fewer where it stopped unsure)."""
+    return block.num_drafted if block.num_drafted is not None else n
 
 
 def _match_vocab(q_draft: torch.Tensor, vocab: int) -> torch.Tensor:

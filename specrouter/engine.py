@@ -40,6 +40,7 @@ class Route(Protocol):
 
 
 DEFAULT_DRAFT_LEN = {"model": 4, "ngram": 4}
+CAPPED_DRAFT_LEN = 10  # a bottom model that stops unsure (draft_confidence): its block length is only a cap
 
 
 @dataclass
@@ -139,6 +140,8 @@ class Engine:
             raise ValueError(f"chain names a level twice: {[level.name for level in levels]}")
         if draft_lens is None:
             draft_lens = [DEFAULT_DRAFT_LEN["ngram" if s.model == "ngram" else "model"] for s in self.specs[:-1]]
+            if draft_lens and draft_confidence and self.specs[0].model != "ngram":
+                draft_lens[0] = CAPPED_DRAFT_LEN
         self.chain = Chain(levels, list(draft_lens))  # the static chain: every level, in order
         self._chains: dict[tuple, Chain] = {}
         self._down: dict[str, float] = {}  # drafter -> when it stopped answering

@@ -230,7 +230,7 @@ class NgramLevel:
 
     def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
         tokens = self.lookup(ctx, n)
-        return Block(tokens, one_hot(tokens, self.vocab_size))
+        return Block(tokens, one_hot(tokens, self.vocab_size), num_drafted=len(tokens))
 
     def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:
         raise TypeError("the n-gram drafter cannot verify; put it at the bottom of the chain")

@@ -75,10 +75,12 @@ class _ClassState:
 
 class AdaptiveRouter:
     def __init__(self, pool: list[str], target: str, can_verify: dict[str, bool], config: RouterConfig = RouterConfig(),
-                 levels: dict[str, Level] | None = None):
-        """`levels`: the pool's levels by name, to probe a stale level's cost directly (calibrate() sets it)."""
+                 levels: dict[str, Level] | None = None, stopping: frozenset[str] = frozenset()):
+        """`levels`: the pool's levels by name, to probe a stale level's cost directly (calibrate() sets it).
+        `stopping`: drafters that end their blocks unsure at the bottom of a chain (learnt apart there)."""
         self.pool, self.target = list(pool), target  # pool: drafters, cheapest first
         self.can_verify = can_verify
+        self.stopping = stopping
         self.config = config
         self.profiler = ForwardProfiler()
         self.acceptance = AcceptanceTable()
@@ -120,10 +122,14 @@ class AdaptiveRouter:
     def _expected(self, classes: list[str], top_scale: dict[tuple[str, str], float] | None = None):
         """(drafter, verifier, g) -> tokens per round, averaged over the classes; `top_scale` scales one
         pair's position rates (a sequence's own acceptance relative to its class's)."""
-        def expected(d: str, v: str, g: int) -> float:
+        def expected(d: str, v: str, g: int, bottom: bool) -> float:
             scale = (top_scale or {}).get((d, v), 1.0)
-            return sum(self.acceptance.expected_tokens(k, d, v, g, scale) for k in classes) / len(classes)
+            role = self._role(d, bottom)
+            return sum(self.acceptance.expected_tokens(k, d, v, g, scale, role) for k in classes) / len(classes)
         return expected
+
+    def _role(self, drafter: str, bottom: bool) -> str:
+        return "bottom" if bottom and drafter in self.stopping else ""
 
     def _drafted(self, classes: list[str]):
         """(bottom drafter, n) -> tokens a block asked for n drafts, averaged over the classes."""
@@ -207,7 +213,8 @@ class AdaptiveRouter:
                         self.acceptance.observe_draft(klass, r.level, r.asked, r.num_tokens)
             elif isinstance(r, VerifyRecord):
                 self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
-                self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked)
+                self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked,
+                                              self._role(r.drafter, r.bottom))
         self._exploring.clear()
         if rounds:
             per_round = max(0.0, step_seconds - level_seconds) / rounds
@@ -286,7 +293,8 @@ class AdaptiveRouter:
             for r in request_records:
                 if isinstance(r, VerifyRecord):
                     self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
-                    self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked)
+                    self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked,
+                                              self._role(r.drafter, r.bottom))
         for t in timings:
             self._last_measured[t.level] = self._step
             if t.op == "score":
@@ -385,7 +393,8 @@ class AdaptiveRouter:
 def router_for(engine: "Engine", config: RouterConfig = RouterConfig(), calibrate: bool = True) -> AdaptiveRouter:
     """A router over an engine's pool: every level but the last is a drafter candidate."""
     names = list(engine.levels)
-    router = AdaptiveRouter(names[:-1], names[-1], {n: level.can_verify for n, level in engine.levels.items()}, config)
+    stopping = frozenset(n for n, level in engine.levels.items() if getattr(level, "min_confidence", 0.0) > 0)
+    router = AdaptiveRouter(names[:-1], names[-1], {n: level.can_verify for n, level in engine.levels.items()}, config, stopping=stopping)
     if calibrate:
         texts = {klass: engine.tokenizer(text)["input_ids"] for klass, text in CALIBRATION_TEXTS.items()}
         router.calibrate(engine.levels, texts=texts)

@@ -101,7 +101,7 @@ def test_a_block_shorter_than_asked_is_recorded_with_the_length_asked():
     ctx = StepContext(SamplingParams(), torch.Generator().manual_seed(0), frozenset(), {x: LevelStats(x) for x in chain.names})
     speculative_step(chain, seq, ctx, 8)
     (record,) = [r for r in ctx.drain_records() if isinstance(r, VerifyRecord)]
-    assert (record.num_draft_tokens, record.num_accepted_tokens, record.num_asked) == (0, 0, 4)
+    assert (record.num_draft_tokens, record.num_accepted_tokens, record.num_asked, record.bottom) == (0, 0, 4, True)
     assert ctx.stats["ngram"].num_rounds == 0  # the statistics count proposed blocks only
     target.release(seq.seq_id)
 

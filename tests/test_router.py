@@ -337,6 +337,22 @@ def test_expected_drafted_tokens_follow_a_drafter_that_stops_unsure():
     assert table.expected_drafted("chat", "d", 8) == table.expected_drafted("code", "d", 8)  # an unseen class: the pooled rates
 
 
+def test_a_drafter_that_stops_at_the_bottom_keeps_its_rounds_in_the_middle_apart():
+    from specrouter.acceptance import AcceptanceTable
+
+    table = AcceptanceTable()
+    table.observe("code", "d", "t", [0.9] * 100)
+    for _ in range(100):
+        table.observe_round("code", "d", "t", 8, 8)  # in the middle of a chain: full blocks accepted
+        table.observe_round("code", "d", "t", 2, 2, num_asked=8, role="bottom")  # at the bottom: stops after 2
+    assert table.expected_tokens("code", "d", "t", 8) > 8.5
+    assert table.expected_tokens("code", "d", "t", 8, role="bottom") < 4.0
+    assert table.expected_tokens("code", "e", "t", 8, role="bottom") == table.expected_tokens("code", "e", "t", 8)  # no rounds
+    fresh = AcceptanceTable()
+    fresh.observe_round("code", "d", "t", 8, 8)
+    assert fresh.expected_tokens("code", "d", "t", 8, role="bottom") == fresh.expected_tokens("code", "d", "t", 8)  # falls back
+
+
 def test_a_drafter_that_stops_unsure_is_charged_for_the_tokens_it_drafts():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0))
     router.observe_batch([], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)]

@@ -19,10 +19,11 @@ def test_two_level_prediction_by_hand():
     assert t == pytest.approx((3 * 0.1 + 1.0) / expected_tokens(0.5, 3))
 
 
-def test_bottom_drafter_is_charged_the_tokens_it_is_expected_to_draft():
-    verify = flat({"t": 1.0})
-    t = predict(("d", "t"), (8,), verify, lambda d: 0.1, lambda d, v: 0.5, overhead=0.0, drafted=lambda d, n: min(n, 2.5))
-    assert t == pytest.approx((2.5 * 0.1 + 1.0) / expected_tokens(0.5, 8))
+def test_bottom_drafter_that_stops_early_is_charged_its_expected_block():
+    """Asked for 8, it drafts 3 on average: 3 drafted tokens, and the target verifies 3 + 1."""
+    verify = lambda level, n: 1.0 + 0.1 * n
+    t = predict(("d", "t"), (8,), verify, lambda d: 0.1, lambda d, v: 0.5, overhead=0.0, drafted=lambda d, n: min(n, 3.0))
+    assert t == pytest.approx((3 * 0.1 + verify("t", 4)) / expected_tokens(0.5, 8))
 
 
 def test_middle_level_asked_for_one_token_scores_it_alone():
