@@ -147,6 +147,7 @@ def test_smollm2_drafting_that_stops_unsure_greedy_equals_target_only(smol_refer
         assert result.token_ids == tokens, prompt
         drafted, rounds = drafted + result.level_stats[0].num_draft_tokens, rounds + result.level_stats[0].num_rounds
     assert 1.2 < drafted / rounds < 5  # blocks of up to 8 stopped early (~2.2 a round; ~7.3 without), not all at once
+    assert Engine("smollm2-135m@int8,smollm2-135m", dtype="float32", draft_confidence=0.5).chain.draft_lens == [10]  # a cap
     with pytest.raises(ValueError, match="draft_confidence"):
         Engine("smollm2-135m", draft_confidence=1.0)
 
