@@ -31,7 +31,7 @@ class Block:
     token_ids: list[int]
     q_draft: torch.Tensor  # [len(token_ids), V]: distribution each token was drawn from
     cross_tokenizer: str | None = None  # a drafter on another tokenizer: "text" or "intersection"
-    num_drafted: int | None = None  # forward passes the drafter ran for it (None: one per token asked)
+    num_drafted: int | None = None  # tokens drafted for it (a model: its forward passes; None: as many as asked)
 
     def __len__(self) -> int:
         return len(self.token_ids)
