@@ -135,6 +135,7 @@ def search(
 ) -> list[Plan]:
     """Every chain and draft-length vector, best (lowest predicted time per token) first."""
     verify, draft = functools.cache(verify), functools.cache(draft)  # profile lookups, shared by every chain
+    drafted = functools.cache(drafted) if drafted is not None else None
     plans = []
     for chain in enumerate_chains(pool, target, can_verify, max_drafters):
         best = None
