@@ -28,7 +28,7 @@ from workloads import encode, humaneval, sharegpt  # noqa: E402
 from specrouter.classifier import classify  # noqa: E402
 from specrouter.engine import Engine  # noqa: E402
 from specrouter.store import ModelStore  # noqa: E402
-from specrouter.router import router_for  # noqa: E402
+from specrouter.router import RouterConfig, router_for  # noqa: E402
 from specrouter.scheduler import Plan, enumerate_chains  # noqa: E402
 
 TARGET = "qwen2.5-coder-1.5b"
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--slow-factor", type=float, default=3.0)
     parser.add_argument("--draft-confidence", type=float, default=0.0, help="the bottom drafter stops below this confidence")
+    parser.add_argument("--explore-margin", type=float, default=RouterConfig.explore_margin, help="RouterConfig.explore_margin")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -111,7 +112,7 @@ def main() -> None:
     prompts = [p for pair in zip(code, chat) for p in pair] + code[len(chat) :] + chat[len(code) :]  # mixed, interleaved
     encoded = [(p, encode(engine.tokenizer, p)) for p in prompts]
     statics = static_plans(engine, 10 if args.draft_confidence else None)
-    router = router_for(engine)
+    router = router_for(engine, RouterConfig(explore_margin=args.explore_margin))
     engine.generate(encoded[0][1], 8, route=router.start("warmup"))
 
     def run_all(route_fn, desc) -> list[dict]:
