@@ -212,13 +212,17 @@ class AdaptiveRouter:
                     if r.asked:
                         self.acceptance.observe_draft(klass, r.level, r.asked, r.num_tokens)
             elif isinstance(r, VerifyRecord):
-                self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
-                self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked,
-                                              self._role(r.drafter, r.bottom))
+                self._observe_verdict(klass, r)
         self._exploring.clear()
         if rounds:
             per_round = max(0.0, step_seconds - level_seconds) / rounds
             self.overhead_s += 0.2 * (per_round - self.overhead_s)
+
+    def _observe_verdict(self, klass: str, r: VerifyRecord) -> None:
+        """One verification's feedback: the pair's acceptance, and the round's run (in the drafter's role)."""
+        self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
+        self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked,
+                                      self._role(r.drafter, r.bottom))
 
     # -- batches (specrouter/batching.py) --------------------------------------------------------------
 
@@ -292,9 +296,7 @@ class AdaptiveRouter:
         for klass, request_records in records:
             for r in request_records:
                 if isinstance(r, VerifyRecord):
-                    self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
-                    self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked,
-                                              self._role(r.drafter, r.bottom))
+                    self._observe_verdict(klass, r)
         for t in timings:
             self._last_measured[t.level] = self._step
             if t.op == "score":

@@ -353,10 +353,16 @@ def test_a_drafter_that_stops_at_the_bottom_keeps_its_rounds_in_the_middle_apart
     assert fresh.expected_tokens("code", "d", "t", 8, role="bottom") == fresh.expected_tokens("code", "d", "t", 8)  # falls back
 
 
-def test_a_drafter_that_stops_unsure_is_charged_for_the_tokens_it_drafts():
+def profiled_router(draft_s_per_token: float) -> AdaptiveRouter:
+    """A router over drafter d and target t whose verification costs 0.1 + 0.01 n seconds for n tokens."""
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0))
     router.observe_batch([], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)]
-                         + [TimingRecord("d", "draft", 4, 4 * 0.05, 1)])
+                         + [TimingRecord("d", "draft", 4, 4 * draft_s_per_token, 1)])
+    return router
+
+
+def test_a_drafter_that_stops_unsure_is_charged_for_the_tokens_it_drafts():
+    router = profiled_router(0.05)
     router.acceptance.observe("code", "d", "t", [0.9] * 200)
     full = router.plans("code")[0]
     # The same drafter, seen stopping after 3 tokens whatever it is asked for (confident runs only).
@@ -366,9 +372,7 @@ def test_a_drafter_that_stops_unsure_is_charged_for_the_tokens_it_drafts():
 
 
 def test_streaky_acceptance_makes_the_router_draft_longer_blocks():
-    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0))
-    router.observe_batch([], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)]
-                         + [TimingRecord("d", "draft", 4, 4 * 0.02, 1)])
+    router = profiled_router(0.02)
     router.acceptance.observe("chat", "d", "t", [0.6] * 200)
     iid = router.plans("chat")[0]
     for i in range(100):
