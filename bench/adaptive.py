@@ -95,6 +95,56 @@ def label(plan: Plan) -> str:
     return " -> ".join(n.replace("qwen2.5-coder-", "") for n in plan.chain) + f" {list(plan.draft_lens)}"
 
 
+def tps(rows: list[dict]) -> float:
+    return sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows)
+
+
+def slowed_drafter(engine: Engine, encoded: list, statics: list[Plan], static_rows: dict[str, list[dict]], best_static: str,
+                   router, args) -> dict:
+    """The best static chain, then adaptive routing, over the workload with the best static chain's
+    model drafter slowed `args.slow_factor` times from half-way. Also the best any choice of chain
+    could do after the slowdown: the slowed chain or the best static chain without the victim (its
+    part-1 rows over the same prompts)."""
+    best_plan = next(p for p in statics if label(p) == best_static)
+    victim = next((n for n in best_plan.chain[:-1] if n != "ngram"), "qwen2.5-coder-0.5b@int8")
+    half = len(encoded) // 2
+
+    def run_range(route_fn, lo, hi) -> list[dict]:
+        rows = []
+        for p, ids in encoded[lo:hi]:
+            result = engine.generate(ids, args.max_tokens, route=route_fn(classify(p.text)))
+            rows.append({"prompt": p.id, "true_class": p.klass, "tokens": len(result.token_ids), "seconds": result.elapsed_s,
+                         "routing": result.routing})
+        return rows
+
+    def slowed_run(route_fn) -> list[dict]:
+        original = engine.levels[victim]
+        rows = run_range(route_fn, 0, half)
+        engine.replace_level(victim, SlowedLevel(original, args.slow_factor))
+        try:
+            return rows + run_range(route_fn, half, len(encoded))
+        finally:
+            engine.replace_level(victim, original)
+
+    slow_static = slowed_run(lambda k: FixedRoute(best_plan))[half:]
+    slow_adaptive = slowed_run(router.start)[half:]
+    unaffected = {name: round(tps(rows[half:]), 3) for name, rows in static_rows.items()
+                  if victim not in next(p for p in statics if label(p) == name).chain}
+    best_after = max([tps(slow_static), *unaffected.values()])
+    return {
+        "victim": victim,
+        "factor": args.slow_factor,
+        "best_static_before": best_static,
+        "static_tokens_per_s_after_slowdown": round(tps(slow_static), 3),
+        "unaffected_static_tokens_per_s_after": unaffected,
+        "adaptive_tokens_per_s_after_slowdown": round(tps(slow_adaptive), 3),
+        "adaptive_vs_static_after_slowdown": round(tps(slow_adaptive) / tps(slow_static), 3),
+        "adaptive_vs_best_chain_after_slowdown": round(tps(slow_adaptive) / best_after, 3),
+        "adaptive_chains_after_slowdown": [r["routing"]["steps_by_plan"][:2] for r in slow_adaptive],
+        "rows_after_slowdown": {"static": slow_static, "adaptive": slow_adaptive},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--humaneval", type=int, default=4)
@@ -103,6 +153,8 @@ def main() -> None:
     parser.add_argument("--slow-factor", type=float, default=3.0)
     parser.add_argument("--draft-confidence", type=float, default=0.0, help="the bottom drafter stops below this confidence")
     parser.add_argument("--explore-margin", type=float, default=RouterConfig.explore_margin, help="RouterConfig.explore_margin")
+    parser.add_argument("--chains", default="", help="a subset of static chain labels, separated by ';' (default: all)")
+    parser.add_argument("--no-slowdown", action="store_true", help="skip part 2 (the slowed drafter)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -111,7 +163,7 @@ def main() -> None:
     code, chat = humaneval(args.humaneval), sharegpt(args.sharegpt)
     prompts = [p for pair in zip(code, chat) for p in pair] + code[len(chat) :] + chat[len(code) :]  # mixed, interleaved
     encoded = [(p, encode(engine.tokenizer, p)) for p in prompts]
-    statics = static_plans(engine, 10 if args.draft_confidence else None)
+    statics = [p for p in static_plans(engine, 10 if args.draft_confidence else None) if not args.chains or label(p) in args.chains.split(";")]
     router = router_for(engine, RouterConfig(explore_margin=args.explore_margin))
     engine.generate(encoded[0][1], 8, route=router.start("warmup"))
 
@@ -132,9 +184,11 @@ def main() -> None:
         return out
 
     results: dict[str, dict] = {}
+    static_rows: dict[str, list[dict]] = {}
     # 1. Every static chain, then adaptive, over the same mixed workload.
     for plan in tqdm(statics, desc="static chains"):
-        results[label(plan)] = summarize(run_all(lambda k, plan=plan: FixedRoute(plan), label(plan)))
+        static_rows[label(plan)] = run_all(lambda k, plan=plan: FixedRoute(plan), label(plan))
+        results[label(plan)] = summarize(static_rows[label(plan)])
     adaptive_rows = run_all(router.start, "adaptive")
     results["adaptive"] = summarize(adaptive_rows)
     pred_err = [abs(r["routing"]["predicted_s_per_token"] - r["routing"]["measured_s_per_token"]) / r["routing"]["measured_s_per_token"]
@@ -143,42 +197,7 @@ def main() -> None:
     print(json.dumps({"tokens_per_s": results, "prediction_error_mean": sum(pred_err) / len(pred_err)}), flush=True)  # part 1
 
     # 2. The drafter the best static chain relies on slows down half-way through the workload.
-    best_plan = next(p for p in statics if label(p) == best_static)
-    victim = next((n for n in best_plan.chain[:-1] if n != "ngram"), "qwen2.5-coder-0.5b@int8")
-    half = len(encoded) // 2
-
-    def slowed_run(route_fn, desc) -> list[dict]:
-        original = engine.levels[victim]
-        rows = run_all_range(route_fn, desc, 0, half)
-        engine.replace_level(victim, SlowedLevel(original, args.slow_factor))
-        try:
-            rows += run_all_range(route_fn, desc, half, len(encoded))
-        finally:
-            engine.replace_level(victim, original)
-        return rows
-
-    def run_all_range(route_fn, desc, lo, hi) -> list[dict]:
-        rows = []
-        for p, ids in encoded[lo:hi]:
-            result = engine.generate(ids, args.max_tokens, route=route_fn(classify(p.text)))
-            rows.append({"prompt": p.id, "true_class": p.klass, "tokens": len(result.token_ids), "seconds": result.elapsed_s,
-                         "routing": result.routing})
-        return rows
-
-    slow_static = slowed_run(lambda k: FixedRoute(best_plan), "slowed static")
-    slow_adaptive = slowed_run(router.start, "slowed adaptive")
-    after = slice(half, None)
-    tps = lambda rows: sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows)  # noqa: E731
-    slowdown = {
-        "victim": victim,
-        "factor": args.slow_factor,
-        "best_static_before": best_static,
-        "static_tokens_per_s_after_slowdown": round(tps(slow_static[after]), 3),
-        "adaptive_tokens_per_s_after_slowdown": round(tps(slow_adaptive[after]), 3),
-        "adaptive_vs_static_after_slowdown": round(tps(slow_adaptive[after]) / tps(slow_static[after]), 3),
-        "adaptive_chains_after_slowdown": [r["routing"]["steps_by_plan"][:2] for r in slow_adaptive[after]],
-        "rows_after_slowdown": {"static": slow_static[after], "adaptive": slow_adaptive[after]},
-    }
+    slowdown = None if args.no_slowdown else slowed_drafter(engine, encoded, statics, static_rows, best_static, router, args)
 
     summary = {
         "tokens_per_s": results,
@@ -195,7 +214,7 @@ def main() -> None:
     path = out_dir / f"adaptive-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"benchmark": "adaptive", "machine": machine_info(), "config": vars(args), "pool": POOL,
                                 "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-                                "summary": summary, "adaptive_rows": adaptive_rows,
+                                "summary": summary, "adaptive_rows": adaptive_rows, "static_rows": static_rows,
                                 "router_acceptance": router.acceptance.snapshot()}, indent=1))
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")

@@ -93,34 +93,44 @@ class AcceptanceTable:
     def expected_drafted(self, klass: str, drafter: str, n: int) -> float:
         """Tokens a block asked for n is expected to draft: sum_i prod_{j <= i} c_j, with c_j the rate
         at which a block that drafted j tokens (and was asked for more) drafted another, shrunk toward
-        1 (a drafter drafts what it is asked for until seen stopping)."""
+        the rate before it (the first toward 1: a drafter drafts what it is asked for until seen
+        stopping). So a position beyond the blocks seen so far stops as often as the last one seen,
+        not never: a drafter seen only on short blocks is not charged for long ones it would cut
+        short; optimism that running the longer block then corrects."""
         runs = self._drafts.get((klass, drafter)) or self._drafts.get((POOLED, drafter))
         if runs is None:
             return float(n)
-        w = self.draft_prior_weight
-        expected, survive = 0.0, 1.0
+        expected, survive, rate = 0.0, 1.0, 1.0
         for j in range(n):
             if j < MAX_POSITIONS:
-                survive *= (runs.accepted[j] + w) / (runs.reached[j] + w)
+                rate = self._shrink(runs, j, rate, self.draft_prior_weight)
+            survive *= rate
             expected += survive
         return expected
 
     def expected_tokens(self, klass: str, drafter: str, verifier: str, g: int, scale: float = 1.0, role: str = "") -> float:
         """Tokens a verifier emits per round for a block of g: 1 + sum_i prod_{j <= i} h_j, with h_j
         the class's acceptance rate at position j (else the pooled one's) shrunk toward alpha, times
-        `scale` (a sequence's own acceptance relative to its class), capped at 1."""
+        `scale` (a sequence's own acceptance relative to its class), capped at 1. At the bottom
+        (role "bottom": a drafter that stops unsure), h_j is shrunk toward alpha or h_(j-1), whichever
+        is higher: such a drafter reaches a deep position only while it is sure, so a position with
+        few rounds seen is accepted at least as often as the one before it."""
         alpha = self.alpha(klass, drafter, verifier)
         other = "" if role else "bottom"
         runs = next((self._runs[key] for key in ((klass, drafter, verifier, role), (POOLED, drafter, verifier, role),
                                                   (klass, drafter, verifier, other), (POOLED, drafter, verifier, other))
                      if key in self._runs), None)
-        expected, survive = 1.0, 1.0
+        expected, survive, rate = 1.0, 1.0, alpha
         for j in range(g):
-            reached, accepted = (runs.reached[j], runs.accepted[j]) if runs is not None and j < MAX_POSITIONS else (0.0, 0.0)
-            rate = (accepted + self.run_prior_weight * alpha) / (reached + self.run_prior_weight)
+            prior = max(alpha, rate) if role == "bottom" else alpha
+            rate = self._shrink(runs, j, prior, self.run_prior_weight) if runs is not None and j < MAX_POSITIONS else prior
             survive *= min(1.0, rate * scale)
             expected += survive
         return expected
+
+    @staticmethod
+    def _shrink(runs: _Runs, j: int, prior: float, weight: float) -> float:
+        return (runs.accepted[j] + weight * prior) / (runs.reached[j] + weight)
 
     def alpha(self, klass: str, drafter: str, verifier: str) -> float:
         """The class's estimate shrunk toward the pooled one (itself shrunk toward the prior) while it

@@ -337,6 +337,33 @@ def test_expected_drafted_tokens_follow_a_drafter_that_stops_unsure():
     assert table.expected_drafted("chat", "d", 8) == table.expected_drafted("code", "d", 8)  # an unseen class: the pooled rates
 
 
+def test_a_drafter_seen_only_on_short_blocks_is_charged_its_stop_rate_beyond_them():
+    from specrouter.acceptance import AcceptanceTable
+
+    table = AcceptanceTable()
+    for i in range(100):
+        table.observe_draft("chat", "d", 3, (1, 2, 1, 3)[i % 4])  # asked for 3: each next token drafted half the time
+    assert table.expected_drafted("chat", "d", 3) == pytest.approx(1.75, abs=0.05)
+    # beyond 3, unseen: the last stop rate seen (1 + 1/2 + 1/4 + ... ~ 2), not never stopping (~ 7.5)
+    assert table.expected_drafted("chat", "d", 10) < 2.5
+
+
+def test_a_stopping_drafter_is_not_taken_to_get_worse_beyond_the_positions_seen():
+    from specrouter.acceptance import AcceptanceTable
+
+    table = AcceptanceTable()
+    table.observe("chat", "d", "t", [0.5] * 100)  # alpha 0.5, over every token drafted
+    for _ in range(100):  # blocks of 3 at the bottom: once through the first position, the drafter is sure
+        table.observe_round("chat", "d", "t", 3, 3, role="bottom")
+        table.observe_round("chat", "d", "t", 3, 0, role="bottom")
+        table.observe_round("chat", "d", "t", 3, 3)
+        table.observe_round("chat", "d", "t", 3, 0)
+    bottom, middle = (table.expected_tokens("chat", "d", "t", 8, role=r) for r in ("bottom", ""))
+    assert middle < 3.0  # positions 4..8 unseen: alpha, 0.5 each
+    assert bottom > 3.5  # positions 4..8 unseen: as well accepted as the third, ~1 each
+    assert table.expected_tokens("chat", "d", "t", 3, role="bottom") == pytest.approx(table.expected_tokens("chat", "d", "t", 3), rel=0.02)
+
+
 def test_a_drafter_that_stops_at_the_bottom_keeps_its_rounds_in_the_middle_apart():
     from specrouter.acceptance import AcceptanceTable
 
@@ -350,7 +377,8 @@ def test_a_drafter_that_stops_at_the_bottom_keeps_its_rounds_in_the_middle_apart
     assert table.expected_tokens("code", "e", "t", 8, role="bottom") == table.expected_tokens("code", "e", "t", 8)  # no rounds
     fresh = AcceptanceTable()
     fresh.observe_round("code", "d", "t", 8, 8)
-    assert fresh.expected_tokens("code", "d", "t", 8, role="bottom") == fresh.expected_tokens("code", "d", "t", 8)  # falls back
+    no_rounds = AcceptanceTable().expected_tokens("code", "d", "t", 8, role="bottom")
+    assert fresh.expected_tokens("code", "d", "t", 8, role="bottom") > no_rounds  # falls back to the middle's rounds
 
 
 def profiled_router(draft_s_per_token: float) -> AdaptiveRouter:
