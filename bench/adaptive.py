@@ -1,7 +1,9 @@
-"""Adaptive routing vs every static chain on a mixed code + chat workload, in one run; then the same
-with one drafter artificially slowed down half-way.
+"""Adaptive routing vs every static chain on a mixed code + chat workload, in one run (each prompt
+under every way in turn, so this machine's drift hits them alike); then the same
+with one drafter artificially slowed down half-way (3x, and 10x: enough that the chain best before
+is no longer best here).
 
-    .venv/bin/python bench/adaptive.py [--humaneval 4] [--sharegpt 4] [--max-tokens 96] [--draft-confidence 0.4]
+    .venv/bin/python bench/adaptive.py [--humaneval 4] [--sharegpt 4] [--max-tokens 96] [--draft-confidence 0.4] [--slow-factors 3,10]
 
 With --draft-confidence, the bottom drafter of every chain (static or routed) ends its block after a
 token it gave less than that probability, and a static chain's bottom model drafts blocks of up to 10.
@@ -12,6 +14,7 @@ Writes bench/results/adaptive-<timestamp>.json (with the machine it ran on).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -99,49 +102,61 @@ def tps(rows: list[dict]) -> float:
     return sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows)
 
 
-def slowed_drafter(engine: Engine, encoded: list, statics: list[Plan], static_rows: dict[str, list[dict]], best_static: str,
-                   router, args) -> dict:
-    """The best static chain, then adaptive routing, over the workload with the best static chain's
-    model drafter slowed `args.slow_factor` times from half-way. Also the best any choice of chain
-    could do after the slowdown: the slowed chain or the best static chain without the victim (its
-    part-1 rows over the same prompts)."""
-    best_plan = next(p for p in statics if label(p) == best_static)
-    victim = next((n for n in best_plan.chain[:-1] if n != "ngram"), "qwen2.5-coder-0.5b@int8")
+def run_one(engine: Engine, prompt, ids: list[int], route, max_tokens: int) -> dict:
+    klass = classify(prompt.text)
+    result = engine.generate(ids, max_tokens, route=route(klass))
+    return {"prompt": prompt.id, "true_class": prompt.klass, "class": klass, "tokens": len(result.token_ids),
+            "seconds": result.elapsed_s, "routing": result.routing}
+
+
+def run_side_by_side(engine: Engine, encoded: list, routes: dict, max_tokens: int, desc: str, slowed=None) -> dict[str, list[dict]]:
+    """Every way in `routes` (name -> class -> route) on each prompt in turn, so that this machine's
+    drift hits them alike. `slowed(i)`: a context in which prompt i runs (the slowdown)."""
+    rows: dict[str, list[dict]] = {name: [] for name in routes}
+    for i, (p, ids) in enumerate(tqdm(encoded, desc=desc)):
+        with slowed(i) if slowed else contextlib.nullcontext():
+            for name, route in routes.items():
+                rows[name].append(run_one(engine, p, ids, route, max_tokens))
+    return rows
+
+
+def slowed_drafter(engine: Engine, encoded: list, statics: dict[str, Plan], results: dict[str, dict], best_static: str,
+                   router, factor: float, max_tokens: int) -> dict:
+    """The best static chain, adaptive routing and every static chain without the victim that beat
+    target-only in part 1, side by side over the workload, with the best static chain's model
+    drafter slowed `factor` times from half-way. After the slowdown, the best of the static chains
+    is what a perfect choice of one chain would get."""
+    victim = next((n for n in statics[best_static].chain[:-1] if n != "ngram"), "qwen2.5-coder-0.5b@int8")
     half = len(encoded) // 2
+    baseline = results[next(name for name, plan in statics.items() if len(plan.chain) == 1)]["all"]
+    unaffected = [name for name, plan in statics.items() if victim not in plan.chain and results[name]["all"] >= baseline]
+    routes = {best_static: lambda k: FixedRoute(statics[best_static]), **{n: (lambda k, n=n: FixedRoute(statics[n])) for n in unaffected},
+              "adaptive": router.start}
 
-    def run_range(route_fn, lo, hi) -> list[dict]:
-        rows = []
-        for p, ids in encoded[lo:hi]:
-            result = engine.generate(ids, args.max_tokens, route=route_fn(classify(p.text)))
-            rows.append({"prompt": p.id, "true_class": p.klass, "tokens": len(result.token_ids), "seconds": result.elapsed_s,
-                         "routing": result.routing})
-        return rows
-
-    def slowed_run(route_fn) -> list[dict]:
+    @contextlib.contextmanager
+    def slowed(i: int):
+        if i < half:
+            yield
+            return
         original = engine.levels[victim]
-        rows = run_range(route_fn, 0, half)
-        engine.replace_level(victim, SlowedLevel(original, args.slow_factor))
+        engine.replace_level(victim, SlowedLevel(original, factor))
         try:
-            return rows + run_range(route_fn, half, len(encoded))
+            yield
         finally:
             engine.replace_level(victim, original)
 
-    slow_static = slowed_run(lambda k: FixedRoute(best_plan))[half:]
-    slow_adaptive = slowed_run(router.start)[half:]
-    unaffected = {name: round(tps(rows[half:]), 3) for name, rows in static_rows.items()
-                  if victim not in next(p for p in statics if label(p) == name).chain}
-    best_after = max([tps(slow_static), *unaffected.values()])
+    rows = {name: r[half:] for name, r in run_side_by_side(engine, encoded, routes, max_tokens, f"slowed {factor}x", slowed).items()}
+    after = {name: round(tps(r), 3) for name, r in rows.items()}
+    best_after = max(v for name, v in after.items() if name != "adaptive")
     return {
         "victim": victim,
-        "factor": args.slow_factor,
+        "factor": factor,
         "best_static_before": best_static,
-        "static_tokens_per_s_after_slowdown": round(tps(slow_static), 3),
-        "unaffected_static_tokens_per_s_after": unaffected,
-        "adaptive_tokens_per_s_after_slowdown": round(tps(slow_adaptive), 3),
-        "adaptive_vs_static_after_slowdown": round(tps(slow_adaptive) / tps(slow_static), 3),
-        "adaptive_vs_best_chain_after_slowdown": round(tps(slow_adaptive) / best_after, 3),
-        "adaptive_chains_after_slowdown": [r["routing"]["steps_by_plan"][:2] for r in slow_adaptive],
-        "rows_after_slowdown": {"static": slow_static, "adaptive": slow_adaptive},
+        "tokens_per_s_after_slowdown": after,
+        "adaptive_vs_static_after_slowdown": round(after["adaptive"] / after[best_static], 3),
+        "adaptive_vs_best_chain_after_slowdown": round(after["adaptive"] / best_after, 3),
+        "adaptive_chains_after_slowdown": [r["routing"]["steps_by_plan"][:2] for r in rows["adaptive"]],
+        "rows_after_slowdown": rows,
     }
 
 
@@ -150,11 +165,10 @@ def main() -> None:
     parser.add_argument("--humaneval", type=int, default=4)
     parser.add_argument("--sharegpt", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--slow-factor", type=float, default=3.0)
+    parser.add_argument("--slow-factors", default="3,10", help="part 2 runs once per factor, separated by ','; '' skips it")
     parser.add_argument("--draft-confidence", type=float, default=0.0, help="the bottom drafter stops below this confidence")
     parser.add_argument("--explore-margin", type=float, default=RouterConfig.explore_margin, help="RouterConfig.explore_margin")
     parser.add_argument("--chains", default="", help="a subset of static chain labels, separated by ';' (default: all)")
-    parser.add_argument("--no-slowdown", action="store_true", help="skip part 2 (the slowed drafter)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -163,41 +177,31 @@ def main() -> None:
     code, chat = humaneval(args.humaneval), sharegpt(args.sharegpt)
     prompts = [p for pair in zip(code, chat) for p in pair] + code[len(chat) :] + chat[len(code) :]  # mixed, interleaved
     encoded = [(p, encode(engine.tokenizer, p)) for p in prompts]
-    statics = [p for p in static_plans(engine, 10 if args.draft_confidence else None) if not args.chains or label(p) in args.chains.split(";")]
+    statics = {label(p): p for p in static_plans(engine, 10 if args.draft_confidence else None)
+               if not args.chains or label(p) in args.chains.split(";") or len(p.chain) == 1}  # target-only always runs
     router = router_for(engine, RouterConfig(explore_margin=args.explore_margin))
     engine.generate(encoded[0][1], 8, route=router.start("warmup"))
-
-    def run_all(route_fn, desc) -> list[dict]:
-        rows = []
-        for p, ids in tqdm(encoded, desc=desc, leave=False):
-            klass = classify(p.text)
-            result = engine.generate(ids, args.max_tokens, route=route_fn(klass))
-            rows.append({"prompt": p.id, "true_class": p.klass, "class": klass, "tokens": len(result.token_ids),
-                         "seconds": result.elapsed_s, "routing": result.routing})
-        return rows
 
     def summarize(rows) -> dict:
         out = {}
         for klass in ("code", "chat", "all"):
-            sel = [r for r in rows if klass == "all" or r["true_class"] == klass]
-            out[klass] = round(sum(r["tokens"] for r in sel) / sum(r["seconds"] for r in sel), 3)
+            out[klass] = round(tps([r for r in rows if klass == "all" or r["true_class"] == klass]), 3)
         return out
 
-    results: dict[str, dict] = {}
-    static_rows: dict[str, list[dict]] = {}
-    # 1. Every static chain, then adaptive, over the same mixed workload.
-    for plan in tqdm(statics, desc="static chains"):
-        static_rows[label(plan)] = run_all(lambda k, plan=plan: FixedRoute(plan), label(plan))
-        results[label(plan)] = summarize(static_rows[label(plan)])
-    adaptive_rows = run_all(router.start, "adaptive")
-    results["adaptive"] = summarize(adaptive_rows)
+    # 1. Every static chain and adaptive, side by side over the same mixed workload.
+    routes = {name: (lambda k, plan=plan: FixedRoute(plan)) for name, plan in statics.items()}
+    rows = run_side_by_side(engine, encoded, {**routes, "adaptive": router.start}, args.max_tokens, "prompts")
+    results = {name: summarize(r) for name, r in rows.items()}
+    adaptive_rows = rows.pop("adaptive")
+    static_rows = rows
     pred_err = [abs(r["routing"]["predicted_s_per_token"] - r["routing"]["measured_s_per_token"]) / r["routing"]["measured_s_per_token"]
                 for r in adaptive_rows]
     best_static = max((k for k in results if k != "adaptive"), key=lambda k: results[k]["all"])
     print(json.dumps({"tokens_per_s": results, "prediction_error_mean": sum(pred_err) / len(pred_err)}), flush=True)  # part 1
 
     # 2. The drafter the best static chain relies on slows down half-way through the workload.
-    slowdown = None if args.no_slowdown else slowed_drafter(engine, encoded, statics, static_rows, best_static, router, args)
+    slowdown = [slowed_drafter(engine, encoded, statics, results, best_static, router, float(f), args.max_tokens)
+                for f in args.slow_factors.split(",") if f]
 
     summary = {
         "tokens_per_s": results,

@@ -147,3 +147,33 @@ class AcceptanceTable:
 
     def snapshot(self) -> dict[str, float]:
         return {f"{k}|{d}->{v}": round(a, 4) for (k, d, v), a in sorted(self._alpha.items())}
+
+
+@dataclass
+class OwnAcceptance:
+    """One request's own acceptance of each pair it has run: an easy prompt (boilerplate, a quoted
+    passage) accepts more than its class does, a hard one less, and its plan should know."""
+
+    _sums: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)  # (drafter, verifier) -> (sum of alphas, count)
+
+    def observe(self, drafter: str, verifier: str, alphas: list[float]) -> None:
+        if not alphas:  # an empty block (an n-gram without a match) says nothing of acceptance
+            return
+        total, n = self._sums.get((drafter, verifier), (0.0, 0))
+        self._sums[(drafter, verifier)] = (total + sum(alphas), n + len(alphas))
+
+    def alpha(self, drafter: str, verifier: str, fallback: float, weight: float = 4.0) -> float | None:
+        """The request's acceptance of a pair, shrunk toward `fallback` (its class's) while it has few
+        observations; None before any."""
+        total, n = self._sums.get((drafter, verifier), (0.0, 0))
+        return (total + weight * fallback) / (n + weight) if n else None
+
+    def scales(self, class_alpha) -> dict[tuple[str, str], float]:
+        """(drafter, verifier) -> the request's acceptance over its class's, for every pair it has run;
+        `class_alpha(drafter, verifier)` gives the class's."""
+        out = {}
+        for pair in self._sums:
+            fallback = class_alpha(*pair)
+            out[pair] = self.alpha(*pair, fallback) / max(fallback, 1e-6)
+        return out
+

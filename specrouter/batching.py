@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specrouter.acceptance import OwnAcceptance
 from specrouter.chain import Chain, StepContext, TimingRecord, VerifyRecord, speculative_step_batch
 from specrouter.engine import Engine, GenerationResult
 from specrouter.pipeline import DraftAhead, pipelined_step_batch
@@ -43,7 +44,7 @@ class _Request:
     steps: int = 0
     chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
     decisions: list[dict] = field(default_factory=list)  # every change of plan, with the batch size it was made for
-    acceptance: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)  # (drafter, verifier) -> (sum of alphas, count)
+    acceptance: OwnAcceptance = field(default_factory=OwnAcceptance)
     ahead: DraftAhead | None = None  # with pipelining: the block drafted while the last step verified
 
     @property
@@ -53,14 +54,7 @@ class _Request:
     def observe(self, records: list) -> None:
         for r in records:
             if isinstance(r, VerifyRecord):
-                total, n = self.acceptance.get((r.drafter, r.verifier), (0.0, 0))
-                self.acceptance[(r.drafter, r.verifier)] = (total + sum(r.alphas), n + len(r.alphas))
-
-    def alpha(self, drafter: str, verifier: str, fallback: float, weight: float = 4.0) -> float | None:
-        """This request's own acceptance of a pair, shrunk toward `fallback` (its class's) while it has
-        few observations; None before any."""
-        total, n = self.acceptance.get((drafter, verifier), (0.0, 0))
-        return (total + weight * fallback) / (n + weight) if n else None
+                self.acceptance.observe(r.drafter, r.verifier, r.alphas)
 
 
 @dataclass(frozen=True)
@@ -197,7 +191,7 @@ class BatchLoop:
             return chain, None
         drafter, verifier = chain.names[-2], chain.names[-1]
         fallback = [self.router.acceptance.alpha(k, drafter, verifier) for k in classes]
-        alphas = [r.alpha(drafter, verifier, f) for r, f in zip(requests, fallback)]
+        alphas = [r.acceptance.alpha(drafter, verifier, f) for r, f in zip(requests, fallback)]
         plan = Plan(tuple(chain.names), tuple(chain.draft_lens), 0.0)
         return chain, self.router.sequence_draft_lens(plan, classes, alphas)
 

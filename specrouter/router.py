@@ -1,10 +1,11 @@
 """Adaptive routing: pick, per prompt class, the chain and draft lengths with the lowest predicted
 time per token, from costs and acceptances learned online, and re-plan as they move.
 
-The router is shared by all requests (it owns the profiler, the acceptance table and the current
-plan per class); `start()` gives each request a `Route` that the engine asks for a plan before every
-step and feeds each step's records to. Re-planning happens every `replan_every` steps with
-hysteresis; every `explore_every` steps the least recently measured level is re-measured, so
+The router is shared by all requests (it owns the profiler and the acceptance table per class);
+`start()` gives each request a `Route` that the engine asks for a plan before every step and feeds
+each step's records to. A route keeps its request's plan and its own acceptance of each pair, so an
+easy prompt of a class is planned for what it accepts, not for its class's average. Re-planning
+happens every `replan_every` steps with hysteresis; every `explore_every` steps the least recently measured level is re-measured, so
 estimates of levels out of use (a drafter that slowed down and recovered) stay fresh: its best plan
 runs once if it is predicted close to the best, else one small timed pass of it (a probe) refreshes
 its cost without running a slow chain. Calibration at start measures every level's cost and every
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from specrouter.acceptance import POOLED, AcceptanceTable
+from specrouter.acceptance import POOLED, AcceptanceTable, OwnAcceptance
 from specrouter.chain import TimingRecord, VerifyRecord
 from specrouter.levels import Level, NgramLevel
 from specrouter.profiler import ForwardProfiler
@@ -68,7 +69,9 @@ class RouterConfig:
 
 
 @dataclass
-class _ClassState:
+class PlanState:
+    """The plan a request (or a class, for callers without one) runs, and how long it has run it."""
+
     plan: Plan | None = None
     steps_since_plan: int = 0
 
@@ -85,9 +88,11 @@ class AdaptiveRouter:
         self.profiler = ForwardProfiler()
         self.acceptance = AcceptanceTable()
         self.overhead_s = 0.0  # per-round time outside level calls (EMA)
-        self._classes: dict[str, _ClassState] = {}
+        self._classes: dict[str, PlanState] = {}  # per class, for plan_for calls without a request's own
         self._step = 0
-        self._last_measured: dict[str, int] = {name: 0 for name in self.pool + [target]}
+        names = self.pool + [target]
+        self._pairs = [(d, v) for i, d in enumerate(self.pool) for v in names[i + 1:] if can_verify.get(v, True)]
+        self._last_measured: dict[str | tuple[str, str], int] = {item: 0 for item in names + self._pairs}  # level or pair -> step
         self._exploring: set[str] = set()  # levels whose next measurement replaces most of the old one
         self._levels: dict[str, Level] = levels if levels is not None else {}
 
@@ -104,7 +109,8 @@ class AdaptiveRouter:
         single = self.profiler.score_time(level, 1, batch)  # a model drafts one token per single-token pass
         return single if single is not None else self.config.default_cost_s
 
-    def plans(self, klass: str) -> list[Plan]:
+    def plans(self, klass: str, scales: dict[tuple[str, str], float] | None = None) -> list[Plan]:
+        """Every chain's best plan for a request of `klass`, best first; `scales`: as for _expected."""
         return search(
             self.pool,
             self.target,
@@ -115,15 +121,15 @@ class AdaptiveRouter:
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
-            expected=self._expected([klass]),
+            expected=self._expected([klass], scales),
             drafted=self._drafted([klass]),
         )
 
-    def _expected(self, classes: list[str], top_scale: dict[tuple[str, str], float] | None = None):
-        """(drafter, verifier, g) -> tokens per round, averaged over the classes; `top_scale` scales one
-        pair's position rates (a sequence's own acceptance relative to its class's)."""
+    def _expected(self, classes: list[str], scales: dict[tuple[str, str], float] | None = None):
+        """(drafter, verifier, g) -> tokens per round, averaged over the classes; `scales` scales some
+        pairs' position rates (a sequence's own acceptance relative to its class's: OwnAcceptance)."""
         def expected(d: str, v: str, g: int, bottom: bool) -> float:
-            scale = (top_scale or {}).get((d, v), 1.0)
+            scale = (scales or {}).get((d, v), 1.0)
             role = self._role(d, bottom)
             return sum(self.acceptance.expected_tokens(k, d, v, g, scale, role) for k in classes) / len(classes)
         return expected
@@ -137,33 +143,37 @@ class AdaptiveRouter:
 
     # -- planning ---------------------------------------------------------------------------------------
 
-    def plan_for(self, klass: str, backlog: dict[str, int] | None = None, remaining: float = float("inf")) -> tuple[Plan, list[Plan], str]:
+    def plan_for(self, klass: str, backlog: dict[str, int] | None = None, remaining: float = float("inf"),
+                 scales: dict[tuple[str, str], float] | None = None, state: PlanState | None = None) -> tuple[Plan, list[Plan], str]:
         """The plan for the next step of a request of `klass`, the ranked candidates, and why.
         `backlog` / `remaining`: as for `plan_for_batch` (a drafter that has fallen behind the request's
-        context is charged its catch-up prefill, spread over the tokens still to generate)."""
-        state = self._classes.setdefault(klass, _ClassState())
-        stale = self._stalest_level()
+        context is charged its catch-up prefill, spread over the tokens still to generate). `scales`:
+        the request's own acceptance of pairs relative to its class's (OwnAcceptance.scales). `state`:
+        the request's plan so far (hysteresis is per request; default: one shared by the class)."""
+        state = state if state is not None else self._classes.setdefault(klass, PlanState())
+        stale = self._stalest()
         if stale is not None:
-            ranked = self._ranked(klass, backlog, remaining)
-            explore = next((p for p in ranked if stale in p.chain), None)
+            ranked = self._ranked(klass, backlog, remaining, scales)
+            explore = next((p for p in ranked if _runs(p.chain, stale)), None)
             promising = explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin
             self._last_measured[stale] = self._step
             if not promising and stale in self._levels:
                 # Far behind: re-measure its cost with one small pass instead of running a slow chain.
                 self._probe(stale)
-            elif explore is not None:
-                # Long enough blocks that one step measures the level's acceptance, not just its cost.
-                explore = Plan(explore.chain, tuple(max(3, g) for g in explore.draft_lens), explore.predicted_s_per_token)
-                self._exploring.add(stale)
-                return explore, ranked, f"explore: {stale} not measured for {self.config.explore_every}+ steps"
+            elif promising or (explore is not None and isinstance(stale, str)):  # a level we cannot probe: run it
+                explore = self._exploration(explore)
+                if isinstance(stale, str):
+                    self._exploring.add(stale)
+                what = stale if isinstance(stale, str) else " -> ".join(stale)
+                return explore, ranked, f"explore: {what} not measured for {self.config.explore_every}+ steps"
         if state.plan is not None and state.steps_since_plan < self.config.replan_every:
             state.steps_since_plan += 1
             return state.plan, [], "keep"
-        ranked = self._ranked(klass, backlog, remaining)
+        ranked = self._ranked(klass, backlog, remaining, scales)
         best = ranked[0]
         reason = "best predicted"
         if state.plan is not None and best.chain + best.draft_lens != state.plan.chain + state.plan.draft_lens:
-            current = self._repredict(state.plan, klass)
+            current = self._repredict(state.plan, klass, scales)
             if backlog:
                 current = self._with_catch_up(current, backlog, remaining)
             if best.predicted_s_per_token > current.predicted_s_per_token * (1 - self.config.hysteresis):
@@ -171,8 +181,9 @@ class AdaptiveRouter:
         state.plan, state.steps_since_plan = best, 1
         return best, ranked, reason
 
-    def _ranked(self, klass: str, backlog: dict[str, int] | None, remaining: float) -> list[Plan]:
-        return self._charge_catch_up(self.plans(klass), backlog, remaining)
+    def _ranked(self, klass: str, backlog: dict[str, int] | None, remaining: float,
+                scales: dict[tuple[str, str], float] | None = None) -> list[Plan]:
+        return self._charge_catch_up(self.plans(klass, scales), backlog, remaining)
 
     def _charge_catch_up(self, plans: list[Plan], backlog: dict[str, int] | None, remaining: float) -> list[Plan]:
         """The plans re-ranked with each one's catch-up prefill added (see plan_for_batch)."""
@@ -180,17 +191,28 @@ class AdaptiveRouter:
             return plans
         return sorted((self._with_catch_up(p, backlog, remaining) for p in plans), key=lambda p: p.predicted_s_per_token)
 
-    def _repredict(self, plan: Plan, klass: str) -> Plan:
+    def _repredict(self, plan: Plan, klass: str, scales: dict[tuple[str, str], float] | None = None) -> Plan:
         t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, lambda d, v: self.acceptance.alpha(klass, d, v),
-                    self.overhead_s, self._expected([klass]), self._drafted([klass]))
+                    self.overhead_s, self._expected([klass], scales), self._drafted([klass]))
         return Plan(plan.chain, plan.draft_lens, t)
 
-    def _stalest_level(self) -> str | None:
+    def _exploration(self, plan: Plan) -> Plan:
+        """The plan run to explore: long enough blocks that one step measures acceptance, not just cost.
+        It measures every level and pair it runs, so none of them is explored again at once."""
+        for item in (*plan.chain, *zip(plan.chain, plan.chain[1:])):
+            self._last_measured[item] = self._step
+        return Plan(plan.chain, tuple(max(3, g) for g in plan.draft_lens), plan.predicted_s_per_token)
+
+    def _stalest(self) -> str | tuple[str, str] | None:
+        """The drafter, else the (drafter, verifier) pair, measured longest ago, if explore_every or more
+        steps ago. A pair's acceptance goes stale too: one that had bad luck while its chain ran is not
+        measured again while another chain runs, so without a look now and then it would never return."""
         if self.config.explore_every <= 0:
             return None
-        name = min(self.pool, key=lambda n: self._last_measured[n], default=None)
-        if name is not None and self._step - self._last_measured[name] >= self.config.explore_every:
-            return name
+        for items in (self.pool, self._pairs):
+            item = min(items, key=lambda i: self._last_measured[i], default=None)
+            if item is not None and self._step - self._last_measured[item] >= self.config.explore_every:
+                return item
         return None
 
     # -- feedback ---------------------------------------------------------------------------------------
@@ -220,6 +242,7 @@ class AdaptiveRouter:
 
     def _observe_verdict(self, klass: str, r: VerifyRecord) -> None:
         """One verification's feedback: the pair's acceptance, and the round's run (in the drafter's role)."""
+        self._last_measured[(r.drafter, r.verifier)] = self._step
         self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
         self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked,
                                       self._role(r.drafter, r.bottom))
@@ -256,12 +279,12 @@ class AdaptiveRouter:
         plain = next(p for p in ranked if len(p.chain) == 1)
         if ranked[0] is not plain and ranked[0].predicted_s_per_token > plain.predicted_s_per_token * (1 - self.config.batch_speculation_margin):
             ranked = [plain] + [p for p in ranked if p is not plain]  # too close to call: the safe plan
-        stale = self._stalest_level()
+        stale = self._stalest()
         if stale is not None:
             self._last_measured[stale] = self._step
-            explore = next((p for p in ranked if stale in p.chain), None)
+            explore = next((p for p in ranked if _runs(p.chain, stale)), None)
             if explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin:
-                return Plan(explore.chain, tuple(max(3, g) for g in explore.draft_lens), explore.predicted_s_per_token)
+                return self._exploration(explore)
         return ranked[0]
 
     def _batch_alpha(self, classes: list[str]):
@@ -392,6 +415,11 @@ class AdaptiveRouter:
                 level.release(seq.seq_id)
 
 
+def _runs(chain: tuple[str, ...], item: str | tuple[str, str]) -> bool:
+    """Whether a chain runs a level, or a (drafter, verifier) pair as neighbours."""
+    return item in chain if isinstance(item, str) else any(pair == item for pair in zip(chain, chain[1:]))
+
+
 def router_for(engine: "Engine", config: RouterConfig = RouterConfig(), calibrate: bool = True) -> AdaptiveRouter:
     """A router over an engine's pool: every level but the last is a drafter candidate."""
     names = list(engine.levels)
@@ -417,9 +445,12 @@ class Route:
     _decode_tokens: int = 0
     _prefill_s: float | None = None  # the first step, which also prefills the prompt on every level
     _decisions: list[dict] = field(default_factory=list)
+    _own: OwnAcceptance = field(default_factory=OwnAcceptance)  # this request's acceptance of each pair it ran
+    _state: PlanState = field(default_factory=PlanState)
 
     def next_plan(self, backlog: dict[str, int] | None = None, remaining: float = float("inf")) -> Plan:
-        plan, ranked, reason = self.router.plan_for(self.klass, backlog, remaining)
+        scales = self._own.scales(lambda d, v: self.router.acceptance.alpha(self.klass, d, v))
+        plan, ranked, reason = self.router.plan_for(self.klass, backlog, remaining, scales, self._state)
         if reason != "keep" and (not self._decisions or self._decisions[-1]["chain"] != list(plan.chain) or reason.startswith("explore")):
             runner_up = next((p for p in ranked if p.chain != plan.chain), None)
             self._decisions.append({
@@ -433,6 +464,9 @@ class Route:
 
     def observe(self, records: list, committed: int, seconds: float) -> None:
         self.router.observe(self.klass, records, seconds)
+        for r in records:
+            if isinstance(r, VerifyRecord):
+                self._own.observe(r.drafter, r.verifier, r.alphas)
         self._steps[(self._plan.chain, self._plan.draft_lens)] += 1
         self._tokens += committed
         if self._prefill_s is None:

@@ -8,7 +8,7 @@ import pytest
 from specrouter.chain import TimingRecord, VerifyRecord
 from specrouter.classifier import classify
 from specrouter.router import AdaptiveRouter, RouterConfig
-from specrouter.scheduler import Plan
+from specrouter.scheduler import Plan, predict
 
 
 class SimEnv:
@@ -66,11 +66,36 @@ COSTS = {"A": 0.03, "B": 0.06, "T": 0.25}
 ALPHA = {"chat": {("A", "T"): 0.8, ("B", "T"): 0.85, ("A", "B"): 0.85}}
 
 
-def test_router_settles_on_the_predicted_best_chain():
+def true_s_per_token(plan: Plan) -> float:
+    """What a plan really costs in the simulation (acceptance there is independent per position)."""
+    alpha = ALPHA["chat"]
+    return predict(plan.chain, plan.draft_lens, lambda level, n: COSTS[level] * (1 + 0.02 * (n - 1)), lambda level: COSTS[level],
+                   lambda d, v: alpha[(d, v)], 0.0)
+
+
+def test_router_settles_on_the_best_chain():
+    # A -> T is the best chain, A -> B -> T 7% slower: a few unlucky rounds can hide the difference
+    # for a while, so over 12 seeded runs the router must settle within 8% of the best in every one
+    # and on A -> T itself in most.
+    optimum = true_s_per_token(Plan(("A", "T"), (5,), 0.0))
+    settled = []
+    for seed in range(12):
+        plans = run(AdaptiveRouter(["A", "B"], "T", {}), SimEnv(COSTS, ALPHA, seed=seed), "chat", 60)
+        assert sum(true_s_per_token(p) for p in plans[-20:]) / 20 <= 1.08 * optimum
+        settled.append(plans[-1].chain)
+    assert settled.count(("A", "T")) >= 9
+
+
+def test_a_pair_not_measured_for_a_while_is_explored_when_its_chain_is_close():
     router = AdaptiveRouter(["A", "B"], "T", {})
-    plans = run(router, SimEnv(COSTS, ALPHA), "chat", 60)
-    settled = [p.chain for p in plans[-20:]]
-    assert max(set(settled), key=settled.count) == ("A", "T")
+    router.acceptance.observe("chat", "A", "T", [0.8] * 50)  # measured once, long ago
+    env, running = SimEnv(COSTS, ALPHA), Plan(("A", "B", "T"), (2, 5), 0.0)
+    for _ in range(RouterConfig().explore_every):  # every level measured, but A and T not as neighbours
+        records, _, seconds = env.step(running, "chat")
+        router.observe("chat", records, seconds)
+    plan, _, reason = router.plan_for("chat")
+    assert reason.startswith("explore: A -> T") and plan.chain == ("A", "T")
+    assert router.plan_for("chat")[2] == "best predicted"  # explored: not again at once
 
 
 def test_router_switches_when_a_drafter_slows_down_and_back_when_it_recovers():
@@ -407,3 +432,17 @@ def test_streaky_acceptance_makes_the_router_draft_longer_blocks():
         router.acceptance.observe_round("chat", "d", "t", 10, 10 if i % 5 < 3 else 0)  # 60% of blocks accepted whole
     streaky = router.plans("chat")[0]
     assert streaky.chain == iid.chain == ("d", "t") and streaky.draft_lens[0] > iid.draft_lens[0]
+
+
+def test_requests_of_one_class_are_planned_for_their_own_acceptance():
+    router = profiled_router(0.02)
+    router.acceptance.observe("chat", "d", "t", [0.6] * 400)
+    easy, hard = router.start("chat"), router.start("chat")
+    for _ in range(RouterConfig().replan_every):  # each re-plans after as many of its own steps
+        for route, accepted in ((easy, 8), (hard, 0)):
+            route.next_plan()
+            route.observe([VerifyRecord("d", "t", 8, accepted, [float(accepted > 0)] * 8)] * 2, 2 * accepted + 2, 1.0)
+    easy_plan, hard_plan = easy.next_plan(), hard.next_plan()
+    assert easy_plan.chain == ("d", "t")
+    assert easy_plan.predicted_s_per_token < hard_plan.predicted_s_per_token
+    assert hard_plan.chain == ("t",) or hard_plan.draft_lens[0] < easy_plan.draft_lens[0]
