@@ -44,13 +44,13 @@ class _Runs:
     reached: list[float] = field(default_factory=lambda: [0.0] * MAX_POSITIONS)
     accepted: list[float] = field(default_factory=lambda: [0.0] * MAX_POSITIONS)
 
-    def add(self, num_asked: int, num_accepted: int, decay: float) -> None:
+    def add(self, num_asked: int, num_accepted: int, decay: float, weight: float = 1.0) -> None:
         for j in range(MAX_POSITIONS):
             self.reached[j] *= decay
             self.accepted[j] *= decay
         for j in range(min(num_accepted + 1, num_asked, MAX_POSITIONS)):
-            self.reached[j] += 1.0
-            self.accepted[j] += j < num_accepted
+            self.reached[j] += weight
+            self.accepted[j] += weight * (j < num_accepted)
 
 
 @dataclass
@@ -78,11 +78,12 @@ class AcceptanceTable:
                 self._alpha[key], self._count[key] = value, n
 
     def observe_round(self, klass: str, drafter: str, verifier: str, num_draft: int, num_accepted: int, num_asked: int | None = None,
-                      role: str = "") -> None:
+                      role: str = "", weight: float = 1.0) -> None:
         """One verification round's outcome: num_accepted of num_draft drafted tokens accepted, of a
-        block asked for num_asked (default num_draft)."""
+        block asked for num_asked (default num_draft); `weight`: the rounds it counts for (a
+        calibration's blocks count for less than rounds really run)."""
         for key in ((klass, drafter, verifier, role), (POOLED, drafter, verifier, role)):
-            self._runs.setdefault(key, _Runs()).add(max(num_draft, num_asked or 0), num_accepted, self.run_decay)
+            self._runs.setdefault(key, _Runs()).add(max(num_draft, num_asked or 0), num_accepted, self.run_decay, weight)
 
     def observe_draft(self, klass: str, drafter: str, num_asked: int, num_drafted: int) -> None:
         """A bottom drafter asked for num_asked tokens drafted num_drafted of them."""

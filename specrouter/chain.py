@@ -107,7 +107,7 @@ class VerifyRecord:
     verifier: str
     num_draft_tokens: int
     num_accepted_tokens: int
-    alphas: list[float]  # sum_x min(q_draft, p_target) at each draft position
+    alphas: list[float]  # sum_x min(q_draft, p_target) at each draft position up to the first rejection
     num_asked: int | None = None  # the block length asked for (None: num_draft_tokens); a drafter may give fewer
     bottom: bool = False  # the drafter drafted at the bottom of its chain (not by verifying a level below)
 
@@ -197,7 +197,10 @@ def judge(chain: Chain, i: int, block: Block, p_target: torch.Tensor, seconds: f
         below.num_accepted_tokens += verdict.num_accepted
         below.num_rounds += 1
     if len(block) or asked:
-        alphas = pairwise_alpha(q_draft, p_target[: len(block)]).tolist()
+        # Acceptance where the verifier judged: past the first rejection the block's prefix is one it
+        # turned down, where agreement is lower and never used (alpha is P(accepted | prefix accepted)).
+        judged = min(len(block), verdict.num_accepted + 1)
+        alphas = pairwise_alpha(q_draft[:judged], p_target[:judged]).tolist()
         ctx.records.append(VerifyRecord(chain.levels[i - 1].name, chain.levels[i].name, len(block), verdict.num_accepted, alphas,
                                         max(asked, len(block)), i == 1))
     return verdict

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 
 EXPLORE_WEIGHT = 0.8  # an exploratory measurement is fresh news about a level out of use
+CALIBRATION_ROUNDS = 10.0  # what the calibration text's blocks are worth, in verification rounds
 
 # Text per prompt class on which every level's greedy agreement with every other is measured once at
 # start (teacher-forced: one pass per level), so the first requests of a class start from measured
@@ -367,12 +368,15 @@ class AdaptiveRouter:
                 if self._levels[verifier].can_verify:
                     agree = (choices[drafter] == choices[verifier]).float()  # [T-1]
                     self.acceptance.observe(klass, drafter, verifier, [agree.mean().item()] * len(agree))
-                    # a block of up to 8 from every other position: seeds the position-by-position acceptance rates
+                    # a block of up to 8 from every other position seeds the position-by-position acceptance
+                    # rates, all of them together worth CALIBRATION_ROUNDS rounds: one short text is a hint, and
+                    # the rounds really run must soon outweigh it
                     agreed = agree.tolist()
-                    for t in range(0, len(agreed), 2):
+                    starts = range(0, len(agreed), 2)
+                    for t in starts:
                         block = agreed[t : t + 8]
                         run = next((i for i, a in enumerate(block) if not a), len(block))
-                        self.acceptance.observe_round(klass, drafter, verifier, len(block), run)
+                        self.acceptance.observe_round(klass, drafter, verifier, len(block), run, weight=CALIBRATION_ROUNDS / len(starts))
 
     def _probe(self, name: str, context: int = 8) -> None:
         """Time one small pass of a level (a throwaway sequence) and record it as fresh news."""

@@ -106,6 +106,24 @@ def test_a_block_shorter_than_asked_is_recorded_with_the_length_asked():
     target.release(seq.seq_id)
 
 
+def test_acceptance_is_recorded_up_to_the_first_rejection(models):
+    """Past a rejection the block's prefix is one the verifier turned down: no acceptance is learnt there."""
+    chain = build(models, ["far", "target"], [6])
+    ctx = StepContext(SamplingParams(), torch.Generator().manual_seed(0), frozenset(), {x: LevelStats(x) for x in chain.names})
+    seq = SequenceState.new("judged", PROMPTS[1])
+    records = []
+    while len(seq.generated) < 30:
+        seq = seq.commit(speculative_step(chain, seq, ctx, 30 - len(seq.generated)))
+        records += [r for r in ctx.drain_records() if isinstance(r, VerifyRecord)]
+    for level in chain.levels:
+        level.release(seq.seq_id)
+    rejected = [r for r in records if r.num_accepted_tokens < r.num_draft_tokens]
+    assert rejected  # a far drafter: some blocks are cut short
+    for r in records:
+        assert len(r.alphas) == min(r.num_draft_tokens, r.num_accepted_tokens + 1)
+        assert r.alphas == [1.0] * r.num_accepted_tokens + [0.0] * (len(r.alphas) - r.num_accepted_tokens)  # greedy
+
+
 def test_close_drafter_gets_most_tokens_accepted(models):
     _, stats = run(build(models, ["close", "target"], [4]), PROMPTS[0], 40)
     assert stats[0].acceptance_rate > 0.5
