@@ -5,11 +5,12 @@ The router is shared by all requests (it owns the profiler and the acceptance ta
 `start()` gives each request a `Route` that the engine asks for a plan before every step and feeds
 each step's records to. A route keeps its request's plan and its own acceptance of each pair, so an
 easy prompt of a class is planned for what it accepts, not for its class's average. Re-planning
-happens every `replan_every` steps with hysteresis; every `explore_every` steps the least recently measured level is re-measured, so
-estimates of levels out of use (a drafter that slowed down and recovered) stay fresh: its best plan
-runs once if it is predicted close to the best, else one small timed pass of it (a probe) refreshes
-its cost without running a slow chain. Calibration at start measures every level's cost and every
-pair's acceptance on a short text per class.
+happens every `replan_every` steps with hysteresis. Every `explore_every` steps the least recently
+measured drafter (else pair of neighbours) is re-measured, so estimates of levels out of use (a
+drafter that slowed down and recovered) stay fresh: its best plan runs once if it is predicted close
+to the best, else one small timed pass of the level (a probe) refreshes its cost without running a
+slow chain. Calibration at start measures every level's cost and every pair's acceptance on a short
+text per class.
 """
 
 from __future__ import annotations
