@@ -22,6 +22,7 @@ rounds are kept per `role` ("bottom" or ""), a role without rounds falling back 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -169,7 +170,7 @@ class OwnAcceptance:
         total, n = self._sums.get((drafter, verifier), (0.0, 0))
         return (total + weight * fallback) / (n + weight) if n else None
 
-    def scales(self, class_alpha) -> dict[tuple[str, str], float]:
+    def scales(self, class_alpha: Callable[[str, str], float]) -> dict[tuple[str, str], float]:
         """(drafter, verifier) -> the request's acceptance over its class's, for every pair it has run;
         `class_alpha(drafter, verifier)` gives the class's."""
         out = {}

@@ -72,7 +72,7 @@ class RouterConfig:
 
 @dataclass
 class PlanState:
-    """The plan a request (or a class, for callers without one) runs, and how long it has run it."""
+    """The plan a request runs, and how long it has run it."""
 
     plan: Plan | None = None
     steps_since_plan: int = 0
@@ -90,7 +90,6 @@ class AdaptiveRouter:
         self.profiler = ForwardProfiler()
         self.acceptance = AcceptanceTable()
         self.overhead_s = 0.0  # per-round time outside level calls (EMA)
-        self._classes: dict[str, PlanState] = {}  # per class, for plan_for calls without a request's own
         self._step = 0
         names = self.pool + [target]
         self._pairs = [(d, v) for i, d in enumerate(self.pool) for v in names[i + 1:] if can_verify.get(v, True)]
@@ -151,8 +150,8 @@ class AdaptiveRouter:
         `backlog` / `remaining`: as for `plan_for_batch` (a drafter that has fallen behind the request's
         context is charged its catch-up prefill, spread over the tokens still to generate). `scales`:
         the request's own acceptance of pairs relative to its class's (OwnAcceptance.scales). `state`:
-        the request's plan so far (hysteresis is per request; default: one shared by the class)."""
-        state = state if state is not None else self._classes.setdefault(klass, PlanState())
+        the request's plan so far, for hysteresis (default: none yet)."""
+        state = state if state is not None else PlanState()
         stale = self._stalest()
         if stale is not None:
             ranked = self._ranked(klass, backlog, remaining, scales)
