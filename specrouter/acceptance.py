@@ -178,4 +178,3 @@ class OwnAcceptance:
             fallback = class_alpha(*pair)
             out[pair] = self.alpha(*pair, fallback) / max(fallback, 1e-6)
         return out
-

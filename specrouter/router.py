@@ -61,7 +61,7 @@ CALIBRATION_TEXTS = {
 class RouterConfig:
     replan_every: int = 2  # steps between re-plans
     hysteresis: float = 0.05  # switch only when the best plan is predicted this much faster
-    explore_every: int = 12  # steps after which a level not measured since gets one exploratory step
+    explore_every: int = 12  # steps after which a level (else a pair) not measured since gets one exploratory step
     explore_margin: float = 1.2  # ... if its best plan is predicted at most this much slower than the best (else a probe)
     batch_speculation_margin: float = 0.1  # a batch speculates only if predicted at least this much faster than
     # plain batched decoding: predictions are ~15% off, and at a large batch a wrong bet slows every request
