@@ -34,6 +34,18 @@ def pairwise_alpha(q_draft: torch.Tensor, p_target: torch.Tensor) -> torch.Tenso
     return torch.minimum(q_draft, p_target).sum(-1)
 
 
+def rejection_ratio(alpha: float, reference: float) -> float:
+    """How much more often than at acceptance `reference` tokens are rejected at acceptance `alpha`.
+    Rates are scaled by it as 1 - (1 - rate) * ratio, not as rate * alpha / reference: where a drafter
+    is all but sure (the deep positions of one that stops unsure) a harder prompt still rarely
+    rejects, and with acceptance independent of position (rate = reference) both give alpha."""
+    return (1.0 - alpha) / max(1.0 - reference, 1e-3)
+
+
+def _rejecting(rate: float, ratio: float) -> float:
+    return min(1.0, max(0.0, 1.0 - (1.0 - rate) * ratio))
+
+
 MAX_POSITIONS = 16
 
 
@@ -53,10 +65,19 @@ class _Runs:
             self.reached[j] += weight
             self.accepted[j] += weight * (j < num_accepted)
 
+    def excluding(self, part: "_Runs | None") -> "_Runs":
+        """These counts less a part of them (one class's, of the pooled counts); about the others'
+        counts, as the pooled counts decay on the other classes' rounds too."""
+        if part is None:
+            return self
+        return _Runs([max(0.0, a - b) for a, b in zip(self.reached, part.reached)],
+                     [max(0.0, a - b) for a, b in zip(self.accepted, part.accepted)])
+
 
 @dataclass
 class AcceptanceTable:
     ema: float = 0.05  # weight of one position's observation
+    pooled_ema: float = 0.01  # the same over all classes: a long-run mean, not the last request's class
     prior: float = 0.5
     prior_weight: float = 2.0  # observations' worth of trust in the fallback
     _alpha: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (class, drafter, verifier)
@@ -68,13 +89,13 @@ class AcceptanceTable:
     _drafts: dict[tuple[str, str], _Runs] = field(default_factory=dict)  # (class, drafter): position j reached / drafted
 
     def observe(self, klass: str, drafter: str, verifier: str, alphas: list[float]) -> None:
-        for key in ((klass, drafter, verifier), (POOLED, drafter, verifier)):
+        for key, ema in (((klass, drafter, verifier), self.ema), ((POOLED, drafter, verifier), self.pooled_ema)):
             value, n = self._alpha.get(key, 0.0), self._count.get(key, 0)
             for a in alphas:
                 n += 1
                 # the running mean until 1/ema observations, then the EMA: an early outlier (a greedy
                 # first position is 0 or 1) must not anchor the estimate for hundreds of positions
-                value += max(self.ema, 1.0 / n) * (a - value)
+                value += max(ema, 1.0 / n) * (a - value)
             if n:
                 self._alpha[key], self._count[key] = value, n
 
@@ -94,44 +115,61 @@ class AcceptanceTable:
 
     def expected_drafted(self, klass: str, drafter: str, n: int) -> float:
         """Tokens a block asked for n is expected to draft: sum_i prod_{j <= i} c_j, with c_j the rate
-        at which a block that drafted j tokens (and was asked for more) drafted another, shrunk toward
-        the rate before it (the first toward 1: a drafter drafts what it is asked for until seen
-        stopping). So a position beyond the blocks seen so far stops as often as the last one seen,
-        not never: a drafter seen only on short blocks is not charged for long ones it would cut
-        short; optimism that running the longer block then corrects."""
-        runs = self._drafts.get((klass, drafter)) or self._drafts.get((POOLED, drafter))
-        if runs is None:
+        at which a block that drafted j tokens (and was asked for more) drafted another.
+
+        While the class has seen few blocks reach position j, c_j is shrunk toward the other classes'
+        rate there, and where they have seen few too, toward c_(j-1) (c_0 toward 1: a drafter drafts
+        what it is asked for until seen stopping). So a class seen little starts from what the
+        drafter does elsewhere, and a position beyond the blocks seen so far stops as often as the
+        last one seen, not never: a drafter seen only on short blocks is not charged for long ones it
+        would cut short (optimism that running the longer block then corrects)."""
+        pooled, own = self._drafts.get((POOLED, drafter)), self._drafts.get((klass, drafter)) if klass != POOLED else None
+        if pooled is None:
             return float(n)
+        others = pooled.excluding(own)
         expected, survive, rate = 0.0, 1.0, 1.0
         for j in range(n):
             if j < MAX_POSITIONS:
-                rate = self._shrink(runs, j, rate, self.draft_prior_weight)
+                rate = self._shrink(others, j, rate, self.draft_prior_weight)
+                if own is not None:
+                    rate = self._shrink(own, j, rate, self.draft_prior_weight)
             survive *= rate
             expected += survive
         return expected
 
-    def expected_tokens(self, klass: str, drafter: str, verifier: str, g: int, scale: float = 1.0, role: str = "") -> float:
+    def expected_tokens(self, klass: str, drafter: str, verifier: str, g: int, ratio: float = 1.0, role: str = "") -> float:
         """Tokens a verifier emits per round for a block of g: 1 + sum_i prod_{j <= i} h_j, with h_j
-        the class's acceptance rate at position j (else the pooled one's) shrunk toward alpha, times
-        `scale` (a sequence's own acceptance relative to its class), capped at 1. At the bottom
-        (role "bottom": a drafter that stops unsure), h_j is shrunk toward alpha or h_(j-1), whichever
-        is higher: such a drafter reaches a deep position only while it is sure, so a position with
-        few rounds seen is accepted at least as often as the one before it."""
+        the class's acceptance rate at position j, its rejections scaled by `ratio` (a sequence's own
+        rejection_ratio to its class's).
+
+        While the class has seen few rounds reach position j, h_j is shrunk toward the other classes'
+        rate there (their rejections scaled by the class's rejection_ratio to the pooled alpha: the
+        shape of the pair's runs elsewhere at the class's own level of acceptance), and where they have
+        seen few too, toward the class's alpha. At the bottom (role "bottom": a drafter that stops
+        unsure) toward alpha or h_(j-1), whichever is higher: such a drafter reaches a deep position
+        only while it is sure, so a position with few rounds seen is accepted at least as often as the
+        one before it. A role without rounds takes the other role's."""
         alpha = self.alpha(klass, drafter, verifier)
-        other = "" if role else "bottom"
-        runs = next((self._runs[key] for key in ((klass, drafter, verifier, role), (POOLED, drafter, verifier, role),
-                                                  (klass, drafter, verifier, other), (POOLED, drafter, verifier, other))
-                     if key in self._runs), None)
+        kept = role if (POOLED, drafter, verifier, role) in self._runs else ("" if role else "bottom")
+        pooled = self._runs.get((POOLED, drafter, verifier, kept))
+        own = self._runs.get((klass, drafter, verifier, kept)) if klass != POOLED else None
+        others = pooled.excluding(own) if pooled is not None else None
+        relative = rejection_ratio(alpha, self.alpha(POOLED, drafter, verifier))
         expected, survive, rate = 1.0, 1.0, alpha
         for j in range(g):
-            prior = max(alpha, rate) if role == "bottom" else alpha
-            rate = self._shrink(runs, j, prior, self.run_prior_weight) if runs is not None and j < MAX_POSITIONS else prior
-            survive *= min(1.0, rate * scale)
+            rate = max(alpha, rate) if role == "bottom" else alpha
+            if others is not None and j < MAX_POSITIONS and others.reached[j] > 0:
+                elsewhere = _rejecting(others.accepted[j] / others.reached[j], relative)
+                rate = (others.reached[j] * elsewhere + self.run_prior_weight * rate) / (others.reached[j] + self.run_prior_weight)
+            if own is not None and j < MAX_POSITIONS:
+                rate = self._shrink(own, j, rate, self.run_prior_weight)
+            survive *= _rejecting(rate, ratio)
             expected += survive
         return expected
 
     @staticmethod
     def _shrink(runs: _Runs, j: int, prior: float, weight: float) -> float:
+        """The rate of acceptance (continuation) at position j, with `weight` rounds of `prior` added."""
         return (runs.accepted[j] + weight * prior) / (runs.reached[j] + weight)
 
     def alpha(self, klass: str, drafter: str, verifier: str) -> float:
@@ -170,11 +208,11 @@ class OwnAcceptance:
         total, n = self._sums.get((drafter, verifier), (0.0, 0))
         return (total + weight * fallback) / (n + weight) if n else None
 
-    def scales(self, class_alpha: Callable[[str, str], float]) -> dict[tuple[str, str], float]:
-        """(drafter, verifier) -> the request's acceptance over its class's, for every pair it has run;
-        `class_alpha(drafter, verifier)` gives the class's."""
+    def ratios(self, class_alpha: Callable[[str, str], float]) -> dict[tuple[str, str], float]:
+        """(drafter, verifier) -> the request's rejection_ratio to its class, for every pair it has
+        run; `class_alpha(drafter, verifier)` gives the class's acceptance."""
         out = {}
         for pair in self._sums:
             fallback = class_alpha(*pair)
-            out[pair] = self.alpha(*pair, fallback) / max(fallback, 1e-6)
+            out[pair] = rejection_ratio(self.alpha(*pair, fallback), fallback)
         return out

@@ -117,7 +117,8 @@ class TimingRecord:
     """One level call as the chain saw it: the feedback the router learns costs from."""
 
     level: str
-    op: str  # "score" (one pass over num_tokens) or "draft" (num_tokens sampled one by one)
+    op: str  # "score" (one pass over num_tokens), "draft" (num_tokens sampled one by one) or "prefill" (a
+    # drafter catching up on context it had not cached, then drafting: neither a drafting cost nor overhead)
     num_tokens: int  # tokens the pass ran per sequence: its uncached context and the block (the longest in a batch)
     seconds: float
     batch: int = 1  # sequences in the call
@@ -215,8 +216,7 @@ def propose(chain: Chain, i: int, seq: SequenceState, prefix: list[int], n: int,
         block = level.propose(seq, prefix, n, ctx.params, ctx.seed())
         seconds = time.perf_counter() - t0
         ctx.level_stats(level.name).time_s += seconds
-        if not catching_up:
-            ctx.records.append(TimingRecord(level.name, "draft", drafted(block, n), seconds, asked=n))
+        ctx.records.append(TimingRecord(level.name, "prefill" if catching_up else "draft", drafted(block, n), seconds, asked=n))
         return block
     tokens: list[int] = []
     rows: list[torch.Tensor] = []
@@ -308,8 +308,8 @@ def propose_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: lis
         seconds = time.perf_counter() - t0
         for ctx in ctxs:
             ctx.level_stats(level.name).time_s += seconds
-        if not catching_up:
-            timings.append(TimingRecord(level.name, "draft", max(drafted(b, n) for b, n in zip(blocks, ns)), seconds, len(seqs), max(ns)))
+        timings.append(TimingRecord(level.name, "prefill" if catching_up else "draft", max(drafted(b, n) for b, n in zip(blocks, ns)),
+                                    seconds, len(seqs), max(ns)))
         return blocks
     tokens: list[list[int]] = [[] for _ in seqs]
     rows: list[list[torch.Tensor]] = [[] for _ in seqs]

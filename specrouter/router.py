@@ -9,8 +9,8 @@ happens every `replan_every` steps with hysteresis. Every `explore_every` steps 
 measured drafter (else pair of neighbours) is re-measured, so estimates of levels out of use (a
 drafter that slowed down and recovered) stay fresh: its best plan runs once if it is predicted close
 to the best, else one small timed pass of the level (a probe) refreshes its cost without running a
-slow chain. Calibration at start measures every level's cost and every pair's acceptance on a short
-text per class.
+slow chain. Calibration at start measures every level's cost, then every pair's acceptance on the
+target's own continuation of a short prompt per class.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from specrouter.acceptance import POOLED, AcceptanceTable, OwnAcceptance
+from specrouter.acceptance import POOLED, AcceptanceTable, OwnAcceptance, rejection_ratio
 from specrouter.chain import TimingRecord, VerifyRecord
 from specrouter.levels import Level, NgramLevel
 from specrouter.profiler import ForwardProfiler
@@ -37,24 +37,22 @@ if TYPE_CHECKING:
 EXPLORE_WEIGHT = 0.8  # an exploratory measurement is fresh news about a level out of use
 CALIBRATION_ROUNDS = 10.0  # what the calibration text's blocks are worth, in verification rounds
 
-# Text per prompt class on which every level's greedy agreement with every other is measured once at
-# start (teacher-forced: one pass per level), so the first requests of a class start from measured
-# acceptances, not from a blind prior.
-CALIBRATION_TEXTS = {
-    "code": (
-        "def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n"
-        '    """Merge two sorted lists into one sorted list."""\n'
-        "    result = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n"
-        "        if a[i] <= b[j]:\n            result.append(a[i])\n            i += 1\n"
-        "        else:\n            result.append(b[j])\n            j += 1\n"
-        "    result.extend(a[i:])\n    result.extend(b[j:])\n    return result\n"
-    ),
-    "chat": (
-        "Sure! Here are a few tips for sleeping better. First, go to bed and wake up at the same time every day, "
-        "even on weekends. Second, keep your bedroom cool, dark and quiet. Third, avoid caffeine in the afternoon "
-        "and screens for an hour before bed. If you still sleep badly after a few weeks, talk to a doctor."
+# A prompt per class; at start the target's own greedy continuation of each (CALIBRATION_TOKENS, one
+# routed generation) is the text on which every level's greedy agreement with every other is measured
+# (teacher-forced: one pass per level), so the first requests of a class start from measured
+# acceptances, not from a blind prior. The target's own output, not a fixed text: on a text it would
+# not have written, drafter and target agree far less often than on what they will really verify
+# (a fixed chat text gave 0.51 for 0.5B -> 1.5B, where chat requests accept 0.96).
+CALIBRATION_PROMPTS = {
+    "code": 'def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n    """Merge two sorted lists into one sorted list."""\n',
+    "chat": "How can I sleep better? Give me a few practical tips.",
+    "summarization": (
+        "Summarize the following in two sentences. The company's revenue grew by 12% last year, mainly thanks to "
+        "strong sales in Europe and Asia. Costs rose faster than expected because of higher energy prices and new "
+        "hires. The board plans to cut spending on marketing and to invest more in research next year."
     ),
 }
+CALIBRATION_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -110,8 +108,8 @@ class AdaptiveRouter:
         single = self.profiler.score_time(level, 1, batch)  # a model drafts one token per single-token pass
         return single if single is not None else self.config.default_cost_s
 
-    def plans(self, klass: str, scales: dict[tuple[str, str], float] | None = None) -> list[Plan]:
-        """Every chain's best plan for a request of `klass`, best first; `scales`: as for _expected."""
+    def plans(self, klass: str, ratios: dict[tuple[str, str], float] | None = None) -> list[Plan]:
+        """Every chain's best plan for a request of `klass`, best first; `ratios`: as for _expected."""
         return search(
             self.pool,
             self.target,
@@ -122,17 +120,17 @@ class AdaptiveRouter:
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
-            expected=self._expected([klass], scales),
+            expected=self._expected([klass], ratios),
             drafted=self._drafted([klass]),
         )
 
-    def _expected(self, classes: list[str], scales: dict[tuple[str, str], float] | None = None):
-        """(drafter, verifier, g) -> tokens per round, averaged over the classes; `scales` scales some
-        pairs' position rates (a sequence's own acceptance relative to its class's: OwnAcceptance)."""
+    def _expected(self, classes: list[str], ratios: dict[tuple[str, str], float] | None = None):
+        """(drafter, verifier, g) -> tokens per round, averaged over the classes; `ratios` scales some
+        pairs' rejections (a sequence's own rejection ratio to its class: OwnAcceptance.ratios)."""
         def expected(d: str, v: str, g: int, bottom: bool) -> float:
-            scale = (scales or {}).get((d, v), 1.0)
+            ratio = (ratios or {}).get((d, v), 1.0)
             role = self._role(d, bottom)
-            return sum(self.acceptance.expected_tokens(k, d, v, g, scale, role) for k in classes) / len(classes)
+            return sum(self.acceptance.expected_tokens(k, d, v, g, ratio, role) for k in classes) / len(classes)
         return expected
 
     def _role(self, drafter: str, bottom: bool) -> str:
@@ -145,16 +143,16 @@ class AdaptiveRouter:
     # -- planning ---------------------------------------------------------------------------------------
 
     def plan_for(self, klass: str, backlog: dict[str, int] | None = None, remaining: float = float("inf"),
-                 scales: dict[tuple[str, str], float] | None = None, state: PlanState | None = None) -> tuple[Plan, list[Plan], str]:
+                 ratios: dict[tuple[str, str], float] | None = None, state: PlanState | None = None) -> tuple[Plan, list[Plan], str]:
         """The plan for the next step of a request of `klass`, the ranked candidates, and why.
         `backlog` / `remaining`: as for `plan_for_batch` (a drafter that has fallen behind the request's
-        context is charged its catch-up prefill, spread over the tokens still to generate). `scales`:
-        the request's own acceptance of pairs relative to its class's (OwnAcceptance.scales). `state`:
+        context is charged its catch-up prefill, spread over the tokens still to generate). `ratios`:
+        the request's own rejection ratio to its class for the pairs it ran (OwnAcceptance.ratios). `state`:
         the request's plan so far, for hysteresis (default: none yet)."""
         state = state if state is not None else PlanState()
         stale = self._stalest()
         if stale is not None:
-            ranked = self._ranked(klass, backlog, remaining, scales)
+            ranked = self._ranked(klass, backlog, remaining, ratios)
             explore = next((p for p in ranked if _runs(p.chain, stale)), None)
             promising = explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin
             self._last_measured[stale] = self._step
@@ -170,11 +168,11 @@ class AdaptiveRouter:
         if state.plan is not None and state.steps_since_plan < self.config.replan_every:
             state.steps_since_plan += 1
             return state.plan, [], "keep"
-        ranked = self._ranked(klass, backlog, remaining, scales)
+        ranked = self._ranked(klass, backlog, remaining, ratios)
         best = ranked[0]
         reason = "best predicted"
         if state.plan is not None and best.chain + best.draft_lens != state.plan.chain + state.plan.draft_lens:
-            current = self._repredict(state.plan, klass, scales)
+            current = self._repredict(state.plan, klass, ratios)
             if backlog:
                 current = self._with_catch_up(current, backlog, remaining)
             if best.predicted_s_per_token > current.predicted_s_per_token * (1 - self.config.hysteresis):
@@ -183,8 +181,8 @@ class AdaptiveRouter:
         return best, ranked, reason
 
     def _ranked(self, klass: str, backlog: dict[str, int] | None, remaining: float,
-                scales: dict[tuple[str, str], float] | None = None) -> list[Plan]:
-        return self._charge_catch_up(self.plans(klass, scales), backlog, remaining)
+                ratios: dict[tuple[str, str], float] | None = None) -> list[Plan]:
+        return self._charge_catch_up(self.plans(klass, ratios), backlog, remaining)
 
     def _charge_catch_up(self, plans: list[Plan], backlog: dict[str, int] | None, remaining: float) -> list[Plan]:
         """The plans re-ranked with each one's catch-up prefill added (see plan_for_batch)."""
@@ -192,9 +190,9 @@ class AdaptiveRouter:
             return plans
         return sorted((self._with_catch_up(p, backlog, remaining) for p in plans), key=lambda p: p.predicted_s_per_token)
 
-    def _repredict(self, plan: Plan, klass: str, scales: dict[tuple[str, str], float] | None = None) -> Plan:
+    def _repredict(self, plan: Plan, klass: str, ratios: dict[tuple[str, str], float] | None = None) -> Plan:
         t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, lambda d, v: self.acceptance.alpha(klass, d, v),
-                    self.overhead_s, self._expected([klass], scales), self._drafted([klass]))
+                    self.overhead_s, self._expected([klass], ratios), self._drafted([klass]))
         return Plan(plan.chain, plan.draft_lens, t)
 
     def _exploration(self, plan: Plan) -> Plan:
@@ -230,7 +228,7 @@ class AdaptiveRouter:
                 if r.op == "score":
                     rounds += 1
                     self.profiler.observe_score(r.level, r.num_tokens, r.seconds, weight=weight)
-                else:
+                elif r.op == "draft":
                     self.profiler.observe_draft(r.level, r.num_tokens, r.seconds, weight=weight)
                     if r.asked:
                         self.acceptance.observe_draft(klass, r.level, r.asked, r.num_tokens)
@@ -305,8 +303,8 @@ class AdaptiveRouter:
         class_alpha = self._batch_alpha(classes)
         lens = []
         for alpha in alphas:
-            scale = alpha / max(class_alpha(*top), 1e-6) if alpha is not None else 1.0
-            expected = self._expected(classes, {top: scale})
+            ratio = rejection_ratio(alpha, class_alpha(*top)) if alpha is not None else 1.0
+            expected = self._expected(classes, {top: ratio})
             candidates = [g for g in self.config.lengths if g <= plan.draft_lens[-1]] or [plan.draft_lens[-1]]
             lens.append(min(candidates, key=lambda g: predict(plan.chain, plan.draft_lens[:-1] + (g,),
                                                               lambda level, n: self._verify_cost(level, n, batch),
@@ -325,7 +323,7 @@ class AdaptiveRouter:
             self._last_measured[t.level] = self._step
             if t.op == "score":
                 self.profiler.observe_score(t.level, t.num_tokens, t.seconds, batch=t.batch)
-            else:
+            elif t.op == "draft":
                 self.profiler.observe_draft(t.level, t.num_tokens, t.seconds, batch=t.batch)
                 if t.asked:
                     self.acceptance.observe_draft(POOLED, t.level, t.asked, t.num_tokens)
@@ -346,27 +344,27 @@ class AdaptiveRouter:
     def start(self, klass: str) -> "Route":
         return Route(self, klass)
 
-    def _calibrate_acceptance(self, klass: str, ids: list[int]) -> None:
+    def calibrate_acceptance(self, klass: str, ids: list[int], start: int = 1) -> None:
         """Every level's greedy next-token choice along `ids` (teacher-forced, one pass per model
         level; prompt lookup for n-gram levels); alpha of each (drafter, verifier) pair in pool order
-        is their agreement, observed into the class's table."""
+        is their agreement on ids[start:], observed into the class's table."""
         params = SamplingParams()
-        choices: dict[str, torch.Tensor] = {}  # level -> [T] argmax token after ids[:t+1]
+        choices: dict[str, torch.Tensor] = {}  # level -> [T] argmax token after ids[:t+1], for ids[start:]
         for name in [*self.pool, self.target]:
             level = self._levels[name]
             if level.can_verify:
                 seq = SequenceState.new(f"calibrate-alpha-{name}-{klass}", ids[:1])
                 try:
-                    choices[name] = level.score(seq, ids[:1], ids[1:], params).argmax(-1)[:-1]  # [T-1]
+                    choices[name] = level.score(seq, ids[:1], ids[1:], params).argmax(-1)[start - 1 : -1]  # [T]
                 finally:
                     level.release(seq.seq_id)
             elif isinstance(level, NgramLevel):
-                choices[name] = torch.tensor([(level.lookup(ids[: t + 1], 1) or [-1])[0] for t in range(len(ids) - 1)])
+                choices[name] = torch.tensor([(level.lookup(ids[: t + 1], 1) or [-1])[0] for t in range(start - 1, len(ids) - 1)])
         order = [n for n in [*self.pool, self.target] if n in choices]
         for i, drafter in enumerate(order):
             for verifier in order[i + 1:]:
                 if self._levels[verifier].can_verify:
-                    agree = (choices[drafter] == choices[verifier]).float()  # [T-1]
+                    agree = (choices[drafter] == choices[verifier]).float()  # [T]
                     self.acceptance.observe(klass, drafter, verifier, [agree.mean().item()] * len(agree))
                     # a block of up to 8 from every other position seeds the position-by-position acceptance
                     # rates, all of them together worth CALIBRATION_ROUNDS rounds: one short text is a hint, and
@@ -393,15 +391,12 @@ class AdaptiveRouter:
         finally:
             level.release(seq.seq_id)
 
-    def calibrate(self, levels: dict[str, Level], lengths: tuple[int, ...] = (1, 2, 4, 8), context: int = 32,
-                  texts: dict[str, list[int]] | None = None) -> None:
-        """Seed the profiles with a few passes of every level over a throwaway sequence and, given token
-        ids of a text per class, the acceptance of every (drafter, verifier) pair on it. `levels` is kept
-        (by reference: a replaced level is seen) to probe stale levels' costs later."""
+    def calibrate(self, levels: dict[str, Level], lengths: tuple[int, ...] = (1, 2, 4, 8), context: int = 32) -> None:
+        """Seed the profiles with a few passes of every level over a throwaway sequence. `levels` is kept
+        (by reference: a replaced level is seen) to probe stale levels' costs later and to measure
+        acceptance (calibrate_acceptance)."""
         self._levels = levels
         params = SamplingParams()
-        for klass, ids in (texts or {}).items():
-            self._calibrate_acceptance(klass, ids)
         for name, level in levels.items():
             seq = SequenceState.new(f"calibrate-{name}", list(range(1, context + 1)))
             ctx = list(seq.token_ids)
@@ -430,9 +425,20 @@ def router_for(engine: "Engine", config: RouterConfig = RouterConfig(), calibrat
     stopping = frozenset(n for n, level in engine.levels.items() if getattr(level, "min_confidence", 0.0) > 0)
     router = AdaptiveRouter(names[:-1], names[-1], {n: level.can_verify for n, level in engine.levels.items()}, config, stopping=stopping)
     if calibrate:
-        texts = {klass: engine.tokenizer(text)["input_ids"] for klass, text in CALIBRATION_TEXTS.items()}
-        router.calibrate(engine.levels, texts=texts)
+        router.calibrate(engine.levels)
+        for klass, prompt in CALIBRATION_PROMPTS.items():
+            ids = _calibration_ids(engine.tokenizer, prompt, chat=klass != "code")
+            continuation = engine.generate(ids, CALIBRATION_TOKENS, route=router.start(klass)).token_ids  # its rounds count too
+            router.calibrate_acceptance(klass, ids + continuation, start=len(ids))
     return router
+
+
+def _calibration_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """A prompt's token ids, as a chat request's (the tokenizer's chat template) where it has one."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return tokenizer(prompt)["input_ids"]
 
 
 @dataclass
@@ -453,8 +459,8 @@ class Route:
     _state: PlanState = field(default_factory=PlanState)
 
     def next_plan(self, backlog: dict[str, int] | None = None, remaining: float = float("inf")) -> Plan:
-        scales = self._own.scales(lambda d, v: self.router.acceptance.alpha(self.klass, d, v))
-        plan, ranked, reason = self.router.plan_for(self.klass, backlog, remaining, scales, self._state)
+        ratios = self._own.ratios(lambda d, v: self.router.acceptance.alpha(self.klass, d, v))
+        plan, ranked, reason = self.router.plan_for(self.klass, backlog, remaining, ratios, self._state)
         if reason != "keep" and (not self._decisions or self._decisions[-1]["chain"] != list(plan.chain) or reason.startswith("explore")):
             runner_up = next((p for p in ranked if p.chain != plan.chain), None)
             self._decisions.append({

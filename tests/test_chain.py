@@ -86,7 +86,8 @@ def test_timings_count_the_tokens_each_pass_really_ran(models):
         target = next(r for r in timings if r.level == "target")
         drafts = [r for r in timings if r.op == "draft"]
         if step == 0:
-            assert target.num_tokens == 40 + 3 and not drafts  # a prefill, and the drafter catching up
+            assert target.num_tokens == 40 + 3 and not drafts  # a prefill, and the drafter catching up:
+            assert [r.op for r in timings if r.level == "close"] == ["prefill"]  # timed apart from its drafting
         else:
             assert target.num_tokens == 1 + 3 and [r.num_tokens for r in drafts] == [3]
     for level in chain.levels:

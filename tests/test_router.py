@@ -214,12 +214,12 @@ def test_a_far_behind_stale_drafter_is_probed_not_run_and_found_again_when_it_re
 
 def test_calibration_measures_each_pairs_acceptance_per_class_before_any_request(tiny_dirs):
     from specrouter.engine import Engine
-    from specrouter.router import CALIBRATION_TEXTS, router_for
+    from specrouter.router import CALIBRATION_PROMPTS, router_for
 
     engine = Engine(f"ngram,{tiny_dirs['other']},{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32")
     router = router_for(engine)
     other, draft, target = tiny_dirs["other"], tiny_dirs["draft"], tiny_dirs["target"]
-    for klass in CALIBRATION_TEXTS:
+    for klass in CALIBRATION_PROMPTS:
         assert router.acceptance.count(klass, draft, target) > 20 and router.acceptance.count(klass, "ngram", target) > 20
         # The perturbed copy of the target agrees with it far more than an unrelated model does.
         assert router.acceptance.alpha(klass, draft, target) > router.acceptance.alpha(klass, other, target) + 0.3
@@ -280,6 +280,15 @@ def test_request_plan_charges_a_far_behind_drafter_its_catch_up_prefill():
     assert router.plan_for("early", backlog={"d": 2000}, remaining=1000)[0].chain == ("d", "t")
 
 
+def test_a_drafter_catching_up_is_neither_a_drafting_cost_nor_overhead():
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True})
+    router.observe("code", [TimingRecord("d", "draft", 4, 0.04, asked=4), TimingRecord("t", "score", 5, 0.2)], 0.25)
+    overhead = router.overhead_s  # 0.2 of the step's 0.01 unaccounted for
+    router.observe("code", [TimingRecord("d", "prefill", 4, 1.5, asked=4), TimingRecord("t", "score", 5, 0.2)], 1.71)
+    assert router.overhead_s == pytest.approx(overhead + 0.2 * (0.01 - overhead))
+    assert router.profiler.draft_time("d") == pytest.approx(0.01)
+
+
 def test_each_sequence_drafts_what_its_own_acceptance_pays_for():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True})
     synthetic_batch_profile(router, "t", "d")
@@ -334,7 +343,7 @@ def test_expected_tokens_follow_measured_runs_not_just_alpha():
     iid = expected_tokens(table.alpha("chat", "d", "t"), 8)
     assert table.expected_tokens("chat", "d", "t", 8) > iid + 1.0  # the runs say ~ 0.5 * 9 + 0.5 * 1 = 5 (shrunk toward alpha)
     assert table.expected_tokens("chat", "d", "t", 1) == pytest.approx(1.5, abs=0.05)
-    assert table.expected_tokens("chat", "d", "t", 8, scale=0.5) < table.expected_tokens("chat", "d", "t", 8)
+    assert table.expected_tokens("chat", "d", "t", 8, ratio=2.0) < table.expected_tokens("chat", "d", "t", 8)  # rejected twice as often
     # no rounds seen: the i.i.d. formula with the pair's alpha
     assert table.expected_tokens("code", "x", "t", 4) == pytest.approx(expected_tokens(table.alpha("code", "x", "t"), 4))
 
@@ -359,7 +368,43 @@ def test_expected_drafted_tokens_follow_a_drafter_that_stops_unsure():
         table.observe_draft("code", "d", 8, 2 if i % 2 else 4)
     assert table.expected_drafted("code", "d", 8) == pytest.approx(3.0, abs=0.3)  # shrunk a little toward 8
     assert table.expected_drafted("code", "d", 1) == pytest.approx(1.0, abs=0.01)
-    assert table.expected_drafted("chat", "d", 8) == table.expected_drafted("code", "d", 8)  # an unseen class: the pooled rates
+    assert table.expected_drafted("chat", "d", 8) == pytest.approx(table.expected_drafted("code", "d", 8), rel=0.05)  # an unseen class: the pooled rates
+
+
+def test_a_class_seen_little_starts_from_the_pairs_runs_in_other_classes_at_its_own_level():
+    from specrouter.acceptance import AcceptanceTable
+
+    table = AcceptanceTable()
+    for i in range(100):  # code: long runs once the first token is through (alpha 0.8)
+        table.observe("code", "d", "t", [0.8] * 8)
+        table.observe_round("code", "d", "t", 8, 8 if i % 5 else 0, role="bottom")
+        table.observe_draft("code", "d", 8, 8)
+    table.observe("chat", "d", "t", [0.4] * 40)  # chat: half code's acceptance, in two rounds so far ...
+    for _ in range(2):
+        table.observe_round("chat", "d", "t", 8, 1, role="bottom")
+        table.observe_draft("chat", "d", 8, 2)  # ... which stopped after 2 drafted tokens
+    chat = table.expected_tokens("chat", "d", "t", 8, role="bottom")
+    # Two rounds that accepted one token each say little: code's shape (deep positions all but
+    # certain) with chat's higher rejection rate, pulled down a little by them; not their own ~1.9
+    # tokens, which shrinking each position toward chat's alpha alone would give.
+    assert 3.5 < chat < table.expected_tokens("code", "d", "t", 8, role="bottom") - 1.0
+    assert table.expected_drafted("chat", "d", 8) > 4.0  # two short blocks against 100 full ones elsewhere
+
+
+def test_a_harder_request_is_rejected_more_where_its_class_rejects_not_where_the_drafter_is_sure():
+    from specrouter.acceptance import AcceptanceTable, rejection_ratio
+
+    table = AcceptanceTable()
+    table.observe("code", "d", "t", [0.8] * 100)
+    for i in range(100):  # at the bottom: the first token accepted 4 times in 5, then the drafter is sure
+        table.observe_round("code", "d", "t", 8, 8 if i % 5 else 0, role="bottom")
+    easy = table.expected_tokens("code", "d", "t", 8, role="bottom")
+    ratio = rejection_ratio(0.6, 0.8)  # a request accepting 0.6 where its class accepts 0.8: twice the rejections
+    assert ratio == pytest.approx(2.0)
+    hard = table.expected_tokens("code", "d", "t", 8, ratio=ratio, role="bottom")
+    # the first position drops from 0.8 to 0.6, the sure ones stay sure; scaling every rate by 0.6 / 0.8
+    # would take the deep ones down to 0.75 and cut the block's worth by more than half
+    assert hard == pytest.approx(1 + (easy - 1) * 0.6 / 0.8, rel=0.05)
 
 
 def test_a_drafter_seen_only_on_short_blocks_is_charged_its_stop_rate_beyond_them():
