@@ -22,7 +22,6 @@ rounds are kept per `role` ("bottom" or ""), a role without rounds falling back 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -113,7 +112,7 @@ class AcceptanceTable:
         for key in keys:
             self._drafts.setdefault(key, _Runs()).add(num_asked, min(num_drafted, num_asked), self.run_decay)
 
-    def expected_drafted(self, klass: str, drafter: str, n: int) -> float:
+    def expected_drafted(self, klass: str, drafter: str, n: int, request: _Runs | None = None) -> float:
         """Tokens a block asked for n is expected to draft: sum_i prod_{j <= i} c_j, with c_j the rate
         at which a block that drafted j tokens (and was asked for more) drafted another.
 
@@ -122,18 +121,23 @@ class AcceptanceTable:
         what it is asked for until seen stopping). So a class seen little starts from what the
         drafter does elsewhere, and a position beyond the blocks seen so far stops as often as the
         last one seen, not never: a drafter seen only on short blocks is not charged for long ones it
-        would cut short (optimism that running the longer block then corrects)."""
+        would cut short (optimism that running the longer block then corrects). Given a `request`'s
+        own blocks (OwnAcceptance.drafts), its rate at each position is shrunk toward the class's
+        (or, if lower, its own rate before): a drafter that stops unsure stops sooner on a prompt it
+        finds hard, also beyond the positions the request's blocks have reached."""
         pooled, own = self._drafts.get((POOLED, drafter)), self._drafts.get((klass, drafter)) if klass != POOLED else None
         if pooled is None:
             return float(n)
         others = pooled.excluding(own)
-        expected, survive, rate = 0.0, 1.0, 1.0
+        expected, survive, rate, here = 0.0, 1.0, 1.0, 1.0
         for j in range(n):
             if j < MAX_POSITIONS:
                 rate = self._shrink(others, j, rate, self.draft_prior_weight)
                 if own is not None:
                     rate = self._shrink(own, j, rate, self.draft_prior_weight)
-            survive *= rate
+                # the request's own: toward the class's rate, or where it stopped more often, its own last rate
+                here = self._shrink(request, j, min(rate, here), self.draft_prior_weight) if request is not None else rate
+            survive *= here
             expected += survive
         return expected
 
@@ -195,6 +199,7 @@ class OwnAcceptance:
     passage) accepts more than its class does, a hard one less, and its plan should know."""
 
     _sums: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)  # (drafter, verifier) -> (sum of alphas, count)
+    drafts: dict[str, _Runs] = field(default_factory=dict)  # bottom drafter -> its blocks: position j reached / drafted
 
     def observe(self, drafter: str, verifier: str, alphas: list[float]) -> None:
         if not alphas:  # an empty block (an n-gram without a match) says nothing of acceptance
@@ -202,17 +207,21 @@ class OwnAcceptance:
         total, n = self._sums.get((drafter, verifier), (0.0, 0))
         self._sums[(drafter, verifier)] = (total + sum(alphas), n + len(alphas))
 
+    def observe_draft(self, drafter: str, num_asked: int, num_drafted: int) -> None:
+        """A bottom drafter asked for num_asked tokens drafted num_drafted of them."""
+        self.drafts.setdefault(drafter, _Runs()).add(num_asked, min(num_drafted, num_asked), decay=1.0)
+
     def alpha(self, drafter: str, verifier: str, fallback: float, weight: float = 4.0) -> float | None:
         """The request's acceptance of a pair, shrunk toward `fallback` (its class's) while it has few
         observations; None before any."""
         total, n = self._sums.get((drafter, verifier), (0.0, 0))
         return (total + weight * fallback) / (n + weight) if n else None
 
-    def ratios(self, class_alpha: Callable[[str, str], float]) -> dict[tuple[str, str], float]:
-        """(drafter, verifier) -> the request's rejection_ratio to its class, for every pair it has
-        run; `class_alpha(drafter, verifier)` gives the class's acceptance."""
+    def ratios(self, table: AcceptanceTable, klass: str) -> dict[tuple[str, str], float]:
+        """(drafter, verifier) -> the request's rejection_ratio to its class in `table`, for every
+        pair it has run."""
         out = {}
         for pair in self._sums:
-            fallback = class_alpha(*pair)
+            fallback = table.alpha(klass, *pair)
             out[pair] = rejection_ratio(self.alpha(*pair, fallback), fallback)
         return out

@@ -108,8 +108,9 @@ class AdaptiveRouter:
         single = self.profiler.score_time(level, 1, batch)  # a model drafts one token per single-token pass
         return single if single is not None else self.config.default_cost_s
 
-    def plans(self, klass: str, ratios: dict[tuple[str, str], float] | None = None) -> list[Plan]:
-        """Every chain's best plan for a request of `klass`, best first; `ratios`: as for _expected."""
+    def plans(self, klass: str, own: OwnAcceptance | None = None) -> list[Plan]:
+        """Every chain's best plan for a request of `klass`, best first; `own`: the request's own
+        acceptance and blocks, where it has run some."""
         return search(
             self.pool,
             self.target,
@@ -120,13 +121,13 @@ class AdaptiveRouter:
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
-            expected=self._expected([klass], ratios),
-            drafted=self._drafted([klass]),
+            expected=self._expected([klass], own.ratios(self.acceptance, klass) if own else None),
+            drafted=self._drafted([klass], own),
         )
 
     def _expected(self, classes: list[str], ratios: dict[tuple[str, str], float] | None = None):
         """(drafter, verifier, g) -> tokens per round, averaged over the classes; `ratios` scales some
-        pairs' rejections (a sequence's own rejection ratio to its class: OwnAcceptance.ratios)."""
+        pairs' rejections (a sequence's own against its class: OwnAcceptance.ratios)."""
         def expected(d: str, v: str, g: int, bottom: bool) -> float:
             ratio = (ratios or {}).get((d, v), 1.0)
             role = self._role(d, bottom)
@@ -136,23 +137,27 @@ class AdaptiveRouter:
     def _role(self, drafter: str, bottom: bool) -> str:
         return "bottom" if bottom and drafter in self.stopping else ""
 
-    def _drafted(self, classes: list[str]):
-        """(bottom drafter, n) -> tokens a block asked for n drafts, averaged over the classes."""
-        return lambda level, n: sum(self.acceptance.expected_drafted(k, level, n) for k in classes) / len(classes)
+    def _drafted(self, classes: list[str], own: OwnAcceptance | None = None):
+        """(bottom drafter, n) -> tokens a block asked for n drafts, averaged over the classes (and
+        following a request's `own` blocks where it has run some)."""
+        def drafted(level: str, n: int) -> float:
+            request = own.drafts.get(level) if own else None
+            return sum(self.acceptance.expected_drafted(k, level, n, request) for k in classes) / len(classes)
+        return drafted
 
     # -- planning ---------------------------------------------------------------------------------------
 
     def plan_for(self, klass: str, backlog: dict[str, int] | None = None, remaining: float = float("inf"),
-                 ratios: dict[tuple[str, str], float] | None = None, state: PlanState | None = None) -> tuple[Plan, list[Plan], str]:
+                 own: OwnAcceptance | None = None, state: PlanState | None = None) -> tuple[Plan, list[Plan], str]:
         """The plan for the next step of a request of `klass`, the ranked candidates, and why.
         `backlog` / `remaining`: as for `plan_for_batch` (a drafter that has fallen behind the request's
-        context is charged its catch-up prefill, spread over the tokens still to generate). `ratios`:
-        the request's own rejection ratio to its class for the pairs it ran (OwnAcceptance.ratios). `state`:
+        context is charged its catch-up prefill, spread over the tokens still to generate). `own`:
+        the request's own acceptance of the pairs and blocks of the drafters it ran. `state`:
         the request's plan so far, for hysteresis (default: none yet)."""
         state = state if state is not None else PlanState()
         stale = self._stalest()
         if stale is not None:
-            ranked = self._ranked(klass, backlog, remaining, ratios)
+            ranked = self._ranked(klass, backlog, remaining, own)
             explore = next((p for p in ranked if _runs(p.chain, stale)), None)
             promising = explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin
             self._last_measured[stale] = self._step
@@ -168,11 +173,11 @@ class AdaptiveRouter:
         if state.plan is not None and state.steps_since_plan < self.config.replan_every:
             state.steps_since_plan += 1
             return state.plan, [], "keep"
-        ranked = self._ranked(klass, backlog, remaining, ratios)
+        ranked = self._ranked(klass, backlog, remaining, own)
         best = ranked[0]
         reason = "best predicted"
         if state.plan is not None and best.chain + best.draft_lens != state.plan.chain + state.plan.draft_lens:
-            current = self._repredict(state.plan, klass, ratios)
+            current = self._repredict(state.plan, klass, own)
             if backlog:
                 current = self._with_catch_up(current, backlog, remaining)
             if best.predicted_s_per_token > current.predicted_s_per_token * (1 - self.config.hysteresis):
@@ -181,8 +186,8 @@ class AdaptiveRouter:
         return best, ranked, reason
 
     def _ranked(self, klass: str, backlog: dict[str, int] | None, remaining: float,
-                ratios: dict[tuple[str, str], float] | None = None) -> list[Plan]:
-        return self._charge_catch_up(self.plans(klass, ratios), backlog, remaining)
+                own: OwnAcceptance | None = None) -> list[Plan]:
+        return self._charge_catch_up(self.plans(klass, own), backlog, remaining)
 
     def _charge_catch_up(self, plans: list[Plan], backlog: dict[str, int] | None, remaining: float) -> list[Plan]:
         """The plans re-ranked with each one's catch-up prefill added (see plan_for_batch)."""
@@ -190,9 +195,10 @@ class AdaptiveRouter:
             return plans
         return sorted((self._with_catch_up(p, backlog, remaining) for p in plans), key=lambda p: p.predicted_s_per_token)
 
-    def _repredict(self, plan: Plan, klass: str, ratios: dict[tuple[str, str], float] | None = None) -> Plan:
+    def _repredict(self, plan: Plan, klass: str, own: OwnAcceptance | None = None) -> Plan:
+        ratios = own.ratios(self.acceptance, klass) if own else None
         t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, lambda d, v: self.acceptance.alpha(klass, d, v),
-                    self.overhead_s, self._expected([klass], ratios), self._drafted([klass]))
+                    self.overhead_s, self._expected([klass], ratios), self._drafted([klass], own))
         return Plan(plan.chain, plan.draft_lens, t)
 
     def _exploration(self, plan: Plan) -> Plan:
@@ -459,8 +465,7 @@ class Route:
     _state: PlanState = field(default_factory=PlanState)
 
     def next_plan(self, backlog: dict[str, int] | None = None, remaining: float = float("inf")) -> Plan:
-        ratios = self._own.ratios(lambda d, v: self.router.acceptance.alpha(self.klass, d, v))
-        plan, ranked, reason = self.router.plan_for(self.klass, backlog, remaining, ratios, self._state)
+        plan, ranked, reason = self.router.plan_for(self.klass, backlog, remaining, self._own, self._state)
         if reason != "keep" and (not self._decisions or self._decisions[-1]["chain"] != list(plan.chain) or reason.startswith("explore")):
             runner_up = next((p for p in ranked if p.chain != plan.chain), None)
             self._decisions.append({
@@ -477,6 +482,8 @@ class Route:
         for r in records:
             if isinstance(r, VerifyRecord):
                 self._own.observe(r.drafter, r.verifier, r.alphas)
+            elif isinstance(r, TimingRecord) and r.op == "draft" and r.asked:
+                self._own.observe_draft(r.level, r.asked, r.num_tokens)
         self._steps[(self._plan.chain, self._plan.draft_lens)] += 1
         self._tokens += committed
         if self._prefill_s is None:

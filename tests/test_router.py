@@ -469,6 +469,20 @@ def test_a_drafter_that_stops_unsure_is_charged_for_the_tokens_it_drafts():
     assert stopping.draft_lens[0] > full.draft_lens[0] and stopping.predicted_s_per_token < full.predicted_s_per_token
 
 
+def test_a_request_on_which_its_drafter_stops_sooner_is_charged_the_tokens_it_drafts_there():
+    router = profiled_router(0.05)
+    router.acceptance.observe("chat", "d", "t", [0.9] * 200)
+    router.observe("chat", [TimingRecord("d", "draft", 10, 0.5, asked=10)] * 40, 0.0)  # the class: whole blocks
+    hard = router.start("chat")
+    for _ in range(3):  # on this prompt the drafter is unsure after 2 tokens, and those 2 are accepted
+        hard.next_plan()
+        hard.observe([TimingRecord("d", "draft", 2, 0.1, asked=10), VerifyRecord("d", "t", 2, 2, [1.0, 1.0], 10, True)], 3, 0.2)
+    class_drafted, own_drafted = router._drafted(["chat"])("d", 10), router._drafted(["chat"], hard._own)("d", 10)
+    assert class_drafted > 9.0 and own_drafted < 4.0
+    # So asking for long blocks costs this request little: its plan keeps them.
+    assert hard.next_plan().draft_lens[0] >= 8
+
+
 def test_streaky_acceptance_makes_the_router_draft_longer_blocks():
     router = profiled_router(0.02)
     router.acceptance.observe("chat", "d", "t", [0.6] * 200)
