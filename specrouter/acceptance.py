@@ -8,9 +8,10 @@ Acceptance is not independent from one position to the next: easy stretches (boi
 passage) accept long runs, hard ones reject at once, so long blocks pay more than the i.i.d. formula
 (1 - a^(g+1)) / (1 - a) says. So the table also keeps, per pair and class, how often a block that
 reached position j had it accepted (decayed counts, seeded at calibration), and expected tokens per
-round come from these position-by-position acceptance rates, each shrunk toward alpha. A block
-that holds fewer tokens than asked (an n-gram without a match, a drafter that stopped unsure) counts
-its first missing position as a rejection: the verifier emits its own token there either way.
+round come from these position-by-position acceptance rates, each shrunk toward the other
+classes' rate at that position and toward alpha (expected_tokens). A block that holds fewer tokens
+than asked (an n-gram without a match, a drafter that stopped unsure) counts its first missing
+position as a rejection: the verifier emits its own token there either way.
 
 A drafter that stops unsure also costs less than its block length: the table keeps, per drafter and
 class, how often a block asked for more than j tokens drafted its (j+1)-th, so the latency model
@@ -211,9 +212,10 @@ class OwnAcceptance:
         """A bottom drafter asked for num_asked tokens drafted num_drafted of them."""
         self.drafts.setdefault(drafter, _Runs()).add(num_asked, min(num_drafted, num_asked), decay=1.0)
 
-    def alpha(self, drafter: str, verifier: str, fallback: float, weight: float = 4.0) -> float | None:
+    def alpha(self, drafter: str, verifier: str, fallback: float, weight: float = 20.0) -> float | None:
         """The request's acceptance of a pair, shrunk toward `fallback` (its class's) while it has few
-        observations; None before any."""
+        observations (`weight`: about the class EMA's memory, so one block rejected early does not
+        swing it); None before any."""
         total, n = self._sums.get((drafter, verifier), (0.0, 0))
         return (total + weight * fallback) / (n + weight) if n else None
 
