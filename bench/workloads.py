@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
+from specrouter.frontend import chat_ids
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -56,6 +58,5 @@ def sharegpt(n: int, min_chars: int = 40, max_chars: int = 600) -> list[Prompt]:
 
 def encode(tokenizer, prompt: Prompt) -> list[int]:
     if prompt.chat:
-        messages = [{"role": "user", "content": prompt.text}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return chat_ids(tokenizer, [{"role": "user", "content": prompt.text}])
     return tokenizer(prompt.text)["input_ids"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specrouter.acceptance import OwnAcceptance
-from specrouter.chain import Chain, StepContext, TimingRecord, VerifyRecord, speculative_step_batch
+from specrouter.chain import Chain, StepContext, TimingRecord, VerifyRecord, drafted, speculative_step_batch
 from specrouter.engine import Engine, GenerationResult
 from specrouter.pipeline import DraftAhead, pipelined_step_batch
 from specrouter.sampling import SamplingParams
@@ -222,7 +222,8 @@ class BatchLoop:
 
 def calibration_passes(level, batch: int, lengths: tuple[int, ...], context: int) -> list[tuple[str, int, float]]:
     """Time a level's batched passes over `batch` throwaway sequences: ("score", block length, s) per
-    length (verifiers only) and ("draft", 4, s) for four tokens drafted for all of them."""
+    length (verifiers only) and ("draft", n, s) for up to four tokens drafted for all of them (n: the
+    most any of them drafted, at least 1)."""
     params, out = SamplingParams(), []
     seqs = [SequenceState.new(f"calibrate-{level.name}-{batch}-{b}", list(range(1 + b, context + 1 + b))) for b in range(batch)]
     ctxs = [list(seq.token_ids) for seq in seqs]
@@ -236,8 +237,8 @@ def calibration_passes(level, batch: int, lengths: tuple[int, ...], context: int
                 score([(seq, ctx, list(range(2, n + 1)), params) for seq, ctx in zip(seqs, ctxs)])
                 out.append(("score", n, time.perf_counter() - t0))
         t0 = time.perf_counter()
-        propose([(seq, ctx, 4, params, 0) for seq, ctx in zip(seqs, ctxs)])
-        out.append(("draft", 4, time.perf_counter() - t0))
+        blocks = propose([(seq, ctx, 4, params, 0) for seq, ctx in zip(seqs, ctxs)])
+        out.append(("draft", max(1, *(drafted(b, 4) for b in blocks)), time.perf_counter() - t0))  # one that stops unsure drafts fewer
     finally:
         for seq in seqs:
             level.release(seq.seq_id)

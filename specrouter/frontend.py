@@ -16,6 +16,12 @@ from specrouter.request import GenerationRequest
 from specrouter.sampling import SamplingParams
 
 
+def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of chat messages under the tokenizer's chat template, the assistant's turn opened."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
 class Frontend:
     def __init__(self, engine: Engine, router=None, default_max_tokens: int = 256, batcher=None):
         """`router`: an AdaptiveRouter (specrouter/router.py) to pick each step's chain, or None.
@@ -27,9 +33,7 @@ class Frontend:
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         tokenizer = self.engine.tokenizer
         if request.messages is not None:
-            messages = [{"role": role, "content": content} for role, content in request.messages]
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return chat_ids(tokenizer, [{"role": role, "content": content} for role, content in request.messages])
         if isinstance(request.prompt, str):
             return tokenizer(request.prompt)["input_ids"]
         vocab = self.engine.vocab_size

@@ -4,6 +4,7 @@ real tiny models through the engine."""
 import random
 
 import pytest
+import torch
 
 from specrouter.chain import TimingRecord, VerifyRecord
 from specrouter.classifier import classify
@@ -210,6 +211,26 @@ def test_a_far_behind_stale_drafter_is_probed_not_run_and_found_again_when_it_re
     found = next(i for i, p in enumerate(recovered) if "S" in p.chain)
     assert found <= 20  # a probe every 5 steps; a change this large takes two or three probes to believe
     assert [("S" in p.chain) for p in recovered[-10:]].count(True) >= 8
+
+
+def test_calibration_charges_a_drafter_that_stops_unsure_per_token_it_drafts():
+    import time
+
+    from specrouter.levels import Block
+
+    class StopsAtOnce:  # asked for 4 tokens, drafts 1 (unsure after it) in 20 ms
+        can_verify = False
+
+        def propose(self, seq, ctx, n, params, seed):
+            time.sleep(0.02)
+            return Block([1], torch.zeros(1, 8), num_drafted=1)
+
+        def release(self, seq_id):
+            pass
+
+    router = AdaptiveRouter(["s"], "T", {"s": False})
+    router.calibrate({"s": StopsAtOnce()})
+    assert router.profiler.draft_time("s") >= 0.02  # not a quarter of it
 
 
 def test_calibration_measures_each_pairs_acceptance_per_class_before_any_request(tiny_dirs):
