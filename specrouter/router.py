@@ -25,7 +25,7 @@ import torch
 from specrouter.acceptance import POOLED, AcceptanceTable, OwnAcceptance, rejection_ratio
 from specrouter.chain import TimingRecord, VerifyRecord, drafted
 from specrouter.levels import Level, NgramLevel
-from specrouter.profiler import ForwardProfiler
+from specrouter.profiler import LEVEL_CHANGE, ForwardProfiler
 from specrouter.sampling import SamplingParams
 from specrouter.scheduler import Plan, predict, search, search_batch
 from specrouter.sequence import SequenceState
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 
 EXPLORE_WEIGHT = 0.8  # an exploratory measurement is fresh news about a level out of use
+PROBE_BACKOFF = 4  # a level whose probes keep confirming its cost is probed at most this many times less often
 CALIBRATION_ROUNDS = 10.0  # what the calibration text's blocks are worth, in verification rounds
 
 # A prompt per class; at start the target's own greedy continuation of each (CALIBRATION_TOKENS, one
@@ -93,6 +94,10 @@ class AdaptiveRouter:
         self._pairs = [(d, v) for i, d in enumerate(self.pool) for v in names[i + 1:] if can_verify.get(v, True)]
         self._last_measured: dict[str | tuple[str, str], int] = {item: 0 for item in names + self._pairs}  # level or pair -> step
         self._exploring: set[str] = set()  # levels whose next measurement replaces most of the old one
+        # steps between probes of a level out of use: doubled (up to PROBE_BACKOFF x explore_every) each time a
+        # probe finds its cost as predicted, since each costs a pass of that level (0.17 s for the 1.5B-skip here,
+        # ~4% of a mixed workload's time); back to explore_every once a probe finds it changed or a chain runs it
+        self._probe_every: dict[str, int] = {}
         self._levels: dict[str, Level] = levels if levels is not None else {}
 
     # -- the latency model's inputs ---------------------------------------------------------------------
@@ -215,9 +220,9 @@ class AdaptiveRouter:
         if self.config.explore_every <= 0:
             return None
         for items in (self.pool, self._pairs):
-            item = min(items, key=lambda i: self._last_measured[i], default=None)
-            if item is not None and self._step - self._last_measured[item] >= self.config.explore_every:
-                return item
+            due = [i for i in items if self._step - self._last_measured[i] >= self._probe_every.get(i, self.config.explore_every)]
+            if due:
+                return min(due, key=lambda i: self._last_measured[i])
         return None
 
     # -- feedback ---------------------------------------------------------------------------------------
@@ -230,6 +235,7 @@ class AdaptiveRouter:
             if isinstance(r, TimingRecord):
                 level_seconds += r.seconds
                 self._last_measured[r.level] = self._step
+                self._probe_every.pop(r.level, None)  # in use: probed at the usual pace once out of use again
                 weight = EXPLORE_WEIGHT if r.level in self._exploring else None
                 if r.op == "score":
                     rounds += 1
@@ -386,6 +392,7 @@ class AdaptiveRouter:
         """Time one small pass of a level (a throwaway sequence) and record it as fresh news."""
         level, params = self._levels[name], SamplingParams()
         seq = SequenceState.new(f"probe-{name}-{self._step}", list(range(1, context + 1)))
+        predicted = self._verify_cost(name, 2) if level.can_verify else self._draft_cost(name)
         try:
             t0 = time.perf_counter()
             if level.can_verify:
@@ -393,9 +400,13 @@ class AdaptiveRouter:
                 self.profiler.observe_score(name, 2, time.perf_counter() - t0, weight=EXPLORE_WEIGHT)
             else:
                 level.propose(seq, list(seq.token_ids), 1, params, seed=0)
-            self.profiler.observe_draft(name, 1, time.perf_counter() - t0, weight=EXPLORE_WEIGHT)
+            seconds = time.perf_counter() - t0
+            self.profiler.observe_draft(name, 1, seconds, weight=EXPLORE_WEIGHT)
         finally:
             level.release(seq.seq_id)
+        every = self._probe_every.get(name, self.config.explore_every)
+        as_predicted = 1 / LEVEL_CHANGE < seconds / max(predicted, 1e-9) < LEVEL_CHANGE
+        self._probe_every[name] = min(2 * every, PROBE_BACKOFF * self.config.explore_every) if as_predicted else self.config.explore_every
 
     def calibrate(self, levels: dict[str, Level], lengths: tuple[int, ...] = (1, 2, 4, 8), context: int = 32) -> None:
         """Seed the profiles with a few passes of every level over a throwaway sequence. `levels` is kept

@@ -213,6 +213,22 @@ def test_a_far_behind_stale_drafter_is_probed_not_run_and_found_again_when_it_re
     assert [("S" in p.chain) for p in recovered[-10:]].count(True) >= 8
 
 
+def test_a_level_whose_probes_confirm_its_cost_is_probed_less_often():
+    env = SimEnv({"A": 0.003, "S": 0.2, "T": 0.025}, {"chat": {("A", "T"): 0.7, ("S", "T"): 0.95, ("A", "S"): 0.7}})
+    probes = []
+
+    class CountedLevel(SimLevel):
+        def score(self, seq, ctx, draft, params):
+            probes.append(len(probes))
+            super().score(seq, ctx, draft, params)
+
+    router = AdaptiveRouter(["A", "S"], "T", {}, RouterConfig(explore_every=5), levels={"S": CountedLevel("S", env)})
+    router.acceptance.observe("chat", "S", "T", [0.95] * 50)
+    run(router, env, "chat", 120)
+    # every 5 steps would be 20 or more; backing off to every 20 after a few that found it unchanged: about 8
+    assert 4 <= len(probes) <= 10
+
+
 def test_calibration_charges_a_drafter_that_stops_unsure_per_token_it_drafts():
     import time
 
