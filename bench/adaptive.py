@@ -111,12 +111,14 @@ def run_one(engine: Engine, prompt, ids: list[int], route, max_tokens: int) -> d
 
 def run_side_by_side(engine: Engine, encoded: list, routes: dict, max_tokens: int, desc: str, slowed=None) -> dict[str, list[dict]]:
     """Every way in `routes` (name -> class -> route) on each prompt in turn, so that this machine's
-    drift hits them alike. `slowed(i)`: a context in which prompt i runs (the slowdown)."""
+    drift hits them alike; the order of the ways rotates from prompt to prompt, so that none always
+    runs first or right after the slowest. `slowed(i)`: a context in which prompt i runs (the slowdown)."""
     rows: dict[str, list[dict]] = {name: [] for name in routes}
+    names = list(routes)
     for i, (p, ids) in enumerate(tqdm(encoded, desc=desc)):
         with slowed(i) if slowed else contextlib.nullcontext():
-            for name, route in routes.items():
-                rows[name].append(run_one(engine, p, ids, route, max_tokens))
+            for name in names[i % len(names):] + names[: i % len(names)]:
+                rows[name].append(run_one(engine, p, ids, routes[name], max_tokens))
     return rows
 
 
