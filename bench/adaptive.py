@@ -4,6 +4,8 @@ with one drafter artificially slowed down half-way (3x, and 10x: enough that the
 is no longer best here).
 
     .venv/bin/python bench/adaptive.py [--humaneval 4] [--sharegpt 4] [--max-tokens 96] [--draft-confidence 0.4] [--slow-factors 3,10]
+    .venv/bin/python bench/adaptive.py --draft-confidence 0.4 --max-tokens 64 \
+        --pool ngram,smollm2-135m@int8,qwen2.5-coder-0.5b@int8,qwen2.5-coder-1.5b@skip,qwen2.5-coder-1.5b  # + SmolLM2
 
 With --draft-confidence, the bottom drafter of every chain (static or routed) ends its block after a
 token it gave less than that probability, and a static chain's bottom model drafts blocks of up to 10.
@@ -36,6 +38,7 @@ from specrouter.scheduler import Plan, enumerate_chains  # noqa: E402
 
 TARGET = "qwen2.5-coder-1.5b"
 POOL = f"ngram,qwen2.5-coder-0.5b@int8,{TARGET}@skip,{TARGET}"
+POOL_WITH_SMOL = f"ngram,smollm2-135m@int8,qwen2.5-coder-0.5b@int8,{TARGET}@skip,{TARGET}"  # + the cross-tokenizer drafter
 STATIC_LEN = {"ngram": 3}  # block length a level proposes in a static chain; models: 6 to the target, 4 below
 
 
@@ -170,12 +173,13 @@ def main() -> None:
     parser.add_argument("--slow-factors", default="3,10", help="part 2 runs once per factor, separated by ','; '' skips it")
     parser.add_argument("--draft-confidence", type=float, default=0.0, help="the bottom drafter stops below this confidence")
     parser.add_argument("--explore-margin", type=float, default=RouterConfig.explore_margin, help="RouterConfig.explore_margin")
+    parser.add_argument("--pool", default=POOL, help=f"levels cheapest first, the target last (with SmolLM2: {POOL_WITH_SMOL})")
     parser.add_argument("--chains", default="", help="a subset of static chain labels, separated by ';' (default: all)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    engine = Engine(POOL, provider=ModelStore("bfloat16"), draft_confidence=args.draft_confidence)
+    engine = Engine(args.pool, provider=ModelStore("bfloat16"), draft_confidence=args.draft_confidence)
     code, chat = humaneval(args.humaneval), sharegpt(args.sharegpt)
     prompts = [p for pair in zip(code, chat) for p in pair] + code[len(chat) :] + chat[len(code) :]  # mixed, interleaved
     encoded = [(p, encode(engine.tokenizer, p)) for p in prompts]
@@ -218,7 +222,7 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"adaptive-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"benchmark": "adaptive", "machine": machine_info(), "config": vars(args), "pool": POOL,
+    path.write_text(json.dumps({"benchmark": "adaptive", "machine": machine_info(), "config": vars(args), "pool": args.pool,
                                 "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                                 "summary": summary, "adaptive_rows": adaptive_rows, "static_rows": static_rows,
                                 "router_acceptance": router.acceptance.snapshot()}, indent=1))
