@@ -25,6 +25,7 @@ import torch
 
 from specrouter.acceptance import POOLED, AcceptanceTable, OwnAcceptance, rejection_ratio
 from specrouter.chain import TimingRecord, VerifyRecord, drafted
+from specrouter.frontend import chat_ids
 from specrouter.levels import Level, NgramLevel
 from specrouter.profiler import LEVEL_CHANGE, ForwardProfiler
 from specrouter.sampling import SamplingParams
@@ -455,8 +456,6 @@ def router_for(engine: "Engine", config: RouterConfig = RouterConfig(), calibrat
 def _calibration_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     """A prompt's token ids, as a chat request's (the tokenizer's chat template) where it has one."""
     if chat and getattr(tokenizer, "chat_template", None):
-        from specrouter.frontend import chat_ids
-
         return chat_ids(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt)["input_ids"]
 
