@@ -16,6 +16,7 @@ from specrouter.levels import Level, ModelLevel, NgramLevel
 from specrouter.sampling import SamplingParams
 from specrouter.scheduler import Plan
 from specrouter.sequence import SequenceState
+from specrouter.shadow import shadow_records
 from specrouter.retokenize import retokenizer
 from specrouter.spec import LevelSpec, parse_chain
 from specrouter.store import ModelStore, WorkerProvider
@@ -229,6 +230,7 @@ class Engine:
                 steps += 1
                 records = ctx.drain_records()
                 if route is not None:
+                    records += self._shadow(chain, seq, new)
                     route.observe(records, len(new), time.perf_counter() - t_step)
                 end = next((i for i, t in enumerate(new) if t in ctx.eos_ids), None)
                 if end is not None:
@@ -251,6 +253,14 @@ class Engine:
             prompt_tokens=len(prompt_ids),
             routing=route.explain() if route is not None else None,
         )
+
+    def _shadow(self, chain: Chain, seq: SequenceState, new: list[int]) -> list:
+        """Records of the prompt-lookup drafters this step's target did not verify (out of its chain,
+        or under a middle level), replayed on its tokens (specrouter/shadow.py): a routed request
+        measures them against the target on every step, for free."""
+        verified = chain.names[-2] if len(chain.names) > 1 else None  # the level the target verified
+        return [r for level in self.levels.values() if isinstance(level, NgramLevel) and level.name != verified
+                for r in shadow_records(level, seq, new, self.target_name, CAPPED_DRAFT_LEN)]
 
     def _next_plan(self, route: Route, seq: SequenceState, max_new_tokens: int) -> Plan:
         backlog = {name: level.backlog(seq.seq_id, len(seq.token_ids)) for name, level in self.levels.items() if name != self.target_name}

@@ -128,9 +128,22 @@ class AdaptiveRouter:
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
-            expected=self._expected([klass], own.ratios(self.acceptance, klass) if own else None),
+            expected=self._expected([klass], self._own_ratios(klass, own)),
             drafted=self._drafted([klass], own),
         )
+
+    def _own_ratios(self, klass: str, own: OwnAcceptance | None) -> dict[tuple[str, str], float] | None:
+        """A request's rejection ratio to its class for each pair it has run (OwnAcceptance.ratios).
+        A drafter it has seen only against the target (a prompt-lookup drafter's shadow replay,
+        specrouter/shadow.py) carries that ratio to its other verifiers: how well a text suits a
+        drafter hardly depends on which level checks it."""
+        if own is None:
+            return None
+        ratios = own.ratios(self.acceptance, klass)
+        for drafter, verifier in self._pairs:
+            if (drafter, verifier) not in ratios and (drafter, self.target) in ratios:
+                ratios[(drafter, verifier)] = ratios[(drafter, self.target)]
+        return ratios
 
     def _expected(self, classes: list[str], ratios: dict[tuple[str, str], float] | None = None):
         """(drafter, verifier, g) -> tokens per round, averaged over the classes; `ratios` scales some
@@ -203,7 +216,7 @@ class AdaptiveRouter:
         return sorted((self._with_catch_up(p, backlog, remaining) for p in plans), key=lambda p: p.predicted_s_per_token)
 
     def _repredict(self, plan: Plan, klass: str, own: OwnAcceptance | None = None) -> Plan:
-        ratios = own.ratios(self.acceptance, klass) if own else None
+        ratios = self._own_ratios(klass, own)
         t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, lambda d, v: self.acceptance.alpha(klass, d, v),
                     self.overhead_s, self._expected([klass], ratios), self._drafted([klass], own))
         return Plan(plan.chain, plan.draft_lens, t)

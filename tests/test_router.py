@@ -542,3 +542,22 @@ def test_requests_of_one_class_are_planned_for_their_own_acceptance():
     assert easy_plan.chain == ("d", "t")
     assert easy_plan.predicted_s_per_token < hard_plan.predicted_s_per_token
     assert hard_plan.chain == ("t",) or hard_plan.draft_lens[0] < easy_plan.draft_lens[0]
+
+
+def test_a_request_that_suits_a_drafter_against_the_target_is_planned_for_it_below_other_verifiers_too():
+    from specrouter.acceptance import OwnAcceptance
+
+    router = AdaptiveRouter(["n", "d"], "t", {"n": False, "d": True, "t": True}, RouterConfig(explore_every=0))
+    router.observe_batch([], [TimingRecord(level, "score", k, base + 0.01 * k, 1) for level, base in (("t", 0.1), ("d", 0.03))
+                              for k in (1, 2, 4, 8, 12)] + [TimingRecord("n", "draft", 4, 0.0004, 1)])
+    for pair, alpha in ((("n", "t"), 0.2), (("n", "d"), 0.2), (("d", "t"), 0.8)):
+        router.acceptance.observe("chat", *pair, [alpha] * 200)
+    copying = OwnAcceptance()  # n-gram replays against the target (specrouter/shadow.py) that accepted everything
+    copying.observe("n", "t", [1.0] * 40)
+
+    def three_level(own):
+        return next(p for p in router.plans("chat", own) if p.chain == ("n", "d", "t"))
+
+    # the n -> d pair was never run by the request: its replays against t are what make n -> d -> t faster
+    assert three_level(copying).predicted_s_per_token < 0.9 * three_level(None).predicted_s_per_token
+    assert router.plans("chat", copying)[0].chain[0] == "n" and router.plans("chat", None)[0].chain[0] != "n"
