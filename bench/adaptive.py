@@ -1,7 +1,8 @@
 """Adaptive routing vs every static chain on a mixed code + chat workload, in one run (each prompt
 under every way in turn, so this machine's drift hits them alike); then the same
 with one drafter artificially slowed down half-way (3x, and 10x: enough that the chain best before
-is no longer best here).
+is no longer best here). Between the two, adaptive and the best static chain alone, on more prompts
+(--head-to-head), for a ratio less at the mercy of this machine's noise.
 
     .venv/bin/python bench/adaptive.py [--humaneval 4] [--sharegpt 4] [--max-tokens 96] [--draft-confidence 0.4] [--slow-factors 3,10]
     .venv/bin/python bench/adaptive.py --draft-confidence 0.4 --max-tokens 64 \
@@ -125,6 +126,26 @@ def run_side_by_side(engine: Engine, encoded: list, routes: dict, max_tokens: in
     return rows
 
 
+def head_to_head_summary(rows: dict[str, list[dict]], best_static: str) -> dict:
+    """Adaptive over the best static chain: on the whole workload and per class (tokens/s), and the
+    spread of the ratio from prompt to prompt (same prompt, same tokens: a paired comparison)."""
+    static, adaptive = rows[best_static], rows["adaptive"]
+    per_prompt = sorted(s["seconds"] / a["seconds"] * a["tokens"] / s["tokens"] for s, a in zip(static, adaptive))
+    by_class = {}
+    for klass in ("code", "chat", "all"):
+        mine = [i for i, r in enumerate(static) if klass == "all" or r["true_class"] == klass]
+        by_class[klass] = round(tps([adaptive[i] for i in mine]) / tps([static[i] for i in mine]), 3)
+    return {
+        "best_static": best_static,
+        "prompts": len(static),
+        "tokens_per_s": {"adaptive": round(tps(adaptive), 3), best_static: round(tps(static), 3)},
+        "adaptive_vs_best_static": by_class,
+        "per_prompt_ratio": {"min": round(per_prompt[0], 3), "median": round(per_prompt[len(per_prompt) // 2], 3),
+                             "max": round(per_prompt[-1], 3), "wins": sum(r > 1 for r in per_prompt)},
+        "rows": rows,
+    }
+
+
 def slowed_drafter(engine: Engine, encoded: list, statics: dict[str, Plan], results: dict[str, dict], best_static: str,
                    router, factor: float, max_tokens: int) -> dict:
     """The best static chain, adaptive routing and every static chain without the victim that beat
@@ -175,6 +196,8 @@ def main() -> None:
     parser.add_argument("--explore-margin", type=float, default=RouterConfig.explore_margin, help="RouterConfig.explore_margin")
     parser.add_argument("--pool", default=POOL, help=f"levels cheapest first, the target last (with SmolLM2: {POOL_WITH_SMOL})")
     parser.add_argument("--chains", default="", help="a subset of static chain labels, separated by ';' (default: all)")
+    parser.add_argument("--head-to-head", type=int, default=8,
+                        help="then adaptive and the best static chain alone on this many more prompts of each kind (0: skip)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -205,7 +228,18 @@ def main() -> None:
     best_static = max((k for k in results if k != "adaptive"), key=lambda k: results[k]["all"])
     print(json.dumps({"tokens_per_s": results, "prediction_error_mean": sum(pred_err) / len(pred_err)}), flush=True)  # part 1
 
-    # 2. The drafter the best static chain relies on slows down half-way through the workload.
+    # 2. Adaptive and the best static chain alone, on more prompts: the mix's few prompts leave their
+    # ratio within this machine's noise (one chain's runs differ by up to 16% on a prompt).
+    head_to_head = None
+    if args.head_to_head:
+        more = [p for pair in zip(humaneval(args.humaneval + args.head_to_head)[args.humaneval:],
+                                  sharegpt(args.sharegpt + args.head_to_head)[args.sharegpt:]) for p in pair]
+        pairs = run_side_by_side(engine, [(p, encode(engine.tokenizer, p)) for p in more],
+                                 {best_static: routes[best_static], "adaptive": router.start}, args.max_tokens, "head to head")
+        head_to_head = head_to_head_summary(pairs, best_static)
+        print(json.dumps({k: v for k, v in head_to_head.items() if k != "rows"}), flush=True)
+
+    # 3. The drafter the best static chain relies on slows down half-way through the workload.
     slowdown = [slowed_drafter(engine, encoded, statics, results, best_static, router, float(f), args.max_tokens)
                 for f in args.slow_factors.split(",") if f]
 
@@ -217,6 +251,7 @@ def main() -> None:
         "prediction_error_mean": round(sum(pred_err) / len(pred_err), 3),
         "prediction_error_max": round(max(pred_err), 3),
         "classifier_accuracy": round(sum(r["class"] == r["true_class"] for r in adaptive_rows) / len(adaptive_rows), 3),
+        "head_to_head": {k: v for k, v in head_to_head.items() if k != "rows"} if head_to_head else None,
         "slowdown": slowdown,
     }
     out_dir = Path(args.out)
@@ -225,6 +260,7 @@ def main() -> None:
     path.write_text(json.dumps({"benchmark": "adaptive", "machine": machine_info(), "config": vars(args), "pool": args.pool,
                                 "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                                 "summary": summary, "adaptive_rows": adaptive_rows, "static_rows": static_rows,
+                                "head_to_head_rows": head_to_head["rows"] if head_to_head else None,
                                 "router_acceptance": router.acceptance.snapshot()}, indent=1))
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")
