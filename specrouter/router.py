@@ -9,9 +9,10 @@ happens every `replan_every` steps with hysteresis. Every `explore_every` steps 
 measured drafter (else pair of neighbours) is re-measured, so estimates of levels out of use (a
 drafter that slowed down and recovered) stay fresh: its best plan runs once if it is predicted close
 to the best, else one small timed pass of the level (a probe) refreshes its cost without running a
-slow chain (less and less often while probes find that cost unchanged). Calibration at start
-measures every level's cost, then every pair's acceptance on the target's own continuation of a
-short prompt per class.
+slow chain (less and less often while probes find that cost unchanged). An n-gram drafter's cost and
+its acceptance by the target need neither: the engine replays it on every step (specrouter/shadow.py).
+Calibration at start measures every level's cost, then every pair's acceptance on the target's own
+continuation of a short prompt per class.
 """
 
 from __future__ import annotations
