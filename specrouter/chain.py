@@ -110,6 +110,7 @@ class VerifyRecord:
     alphas: list[float]  # sum_x min(q_draft, p_target) at each draft position up to the first rejection
     num_asked: int | None = None  # the block length asked for (None: num_draft_tokens); a drafter may give fewer
     bottom: bool = False  # the drafter drafted at the bottom of its chain (not by verifying a level below)
+    replayed: bool = False  # a shadow replay over committed tokens (specrouter/shadow.py), not a verification run
 
 
 @dataclass(frozen=True)

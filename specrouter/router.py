@@ -270,6 +270,10 @@ class AdaptiveRouter:
     def _observe_verdict(self, klass: str, r: VerifyRecord) -> None:
         """One verification's feedback: the pair's acceptance, and the round's run (in the drafter's role)."""
         self._last_measured[(r.drafter, r.verifier)] = self._step
+        if r.replayed:  # its ratio carries to its other verifiers (_own_ratios): none of them is explored blindly
+            for pair in self._pairs:
+                if pair[0] == r.drafter:
+                    self._last_measured[pair] = self._step
         self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
         self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked,
                                       self._role(r.drafter, r.bottom))

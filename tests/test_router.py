@@ -468,7 +468,8 @@ def test_a_stopping_drafter_is_not_taken_to_get_worse_beyond_the_positions_seen(
     bottom, middle = (table.expected_tokens("chat", "d", "t", 8, role=r) for r in ("bottom", ""))
     assert middle < 3.0  # positions 4..8 unseen: alpha, 0.5 each
     assert bottom > 3.5  # positions 4..8 unseen: as well accepted as the third, ~1 each
-    assert table.expected_tokens("chat", "d", "t", 3, role="bottom") == pytest.approx(table.expected_tokens("chat", "d", "t", 3), rel=0.02)
+    # where rounds were seen, they decide in both roles (which differ in how much alpha, the prior, weighs)
+    assert table.expected_tokens("chat", "d", "t", 3, role="bottom") == pytest.approx(table.expected_tokens("chat", "d", "t", 3), rel=0.05)
 
 
 def test_a_drafter_that_stops_at_the_bottom_keeps_its_rounds_in_the_middle_apart():
@@ -561,3 +562,21 @@ def test_a_request_that_suits_a_drafter_against_the_target_is_planned_for_it_bel
     # the n -> d pair was never run by the request: its replays against t are what make n -> d -> t faster
     assert three_level(copying).predicted_s_per_token < 0.9 * three_level(None).predicted_s_per_token
     assert router.plans("chat", copying)[0].chain[0] == "n" and router.plans("chat", None)[0].chain[0] != "n"
+
+
+@pytest.mark.parametrize("replayed", [True, False])
+def test_a_drafter_replayed_on_every_step_is_not_explored(replayed):
+    router = AdaptiveRouter(["n", "d"], "t", {"n": False, "d": True, "t": True}, RouterConfig(explore_every=4))
+    router.observe_batch([], [TimingRecord(level, "score", k, base + 0.01 * k, 1) for level, base in (("t", 0.1), ("d", 0.03))
+                              for k in (1, 2, 4, 8, 12)] + [TimingRecord("n", "draft", 4, 0.0004, 1)])
+    router.acceptance.observe("chat", "n", "d", [0.9] * 50)  # measured once, long ago: n -> d -> t is close to the best
+    step = [TimingRecord("d", "draft", 3, 0.09, asked=3), TimingRecord("t", "score", 4, 0.14),
+            VerifyRecord("d", "t", 3, 2, [1.0, 1.0, 0.0], bottom=True),
+            # n, replayed against t over the step's tokens (specrouter/shadow.py): its first token would have been accepted
+            TimingRecord("n", "draft", 3, 0.0003, asked=10), VerifyRecord("n", "t", 3, 1, [1.0, 0.0], 3, bottom=True, replayed=replayed)]
+    reasons = []
+    for _ in range(3 * RouterConfig().explore_every):
+        reasons.append(router.plan_for("chat")[2])
+        router.observe("chat", step, 0.25)
+    explored = [r for r in reasons if r.startswith("explore")]
+    assert explored == [] if replayed else any("n -> d" in r for r in explored)
