@@ -9,7 +9,8 @@ with probability p_target(drafted token), the acceptance of a one-hot proposal, 
 unbiased under sampling too. The records are those a real drafter -> target round gives, so the
 router learns the pair's acceptance on every request's own text (an n-gram drafter accepts almost
 nothing on most prompts and runs of tens of tokens on a few) without exploratory steps to measure it.
-A replay costs 0.2-0.7 ms a step here (Qwen's 152k vocabulary), under 0.1% of a request.
+A replay costs 0.2-0.7 ms a step here (Qwen's 152k vocabulary), under 0.1% of a request. Only the
+one-request loop (Engine.steps) replays; batched steps (specrouter/batching.py) do not yet.
 """
 
 from __future__ import annotations
