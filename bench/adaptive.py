@@ -5,6 +5,7 @@ is no longer best here). Between the two, adaptive and the best static chain alo
 (--head-to-head), for a ratio less at the mercy of this machine's noise.
 
     .venv/bin/python bench/adaptive.py [--humaneval 4] [--sharegpt 4] [--max-tokens 96] [--draft-confidence 0.4] [--slow-factors 3,10]
+        [--head-to-head 8]
     .venv/bin/python bench/adaptive.py --draft-confidence 0.4 --max-tokens 64 \
         --pool ngram,smollm2-135m@int8,qwen2.5-coder-0.5b@int8,qwen2.5-coder-1.5b@skip,qwen2.5-coder-1.5b  # + SmolLM2
 
