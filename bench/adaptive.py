@@ -127,23 +127,23 @@ def run_side_by_side(engine: Engine, encoded: list, routes: dict, max_tokens: in
     return rows
 
 
+def tps_by_class(rows: list[dict]) -> dict[str, float]:
+    return {klass: round(tps([r for r in rows if klass == "all" or r["true_class"] == klass]), 3) for klass in ("code", "chat", "all")}
+
+
 def head_to_head_summary(rows: dict[str, list[dict]], best_static: str) -> dict:
     """Adaptive over the best static chain: on the whole workload and per class (tokens/s), and the
     spread of the ratio from prompt to prompt (same prompt, same tokens: a paired comparison)."""
     static, adaptive = rows[best_static], rows["adaptive"]
     per_prompt = sorted(s["seconds"] / a["seconds"] * a["tokens"] / s["tokens"] for s, a in zip(static, adaptive))
-    by_class = {}
-    for klass in ("code", "chat", "all"):
-        mine = [i for i, r in enumerate(static) if klass == "all" or r["true_class"] == klass]
-        by_class[klass] = round(tps([adaptive[i] for i in mine]) / tps([static[i] for i in mine]), 3)
+    ours, theirs = tps_by_class(adaptive), tps_by_class(static)
     return {
         "best_static": best_static,
         "prompts": len(static),
-        "tokens_per_s": {"adaptive": round(tps(adaptive), 3), best_static: round(tps(static), 3)},
-        "adaptive_vs_best_static": by_class,
+        "tokens_per_s": {"adaptive": ours["all"], best_static: theirs["all"]},
+        "adaptive_vs_best_static": {k: round(ours[k] / theirs[k], 3) for k in ours},
         "per_prompt_ratio": {"min": round(per_prompt[0], 3), "median": round(per_prompt[len(per_prompt) // 2], 3),
                              "max": round(per_prompt[-1], 3), "wins": sum(r > 1 for r in per_prompt)},
-        "rows": rows,
     }
 
 
@@ -212,16 +212,10 @@ def main() -> None:
     router = router_for(engine, RouterConfig(explore_margin=args.explore_margin))
     engine.generate(encoded[0][1], 8, route=router.start("warmup"))
 
-    def summarize(rows) -> dict:
-        out = {}
-        for klass in ("code", "chat", "all"):
-            out[klass] = round(tps([r for r in rows if klass == "all" or r["true_class"] == klass]), 3)
-        return out
-
     # 1. Every static chain and adaptive, side by side over the same mixed workload.
     routes = {name: (lambda k, plan=plan: FixedRoute(plan)) for name, plan in statics.items()}
     rows = run_side_by_side(engine, encoded, {**routes, "adaptive": router.start}, args.max_tokens, "prompts")
-    results = {name: summarize(r) for name, r in rows.items()}
+    results = {name: tps_by_class(r) for name, r in rows.items()}
     adaptive_rows = rows.pop("adaptive")
     static_rows = rows
     pred_err = [abs(r["routing"]["predicted_s_per_token"] - r["routing"]["measured_s_per_token"]) / r["routing"]["measured_s_per_token"]
@@ -231,14 +225,14 @@ def main() -> None:
 
     # 2. Adaptive and the best static chain alone, on more prompts: the mix's few prompts leave their
     # ratio within this machine's noise (one chain's runs differ by up to 16% on a prompt).
-    head_to_head = None
+    head_to_head, head_to_head_rows = None, None
     if args.head_to_head:
         more = [p for pair in zip(humaneval(args.humaneval + args.head_to_head)[args.humaneval:],
                                   sharegpt(args.sharegpt + args.head_to_head)[args.sharegpt:]) for p in pair]
-        pairs = run_side_by_side(engine, [(p, encode(engine.tokenizer, p)) for p in more],
-                                 {best_static: routes[best_static], "adaptive": router.start}, args.max_tokens, "head to head")
-        head_to_head = head_to_head_summary(pairs, best_static)
-        print(json.dumps({k: v for k, v in head_to_head.items() if k != "rows"}), flush=True)
+        head_to_head_rows = run_side_by_side(engine, [(p, encode(engine.tokenizer, p)) for p in more],
+                                             {best_static: routes[best_static], "adaptive": router.start}, args.max_tokens, "head to head")
+        head_to_head = head_to_head_summary(head_to_head_rows, best_static)
+        print(json.dumps(head_to_head), flush=True)
 
     # 3. The drafter the best static chain relies on slows down half-way through the workload.
     slowdown = [slowed_drafter(engine, encoded, statics, results, best_static, router, float(f), args.max_tokens)
@@ -252,7 +246,7 @@ def main() -> None:
         "prediction_error_mean": round(sum(pred_err) / len(pred_err), 3),
         "prediction_error_max": round(max(pred_err), 3),
         "classifier_accuracy": round(sum(r["class"] == r["true_class"] for r in adaptive_rows) / len(adaptive_rows), 3),
-        "head_to_head": {k: v for k, v in head_to_head.items() if k != "rows"} if head_to_head else None,
+        "head_to_head": head_to_head,
         "slowdown": slowdown,
     }
     out_dir = Path(args.out)
@@ -261,7 +255,7 @@ def main() -> None:
     path.write_text(json.dumps({"benchmark": "adaptive", "machine": machine_info(), "config": vars(args), "pool": args.pool,
                                 "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                                 "summary": summary, "adaptive_rows": adaptive_rows, "static_rows": static_rows,
-                                "head_to_head_rows": head_to_head["rows"] if head_to_head else None,
+                                "head_to_head_rows": head_to_head_rows,
                                 "router_acceptance": router.acceptance.snapshot()}, indent=1))
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")
