@@ -28,7 +28,9 @@ def test_a_block_running_past_the_step_is_judged_only_on_the_committed_tokens():
     assert verdicts(records) == [(2, 2, [1.0, 1.0], 2)]  # both accepted; positions 3-4 unobserved, not rejected
 
 
-class FixedRoute:
+class RecordingRoute:
+    """Runs one plan on every step and keeps each step's records."""
+
     def __init__(self, plan: Plan):
         self.plan, self.records = plan, []
 
@@ -44,7 +46,7 @@ class FixedRoute:
 
 def test_replaying_an_ngram_over_greedy_steps_gives_the_verdicts_running_it_gave(tiny_dirs):
     engine = Engine(f"ngram,{tiny_dirs['target']}", dtype="float32")
-    route = FixedRoute(Plan(("ngram", engine.target_name), (4,), 0.0))
+    route = RecordingRoute(Plan(("ngram", engine.target_name), (4,), 0.0))
     prompt = [5, 6, 7, 8] * 6
     steps, context, ran, replayed = engine.steps(prompt, 48, ignore_eos=True, route=route), list(prompt), [], []
     for new in steps:
@@ -62,7 +64,7 @@ def test_a_routed_request_measures_the_ngram_drafter_on_every_step_without_runni
     engine = Engine(f"ngram,{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32")
     router = router_for(engine, RouterConfig(explore_every=0), calibrate=False)
     target = engine.target_name
-    route = FixedRoute(Plan((tiny_dirs["draft"], target), (3,), 0.0))
+    route = RecordingRoute(Plan((tiny_dirs["draft"], target), (3,), 0.0))
     result = engine.generate([5, 6, 7, 8] * 6, 24, ignore_eos=True, route=route)
     shadow = [r for records in route.records for r in records if isinstance(r, VerifyRecord) and r.drafter == "ngram"]
     assert len(shadow) >= result.num_steps and all(r.verifier == target for r in shadow)
