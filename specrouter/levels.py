@@ -104,9 +104,8 @@ class ModelLevel:
             log.truncate(0)
             return 0, call(0, log.prefix_hash(0))
 
-    def _draft(self, seq: SequenceState, ctx: list[int], k: int, params: SamplingParams, seed: int, allowed: torch.Tensor | None) -> DraftResult:
-        """k own tokens drafted after the context (as own ids), caching what the worker caches."""
-        own, _ = self._own(ctx)
+    def _draft(self, seq: SequenceState, own: list[int], k: int, params: SamplingParams, seed: int, allowed: torch.Tensor | None) -> DraftResult:
+        """k own tokens drafted after the context `own` (own ids), caching what the worker caches."""
         start, result = self._send(
             seq.seq_id,
             own,
@@ -119,18 +118,20 @@ class ModelLevel:
     def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
         if self.retokenizer is not None and params.greedy:
             return self._propose_text(seq, ctx, n, params, seed)
-        result = self._draft(seq, ctx, n, params, seed, self._allowed)
+        result = self._draft(seq, self._own(ctx)[0], n, params, seed, self._allowed)
         drafted = len(result.token_ids)
         if self.vocab is None:
             return Block(result.token_ids, result.q_draft, num_drafted=drafted)
         return Block(self.vocab.tokens_to_target(result.token_ids), self.vocab.rows_to_target(result.q_draft), "intersection", drafted)
 
     def _propose_text(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
-        """Greedy: draft n + 1 own tokens freely (the last target token is dropped), re-tokenise their
-        text after the context into up to n target tokens, one-hot. The drafted own tokens stay cached
-        until the next call's context (the committed tokens, translated) rolls them back."""
-        result = self._draft(seq, ctx, n + 1, params, seed, None)
-        tokens = self.retokenizer.to_target(ctx, result.token_ids, n)
+        """Greedy: draft n + 1 own tokens freely (the last target token is dropped) after the context as
+        the drafter's own tokenizer spells its text (one more if that context was cut back to heal a
+        token), re-tokenise their text after the context into up to n target tokens, one-hot. The drafted
+        own tokens stay cached until the next call's context rolls them back."""
+        own, heal = self.retokenizer.own_context(ctx)
+        result = self._draft(seq, own, n + 1 + bool(heal), params, seed, None)
+        tokens = self.retokenizer.to_target(ctx, result.token_ids, n, heal)
         return Block(tokens, one_hot(tokens, self.vocab_size), "text", len(result.token_ids))
 
     def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:

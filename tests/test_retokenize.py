@@ -106,3 +106,48 @@ def test_a_token_straddling_the_boundary_drafts_nothing(tokenizers, smol_to_qwen
     # Drafted after a word that is complete in Qwen's tokens: drafted.
     committed = qwen.encode("say hello", add_special_tokens=False)
     assert spelled(smol_to_qwen, smol_to_qwen.to_target(committed, smol.encode(" world and more", add_special_tokens=False), 4)) == b" world and"
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=IDS)
+def test_the_drafters_context_is_its_own_tokenization_of_the_committed_text_less_trailing_white_space(tokenizers, smol_to_qwen, text):
+    """After every committed boundary: the context spells the committed bytes with the healed ones, is
+    SmolLM2's own tokenization of the text (not Qwen's tokens spelled one by one), and a last token of
+    white space alone is cut off and returned for the draft to begin with."""
+    smol, qwen = tokenizers
+    ids = qwen.encode(text, add_special_tokens=False)
+    healed = 0
+    for c in range(1, len(ids) + 1):
+        own, heal = smol_to_qwen.own_context(ids[:c])
+        data = spelled(smol_to_qwen, ids[:c])
+        assert b"".join(smol_to_qwen.own_bytes[o] for o in own) + heal == data
+        if whole_chars(data) == data:
+            assert own + smol.encode(heal.decode(), add_special_tokens=False) == smol.encode(data.decode(), add_special_tokens=False)
+        assert not heal.strip()
+        healed += bool(heal)
+    if "\n" in text:
+        assert healed > 0
+
+
+def test_a_newline_before_indentation_is_healed_and_the_draft_continues_past_it(tokenizers, smol_to_qwen):
+    """Qwen commits "\\n" and the indentation apart; SmolLM2 spells "\\n   " as one token. The newline is
+    healed: the draft must begin with it, and the target tokens start after it."""
+    smol, qwen = tokenizers
+    committed = qwen.encode("def f(x):\n", add_special_tokens=False)
+    own, heal = smol_to_qwen.own_context(committed)
+    assert heal == b"\n" and own == smol.encode("def f(x):", add_special_tokens=False)
+    draft = smol.encode("\n    return x + 1\n", add_special_tokens=False)
+    assert smol_to_qwen.draft_bytes(draft[:1]) == b"\n   "  # the healed token, merged with the indentation
+    got = smol_to_qwen.to_target(committed, draft, 10, heal)
+    assert got == without_last(smol_to_qwen, qwen.encode("def f(x):\n    return x + 1\n", add_special_tokens=False)[len(committed) :])
+    assert smol_to_qwen.to_target(committed, smol.encode("pass", add_special_tokens=False), 10, heal) == []  # went another way
+
+
+def test_a_partial_character_at_the_end_of_the_context_is_spelled_byte_by_byte(tokenizers, smol_to_qwen):
+    smol, qwen = tokenizers
+    ids = qwen.encode("Party 🎉", add_special_tokens=False)
+    data = spelled(smol_to_qwen, ids)
+    cut = next(c for c in range(1, len(ids)) if whole_chars(spelled(smol_to_qwen, ids[:c])) != spelled(smol_to_qwen, ids[:c]))
+    own, heal = smol_to_qwen.own_context(ids[:cut])
+    partial = spelled(smol_to_qwen, ids[:cut])
+    assert heal == b"" and smol_to_qwen.draft_bytes(own) == partial and data.startswith(partial)
+    assert own[: -len(partial) + len(whole_chars(partial))] == smol.encode(whole_chars(partial).decode(), add_special_tokens=False)
