@@ -81,3 +81,58 @@ def test_batched_forward_equals_each_sequence_alone():
     follow = view.forward_batch([SeqBlock([7], len(hist), blk.cache, 1) for blk, hist in zip(blocks, histories)])
     for hist, out in zip(histories, follow):
         torch.testing.assert_close(out, view.forward(hist + [7], 0, view.new_cache(), 1), atol=1e-5, rtol=1e-5)
+
+
+def tiny_qwen2(seed: int, vocab_size: int):
+    """A tiny random Qwen2 (biases on q/k/v, unlike Llama)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)  # random init leaves them zero
+    return model
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-biases"])
+def test_fused_projections_compute_the_same_logits_without_the_separate_weights(make):
+    import copy
+
+    from specrouter.model import fuse_projections
+
+    model = make(0, 300)
+    fused = copy.deepcopy(model)
+    for layer in fused.model.layers:
+        fuse_projections(layer)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert not any(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")) and not hasattr(mlp, "gate_proj")
+    ids = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(2)).tolist()
+    plain, ours = ModelView(model), ModelView(fused)
+    torch.testing.assert_close(ours.forward(ids, 0, ours.new_cache(), 24), plain.forward(ids, 0, plain.new_cache(), 24), atol=1e-5, rtol=1e-5)
+
+
+def test_int8_model_with_fused_projections_equals_int8_quantisation_of_each_projection():
+    """Dynamic int8 quantises each matmul's input with one scale: q, k and v (gate and up) read the same
+    input, so fusing them changes no output, while running 4 quantised matmuls a layer instead of 7."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from specrouter.model import quantize_int8
+
+    model = tiny_qwen2(1, 300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        separate = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    fused = quantize_int8(copy.deepcopy(model))
+    assert type(fused.model.layers[0].self_attn.qkv_proj).__name__ == "Linear" and "quantized" in type(fused.model.layers[0].self_attn.qkv_proj).__module__
+    ids = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+    a, b = ModelView(separate), ModelView(fused)
+    expected, got = a.forward(ids, 0, a.new_cache(), 24), b.forward(ids, 0, b.new_cache(), 24)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
