@@ -125,12 +125,12 @@ class ModelLevel:
         return Block(self.vocab.tokens_to_target(result.token_ids), self.vocab.rows_to_target(result.q_draft), "intersection", drafted)
 
     def _propose_text(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
-        """Greedy: draft n + 1 own tokens freely (the last target token is dropped) after the context as
-        the drafter's own tokenizer spells its text (one more if that context was cut back to heal a
-        token), re-tokenise their text after the context into up to n target tokens, one-hot. The drafted
-        own tokens stay cached until the next call's context rolls them back."""
+        """Greedy: draft n own tokens freely after the context as the drafter's own tokenizer spells its
+        text (one more if that context was cut back to heal a token), re-tokenise their text after the
+        context into up to n target tokens, one-hot. The drafted own tokens stay cached until the next
+        call's context rolls them back."""
         own, heal = self.retokenizer.own_context(ctx)
-        result = self._draft(seq, own, n + 1 + bool(heal), params, seed, None)
+        result = self._draft(seq, own, n + bool(heal), params, seed, None)
         tokens = self.retokenizer.to_target(ctx, result.token_ids, n, heal)
         return Block(tokens, one_hot(tokens, self.vocab_size), "text", len(result.token_ids))
 

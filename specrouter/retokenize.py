@@ -19,8 +19,11 @@ own vocabulary, its tokens become bytes, and the bytes become the target's token
 3. go on only if that reproduces the anchor's tokens exactly: then the new tokens start on the
    committed boundary (otherwise a token would straddle it, or the committed tail is not what the
    tokenizer gives for its text, and nothing is drafted);
-4. keep new tokens while their bytes spell the draft's (the tokenizer may normalise the text), drop
-   the last one unless it is special (more text could still merge into it), keep at most n.
+4. keep new tokens while their bytes spell the draft's (the tokenizer may normalise the text), at most
+   n. The last may be one that more text would have merged into (" ret" of " return"): kept all the
+   same, since at worst the verifier rejects it and emits its own token there, as it would have
+   emitted a bonus token after a block without it (measured: 2.47 -> 2.67 target tokens per step on
+   chat for SmolLM2 -> Qwen2.5-1.5B, and one drafter pass less per block than drafting one more to drop).
 
 Both tokenizers must be byte-level BPE (as for the intersection). A re-tokeniser is built once per
 (own, target) tokenizer pair and row counts, and cached in memory.
@@ -127,8 +130,6 @@ class Retokenizer:
                 break  # normalised: this token does not spell the draft's bytes
             new.append(t)
             pos += len(data)
-        if new and new[-1] not in self.target_special:
-            new.pop()  # more text could still merge into the last token
         return new[:n]
 
 

@@ -1,6 +1,6 @@
 """Re-tokenising SmolLM2's drafted text into Qwen2.5's tokens after committed Qwen tokens, with the
 real tokenizers: whatever the boundary, the tokens continue the committed ones byte for byte and are
-the ones Qwen's tokenizer gives for the text, less the last."""
+the ones Qwen's tokenizer gives for the text."""
 
 import pytest
 from transformers import AutoTokenizer
@@ -33,10 +33,6 @@ def spelled(rt: Retokenizer, target_ids: list[int]) -> bytes:
     return b"".join(rt.target_bytes[t] for t in target_ids)
 
 
-def without_last(rt: Retokenizer, ids: list[int]) -> list[int]:
-    return ids if ids and ids[-1] in rt.target_special else ids[:-1]
-
-
 def test_whole_chars_cuts_only_a_partial_character_at_the_end():
     assert whole_chars("a🎉".encode()) == "a🎉".encode()
     assert whole_chars("a🎉".encode()[:-1]) == b"a"
@@ -58,21 +54,21 @@ def test_built_once_per_pair(tokenizers, smol_to_qwen):
 def test_draft_after_every_committed_boundary_is_the_targets_tokenization(tokenizers, smol_to_qwen, text):
     """Committed: the first c of Qwen's tokens for `text`; drafted: SmolLM2 ids for the rest of its
     bytes (mid-character when c splits an emoji). The draft becomes exactly Qwen's remaining tokens,
-    less the last (kept when it is a special token)."""
+    to the last."""
     smol, qwen = tokenizers
     ids = qwen.encode(text, add_special_tokens=False)
     data = text.encode()
     for c in range(1, len(ids)):
         head = spelled(smol_to_qwen, ids[:c])
         got = smol_to_qwen.to_target(ids[:c], smol_ids(smol, data[len(head) :]), 100)
-        assert got == without_last(smol_to_qwen, ids[c:]), (c, qwen.convert_ids_to_tokens(got))
+        assert got == ids[c:], (c, qwen.convert_ids_to_tokens(got))
 
 
 @pytest.mark.parametrize("text", TEXTS, ids=IDS)
 def test_a_draft_cut_anywhere_continues_the_committed_bytes(tokenizers, smol_to_qwen, text):
     """The draft ends at every byte (partial UTF-8 included): its tokens, after the committed ones,
     spell a prefix of committed + draft bytes, and are Qwen's tokens for the whole characters there
-    (when those start with the committed tokens; else nothing is drafted), less the last; at most n."""
+    (when those start with the committed tokens; else nothing is drafted), the last too; at most n."""
     smol, qwen = tokenizers
     ids = qwen.encode(text, add_special_tokens=False)
     data = text.encode()
@@ -83,7 +79,7 @@ def test_a_draft_cut_anywhere_continues_the_committed_bytes(tokenizers, smol_to_
         got = smol_to_qwen.to_target(ids[:c], smol_ids(smol, draft), 100)
         assert data[:end].startswith(spelled(smol_to_qwen, ids[:c] + got))
         whole = qwen.encode(whole_chars(data[:end]).decode(), add_special_tokens=False)
-        assert got == (without_last(smol_to_qwen, whole[c:]) if whole[:c] == ids[:c] else []), end
+        assert got == (whole[c:] if whole[:c] == ids[:c] else []), end
         assert smol_to_qwen.to_target(ids[:c], smol_ids(smol, draft), 2) == got[:2]
 
 
@@ -93,7 +89,7 @@ def test_special_tokens_map_by_content_and_end_the_draft(tokenizers, smol_to_qwe
     draft = smol.encode(" there<|im_end|>\nmore", add_special_tokens=False)
     assert smol.convert_tokens_to_ids("<|im_end|>") in draft
     got = smol_to_qwen.to_target(committed, draft, 10)
-    assert got == qwen.encode(" there<|im_end|>", add_special_tokens=False)  # the special token is kept, last
+    assert got == qwen.encode(" there<|im_end|>", add_special_tokens=False)  # the special token ends the draft
 
 
 def test_a_token_straddling_the_boundary_drafts_nothing(tokenizers, smol_to_qwen):
@@ -105,7 +101,7 @@ def test_a_token_straddling_the_boundary_drafts_nothing(tokenizers, smol_to_qwen
     assert smol_to_qwen.to_target(committed, smol.encode("lo world and more", add_special_tokens=False), 4) == []
     # Drafted after a word that is complete in Qwen's tokens: drafted.
     committed = qwen.encode("say hello", add_special_tokens=False)
-    assert spelled(smol_to_qwen, smol_to_qwen.to_target(committed, smol.encode(" world and more", add_special_tokens=False), 4)) == b" world and"
+    assert spelled(smol_to_qwen, smol_to_qwen.to_target(committed, smol.encode(" world and more", add_special_tokens=False), 4)) == b" world and more"
 
 
 @pytest.mark.parametrize("text", TEXTS, ids=IDS)
@@ -138,7 +134,7 @@ def test_a_newline_before_indentation_is_healed_and_the_draft_continues_past_it(
     draft = smol.encode("\n    return x + 1\n", add_special_tokens=False)
     assert smol_to_qwen.draft_bytes(draft[:1]) == b"\n   "  # the healed token, merged with the indentation
     got = smol_to_qwen.to_target(committed, draft, 10, heal)
-    assert got == without_last(smol_to_qwen, qwen.encode("def f(x):\n    return x + 1\n", add_special_tokens=False)[len(committed) :])
+    assert got == qwen.encode("def f(x):\n    return x + 1\n", add_special_tokens=False)[len(committed) :]
     assert smol_to_qwen.to_target(committed, smol.encode("pass", add_special_tokens=False), 10, heal) == []  # went another way
 
 
