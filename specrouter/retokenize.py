@@ -54,7 +54,7 @@ class Retokenizer:
 
     def __init__(self, own_tokenizer, target_tokenizer, own_rows: int, target_rows: int, anchor_tokens: int = 4):
         self.own_bytes, self.own_special = byte_table(own_tokenizer, own_rows)  # [V_own] bytes | None
-        self.target_bytes, self.target_special = byte_table(target_tokenizer, target_rows)  # [V_target]
+        self.target_bytes = byte_table(target_tokenizer, target_rows)[0]  # [V_target]
         self.own_tokenizer = own_tokenizer
         self.own_byte_ids = {data[0]: o for o, data in enumerate(self.own_bytes) if data and len(data) == 1 and o not in self.own_special}
         self.target_tokenizer = target_tokenizer
