@@ -9,8 +9,9 @@ is no longer best here). Between the two, adaptive and the best static chain alo
     .venv/bin/python bench/adaptive.py --draft-confidence 0.4 --max-tokens 64 \
         --pool ngram,smollm2-135m@int8,qwen2.5-coder-0.5b@int8,qwen2.5-coder-1.5b@skip,qwen2.5-coder-1.5b  # + SmolLM2
 
-With --draft-confidence, the bottom drafter of every chain (static or routed) ends its block after a
-token it gave less than that probability, and a static chain's bottom model drafts blocks of up to 10.
+With --draft-confidence, every drafting model of every chain (static or routed; at the bottom or in the
+middle) ends its block after a token it gave less than that probability, and in a static chain every
+model proposes blocks of up to 10.
 
 Writes bench/results/adaptive-<timestamp>.json (with the machine it ran on).
 """
@@ -41,7 +42,7 @@ from specrouter.scheduler import Plan, enumerate_chains  # noqa: E402
 TARGET = "qwen2.5-coder-1.5b"
 POOL = f"ngram,qwen2.5-coder-0.5b@int8,{TARGET}@skip,{TARGET}"
 POOL_WITH_SMOL = f"ngram,smollm2-135m@int8,qwen2.5-coder-0.5b@int8,{TARGET}@skip,{TARGET}"  # + the cross-tokenizer drafter
-STATIC_LEN = {"ngram": 3}  # block length a level proposes in a static chain; models: 6 to the target, 4 below
+STATIC_LEN = {"ngram": 3}  # block length a level proposes in a static chain; models: 6 to the target, 4 below (or a cap)
 
 
 class SlowedLevel:
@@ -50,6 +51,7 @@ class SlowedLevel:
     def __init__(self, level, factor: float):
         self.inner, self.factor = level, factor
         self.name, self.vocab_size, self.can_verify = level.name, level.vocab_size, level.can_verify
+        self.min_confidence = getattr(level, "min_confidence", 0.0)
 
     def _slow(self, fn, *args):
         t0 = time.perf_counter()
@@ -63,6 +65,9 @@ class SlowedLevel:
     def score(self, *args):
         return self._slow(self.inner.score, *args)
 
+    def score_confident(self, *args):
+        return self._slow(self.inner.score_confident, *args)
+
     def release(self, seq_id):
         self.inner.release(seq_id)
 
@@ -73,12 +78,13 @@ class SlowedLevel:
         return self.inner.backlog(seq_id, num_tokens)
 
 
-def static_plans(engine: Engine, bottom_model_len: int | None = None) -> list[Plan]:
+def static_plans(engine: Engine, model_cap: int | None = None) -> list[Plan]:
+    """Every chain of the pool with fixed block lengths; `model_cap`: every model's (models that stop
+    unsure, whose block length is only a cap)."""
     names = list(engine.levels)
     plans = []
     for chain in enumerate_chains(names[:-1], names[-1], lambda n: engine.levels[n].can_verify):
-        lens = tuple(STATIC_LEN.get(n, bottom_model_len if i == 0 and bottom_model_len else 6 if i == len(chain) - 2 else 4)
-                     for i, n in enumerate(chain[:-1]))
+        lens = tuple(STATIC_LEN.get(n, model_cap or (6 if i == len(chain) - 2 else 4)) for i, n in enumerate(chain[:-1]))
         plans.append(Plan(chain, lens, 0.0))
     return plans
 
@@ -193,7 +199,7 @@ def main() -> None:
     parser.add_argument("--sharegpt", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--slow-factors", default="3,10", help="part 2 runs once per factor, separated by ','; '' skips it")
-    parser.add_argument("--draft-confidence", type=float, default=0.0, help="the bottom drafter stops below this confidence")
+    parser.add_argument("--draft-confidence", type=float, default=0.0, help="drafting models end their blocks below this confidence")
     parser.add_argument("--explore-margin", type=float, default=RouterConfig.explore_margin, help="RouterConfig.explore_margin")
     parser.add_argument("--pool", default=POOL, help=f"levels cheapest first, the target last (with SmolLM2: {POOL_WITH_SMOL})")
     parser.add_argument("--chains", default="", help="a subset of static chain labels, separated by ';' (default: all)")

@@ -15,9 +15,9 @@ position as a rejection: the verifier emits its own token there either way.
 
 A drafter that stops unsure also costs less than its block length: the table keeps, per drafter and
 class, how often a block asked for more than j tokens drafted its (j+1)-th, so the latency model
-charges the tokens a block of n is expected to draft. Such a drafter proposes differently at the
-bottom of a chain (where it stops) than in the middle (where it emits what it verified), so its
-rounds are kept per `role` ("bottom" or ""), a role without rounds falling back to the other's.
+charges the tokens a block of n is expected to draft. It stops the same way anywhere in a chain (in
+the middle it ends the blocks it passes up after a token it was unsure of: specrouter/chain.py), so
+these counts hold for it at every level, and its position rates have their own prior (`stops`).
 """
 
 from __future__ import annotations
@@ -84,11 +84,11 @@ class AcceptanceTable:
     _count: dict[tuple[str, str, str], int] = field(default_factory=dict)
     run_decay: float = 0.99  # per round: the position rates follow about the last 100 rounds
     run_prior_weight: float = 10.0  # rounds' worth of trust in alpha at a position
-    # ... at the bottom: a drafter that stops unsure reaches deep positions only while sure, so alpha is the
-    # wrong shape there and its rounds must soon outweigh it (with 10 the expected tokens of 0.5B -> 1.5B [10]
+    # ... for a drafter that stops unsure: it reaches deep positions only while sure, so alpha is the wrong
+    # shape there and its rounds must soon outweigh it (with 10 the expected tokens of 0.5B -> 1.5B [10]
     # were 23% off per request on average and 14% low on code; with 3, 16% and 10%: bench forced-plan runs)
-    bottom_run_prior_weight: float = 3.0
-    _runs: dict[tuple[str, str, str, str], _Runs] = field(default_factory=dict)  # (class, drafter, verifier, role)
+    stopping_run_prior_weight: float = 3.0
+    _runs: dict[tuple[str, str, str], _Runs] = field(default_factory=dict)  # (class, drafter, verifier)
     draft_prior_weight: float = 3.0  # blocks' worth of trust that a drafter drafts every token asked
     _drafts: dict[tuple[str, str], _Runs] = field(default_factory=dict)  # (class, drafter): position j reached / drafted
 
@@ -104,15 +104,15 @@ class AcceptanceTable:
                 self._alpha[key], self._count[key] = value, n
 
     def observe_round(self, klass: str, drafter: str, verifier: str, num_draft: int, num_accepted: int, num_asked: int | None = None,
-                      role: str = "", weight: float = 1.0) -> None:
+                      weight: float = 1.0) -> None:
         """One verification round's outcome: num_accepted of num_draft drafted tokens accepted, of a
         block asked for num_asked (default num_draft); `weight`: the rounds it counts for (a
         calibration's blocks count for less than rounds really run)."""
-        for key in ((klass, drafter, verifier, role), (POOLED, drafter, verifier, role)):
+        for key in ((klass, drafter, verifier), (POOLED, drafter, verifier)):
             self._runs.setdefault(key, _Runs()).add(max(num_draft, num_asked or 0), num_accepted, self.run_decay, weight)
 
     def observe_draft(self, klass: str, drafter: str, num_asked: int, num_drafted: int) -> None:
-        """A bottom drafter asked for num_asked tokens drafted num_drafted of them."""
+        """A drafter at the bottom of a chain, asked for num_asked tokens, drafted num_drafted of them."""
         keys = {(klass, drafter), (POOLED, drafter)}
         for key in keys:
             self._drafts.setdefault(key, _Runs()).add(num_asked, min(num_drafted, num_asked), self.run_decay)
@@ -146,7 +146,7 @@ class AcceptanceTable:
             expected += survive
         return expected
 
-    def expected_tokens(self, klass: str, drafter: str, verifier: str, g: int, ratio: float = 1.0, role: str = "") -> float:
+    def expected_tokens(self, klass: str, drafter: str, verifier: str, g: int, ratio: float = 1.0, stops: bool = False) -> float:
         """Tokens a verifier emits per round for a block of g: 1 + sum_i prod_{j <= i} h_j, with h_j
         the class's acceptance rate at position j, its rejections scaled by `ratio` (a sequence's own
         rejection_ratio to its class's).
@@ -154,20 +154,18 @@ class AcceptanceTable:
         While the class has seen few rounds reach position j, h_j is shrunk toward the other classes'
         rate there (their rejections scaled by the class's rejection_ratio to the pooled alpha: the
         shape of the pair's runs elsewhere at the class's own level of acceptance), and where they have
-        seen few too, toward the class's alpha. At the bottom (role "bottom": a drafter that stops
-        unsure) toward alpha or h_(j-1), whichever is higher: such a drafter reaches a deep position
-        only while it is sure, so a position with few rounds seen is accepted at least as often as the
-        one before it. A role without rounds takes the other role's."""
+        seen few too, toward the class's alpha. For a drafter that `stops` unsure, toward alpha or
+        h_(j-1), whichever is higher: it reaches a deep position only while it is sure, so a position
+        with few rounds seen is accepted at least as often as the one before it."""
         alpha = self.alpha(klass, drafter, verifier)
-        kept = role if (POOLED, drafter, verifier, role) in self._runs else ("" if role else "bottom")
-        pooled = self._runs.get((POOLED, drafter, verifier, kept))
-        own = self._runs.get((klass, drafter, verifier, kept)) if klass != POOLED else None
+        pooled = self._runs.get((POOLED, drafter, verifier))
+        own = self._runs.get((klass, drafter, verifier)) if klass != POOLED else None
         others = pooled.excluding(own) if pooled is not None else None
         relative = rejection_ratio(alpha, self.alpha(POOLED, drafter, verifier))
-        weight = self.bottom_run_prior_weight if role == "bottom" else self.run_prior_weight
+        weight = self.stopping_run_prior_weight if stops else self.run_prior_weight
         expected, survive, rate = 1.0, 1.0, alpha
         for j in range(g):
-            rate = max(alpha, rate) if role == "bottom" else alpha
+            rate = max(alpha, rate) if stops else alpha
             if others is not None and j < MAX_POSITIONS and others.reached[j] > 0:
                 elsewhere = _rejecting(others.accepted[j] / others.reached[j], relative)
                 rate = (others.reached[j] * elsewhere + weight * rate) / (others.reached[j] + weight)
@@ -214,7 +212,7 @@ class OwnAcceptance:
         self._sums[(drafter, verifier)] = (total + sum(alphas), n + len(alphas))
 
     def observe_draft(self, drafter: str, num_asked: int, num_drafted: int) -> None:
-        """A bottom drafter asked for num_asked tokens drafted num_drafted of them."""
+        """A drafter at the bottom of a chain, asked for num_asked tokens, drafted num_drafted of them."""
         self.drafts.setdefault(drafter, _Runs()).add(num_asked, min(num_drafted, num_asked), decay=1.0)
 
     def alpha(self, drafter: str, verifier: str, fallback: float, weight: float = 20.0) -> float | None:

@@ -109,7 +109,6 @@ class VerifyRecord:
     num_accepted_tokens: int
     alphas: list[float]  # sum_x min(q_draft, p_target) at each draft position up to the first rejection
     num_asked: int | None = None  # the block length asked for (None: num_draft_tokens); a drafter may give fewer
-    bottom: bool = False  # the drafter drafted at the bottom of its chain (not by verifying a level below)
     replayed: bool = False  # a shadow replay over committed tokens (specrouter/shadow.py), not a verification run
 
 
@@ -167,6 +166,13 @@ def speculative_step(chain: Chain, seq: SequenceState, ctx: StepContext, budget:
 
 def verify_round(chain: Chain, i: int, seq: SequenceState, prefix: list[int], k: int, ctx: StepContext) -> Verdict:
     """Level i verifies a block of up to k tokens that level i-1 proposes after `prefix`."""
+    return _verify(chain, i, seq, prefix, k, ctx, confident=False)[0]
+
+
+def _verify(chain: Chain, i: int, seq: SequenceState, prefix: list[int], k: int, ctx: StepContext,
+            confident: bool) -> tuple[Verdict, list[float] | None]:
+    """`verify_round`; `confident` (greedy): also level i's confidence in its most likely token at each
+    row [len(block) + 1], which is the token it emits there."""
     level = chain.levels[i]
     if i > 0 and k > 0:
         block = propose(chain, i - 1, seq, prefix, k, ctx)
@@ -174,10 +180,24 @@ def verify_round(chain: Chain, i: int, seq: SequenceState, prefix: list[int], k:
         block = Block([], torch.empty(0, level.vocab_size))
     fed = tokens_run(level, seq, prefix, len(block))
     t0 = time.perf_counter()
-    p_target = level.score(seq, prefix, block.token_ids, ctx.params)  # [len(block) + 1, V]
+    if confident and ctx.params.greedy:
+        p_target, top = level.score_confident(seq, prefix, block.token_ids, ctx.params)  # [len(block) + 1, V], [len(block) + 1]
+    else:
+        p_target, top = level.score(seq, prefix, block.token_ids, ctx.params), None
     seconds = time.perf_counter() - t0
     ctx.records.append(TimingRecord(level.name, "score", fed, seconds))
-    return judge(chain, i, block, p_target, seconds, ctx, k)
+    return judge(chain, i, block, p_target, seconds, ctx, k), top
+
+
+def sure_prefix(verdict: Verdict, top: list[float] | None, min_confidence: float) -> int | None:
+    """Where a level that ends its blocks unsure stops passing a verdict up: after the first emitted
+    token it gave less than `min_confidence` (greedy: `top`, its confidence in its most likely token,
+    which it emits; sampling: its probability of the token drawn); None if it was sure of them all.
+    Its tokens are distributed as its own, and the stop depends only on them, as when it drafts
+    (ModelWorker.draft), so the block it proposes stays an exact proposal."""
+    n = len(verdict.tokens)
+    sure = top[:n] if top is not None else verdict.p_rows[torch.arange(n), torch.tensor(verdict.tokens)].tolist()
+    return next((j + 1 for j, c in enumerate(sure) if c < min_confidence), None)
 
 
 def judge(chain: Chain, i: int, block: Block, p_target: torch.Tensor, seconds: float, ctx: StepContext, asked: int = 0) -> Verdict:
@@ -204,7 +224,7 @@ def judge(chain: Chain, i: int, block: Block, p_target: torch.Tensor, seconds: f
         judged = min(len(block), verdict.num_accepted + 1)
         alphas = pairwise_alpha(q_draft[:judged], p_target[:judged]).tolist()
         ctx.records.append(VerifyRecord(chain.levels[i - 1].name, chain.levels[i].name, len(block), verdict.num_accepted, alphas,
-                                        max(asked, len(block)), i == 1))
+                                        max(asked, len(block))))
     return verdict
 
 
@@ -221,12 +241,14 @@ def propose(chain: Chain, i: int, seq: SequenceState, prefix: list[int], n: int,
         return block
     tokens: list[int] = []
     rows: list[torch.Tensor] = []
+    min_confidence = getattr(chain.levels[i], "min_confidence", 0.0)  # it ends its blocks unsure, here too
     while len(tokens) < n:
         k = min(chain.draft_lens[i - 1], n - len(tokens) - 1)
-        verdict = verify_round(chain, i, seq, prefix + tokens, k, ctx)
-        tokens += verdict.tokens
-        rows.append(verdict.p_rows)
-        if ctx.eos_ids.intersection(verdict.tokens):
+        verdict, top = _verify(chain, i, seq, prefix + tokens, k, ctx, confident=min_confidence > 0)
+        stop = sure_prefix(verdict, top, min_confidence) if min_confidence else None
+        tokens += verdict.tokens[:stop]
+        rows.append(verdict.p_rows[:stop])
+        if stop is not None or ctx.eos_ids.intersection(verdict.tokens[:stop]):
             break  # drafting past the end is wasted work (stopping early keeps the proposal exact)
     return Block(tokens[:n], torch.cat(rows)[:n], getattr(chain.levels[i], "cross_tokenizer", None))
 
@@ -275,9 +297,21 @@ def score_many(level: Level, items: list[tuple[SequenceState, list[int], list[in
     return score_batch(items) if score_batch else [level.score(*item) for item in items]
 
 
+def score_many_confident(level: Level, items: list[tuple[SequenceState, list[int], list[int], SamplingParams]]) -> list[tuple[torch.Tensor, list[float]]]:
+    """`level.score_confident(*item)` for every item, in one batched pass where the level has one."""
+    score_batch = getattr(level, "score_batch_confident", None)
+    return score_batch(items) if score_batch else [level.score_confident(*item) for item in items]
+
+
 def verify_round_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list[int]], ks: list[int],
                        ctxs: list[StepContext], timings: list[TimingRecord]) -> list[Verdict]:
     """`verify_round` for many sequences: one batched proposal below, one batched pass at level i."""
+    return _verify_batch(chain, i, seqs, prefixes, ks, ctxs, timings, confident=False)[0]
+
+
+def _verify_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list[int]], ks: list[int],
+                  ctxs: list[StepContext], timings: list[TimingRecord], confident: bool) -> tuple[list[Verdict], list[list[float] | None]]:
+    """`verify_round_batch`, and with `confident` each greedy sequence's confidences as in `_verify`."""
     level = chain.levels[i]
     blocks = [Block([], torch.empty(0, level.vocab_size))] * len(seqs)
     drafting = [b for b, k in enumerate(ks) if i > 0 and k > 0]
@@ -289,10 +323,14 @@ def verify_round_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes
     items = [(seq, prefix, block.token_ids, ctx.params) for seq, prefix, block, ctx in zip(seqs, prefixes, blocks, ctxs)]
     fed = max(tokens_run(level, seq, prefix, len(block)) for seq, prefix, block in zip(seqs, prefixes, blocks))
     t0 = time.perf_counter()
-    p_targets = score_many(level, items)  # [len(block) + 1, V] each
+    if confident:  # [len(block) + 1, V] and [len(block) + 1] each
+        scored = [(p, top if ctx.params.greedy else None) for (p, top), ctx in zip(score_many_confident(level, items), ctxs)]
+    else:
+        scored = [(p, None) for p in score_many(level, items)]  # [len(block) + 1, V] each
     seconds = time.perf_counter() - t0
     timings.append(TimingRecord(level.name, "score", fed, seconds, len(seqs)))
-    return [judge(chain, i, block, p, seconds, ctx, k) for block, p, ctx, k in zip(blocks, p_targets, ctxs, ks)]
+    verdicts = [judge(chain, i, block, p, seconds, ctx, k) for block, (p, _), ctx, k in zip(blocks, scored, ctxs, ks)]
+    return verdicts, [top for _, top in scored]
 
 
 def propose_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list[int]], ns: list[int],
@@ -314,14 +352,19 @@ def propose_batch(chain: Chain, i: int, seqs: list[SequenceState], prefixes: lis
         return blocks
     tokens: list[list[int]] = [[] for _ in seqs]
     rows: list[list[torch.Tensor]] = [[] for _ in seqs]
+    min_confidence = getattr(chain.levels[i], "min_confidence", 0.0)  # it ends its blocks unsure, here too
     open_ = list(range(len(seqs)))
     while open_:
         ks = [min(chain.draft_lens[i - 1], ns[b] - len(tokens[b]) - 1) for b in open_]
-        verdicts = verify_round_batch(chain, i, [seqs[b] for b in open_], [prefixes[b] + tokens[b] for b in open_], ks,
-                                      [ctxs[b] for b in open_], timings)
-        for b, verdict in zip(open_, verdicts):
-            tokens[b] += verdict.tokens
-            rows[b].append(verdict.p_rows)
-        open_ = [b for b, verdict in zip(open_, verdicts) if len(tokens[b]) < ns[b] and not ctxs[b].eos_ids.intersection(verdict.tokens)]
+        verdicts, tops = _verify_batch(chain, i, [seqs[b] for b in open_], [prefixes[b] + tokens[b] for b in open_], ks,
+                                       [ctxs[b] for b in open_], timings, confident=min_confidence > 0)
+        still = []
+        for b, verdict, top in zip(open_, verdicts, tops):
+            stop = sure_prefix(verdict, top, min_confidence) if min_confidence else None
+            tokens[b] += verdict.tokens[:stop]
+            rows[b].append(verdict.p_rows[:stop])
+            if stop is None and len(tokens[b]) < ns[b] and not ctxs[b].eos_ids.intersection(verdict.tokens):
+                still.append(b)
+        open_ = still
     mode = getattr(chain.levels[i], "cross_tokenizer", None)
     return [Block(t[:n], torch.cat(r)[:n], mode) for t, r, n in zip(tokens, rows, ns)]

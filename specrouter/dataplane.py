@@ -178,11 +178,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         op = request["op"]
         if op == "forward":
             params = _params(request["sampling"])
-            probs = worker.forward(
-                request["seq"], request["version"], request["start"], request["prefix"], request["tokens"], request["num_logits"], params,
-                self._allowed(request),
-            )
-            return encode_rows(probs, params)
+            args = (request["seq"], request["version"], request["start"], request["prefix"], request["tokens"], request["num_logits"], params,
+                    self._allowed(request))
+            if request.get("confident"):
+                probs, top = worker.forward_confident(*args)
+                return {**encode_rows(probs, params), "top": top}
+            return encode_rows(worker.forward(*args), params)
         if op == "draft":
             params = _params(request["sampling"])
             result = worker.draft(
@@ -192,6 +193,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             return encode_draft(result, params)
         if op == "forward_batch":
             calls = [_forward_call(m) for m in request["calls"]]
+            if request.get("confident"):
+                results = worker.forward_batch_confident(calls, self._allowed(request))
+                return {"results": _encode_batch(results, calls, lambda r, params: {**encode_rows(r[0], params), "top": r[1]})}
             return {"results": _encode_batch(worker.forward_batch(calls, self._allowed(request)), calls, encode_rows)}
         if op == "draft_batch":
             calls = [_draft_call(m) for m in request["calls"]]
@@ -366,6 +370,12 @@ class RemoteWorker:
         call = ForwardCall(seq_id, version, start, prefix_hash, token_ids, num_logits, params)
         return decode_rows(self._call_masked({"op": "forward", **_forward_fields(call)}, allowed), self.vocab_size)
 
+    def forward_confident(self, seq_id, version, start, prefix_hash, token_ids, num_logits, params: SamplingParams,
+                          allowed=None) -> tuple[torch.Tensor, list[float]]:
+        call = ForwardCall(seq_id, version, start, prefix_hash, token_ids, num_logits, params)
+        reply = self._call_masked({"op": "forward", **_forward_fields(call), "confident": True}, allowed)
+        return decode_rows(reply, self.vocab_size), reply["top"]
+
     def draft(self, seq_id, version, start, prefix_hash, token_ids, k, params: SamplingParams, seed: int, allowed=None,
               min_confidence: float = 0.0) -> DraftResult:
         call = DraftCall(seq_id, version, start, prefix_hash, token_ids, k, params, seed, min_confidence)
@@ -378,6 +388,12 @@ class RemoteWorker:
             return []
         reply = self._call_masked({"op": "forward_batch", "calls": [_forward_fields(c) for c in calls]}, allowed)
         return _decode_batch(reply["results"], calls, lambda entry, params: decode_rows(entry, self.vocab_size))
+
+    def forward_batch_confident(self, calls: list[ForwardCall], allowed=None) -> list[tuple[torch.Tensor, list[float]] | Exception]:
+        if not calls:
+            return []
+        reply = self._call_masked({"op": "forward_batch", "calls": [_forward_fields(c) for c in calls], "confident": True}, allowed)
+        return _decode_batch(reply["results"], calls, lambda entry, params: (decode_rows(entry, self.vocab_size), entry["top"]))
 
     def draft_batch(self, calls: list[DraftCall], allowed=None) -> list[DraftResult | Exception]:
         """ModelWorker.draft_batch in one frame: a DraftResult per call, or the error that refused it."""

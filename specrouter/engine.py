@@ -109,8 +109,8 @@ class Engine:
         """`provider` supplies the workers (default: an in-process ModelStore for dtype and device).
         A drafter on another tokenizer than the target's drafts greedy requests freely and has its text
         re-tokenised (`retokenize_greedy`), else it stays on the shared tokens (specrouter/levels.py).
-        A model drafting at the bottom of a chain stops its block after a token it drafted with less
-        than `draft_confidence` probability (transformers' assistant_confidence_threshold; 0: never)."""
+        A drafting model ends its block after a token it gave less than `draft_confidence` probability
+        (transformers' assistant_confidence_threshold; 0: never), at the bottom of a chain or in the middle."""
         if not 0.0 <= draft_confidence < 1.0:
             raise ValueError(f"draft_confidence must be in [0, 1), got {draft_confidence}")
         if num_threads:

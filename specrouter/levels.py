@@ -70,7 +70,8 @@ class ModelLevel:
     With a `vocab` map the model has its own tokenizer: it is restricted to the tokens it shares with
     the target and speaks target ids outward (specrouter/vocab.py); the mirror holds its own ids.
     With a `retokenizer` too, it drafts greedy blocks freely and re-tokenises their text instead.
-    With `min_confidence`, its drafts stop after a token it was less sure of (see ModelWorker.draft)."""
+    With `min_confidence`, its drafts stop after a token it was less sure of (see ModelWorker.draft), and
+    so do the blocks it passes up from the middle of a chain (specrouter/chain.py `propose`)."""
 
     can_verify = True
 
@@ -136,34 +137,51 @@ class ModelLevel:
 
     def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:
         """p [len(draft) + 1, V]: this model's distribution at each draft position and one past it."""
+        return self._score(seq, ctx, draft, params, confident=False)[0]
+
+    def score_confident(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> tuple[torch.Tensor, list[float]]:
+        """`score`, and how sure the model is of its most likely token at each row [len(draft) + 1]
+        (what a greedy level emits there)."""
+        return self._score(seq, ctx, draft, params, confident=True)
+
+    def _score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams, confident: bool):
         own, ends = self._own(ctx + draft)
         n_ctx = ends[len(ctx) - 1]  # own ids spelling the context
-        start, p = self._send(
-            seq.seq_id,
-            own[:n_ctx],
-            lambda start, h: self.worker.forward(seq.seq_id, seq.version, start, h, own[start:], len(own) - n_ctx + 1, params, self._allowed),
-        )  # p [len(own) - n_ctx + 1, V_own]: row r predicts own position n_ctx + r
+
+        def call(start: int, prefix_hash: int):
+            args = (seq.seq_id, seq.version, start, prefix_hash, own[start:], len(own) - n_ctx + 1, params, self._allowed)
+            return self.worker.forward_confident(*args) if confident else (self.worker.forward(*args), None)
+
+        start, (p, top) = self._send(seq.seq_id, own[:n_ctx], call)  # p [len(own) - n_ctx + 1, V_own]: row r predicts own position n_ctx + r
         self._cached[seq.seq_id].put(start, own[start:])
         if self.vocab is None:
-            return p
+            return p, top
         # A draft token may take several own ids: keep the row before each one's first own id.
         rows = [ends[len(ctx) - 1 + j] - n_ctx for j in range(len(draft) + 1)]
-        return self.vocab.rows_to_target(p[rows])
+        return self.vocab.rows_to_target(p[rows]), [top[r] for r in rows] if top is not None else None
 
     def score_batch(self, items: list[tuple[SequenceState, list[int], list[int], SamplingParams]]) -> list[torch.Tensor]:
         """`score(seq, ctx, draft, params)` for many sequences in one batched pass on the worker."""
+        return [p for p, _ in self._score_batch(items, confident=False)]
+
+    def score_batch_confident(self, items: list[tuple[SequenceState, list[int], list[int], SamplingParams]]) -> list[tuple[torch.Tensor, list[float]]]:
+        """`score_confident` for many sequences in one batched pass on the worker."""
+        return self._score_batch(items, confident=True)
+
+    def _score_batch(self, items: list[tuple[SequenceState, list[int], list[int], SamplingParams]], confident: bool) -> list[tuple]:
         if self.vocab is not None or not hasattr(self.worker, "forward_batch"):
             # A level on its own vocabulary (ids to translate), or a worker without batched calls: one call per sequence.
-            return [self.score(*item) for item in items]
+            return [self._score(*item, confident=confident) for item in items]
 
         def call(i: int, start: int, prefix_hash: int) -> ForwardCall:
             seq, ctx, draft, params = items[i]
             return ForwardCall(seq.seq_id, seq.version, start, prefix_hash, ctx[start:] + draft, len(draft) + 1, params)
 
-        starts, p = self._send_batch([(seq.seq_id, ctx) for seq, ctx, _, _ in items], call, self.worker.forward_batch)
+        run = self.worker.forward_batch_confident if confident else self.worker.forward_batch
+        starts, out = self._send_batch([(seq.seq_id, ctx) for seq, ctx, _, _ in items], call, run)
         for (seq, ctx, draft, _), start in zip(items, starts):
             self._cached[seq.seq_id].put(start, ctx[start:] + draft)
-        return p
+        return out if confident else [(p, None) for p in out]
 
     def propose_batch(self, items: list[tuple[SequenceState, list[int], int, SamplingParams, int]]) -> list[Block]:
         """`propose(seq, ctx, n, params, seed)` for many sequences, drafting them together on the worker."""

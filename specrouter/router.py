@@ -84,7 +84,7 @@ class AdaptiveRouter:
     def __init__(self, pool: list[str], target: str, can_verify: dict[str, bool], config: RouterConfig = RouterConfig(),
                  levels: dict[str, Level] | None = None, stopping: frozenset[str] = frozenset()):
         """`levels`: the pool's levels by name, to probe a stale level's cost directly (calibrate() sets it).
-        `stopping`: drafters that end their blocks unsure at the bottom of a chain (learnt apart there)."""
+        `stopping`: drafters that end their blocks unsure (at every level of a chain: specrouter/chain.py)."""
         self.pool, self.target = list(pool), target  # pool: drafters, cheapest first
         self.can_verify = can_verify
         self.stopping = stopping
@@ -149,18 +149,14 @@ class AdaptiveRouter:
     def _expected(self, classes: list[str], ratios: dict[tuple[str, str], float] | None = None):
         """(drafter, verifier, g) -> tokens per round, averaged over the classes; `ratios` scales some
         pairs' rejections (a sequence's own against its class: OwnAcceptance.ratios)."""
-        def expected(d: str, v: str, g: int, bottom: bool) -> float:
+        def expected(d: str, v: str, g: int) -> float:
             ratio = (ratios or {}).get((d, v), 1.0)
-            role = self._role(d, bottom)
-            return sum(self.acceptance.expected_tokens(k, d, v, g, ratio, role) for k in classes) / len(classes)
+            return sum(self.acceptance.expected_tokens(k, d, v, g, ratio, d in self.stopping) for k in classes) / len(classes)
         return expected
 
-    def _role(self, drafter: str, bottom: bool) -> str:
-        return "bottom" if bottom and drafter in self.stopping else ""
-
     def _drafted(self, classes: list[str], own: OwnAcceptance | None = None):
-        """(bottom drafter, n) -> tokens a block asked for n drafts, averaged over the classes (and
-        following a request's `own` blocks where it has run some)."""
+        """(drafter, n) -> tokens a block asked for n holds, averaged over the classes (and following a
+        request's `own` blocks where it has run some); fewer than n for one that stops unsure."""
         def drafted(level: str, n: int) -> float:
             request = own.drafts.get(level) if own else None
             return sum(self.acceptance.expected_drafted(k, level, n, request) for k in classes) / len(classes)
@@ -268,15 +264,14 @@ class AdaptiveRouter:
             self.overhead_s += 0.2 * (per_round - self.overhead_s)
 
     def _observe_verdict(self, klass: str, r: VerifyRecord) -> None:
-        """One verification's feedback: the pair's acceptance, and the round's run (in the drafter's role)."""
+        """One verification's feedback: the pair's acceptance, and the round's run."""
         self._last_measured[(r.drafter, r.verifier)] = self._step
         if r.replayed:  # its ratio carries to its other verifiers (_own_ratios): none of them is explored blindly
             for pair in self._pairs:
                 if pair[0] == r.drafter:
                     self._last_measured[pair] = self._step
         self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
-        self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked,
-                                      self._role(r.drafter, r.bottom))
+        self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked)
 
     # -- batches (specrouter/batching.py) --------------------------------------------------------------
 

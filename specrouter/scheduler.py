@@ -6,10 +6,11 @@ of a block of g. Time per committed token is one top round over the tokens it em
 
     L_N = (C_{N-1}(g_{N-1}) + verify_N(g_{N-1} + 1) + overhead) / E_{N-1}(g_{N-1}),
 
-where C_k(n) is the time level k takes to propose n tokens: D(n) * draft_0 at the bottom, D(n) the
-tokens a block asked for n drafts (n, unless a `drafted(level, n)` says it stops early, and then the
-level above verifies D(n) + 1 tokens, not n + 1); above it,
-rounds as the engine runs them (specrouter/chain.py `propose`): each asks the level below for
+where C_k(n) is the time level k takes to propose n tokens. D_k(n) is the tokens a block of level k
+asked for n holds (n, unless a `drafted(level, n)` says it stops early: an n-gram without a match, a
+model that ends its blocks unsure, at any level; the level above then verifies D_k(n) + 1 tokens, not
+n + 1). At the bottom C_0(n) = D_0(n) * draft_0; above it, rounds as the engine runs them
+(specrouter/chain.py `propose`) until D_k(n) tokens are out: each asks the level below for
 r = min(g_{k-1}, n_left - 1) tokens (the level adds one of its own), costs C_{k-1}(r) +
 verify_k(r + 1) + overhead and yields E_{k-1}(r) tokens; the last round is charged in proportion to
 the tokens still needed. So a level asked for one token scores it alone, with no help from below.
@@ -35,10 +36,10 @@ from typing import Callable
 CostFn = Callable[[str, int], float]  # (level, block length) -> seconds for one verification pass
 DraftFn = Callable[[str], float]  # level -> seconds per drafted token
 AlphaFn = Callable[[str, str], float]  # (drafter, verifier) -> acceptance
-ExpectedFn = Callable[[str, str, int, bool], float]  # (drafter, verifier, g, drafter at the bottom) -> tokens emitted per round
+ExpectedFn = Callable[[str, str, int], float]  # (drafter, verifier, g) -> tokens emitted per round
 BatchCostFn = Callable[[str, int, int], float]  # (level, block length, batch) -> seconds for one batched pass
 BatchDraftFn = Callable[[str, int], float]  # (level, batch) -> seconds per drafted token for the batch
-DraftedFn = Callable[[str, int], float]  # (bottom level, n asked) -> tokens it is expected to draft
+DraftedFn = Callable[[str, int], float]  # (level, n asked) -> tokens its block is expected to hold
 
 
 @dataclass(frozen=True)
@@ -81,27 +82,28 @@ class _ChainModel:
         return (self.propose_time(top - 1, draft_lens, g) + self.verify(chain[top], self.block(top - 1, g) + 1) + self.overhead) / self.emitted(top, g)
 
     def block(self, k: int, n: int) -> int:
-        """Tokens in a block level k proposes when asked for n: all n, but for a bottom drafter that stops early."""
-        if k > 0 or self.drafted is None or n == 0:
-            return n
-        return max(0, round(self.drafted(self.chain[0], n)))
+        """Tokens in a block level k proposes when asked for n: all n, but for a level that stops early."""
+        return n if self.drafted is None or n == 0 else max(0, round(self.drafted(self.chain[k], n)))
+
+    def held(self, k: int, n: int) -> float:
+        """D_k(n), unrounded."""
+        return n if self.drafted is None or n == 0 else self.drafted(self.chain[k], n)
 
     def emitted(self, k: int, g: int) -> float:
         """Tokens level k emits per round of a block of g from level k - 1."""
         if (k, g) not in self._emitted:
             drafter, verifier = self.chain[k - 1], self.chain[k]
-            self._emitted[(k, g)] = (self.expected(drafter, verifier, g, k == 1) if self.expected is not None
+            self._emitted[(k, g)] = (self.expected(drafter, verifier, g) if self.expected is not None
                                      else expected_tokens(self.alpha(drafter, verifier), g))
         return self._emitted[(k, g)]
 
     def propose_time(self, k: int, draft_lens: tuple[int, ...], n: int) -> float:
         """C_k(n): seconds for level k to propose n tokens (it depends on draft_lens[:k] only)."""
         if k == 0:
-            tokens = self.drafted(self.chain[0], n) if self.drafted is not None and n > 0 else n
-            return tokens * self.draft(self.chain[0])  # D(n), unrounded
+            return self.held(0, n) * self.draft(self.chain[0])
         key = (k, draft_lens[:k], n)
         if key not in self._propose:
-            seconds, left = 0.0, float(n)
+            seconds, left = 0.0, float(self.held(k, n))
             while left > 1e-9:
                 r = min(draft_lens[k - 1], max(0, math.ceil(left - 1e-9) - 1))
                 tokens = self.emitted(k, r)

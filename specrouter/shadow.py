@@ -38,6 +38,6 @@ def shadow_records(level: Level, seq: SequenceState, committed: list[int], verif
         accepted = next((i for i, (d, t) in enumerate(zip(judged, committed[pos:])) if d != t), len(judged))
         alphas = [1.0] * accepted + [0.0] * (accepted < len(judged))
         records.append(TimingRecord(level.name, "draft", drafted(block, n), seconds, asked=n))
-        records.append(VerifyRecord(level.name, verifier, len(judged), accepted, alphas, known, bottom=True, replayed=True))
+        records.append(VerifyRecord(level.name, verifier, len(judged), accepted, alphas, known, replayed=True))
         pos += accepted + 1
     return records

@@ -3,6 +3,7 @@
 The worker is the unit that later lives in a Ray actor, so its interface is plain data in and out:
 every call names the sequence id, the version it is based on and an explicit start position.
 - `forward`: score a block at positions [start, start+S) in one pass (prefill and verification);
+  `forward_confident` also says how sure the model is of each row's most likely token;
 - `draft`: the same, then sample up to k tokens autoregressively with their probabilities (stopping
   early after a token drafted with less than `min_confidence`);
 - `truncate`: roll the sequence back to a position (idempotent);
@@ -79,6 +80,12 @@ class DraftCall:
     min_confidence: float = 0.0
 
 
+def top_confidence(logits: torch.Tensor) -> list[float]:
+    """logits [N, V] -> the plain-softmax probability of each row's most likely token: how sure a greedy
+    model is of the token it emits there."""
+    return torch.softmax(logits.float(), dim=-1).max(-1).values.tolist()
+
+
 def confidence(logits: torch.Tensor, q: torch.Tensor, token: int, params: SamplingParams) -> float:
     """How sure the drafter was of the token it drafted: its probability under the sampling distribution
     q [1, V] (under the plain softmax of logits [1, V] when greedy, whose q is one-hot)."""
@@ -132,6 +139,24 @@ class ModelWorker:
         the distribution to those tokens (renormalised): a level drafting for another vocabulary."""
         slot = self._slot(seq_id, version, start, prefix_hash)
         return probs_from_logits(restrict(self._run(slot, start, token_ids, num_logits), allowed), params)
+
+    def forward_confident(
+        self,
+        seq_id: str,
+        version: int,
+        start: int,
+        prefix_hash: int,
+        token_ids: list[int],
+        num_logits: int,
+        params: SamplingParams,
+        allowed: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[float]]:
+        """`forward`, and the plain-softmax probability of each row's most likely token [num_logits]:
+        a greedy level that verifies in the middle of a chain emits those tokens and ends its block
+        after one it was unsure of (specrouter/chain.py), as it would drafting them itself."""
+        slot = self._slot(seq_id, version, start, prefix_hash)
+        logits = restrict(self._run(slot, start, token_ids, num_logits), allowed)  # [num_logits, V]
+        return probs_from_logits(logits, params), top_confidence(logits)
 
     def draft(
         self,
@@ -213,14 +238,22 @@ class ModelWorker:
     def forward_batch(self, calls: list[ForwardCall], allowed: torch.Tensor | None = None) -> list[torch.Tensor | Exception]:
         """`forward` for many sequences in one pass: p [num_logits, V] per call, or the StaleVersionError
         / PositionGapError that refused that call (the others still run). `allowed` as in `forward`."""
+        return [r if isinstance(r, Exception) else r[0] for r in self._forward_batch(calls, allowed, confident=False)]
+
+    def forward_batch_confident(self, calls: list[ForwardCall], allowed: torch.Tensor | None = None) -> list[tuple[torch.Tensor, list[float]] | Exception]:
+        """`forward_batch`, each call's rows with their confidences as in `forward_confident`."""
+        return self._forward_batch(calls, allowed, confident=True)
+
+    def _forward_batch(self, calls: list[ForwardCall], allowed: torch.Tensor | None, confident: bool) -> list:
         slots = self._slots_for(calls)
         ok = [i for i, slot in enumerate(slots) if not isinstance(slot, Exception)]
-        results: list[torch.Tensor | Exception] = list(slots)
+        results: list = list(slots)
         if ok:
             logits = self._run_batch([slots[i] for i in ok], [calls[i].start for i in ok], [calls[i].token_ids for i in ok],
                                      [calls[i].num_logits for i in ok])
             for i, row in zip(ok, logits):
-                results[i] = probs_from_logits(restrict(row, allowed), calls[i].params)
+                row = restrict(row, allowed)  # [num_logits, V]
+                results[i] = (probs_from_logits(row, calls[i].params), top_confidence(row) if confident else None)
         return results
 
     def draft_batch(self, calls: list[DraftCall], allowed: torch.Tensor | None = None) -> list[DraftResult | Exception]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import model_level, perturbed, tiny_llama
-from specrouter.chain import Chain, LevelStats, StepContext, TimingRecord, VerifyRecord, speculative_step
+from specrouter.chain import Chain, LevelStats, StepContext, TimingRecord, VerifyRecord, propose, speculative_step
 from specrouter.levels import ModelLevel, NgramLevel
 from specrouter.model import ModelView
 from specrouter.sampling import SamplingParams, probs_from_logits
@@ -75,6 +75,45 @@ def test_greedy_chain_output_equals_target_only(models, names, draft_lens):
     assert stats[-1].num_emitted_tokens >= 30
 
 
+@pytest.fixture(scope="module")
+def sure_models():
+    """A target whose confidence in its next token varies (0.07-0.9), a close and a far drafter."""
+    target = tiny_llama(0, VOCAB, init_std=0.3)
+    return {"target": target, "close": perturbed(target, 1, 0.05), "far": perturbed(target, 2, 0.3)}
+
+
+def stopping_level(model, name: str, min_confidence: float = 0.2) -> ModelLevel:
+    return ModelLevel(name, ModelWorker(name, ModelView(model)), min_confidence=min_confidence)
+
+
+def test_a_middle_level_that_stops_unsure_proposes_the_block_it_would_draft(sure_models):
+    """Greedy, a middle level emits its own most likely tokens; ending its block after one it gave less
+    than min_confidence, it proposes exactly what it would have drafted at the bottom of a chain."""
+    lengths = []
+    for prompt in PROMPTS:
+        middle, alone = stopping_level(sure_models["close"], "close"), stopping_level(sure_models["close"], "alone")
+        chain = Chain([model_level(sure_models["far"], "far"), middle, model_level(sure_models["target"], "target")], [2, 8])
+        seq = SequenceState.new("block", prompt)
+        ctx = StepContext(SamplingParams(), torch.Generator().manual_seed(0), frozenset(), {x: LevelStats(x) for x in chain.names})
+        block = propose(chain, 1, seq, prompt, 8, ctx)
+        assert block.token_ids == alone.propose(seq, prompt, 8, SamplingParams(), seed=0).token_ids
+        assert ctx.stats["far"].num_rounds >= 1  # the middle verified blocks from below
+        lengths.append(len(block))
+    assert min(lengths) < 8 and max(lengths) > 1  # some blocks stopped unsure, not all at once
+
+
+@pytest.mark.parametrize("names, draft_lens", [(["far", "close", "target"], [2, 6]), (["ngram", "far", "close", "target"], [3, 2, 6])],
+                         ids=["far->close->target", "ngram->far->close->target"])
+def test_greedy_chain_whose_levels_stop_unsure_equals_target_only(sure_models, names, draft_lens):
+    target_only = Chain([model_level(sure_models["target"], "target")], [])
+    levels = [NgramLevel(VOCAB) if n == "ngram" else stopping_level(sure_models[n], n) for n in names[:-1]]
+    chain = Chain(levels + [model_level(sure_models["target"], "target")], draft_lens)
+    for prompt in PROMPTS:
+        expected, _ = run(target_only, prompt, 30)
+        got, stats = run(chain, prompt, 30)
+        assert got == expected, f"prompt {prompt}"
+
+
 def test_timings_count_the_tokens_each_pass_really_ran(models):
     """The first step prefills the prompt on every level: the profile must not take it for a small block."""
     chain = build(models, ["close", "target"], [3])
@@ -102,7 +141,7 @@ def test_a_block_shorter_than_asked_is_recorded_with_the_length_asked():
     ctx = StepContext(SamplingParams(), torch.Generator().manual_seed(0), frozenset(), {x: LevelStats(x) for x in chain.names})
     speculative_step(chain, seq, ctx, 8)
     (record,) = [r for r in ctx.drain_records() if isinstance(r, VerifyRecord)]
-    assert (record.num_draft_tokens, record.num_accepted_tokens, record.num_asked, record.bottom) == (0, 0, 4, True)
+    assert (record.num_draft_tokens, record.num_accepted_tokens, record.num_asked) == (0, 0, 4)
     assert ctx.stats["ngram"].num_rounds == 0  # the statistics count proposed blocks only
     target.release(seq.seq_id)
 
@@ -230,6 +269,39 @@ def test_drafts_stopped_below_min_confidence_keep_the_target_joint(params):
     assert abs(first_blocks[1] / samples - float(q_first[q_first < 0.3].sum())) < 0.05 and first_blocks[0] == 0
     assert chi_square_p_value(counts, joint_two_tokens(ModelView(target), prompt, params)) > 1e-3
     assert chi_square_p_value(counts, joint_two_tokens(bottom.worker.view, prompt, params)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=4, top_p=0.9)],
+    ids=["temperature", "top-k-top-p"],
+)
+def test_a_middle_level_that_stops_unsure_keeps_the_target_joint(params):
+    """The middle level ends the block it passes up after a token it gave < 0.3, so that block's length
+    depends on what it emitted; the output must still follow the target."""
+    target = tiny_llama(10, SMALL_V, init_std=0.1)
+    middle = ModelLevel("middle", ModelWorker("middle", ModelView(tiny_llama(11, SMALL_V, init_std=0.1))), min_confidence=0.3)
+    bottom = tiny_llama(12, SMALL_V, init_std=0.1, layers=2)
+    chain = Chain([model_level(bottom, "bottom"), middle, model_level(target, "target")], [2, 2])
+    prompt = [1, 4, 2]
+    samples = 3000
+    counts = torch.zeros(SMALL_V, SMALL_V)
+    first_blocks = torch.zeros(3)  # how many first blocks the middle passed up had 0, 1, 2 tokens
+    for seed in range(samples):
+        seq = SequenceState.new(f"seq-{seed}", prompt)
+        ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset(), {x: LevelStats(x) for x in chain.names})
+        seq = seq.commit(speculative_step(chain, seq, ctx, 3))  # a budget of 3: the first block asks for 2 tokens
+        first_blocks[ctx.stats["middle"].num_draft_tokens] += 1
+        while len(seq.generated) < 3:
+            seq = seq.commit(speculative_step(chain, seq, ctx, 3 - len(seq.generated)))
+        for level in chain.levels:
+            level.release(seq.seq_id)
+        counts[seq.generated[0], seq.generated[1]] += 1
+    # Its first token is distributed as its own model's: it stops after it unless that one has >= 0.3.
+    q_first = probs_from_logits(middle.worker.view.forward(prompt, 0, middle.worker.view.new_cache(), 1), params)[0]
+    assert abs(first_blocks[1] / samples - float(q_first[q_first < 0.3].sum())) < 0.05 and first_blocks[0] == 0
+    assert chi_square_p_value(counts, joint_two_tokens(ModelView(target), prompt, params)) > 1e-3
+    assert chi_square_p_value(counts, joint_two_tokens(middle.worker.view, prompt, params)) < 1e-6
 
 
 # -- exact sampling distribution with levels on another vocabulary -------------------------------------

@@ -40,8 +40,12 @@ def test_remote_forward_equals_local_for_greedy_and_sampling(served):
         # A random tiny model is never sure of a token: with min_confidence both stop after the first.
         a, b = (w.draft("c", 0, 0, EMPTY, ids, 4, params, 3, None, 0.5) for w in (remote, local))
         assert a.token_ids == b.token_ids and len(a.token_ids) == 1
+        # Each row's confidence in its most likely token (a middle level's stop) travels beside greedy one-hot rows.
+        (p_remote, top_remote), (p_local, top_local) = (w.forward_confident("f", 0, 0, EMPTY, ids, 3, params) for w in (remote, local))
+        assert torch.equal(p_remote, p_local) and top_remote == pytest.approx(top_local) and len(top_local) == 3
+        assert top_local == pytest.approx(torch.softmax(local.view.forward(ids, 0, local.view.new_cache(), 3), -1).max(-1).values.tolist())
         for w in (remote, local):
-            w.release("s"), w.release("d"), w.release("c")
+            w.release("s"), w.release("d"), w.release("c"), w.release("f")
     assert remote.vocab_size == V and remote.bytes_moved > 0
 
 
@@ -215,6 +219,22 @@ def test_remote_forward_batch_is_one_frame_and_equals_per_sequence_calls(counted
         ref = local.forward(call.seq_id, 1, call.start, call.prefix_hash, call.token_ids, 2, call.params)
         torch.testing.assert_close(p, ref, atol=1e-6, rtol=1e-5)
         assert servicer.workers["t"].cached_tokens(call.seq_id) == hist[call.seq_id][: call.start] + [40, 41, 42]
+
+
+def test_remote_forward_batch_carries_each_rows_confidence(counted):
+    from specrouter.worker import ForwardCall
+
+    target, servicer, remote = counted
+    local = ModelWorker("local", ModelView(target))
+    calls = [ForwardCall(s, 0, 0, EMPTY, list(range(5 + i, 15 + i)), 3, params) for i, (s, params) in enumerate(zip("gh", (SamplingParams(), SAMPLED)))]
+    servicer.frames.clear()
+    batched = remote.forward_batch_confident(calls)
+    assert servicer.frames == [("forward_batch", 2)]
+    for (p, top), (p_ref, top_ref) in zip(batched, local.forward_batch_confident(calls)):
+        torch.testing.assert_close(p, p_ref, atol=1e-6, rtol=1e-5)
+        assert top == pytest.approx(top_ref) and len(top) == 3
+    for call in calls:
+        remote.release(call.seq_id)
 
 
 def test_remote_draft_batch_is_one_frame_and_equals_each_draft_alone(counted):

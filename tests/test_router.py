@@ -414,17 +414,17 @@ def test_a_class_seen_little_starts_from_the_pairs_runs_in_other_classes_at_its_
     table = AcceptanceTable()
     for i in range(100):  # code: long runs once the first token is through (alpha 0.8)
         table.observe("code", "d", "t", [0.8] * 8)
-        table.observe_round("code", "d", "t", 8, 8 if i % 5 else 0, role="bottom")
+        table.observe_round("code", "d", "t", 8, 8 if i % 5 else 0)
         table.observe_draft("code", "d", 8, 8)
     table.observe("chat", "d", "t", [0.4] * 40)  # chat: half code's acceptance, in two rounds so far ...
     for _ in range(2):
-        table.observe_round("chat", "d", "t", 8, 1, role="bottom")
+        table.observe_round("chat", "d", "t", 8, 1)
         table.observe_draft("chat", "d", 8, 2)  # ... which stopped after 2 drafted tokens
-    chat = table.expected_tokens("chat", "d", "t", 8, role="bottom")
+    chat = table.expected_tokens("chat", "d", "t", 8, stops=True)
     # Two rounds that accepted one token each say little: code's shape (deep positions all but
     # certain) with chat's higher rejection rate, pulled down a little by them; not their own ~1.9
     # tokens, which shrinking each position toward chat's alpha alone would give.
-    assert 3.5 < chat < table.expected_tokens("code", "d", "t", 8, role="bottom") - 1.0
+    assert 3.5 < chat < table.expected_tokens("code", "d", "t", 8, stops=True) - 1.0
     assert table.expected_drafted("chat", "d", 8) > 4.0  # two short blocks against 100 full ones elsewhere
 
 
@@ -433,12 +433,12 @@ def test_a_harder_request_is_rejected_more_where_its_class_rejects_not_where_the
 
     table = AcceptanceTable()
     table.observe("code", "d", "t", [0.8] * 100)
-    for i in range(100):  # at the bottom: the first token accepted 4 times in 5, then the drafter is sure
-        table.observe_round("code", "d", "t", 8, 8 if i % 5 else 0, role="bottom")
-    easy = table.expected_tokens("code", "d", "t", 8, role="bottom")
+    for i in range(100):  # a drafter that stops unsure: the first token accepted 4 times in 5, then it is sure
+        table.observe_round("code", "d", "t", 8, 8 if i % 5 else 0)
+    easy = table.expected_tokens("code", "d", "t", 8, stops=True)
     ratio = rejection_ratio(0.6, 0.8)  # a request accepting 0.6 where its class accepts 0.8: twice the rejections
     assert ratio == pytest.approx(2.0)
-    hard = table.expected_tokens("code", "d", "t", 8, ratio=ratio, role="bottom")
+    hard = table.expected_tokens("code", "d", "t", 8, ratio=ratio, stops=True)
     # the first position drops from 0.8 to 0.6, the sure ones stay sure; scaling every rate by 0.6 / 0.8
     # would take the deep ones down to 0.75 and cut the block's worth by more than half
     assert hard == pytest.approx(1 + (easy - 1) * 0.6 / 0.8, rel=0.05)
@@ -460,33 +460,14 @@ def test_a_stopping_drafter_is_not_taken_to_get_worse_beyond_the_positions_seen(
 
     table = AcceptanceTable()
     table.observe("chat", "d", "t", [0.5] * 100)  # alpha 0.5, over every token drafted
-    for _ in range(100):  # blocks of 3 at the bottom: once through the first position, the drafter is sure
-        table.observe_round("chat", "d", "t", 3, 3, role="bottom")
-        table.observe_round("chat", "d", "t", 3, 0, role="bottom")
+    for _ in range(100):  # blocks of 3: once through the first position, the drafter is sure
         table.observe_round("chat", "d", "t", 3, 3)
         table.observe_round("chat", "d", "t", 3, 0)
-    bottom, middle = (table.expected_tokens("chat", "d", "t", 8, role=r) for r in ("bottom", ""))
-    assert middle < 3.0  # positions 4..8 unseen: alpha, 0.5 each
-    assert bottom > 3.5  # positions 4..8 unseen: as well accepted as the third, ~1 each
-    # where rounds were seen, they decide in both roles (which differ in how much alpha, the prior, weighs)
-    assert table.expected_tokens("chat", "d", "t", 3, role="bottom") == pytest.approx(table.expected_tokens("chat", "d", "t", 3), rel=0.05)
-
-
-def test_a_drafter_that_stops_at_the_bottom_keeps_its_rounds_in_the_middle_apart():
-    from specrouter.acceptance import AcceptanceTable
-
-    table = AcceptanceTable()
-    table.observe("code", "d", "t", [0.9] * 100)
-    for _ in range(100):
-        table.observe_round("code", "d", "t", 8, 8)  # in the middle of a chain: full blocks accepted
-        table.observe_round("code", "d", "t", 2, 2, num_asked=8, role="bottom")  # at the bottom: stops after 2
-    assert table.expected_tokens("code", "d", "t", 8) > 8.5
-    assert table.expected_tokens("code", "d", "t", 8, role="bottom") < 4.0
-    assert table.expected_tokens("code", "e", "t", 8, role="bottom") == table.expected_tokens("code", "e", "t", 8)  # no rounds
-    fresh = AcceptanceTable()
-    fresh.observe_round("code", "d", "t", 8, 8)
-    no_rounds = AcceptanceTable().expected_tokens("code", "d", "t", 8, role="bottom")
-    assert fresh.expected_tokens("code", "d", "t", 8, role="bottom") > no_rounds  # falls back to the middle's rounds
+    stopping, full = (table.expected_tokens("chat", "d", "t", 8, stops=s) for s in (True, False))
+    assert full < 3.0  # positions 4..8 unseen, for a drafter that drafts whole blocks: alpha, 0.5 each
+    assert stopping > 3.5  # ... for one that stops unsure: as well accepted as the third, ~1 each
+    # where rounds were seen, they decide for both (which differ in how much alpha, the prior, weighs)
+    assert table.expected_tokens("chat", "d", "t", 3, stops=True) == pytest.approx(table.expected_tokens("chat", "d", "t", 3), rel=0.05)
 
 
 def profiled_router(draft_s_per_token: float) -> AdaptiveRouter:
@@ -571,9 +552,9 @@ def test_a_drafter_replayed_on_every_step_is_not_explored(replayed):
                               for k in (1, 2, 4, 8, 12)] + [TimingRecord("n", "draft", 4, 0.0004, 1)])
     router.acceptance.observe("chat", "n", "d", [0.9] * 50)  # measured once, long ago: n -> d -> t is close to the best
     step = [TimingRecord("d", "draft", 3, 0.09, asked=3), TimingRecord("t", "score", 4, 0.14),
-            VerifyRecord("d", "t", 3, 2, [1.0, 1.0, 0.0], bottom=True),
+            VerifyRecord("d", "t", 3, 2, [1.0, 1.0, 0.0]),
             # n, replayed against t over the step's tokens (specrouter/shadow.py): its first token would have been accepted
-            TimingRecord("n", "draft", 3, 0.0003, asked=10), VerifyRecord("n", "t", 3, 1, [1.0, 0.0], 3, bottom=True, replayed=replayed)]
+            TimingRecord("n", "draft", 3, 0.0003, asked=10), VerifyRecord("n", "t", 3, 1, [1.0, 0.0], 3, replayed=replayed)]
     reasons = []
     for _ in range(3 * RouterConfig().explore_every):
         reasons.append(router.plan_for("chat")[2])

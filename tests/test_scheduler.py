@@ -26,6 +26,16 @@ def test_bottom_drafter_that_stops_early_is_charged_its_expected_block():
     assert t == pytest.approx((3 * 0.1 + verify("t", 4)) / expected_tokens(0.5, 8))
 
 
+def test_middle_level_that_stops_early_is_charged_for_the_block_it_holds():
+    """Asked for 8, a middle level that ends its blocks unsure holds 3 on average: it runs the rounds
+    that emit 3 tokens (as if asked for 3), and the target verifies 3 + 1."""
+    verify = lambda level, n: {"m": 0.2 + 0.01 * n, "t": 1.0 + 0.1 * n}[level]
+    args = (verify, lambda d: 0.05, lambda d, v: 0.5)
+    t = predict(("d", "m", "t"), (2, 8), *args, overhead=0.0, drafted=lambda level, n: min(n, 3.0) if level == "m" else n)
+    asked_3 = predict(("d", "m", "t"), (2, 3), *args, overhead=0.0)
+    assert t == pytest.approx(asked_3 * expected_tokens(0.5, 3) / expected_tokens(0.5, 8))
+
+
 def test_middle_level_asked_for_one_token_scores_it_alone():
     """The engine asks the level below for n - 1 tokens at most (the level adds its own): a middle
     level proposing one token to the target gets no help from its drafter."""
