@@ -81,13 +81,13 @@ class _ChainModel:
         top, g = len(chain) - 1, draft_lens[-1]
         return (self.propose_time(top - 1, draft_lens, g) + self.verify(chain[top], self.block(top - 1, g) + 1) + self.overhead) / self.emitted(top, g)
 
-    def block(self, k: int, n: int) -> int:
-        """Tokens in a block level k proposes when asked for n: all n, but for a level that stops early."""
-        return n if self.drafted is None or n == 0 else max(0, round(self.drafted(self.chain[k], n)))
-
     def held(self, k: int, n: int) -> float:
-        """D_k(n), unrounded."""
+        """D_k(n): tokens in a block level k proposes when asked for n (all n, but for a level that stops early)."""
         return n if self.drafted is None or n == 0 else self.drafted(self.chain[k], n)
+
+    def block(self, k: int, n: int) -> int:
+        """D_k(n), rounded: the block the level above verifies."""
+        return max(0, round(self.held(k, n)))
 
     def emitted(self, k: int, g: int) -> float:
         """Tokens level k emits per round of a block of g from level k - 1."""
@@ -134,15 +134,17 @@ def search(
     max_drafters: int = 3,
     expected: ExpectedFn | None = None,
     drafted: DraftedFn | None = None,
+    fixed: dict[str, int] | None = None,
 ) -> list[Plan]:
-    """Every chain and draft-length vector, best (lowest predicted time per token) first."""
+    """Every chain and draft-length vector, best (lowest predicted time per token) first; a level in
+    `fixed` always proposes blocks of its length there (no search)."""
     verify, draft = functools.cache(verify), functools.cache(draft)  # profile lookups, shared by every chain
     drafted = functools.cache(drafted) if drafted is not None else None
     plans = []
     for chain in enumerate_chains(pool, target, can_verify, max_drafters):
         best = None
         model = _ChainModel(chain, verify, draft, alpha, overhead, expected, drafted)
-        for lens in itertools.product(lengths, repeat=len(chain) - 1):
+        for lens in itertools.product(*(((fixed[d],) if fixed and d in fixed else lengths) for d in chain[:-1])):
             t = model.s_per_token(lens)
             if best is None or t < best.predicted_s_per_token:
                 best = Plan(chain, lens, t)

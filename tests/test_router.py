@@ -470,9 +470,9 @@ def test_a_stopping_drafter_is_not_taken_to_get_worse_beyond_the_positions_seen(
     assert table.expected_tokens("chat", "d", "t", 3, stops=True) == pytest.approx(table.expected_tokens("chat", "d", "t", 3), rel=0.05)
 
 
-def profiled_router(draft_s_per_token: float) -> AdaptiveRouter:
+def profiled_router(draft_s_per_token: float, stopping: frozenset[str] = frozenset()) -> AdaptiveRouter:
     """A router over drafter d and target t whose verification costs 0.1 + 0.01 n seconds for n tokens."""
-    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0))
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0), stopping=stopping)
     router.observe_batch([], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)]
                          + [TimingRecord("d", "draft", 4, 4 * draft_s_per_token, 1)])
     return router
@@ -488,6 +488,34 @@ def test_a_drafter_that_stops_unsure_is_charged_for_the_tokens_it_drafts():
     assert stopping.draft_lens[0] > full.draft_lens[0] and stopping.predicted_s_per_token < full.predicted_s_per_token
 
 
+def test_a_drafter_that_stops_unsure_proposes_up_to_the_longest_length_unsearched():
+    """Its block length is a cap that binds only while it stays sure; a drafter of whole blocks has its
+    length searched (here short: acceptance 0.5)."""
+    whole, stopping = profiled_router(0.05), profiled_router(0.05, stopping=frozenset({"d"}))
+    for router in (whole, stopping):
+        router.acceptance.observe("code", "d", "t", [0.5] * 200)
+    speculating = [next(p for p in router.plans("code") if p.chain == ("d", "t")) for router in (whole, stopping)]
+    assert speculating[0].draft_lens[0] <= 3
+    assert speculating[1].draft_lens == (max(RouterConfig().lengths),)
+
+
+def test_a_stopping_level_in_the_middle_is_charged_for_the_blocks_it_passes_up():
+    """In n -> d -> t, d verifies n's blocks and passes up 3 of the 10 tokens asked (it stopped unsure):
+    those blocks count as its drafted ones, for the class and for the request."""
+    router = AdaptiveRouter(["n", "d"], "t", {"n": False, "d": True, "t": True}, RouterConfig(explore_every=0), stopping=frozenset({"d"}))
+    route = router.start("chat")
+    before = router._drafted(["chat"])("d", 10)
+    step = [TimingRecord("n", "draft", 2, 0.0003, asked=3), VerifyRecord("n", "d", 2, 2, [1.0, 1.0], 3),
+            VerifyRecord("d", "t", 3, 3, [1.0] * 3, 10)]
+    for _ in range(20):
+        route.next_plan()
+        route.observe(step, 4, 0.2)
+    assert before > 9.0 and router._drafted(["chat"])("d", 10) < 4.0 and router._drafted(["chat"], route._own)("d", 10) < 4.0
+    # a drafter that does not stop unsure, or one at the bottom (its TimingRecord counts), adds nothing here
+    assert router.middle_blocks(step) == [("d", 10, 3)]
+    assert router.middle_blocks(step[2:]) == []
+
+
 def test_a_request_on_which_its_drafter_stops_sooner_is_charged_the_tokens_it_drafts_there():
     router = profiled_router(0.05)
     router.acceptance.observe("chat", "d", "t", [0.9] * 200)
@@ -495,7 +523,7 @@ def test_a_request_on_which_its_drafter_stops_sooner_is_charged_the_tokens_it_dr
     hard = router.start("chat")
     for _ in range(3):  # on this prompt the drafter is unsure after 2 tokens, and those 2 are accepted
         hard.next_plan()
-        hard.observe([TimingRecord("d", "draft", 2, 0.1, asked=10), VerifyRecord("d", "t", 2, 2, [1.0, 1.0], 10, True)], 3, 0.2)
+        hard.observe([TimingRecord("d", "draft", 2, 0.1, asked=10), VerifyRecord("d", "t", 2, 2, [1.0, 1.0], 10)], 3, 0.2)
     class_drafted, own_drafted = router._drafted(["chat"])("d", 10), router._drafted(["chat"], hard._own)("d", 10)
     assert class_drafted > 9.0 and own_drafted < 4.0
     # So asking for long blocks costs this request little: its plan keeps them.
