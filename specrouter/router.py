@@ -70,10 +70,6 @@ class RouterConfig:
     max_drafters: int = 3
     lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10)
     default_cost_s: float = 0.05  # cost assumed for a level never measured
-    # a request's drafters that stop unsure propose up to the longest length, unsearched: their block length
-    # is a cap that binds only while they stay sure, and the model's rates at deep positions rest on few
-    # rounds (bench: ngram -> 0.5B -> 1.5B [3, 10] ran 7% faster on code than the [2, 8] / [4, 5] it picked)
-    cap_stopping: bool = True
 
 
 @dataclass
@@ -135,7 +131,10 @@ class AdaptiveRouter:
             max_drafters=self.config.max_drafters,
             expected=self._expected([klass], self._own_ratios(klass, own)),
             drafted=self._drafted([klass], own),
-            fixed={d: max(self.config.lengths) for d in self.stopping} if self.config.cap_stopping else None,
+            # drafters that stop unsure propose up to the longest length, unsearched: their block length is a cap
+            # that binds only while they stay sure, and the model's rates at deep positions rest on few rounds
+            # (bench: ngram -> 0.5B -> 1.5B [3, 10] ran 7% faster on code than the [2, 8] / [4, 5] it picked)
+            fixed={d: max(self.config.lengths) for d in self.stopping},
         )
 
     def _own_ratios(self, klass: str, own: OwnAcceptance | None) -> dict[tuple[str, str], float] | None:

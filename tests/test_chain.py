@@ -250,25 +250,7 @@ def test_drafts_stopped_below_min_confidence_keep_the_target_joint(params):
     target = tiny_llama(10, SMALL_V, init_std=0.1)
     bottom = ModelLevel("bottom", ModelWorker("bottom", ModelView(tiny_llama(12, SMALL_V, init_std=0.1, layers=2))), min_confidence=0.3)
     chain = Chain([bottom, model_level(target, "target")], [2])
-    prompt = [1, 4, 2]
-    samples = 2000
-    counts = torch.zeros(SMALL_V, SMALL_V)
-    first_blocks = torch.zeros(3)  # how many first blocks had 0, 1, 2 tokens
-    for seed in range(samples):
-        seq = SequenceState.new(f"seq-{seed}", prompt)
-        ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset(), {x: LevelStats(x) for x in chain.names})
-        seq = seq.commit(speculative_step(chain, seq, ctx, 3))  # a budget of 3: the first block asks for 2 tokens
-        first_blocks[ctx.stats["bottom"].num_draft_tokens] += 1
-        while len(seq.generated) < 3:
-            seq = seq.commit(speculative_step(chain, seq, ctx, 3 - len(seq.generated)))
-        for level in chain.levels:
-            level.release(seq.seq_id)
-        counts[seq.generated[0], seq.generated[1]] += 1
-    # The drafter stops after its first token unless it drew one it gave >= 0.3 (its favourite, token 5).
-    q_first = probs_from_logits(bottom.worker.view.forward(prompt, 0, bottom.worker.view.new_cache(), 1), params)[0]
-    assert abs(first_blocks[1] / samples - float(q_first[q_first < 0.3].sum())) < 0.05 and first_blocks[0] == 0
-    assert chi_square_p_value(counts, joint_two_tokens(ModelView(target), prompt, params)) > 1e-3
-    assert chi_square_p_value(counts, joint_two_tokens(bottom.worker.view, prompt, params)) < 1e-6
+    assert_stops_unsure_keeping_the_target_joint(chain, bottom, target, params, samples=2000)
 
 
 @pytest.mark.parametrize(
@@ -283,25 +265,32 @@ def test_a_middle_level_that_stops_unsure_keeps_the_target_joint(params):
     middle = ModelLevel("middle", ModelWorker("middle", ModelView(tiny_llama(11, SMALL_V, init_std=0.1))), min_confidence=0.3)
     bottom = tiny_llama(12, SMALL_V, init_std=0.1, layers=2)
     chain = Chain([model_level(bottom, "bottom"), middle, model_level(target, "target")], [2, 2])
+    assert_stops_unsure_keeping_the_target_joint(chain, middle, target, params, samples=3000)
+
+
+def assert_stops_unsure_keeping_the_target_joint(chain: Chain, stopping: ModelLevel, target, params: SamplingParams, samples: int) -> None:
+    """Sample the first two tokens `samples` times (a budget of 3: the first block asks for 2 tokens).
+    `stopping` ends a block after its first token unless it gave that one >= its min_confidence, as
+    often as its own distribution says; the output must still follow the target's joint."""
     prompt = [1, 4, 2]
-    samples = 3000
     counts = torch.zeros(SMALL_V, SMALL_V)
-    first_blocks = torch.zeros(3)  # how many first blocks the middle passed up had 0, 1, 2 tokens
+    first_blocks = torch.zeros(3)  # how many first blocks `stopping` proposed had 0, 1, 2 tokens
     for seed in range(samples):
         seq = SequenceState.new(f"seq-{seed}", prompt)
         ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset(), {x: LevelStats(x) for x in chain.names})
-        seq = seq.commit(speculative_step(chain, seq, ctx, 3))  # a budget of 3: the first block asks for 2 tokens
-        first_blocks[ctx.stats["middle"].num_draft_tokens] += 1
+        seq = seq.commit(speculative_step(chain, seq, ctx, 3))
+        first_blocks[ctx.stats[stopping.name].num_draft_tokens] += 1
         while len(seq.generated) < 3:
             seq = seq.commit(speculative_step(chain, seq, ctx, 3 - len(seq.generated)))
         for level in chain.levels:
             level.release(seq.seq_id)
         counts[seq.generated[0], seq.generated[1]] += 1
-    # Its first token is distributed as its own model's: it stops after it unless that one has >= 0.3.
-    q_first = probs_from_logits(middle.worker.view.forward(prompt, 0, middle.worker.view.new_cache(), 1), params)[0]
-    assert abs(first_blocks[1] / samples - float(q_first[q_first < 0.3].sum())) < 0.05 and first_blocks[0] == 0
+    view = stopping.worker.view
+    q_first = probs_from_logits(view.forward(prompt, 0, view.new_cache(), 1), params)[0]
+    unsure = float(q_first[q_first < stopping.min_confidence].sum())
+    assert abs(first_blocks[1] / samples - unsure) < 0.05 and first_blocks[0] == 0
     assert chi_square_p_value(counts, joint_two_tokens(ModelView(target), prompt, params)) > 1e-3
-    assert chi_square_p_value(counts, joint_two_tokens(middle.worker.view, prompt, params)) < 1e-6
+    assert chi_square_p_value(counts, joint_two_tokens(view, prompt, params)) < 1e-6  # power: not the stopping level's joint
 
 
 # -- exact sampling distribution with levels on another vocabulary -------------------------------------
