@@ -89,8 +89,8 @@ def top_confidence(logits: torch.Tensor) -> list[float]:
 def confidence(logits: torch.Tensor, q: torch.Tensor, token: int, params: SamplingParams) -> float:
     """How sure the drafter was of the token it drafted: its probability under the sampling distribution
     q [1, V] (under the plain softmax of logits [1, V] when greedy, whose q is one-hot)."""
-    if params.greedy:
-        return float(torch.softmax(logits.float(), dim=-1)[0, token])
+    if params.greedy:  # the token drafted is the most likely one
+        return top_confidence(logits)[0]
     return float(q[0, token])
 
 
