@@ -129,7 +129,7 @@ class AdaptiveRouter:
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
-            expected=self._expected([klass], self._own_ratios(klass, own)),
+            expected=self._expected([klass], self._own_ratios(klass, own), own),
             drafted=self._drafted([klass], own),
             # drafters that stop unsure propose up to the longest length, unsearched: their block length is a cap
             # that binds only while they stay sure, and the model's rates at deep positions rest on few rounds
@@ -150,12 +150,17 @@ class AdaptiveRouter:
                 ratios[(drafter, verifier)] = ratios[(drafter, self.target)]
         return ratios
 
-    def _expected(self, classes: list[str], ratios: dict[tuple[str, str], float] | None = None):
+    def _expected(self, classes: list[str], ratios: dict[tuple[str, str], float] | None = None, own: OwnAcceptance | None = None):
         """(drafter, verifier, g) -> tokens per round, averaged over the classes; `ratios` scales some
-        pairs' rejections (a sequence's own against its class: OwnAcceptance.ratios)."""
+        pairs' rejections (a sequence's own against its class: OwnAcceptance.ratios); `own`: a
+        request's rounds of the pairs it ran, which the rates of a drafter that stops unsure follow
+        position by position. Its rounds end at its stops too, which its agreement ratio does not see
+        (a drafter that does not stop ends a round where it disagrees: the ratio says it all, and
+        following the rounds as well would only add their noise)."""
         def expected(d: str, v: str, g: int) -> float:
             ratio = (ratios or {}).get((d, v), 1.0)
-            return sum(self.acceptance.expected_tokens(k, d, v, g, ratio, d in self.stopping) for k in classes) / len(classes)
+            request = own.runs.get((d, v)) if own and d in self.stopping else None
+            return sum(self.acceptance.expected_tokens(k, d, v, g, ratio, d in self.stopping, request) for k in classes) / len(classes)
         return expected
 
     def _drafted(self, classes: list[str], own: OwnAcceptance | None = None):
@@ -219,7 +224,7 @@ class AdaptiveRouter:
     def _repredict(self, plan: Plan, klass: str, own: OwnAcceptance | None = None) -> Plan:
         ratios = self._own_ratios(klass, own)
         t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, lambda d, v: self.acceptance.alpha(klass, d, v),
-                    self.overhead_s, self._expected([klass], ratios), self._drafted([klass], own))
+                    self.overhead_s, self._expected([klass], ratios, own), self._drafted([klass], own))
         return Plan(plan.chain, plan.draft_lens, t)
 
     def _exploration(self, plan: Plan) -> Plan:
@@ -523,6 +528,7 @@ class Route:
         for r in records:
             if isinstance(r, VerifyRecord):
                 self._own.observe(r.drafter, r.verifier, r.alphas)
+                self._own.observe_round(r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked)
             elif isinstance(r, TimingRecord) and r.op == "draft" and r.asked:
                 self._own.observe_draft(r.level, r.asked, r.num_tokens)
         for drafter, asked, held in self.router.middle_blocks(records):

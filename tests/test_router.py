@@ -444,6 +444,42 @@ def test_a_harder_request_is_rejected_more_where_its_class_rejects_not_where_the
     assert hard == pytest.approx(1 + (easy - 1) * 0.6 / 0.8, rel=0.05)
 
 
+def test_a_requests_own_rounds_pull_a_stopping_drafters_rates_toward_what_it_accepts():
+    from specrouter.acceptance import AcceptanceTable, OwnAcceptance
+
+    table = AcceptanceTable()
+    table.observe("chat", "d", "t", [0.9] * 100)
+    for i in range(100):  # the class: 9 rounds in 10 accept a whole block of 8
+        table.observe_round("chat", "d", "t", 8, 8 if i % 10 else 0)
+    own = OwnAcceptance()
+    for i in range(12):  # this request: its blocks stop after 3 tokens and are rejected at once half the time
+        own.observe("d", "t", [1.0] * 3 if i % 2 else [0.0])
+        own.observe_round("d", "t", 3, 3 if i % 2 else 0, num_asked=8)
+    cls = table.expected_tokens("chat", "d", "t", 8, stops=True)
+    mine = table.expected_tokens("chat", "d", "t", 8, stops=True, request=own.runs[("d", "t")])
+    # its own rounds emit 0.5 * 1 + 0.5 * 4 = 2.5 tokens; 12 of them outweigh the class's prior (3 rounds'
+    # worth) at the positions they reached (the 4th, where they stopped, only 6 times); beyond, the
+    # class's rates carry what little survives
+    assert cls > 7.0
+    assert 2.5 < mine < 4.0
+
+
+def test_a_route_follows_its_own_rounds_only_for_drafters_that_stop_unsure():
+    def expected_after_own_rounds(stopping: frozenset[str]) -> float:
+        router = profiled_router(0.01, stopping)
+        for i in range(50):
+            router.acceptance.observe("chat", "d", "t", [0.9] * 8)
+            router.acceptance.observe_round("chat", "d", "t", 8, 8 if i % 10 else 0)
+        route = router.start("chat")
+        for _ in range(10):  # agreement as the class's, but every block ends (stops) after 2 tokens, accepted
+            route.next_plan()
+            route.observe([VerifyRecord("d", "t", 2, 2, [0.9, 0.9], num_asked=8)], 3, 0.1)
+        return router._expected(["chat"], router._own_ratios("chat", route._own), route._own)("d", "t", 8)
+
+    assert expected_after_own_rounds(frozenset({"d"})) < 4.5  # 3 tokens a round, as its rounds give
+    assert expected_after_own_rounds(frozenset()) > 6.0  # a drafter that does not stop: its ratio (1.0) says it all
+
+
 def test_a_drafter_seen_only_on_short_blocks_is_charged_its_stop_rate_beyond_them():
     from specrouter.acceptance import AcceptanceTable
 
