@@ -112,7 +112,8 @@ class AcceptanceTable:
             self._runs.setdefault(key, _Runs()).add(max(num_draft, num_asked or 0), num_accepted, self.run_decay, weight)
 
     def observe_draft(self, klass: str, drafter: str, num_asked: int, num_drafted: int) -> None:
-        """A drafter at the bottom of a chain, asked for num_asked tokens, drafted num_drafted of them."""
+        """A drafter asked for num_asked tokens drafted num_drafted of them (at the bottom of a chain, or,
+        one that stops unsure, passing its block up from the middle: AdaptiveRouter.middle_blocks)."""
         keys = {(klass, drafter), (POOLED, drafter)}
         for key in keys:
             self._drafts.setdefault(key, _Runs()).add(num_asked, min(num_drafted, num_asked), self.run_decay)
@@ -225,7 +226,8 @@ class OwnAcceptance:
         self.runs.setdefault((drafter, verifier), _Runs()).add(max(num_draft, num_asked or 0), num_accepted, decay=1.0)
 
     def observe_draft(self, drafter: str, num_asked: int, num_drafted: int) -> None:
-        """A drafter at the bottom of a chain, asked for num_asked tokens, drafted num_drafted of them."""
+        """A drafter asked for num_asked tokens drafted num_drafted of them (at the bottom of a chain, or,
+        one that stops unsure, passing its block up from the middle: AdaptiveRouter.middle_blocks)."""
         self.drafts.setdefault(drafter, _Runs()).add(num_asked, min(num_drafted, num_asked), decay=1.0)
 
     def alpha(self, drafter: str, verifier: str, fallback: float, weight: float = 20.0) -> float | None:
