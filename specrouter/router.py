@@ -425,11 +425,12 @@ class AdaptiveRouter:
 
     def _probe(self, name: str) -> None:
         """Time one small pass of a level (a throwaway sequence of one token) and record it as fresh news:
-        a verifier's pass over 2 tokens (the token and one drafted) as the 2-token score it is, a
-        drafter's as a drafted token. Nothing else: a pass with more context to prefill would be read as
-        a slower level (a probe over 8 tokens of context charged the 0.5B 0.041 s a drafted token, which
-        it drafts in 0.03 s), and a verifier's score is no drafting time (its speed factor carries a
-        level-wide change to its drafting too)."""
+        a verifier's pass over 2 tokens (the token and one drafted) as the 2-token score it is, and any
+        level's as the time to draft a token (one short pass), so a level's drafting cost follows its
+        probes too, not only its one calibration pass, and a level-wide change shows in two observations
+        at once. No more context than that: a pass that also prefills context reads as a slower level
+        (a probe over 8 tokens of context charged the 0.5B 0.041 s a drafted token, which it drafts in
+        0.03 s)."""
         level, params = self._levels[name], SamplingParams()
         seq = SequenceState.new(f"probe-{name}-{self._step}", [1])
         predicted = self._verify_cost(name, 2) if level.can_verify else self._draft_cost(name)
@@ -437,12 +438,11 @@ class AdaptiveRouter:
             t0 = time.perf_counter()
             if level.can_verify:
                 level.score(seq, list(seq.token_ids), [1], params)
-                seconds = time.perf_counter() - t0
-                self.profiler.observe_score(name, 2, seconds, weight=EXPLORE_WEIGHT)
+                self.profiler.observe_score(name, 2, time.perf_counter() - t0, weight=EXPLORE_WEIGHT)
             else:
                 level.propose(seq, list(seq.token_ids), 1, params, seed=0)
-                seconds = time.perf_counter() - t0
-                self.profiler.observe_draft(name, 1, seconds, weight=EXPLORE_WEIGHT)
+            seconds = time.perf_counter() - t0
+            self.profiler.observe_draft(name, 1, seconds, weight=EXPLORE_WEIGHT)
         finally:
             level.release(seq.seq_id)
         every = self._probe_every.get(name, self.config.explore_every)
