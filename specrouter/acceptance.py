@@ -65,6 +65,12 @@ class _Runs:
             self.reached[j] += weight
             self.accepted[j] += weight * (j < num_accepted)
 
+    def add_round(self, num_draft: int, num_accepted: int, num_asked: int | None, decay: float, weight: float = 1.0) -> None:
+        """A verification round: num_accepted of num_draft drafted tokens, of a block asked for num_asked
+        (None: num_draft). A block that holds fewer than asked reached its first missing position and
+        had it rejected: the verifier emits its own token there either way."""
+        self.add(max(num_draft, num_asked or 0), num_accepted, decay, weight)
+
     def excluding(self, part: "_Runs | None") -> "_Runs":
         """These counts less a part of them (one class's, of the pooled counts); about the others'
         counts, as the pooled counts decay on the other classes' rounds too."""
@@ -109,7 +115,7 @@ class AcceptanceTable:
         block asked for num_asked (default num_draft); `weight`: the rounds it counts for (a
         calibration's blocks count for less than rounds really run)."""
         for key in ((klass, drafter, verifier), (POOLED, drafter, verifier)):
-            self._runs.setdefault(key, _Runs()).add(max(num_draft, num_asked or 0), num_accepted, self.run_decay, weight)
+            self._runs.setdefault(key, _Runs()).add_round(num_draft, num_accepted, num_asked, self.run_decay, weight)
 
     def observe_draft(self, klass: str, drafter: str, num_asked: int, num_drafted: int) -> None:
         """A drafter asked for num_asked tokens drafted num_drafted of them (at the bottom of a chain, or,
@@ -223,7 +229,7 @@ class OwnAcceptance:
 
     def observe_round(self, drafter: str, verifier: str, num_draft: int, num_accepted: int, num_asked: int | None = None) -> None:
         """One verification round, as AcceptanceTable.observe_round counts it (undecayed)."""
-        self.runs.setdefault((drafter, verifier), _Runs()).add(max(num_draft, num_asked or 0), num_accepted, decay=1.0)
+        self.runs.setdefault((drafter, verifier), _Runs()).add_round(num_draft, num_accepted, num_asked, decay=1.0)
 
     def observe_draft(self, drafter: str, num_asked: int, num_drafted: int) -> None:
         """A drafter asked for num_asked tokens drafted num_drafted of them (at the bottom of a chain, or,
