@@ -137,6 +137,12 @@ def tps_by_class(rows: list[dict]) -> dict[str, float]:
     return {klass: round(tps([r for r in rows if klass == "all" or r["true_class"] == klass]), 3) for klass in ("code", "chat", "all")}
 
 
+def per_prompt_oracle(static_rows: dict[str, list[dict]]) -> list[dict]:
+    """Each prompt under whichever static chain ran it fastest: the most any router that picks one chain
+    per prompt could reach on this run (a bound a little high, as it also picks each prompt's luckiest run)."""
+    return [min(runs, key=lambda r: r["seconds"] / max(r["tokens"], 1)) for runs in zip(*static_rows.values())]
+
+
 def head_to_head_summary(rows: dict[str, list[dict]], best_static: str) -> dict:
     """Adaptive over the best static chain: on the whole workload and per class (tokens/s), and the
     spread of the ratio from prompt to prompt (same prompt, same tokens: a paired comparison)."""
@@ -227,6 +233,7 @@ def main() -> None:
     pred_err = [abs(r["routing"]["predicted_s_per_token"] - r["routing"]["measured_s_per_token"]) / r["routing"]["measured_s_per_token"]
                 for r in adaptive_rows]
     best_static = max((k for k in results if k != "adaptive"), key=lambda k: results[k]["all"])
+    oracle = tps_by_class(per_prompt_oracle(static_rows))
     print(json.dumps({"tokens_per_s": results, "prediction_error_mean": sum(pred_err) / len(pred_err)}), flush=True)  # part 1
 
     # 2. Adaptive and the best static chain alone, on more prompts: the mix's few prompts leave their
@@ -249,6 +256,9 @@ def main() -> None:
         "best_static": best_static,
         "adaptive_vs_best_static": {k: round(results["adaptive"][k] / max(results[s][k] for s in results if s != "adaptive"), 3)
                                     for k in ("code", "chat", "all")},
+        "per_prompt_oracle": {"tokens_per_s": oracle,
+                              "vs_best_static": {k: round(oracle[k] / results[best_static][k], 3) for k in oracle},
+                              "adaptive_vs_oracle": {k: round(results["adaptive"][k] / oracle[k], 3) for k in oracle}},
         "prediction_error_mean": round(sum(pred_err) / len(pred_err), 3),
         "prediction_error_max": round(max(pred_err), 3),
         "classifier_accuracy": round(sum(r["class"] == r["true_class"] for r in adaptive_rows) / len(adaptive_rows), 3),
