@@ -90,11 +90,14 @@ class _ChainModel:
         return max(0, round(self.held(k, n)))
 
     def emitted(self, k: int, g: int) -> float:
-        """Tokens level k emits per round of a block of g from level k - 1."""
+        """Tokens level k emits per round of a block of g from level k - 1: at most the block it
+        verifies plus one, D_(k-1)(g) + 1 (acceptance and the blocks held are estimated apart, and
+        for a drafter seen little they can disagree)."""
         if (k, g) not in self._emitted:
             drafter, verifier = self.chain[k - 1], self.chain[k]
-            self._emitted[(k, g)] = (self.expected(drafter, verifier, g) if self.expected is not None
-                                     else expected_tokens(self.alpha(drafter, verifier), g))
+            tokens = (self.expected(drafter, verifier, g) if self.expected is not None
+                      else expected_tokens(self.alpha(drafter, verifier), g))
+            self._emitted[(k, g)] = min(tokens, self.held(k - 1, g) + 1.0)
         return self._emitted[(k, g)]
 
     def propose_time(self, k: int, draft_lens: tuple[int, ...], n: int) -> float:

@@ -26,6 +26,15 @@ def test_bottom_drafter_that_stops_early_is_charged_its_expected_block():
     assert t == pytest.approx((3 * 0.1 + verify("t", 4)) / expected_tokens(0.5, 8))
 
 
+def test_a_verifier_emits_at_most_the_block_it_verifies_plus_one():
+    """Acceptance and the blocks held are estimated apart; a drafter seen drafting 2 tokens a block
+    while its acceptance says 6 tokens a round is charged 3 tokens a round, all it can give."""
+    verify = lambda level, n: 1.0
+    t = predict(("d", "t"), (8,), verify, lambda d: 0.1, lambda d, v: 0.9, overhead=0.0, expected=lambda d, v, g: 6.0,
+                drafted=lambda d, n: 2.0)
+    assert t == pytest.approx((2 * 0.1 + 1.0) / 3.0)
+
+
 def test_middle_level_that_stops_early_is_charged_for_the_block_it_holds():
     """Asked for 8, a middle level that ends its blocks unsure holds 3 on average: it runs the rounds
     that emit 3 tokens (as if asked for 3), and the target verifies 3 + 1."""
