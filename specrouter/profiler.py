@@ -42,6 +42,7 @@ class ForwardProfiler:
     _speed: dict[str, float] = field(default_factory=dict)
     # per level: its last observation over its prediction, which entry saw it, and that entry's value before
     _last: dict[str, tuple[float, tuple, float]] = field(default_factory=dict)
+    changes: int = 0  # level-wide changes seen so far (a plan made before the last one is out of date)
 
     def observe_score(self, level: str, num_tokens: int, seconds: float, batch: int = 1, weight: float | None = None) -> None:
         if num_tokens > BUCKETS[-1]:
@@ -70,6 +71,7 @@ class ForwardProfiler:
                 ratio = x / (entry.value * speed)
             self._speed[level] = speed * math.sqrt(ratio * last[0])
             self._last.pop(level)
+            self.changes += 1
         entry.update(x / self.speed(level), self.ema if weight is None else weight)  # far and alone: an EMA step
 
     def speed(self, level: str) -> float:

@@ -5,12 +5,13 @@ The router is shared by all requests (it owns the profiler and the acceptance ta
 `start()` gives each request a `Route` that the engine asks for a plan before every step and feeds
 each step's records to. A route keeps its request's plan and its own acceptance of each pair, so an
 easy prompt of a class is planned for what it accepts, not for its class's average. Re-planning
-happens every `replan_every` steps with hysteresis. Every `explore_every` steps the least recently
-measured drafter (else pair of neighbours) is re-measured, so estimates of levels out of use (a
-drafter that slowed down and recovered) stay fresh: its best plan runs once if it is predicted close
-to the best, else one small timed pass of the level (a probe) refreshes its cost without running a
-slow chain (less and less often while probes find that cost unchanged). An n-gram drafter's cost and
-its acceptance by the target need neither: the engine replays it on every step (specrouter/shadow.py).
+happens every `replan_every` steps with hysteresis, and at once after a level's cost changed as a
+whole. Every `explore_every` steps the least recently measured drafter (else pair of neighbours)
+is re-measured, so estimates of levels out of use (a drafter that slowed down and recovered) stay
+fresh: its best plan runs once if it is predicted close to the best, else one small timed pass of
+the level (a probe) refreshes its cost without running a slow chain (less and less often while
+probes find that cost unchanged). An n-gram drafter's cost and its acceptance by the target need
+neither: the engine replays it on every step (specrouter/shadow.py).
 Calibration at start measures every level's cost, then every pair's acceptance on the target's own
 continuation of a short prompt per class.
 """
@@ -78,6 +79,7 @@ class PlanState:
 
     plan: Plan | None = None
     steps_since_plan: int = 0
+    level_changes: int = 0  # the profiler's level-wide changes when it was planned (ForwardProfiler.changes)
 
 
 class AdaptiveRouter:
@@ -153,14 +155,20 @@ class AdaptiveRouter:
     def _expected(self, classes: list[str], ratios: dict[tuple[str, str], float] | None = None, own: OwnAcceptance | None = None):
         """(drafter, verifier, g) -> tokens per round, averaged over the classes; `ratios` scales some
         pairs' rejections (a sequence's own against its class: OwnAcceptance.ratios); `own`: a
-        request's rounds of the pairs it ran, which the rates of a drafter that stops unsure follow
-        position by position. Its rounds end at its stops too, which its agreement ratio does not see
-        (a drafter that does not stop ends a round where it disagrees: the ratio says it all, and
-        following the rounds as well would only add their noise)."""
+        request's rounds of the pairs it ran.
+
+        A drafter that does not stop ends a round where it disagrees: its ratio says it all, and
+        following its rounds as well would only add their noise. The rates of a drafter that stops
+        unsure follow the request's rounds instead, position by position, and not its ratio: its
+        rounds end at its stops too, which the ratio does not see, and its agreement is measured
+        only where it was sure, which the class's may not be (calibration's is over every position
+        of a text: agreement 0.97 on the tokens it was sure of, against a class alpha of 0.72, is a
+        ratio of 0.11, nine in ten of the class's rejections taken away at every position)."""
         def expected(d: str, v: str, g: int) -> float:
-            ratio = (ratios or {}).get((d, v), 1.0)
-            request = own.runs.get((d, v)) if own and d in self.stopping else None
-            return sum(self.acceptance.expected_tokens(k, d, v, g, ratio, d in self.stopping, request) for k in classes) / len(classes)
+            stops = d in self.stopping
+            ratio = 1.0 if stops else (ratios or {}).get((d, v), 1.0)
+            request = own.runs.get((d, v)) if own and stops else None
+            return sum(self.acceptance.expected_tokens(k, d, v, g, ratio, stops, request) for k in classes) / len(classes)
         return expected
 
     def _drafted(self, classes: list[str], own: OwnAcceptance | None = None):
@@ -196,7 +204,8 @@ class AdaptiveRouter:
                     self._exploring.add(stale)
                 what = stale if isinstance(stale, str) else " -> ".join(stale)
                 return explore, ranked, f"explore: {what} not measured for {self.config.explore_every}+ steps"
-        if state.plan is not None and state.steps_since_plan < self.config.replan_every:
+        if (state.plan is not None and state.steps_since_plan < self.config.replan_every
+                and state.level_changes == self.profiler.changes):  # a level slowed or recovered since: re-plan now
             state.steps_since_plan += 1
             return state.plan, [], "keep"
         ranked = self._ranked(klass, backlog, remaining, own)
@@ -208,7 +217,7 @@ class AdaptiveRouter:
                 current = self._with_catch_up(current, backlog, remaining)
             if best.predicted_s_per_token > current.predicted_s_per_token * (1 - self.config.hysteresis):
                 best, reason = current, "hysteresis: best is not enough faster"
-        state.plan, state.steps_since_plan = best, 1
+        state.plan, state.steps_since_plan, state.level_changes = best, 1, self.profiler.changes
         return best, ranked, reason
 
     def _ranked(self, klass: str, backlog: dict[str, int] | None, remaining: float,
@@ -342,8 +351,10 @@ class AdaptiveRouter:
 
     def sequence_draft_lens(self, plan: Plan, classes: list[str], alphas: list[float | None]) -> list[int]:
         """Each sequence's draft length at the top of `plan`: the length (at most the plan's) that its
-        own acceptance of the top pair pays for at this batch size; None: its class's estimate. The
-        batch's pass is ragged (specrouter/model.py forward_batch), so a shorter block costs less."""
+        own acceptance of the top pair pays for at this batch size; None: its class's estimate (and
+        for a drafter that stops unsure, whose agreement ratio `_expected` leaves out, its class's
+        too: its blocks end where it is unsure anyway). The batch's pass is ragged
+        (specrouter/model.py forward_batch), so a shorter block costs less."""
         if len(plan.chain) < 2:
             return [0] * len(classes)
         batch, top = len(classes), (plan.chain[-2], plan.chain[-1])

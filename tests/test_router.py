@@ -115,6 +115,19 @@ def test_router_switches_when_a_drafter_slows_down_and_back_when_it_recovers():
     assert back_at <= 40
 
 
+def test_a_route_re_plans_at_once_when_a_levels_cost_changes_as_a_whole():
+    """Between re-plans a route keeps its plan, but not past a level-wide change of cost: a drafter
+    seen 50 times slower in two passes of one step is dropped on the very next step."""
+    router = profiled_router(0.01)
+    router.acceptance.observe("code", "d", "t", [0.9] * 100)
+    route = router.start("code")
+    assert route.next_plan().chain == ("d", "t")
+    slow = TimingRecord("d", "draft", 4, 4 * 0.5)
+    route.observe([slow, slow, TimingRecord("t", "score", 5, 0.15), VerifyRecord("d", "t", 4, 4, [0.9] * 4)], 5, 4.2)
+    assert router.profiler.speed("d") > 10
+    assert route.next_plan().chain == ("t",)
+
+
 def test_useless_drafter_pool_falls_back_to_target_only():
     env = SimEnv({"J": 0.05, "T": 0.25}, {"chat": {("J", "T"): 0.02}})
     router = AdaptiveRouter(["J"], "T", {})
@@ -494,6 +507,27 @@ def test_a_route_follows_its_own_rounds_only_for_drafters_that_stop_unsure():
 
     assert expected_after_own_rounds(frozenset({"d"})) < 4.5  # 3 tokens a round, as its rounds give
     assert expected_after_own_rounds(frozenset()) > 6.0  # a drafter that does not stop: its ratio (1.0) says it all
+
+
+def test_a_stopping_drafter_agreeing_where_it_was_sure_is_not_taken_for_easier_than_its_class():
+    """Its class's alpha can come from every position of a text (calibration), its own agreement only
+    from the positions it was sure of. A request whose first rounds are just like its class's is
+    predicted as its class, not (as its rejection ratio would have it) as an easier prompt."""
+    router = profiled_router(0.05, frozenset({"d"}))
+    router.acceptance.observe("chat", "d", "t", [0.7] * 32)  # calibration: agreement over every position
+    for _ in range(30):  # the class's rounds: 3 tokens drafted of 10 asked, all accepted
+        router.acceptance.observe_round("chat", "d", "t", 3, 3, num_asked=10)
+    route = router.start("chat")
+    for _ in range(3):  # this request's rounds: the same, agreeing 0.97 on the tokens it drafted
+        route.next_plan()
+        route.observe([VerifyRecord("d", "t", 3, 3, [0.97] * 3, num_asked=10)], 4, 0.2)
+    ratios = router._own_ratios("chat", route._own)
+    assert ratios[("d", "t")] < 0.8  # read as an easier prompt than its class
+    cls = router.acceptance.expected_tokens("chat", "d", "t", 10, stops=True)
+    assert router._expected(["chat"], ratios, route._own)("d", "t", 10) == pytest.approx(cls, rel=0.05)
+    with_ratio = router.acceptance.expected_tokens("chat", "d", "t", 10, ratio=ratios[("d", "t")], stops=True,
+                                                   request=route._own.runs[("d", "t")])
+    assert with_ratio > 1.08 * cls
 
 
 def test_a_drafter_seen_only_on_short_blocks_is_charged_its_stop_rate_beyond_them():
