@@ -104,6 +104,9 @@ class AdaptiveRouter:
         # ~4% of a mixed workload's time); back to explore_every once a probe finds it changed or a chain runs it
         self._probe_every: dict[str, int] = {}
         self._levels: dict[str, Level] = levels if levels is not None else {}
+        # per class, the plan its last request planned: a new request starts from it with the same hysteresis
+        # (two chains a few % apart in the model are near ties: one request's estimates must not flip them)
+        self._incumbent: dict[str, Plan] = {}
 
     # -- the latency model's inputs ---------------------------------------------------------------------
 
@@ -187,7 +190,8 @@ class AdaptiveRouter:
         `backlog` / `remaining`: as for `plan_for_batch` (a drafter that has fallen behind the request's
         context is charged its catch-up prefill, spread over the tokens still to generate). `own`:
         the request's own acceptance of the pairs and blocks of the drafters it ran. `state`:
-        the request's plan so far, for hysteresis (default: none yet)."""
+        the request's plan so far, for hysteresis (default: none yet, and the plan its class's last
+        request planned stands in for it)."""
         state = state if state is not None else PlanState()
         stale = self._stalest()
         if stale is not None:
@@ -211,13 +215,15 @@ class AdaptiveRouter:
         ranked = self._ranked(klass, backlog, remaining, own)
         best = ranked[0]
         reason = "best predicted"
-        if state.plan is not None and best.chain + best.draft_lens != state.plan.chain + state.plan.draft_lens:
-            current = self._repredict(state.plan, klass, own)
+        previous = state.plan if state.plan is not None else self._incumbent.get(klass)
+        if previous is not None and best.chain + best.draft_lens != previous.chain + previous.draft_lens:
+            current = self._repredict(previous, klass, own)
             if backlog:
                 current = self._with_catch_up(current, backlog, remaining)
             if best.predicted_s_per_token > current.predicted_s_per_token * (1 - self.config.hysteresis):
                 best, reason = current, "hysteresis: best is not enough faster"
         state.plan, state.steps_since_plan, state.level_changes = best, 1, self.profiler.changes
+        self._incumbent[klass] = best
         return best, ranked, reason
 
     def _ranked(self, klass: str, backlog: dict[str, int] | None, remaining: float,

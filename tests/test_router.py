@@ -128,6 +128,23 @@ def test_a_route_re_plans_at_once_when_a_levels_cost_changes_as_a_whole():
     assert route.next_plan().chain == ("t",)
 
 
+def test_a_request_starts_from_its_classs_last_plan_unless_another_is_clearly_faster():
+    """Two drafters a few % apart are a near tie in the model; a new request keeps to the plan its
+    class's last request ran unless another is predicted faster by the hysteresis margin."""
+    router = AdaptiveRouter(["a", "b"], "t", {"a": False, "b": False, "t": True}, RouterConfig(explore_every=0))
+    router.observe_batch([], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)])
+    for drafter, seconds in (("a", 0.010), ("b", 0.0102)):
+        router.profiler.observe_draft(drafter, 1, seconds)
+        router.acceptance.observe("code", drafter, "t", [0.8] * 100)
+    assert router.start("code").next_plan().chain == ("a", "t")
+    router.profiler.observe_draft("a", 1, 0.0104, weight=1.0)  # b is now predicted a little faster
+    assert router.plans("code")[0].chain == ("b", "t")
+    assert router.start("code").next_plan().chain == ("a", "t")
+    assert router.start("chat").next_plan().chain == ("b", "t")  # another class: no plan of its own yet
+    router.profiler.observe_draft("a", 1, 0.03, weight=1.0)  # a is now far dearer
+    assert router.start("code").next_plan().chain == ("b", "t")
+
+
 def test_useless_drafter_pool_falls_back_to_target_only():
     env = SimEnv({"J": 0.05, "T": 0.25}, {"chat": {("J", "T"): 0.02}})
     router = AdaptiveRouter(["J"], "T", {})
