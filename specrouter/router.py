@@ -5,13 +5,14 @@ The router is shared by all requests (it owns the profiler and the acceptance ta
 `start()` gives each request a `Route` that the engine asks for a plan before every step and feeds
 each step's records to. A route keeps its request's plan and its own acceptance of each pair, so an
 easy prompt of a class is planned for what it accepts, not for its class's average. Re-planning
-happens every `replan_every` steps with hysteresis, and at once after a level's cost changed as a
-whole. Every `explore_every` steps the least recently measured drafter (else pair of neighbours)
-is re-measured, so estimates of levels out of use (a drafter that slowed down and recovered) stay
-fresh: its best plan runs once if it is predicted close to the best, else one small timed pass of
-the level (a probe) refreshes its cost without running a slow chain (less and less often while
-probes find that cost unchanged). An n-gram drafter's cost and its acceptance by the target need
-neither: the engine replays it on every step (specrouter/shadow.py).
+happens every `replan_every` steps with hysteresis (a new request's first plan against the one its
+class's last request planned), and at once after a level's cost changed as a whole. Every
+`explore_every` steps the least recently measured drafter (else pair of neighbours) is re-measured,
+so estimates of levels out of use (a drafter that slowed down and recovered) stay fresh: its best
+plan runs once if it is predicted close to the best, else one small timed pass of the level (a
+probe) refreshes its cost without running a slow chain (less and less often while probes find that
+cost unchanged). An n-gram drafter's cost and its acceptance by the target need neither: the engine
+replays it on every step (specrouter/shadow.py).
 Calibration at start measures every level's cost, then every pair's acceptance on the target's own
 continuation of a short prompt per class.
 """

@@ -130,7 +130,7 @@ def test_a_route_re_plans_at_once_when_a_levels_cost_changes_as_a_whole():
 
 def test_a_request_starts_from_its_classs_last_plan_unless_another_is_clearly_faster():
     """Two drafters a few % apart are a near tie in the model; a new request keeps to the plan its
-    class's last request ran unless another is predicted faster by the hysteresis margin."""
+    class's last request planned unless another is predicted faster by the hysteresis margin."""
     router = AdaptiveRouter(["a", "b"], "t", {"a": False, "b": False, "t": True}, RouterConfig(explore_every=0))
     router.observe_batch([], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)])
     for drafter, seconds in (("a", 0.010), ("b", 0.0102)):
