@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 LEVEL_CHANGE = 1.5  # an observation this many times off its prediction (or 1/this) may be a level-wide change
+# ... and at least this many seconds off: a level that costs next to nothing (prompt lookup, 0.1-0.6 ms a
+# token here) is often 3x off in either direction, and its "changes" made every route re-plan at once
+# (50 in 200 steps) and walked its speed factor down to 2e-6, to no purpose: such a level never decides a plan
+MIN_CHANGE_S = 0.002
 
 
 def bucket(n: int) -> int:
@@ -61,6 +65,8 @@ class ForwardProfiler:
             return
         entry = table[key]
         ratio = x / (entry.value * speed) if entry.value > 0 and x > 0 else 1.0
+        if abs(x - entry.value * speed) < MIN_CHANGE_S:
+            ratio = 1.0  # off by next to nothing: as predicted
         last = self._last.get(level)
         self._last[level] = (ratio, key, entry.value)
         if _far(ratio) and last is not None and _far(last[0]) and (ratio > 1) == (last[0] > 1):

@@ -42,3 +42,16 @@ def test_score_time_interpolates_between_block_lengths_and_stays_flat_outside():
     assert profiler.score_time("t", 4) == pytest.approx(0.3)
     assert profiler.score_time("t", 1) == pytest.approx(0.2)
     assert profiler.score_time("t", 16) == pytest.approx(0.4)
+
+
+def test_a_level_that_costs_next_to_nothing_never_changes_as_a_whole():
+    """Prompt lookup takes 0.05-0.6 ms a token, often 3x off its estimate either way: no level-wide
+    change (each would make every route re-plan at once), and its cost stays its recent average."""
+    profiler = ForwardProfiler()
+    for i in range(200):
+        profiler.observe_draft("ngram", 3, 3 * (1e-4, 6e-4, 5e-5, 3e-4)[i % 4])
+    assert profiler.changes == 0
+    assert 5e-5 < profiler.draft_time("ngram") < 6e-4
+    for _ in range(2):  # a real level-wide change of a level that costs something is still seen
+        profiler.observe_draft("ngram", 3, 3 * 0.01)
+    assert profiler.changes == 1
