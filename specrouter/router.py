@@ -11,8 +11,9 @@ class's last request planned), and at once after a level's cost changed as a who
 so estimates of levels out of use (a drafter that slowed down and recovered) stay fresh: its best
 plan runs once if it is predicted close to the best, else one small timed pass of the level (a
 probe) refreshes its cost without running a slow chain (less and less often while probes find that
-cost unchanged). An n-gram drafter's cost and its acceptance by the target need neither: the engine
-replays it on every step (specrouter/shadow.py).
+cost unchanged). An n-gram drafter's cost and its acceptance need neither: the engine replays it
+against the target on every step (specrouter/shadow.py), and those replays stand for its acceptance
+by every verifier.
 Calibration at start measures every level's cost, then every pair's acceptance on the target's own
 continuation of a short prompt per class.
 """
@@ -108,6 +109,7 @@ class AdaptiveRouter:
         # per class, the plan its last request planned: a new request starts from it with the same hysteresis
         # (two chains a few % apart in the model are near ties: one request's estimates must not flip them)
         self._incumbent: dict[str, Plan] = {}
+        self._replayed: set[str] = set()  # drafters replayed against the target on every step (_estimated_as)
 
     # -- the latency model's inputs ---------------------------------------------------------------------
 
@@ -130,7 +132,7 @@ class AdaptiveRouter:
             self.target,
             verify=self._verify_cost,
             draft=self._draft_cost,
-            alpha=lambda d, v: self.acceptance.alpha(klass, d, v),
+            alpha=self._alpha([klass]),
             overhead=self.overhead_s,
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
@@ -145,9 +147,9 @@ class AdaptiveRouter:
 
     def _own_ratios(self, klass: str, own: OwnAcceptance | None) -> dict[tuple[str, str], float] | None:
         """A request's rejection ratio to its class for each pair it has run (OwnAcceptance.ratios).
-        A drafter it has seen only against the target (a prompt-lookup drafter's shadow replay,
-        specrouter/shadow.py) carries that ratio to its other verifiers: how well a text suits a
-        drafter hardly depends on which level checks it."""
+        A drafter it has run only against the target carries that ratio to its other verifiers: how
+        well a text suits a drafter hardly depends on which level checks it (a replayed one is
+        estimated from its replays for every verifier anyway: _estimated_as)."""
         if own is None:
             return None
         ratios = own.ratios(self.acceptance, klass)
@@ -169,11 +171,25 @@ class AdaptiveRouter:
         of a text: agreement 0.97 on the tokens it was sure of, against a class alpha of 0.72, is a
         ratio of 0.11, nine in ten of the class's rejections taken away at every position)."""
         def expected(d: str, v: str, g: int) -> float:
-            stops = d in self.stopping
-            ratio = 1.0 if stops else (ratios or {}).get((d, v), 1.0)
-            request = own.runs.get((d, v)) if own and stops else None
-            return sum(self.acceptance.expected_tokens(k, d, v, g, ratio, stops, request) for k in classes) / len(classes)
+            stops, pair = d in self.stopping, self._estimated_as(d, v)
+            ratio = 1.0 if stops else (ratios or {}).get(pair, 1.0)
+            request = own.runs.get(pair) if own and stops else None
+            return sum(self.acceptance.expected_tokens(k, *pair, g, ratio, stops, request) for k in classes) / len(classes)
         return expected
+
+    def _alpha(self, classes: list[str]):
+        """(drafter, verifier) -> acceptance, averaged over the classes."""
+        return lambda d, v: sum(self.acceptance.alpha(k, *self._estimated_as(d, v)) for k in classes) / len(classes)
+
+    def _estimated_as(self, drafter: str, verifier: str) -> tuple[str, str]:
+        """The pair whose estimates stand for (drafter, verifier). A drafter replayed against the
+        target on every step (prompt lookup: specrouter/shadow.py) is estimated from those replays
+        for every verifier: how well a text suits it hardly depends on which level checks it, and its
+        pairs with other verifiers are measured only while a chain runs them. Estimated apart, a class
+        whose early requests ran without it kept the acceptance calibration gave n-gram -> 0.5B
+        (code: 0.017) while its replays against the 1.5B had learned 0.3-0.8, and never ran
+        n-gram -> 0.5B -> 1.5B, 4.5% faster than 0.5B -> 1.5B on code (bench)."""
+        return (drafter, self.target) if drafter in self._replayed else (drafter, verifier)
 
     def _drafted(self, classes: list[str], own: OwnAcceptance | None = None):
         """(drafter, n) -> tokens a block asked for n holds, averaged over the classes (and following a
@@ -239,7 +255,7 @@ class AdaptiveRouter:
 
     def _repredict(self, plan: Plan, klass: str, own: OwnAcceptance | None = None) -> Plan:
         ratios = self._own_ratios(klass, own)
-        t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, lambda d, v: self.acceptance.alpha(klass, d, v),
+        t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, self._alpha([klass]),
                     self.overhead_s, self._expected([klass], ratios, own), self._drafted([klass], own))
         return Plan(plan.chain, plan.draft_lens, t)
 
@@ -302,7 +318,8 @@ class AdaptiveRouter:
     def _observe_verdict(self, klass: str, r: VerifyRecord) -> None:
         """One verification's feedback: the pair's acceptance, and the round's run."""
         self._last_measured[(r.drafter, r.verifier)] = self._step
-        if r.replayed:  # its ratio carries to its other verifiers (_own_ratios): none of them is explored blindly
+        if r.replayed:  # its replays stand for its other verifiers (_estimated_as): none of them is explored blindly
+            self._replayed.add(r.drafter)
             for pair in self._pairs:
                 if pair[0] == r.drafter:
                     self._last_measured[pair] = self._step
@@ -329,7 +346,7 @@ class AdaptiveRouter:
             len(classes),
             verify=self._verify_cost,
             draft=self._draft_cost,
-            alpha=self._batch_alpha(classes),
+            alpha=self._alpha(classes),
             overhead=self.overhead_s,
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
@@ -349,9 +366,6 @@ class AdaptiveRouter:
                 return self._exploration(explore)
         return ranked[0]
 
-    def _batch_alpha(self, classes: list[str]):
-        return lambda d, v: sum(self.acceptance.alpha(k, d, v) for k in classes) / len(classes)
-
     def _with_catch_up(self, plan: Plan, backlog: dict[str, int], remaining: float) -> Plan:
         seconds = sum(self.profiler.prefill_time(level, backlog[level]) or 0.0 for level in plan.chain[:-1] if backlog.get(level))
         return Plan(plan.chain, plan.draft_lens, plan.predicted_s_per_token + seconds / max(remaining, 1.0))
@@ -365,7 +379,7 @@ class AdaptiveRouter:
         if len(plan.chain) < 2:
             return [0] * len(classes)
         batch, top = len(classes), (plan.chain[-2], plan.chain[-1])
-        class_alpha = self._batch_alpha(classes)
+        class_alpha = self._alpha(classes)
         lens = []
         for alpha in alphas:
             ratio = rejection_ratio(alpha, class_alpha(*top)) if alpha is not None else 1.0

@@ -677,6 +677,28 @@ def test_a_request_that_suits_a_drafter_against_the_target_is_planned_for_it_bel
 
 
 @pytest.mark.parametrize("replayed", [True, False])
+def test_a_drafter_replayed_on_every_step_is_estimated_from_its_replays_below_every_verifier(replayed):
+    """A class whose requests copy a lot (its n-gram replays against the target accept 5 tokens of 6)
+    plans n -> d -> t from those replays, though n -> d was last measured at calibration, on a text
+    that did not copy; a drafter measured against the target by real rounds keeps its pairs apart."""
+    router = AdaptiveRouter(["n", "d"], "t", {"n": False, "d": True, "t": True}, RouterConfig(explore_every=0))
+    router.observe_batch([], [TimingRecord(level, "score", k, base + 0.01 * k, 1) for level, base in (("t", 0.1), ("d", 0.03))
+                              for k in (1, 2, 4, 8, 12)] + [TimingRecord("n", "draft", 4, 0.0004, 1)])
+    router.acceptance.observe("code", "n", "d", [0.02] * 30)  # calibration
+    router.acceptance.observe("code", "d", "t", [0.8] * 200)
+    step = [TimingRecord("n", "draft", 3, 0.0003, asked=3), VerifyRecord("n", "t", 3, 3, [1.0] * 3, 3, replayed=replayed),
+            TimingRecord("n", "draft", 3, 0.0003, asked=3), VerifyRecord("n", "t", 3, 2, [1.0, 1.0, 0.0], 3, replayed=replayed)]
+    for _ in range(30):
+        router.observe("code", step, 0.3)
+    three_level = next(p for p in router.plans("code") if p.chain == ("n", "d", "t"))
+    two_level = next(p for p in router.plans("code") if p.chain == ("d", "t"))
+    if replayed:
+        assert three_level.predicted_s_per_token < 0.9 * two_level.predicted_s_per_token
+    else:
+        assert three_level.predicted_s_per_token > 0.95 * two_level.predicted_s_per_token
+
+
+@pytest.mark.parametrize("replayed", [True, False])
 def test_a_drafter_replayed_on_every_step_is_not_explored(replayed):
     router = AdaptiveRouter(["n", "d"], "t", {"n": False, "d": True, "t": True}, RouterConfig(explore_every=4))
     router.observe_batch([], [TimingRecord(level, "score", k, base + 0.01 * k, 1) for level, base in (("t", 0.1), ("d", 0.03))
