@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 EXPLORE_WEIGHT = 0.8  # an exploratory measurement is fresh news about a level out of use
 PROBE_BACKOFF = 4  # a level whose probes keep confirming its cost is probed at most this many times less often
 CALIBRATION_ROUNDS = 10.0  # what the calibration text's blocks are worth, in verification rounds
+CALIBRATION_BLOCK = 8  # the blocks calibration simulates (from every other position of its text)
 
 # A prompt per class; at start the target's own greedy continuation of each (CALIBRATION_TOKENS, one
 # routed generation) is the text on which every level's greedy agreement with every other is measured
@@ -425,16 +426,29 @@ class AdaptiveRouter:
 
     def calibrate_acceptance(self, klass: str, ids: list[int], start: int = 1) -> None:
         """Every level's greedy next-token choice along `ids` (teacher-forced, one pass per model
-        level; prompt lookup for n-gram levels); alpha of each (drafter, verifier) pair in pool order
-        is their agreement on ids[start:], observed into the class's table."""
+        level; prompt lookup for n-gram levels); each (drafter, verifier) pair in pool order is
+        observed into the class's table as the rounds it would run over ids[start:]: a block of up
+        to CALIBRATION_BLOCK from every other position, accepted while their choices agree.
+
+        A drafter that stops unsure ends a block after a token it gave less than its min_confidence
+        (its confidence along the text, as it drafts), as its real rounds do: the positions it would
+        not draft count as its first missing one does (AcceptanceTable.observe_round), and its alpha
+        is its agreement where it would draft, as the verdicts on its real blocks measure it (its
+        agreement over every position is lower: it is unsure where it disagrees)."""
         params = SamplingParams()
         choices: dict[str, torch.Tensor] = {}  # level -> [T] argmax token after ids[:t+1], for ids[start:]
+        sure: dict[str, list[bool]] = {}  # a level that stops unsure -> [T] whether it drafts on after that token
         for name in [*self.pool, self.target]:
             level = self._levels[name]
             if level.can_verify:
                 seq = SequenceState.new(f"calibrate-alpha-{name}-{klass}", ids[:1])
                 try:
-                    choices[name] = level.score(seq, ids[:1], ids[1:], params).argmax(-1)[start - 1 : -1]  # [T]
+                    if name in self.stopping:
+                        p, top = level.score_confident(seq, ids[:1], ids[1:], params)  # [T_all, V], [T_all]
+                        sure[name] = [float(c) >= level.min_confidence for c in top[start - 1 : -1]]
+                    else:
+                        p = level.score(seq, ids[:1], ids[1:], params)
+                    choices[name] = p.argmax(-1)[start - 1 : -1]  # [T]
                 finally:
                     level.release(seq.seq_id)
             elif isinstance(level, NgramLevel):
@@ -443,17 +457,16 @@ class AdaptiveRouter:
         for i, drafter in enumerate(order):
             for verifier in order[i + 1:]:
                 if self._levels[verifier].can_verify:
-                    agree = (choices[drafter] == choices[verifier]).float()  # [T]
-                    self.acceptance.observe(klass, drafter, verifier, [agree.mean().item()] * len(agree))
-                    # a block of up to 8 from every other position seeds the position-by-position acceptance
-                    # rates, all of them together worth CALIBRATION_ROUNDS rounds: one short text is a hint, and
-                    # the rounds really run must soon outweigh it
-                    agreed = agree.tolist()
-                    starts = range(0, len(agreed), 2)
-                    for t in starts:
-                        block = agreed[t : t + 8]
-                        run = next((i for i, a in enumerate(block) if not a), len(block))
-                        self.acceptance.observe_round(klass, drafter, verifier, len(block), run, weight=CALIBRATION_ROUNDS / len(starts))
+                    agreed = (choices[drafter] == choices[verifier]).tolist()  # [T]
+                    rounds = calibration_rounds(agreed, sure.get(drafter))
+                    judged = ([a for _, drafted, accepted in rounds for a in [1.0] * accepted + [0.0] * (accepted < drafted)]
+                              if drafter in sure else agreed)
+                    self.acceptance.observe(klass, drafter, verifier, [sum(judged) / max(1, len(judged))] * len(agreed))
+                    # the rounds, all of them together worth CALIBRATION_ROUNDS rounds: one short text is a
+                    # hint, and the rounds really run must soon outweigh it
+                    for asked, drafted, accepted in rounds:
+                        self.acceptance.observe_round(klass, drafter, verifier, drafted, accepted, asked,
+                                                      weight=CALIBRATION_ROUNDS / len(rounds))
 
     def _probe(self, name: str) -> None:
         """Time one small pass of a level (a throwaway sequence of one token) and record it as fresh news:
@@ -503,6 +516,21 @@ class AdaptiveRouter:
                 self.profiler.observe_draft(name, max(1, drafted(block, 4)), time.perf_counter() - t0)
             finally:
                 level.release(seq.seq_id)
+
+
+def calibration_rounds(agreed: list[bool], sure: list[bool] | None = None) -> list[tuple[int, int, int]]:
+    """(asked, drafted, accepted) of a block of up to CALIBRATION_BLOCK (as much as the text has left)
+    from every other position of a text along which a drafter's choices `agreed` with its
+    verifier's; with `sure` (a drafter that stops unsure: whether it drafts on after each
+    position's token), each block ends after its first unsure token, as its drafting does."""
+    rounds = []
+    for t in range(0, len(agreed), 2):
+        asked = drafted = min(CALIBRATION_BLOCK, len(agreed) - t)
+        if sure is not None:
+            drafted = next((j + 1 for j in range(asked) if not sure[t + j]), asked)
+        accepted = next((j for j in range(drafted) if not agreed[t + j]), drafted)
+        rounds.append((asked, drafted, accepted))
+    return rounds
 
 
 def _runs(chain: tuple[str, ...], item: str | tuple[str, str]) -> bool:

@@ -295,11 +295,23 @@ def test_calibration_charges_a_drafter_that_stops_unsure_per_token_it_drafts():
     assert router.profiler.draft_time("s") >= 0.02  # not a quarter of it
 
 
-def test_calibration_measures_each_pairs_acceptance_per_class_before_any_request(tiny_dirs):
+def test_calibration_ends_a_stopping_drafters_blocks_after_a_token_it_was_unsure_of():
+    from specrouter.router import calibration_rounds
+
+    agreed = [True] * 6 + [False] + [True] * 3
+    sure = [True, True, False] + [True] * 7
+    # (asked, drafted, accepted) from every other position; the text's end is no rejection
+    assert calibration_rounds(agreed, sure) == [(8, 3, 3), (8, 1, 1), (6, 6, 2), (4, 4, 0), (2, 2, 2)]
+    assert calibration_rounds(agreed) == [(8, 8, 6), (8, 8, 4), (6, 6, 2), (4, 4, 0), (2, 2, 2)]
+
+
+@pytest.mark.parametrize("draft_confidence", [0.0, 0.05])
+def test_calibration_measures_each_pairs_acceptance_per_class_before_any_request(tiny_dirs, draft_confidence):
     from specrouter.engine import Engine
     from specrouter.router import CALIBRATION_PROMPTS, router_for
 
-    engine = Engine(f"ngram,{tiny_dirs['other']},{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32")
+    engine = Engine(f"ngram,{tiny_dirs['other']},{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32",
+                    draft_confidence=draft_confidence)  # with it, calibration's blocks end where a drafter is unsure
     router = router_for(engine)
     other, draft, target = tiny_dirs["other"], tiny_dirs["draft"], tiny_dirs["target"]
     for klass in CALIBRATION_PROMPTS:
