@@ -726,3 +726,32 @@ def test_a_drafter_replayed_on_every_step_is_not_explored(replayed):
         router.observe("chat", step, 0.25)
     explored = [r for r in reasons if r.startswith("explore")]
     assert explored == [] if replayed else any("n -> d" in r for r in explored)
+
+
+def test_a_requests_first_step_teaches_no_acceptance():
+    """A response's first tokens are drafted worse than the rest: the first step's verdicts (it also
+    prefills every level) count neither for the class nor for the request's own plan."""
+    router = profiled_router(0.02)
+    router.acceptance.observe("chat", "d", "t", [0.6] * 200)
+    route = router.start("chat")
+    for accepted in (0, 8):
+        route.next_plan()
+        route.observe([VerifyRecord("d", "t", 8, accepted, [float(accepted > 0)] * 8)], accepted + 1, 1.0)
+    assert router.acceptance.count("chat", "d", "t") == 208  # the second step's 8 positions only
+    assert route._own.alpha("d", "t", fallback=0.6) > 0.6  # its own: the block accepted whole, not the first
+
+
+def test_a_kept_plan_is_predicted_anew_from_the_requests_latest_rounds():
+    """Between re-plans a request keeps its plan, but each step's prediction (what its explanation
+    compares with the time measured) follows its latest rounds."""
+    router = profiled_router(0.02)
+    router.acceptance.observe("chat", "d", "t", [0.6] * 200)
+    route = router.start("chat")
+    plans = []
+    for _ in range(2 * RouterConfig().replan_every):
+        plans.append(route.next_plan())
+        g = plans[-1].draft_lens[0]
+        route.observe([VerifyRecord("d", "t", g, g, [1.0] * g)], g + 1, 1.0)  # every block accepted whole
+    replanned, kept = plans[RouterConfig().replan_every:][:2]
+    assert kept.chain + kept.draft_lens == replanned.chain + replanned.draft_lens
+    assert kept.predicted_s_per_token < replanned.predicted_s_per_token
