@@ -27,6 +27,7 @@ from specrouter.acceptance import OwnAcceptance
 from specrouter.chain import Chain, StepContext, TimingRecord, VerifyRecord, drafted, speculative_step_batch
 from specrouter.engine import Engine, GenerationResult
 from specrouter.pipeline import DraftAhead, pipelined_step_batch
+from specrouter.router import taught
 from specrouter.sampling import SamplingParams
 from specrouter.scheduler import Plan
 from specrouter.sequence import SequenceState
@@ -133,7 +134,7 @@ class BatchLoop:
                     r.ahead = None
         seconds = time.perf_counter() - t0
         if self.router is not None:
-            records = [r.ctx.drain_records() for r in requests]
+            records = [taught(r.ctx.drain_records(), first_step=r.steps == 0) for r in requests]
             for request, request_records in zip(requests, records):
                 request.observe(request_records)
             self.router.observe_batch([(r.klass, rs) for r, rs in zip(requests, records)], timings)

@@ -536,6 +536,14 @@ def calibration_rounds(agreed: list[bool], sure: list[bool] | None = None) -> li
     return rounds
 
 
+def taught(records: list, first_step: bool) -> list:
+    """What a request's step teaches the router and the request: all its records, but at its first step
+    (which also prefills every level) no verdicts. A response's first tokens are drafted worse than the
+    rest (bench prompts: 2.9 tokens a step at the first, 4.6 after), and one such round in a request's
+    own rounds planned its next steps for 4 tokens a round where it then got 11."""
+    return [r for r in records if not isinstance(r, VerifyRecord)] if first_step else records
+
+
 def _runs(chain: tuple[str, ...], item: str | tuple[str, str]) -> bool:
     """Whether a chain runs a level, or a (drafter, verifier) pair as neighbours."""
     return item in chain if isinstance(item, str) else any(pair == item for pair in zip(chain, chain[1:]))
@@ -593,11 +601,7 @@ class Route:
         return plan
 
     def observe(self, records: list, committed: int, seconds: float) -> None:
-        if self._prefill_s is None:
-            # The first step's verdicts teach nothing of acceptance: a response's first tokens are drafted worse
-            # than the rest (bench prompts: 2.9 tokens a step at the first, 4.6 after), and one such round in a
-            # request's own rounds planned its next steps for 4 tokens a round where it then got 11
-            records = [r for r in records if not isinstance(r, VerifyRecord)]
+        records = taught(records, first_step=self._prefill_s is None)
         self.router.observe(self.klass, records, seconds)
         for r in records:
             if isinstance(r, VerifyRecord):

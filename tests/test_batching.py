@@ -164,3 +164,17 @@ def test_sampled_requests_in_a_batch_draw_as_they_do_alone(tiny_dirs):
     alone = [engine.generate(r["prompt_ids"], 10, params, r["seed"], ignore_eos=True).token_ids for r in requests]
     assert [r.token_ids for r in BatchLoop(engine).run(requests)] == alone
     assert len({tuple(a) for a in alone}) == len(alone)
+
+
+def test_a_batched_requests_first_step_teaches_the_router_no_acceptance(tiny_dirs):
+    """As for a request alone (specrouter/router.py `taught`): its first step's verdicts are left out."""
+    engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
+    draft, target = list(engine.levels)
+    router = router_for(engine, calibrate=False)
+    router.plan_for_batch = lambda classes, backlog=None, remaining=0.0: Plan((draft, target), (3,), 0.1)
+    loop = BatchLoop(engine, router)
+    loop.submit(prompts(1, 2000, 3)[0], max_new_tokens=16, ignore_eos=True, klass="code")
+    loop.step()
+    assert router.acceptance.count("code", draft, target) == 0
+    loop.step()
+    assert router.acceptance.count("code", draft, target) > 0
