@@ -125,7 +125,10 @@ class AcceptanceTable:
             self._drafts.setdefault(key, _Runs()).add(num_asked, min(num_drafted, num_asked), self.run_decay)
 
     def expected_drafted(self, klass: str, drafter: str, n: int, request: _Runs | None = None) -> float:
-        """Tokens a block asked for n is expected to draft: sum_i prod_{j <= i} c_j, with c_j the rate
+        return self.expected_drafted_by_length(klass, drafter, n, request)[n]
+
+    def expected_drafted_by_length(self, klass: str, drafter: str, n: int, request: _Runs | None = None) -> list[float]:
+        """[n + 1]: tokens a block asked for 0..n is expected to draft: sum_i prod_{j <= i} c_j, with c_j the rate
         at which a block that drafted j tokens (and was asked for more) drafted another.
 
         While the class has seen few blocks reach position j, c_j is shrunk toward the other classes'
@@ -139,9 +142,9 @@ class AcceptanceTable:
         finds hard, also beyond the positions the request's blocks have reached."""
         pooled, own = self._drafts.get((POOLED, drafter)), self._drafts.get((klass, drafter)) if klass != POOLED else None
         if pooled is None:
-            return float(n)
+            return [float(i) for i in range(n + 1)]
         others = pooled.excluding(own)
-        expected, survive, rate, here = 0.0, 1.0, 1.0, 1.0
+        expected, survive, rate, here = [0.0], 1.0, 1.0, 1.0
         for j in range(n):
             if j < MAX_POSITIONS:
                 rate = self._shrink(others, j, rate, self.draft_prior_weight)
@@ -150,12 +153,16 @@ class AcceptanceTable:
                 # the request's own: toward the class's rate, or where it stopped more often, its own last rate
                 here = self._shrink(request, j, min(rate, here), self.draft_prior_weight) if request is not None else rate
             survive *= here
-            expected += survive
+            expected.append(expected[-1] + survive)
         return expected
 
     def expected_tokens(self, klass: str, drafter: str, verifier: str, g: int, ratio: float = 1.0, stops: bool = False,
                         request: _Runs | None = None) -> float:
-        """Tokens a verifier emits per round for a block of g: 1 + sum_i prod_{j <= i} h_j, with h_j
+        return self.expected_tokens_by_length(klass, drafter, verifier, g, ratio, stops, request)[g]
+
+    def expected_tokens_by_length(self, klass: str, drafter: str, verifier: str, g: int, ratio: float = 1.0, stops: bool = False,
+                                  request: _Runs | None = None) -> list[float]:
+        """[g + 1]: tokens a verifier emits per round for a block of 0..g: for g, 1 + sum_i prod_{j <= i} h_j, with h_j
         the class's acceptance rate at position j, its rejections scaled by `ratio` (a sequence's own
         rejection_ratio to its class's), then shrunk toward the rate of the `request`'s own rounds
         of the pair there (OwnAcceptance.runs), where it has run some: a prompt the drafter finds
@@ -175,7 +182,7 @@ class AcceptanceTable:
         others = pooled.excluding(own) if pooled is not None else None
         relative = rejection_ratio(alpha, self.alpha(POOLED, drafter, verifier))
         weight = self.stopping_run_prior_weight if stops else self.run_prior_weight
-        expected, survive, rate = 1.0, 1.0, alpha
+        expected, survive, rate = [1.0], 1.0, alpha
         for j in range(g):
             rate = max(alpha, rate) if stops else alpha
             if others is not None and j < MAX_POSITIONS and others.reached[j] > 0:
@@ -187,7 +194,7 @@ class AcceptanceTable:
             if request is not None and j < MAX_POSITIONS:
                 here = self._shrink(request, j, here, weight)
             survive *= here
-            expected += survive
+            expected.append(expected[-1] + survive)
         return expected
 
     @staticmethod

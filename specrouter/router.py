@@ -171,11 +171,17 @@ class AdaptiveRouter:
         only where it was sure, which the class's may not be (calibration's is over every position
         of a text: agreement 0.97 on the tokens it was sure of, against a class alpha of 0.72, is a
         ratio of 0.11, nine in ten of the class's rejections taken away at every position)."""
+        by_length: dict[tuple[str, str], list[float]] = {}  # (drafter, verifier) -> [E(0), ..., E(longest)]
+
         def expected(d: str, v: str, g: int) -> float:
-            stops, pair = d in self.stopping, self._estimated_as(d, v)
-            ratio = 1.0 if stops else (ratios or {}).get(pair, 1.0)
-            request = own.runs.get(pair) if own and stops else None
-            return sum(self.acceptance.expected_tokens(k, *pair, g, ratio, stops, request) for k in classes) / len(classes)
+            if len(by_length.get((d, v), ())) <= g:
+                stops, pair = d in self.stopping, self._estimated_as(d, v)
+                ratio = 1.0 if stops else (ratios or {}).get(pair, 1.0)
+                request = own.runs.get(pair) if own and stops else None
+                n = max(g, *self.config.lengths)
+                per_class = [self.acceptance.expected_tokens_by_length(k, *pair, n, ratio, stops, request) for k in classes]
+                by_length[(d, v)] = [sum(e) / len(classes) for e in zip(*per_class)]
+            return by_length[(d, v)][g]
         return expected
 
     def _alpha(self, classes: list[str]):
@@ -195,9 +201,15 @@ class AdaptiveRouter:
     def _drafted(self, classes: list[str], own: OwnAcceptance | None = None):
         """(drafter, n) -> tokens a block asked for n holds, averaged over the classes (and following a
         request's `own` blocks where it has run some); fewer than n for one that stops unsure."""
+        by_length: dict[str, list[float]] = {}  # drafter -> [D(0), ..., D(longest)]
+
         def drafted(level: str, n: int) -> float:
-            request = own.drafts.get(level) if own else None
-            return sum(self.acceptance.expected_drafted(k, level, n, request) for k in classes) / len(classes)
+            if len(by_length.get(level, ())) <= n:
+                request = own.drafts.get(level) if own else None
+                longest = max(n, *self.config.lengths)
+                per_class = [self.acceptance.expected_drafted_by_length(k, level, longest, request) for k in classes]
+                by_length[level] = [sum(d) / len(classes) for d in zip(*per_class)]
+            return by_length[level][n]
         return drafted
 
     # -- planning ---------------------------------------------------------------------------------------
