@@ -7,7 +7,9 @@ Two operations are profiled per level, as the chain measures them (so remote ove
 Each level also has a speed factor that multiplies all of its costs. Two observations in a row that
 are both far off their predictions in the same direction (a level slowed down or recovered, say its
 device got busy) move it, so every block length and batch size follows at once, not only the ones
-that happen to run; a single outlier (a pause) moves only its own bucket.
+that happen to run; a single outlier (a pause) moves only its own bucket. A level that runs on
+another's device (a skip-layer view of the target's weights: `share`) follows that level's changes
+too, so it needs no passes of its own to stay up to date while the other runs.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class ForwardProfiler:
     # per level: its last observation over its prediction, which entry saw it, and that entry's value before
     _last: dict[str, tuple[float, tuple, float]] = field(default_factory=dict)
     changes: int = 0  # level-wide changes seen so far (a plan made before the last one is out of date)
+    _hosts: dict[str, str] = field(default_factory=dict)  # level -> the level whose device (worker) it runs on
+
+    def share(self, level: str, host: str) -> None:
+        """`level` runs on `host`'s device: a level-wide change of host's costs is level's too."""
+        self._hosts[level] = host
 
     def observe_score(self, level: str, num_tokens: int, seconds: float, batch: int = 1, weight: float | None = None) -> None:
         if num_tokens > BUCKETS[-1]:
@@ -75,14 +82,15 @@ class ForwardProfiler:
             if last[1] == key:
                 entry.value = last[2]
                 ratio = x / (entry.value * speed)
-            self._speed[level] = speed * math.sqrt(ratio * last[0])
+            self._speed[level] = self._speed.get(level, 1.0) * math.sqrt(ratio * last[0])
             self._last.pop(level)
             self.changes += 1
         entry.update(x / self.speed(level), self.ema if weight is None else weight)  # far and alone: an EMA step
 
     def speed(self, level: str) -> float:
-        """The level's cost multiplier (1.0 until a level-wide change was seen)."""
-        return self._speed.get(level, 1.0)
+        """The level's cost multiplier (1.0 until a level-wide change was seen, of it or of its host)."""
+        host = self._hosts.get(level)
+        return self._speed.get(level, 1.0) * (self.speed(host) if host is not None else 1.0)
 
     def score_time(self, level: str, num_tokens: int, batch: int = 1) -> float | None:
         """Predicted seconds for one pass over num_tokens per sequence for `batch` sequences: the

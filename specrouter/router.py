@@ -11,7 +11,8 @@ class's last request planned), and at once after a level's cost changed as a who
 so estimates of levels out of use (a drafter that slowed down and recovered) stay fresh: its best
 plan runs once if it is predicted close to the best, else one small timed pass of the level (a
 probe) refreshes its cost without running a slow chain (less and less often while probes find that
-cost unchanged). An n-gram drafter's cost and its acceptance need neither: the engine replays it
+cost unchanged); a level on the device of a level in use (a skip-layer view of the target's weights)
+needs no probe, as its costs follow that level's. An n-gram drafter's cost and its acceptance need neither: the engine replays it
 against the target on every step (specrouter/shadow.py), and those replays stand for its acceptance
 by every verifier.
 Calibration at start measures every level's cost, then every pair's acceptance on the target's own
@@ -35,6 +36,7 @@ from specrouter.profiler import LEVEL_CHANGE, ForwardProfiler
 from specrouter.sampling import SamplingParams
 from specrouter.scheduler import Plan, predict, search, search_batch
 from specrouter.sequence import SequenceState
+from specrouter.spec import LevelSpec
 
 if TYPE_CHECKING:
     from specrouter.engine import Engine
@@ -87,9 +89,11 @@ class PlanState:
 
 class AdaptiveRouter:
     def __init__(self, pool: list[str], target: str, can_verify: dict[str, bool], config: RouterConfig = RouterConfig(),
-                 levels: dict[str, Level] | None = None, stopping: frozenset[str] = frozenset()):
+                 levels: dict[str, Level] | None = None, stopping: frozenset[str] = frozenset(),
+                 hosts: dict[str, str] | None = None):
         """`levels`: the pool's levels by name, to probe a stale level's cost directly (calibrate() sets it).
-        `stopping`: drafters that end their blocks unsure (at every level of a chain: specrouter/chain.py)."""
+        `stopping`: drafters that end their blocks unsure (at every level of a chain: specrouter/chain.py).
+        `hosts`: level -> the level whose device it runs on (a skip-layer view of its weights: `shared_devices`)."""
         self.pool, self.target = list(pool), target  # pool: drafters, cheapest first
         self.can_verify = can_verify
         self.stopping = stopping
@@ -111,6 +115,14 @@ class AdaptiveRouter:
         # (two chains a few % apart in the model are near ties: one request's estimates must not flip them)
         self._incumbent: dict[str, Plan] = {}
         self._replayed: set[str] = set()  # drafters replayed against the target on every step (_estimated_as)
+        # a level on another's device is measured whenever that one runs: its costs follow the other's
+        # level-wide changes (ForwardProfiler.share), so it is never probed while the other runs (the
+        # 1.5B-skip's probes, each a 0.13-0.17 s pass, were 1% of a mixed workload's time while the 1.5B
+        # it shares ran every step)
+        self._guests: dict[str, list[str]] = {}
+        for level, host in (hosts or {}).items():
+            self.profiler.share(level, host)
+            self._guests.setdefault(host, []).append(level)
 
     # -- the latency model's inputs ---------------------------------------------------------------------
 
@@ -303,7 +315,7 @@ class AdaptiveRouter:
         for r in records:
             if isinstance(r, TimingRecord):
                 level_seconds += r.seconds
-                self._last_measured[r.level] = self._step
+                self._measured(r.level)
                 self._probe_every.pop(r.level, None)  # in use: probed at the usual pace once out of use again
                 weight = EXPLORE_WEIGHT if r.level in self._exploring else None
                 if r.op == "score":
@@ -321,6 +333,11 @@ class AdaptiveRouter:
         if rounds:
             per_round = max(0.0, step_seconds - level_seconds) / rounds
             self.overhead_s += 0.2 * (per_round - self.overhead_s)
+
+    def _measured(self, level: str) -> None:
+        """A pass of `level` ran this step: its cost, and that of every level on its device, is up to date."""
+        for name in (level, *self._guests.get(level, ())):
+            self._last_measured[name] = self._step
 
     def middle_blocks(self, records: list) -> list[tuple[str, int, int]]:
         """(level, asked, held) of each block a stopping level passed up from the middle of a chain (it
@@ -415,7 +432,7 @@ class AdaptiveRouter:
                 if isinstance(r, VerifyRecord):
                     self._observe_verdict(klass, r)
         for t in timings:
-            self._last_measured[t.level] = self._step
+            self._measured(t.level)
             if t.op == "score":
                 self.profiler.observe_score(t.level, t.num_tokens, t.seconds, batch=t.batch)
             elif t.op == "draft":
@@ -565,7 +582,8 @@ def router_for(engine: "Engine", config: RouterConfig = RouterConfig(), calibrat
     """A router over an engine's pool: every level but the last is a drafter candidate."""
     names = list(engine.levels)
     stopping = frozenset(n for n, level in engine.levels.items() if getattr(level, "min_confidence", 0.0) > 0)
-    router = AdaptiveRouter(names[:-1], names[-1], {n: level.can_verify for n, level in engine.levels.items()}, config, stopping=stopping)
+    router = AdaptiveRouter(names[:-1], names[-1], {n: level.can_verify for n, level in engine.levels.items()}, config,
+                            stopping=stopping, hosts=shared_devices(names))
     if calibrate:
         router.calibrate(engine.levels)
         for klass, prompt in CALIBRATION_PROMPTS.items():
@@ -573,6 +591,15 @@ def router_for(engine: "Engine", config: RouterConfig = RouterConfig(), calibrat
             continuation = engine.generate(ids, CALIBRATION_TOKENS, route=router.start(klass)).token_ids  # its rounds count too
             router.calibrate_acceptance(klass, ids + continuation, start=len(ids))
     return router
+
+
+def shared_devices(names: list[str]) -> dict[str, str]:
+    """Level -> the level whose device it runs on: a skip-layer view runs on the worker of its model's
+    full level at the same quantisation (one worker per model and quantisation: specrouter/runtime.py),
+    where that level is in the pool too."""
+    full = {(s.model, s.quant): name for name, s in ((n, LevelSpec.parse(n)) for n in names) if s.skip_layers is None}
+    return {name: full[(s.model, s.quant)] for name, s in ((n, LevelSpec.parse(n)) for n in names)
+            if s.skip_layers is not None and (s.model, s.quant) in full}
 
 
 def _calibration_ids(tokenizer, prompt: str, chat: bool) -> list[int]:

@@ -55,3 +55,23 @@ def test_a_level_that_costs_next_to_nothing_never_changes_as_a_whole():
     for _ in range(2):  # a real level-wide change of a level that costs something is still seen
         profiler.observe_draft("ngram", 3, 3 * 0.01)
     assert profiler.changes == 1
+
+
+def test_a_level_on_anothers_device_follows_that_levels_changes():
+    """A skip-layer view runs on its model's device: when that level slows down as a whole (seen in its
+    own passes only), so does the view, and it comes back with it."""
+    profiler = ForwardProfiler()
+    profiler.share("t@skip", "t")
+    profiler.observe_score("t", 4, 0.2)
+    profiler.observe_score("t@skip", 4, 0.15)
+    profiler.observe_draft("t@skip", 1, 0.1)
+    for _ in range(2):
+        profiler.observe_score("t", 4, 0.6)
+    assert profiler.score_time("t@skip", 4) == pytest.approx(0.45, rel=0.1)
+    assert profiler.draft_time("t@skip") == pytest.approx(0.3, rel=0.1)
+    for _ in range(2):  # its own passes, as slow as predicted now: no change of its own
+        profiler.observe_score("t@skip", 4, 0.45)
+    assert profiler.changes == 1
+    for _ in range(2):
+        profiler.observe_score("t", 4, 0.2)
+    assert profiler.score_time("t@skip", 4) == pytest.approx(0.15, rel=0.15)

@@ -8,7 +8,7 @@ import torch
 
 from specrouter.chain import TimingRecord, VerifyRecord
 from specrouter.classifier import classify
-from specrouter.router import AdaptiveRouter, RouterConfig
+from specrouter.router import AdaptiveRouter, RouterConfig, shared_devices
 from specrouter.scheduler import Plan, predict
 
 
@@ -257,6 +257,31 @@ def test_a_level_whose_probes_confirm_its_cost_is_probed_less_often():
     run(router, env, "chat", 120)
     # every 5 steps would be 20 or more; backing off to every 20 after a few that found it unchanged: about 8
     assert 4 <= len(probes) <= 10
+
+
+def test_a_level_on_the_devices_of_a_level_in_use_is_never_probed():
+    """A skip-layer view of the target's weights (S shares T's device) is up to date while T runs:
+    no probe of it, where one on a device of its own is probed every few steps."""
+    env = SimEnv({"A": 0.003, "S": 0.2, "T": 0.025}, {"chat": {("A", "T"): 0.7, ("S", "T"): 0.95, ("A", "S"): 0.7}})
+    probes = {True: [], False: []}
+
+    for shared in (True, False):
+        class CountedLevel(SimLevel):
+            def score(self, seq, ctx, draft, params, shared=shared):
+                probes[shared].append(1)
+                super().score(seq, ctx, draft, params)
+
+        router = AdaptiveRouter(["A", "S"], "T", {}, RouterConfig(explore_every=5), levels={"S": CountedLevel("S", env)},
+                                hosts={"S": "T"} if shared else None)
+        router.acceptance.observe("chat", "S", "T", [0.95] * 50)
+        plans = run(router, env, "chat", 60)
+        assert [p.chain for p in plans[-10:]].count(("A", "T")) >= 8
+    assert probes[True] == [] and len(probes[False]) >= 3
+
+
+def test_a_skip_layer_view_shares_its_full_models_device():
+    assert shared_devices(["ngram", "m@int8", "t@skip:1+2", "t@skip", "t"]) == {"t@skip:1+2": "t", "t@skip": "t"}
+    assert shared_devices(["m@skip", "m@int8", "t"]) == {}  # int8 weights are another copy, on another worker
 
 
 def test_a_probe_times_the_short_pass_it_records():
