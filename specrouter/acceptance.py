@@ -46,6 +46,21 @@ def _rejecting(rate: float, ratio: float) -> float:
     return min(1.0, max(0.0, 1.0 - (1.0 - rate) * ratio))
 
 
+def _odds_scaled(rate: float, ratio: float) -> float:
+    """`rate` with its odds of rejection scaled by `ratio`: like `_rejecting` where rejections are rare,
+    but a position where the drafter mostly stops (rate 0.09) is not all but closed by a ratio of 1.05."""
+    return rate / (rate + (1.0 - rate) * ratio) if rate > 0 else 0.0
+
+
+def _rounds_ratio(runs: "_Runs", rates: list[float], prior: float = 1.0) -> float:
+    """How much more often than `rates` (acceptance by position) predict the rounds `runs` were
+    rejected, at the positions they reached: observed over expected rejections, each with `prior`
+    rejections added, so that a request's first rounds move it only part of the way."""
+    observed = sum(r - a for r, a in zip(runs.reached, runs.accepted))
+    expected = sum(r * (1.0 - h) for r, h in zip(runs.reached, rates))
+    return (observed + prior) / (expected + prior)
+
+
 MAX_POSITIONS = 16
 
 
@@ -175,24 +190,35 @@ class AcceptanceTable:
         shape of the pair's runs elsewhere at the class's own level of acceptance), and where they have
         seen few too, toward the class's alpha. For a drafter that `stops` unsure, toward alpha or
         h_(j-1), whichever is higher: it reaches a deep position only while it is sure, so a position
-        with few rounds seen is accepted at least as often as the one before it."""
+        with few rounds seen is accepted at least as often as the one before it.
+
+        Where the request's rounds are few (the deep positions of a drafter that stops unsure are
+        reached by few of them), each h_j it is shrunk toward has its odds of rejection scaled first by
+        the request's own rejections over those the class's rates predict at the positions its rounds
+        reached (`_rounds_ratio`): its few deep rounds are read at its own level of difficulty, not
+        its class's (bench: a summarization request committing 2.3 tokens a round was predicted 2.9
+        from its class's deep rates after 27 rounds, and an easy chat one 6.9 where it got 9.4)."""
         alpha = self.alpha(klass, drafter, verifier)
         pooled = self._runs.get((POOLED, drafter, verifier))
         own = self._runs.get((klass, drafter, verifier)) if klass != POOLED else None
         others = pooled.excluding(own) if pooled is not None else None
         relative = rejection_ratio(alpha, self.alpha(POOLED, drafter, verifier))
         weight = self.stopping_run_prior_weight if stops else self.run_prior_weight
-        expected, survive, rate = [1.0], 1.0, alpha
-        for j in range(g):
+        rates, rate = [], alpha  # [max(g, MAX_POSITIONS) with a request]: the class's rate at each position
+        for j in range(max(g, MAX_POSITIONS) if request is not None else g):
             rate = max(alpha, rate) if stops else alpha
             if others is not None and j < MAX_POSITIONS and others.reached[j] > 0:
                 elsewhere = _rejecting(others.accepted[j] / others.reached[j], relative)
                 rate = (others.reached[j] * elsewhere + weight * rate) / (others.reached[j] + weight)
             if own is not None and j < MAX_POSITIONS:
                 rate = self._shrink(own, j, rate, weight)
-            here = _rejecting(rate, ratio)
-            if request is not None and j < MAX_POSITIONS:
-                here = self._shrink(request, j, here, weight)
+            rates.append(_rejecting(rate, ratio))
+        if request is not None:
+            harder = _rounds_ratio(request, rates)
+            rates = [self._shrink(request, j, _odds_scaled(h, harder), weight) if j < MAX_POSITIONS else _odds_scaled(h, harder)
+                     for j, h in enumerate(rates)]
+        expected, survive = [1.0], 1.0
+        for here in rates[:g]:
             survive *= here
             expected.append(expected[-1] + survive)
         return expected

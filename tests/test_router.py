@@ -547,6 +547,33 @@ def test_a_requests_own_rounds_pull_a_stopping_drafters_rates_toward_what_it_acc
     assert 2.5 < mine < 4.0
 
 
+def test_a_requests_rounds_set_the_difficulty_of_the_deep_positions_they_have_not_reached():
+    """An easy request (blocks of 5 all accepted, where its class rejects 1 in 5 at every position)
+    is read as easy beyond position 5 too, and a hard one (rejected at the second token every time)
+    as hard beyond the positions it reached: its own rejections over those its class's rates predict."""
+    from specrouter.acceptance import AcceptanceTable, OwnAcceptance
+
+    table = AcceptanceTable()
+    table.observe("chat", "d", "t", [0.8] * 100)
+    rng = random.Random(0)
+    for _ in range(300):
+        accepted = next((j for j in range(10) if rng.random() > 0.8), 10)
+        table.observe_round("chat", "d", "t", 10, accepted)
+
+    def deep_worth(request=None) -> float:
+        """(E(10) - E(5)) / (E(5) - E(4)): r + ... + r^5 for a rate r at positions 6-10 (2.69 at 0.8)."""
+        e = table.expected_tokens_by_length("chat", "d", "t", 10, stops=True, request=request)
+        return (e[10] - e[5]) / (e[5] - e[4])
+
+    easy, hard = OwnAcceptance(), OwnAcceptance()
+    for _ in range(4):
+        easy.observe_round("d", "t", 5, 5, num_asked=5)
+        hard.observe_round("d", "t", 10, 1)
+    assert deep_worth() == pytest.approx(2.69, abs=0.2)
+    assert deep_worth(easy.runs[("d", "t")]) > 3.5
+    assert deep_worth(hard.runs[("d", "t")]) < 2.0
+
+
 def test_a_route_follows_its_own_rounds_only_for_drafters_that_stop_unsure():
     def expected_after_own_rounds(stopping: frozenset[str]) -> float:
         router = profiled_router(0.01, stopping)
@@ -579,8 +606,7 @@ def test_a_stopping_drafter_agreeing_where_it_was_sure_is_not_taken_for_easier_t
     assert ratios[("d", "t")] < 0.8  # read as an easier prompt than its class
     cls = router.acceptance.expected_tokens("chat", "d", "t", 10, stops=True)
     assert router._expected(["chat"], ratios, route._own)("d", "t", 10) == pytest.approx(cls, rel=0.05)
-    with_ratio = router.acceptance.expected_tokens("chat", "d", "t", 10, ratio=ratios[("d", "t")], stops=True,
-                                                   request=route._own.runs[("d", "t")])
+    with_ratio = router.acceptance.expected_tokens("chat", "d", "t", 10, ratio=ratios[("d", "t")], stops=True)
     assert with_ratio > 1.08 * cls
 
 
