@@ -143,8 +143,8 @@ class AcceptanceTable:
         return self.expected_drafted_by_length(klass, drafter, n, request)[n]
 
     def expected_drafted_by_length(self, klass: str, drafter: str, n: int, request: _Runs | None = None) -> list[float]:
-        """[n + 1]: tokens a block asked for 0..n is expected to draft: sum_i prod_{j <= i} c_j, with c_j the rate
-        at which a block that drafted j tokens (and was asked for more) drafted another.
+        """[n + 1]: tokens a block asked for 0..n is expected to draft: for n, sum_i prod_{j <= i} c_j,
+        with c_j the rate at which a block that drafted j tokens (and was asked for more) drafted another.
 
         While the class has seen few blocks reach position j, c_j is shrunk toward the other classes'
         rate there, and where they have seen few too, toward c_(j-1) (c_0 toward 1: a drafter drafts
@@ -177,9 +177,9 @@ class AcceptanceTable:
 
     def expected_tokens_by_length(self, klass: str, drafter: str, verifier: str, g: int, ratio: float = 1.0, stops: bool = False,
                                   request: _Runs | None = None) -> list[float]:
-        """[g + 1]: tokens a verifier emits per round for a block of 0..g: for g, 1 + sum_i prod_{j <= i} h_j, with h_j
-        the class's acceptance rate at position j, its rejections scaled by `ratio` (a sequence's own
-        rejection_ratio to its class's), then shrunk toward the rate of the `request`'s own rounds
+        """[g + 1]: tokens a verifier emits per round for a block of 0..g: for g, 1 + sum_i prod_{j <= i}
+        h_j, with h_j the class's acceptance rate at position j, its rejections scaled by `ratio` (a
+        sequence's own rejection_ratio to its class's), then shrunk toward the rate of the `request`'s own rounds
         of the pair there (OwnAcceptance.runs), where it has run some: a prompt the drafter finds
         hard rejects early and stops early in its blocks, which a ratio of agreement at the positions
         drafted does not see (bench: a chat request accepting 1.2 of 3.5 tokens a round was predicted

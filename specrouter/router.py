@@ -11,10 +11,10 @@ class's last request planned), and at once after a level's cost changed as a who
 so estimates of levels out of use (a drafter that slowed down and recovered) stay fresh: its best
 plan runs once if it is predicted close to the best, else one small timed pass of the level (a
 probe) refreshes its cost without running a slow chain (less and less often while probes find that
-cost unchanged); a level on the device of a level in use (a skip-layer view of the target's weights)
-needs no probe, as its costs follow that level's. An n-gram drafter's cost and its acceptance need neither: the engine replays it
-against the target on every step (specrouter/shadow.py), and those replays stand for its acceptance
-by every verifier.
+cost unchanged); a level on the device of a level in use (a skip-layer view of the target's
+weights) needs no probe, as its costs follow that level's. An n-gram drafter's cost and its
+acceptance need neither: the engine replays it against the target on every step
+(specrouter/shadow.py), and those replays stand for its acceptance by every verifier.
 Calibration at start measures every level's cost, then every pair's acceptance on the target's own
 continuation of a short prompt per class.
 """
