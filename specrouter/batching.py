@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specrouter.acceptance import OwnAcceptance
-from specrouter.chain import Chain, StepContext, TimingRecord, VerifyRecord, drafted, speculative_step_batch
+from specrouter.chain import Chain, StepContext, TimingRecord, drafted, speculative_step_batch
 from specrouter.engine import Engine, GenerationResult
 from specrouter.pipeline import DraftAhead, pipelined_step_batch
 from specrouter.router import taught
@@ -45,17 +45,12 @@ class _Request:
     steps: int = 0
     chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
     decisions: list[dict] = field(default_factory=list)  # every change of plan, with the batch size it was made for
-    acceptance: OwnAcceptance = field(default_factory=OwnAcceptance)
+    acceptance: OwnAcceptance = field(default_factory=OwnAcceptance)  # its own rounds and blocks (AdaptiveRouter.teach)
     ahead: DraftAhead | None = None  # with pipelining: the block drafted while the last step verified
 
     @property
     def budget(self) -> int:
         return self.max_new_tokens - len(self.seq.generated)
-
-    def observe(self, records: list) -> None:
-        for r in records:
-            if isinstance(r, VerifyRecord):
-                self.acceptance.observe(r.drafter, r.verifier, r.alphas)
 
 
 @dataclass(frozen=True)
@@ -136,7 +131,7 @@ class BatchLoop:
         if self.router is not None:
             records = [taught(r.ctx.drain_records(), first_step=r.steps == 0) for r in requests]
             for request, request_records in zip(requests, records):
-                request.observe(request_records)
+                self.router.teach(request.acceptance, request_records)
             self.router.observe_batch([(r.klass, rs) for r, rs in zip(requests, records)], timings)
         # 4. commit; retire what finished
         committed, finished = {}, {}
@@ -194,7 +189,7 @@ class BatchLoop:
         fallback = [self.router.acceptance.alpha(k, drafter, verifier) for k in classes]
         alphas = [r.acceptance.alpha(drafter, verifier, f) for r, f in zip(requests, fallback)]
         plan = Plan(tuple(chain.names), tuple(chain.draft_lens), 0.0)
-        return chain, self.router.sequence_draft_lens(plan, classes, alphas)
+        return chain, self.router.sequence_draft_lens(plan, classes, alphas, [r.acceptance for r in requests])
 
     def _finish(self, request: _Request, reason: str) -> GenerationResult:
         del self._active[request.request_id]

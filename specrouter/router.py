@@ -339,6 +339,18 @@ class AdaptiveRouter:
         for name in (level, *self._guests.get(level, ())):
             self._last_measured[name] = self._step
 
+    def teach(self, own: OwnAcceptance, records: list) -> None:
+        """A request's own acceptance learns its step's records: each pair's agreement and rounds, and
+        the blocks of its drafters (drafted at the bottom, or passed up from the middle)."""
+        for r in records:
+            if isinstance(r, VerifyRecord):
+                own.observe(r.drafter, r.verifier, r.alphas)
+                own.observe_round(r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked)
+            elif isinstance(r, TimingRecord) and r.op == "draft" and r.asked:
+                own.observe_draft(r.level, r.asked, r.num_tokens)
+        for drafter, asked, held in self.middle_blocks(records):
+            own.observe_draft(drafter, asked, held)
+
     def middle_blocks(self, records: list) -> list[tuple[str, int, int]]:
         """(level, asked, held) of each block a stopping level passed up from the middle of a chain (it
         verified a level below in the same step). It stops as it does drafting, so these count with
@@ -403,25 +415,26 @@ class AdaptiveRouter:
         seconds = sum(self.profiler.prefill_time(level, backlog[level]) or 0.0 for level in plan.chain[:-1] if backlog.get(level))
         return Plan(plan.chain, plan.draft_lens, plan.predicted_s_per_token + seconds / max(remaining, 1.0))
 
-    def sequence_draft_lens(self, plan: Plan, classes: list[str], alphas: list[float | None]) -> list[int]:
+    def sequence_draft_lens(self, plan: Plan, classes: list[str], alphas: list[float | None],
+                            owns: list[OwnAcceptance | None] | None = None) -> list[int]:
         """Each sequence's draft length at the top of `plan`: the length (at most the plan's) that its
-        own acceptance of the top pair pays for at this batch size; None: its class's estimate (and
-        for a drafter that stops unsure, whose agreement ratio `_expected` leaves out, its class's
-        too: its blocks end where it is unsure anyway). The batch's pass is ragged
-        (specrouter/model.py forward_batch), so a shorter block costs less."""
+        own acceptance of the top pair pays for at this batch size; None: its class's estimate. For
+        a drafter that stops unsure, whose agreement ratio `_expected` leaves out, its own rounds and
+        blocks (`owns`, as a routed request's: `teach`) where it has run some, else its class's.
+        The batch's pass is ragged (specrouter/model.py forward_batch), so a shorter block costs less."""
         if len(plan.chain) < 2:
             return [0] * len(classes)
         batch, top = len(classes), (plan.chain[-2], plan.chain[-1])
         class_alpha = self._alpha(classes)
         lens = []
-        for alpha in alphas:
+        for alpha, own in zip(alphas, owns or [None] * len(alphas)):
             ratio = rejection_ratio(alpha, class_alpha(*top)) if alpha is not None else 1.0
-            expected = self._expected(classes, {top: ratio})
+            expected, drafted = self._expected(classes, {top: ratio}, own), self._drafted(classes, own)
             candidates = [g for g in self.config.lengths if g <= plan.draft_lens[-1]] or [plan.draft_lens[-1]]
             lens.append(min(candidates, key=lambda g: predict(plan.chain, plan.draft_lens[:-1] + (g,),
                                                               lambda level, n: self._verify_cost(level, n, batch),
                                                               lambda level: self._draft_cost(level, batch), class_alpha,
-                                                              self.overhead_s, expected, self._drafted(classes))))
+                                                              self.overhead_s, expected, drafted)))
         return lens
 
     def observe_batch(self, records: list[tuple[str, list]], timings: list[TimingRecord]) -> None:
@@ -642,14 +655,7 @@ class Route:
     def observe(self, records: list, committed: int, seconds: float) -> None:
         records = taught(records, first_step=self._prefill_s is None)
         self.router.observe(self.klass, records, seconds)
-        for r in records:
-            if isinstance(r, VerifyRecord):
-                self._own.observe(r.drafter, r.verifier, r.alphas)
-                self._own.observe_round(r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked)
-            elif isinstance(r, TimingRecord) and r.op == "draft" and r.asked:
-                self._own.observe_draft(r.level, r.asked, r.num_tokens)
-        for drafter, asked, held in self.router.middle_blocks(records):
-            self._own.observe_draft(drafter, asked, held)
+        self.router.teach(self._own, records)
         self._steps[(self._plan.chain, self._plan.draft_lens)] += 1
         self._tokens += committed
         if self._prefill_s is None:

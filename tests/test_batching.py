@@ -111,7 +111,7 @@ def test_sequences_drafting_different_lengths_in_one_batch_equal_one_at_a_time(t
     engine = Engine(chain_spec(tiny_dirs, "ngram,draft,target"), dtype="float32", draft_lens=[2, 4])
     router = router_for(engine, calibrate=False)
     router.plan_for_batch = lambda classes, backlog=None, remaining=0.0: Plan(tuple(engine.chain.names), (2, 4), 0.1)
-    router.sequence_draft_lens = lambda plan, classes, alphas: [1 + i % 4 for i in range(len(classes))]  # 1, 2, 3, 4, 1, ...
+    router.sequence_draft_lens = lambda plan, classes, alphas, owns: [1 + i % 4 for i in range(len(classes))]  # 1, 2, 3, 4, 1, ...
     requests = [{"prompt_ids": p, "max_new_tokens": 9 + i % 4, "ignore_eos": True} for i, p in enumerate(prompts(7, 2000, 5))]
     alone = [engine.generate(**r).token_ids for r in requests]
     results = BatchLoop(engine, router).run(requests)

@@ -420,6 +420,25 @@ def test_each_sequence_drafts_what_its_own_acceptance_pays_for():
     assert router.sequence_draft_lens(Plan(("t",), (), 0.1), ["default"], [0.9]) == [0]
 
 
+def test_a_batched_sequence_of_a_stopping_drafter_drafts_what_its_own_rounds_pay_for():
+    """A drafter that stops unsure is planned from each sequence's own rounds (as a routed request's
+    are: AdaptiveRouter.teach), not from its agreement ratio: a sequence whose blocks are rejected at
+    once drafts shorter ones than a new sequence of its class."""
+    from specrouter.acceptance import OwnAcceptance
+
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, stopping=frozenset({"d"}))
+    synthetic_batch_profile(router, "t", "d")
+    for i in range(100):  # the class: 9 blocks in 10 accepted whole
+        router.acceptance.observe("default", "d", "t", [0.9] * 8)
+        router.acceptance.observe_round("default", "d", "t", 8, 8 if i % 10 else 0)
+    hard = OwnAcceptance()
+    router.teach(hard, [VerifyRecord("d", "t", 8, 0, [0.9] * 8, num_asked=8)] * 12)
+    assert hard.runs[("d", "t")].reached[0] == 12
+    plan = Plan(("d", "t"), (8,), 0.0)
+    new, rejected = router.sequence_draft_lens(plan, ["default"] * 2, [None, None], [OwnAcceptance(), hard])
+    assert rejected < new
+
+
 def test_batch_speculates_only_when_predicted_clearly_faster_than_plain_decoding():
     cautious = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0, batch_speculation_margin=0.9))
     bold = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0, batch_speculation_margin=0.0))
