@@ -259,7 +259,7 @@ def test_a_level_whose_probes_confirm_its_cost_is_probed_less_often():
     assert 4 <= len(probes) <= 10
 
 
-def test_a_level_on_the_devices_of_a_level_in_use_is_never_probed():
+def test_a_level_on_the_device_of_a_level_in_use_is_never_probed():
     """A skip-layer view of the target's weights (S shares T's device) is up to date while T runs:
     no probe of it, where one on a device of its own is probed every few steps."""
     env = SimEnv({"A": 0.003, "S": 0.2, "T": 0.025}, {"chat": {("A", "T"): 0.7, ("S", "T"): 0.95, ("A", "S"): 0.7}})
