@@ -504,9 +504,12 @@ class AdaptiveRouter:
                 if self._levels[verifier].can_verify:
                     agreed = (choices[drafter] == choices[verifier]).tolist()  # [T]
                     rounds = calibration_rounds(agreed, sure.get(drafter))
-                    judged = ([a for _, drafted, accepted in rounds for a in [1.0] * accepted + [0.0] * (accepted < drafted)]
-                              if drafter in sure else agreed)
-                    self.acceptance.observe(klass, drafter, verifier, [sum(judged) / max(1, len(judged))] * len(agreed))
+                    if drafter in sure:  # the tokens its blocks accepted, of those judged (accepted, and each first rejected)
+                        accepted = sum(a for _, _, a in rounds)
+                        alpha = accepted / max(1, accepted + sum(a < d for _, d, a in rounds))
+                    else:
+                        alpha = sum(agreed) / max(1, len(agreed))
+                    self.acceptance.observe(klass, drafter, verifier, [alpha] * len(agreed))
                     # the rounds, all of them together worth CALIBRATION_ROUNDS rounds: one short text is a
                     # hint, and the rounds really run must soon outweigh it
                     for asked, drafted, accepted in rounds:
@@ -610,9 +613,9 @@ def shared_devices(names: list[str]) -> dict[str, str]:
     """Level -> the level whose device it runs on: a skip-layer view runs on the worker of its model's
     full level at the same quantisation (one worker per model and quantisation: specrouter/runtime.py),
     where that level is in the pool too."""
-    full = {(s.model, s.quant): name for name, s in ((n, LevelSpec.parse(n)) for n in names) if s.skip_layers is None}
-    return {name: full[(s.model, s.quant)] for name, s in ((n, LevelSpec.parse(n)) for n in names)
-            if s.skip_layers is not None and (s.model, s.quant) in full}
+    specs = {name: LevelSpec.parse(name) for name in names}
+    full = {(s.model, s.quant): name for name, s in specs.items() if s.skip_layers is None}
+    return {name: full[(s.model, s.quant)] for name, s in specs.items() if s.skip_layers is not None and (s.model, s.quant) in full}
 
 
 def _calibration_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
