@@ -130,9 +130,37 @@ def test_int8_model_with_fused_projections_equals_int8_quantisation_of_each_proj
         warnings.simplefilter("ignore")
         separate = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
     fused = quantize_int8(copy.deepcopy(model))
-    assert type(fused.model.layers[0].self_attn.qkv_proj).__name__ == "Linear" and "quantized" in type(fused.model.layers[0].self_attn.qkv_proj).__module__
+    qkv = fused.model.layers[0].self_attn.qkv_proj.linear
+    assert type(qkv).__name__ == "Linear" and "quantized" in type(qkv).__module__
     ids = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(3)).tolist()
     a, b = ModelView(separate), ModelView(fused)
     expected, got = a.forward(ids, 0, a.new_cache(), 24), b.forward(ids, 0, b.new_cache(), 24)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_int8_tokens_of_outlying_magnitude_are_quantised_apart_from_the_rest():
+    """One token 30x the others' magnitude (Qwen2.5's first token) no longer sets the others' scale:
+    they come out as if quantised alone, the outlier as if alone too, and a single token is as before."""
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from specrouter.model import RowBandedLinear
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantised = quantize_dynamic(plain, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)[0]
+    banded = RowBandedLinear(quantised)
+    x = torch.randn(1, 20, 64)  # [1, N, in]
+    x[0, 0] *= 30.0
+    got = banded(x)
+    torch.testing.assert_close(got[0, 1:], quantised(x[0, 1:]), atol=0, rtol=0)
+    torch.testing.assert_close(got[0, :1], quantised(x[0, :1]), atol=0, rtol=0)
+    exact = plain(x)[0, 1:]
+    assert (got[0, 1:] - exact).abs().mean() < 0.25 * (quantised(x)[0, 1:] - exact).abs().mean()
+    torch.testing.assert_close(banded(x[:, :1]), quantised(x[:, :1]), atol=0, rtol=0)
+    no_outlier = x[:, 1:]
+    torch.testing.assert_close(banded(no_outlier), quantised(no_outlier), atol=0, rtol=0)
