@@ -74,7 +74,7 @@ class RowBandedLinear(torch.nn.Module):
 
     Dynamic int8 scales a matmul's whole input by one number, its largest magnitude. Qwen2.5's first
     token carries activations up to 26x the median token's (an attention sink), so in a prompt's
-    prefill every other token was quantised to a few levels, and the int8 drafter drafted from that
+    prefill all the other tokens were quantised to a few levels, and the int8 drafter drafted from that
     cache for the whole request. Here a pass of several tokens is split by each token's largest
     magnitude into bands a `factor` apart (band 0: up to `factor` x the median token's), one matmul
     per band (one unless some token stands out; two in a prefill), so no token is scaled more than
