@@ -25,6 +25,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 from workloads import Prompt, encode, humaneval, sharegpt  # noqa: E402
 
+from specrouter import catalog  # noqa: E402
 from specrouter.engine import Engine  # noqa: E402
 from specrouter.store import ModelStore  # noqa: E402
 
@@ -98,6 +99,7 @@ class Runner:
         self.store = store
         self.eos_ids = eos_ids
         self.engines: dict[str, Engine] = {}
+        self.hf_assistants: dict[str, torch.nn.Module] = {}
 
     def engine(self, method: Method) -> Engine:
         if method.name not in self.engines:
@@ -106,6 +108,23 @@ class Runner:
             )
         return self.engines[method.name]
 
+    def hf_assistant(self, quant: str | None):
+        """The draft model as transformers' assisted generation runs it. Its int8 form is quantised
+        projection by projection here: specrouter's int8 levels fuse q/k/v and gate/up for ModelView,
+        which transformers' own forward cannot run (it looks for q_proj)."""
+        if quant != "int8":
+            return self.store.get(DRAFT, quant).model
+        if "int8" not in self.hf_assistants:
+            import warnings
+
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+            model = transformers.AutoModelForCausalLM.from_pretrained(catalog.resolve(DRAFT), dtype=torch.float32).eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.hf_assistants["int8"] = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        return self.hf_assistants["int8"]
+
     def run(self, method: Method, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], float, int | None, list[dict]]:
         if method.kind == "ours":
             result = self.engine(method).generate(prompt_ids, max_tokens)
@@ -113,7 +132,7 @@ class Runner:
         target = self.store.get(TARGET).model
         kwargs = {}
         if method.kind == "hf-assisted":
-            assistant = self.store.get(DRAFT, method.assistant_quant).model
+            assistant = self.hf_assistant(method.assistant_quant)
             # (4, "constant", no confidence stop): the best fixed schedule measured here; or transformers' defaults
             assistant.generation_config.num_assistant_tokens, assistant.generation_config.num_assistant_tokens_schedule = method.hf_schedule
             assistant.generation_config.assistant_confidence_threshold = method.draft_confidence
