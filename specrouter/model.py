@@ -62,9 +62,8 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         for layer in model.model.layers:
             fuse_projections(layer)
             quantize_dynamic(layer.float(), qconfig, dtype=torch.qint8, inplace=True)
-            _band_rows(layer)
         model = quantize_dynamic(model.float(), qconfig, dtype=torch.qint8, inplace=True)  # the LM head
-        model.lm_head = RowBandedLinear(model.lm_head)
+    _band_rows(model)
     embed.to(loaded_dtype).register_forward_hook(lambda module, inputs, output: output.float())
     return model
 
@@ -106,11 +105,13 @@ class RowBandedLinear(torch.nn.Module):
         return out.view(*x.shape[:-1], -1)
 
 
-def _band_rows(layer: torch.nn.Module) -> None:
-    """Wrap every dynamically quantised Linear of a decoder layer in a RowBandedLinear (in place)."""
-    for parent in (layer.self_attn, layer.mlp):
+def _band_rows(model: torch.nn.Module) -> None:
+    """Wrap every dynamically quantised Linear of `model` in a RowBandedLinear (in place)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if "quantized" in type(child).__module__:
+            if isinstance(child, DynamicLinear):
                 setattr(parent, name, RowBandedLinear(child))
 
 
