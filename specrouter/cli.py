@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from specrouter.config import DEFAULT_CHAIN
@@ -174,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     from specrouter.catalog import CatalogError
 
     args = build_parser().parse_args(argv)
+    if args.command == "serve" and not args.address:
+        # A Ray started with clusters off takes 127.0.0.1 as its node address, and then binds every
+        # server it runs (GCS, raylet, workers, agents) to loopback alone. Set before Ray is imported:
+        # the driver reads it once, and every process it starts inherits it.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         commands = {"serve": cmd_serve, "generate": cmd_generate, "bench": cmd_bench, "models": cmd_models}
         return commands[args.command](args)

@@ -221,7 +221,7 @@ class ModelView:
 
     @property
     def vocab_size(self) -> int:
-        return self.hf_model.model.embed_tokens.num_embeddings
+        return self.hf_model.config.vocab_size
 
     @property
     def device(self) -> torch.device:

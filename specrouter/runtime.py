@@ -41,6 +41,11 @@ class Placement:
         return options
 
 
+def placement_for(spec: LevelSpec, placement: dict[str, Placement]) -> Placement:
+    """A model's placement: the entry for its label (`name@int8`), else for its name, else "*"."""
+    return placement.get(spec.label) or placement.get(spec.model) or placement.get("*") or Placement()
+
+
 def start_local_ray(num_cpus: int | None = None) -> bool:
     """Start a light local Ray unless one is already initialised; True if this call started it
     (so the caller stops only what it started, with ray.shutdown())."""
@@ -89,15 +94,15 @@ class WorkerActor:
         return self.server.address
 
     def describe(self) -> dict:
-        from specrouter.store import end_tokens
+        from specrouter.store import TargetInfo
 
-        model = self.loaded.model
+        info = TargetInfo.of(self.loaded.model, self.loaded.tokenizer)
         return {
             "views": self.views,
             "fingerprint": self.loaded.fingerprint,
-            "vocab_size": model.lm_head.out_features,
-            "max_positions": model.config.max_position_embeddings,
-            "eos_ids": sorted(end_tokens(self.loaded.tokenizer, model.generation_config)),
+            "vocab_size": info.vocab_size,
+            "max_positions": info.max_positions,
+            "eos_ids": sorted(info.eos_ids),
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
         }
@@ -122,8 +127,7 @@ class RayWorkers:
                 groups.setdefault((spec.model, spec.quant), []).append(spec)
         self.actors: dict[tuple[str, str | None], ray.actor.ActorHandle] = {}
         for (model, quant), members in groups.items():
-            label = LevelSpec(model, None, quant).label
-            place = placement.get(label) or placement.get(model) or placement.get("*") or Placement()
+            place = placement_for(LevelSpec(model, None, quant), placement)
             num_layers = _num_layers(model)
             views = sorted({resolve_skip(s, num_layers) for s in members})
             self.actors[(model, quant)] = WorkerActor.options(**place.actor_options()).remote(

@@ -7,8 +7,10 @@ Serve's HTTP proxy and gRPC ingress on loopback (unless told otherwise) with the
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
+import ray
 from ray import serve
 
 from specrouter.config import ServeConfig
@@ -17,11 +19,26 @@ from specrouter.server import SpecRouterServer
 APP_NAME = "specrouter"
 
 
+class SpecRouterReplica(SpecRouterServer):
+    """SpecRouterServer as a Serve replica. On a node whose address is loopback (the embedded local
+    Ray), every server Ray runs listens on loopback alone, except the inter-deployment gRPC server
+    Serve starts in each replica on every interface ("[::]:0"): bind that one to loopback too, before
+    the replica starts it, so nothing the main job opens is reachable from another host."""
+
+    def __init__(self, config: dict):
+        if ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+            from ray.serve._private import replica
+
+            add_port = replica.add_port_to_grpc_server
+            replica.add_port_to_grpc_server = lambda server, address: add_port(server, address.replace("[::]", "127.0.0.1"))
+        super().__init__(config)
+
+
 def build_app(args: dict) -> serve.Application:
     """The Serve application for a validated config (a pydantic error names any bad field)."""
     config = ServeConfig.model_validate(args or {})
     deployment = serve.deployment(
-        serve.ingress()(SpecRouterServer),
+        serve.ingress()(SpecRouterReplica),
         name="SpecRouter",
         ray_actor_options={"num_cpus": 0},  # waits on the router; the models' actors hold the CPUs
         max_ongoing_requests=64,

@@ -23,10 +23,19 @@ END_TOKEN_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>
 
 @dataclass(frozen=True)
 class TargetInfo:
+    """What the engine needs to know of a target model, read from its configuration: never from the
+    modules that compute it (an int8 level wraps its LM head, a remote worker has no modules here)."""
+
     tokenizer: object
     eos_ids: frozenset[int]
     max_positions: int
     vocab_size: int  # rows of the target's distributions
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, tokenizer) -> "TargetInfo":
+        config = model.config
+        return cls(tokenizer, end_tokens(tokenizer, model.generation_config), config.max_position_embeddings,
+                   config.vocab_size)
 
 
 class WorkerProvider(Protocol):
@@ -84,10 +93,7 @@ class ModelStore:
 
     def target_info(self, name: str) -> TargetInfo:
         loaded = self.get(name)
-        config = loaded.model.config
-        return TargetInfo(
-            loaded.tokenizer, end_tokens(loaded.tokenizer, loaded.model.generation_config), config.max_position_embeddings, loaded.model.lm_head.out_features
-        )
+        return TargetInfo.of(loaded.model, loaded.tokenizer)
 
     def tokenizer(self, spec: LevelSpec) -> tuple[object, str]:
         loaded = self.get(spec.model, spec.quant)

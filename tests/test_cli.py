@@ -47,17 +47,30 @@ def test_serve_with_a_bad_config_exits_with_clear_error(tmp_path, capsys):
     assert "draft_lens" in capsys.readouterr().err
 
 
-def test_serve_starts_its_own_ray_answers_and_stops_cleanly_on_sigint(tiny_dirs, tmp_path):
-    """The main job end to end: `specrouter serve` on an embedded local Ray, then Ctrl-C."""
+def _listeners(procs) -> list[tuple[str, int, str]]:
+    """The TCP sockets the given processes listen on: (address, port, process name)."""
+    import psutil
+
+    pids = {p.pid: p for p in procs}
+    return [(c.laddr.ip, c.laddr.port, pids[c.pid].name()) for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids]
+
+
+def test_serve_runs_the_default_chain_shape_on_loopback_answers_openai_and_stops_on_sigint(tiny_dirs, tmp_path):
+    """The main job end to end, in the default chain's shape (an int8 drafter and a full-precision
+    target, each its own actor): `specrouter serve` on an embedded local Ray, one completion and one
+    streamed chat through the official openai client, nothing listening beyond loopback, then Ctrl-C
+    stops every process it started."""
+    import ipaddress
     import signal
-    import urllib.request
 
     import psutil
     from conftest import free_port
+    from openai import OpenAI
 
     http_port, grpc_port = free_port(), free_port()
     config = tmp_path / "serve.yaml"
-    config.write_text(f"chain: {tiny_dirs['draft']},{tiny_dirs['target']}\ndtype: float32\ngrpc_port: {grpc_port}\n")
+    config.write_text(f"chain: {tiny_dirs['draft']}@int8,{tiny_dirs['target']}\ngrpc_port: {grpc_port}\n")
     proc = subprocess.Popen([sys.executable, "-m", "specrouter.cli", "serve", "--config", str(config), "--port", str(http_port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -67,15 +80,28 @@ def test_serve_starts_its_own_ray_answers_and_stops_cleanly_on_sigint(tiny_dirs,
             if "Ctrl-C stops" in line:
                 break
         assert f"http://127.0.0.1:{http_port}/v1" in "".join(lines), "".join(lines)
-        children = psutil.Process(proc.pid).children(recursive=True)
-        body = json.dumps({"model": tiny_dirs["target"], "prompt": "Hello", "max_tokens": 4}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            assert json.loads(response.read())["usage"]["completion_tokens"] == 4
+        client = OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", timeout=120, max_retries=0)
+        completion = client.completions.create(model=tiny_dirs["target"], prompt="Hello", max_tokens=4, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        assert completion.usage.completion_tokens == 4
+        assert [level["name"] for level in completion.model_extra["specrouter"][0]["levels"]] == [
+            f"{tiny_dirs['draft']}@int8", tiny_dirs["target"]]
+        chunks = list(client.chat.completions.create(model=tiny_dirs["target"], max_tokens=6, temperature=0, stream=True,
+                                                     messages=[{"role": "user", "content": "Hi"}],
+                                                     extra_body={"ignore_eos": True}))
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks)
+
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        listening = _listeners(tree)
+        assert (("127.0.0.1", http_port) in {(ip, port) for ip, port, _ in listening}), listening
+        exposed = [entry for entry in listening if not ipaddress.ip_address(entry[0].removeprefix("::ffff:")).is_loopback]
+        assert not exposed, f"listening beyond loopback: {exposed}"
+
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
-        gone, alive = psutil.wait_procs(children, timeout=60)
-        assert not alive, [p.info if hasattr(p, "info") else p.pid for p in alive]  # it stopped all the Ray it started
+        gone, alive = psutil.wait_procs(tree[1:], timeout=60)
+        assert not alive, [p.pid for p in alive]  # it stopped all the Ray it started
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -17,6 +17,33 @@ def test_defaults_serve_the_default_chain_on_loopback():
     assert config.grpc_host == "127.0.0.1"
 
 
+def test_default_config_names_catalog_models_each_placed_in_an_actor_of_its_own():
+    from specrouter import catalog
+    from specrouter.runtime import Placement, placement_for
+    from specrouter.spec import parse_chain
+
+    config = ServeConfig()
+    specs = parse_chain(config.chain)
+    assert all(spec.model in catalog.CATALOG for spec in specs)
+    assert [spec.quant for spec in specs] == ["int8", None]  # an int8 drafter, a full-precision target
+    assert len({(spec.model, spec.quant) for spec in specs}) == 2  # actors are keyed by model and quantisation
+    placements = {label: Placement(**place.model_dump()) for label, place in config.placement.items()}
+    for spec in specs:
+        options = placement_for(spec, placements).actor_options()
+        assert options["num_cpus"] >= 0 and options["num_gpus"] == 0
+
+
+def test_placement_is_looked_up_by_label_then_name_then_star():
+    from specrouter.runtime import Placement, placement_for
+    from specrouter.spec import LevelSpec
+
+    placements = {"m@int8": Placement(num_cpus=2), "m": Placement(num_cpus=3), "*": Placement(num_cpus=4)}
+    assert placement_for(LevelSpec("m", None, "int8"), placements).num_cpus == 2
+    assert placement_for(LevelSpec("m"), placements).num_cpus == 3
+    assert placement_for(LevelSpec("other"), placements).num_cpus == 4
+    assert placement_for(LevelSpec("other"), {}) == Placement()
+
+
 @pytest.mark.parametrize("fields", [
     {"chain": "a,,b"},
     {"chain": "x,y", "draft_lens": [1, 2]},
