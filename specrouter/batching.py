@@ -11,10 +11,17 @@ With an AdaptiveRouter the plan is the one with the best goodput for the current
 tokens per second for the whole batch, specrouter/router.py `plan_for_batch`), so speculation
 shrinks and switches off as the batch grows and returns as it shrinks; without one, every step
 runs the engine's static chain (fixed draft lengths; a one-level chain is plain batched decoding).
+
+Admission is bounded: with `max_waiting` (and `max_waiting_tokens`), `submit` refuses a request
+that would wait, behind a full batch, with that many requests (prompt tokens) already waiting, by
+raising Overloaded at once; a request once queued is never dropped. A request with a deadline
+(`timeout_s`) still unfinished when it passes is retired with finish_reason "timeout", its state
+freed on every worker like a cancelled one's.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import Counter
@@ -27,6 +34,7 @@ from specrouter.acceptance import OwnAcceptance
 from specrouter.chain import Chain, StepContext, TimingRecord, drafted, speculative_step_batch
 from specrouter.engine import Engine, GenerationResult
 from specrouter.pipeline import DraftAhead, pipelined_step_batch
+from specrouter.request import Overloaded
 from specrouter.router import taught
 from specrouter.sampling import SamplingParams
 from specrouter.scheduler import Plan
@@ -41,6 +49,7 @@ class _Request:
     ctx: StepContext
     max_new_tokens: int
     klass: str
+    deadline: float | None = None  # time.monotonic() past which the request is retired ("timeout")
     t0: float = field(default_factory=time.perf_counter)
     steps: int = 0
     chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
@@ -64,13 +73,20 @@ class StepReport:
 
 
 class BatchLoop:
-    def __init__(self, engine: Engine, router=None, max_batch: int = 64, pipeline: bool = False):
+    def __init__(self, engine: Engine, router=None, max_batch: int = 64, pipeline: bool = False,
+                 max_waiting: int | None = None, max_waiting_tokens: int | None = None):
         """`router`: an AdaptiveRouter choosing each step's plan by goodput; None: the static chain.
-        `pipeline`: draft each next block while the target verifies (specrouter/pipeline.py)."""
+        `pipeline`: draft each next block while the target verifies (specrouter/pipeline.py).
+        `max_waiting` / `max_waiting_tokens`: the most requests / prompt tokens that may wait for a
+        place in the batch (None: no limit); `submit` refuses what would go past them."""
         self.engine, self.router, self.max_batch = engine, router, max_batch
+        self.max_waiting, self.max_waiting_tokens = max_waiting, max_waiting_tokens
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="verify") if pipeline else None
         self._waiting: list[_Request] = []
         self._active: dict[str, _Request] = {}
+        # `submit` may run on other threads while a step runs (BatchServer): the queue has its own lock,
+        # and the batch (_active) is changed only by the thread that steps.
+        self._queue_lock = threading.Lock()
 
     @property
     def has_work(self) -> bool:
@@ -81,37 +97,76 @@ class BatchLoop:
         return len(self._active)
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int = 0,
-               ignore_eos: bool = False, klass: str = "default") -> str:
-        """Queue a request (it joins the batch at the next step); returns its id."""
+               ignore_eos: bool = False, klass: str = "default", timeout_s: float | None = None,
+               request_id: str | None = None) -> str:
+        """Queue a request (it joins the batch at the next step); returns its id. Raises Overloaded,
+        queueing nothing, if it would wait past `max_waiting` / `max_waiting_tokens`."""
         self.engine.check_request(len(prompt_ids), max_new_tokens)
-        request_id = uuid.uuid4().hex
+        request_id = request_id or uuid.uuid4().hex
         ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset() if ignore_eos else self.engine.eos_ids,
                           self.engine.new_stats())
-        self._waiting.append(_Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass))
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        request = _Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass, deadline)
+        with self._queue_lock:
+            self._admit_or_refuse(len(prompt_ids))
+            self._waiting.append(request)
         return request_id
+
+    def _admit_or_refuse(self, prompt_tokens: int) -> None:
+        """Raise Overloaded if a new request would wait behind more than the limits allow. Waiting means
+        finding no place at the next step: the queue's first `free` requests will have one."""
+        free = max(0, self.max_batch - len(self._active))
+        behind = self._waiting[free:]  # those that will still wait after the next admission
+        if len(self._waiting) < free:
+            return  # the new request joins the batch at the next step
+        if self.max_waiting is not None and len(behind) >= self.max_waiting:
+            raise Overloaded(f"the server is busy: {len(behind)} requests are waiting (limit {self.max_waiting})",
+                             "waiting_requests")
+        waiting_tokens = sum(r.seq.prompt_len for r in behind)
+        if self.max_waiting_tokens is not None and waiting_tokens + prompt_tokens > self.max_waiting_tokens:
+            raise Overloaded(f"the server is busy: {waiting_tokens} prompt tokens are waiting, {prompt_tokens} more would "
+                             f"pass the limit of {self.max_waiting_tokens}", "waiting_tokens")
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued that will not find a place in the batch at the next step."""
+        return max(0, len(self._waiting) - max(0, self.max_batch - len(self._active)))
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> GenerationResult | None:
         """Drop a request now and free its state on every worker; its result so far (None if it is
-        unknown or already finished)."""
-        waiting = next((r for r in self._waiting if r.request_id == request_id), None)
+        unknown or already finished). Call it from the thread that steps, or between steps."""
+        with self._queue_lock:
+            waiting = next((r for r in self._waiting if r.request_id == request_id), None)
+            if waiting is not None:
+                self._waiting.remove(waiting)
         if waiting is not None:
-            self._waiting.remove(waiting)
             return self._result(waiting, reason)
         request = self._active.get(request_id)
         return self._finish(request, reason) if request is not None else None
 
+    def _expire(self) -> dict[str, GenerationResult]:
+        """Retire every request, waiting or running, whose deadline has passed."""
+        now = time.monotonic()
+        with self._queue_lock:
+            expired = [r.request_id for r in self._waiting if r.deadline is not None and r.deadline <= now]
+        expired += [i for i, r in self._active.items() if r.deadline is not None and r.deadline <= now]
+        return {request_id: self.cancel(request_id, "timeout") for request_id in expired}
+
     @property
     def request_ids(self) -> list[str]:
-        return [r.request_id for r in self._waiting] + list(self._active)
+        with self._queue_lock:
+            return [r.request_id for r in self._waiting] + list(self._active)
 
     def step(self) -> StepReport:
-        """Admit, plan, run one batched speculative step, commit, retire."""
-        # 1. admit queued requests between steps
-        while self._waiting and len(self._active) < self.max_batch:
-            request = self._waiting.pop(0)
-            self._active[request.request_id] = request
+        """Retire the expired, admit, plan, run one batched speculative step, commit, retire."""
+        # 1. retire requests past their deadline; admit queued requests between steps
+        expired = self._expire()
+        with self._queue_lock:
+            while self._waiting and len(self._active) < self.max_batch:
+                request = self._waiting.pop(0)
+                self._active[request.request_id] = request
         if not self._active:
-            return StepReport({}, {})
+            return StepReport({}, expired)
         requests = list(self._active.values())
         t0 = time.perf_counter()
         while True:
@@ -134,7 +189,7 @@ class BatchLoop:
                 self.router.teach(request.acceptance, request_records)
             self.router.observe_batch([(r.klass, rs) for r, rs in zip(requests, records)], timings)
         # 4. commit; retire what finished
-        committed, finished = {}, {}
+        committed, finished = {}, expired
         for b, (request, tokens) in enumerate(zip(requests, new)):
             lens = tuple(chain.draft_lens[:-1]) + (top_lens[b],) if top_lens is not None else tuple(chain.draft_lens)
             plan = (tuple(chain.names), lens)

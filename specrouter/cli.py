@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=None, help="public gRPC API port (default 9000; binds the config's grpc_host)")
     srv.add_argument("--address", default=None, help="a running Ray cluster to join (default: start a local one)")
+    srv.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                     help="require this API key (repeat for several; default $SPECROUTER_API_KEY, comma-separated)")
+    srv.add_argument("--api-key-file", default=None, metavar="PATH", help="require one of the keys in this file (one a line)")
+    srv.add_argument("--max-waiting-requests", type=int, default=None,
+                     help="requests that may wait for a place in the batch; past it: 429 with Retry-After (default 64)")
 
     bench = sub.add_parser("bench", help="load-test a running server over HTTP (tokens/s, TTFT, inter-token latency)")
     bench.add_argument("--url", default="http://127.0.0.1:8000")
@@ -111,8 +116,12 @@ def cmd_serve(args) -> int:
     from specrouter.runtime import start_local_ray
 
     config = ServeConfig.from_file(args.config) if args.config else ServeConfig()
-    overrides = {"chain": args.chain, "adaptive": args.adaptive, "pipeline": args.pipeline, "grpc_port": args.grpc_port}
+    overrides = {"chain": args.chain, "adaptive": args.adaptive, "pipeline": args.pipeline, "grpc_port": args.grpc_port,
+                 "api_key": args.api_key, "api_key_file": args.api_key_file, "max_waiting_requests": args.max_waiting_requests}
     config = ServeConfig.model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+    warning = specrouter_serve.exposure_warning(config, args.host)
+    if warning:
+        print(f"specrouter: {warning}", file=sys.stderr, flush=True)
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
         started = False

@@ -7,8 +7,10 @@
             print(chunk.text, end="")
 
 `AsyncClient` has the same methods as coroutines / async iterators. Every call takes a deadline
-(`timeout` seconds); calls that fail with UNAVAILABLE before any response arrived are retried with
-exponential backoff; gRPC errors become the exceptions below.
+(`timeout` seconds; the server cancels the work when it passes); calls that fail before any response
+arrived are retried while the policy has attempts left: UNAVAILABLE with exponential backoff, and
+RESOURCE_EXHAUSTED with a `retry-after` (the server's queue is full) after the time it asks. gRPC
+errors become the exceptions below. `api_key=` sends `authorization: Bearer KEY` with every call.
 """
 
 from __future__ import annotations
@@ -47,23 +49,56 @@ class DeadlineExceeded(SpecRouterError, TimeoutError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-_ERRORS = {cls.code: cls for cls in (InvalidRequest, ModelNotFound, Unavailable, DeadlineExceeded)}
+class Unauthenticated(SpecRouterError, PermissionError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Overloaded(SpecRouterError):
+    """The server's queue was full every time the call was tried; `retry_after_s` is its last advice."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_after_s: float | None = None
+
+
+_ERRORS = {cls.code: cls for cls in (InvalidRequest, ModelNotFound, Unavailable, DeadlineExceeded, Unauthenticated, Overloaded)}
 
 
 def _error(exc: grpc.RpcError) -> SpecRouterError:
+    retry_after = _retry_after(exc)
     cls = _ERRORS.get(exc.code(), SpecRouterError)
+    if cls is Overloaded and retry_after is None:
+        cls = SpecRouterError  # RESOURCE_EXHAUSTED from the transport (a message too large), not the queue
     error = cls(f"{exc.code().name}: {exc.details()}")
     error.code = exc.code()
+    if isinstance(error, Overloaded):
+        error.retry_after_s = retry_after
     return error
 
 
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """The server's `retry-after` (seconds) in the call's trailing metadata, if any."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
+
+
 def _retry_delay(exc: grpc.RpcError, backoffs: Iterator[float], started: bool = False) -> float:
-    """How long to wait before retrying a failed call, or raise its error: only UNAVAILABLE is
-    retried, only before any reply arrived, and only while the policy has attempts left."""
+    """How long to wait before retrying a failed call, or raise its error. Retried only before any reply
+    arrived and while the policy has attempts left: UNAVAILABLE after the next backoff, RESOURCE_EXHAUSTED
+    that carries a `retry-after` (the queue was full; a message too large carries none) after that long."""
     backoff = next(backoffs, None)
-    if started or exc.code() != grpc.StatusCode.UNAVAILABLE or backoff is None:
+    if started or backoff is None:
         raise _error(exc) from None
-    return backoff
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return backoff
+    retry_after = _retry_after(exc) if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+    if retry_after is None:
+        raise _error(exc) from None
+    return retry_after
 
 
 @dataclass
@@ -124,9 +159,14 @@ class RetryPolicy:
             delay = min(delay * 2, self.max_backoff_s)
 
 
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
 class Client:
-    def __init__(self, address: str = "127.0.0.1:9000", timeout: float = 300.0, retry: RetryPolicy = RetryPolicy()):
-        self.timeout, self.retry = timeout, retry
+    def __init__(self, address: str = "127.0.0.1:9000", timeout: float = 300.0, retry: RetryPolicy = RetryPolicy(),
+                 api_key: str | None = None):
+        self.timeout, self.retry, self._metadata = timeout, retry, _metadata(api_key)
         self.channel = grpc.insecure_channel(address)
         self.stub = SpecRouterStub(self.channel)
 
@@ -143,7 +183,7 @@ class Client:
         backoffs = self.retry.backoffs()
         while True:
             try:
-                return method(request, timeout=timeout or self.timeout)
+                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 time.sleep(_retry_delay(exc, backoffs))
 
@@ -163,7 +203,7 @@ class Client:
         while True:
             started = False
             try:
-                for reply in self.stub.Generate(request, timeout=timeout or self.timeout):
+                for reply in self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata):
                     started = True
                     yield completion.add(reply)
                 return
@@ -179,8 +219,9 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, address: str = "127.0.0.1:9000", timeout: float = 300.0, retry: RetryPolicy = RetryPolicy()):
-        self.timeout, self.retry = timeout, retry
+    def __init__(self, address: str = "127.0.0.1:9000", timeout: float = 300.0, retry: RetryPolicy = RetryPolicy(),
+                 api_key: str | None = None):
+        self.timeout, self.retry, self._metadata = timeout, retry, _metadata(api_key)
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = SpecRouterStub(self.channel)
 
@@ -197,7 +238,7 @@ class AsyncClient:
         backoffs = self.retry.backoffs()
         while True:
             try:
-                return await method(request, timeout=timeout or self.timeout)
+                return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 await asyncio.sleep(_retry_delay(exc, backoffs))
 
@@ -217,7 +258,7 @@ class AsyncClient:
         while True:
             started = False
             try:
-                async for reply in self.stub.Generate(request, timeout=timeout or self.timeout):
+                async for reply in self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata):
                     started = True
                     yield completion.add(reply)
                 return

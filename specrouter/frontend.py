@@ -42,24 +42,28 @@ class Frontend:
         return list(request.prompt)
 
     def stream(self, request: GenerationRequest) -> Iterator[dict]:
-        """Yields {"prompt_tokens"} once the request is accepted (a ValueError before it means bad
-        input), then {"text", "token_ids"} per step that makes text final, then
-        {"finish_reason", "prompt_tokens", "completion_tokens", "stats"}."""
+        """Yields {"prompt_tokens"} once the request is accepted, queued in the batch if there is one (a
+        ValueError before it means bad input, an Overloaded a full queue), then {"text", "token_ids"} per
+        step that makes text final, then {"finish_reason", "prompt_tokens", "completion_tokens", "stats"}.
+        The batch enforces `request.timeout_s` (finish_reason "timeout")."""
         ids = self.prompt_ids(request)
         room = self.engine.max_positions - len(ids)
         max_tokens = request.max_tokens if request.max_tokens is not None else max(1, min(self.default_max_tokens, room))
         self.engine.check_request(len(ids), max_tokens)
         params = SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
-        yield {"prompt_tokens": len(ids)}
 
         route = None
         if self.router is not None:
             text_for_class = request.prompt if isinstance(request.prompt, str) else self.engine.tokenizer.decode(ids)
             route = self.router.start(request.prompt_class or classify(text_for_class))
         text = TextStream(self.engine.tokenizer, request.stop)
-        steps = (self.batcher or self.engine).steps(ids, max_tokens, params, request.seed, request.ignore_eos, route)
+        if self.batcher is not None:
+            steps = self.batcher.steps(ids, max_tokens, params, request.seed, request.ignore_eos, route, request.timeout_s)
+        else:
+            steps = self.engine.steps(ids, max_tokens, params, request.seed, request.ignore_eos, route)
         halt, pending = None, []  # tokens whose text is held back (partial character, maybe a stop string)
         try:
+            yield {"prompt_tokens": len(ids)}
             while True:
                 try:
                     new = steps.send(halt)

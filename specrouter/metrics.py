@@ -11,6 +11,8 @@
     specrouter:spec_decode_num_draft_tokens_total{level}        counter
     specrouter:spec_decode_num_accepted_tokens_total{level}     counter
     specrouter:chain_selected_total{chain}                      counter (steps run on each chain)
+    specrouter:request_rejected_total{reason}                   counter (refused: waiting_requests, waiting_tokens
+                                                                 (429 / RESOURCE_EXHAUSTED), unauthenticated)
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class Metrics:
         self.draft_tokens = Counter("specrouter:spec_decode_num_draft_tokens", "Draft tokens proposed.", ["level"], registry=r)
         self.accepted_tokens = Counter("specrouter:spec_decode_num_accepted_tokens", "Draft tokens accepted.", ["level"], registry=r)
         self.chains = Counter("specrouter:chain_selected", "Steps run on each chain.", ["chain"], registry=r)
+        self.rejected = Counter("specrouter:request_rejected", "Requests refused, by reason.", ["reason"], registry=r)
+        for reason in ("waiting_requests", "waiting_tokens", "unauthenticated"):
+            self.rejected.labels(reason)  # every reason shows from the start, at 0
 
     def observe_request(self, stats: dict, prompt_tokens: int, completion_tokens: int, finish_reason: str,
                         ttft_s: float | None, e2e_s: float) -> None:

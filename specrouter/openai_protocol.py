@@ -23,9 +23,10 @@ class APIError(Exception):
     """An error the client caused (or may retry), in OpenAI's shape."""
 
     def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.headers = headers or {}  # e.g. Retry-After on a 429
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -52,6 +53,7 @@ class _Request(BaseModel):
     ignore_eos: bool = False  # vLLM's extension
     prompt_class: str | None = None  # SpecRouter's extension: route as this class (default: classified)
     user: str | None = None
+    timeout: float | None = Field(default=None, gt=0)  # SpecRouter's extension: seconds until the work is cancelled (408)
     # Accepted only at their neutral values: anything else would change the output.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

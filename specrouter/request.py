@@ -18,7 +18,20 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     prompt_class: str | None = None
+    timeout_s: float | None = None  # the batch retires the request (finish_reason "timeout") this long after it is queued
 
     def __post_init__(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
+
+
+class Overloaded(RuntimeError):
+    """The batch's queue is full: the request was refused before it was queued (retry later).
+    `reason`: "waiting_requests" or "waiting_tokens", the limit it hit."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message, reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.args[0]

@@ -210,7 +210,8 @@ class RouterActor:
 
     def __init__(self, chain: str, dtype: str = "bfloat16", draft_lens: list[int] | None = None,
                  placement: dict[str, dict] | None = None, adaptive: bool = False, default_max_tokens: int = 256,
-                 max_batch: int = 16, pipeline: bool = False, draft_confidence: float = 0.0):
+                 max_batch: int = 16, pipeline: bool = False, draft_confidence: float = 0.0,
+                 max_waiting: int | None = None, max_waiting_tokens: int | None = None):
         from specrouter.batch_server import BatchServer
         from specrouter.batching import BatchLoop
         from specrouter.engine import Engine
@@ -224,13 +225,15 @@ class RouterActor:
             from specrouter.router import router_for
 
             self.router = router_for(self.engine)
-        self.batcher = BatchServer(BatchLoop(self.engine, self.router, max_batch, pipeline))
+        self.batcher = BatchServer(BatchLoop(self.engine, self.router, max_batch, pipeline, max_waiting, max_waiting_tokens))
         self.frontend = Frontend(self.engine, self.router, default_max_tokens, batcher=self.batcher)
 
     def stream(self, request):
         """A streaming generator over Frontend.stream (a GenerationRequest), with {"started": True}
-        once the request is queued for the batch: bad input fails on the first item. ray.cancel() on
-        it stops the generation after the current step and frees its state."""
+        once the request is queued for the batch: bad input (ValueError) and a full queue (Overloaded)
+        fail on the first item. ray.cancel() on it stops the generation after the current step and
+        frees its state. Callers that stream concurrently need the actor's max_concurrency above the
+        batch plus its waiting limit, so that a refusal never waits for a thread."""
         items = self.frontend.stream(request)
         yield next(items)
         yield {"started": True}

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import ray
 from ray import serve
 
-from specrouter.config import ServeConfig
-from specrouter.server import SpecRouterServer
+from specrouter.config import API_KEY_ENV, ServeConfig
+from specrouter.server import SpecRouterServer, router_concurrency
 
 APP_NAME = "specrouter"
 
@@ -41,7 +41,7 @@ def build_app(args: dict) -> serve.Application:
         serve.ingress()(SpecRouterReplica),
         name="SpecRouter",
         ray_actor_options={"num_cpus": 0},  # waits on the router; the models' actors hold the CPUs
-        max_ongoing_requests=64,
+        max_ongoing_requests=router_concurrency(config) + 24,  # every admissible request, refusals, probes
         health_check_period_s=10,
     )
     return deployment.bind(config.model_dump())
@@ -53,8 +53,30 @@ class Endpoints:
     grpc: str
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: may resolve to anything
+
+
+def exposure_warning(config: ServeConfig, host: str) -> str | None:
+    """A warning when the HTTP or gRPC API listens beyond loopback and no API key is required."""
+    exposed = [f"{name} on {address}" for name, address, on in (("HTTP", host, True), ("gRPC", config.grpc_host, config.grpc_port is not None))
+               if on and not is_loopback(address)]
+    if not exposed or config.api_keys:
+        return None
+    return (f"WARNING: serving {' and '.join(exposed)}, beyond loopback, with no API key: anyone who can reach it "
+            f"can use it. Set --api-key, --api-key-file or ${API_KEY_ENV}.")
+
+
 def start(config: ServeConfig, host: str = "127.0.0.1", http_port: int = 8000) -> Endpoints:
-    """Start Serve (on the Ray this process is connected to) and deploy SpecRouter; returns the URLs."""
+    """Start Serve (on the Ray this process is connected to) and deploy SpecRouter; returns the URLs.
+    Unless the config says, /metrics is open when HTTP is bound to loopback and keyed otherwise."""
+    if config.metrics_need_key is None:
+        config = config.model_copy(update={"metrics_need_key": not is_loopback(host)})
     serve.start(http_options={"host": host, "port": http_port})
     serve.run(build_app(config.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
     grpc = f"{config.grpc_host}:{config.grpc_port}" if config.grpc_port is not None else ""

@@ -4,10 +4,19 @@ the public gRPC API (protos/specrouter/v1/specrouter.proto) over a router actor,
 It is the Ray Serve deployment class (specrouter/serve.py wraps it; its HTTP routes come from
 `__serve_build_asgi_app__`) and serves the gRPC API itself on the configured loopback address; tests
 use it as is, without Serve.
+
+The front door: with API keys configured, HTTP (but /health, and /metrics if the config opens it) and
+gRPC (but Health) need one (specrouter/auth.py). The router's batch bounds its queue: a request
+refused for load is a 429 with Retry-After (gRPC RESOURCE_EXHAUSTED with `retry-after` in the trailing
+metadata), before any response starts, and all of a request's choices are queued before it is
+answered, so an admitted request is never dropped for load. A deadline (the body's `timeout`, the
+gRPC deadline, the config's request_timeout_s) is enforced by the batch, which frees the request's
+state on every worker (408 / DEADLINE_EXCEEDED).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -16,8 +25,9 @@ from collections.abc import AsyncIterator
 import ray
 
 from specrouter import openai_protocol as oai
+from specrouter.auth import ApiKeyInterceptor, check_bearer
 from specrouter.config import ServeConfig
-from specrouter.request import GenerationRequest
+from specrouter.request import GenerationRequest, Overloaded
 from specrouter.metrics import Metrics
 from specrouter.v1 import specrouter_pb2 as pb
 from specrouter.v1.specrouter_pb2_grpc import SpecRouterServicer
@@ -27,23 +37,29 @@ class SpecRouterServer:
     def __init__(self, config: dict | ServeConfig | None = None):
         from specrouter.runtime import RouterActor, start_local_ray
 
-        self.config = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config or {})
+        self.config = c = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config or {})
         self.started_ray = start_local_ray()  # inside Serve or a test session: attaches to the running Ray
-        self.router = RouterActor.options(num_cpus=0).remote(
-            self.config.chain, self.config.dtype, self.config.draft_lens,
-            {k: v.model_dump() for k, v in self.config.placement.items()}, self.config.adaptive,
-            self.config.default_max_tokens, pipeline=self.config.pipeline, draft_confidence=self.config.draft_confidence,
+        self.router = RouterActor.options(num_cpus=0, max_concurrency=router_concurrency(c)).remote(
+            c.chain, c.dtype, c.draft_lens, {k: v.model_dump() for k, v in c.placement.items()}, c.adaptive,
+            c.default_max_tokens, max_batch=c.max_batch, pipeline=c.pipeline, draft_confidence=c.draft_confidence,
+            max_waiting=c.max_waiting_requests, max_waiting_tokens=c.max_waiting_tokens,
         )
         self.info = ray.get(self.router.info.remote())
-        self.model = self.config.served_name
+        self.model = c.served_name
         self.metrics = Metrics()
+        self.keys = c.api_keys
+        self.metrics_need_key = bool(self.keys) and c.metrics_need_key is not False
         self.grpc = None
-        if self.config.grpc_port is not None:
+        if c.grpc_port is not None:
             from specrouter.dataplane import BackgroundServer
             from specrouter.v1.specrouter_pb2_grpc import add_SpecRouterServicer_to_server
 
-            self.grpc = BackgroundServer(GrpcServicer(self), self.config.grpc_host, self.config.grpc_port,
-                                         add_SpecRouterServicer_to_server)
+            interceptors = ()
+            if self.keys:
+                interceptors = (ApiKeyInterceptor(self.keys, frozenset({"/specrouter.v1.SpecRouter/Health"}),
+                                                  self.metrics.rejected.labels("unauthenticated").inc),)
+            self.grpc = BackgroundServer(GrpcServicer(self), c.grpc_host, c.grpc_port, add_SpecRouterServicer_to_server,
+                                         interceptors, c.max_body_bytes)
 
     def close(self) -> None:
         """Stop the gRPC server and the router (with its workers)."""
@@ -56,17 +72,30 @@ class SpecRouterServer:
 
         return build_http_app(self)
 
+    def authorize(self, authorization: str | None) -> None:
+        """Raise APIError(401) unless the `Authorization` header carries a valid key (or none is needed)."""
+        refusal = check_bearer(authorization, self.keys)
+        if refusal is not None:
+            self.metrics.rejected.labels("unauthenticated").inc()
+            raise oai.APIError(refusal, 401, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
     # -- generation core ---------------------------------------------------------------------------------
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[dict]:
         """The router's stream for one choice (see RouterActor.stream), with metrics. A ValueError
-        from the router is an APIError(400), any other failure (a dead target) an APIError(503)."""
+        from the router is an APIError(400), a full queue an APIError(429), a passed deadline an
+        APIError(408), any other failure (a dead target) an APIError(503)."""
         t0, ttft, final, state = time.perf_counter(), None, None, None
         refs = self.router.stream.options(num_returns="streaming").remote(request)
         try:
             async for ref in refs:
                 try:
                     item = await ref
+                except Overloaded as exc:
+                    refusal = getattr(exc, "cause", exc)  # the actor's Overloaded inside Ray's error
+                    self.metrics.rejected.labels(refusal.reason).inc()
+                    raise oai.APIError(str(refusal), 429, "rate_limit_error", code=refusal.reason,
+                                       headers={"Retry-After": str(self.config.retry_after_s)}) from None
                 except ValueError as exc:
                     raise oai.APIError(_cause(exc)) from None
                 except ray.exceptions.RayError as exc:
@@ -77,6 +106,9 @@ class SpecRouterServer:
                     state = _move(self.metrics, state, self.metrics.waiting)  # accepted, queued
                 if ttft is None and item.get("text"):
                     ttft = time.perf_counter() - t0
+                if item.get("finish_reason") == "timeout":
+                    raise oai.APIError(f"the request's deadline ({request.timeout_s:g} s) passed before it finished; "
+                                       "its work was cancelled", 408, "timeout_error", code="timeout")
                 if "finish_reason" in item:
                     final = item
                 yield item
@@ -88,18 +120,24 @@ class SpecRouterServer:
             self.metrics.observe_request(final["stats"], final["prompt_tokens"], final["completion_tokens"],
                                          final["finish_reason"], ttft, time.perf_counter() - t0)
 
-    def _requests(self, req: oai._Request, prompt=None, messages=None) -> list[GenerationRequest]:
+    def _requests(self, req: oai._Request, prompt=None, messages=None, deadline_s: float | None = None) -> list[GenerationRequest]:
+        """One GenerationRequest per choice. `deadline_s`: the transport's own deadline (gRPC), if any."""
         if req.model != self.model:
             raise oai.APIError(f"the model {req.model!r} does not exist; this server serves {self.model!r}", 404,
                                param="model", code="model_not_found")
         if req.max_tokens is not None and req.max_tokens > self.info["max_context"]:
             raise oai.APIError(f"max_tokens ({req.max_tokens}) exceeds the context window of {self.info['max_context']}",
                                param="max_tokens")
+        asked = req.n * (req.max_tokens or self.config.default_max_tokens)
+        if asked > self.config.max_request_tokens:
+            raise oai.APIError(f"n x max_tokens ({asked}) exceeds this server's limit of {self.config.max_request_tokens} "
+                               "tokens per request", param="max_tokens")
+        timeouts = [t for t in (req.timeout, deadline_s, self.config.request_timeout_s) if t is not None]
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
         return [
             GenerationRequest(prompt=prompt, messages=messages, max_tokens=req.max_tokens, temperature=req.temperature,
                               top_p=req.top_p, top_k=req.top_k, seed=seed + i, stop=req.stops, ignore_eos=req.ignore_eos,
-                              prompt_class=req.prompt_class)
+                              prompt_class=req.prompt_class, timeout_s=min(timeouts) if timeouts else None)
             for i in range(req.n)
         ]
 
@@ -118,34 +156,32 @@ class SpecRouterServer:
 
     async def _complete(self, req: oai._Request, requests: list[GenerationRequest], chat: bool):
         request_id = oai.new_id(chat)
-        first = self._stream(requests[0])
+        streams = [self._stream(request) for request in requests]  # every choice runs in the batch at once
         try:
-            await first.__anext__()  # bad input fails here, before a response starts
+            for stream in streams:
+                await stream.__anext__()  # bad input or a full queue fails here, before a response starts
         except BaseException:
-            await first.aclose()
+            await _close_all(streams)
             raise
         if req.stream:
-            return self._sse(req, requests, first, request_id, chat)
-        choices, stats, prompt_tokens, completion_tokens = [], [], 0, 0
-        for i, request in enumerate(requests):
-            stream = first if i == 0 else self._stream(request)
-            parts, final = [], {}
-            async for item in stream:
-                if "text" in item:
-                    parts.append(item["text"])
-                elif "finish_reason" in item:
-                    final = item
-            choices.append({"text": "".join(parts), "finish_reason": final["finish_reason"]})
-            stats.append(final["stats"])
-            prompt_tokens = final["prompt_tokens"]
-            completion_tokens += final["completion_tokens"]
-        return oai.completion_response(chat, request_id, self.model, choices, oai.usage(prompt_tokens, completion_tokens), stats)
+            return self._sse(req, streams, request_id, chat)
+        tasks = [asyncio.ensure_future(_collect(stream)) for stream in streams]
+        try:
+            finals = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await _close_all(streams)
+            raise
+        choices = [{"text": text, "finish_reason": final["finish_reason"]} for text, final in finals]
+        usage = oai.usage(finals[0][1]["prompt_tokens"], sum(final["completion_tokens"] for _, final in finals))
+        return oai.completion_response(chat, request_id, self.model, choices, usage, [final["stats"] for _, final in finals])
 
-    async def _sse(self, req, requests, first, request_id: str, chat: bool) -> AsyncIterator[bytes]:
+    async def _sse(self, req, streams, request_id: str, chat: bool) -> AsyncIterator[bytes]:
         prompt_tokens = completion_tokens = 0
         try:
-            for i, request in enumerate(requests):
-                stream = first if i == 0 else self._stream(request)
+            for i, stream in enumerate(streams):  # choice after choice; the later ones run meanwhile
                 opened = False
                 async for item in stream:
                     if "text" in item and (item["text"] or not opened):
@@ -163,6 +199,8 @@ class SpecRouterServer:
                               "usage": oai.usage(prompt_tokens, completion_tokens)})
         except oai.APIError as exc:
             yield _event(exc.body())  # the response has started: the error travels in the stream
+        finally:
+            await _close_all(streams)  # the client went away or a choice failed: stop the others
         yield b"data: [DONE]\n\n"
 
     def models(self) -> dict:
@@ -178,7 +216,8 @@ class SpecRouterServer:
             req = oai.parse(oai.ChatCompletionRequest if request.messages else oai.CompletionRequest, json.dumps(body))
             prompt = None if request.messages else req.prompt
             messages = tuple((m.role, m.text) for m in req.messages) if request.messages else None
-            (generation,) = self._requests(req, prompt, messages)
+            deadline_s = grpc_context.time_remaining() if grpc_context is not None else None
+            (generation,) = self._requests(req, prompt, messages, deadline_s)
             async for item in self._stream(generation):
                 if "text" in item:
                     yield pb.GenerateResponse(text=item["text"], token_ids=item["token_ids"])
@@ -222,6 +261,29 @@ class GrpcServicer(SpecRouterServicer):
         return await self.server.Health(request, context)
 
 
+def router_concurrency(config: ServeConfig) -> int:
+    """Threads of the router actor: one per request generating or waiting (each streams on its own
+    thread), and spare ones so that a refusal, health or info call never waits for a thread."""
+    waiting = config.max_waiting_requests if config.max_waiting_requests is not None else 4 * config.max_batch
+    return config.max_batch + waiting + 8
+
+
+async def _collect(stream: AsyncIterator[dict]) -> tuple[str, dict]:
+    """A choice's whole text and its final item."""
+    parts, final = [], {}
+    async for item in stream:
+        if "text" in item:
+            parts.append(item["text"])
+        elif "finish_reason" in item:
+            final = item
+    return "".join(parts), final
+
+
+async def _close_all(streams: list) -> None:
+    for stream in streams:
+        await stream.aclose()
+
+
 def _move(metrics: Metrics, old, new):
     """Move a request from one gauge (waiting / running / none) to another."""
     if old is not None:
@@ -262,6 +324,9 @@ def _grpc_to_openai(request: pb.GenerateRequest, served: str) -> dict:
 def _set_grpc_error(grpc_context, exc: oai.APIError) -> None:
     import grpc
 
-    code = {404: grpc.StatusCode.NOT_FOUND, 503: grpc.StatusCode.UNAVAILABLE}.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
-    grpc_context.set_code(code)
+    codes = {401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
+             429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+    grpc_context.set_code(codes.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT))
     grpc_context.set_details(exc.message)
+    if "Retry-After" in exc.headers:
+        grpc_context.set_trailing_metadata((("retry-after", exc.headers["Retry-After"]),))

@@ -49,3 +49,40 @@ def test_stop_string_and_an_abandoned_stream_free_their_state(served):
     stream.close()  # the client went away
     workers = [level.worker for level in frontend.engine.levels.values()]
     assert [w.num_sequences() for w in workers] == [0, 0]
+
+
+def test_a_full_queue_refuses_at_once_while_a_step_runs_and_the_admitted_finish(tiny_dirs):
+    import threading
+    import time
+
+    from specrouter.request import Overloaded
+
+    engine = Engine(f"{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32", draft_lens=[3])
+    loop = BatchLoop(engine, max_batch=1, max_waiting=1)
+    stepping, step = threading.Event(), loop.step
+    loop.step = lambda: stepping.set() or time.sleep(0.5) or step()  # every step takes at least 0.5 s
+    server = BatchServer(loop)
+    try:
+        ids = [engine.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+        first = server.steps(ids[0], 3, ignore_eos=True)
+        assert stepping.wait(10)
+        second = server.steps(ids[1], 3, ignore_eos=True)  # waits behind the first
+        t0 = time.perf_counter()
+        with pytest.raises(Overloaded):
+            server.steps(ids[2], 3, ignore_eos=True)
+        assert time.perf_counter() - t0 < 0.25  # not after the step
+        from specrouter.engine import run_to_end
+
+        assert run_to_end(first).token_ids == engine.generate(ids[0], 3, ignore_eos=True).token_ids
+        assert run_to_end(second).token_ids == engine.generate(ids[1], 3, ignore_eos=True).token_ids
+    finally:
+        server.close()
+
+
+def test_a_stream_closed_as_soon_as_it_is_accepted_frees_its_state(served):
+    frontend, _ = served
+    stream = frontend.stream(GenerationRequest(prompt="def fib(n):", max_tokens=200, ignore_eos=True))
+    assert "prompt_tokens" in next(stream)  # queued in the batch
+    stream.close()  # the client went away before any text
+    workers = [level.worker for level in frontend.engine.levels.values()]
+    assert frontend.batcher.loop.request_ids == [] and [w.num_sequences() for w in workers] == [0, 0]

@@ -178,3 +178,58 @@ def test_a_batched_requests_first_step_teaches_the_router_no_acceptance(tiny_dir
     assert router.acceptance.count("code", draft, target) == 0
     loop.step()
     assert router.acceptance.count("code", draft, target) > 0
+
+
+def test_a_request_that_would_wait_past_the_limit_is_refused_and_the_admitted_all_finish(tiny_dirs):
+    from specrouter.request import Overloaded
+
+    engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
+    requests = [{"prompt_ids": p, "max_new_tokens": 8, "ignore_eos": True} for p in prompts(5, 2000, seed=6)]
+    alone = [engine.generate(**r).token_ids for r in requests]
+    loop = BatchLoop(engine, max_batch=2, max_waiting=2)
+    ids = [loop.submit(**r) for r in requests[:4]]  # 2 find a place at the next step, 2 wait
+    assert loop.num_waiting == 2
+    with pytest.raises(Overloaded) as refused:
+        loop.submit(**requests[4])
+    assert refused.value.reason == "waiting_requests" and len(loop.request_ids) == 4  # nothing queued
+    loop.step()  # the batch is full and two wait: still refused
+    with pytest.raises(Overloaded):
+        loop.submit(**requests[4])
+    results = {}
+    while loop.has_work:
+        results.update(loop.step().finished)
+    assert [results[i].token_ids for i in ids] == alone[:4]
+    assert loop.submit(**requests[4])  # room again
+
+
+def test_waiting_prompt_tokens_have_their_own_limit(tiny_dirs):
+    from specrouter.request import Overloaded
+
+    engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
+    loop = BatchLoop(engine, max_batch=1, max_waiting_tokens=25)
+    loop.submit(list(range(1, 101)), 4)  # finds a place: its 100 tokens do not wait
+    loop.submit(list(range(1, 21)), 4)  # waits with 20 tokens
+    with pytest.raises(Overloaded) as refused:
+        loop.submit(list(range(1, 11)), 4)  # 20 + 10 > 25
+    assert refused.value.reason == "waiting_tokens"
+    loop.submit(list(range(1, 6)), 4)  # 20 + 5 fits
+
+
+def test_a_request_past_its_deadline_is_retired_waiting_or_running_and_frees_its_state(tiny_dirs):
+    import time
+
+    engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
+    p = prompts(3, 2000, seed=7)
+    alone = engine.generate(p[0], 30, ignore_eos=True).token_ids
+    loop = BatchLoop(engine, max_batch=2)
+    keep = loop.submit(p[0], 30, ignore_eos=True)
+    running = loop.submit(p[1], 400, ignore_eos=True, timeout_s=0.3)
+    waiting = loop.submit(p[2], 400, ignore_eos=True, timeout_s=0.3)  # the batch is full: it waits
+    results = dict(loop.step().finished)
+    time.sleep(0.3)
+    while loop.has_work:
+        results.update(loop.step().finished)
+    assert results[running].finish_reason == results[waiting].finish_reason == "timeout"
+    assert 0 < len(results[running].token_ids) < 400 and results[waiting].token_ids == []
+    assert results[keep].token_ids == alone
+    assert all(level.worker.num_sequences() == 0 for level in engine.levels.values() if hasattr(level, "worker"))

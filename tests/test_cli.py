@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from specrouter.cli import main
 
 
@@ -58,21 +60,32 @@ def _listeners(procs) -> list[tuple[str, int, str]]:
 
 def test_serve_runs_the_default_chain_shape_on_loopback_answers_openai_and_stops_on_sigint(tiny_dirs, tmp_path):
     """The main job end to end, in the default chain's shape (an int8 drafter and a full-precision
-    target, each its own actor): `specrouter serve` on an embedded local Ray, one completion and one
-    streamed chat through the official openai client, nothing listening beyond loopback, then Ctrl-C
-    stops every process it started."""
+    target, each its own actor): `specrouter serve` on an embedded local Ray with a key from the
+    environment; through the official openai client no key and a wrong key get 401, the key gets a
+    completion and a streamed chat; nothing listens beyond loopback; Ctrl-C stops every process it
+    started; the key shows nowhere in its output or its Ray's logs."""
     import ipaddress
+    import os
+    import secrets
+    import shutil
     import signal
+    import tempfile
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
 
+    import openai
     import psutil
     from conftest import free_port
-    from openai import OpenAI
 
     http_port, grpc_port = free_port(), free_port()
+    key = f"sk-cli-{secrets.token_urlsafe(18)}"
+    ray_dir = tempfile.mkdtemp(prefix="sr-", dir="/tmp")  # short: Ray's socket paths live under it
     config = tmp_path / "serve.yaml"
     config.write_text(f"chain: {tiny_dirs['draft']}@int8,{tiny_dirs['target']}\ngrpc_port: {grpc_port}\n")
     proc = subprocess.Popen([sys.executable, "-m", "specrouter.cli", "serve", "--config", str(config), "--port", str(http_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "SPECROUTER_API_KEY": key, "RAY_TMPDIR": ray_dir})
     try:
         lines = []
         for line in proc.stdout:
@@ -80,21 +93,33 @@ def test_serve_runs_the_default_chain_shape_on_loopback_answers_openai_and_stops
             if "Ctrl-C stops" in line:
                 break
         assert f"http://127.0.0.1:{http_port}/v1" in "".join(lines), "".join(lines)
-        client = OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", timeout=120, max_retries=0)
-        completion = client.completions.create(model=tiny_dirs["target"], prompt="Hello", max_tokens=4, temperature=0,
-                                               extra_body={"ignore_eos": True})
+
+        def client(api_key: str) -> openai.OpenAI:
+            return openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=api_key, timeout=120, max_retries=0)
+
+        request = dict(model=tiny_dirs["target"], prompt="Hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+        no_key = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", json.dumps(
+            {"model": tiny_dirs["target"], "prompt": "Hello", "max_tokens": 4}).encode(), {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(no_key, timeout=120)
+        assert refused.value.code == 401
+        with pytest.raises(openai.AuthenticationError):
+            client("not-the-key").completions.create(**request)
+        completion = client(key).completions.create(**request)
         assert completion.usage.completion_tokens == 4
         assert [level["name"] for level in completion.model_extra["specrouter"][0]["levels"]] == [
             f"{tiny_dirs['draft']}@int8", tiny_dirs["target"]]
-        chunks = list(client.chat.completions.create(model=tiny_dirs["target"], max_tokens=6, temperature=0, stream=True,
-                                                     messages=[{"role": "user", "content": "Hi"}],
-                                                     extra_body={"ignore_eos": True}))
+        chunks = list(client(key).chat.completions.create(model=tiny_dirs["target"], max_tokens=6, temperature=0, stream=True,
+                                                          messages=[{"role": "user", "content": "Hi"}],
+                                                          extra_body={"ignore_eos": True}))
         assert chunks[-1].choices[0].finish_reason == "length"
         assert "".join(c.choices[0].delta.content or "" for c in chunks)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=60) as response:
+            assert response.status == 200  # open on loopback by default
 
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         listening = _listeners(tree)
-        assert (("127.0.0.1", http_port) in {(ip, port) for ip, port, _ in listening}), listening
+        assert ("127.0.0.1", http_port) in {(ip, port) for ip, port, _ in listening}, listening
         exposed = [entry for entry in listening if not ipaddress.ip_address(entry[0].removeprefix("::ffff:")).is_loopback]
         assert not exposed, f"listening beyond loopback: {exposed}"
 
@@ -102,6 +127,30 @@ def test_serve_runs_the_default_chain_shape_on_loopback_answers_openai_and_stops
         assert proc.wait(timeout=120) == 0
         gone, alive = psutil.wait_procs(tree[1:], timeout=60)
         assert not alive, [p.pid for p in alive]  # it stopped all the Ray it started
+        output = "".join(lines) + proc.stdout.read()
+        ray_logs = "".join(f.read_text(errors="replace") for f in Path(ray_dir).rglob("*.log") if f.is_file())
+        assert "POST /v1/completions" in ray_logs  # Serve's access log was captured
+        assert key not in output and key not in ray_logs
     finally:
         if proc.poll() is None:
             proc.kill()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("host, grpc_host, keys, warns", [
+    ("127.0.0.1", "127.0.0.1", [], False),
+    ("localhost", "127.0.0.1", [], False),
+    ("0.0.0.0", "127.0.0.1", [], True),
+    ("127.0.0.1", "0.0.0.0", [], True),
+    ("0.0.0.0", "0.0.0.0", ["k"], False),
+    ("my-host.example", "127.0.0.1", [], True),
+])
+def test_serving_beyond_loopback_without_a_key_warns(host, grpc_host, keys, warns):
+    from specrouter.config import ServeConfig
+    from specrouter.serve import exposure_warning
+
+    warning = exposure_warning(ServeConfig(grpc_host=grpc_host, api_key=keys), host)
+    assert bool(warning) == warns
+    if warns:
+        assert "no API key" in warning and "--api-key" in warning
+

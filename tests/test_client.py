@@ -2,6 +2,7 @@
 
 import asyncio
 
+import grpc
 import pytest
 
 from specrouter import client as sdk
@@ -73,3 +74,41 @@ def test_unavailable_is_retried_then_raised():
     with sdk.Client("127.0.0.1:1", timeout=5, retry=retry) as client:
         with pytest.raises(sdk.Unavailable):
             client.health()
+
+
+class _Refused(grpc.RpcError):
+    """A failed call as grpc raises it: a code, details and trailing metadata."""
+
+    def __init__(self, code, trailing=()):
+        self._code, self._trailing = code, trailing
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return "refused"
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+def test_a_full_queue_is_retried_after_the_servers_retry_after_and_then_raised_as_overloaded():
+    backoffs = sdk.RetryPolicy(attempts=2, first_backoff_s=0.01).backoffs()
+    busy = _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after", "3"),))
+    assert sdk._retry_delay(busy, backoffs) == 3.0  # the server's advice, not the policy's backoff
+    with pytest.raises(sdk.Overloaded) as err:
+        sdk._retry_delay(busy, backoffs)  # attempts spent
+    assert err.value.retry_after_s == 3.0 and err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_resource_exhausted_without_retry_after_is_not_retried_nor_called_overloaded():
+    too_large = _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED)  # e.g. a message over the server's size limit
+    with pytest.raises(sdk.SpecRouterError) as err:
+        sdk._retry_delay(too_large, sdk.RetryPolicy().backoffs())
+    assert not isinstance(err.value, sdk.Overloaded)
+
+
+def test_a_reply_already_received_is_never_retried():
+    busy = _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after", "1"),))
+    with pytest.raises(sdk.Overloaded):
+        sdk._retry_delay(busy, sdk.RetryPolicy().backoffs(), started=True)

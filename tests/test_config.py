@@ -79,3 +79,42 @@ def test_rayservice_manifest_places_each_model_on_a_group_that_offers_its_resour
     for label, place in config.placement.items():
         assert set(place.resources) <= offered, label
         assert place.num_gpus == 1 and place.device == "cuda"
+
+
+def test_api_keys_come_from_the_config_the_environment_or_a_file_and_never_show(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPECROUTER_API_KEY", raising=False)
+    assert ServeConfig().api_keys == ()
+    assert ServeConfig(api_key="sk-one").api_keys == (b"sk-one",)
+    monkeypatch.setenv("SPECROUTER_API_KEY", "sk-env-a, sk-env-b")
+    assert ServeConfig().api_keys == (b"sk-env-a", b"sk-env-b")
+    assert ServeConfig(api_key=["sk-given"]).api_keys == (b"sk-given",)  # the config's own keys win
+    keys = tmp_path / "keys"
+    keys.write_text("# operators\nsk-file-a\n\nsk-file-b\n")
+    config = ServeConfig(api_key="sk-one", api_key_file=keys)
+    assert config.api_keys == (b"sk-one", b"sk-file-a", b"sk-file-b")
+    copy = ServeConfig.model_validate(config.model_dump())  # as a Serve replica gets it: no file needed
+    assert copy.api_keys == config.api_keys and copy.api_key_file is None
+    for text in (repr(config), str(config.model_dump()), config.model_dump_json()):
+        assert "sk-one" not in text and "sk-file-a" not in text
+
+
+@pytest.mark.parametrize("fields", [
+    {"api_key": "has space"},
+    {"api_key": [""]},
+    {"api_key_file": "/no/such/key/file"},
+    {"max_waiting_requests": -1},
+    {"max_body_bytes": 10},
+    {"request_timeout_s": 0},
+])
+def test_bad_front_door_settings_are_rejected(fields):
+    with pytest.raises(ValidationError):
+        ServeConfig.model_validate(fields)
+
+
+def test_a_validation_error_never_echoes_an_api_key():
+    with pytest.raises(ValidationError) as err:
+        ServeConfig.model_validate({"api_key": "sk-secret-value", "chain": "a,,b"})
+    assert "sk-secret-value" not in str(err.value)
+    with pytest.raises(ValidationError) as err:
+        ServeConfig.model_validate({"api_key": "sk-secret value"})
+    assert "sk-secret" not in str(err.value)

@@ -58,3 +58,10 @@ def test_good_requests_keep_their_values_and_ignore_unknown_fields():
         messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
         max_completion_tokens=9))
     assert chat.messages[0].text == "ab" and chat.max_tokens == 9
+
+
+def test_timeout_is_a_positive_number_of_seconds():
+    assert oai.parse(oai.CompletionRequest, _body(prompt="x", timeout=2)).timeout == 2
+    with pytest.raises(oai.APIError) as err:
+        oai.parse(oai.CompletionRequest, _body(prompt="x", timeout=0))
+    assert err.value.param == "timeout"

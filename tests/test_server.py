@@ -130,6 +130,30 @@ def test_unparseable_bodies_are_400(live_server, raw):
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
 
 
+def test_a_12_mb_body_is_413_under_the_default_cap_before_it_is_sent(live_server):
+    import http.client
+
+    host, port = live_server["http"].removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.putrequest("POST", "/v1/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(12 << 20))
+        conn.endheaders()  # the 12 MB never follow: the server answers from the header alone
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())["error"]["code"]) == (413, "request_too_large")
+    finally:
+        conn.close()
+    assert post(live_server, "/v1/completions", _body(live_server, prompt="hi", max_tokens=2))[0] == 200
+
+
+def test_without_keys_every_route_is_open(live_server):
+    """No key configured (the default): no Authorization header is needed anywhere."""
+    for path in ("/v1/models", "/metrics", "/health"):
+        with urllib.request.urlopen(live_server["http"] + path, timeout=60) as response:
+            assert response.status == 200
+
+
 def test_unknown_model_is_404_model_not_found(live_server):
     status, body = post(live_server, "/v1/completions", _body(live_server, prompt="hi", model="nope"))
     assert (status, body["error"]["code"]) == (404, "model_not_found")
