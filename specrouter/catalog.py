@@ -180,23 +180,51 @@ def prepare(name: str) -> Path:
     target = cached_dir(name)
     if is_prepared(name):
         return target
-    parts = locate_parts(entry)
+    gguf = prepare_gguf(name)
     work = cache_root() / f".{name}.building"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        if entry.single_file:
-            verify_file(entry, parts[0])
-            gguf_dir, gguf_name = parts[0].parent, parts[0].name
-        else:
-            assemble(entry, parts, work / entry.gguf_name)
-            gguf_dir, gguf_name = work, entry.gguf_name
-        _convert(gguf_dir, gguf_name, work / "hf")
+        _convert(gguf.parent, gguf.name, work / "hf")
         shutil.rmtree(target, ignore_errors=True)
         (work / "hf").rename(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def gguf_path(name: str) -> Path:
+    """Where the model's assembled GGUF is kept (a single-file model's stays in its package)."""
+    return cache_root() / f"{name}.gguf" / get_entry(name).gguf_name
+
+
+def prepare_gguf(name: str) -> Path:
+    """The model's GGUF file, hash-checked: llama.cpp levels run it as it is, and the torch backend
+    converts it once (`prepare`). Multi-part models are assembled once into the cache."""
+    entry = get_entry(name)
+    out = gguf_path(name)
+    if out.exists():
+        return out
+    parts = locate_parts(entry)
+    if entry.single_file:
+        verify_file(entry, parts[0])
+        return parts[0]
+    work = out.parent.with_name(f".{out.parent.name}.building")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        assemble(entry, parts, work / entry.gguf_name)  # verifies the sha256
+        shutil.rmtree(out.parent, ignore_errors=True)
+        work.rename(out.parent)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def is_gguf_prepared(name: str) -> bool:
+    entry = get_entry(name)
+    return gguf_path(name).exists() or (entry.single_file is not None and all(
+        _module_dir(m) is not None for m in entry.modules))
 
 
 def _convert(gguf_dir: Path, gguf_name: str, out: Path) -> None:

@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--temperature", type=float, default=0.0)
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
-    models = sub.add_parser("models", help="list the offline catalog; --prepare assembles and converts")
-    models.add_argument("--prepare", nargs="*", metavar="NAME", help="prepare these models (no names: all)")
+    models = sub.add_parser("models", help="list the offline catalog and what each model is ready for (torch: "
+                            "converted weights; gguf: the hash-checked GGUF for llama.cpp levels)")
+    models.add_argument("--prepare", nargs="*", metavar="NAME", help="prepare these models for both backends (no names: all)")
+    models.add_argument("--gguf-only", action="store_true", help="with --prepare: the GGUF alone (llama.cpp levels)")
     models.add_argument("--requirements", nargs="+", metavar="NAME", help="print the pip requirements of these models")
     models.add_argument("--tokenizer-only", action="store_true", help="with --prepare / --requirements: the tokenizer alone")
     return parser
@@ -170,12 +172,18 @@ def cmd_models(args) -> int:
         return 0
     names = list(catalog.CATALOG) if args.prepare == [] else (args.prepare or [])
     for name in names:
-        print(f"{name}: {catalog.prepare_tokenizer(name) if args.tokenizer_only else catalog.prepare(name)}")
+        if args.tokenizer_only:
+            print(f"{name}: {catalog.prepare_tokenizer(name)}")
+        elif args.gguf_only:
+            print(f"{name}: {catalog.prepare_gguf(name)} (tokenizer {catalog.prepare_tokenizer(name)})")
+        else:
+            print(f"{name}: {catalog.prepare(name)} (gguf {catalog.prepare_gguf(name)})")
     if args.prepare is None:
+        print(f"{'model':22s} {'torch':6s} {'gguf':6s} description")
         for entry in catalog.CATALOG.values():
-            state = "prepared" if catalog.is_prepared(entry.name) else "not prepared"
-            print(f"{entry.name:22s} {state:13s} {entry.description}")
-            if not catalog.is_prepared(entry.name):
+            torch_ready, gguf_ready = catalog.is_prepared(entry.name), catalog.is_gguf_prepared(entry.name)
+            print(f"{entry.name:22s} {'ready' if torch_ready else '-':6s} {'ready' if gguf_ready else '-':6s} {entry.description}")
+            if not (torch_ready or gguf_ready):
                 print(f"{'':22s} install: {entry.install_command[:100]}{'...' if len(entry.install_command) > 100 else ''}")
     return 0
 

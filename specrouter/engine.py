@@ -117,8 +117,8 @@ class Engine:
             torch.set_num_threads(num_threads)
         self.specs = parse_chain(chain) if isinstance(chain, str) else list(chain)
         self.provider = provider or ModelStore(dtype, device)
-        target = self.specs[-1].model
-        info = self.provider.target_info(target)
+        target = self.specs[-1]
+        info = self.provider.target_info(target.model, target.quant)
         self.tokenizer, self.eos_ids, self.max_positions = info.tokenizer, info.eos_ids, info.max_positions
         self.vocab_size = info.vocab_size
         _, target_fp = self.provider.tokenizer(self.specs[-1])
@@ -127,7 +127,7 @@ class Engine:
             if spec.model == "ngram":
                 levels.append(NgramLevel(info.vocab_size))
                 continue
-            worker = self.provider.worker(spec, target)
+            worker = self.provider.worker(spec, target.label)
             tokenizer, fingerprint = self.provider.tokenizer(spec)
             vocab, retok = None, None
             if fingerprint != target_fp:  # another tokenizer: restrict to the shared tokens, speak target ids

@@ -29,16 +29,20 @@ class UnsupportedModelError(ValueError):
 def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant: str | None = None):
     """Load a transformers causal LM and its tokenizer from a local dir (or an already-cached HF id).
 
-    quant="int8": weight-only int8 linears with dynamic activation quantisation (CPU). It changes the
-    model's distribution, so it is for drafters and intermediate levels only: the target verifies.
+    quant="int8": int8 linears with dynamic activation quantisation (CPU). It changes the model's
+    distribution, so it is for drafters and intermediate levels only: the target verifies.
+    quant="w8": int8 weights, activations in the loaded dtype (`Int8WeightLinear`): a model of its own,
+    allowed as a target, whose every token's result is the same in a pass of one token or of many.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if quant not in (None, "int8"):
-        raise ValueError(f"unknown quantisation {quant!r} (supported: int8)")
+    if quant not in (None, "int8", "w8"):
+        raise ValueError(f"unknown quantisation {quant!r} (supported: int8, w8)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
     if quant == "int8":
         model = quantize_int8(model)
+    elif quant == "w8":
+        model = quantize_weights_int8(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -103,6 +107,41 @@ class RowBandedLinear(torch.nn.Module):
             members = (band == b).nonzero().flatten()
             out[members] = self.linear(rows[members])
         return out.view(*x.shape[:-1], -1)
+
+
+class Int8WeightLinear(torch.nn.Module):
+    """A Linear with int8 weights and one scale per output channel, computing in its input's dtype
+    (torch's `_weight_int8pack_mm`): a quarter of fp32's bytes, half of bf16's, so a one-token pass,
+    which reads every weight once, runs near the memory bound. Each input row is computed on its own,
+    so a token's output is bit-identical whether it runs alone or in a pass of many."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()  # [out, in]
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # [out]
+        self.register_buffer("weight", torch.round(weight / scales[:, None]).to(torch.int8))
+        self.register_buffer("scales", scales.to(linear.weight.dtype))
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.scales.dtype)  # [N, in]
+        out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight, self.scales)  # [N, out]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def quantize_weights_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Every Linear of `model` (decoder layers, LM head) as an Int8WeightLinear, in place; the
+    projections that read the same input are fused first (`fuse_projections`)."""
+    for layer in model.model.layers:
+        fuse_projections(layer)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, Int8WeightLinear(child))
+    return model
 
 
 def _band_rows(model: torch.nn.Module) -> None:

@@ -76,8 +76,9 @@ class WorkerActor:
         def load() -> tuple[dict, object]:
             # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): without a budget of its own, a model
             # would run single-threaded although the chain's models take turns on every core.
-            torch.set_num_threads(torch_threads or len(os.sched_getaffinity(0)))
-            store = ModelStore(dtype, device)
+            threads = torch_threads or len(os.sched_getaffinity(0))
+            torch.set_num_threads(threads)
+            store = ModelStore(dtype, device, threads)
             workers = {}
             for skip in views:
                 worker = store.worker(LevelSpec(model, skip or None, quant), target=model)
@@ -94,9 +95,7 @@ class WorkerActor:
         return self.server.address
 
     def describe(self) -> dict:
-        from specrouter.store import TargetInfo
-
-        info = TargetInfo.of(self.loaded.model, self.loaded.tokenizer)
+        info = self.loaded.info
         return {
             "views": self.views,
             "fingerprint": self.loaded.fingerprint,
@@ -128,30 +127,29 @@ class RayWorkers:
         self.actors: dict[tuple[str, str | None], ray.actor.ActorHandle] = {}
         for (model, quant), members in groups.items():
             place = placement_for(LevelSpec(model, None, quant), placement)
-            num_layers = _num_layers(model)
-            views = sorted({resolve_skip(s, num_layers) for s in members})
+            views = sorted({resolve_skip(s, functools.partial(_num_layers, model)) for s in members})
             self.actors[(model, quant)] = WorkerActor.options(**place.actor_options()).remote(
                 model, quant, views, dtype, place.device, place.torch_threads
             )
         self.described = {key: ray.get(actor.describe.remote()) for key, actor in self.actors.items()}
 
-    def target_info(self, name: str):
+    def target_info(self, name: str, quant: str | None = None):
         from specrouter.store import TargetInfo
 
-        info = self.described[(name, None)]
-        tokenizer, _ = self.tokenizer(LevelSpec(name))
+        info = self.described[(name, quant)]
+        tokenizer, _ = self.tokenizer(LevelSpec(name, None, quant))
         return TargetInfo(tokenizer, frozenset(info["eos_ids"]), info["max_positions"], info["vocab_size"])
 
     def tokenizer(self, spec: LevelSpec) -> tuple[object, str]:
         """The model's tokenizer, loaded here (the router maps vocabularies; workers only get masks)."""
-        return _tokenizer(spec.model), self.described[(spec.model, spec.quant)]["fingerprint"]
+        return _tokenizer(spec.model, spec.quant), self.described[(spec.model, spec.quant)]["fingerprint"]
 
     def worker(self, spec: LevelSpec, target: str):
         from specrouter.dataplane import RemoteWorker
         from specrouter.store import resolve_skip
 
         key = (spec.model, spec.quant)
-        name = LevelSpec(spec.model, resolve_skip(spec, _num_layers(spec.model)) or None, spec.quant).label
+        name = LevelSpec(spec.model, resolve_skip(spec, functools.partial(_num_layers, spec.model)) or None, spec.quant).label
         # The target is waited for while Ray restarts it; a drafter is skipped (the chain shortens).
         wait_s = self.timeout_s if name == target else 2.0
         resolve = functools.partial(_actor_address, self.actors[key], wait_s)
@@ -184,12 +182,10 @@ def _data_plane_host() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _tokenizer(model: str):
-    from transformers import AutoTokenizer
+def _tokenizer(model: str, quant: str | None):
+    from specrouter.store import load_tokenizer
 
-    from specrouter import catalog
-
-    return AutoTokenizer.from_pretrained(catalog.resolve(model))
+    return load_tokenizer(model, quant)
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,8 +2,10 @@
 
 A name is a catalog name (`specrouter models`), a local path or a cached HF id, `ngram` (prompt
 lookup), or a model with modifiers: `NAME@skip:L1+L2+A-B` skips those decoder layers (a slim level
-sharing NAME's weights; `NAME@skip` picks the measured default), `NAME@int8` runs int8 weights.
-A single name means target-only decoding.
+sharing NAME's weights; `NAME@skip` picks the measured default), `NAME@int8` runs int8 weights,
+`NAME@w8` int8 weights with activations in the model's dtype (a target too),
+`NAME@gguf` runs NAME's GGUF file on llama.cpp (a catalog name, a .gguf file, or a directory holding
+one .gguf file and a tokenizer). A single name means target-only decoding.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 class LevelSpec:
     model: str  # catalog name, path, HF id, or "ngram"
     skip_layers: tuple[int, ...] | None = None  # None: all layers; () after "@skip": the default set
-    quant: str | None = None  # "int8" after "@int8"
+    quant: str | None = None  # "int8", "w8" (int8 weights alone), or "gguf" (the file's own, on llama.cpp)
 
     @classmethod
     def parse(cls, text: str) -> "LevelSpec":
@@ -28,11 +30,17 @@ class LevelSpec:
                 skip = ()
             elif mod.startswith("skip:"):
                 skip = _parse_layers(mod[len("skip:") :], text)
-            elif mod == "int8":
-                quant = "int8"
+            elif mod in ("int8", "w8", "gguf"):
+                quant = mod
             else:
-                raise ValueError(f"bad level {text!r}: modifiers are @skip, @skip:L1+L2+A-B and @int8")
+                raise ValueError(f"bad level {text!r}: modifiers are @skip, @skip:L1+L2+A-B, @int8, @w8 and @gguf")
+        if quant == "gguf" and skip is not None:
+            raise ValueError(f"bad level {text!r}: a llama.cpp level (@gguf) runs every layer; @skip needs the torch backend")
         return cls(model, skip, quant)
+
+    @property
+    def backend(self) -> str:
+        return "llama.cpp" if self.quant == "gguf" else "torch"
 
     @property
     def label(self) -> str:
@@ -55,8 +63,9 @@ def _parse_layers(text: str, level: str) -> tuple[int, ...]:
 
 def parse_chain(text: str) -> list[LevelSpec]:
     specs = [LevelSpec.parse(part) for part in text.split(",")]
-    if specs[-1].model == "ngram" or specs[-1].skip_layers is not None or specs[-1].quant:
-        raise ValueError("the target (last level) must be a full model, without @skip or @int8")
+    if specs[-1].model == "ngram" or specs[-1].skip_layers is not None or specs[-1].quant == "int8":
+        raise ValueError("the target (last level) must be a full model, without @skip or @int8 "
+                         "(@w8 and @gguf are allowed: the target is then that model)")
     return specs
 
 

@@ -86,6 +86,74 @@ def transplant(target: LlamaForCausalLM, vocab, own_rows: int, seed: int, noise:
     return perturbed(own, seed, noise)
 
 
+def write_llama_gguf(model: LlamaForCausalLM, path: Path, tokenizer_gguf: Path) -> Path:
+    """`model` as an F32 GGUF of llama.cpp's "llama" architecture, its tokenizer metadata copied from
+    `tokenizer_gguf`. Q and K rows are permuted as llama.cpp's converter does: its llama rotary embedding
+    rotates adjacent pairs where transformers rotates the two halves of each head."""
+    import gguf
+
+    config = model.config
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+
+    def halves_to_pairs(w: torch.Tensor, n: int) -> torch.Tensor:
+        return w.reshape(n, 2, head_dim // 2, -1).transpose(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"] if getattr(config, "rope_parameters", None) else config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for key, field in gguf.GGUFReader(tokenizer_gguf).fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[1] if len(field.types) > 1 else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    tensors = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"],
+               "output.weight": state["lm_head.weight"]}
+    for i in range(config.num_hidden_layers):
+        hf = f"model.layers.{i}."
+        tensors.update({
+            f"blk.{i}.attn_norm.weight": state[hf + "input_layernorm.weight"],
+            f"blk.{i}.attn_q.weight": halves_to_pairs(state[hf + "self_attn.q_proj.weight"], heads),
+            f"blk.{i}.attn_k.weight": halves_to_pairs(state[hf + "self_attn.k_proj.weight"], kv_heads),
+            f"blk.{i}.attn_v.weight": state[hf + "self_attn.v_proj.weight"],
+            f"blk.{i}.attn_output.weight": state[hf + "self_attn.o_proj.weight"],
+            f"blk.{i}.ffn_norm.weight": state[hf + "post_attention_layernorm.weight"],
+            f"blk.{i}.ffn_gate.weight": state[hf + "mlp.gate_proj.weight"],
+            f"blk.{i}.ffn_up.weight": state[hf + "mlp.up_proj.weight"],
+            f"blk.{i}.ffn_down.weight": state[hf + "mlp.down_proj.weight"],
+        })
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_dirs(tmp_path_factory, smollm2_dir) -> dict[str, str]:
+    """The tiny target and drafter of `tiny_dirs` (same seeds) as F32 GGUF files for llama.cpp, each in
+    a directory with SmolLM2's tokenizer: `DIR@gguf` levels."""
+    root = tmp_path_factory.mktemp("tiny_gguf")
+    target = tiny_llama(0, 49152)
+    models = {"target": target, "draft": perturbed(target, 1, 0.05)}
+    tokenizer_gguf = catalog.prepare_gguf("smollm2-135m")
+    dirs = {}
+    for name, model in models.items():
+        folder = Path(save_with_tokenizer(model, root / name, smollm2_dir))
+        write_llama_gguf(model, folder / "model.gguf", tokenizer_gguf)
+        dirs[name] = str(folder)
+    return dirs
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir() -> Path:
     """The real Qwen2.5 tokenizer (CI builds it from the 1.5B's first GGUF part: scripts/test.sh)."""

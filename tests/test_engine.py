@@ -26,13 +26,19 @@ def test_level_spec_parsing():
     assert LevelSpec.parse("m@skip") == LevelSpec("m", ())
     assert LevelSpec.parse("m@int8") == LevelSpec("m", None, "int8")
     assert LevelSpec.parse("m@skip:2@int8").label == "m@skip:2@int8"
-    for bad in ("m@bogus", "m@skip:x", "@skip"):
+    assert LevelSpec.parse("m@gguf") == LevelSpec("m", None, "gguf") and LevelSpec.parse("m@gguf").backend == "llama.cpp"
+    assert LevelSpec.parse("m@w8").backend == "torch"
+    assert [s.quant for s in parse_chain("a@int8,b@gguf")] == ["int8", "gguf"]  # a GGUF target on llama.cpp
+    assert parse_chain("a,b@w8")[-1].quant == "w8"  # an int8-weight target
+    for bad in ("m@bogus", "m@skip:x", "@skip", "m@skip:2@gguf"):
         with pytest.raises(ValueError):
             LevelSpec.parse(bad)
     with pytest.raises(ValueError):
         parse_chain("a,ngram")
     with pytest.raises(ValueError):
         parse_chain("a,b@skip")
+    with pytest.raises(ValueError):
+        parse_chain("a,b@int8")
     assert default_skip_layers(28) == (7, 9, 11, 13, 15, 17, 19)
 
 
@@ -227,3 +233,14 @@ def test_real_smollm2_drafting_text_is_accepted_at_least_as_often_as_on_the_shar
         assert result.token_ids == expected
         rates[result.level_stats[0].cross_tokenizer] = result.level_stats[0].acceptance_rate
     assert rates["text"] >= rates["intersection"] > 0, rates
+
+
+@pytest.mark.parametrize("chain", ["draft,target@w8", "ngram,draft@int8,target@w8", "target@skip:1@w8,target@w8"])
+def test_chain_with_an_int8_weight_target_equals_that_target_alone(tiny_dirs, chain):
+    spec = ",".join(level if level == "ngram" else tiny_dirs[level.split("@")[0]] + level[len(level.split("@")[0]):]
+                    for level in chain.split(","))
+    target_only = Engine(f"{tiny_dirs['target']}@w8", dtype="float32")
+    engine = Engine(spec, dtype="float32")
+    for prompt in (CODE_PROMPT, CHAT_PROMPT):
+        expected = target_only.generate_text(prompt, 24, ignore_eos=True).token_ids
+        assert engine.generate_text(prompt, 24, ignore_eos=True).token_ids == expected, (chain, prompt)

@@ -164,3 +164,33 @@ def test_int8_tokens_of_outlying_magnitude_are_quantised_apart_from_the_rest():
     torch.testing.assert_close(banded(x[:, :1]), quantised(x[:, :1]), atol=0, rtol=0)
     no_outlier = x[:, 1:]
     torch.testing.assert_close(banded(no_outlier), quantised(no_outlier), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_weight_linear_computes_each_row_alone_within_int8_error(dtype):
+    from specrouter.model import Int8WeightLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=True).to(dtype)
+    quantised = Int8WeightLinear(linear)
+    assert quantised.weight.dtype == torch.int8 and quantised.scales.shape == (96,)
+    x = torch.randn(2, 5, 256, dtype=dtype)
+    out = quantised(x)  # [2, 5, 96]
+    assert out.shape == (2, 5, 96) and out.dtype == dtype
+    for row in range(5):  # a row's result does not depend on the rows beside it
+        assert torch.equal(quantised(x[:, row : row + 1]), out[:, row : row + 1])
+    exact = linear(x).float()
+    assert (out.float() - exact).abs().max() < 0.02 * exact.abs().max()  # per-channel int8: within 2% of the range
+
+
+def test_w8_model_quantises_every_linear_and_stays_close_to_its_source():
+    from specrouter.model import Int8WeightLinear, quantize_weights_int8
+
+    model = tiny_llama(0, 300)
+    w8 = quantize_weights_int8(tiny_llama(0, 300))
+    assert not any(isinstance(m, torch.nn.Linear) for m in w8.modules())
+    assert sum(isinstance(m, Int8WeightLinear) for m in w8.modules()) == 4 * 4 + 1  # qkv, o, gate_up, down; LM head
+    ids = [1, 5, 9, 200, 17]
+    exact = ModelView(model).forward(ids, 0, ModelView(model).new_cache(), len(ids))
+    close = ModelView(w8).forward(ids, 0, ModelView(w8).new_cache(), len(ids))
+    assert torch.equal(exact.argmax(-1), close.argmax(-1))

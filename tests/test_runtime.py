@@ -40,6 +40,21 @@ def test_distributed_chains_equal_in_process_and_target_only(local_ray, tiny_dir
         local_ray.kill(router)
 
 
+def test_distributed_llamacpp_and_mixed_backend_chains_equal_the_gguf_target_alone(local_ray, tiny_gguf_dirs):
+    """llama.cpp levels in their own actors: a GGUF drafter and target, and a torch int8 drafter in front
+    of the GGUF target, give what the GGUF target gives alone in-process."""
+    target = f"{tiny_gguf_dirs['target']}@gguf"
+    engine = Engine(target)
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+    want = engine.generate(ids, 24, ignore_eos=True).token_ids
+    for chain in (f"{tiny_gguf_dirs['draft']}@gguf,{target}", f"{tiny_gguf_dirs['draft']}@int8,{target}"):
+        router = make_router(local_ray, chain)
+        out = local_ray.get(router.generate.remote(ids, 24, ignore_eos=True), timeout=600)
+        assert out["token_ids"] == want, chain
+        assert out["levels"][0]["num_accepted_tokens"] > 0
+        local_ray.kill(router)
+
+
 def test_distributed_cross_tokenizer_chain_equals_target_only(local_ray, cross_dirs):
     """SmolLM2-tokenizer drafters in front of a Qwen-tokenizer target, over Ray and the data plane."""
     engine = Engine(cross_dirs["target"], dtype="float32")
