@@ -160,7 +160,7 @@ class StepContext:
 def speculative_step(chain: Chain, seq: SequenceState, ctx: StepContext, budget: int) -> list[int]:
     """One target verification; returns the committed tokens (at least one, at most `budget`)."""
     top = len(chain.levels) - 1
-    k = min(chain.draft_lens[-1], budget - 1) if top > 0 else 0
+    k = top_block_lens(chain, [budget], None)[0]
     return verify_round(chain, top, seq, list(seq.token_ids), k, ctx).tokens[:budget]
 
 
@@ -284,11 +284,13 @@ def speculative_step_batch(
 
 
 def top_block_lens(chain: Chain, budgets: list[int], top_lens: list[int] | None) -> list[int]:
-    """Each sequence's block length for the target: its own (or the chain's), leaving room for one target token."""
+    """Each sequence's block length for the target: its own (or the chain's), leaving room for one target
+    token, and no longer than the target verifies bit-exactly (its `max_block`)."""
     if len(chain.levels) == 1:
         return [0] * len(budgets)
     lens = top_lens if top_lens is not None else [chain.draft_lens[-1]] * len(budgets)
-    return [min(g, budget - 1) for g, budget in zip(lens, budgets)]
+    cap = chain.levels[-1].max_block
+    return [min(g, budget - 1, g if cap is None else cap) for g, budget in zip(lens, budgets)]
 
 
 def score_many(level: Level, items: list[tuple[SequenceState, list[int], list[int], SamplingParams]]) -> list[torch.Tensor]:

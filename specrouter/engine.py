@@ -105,12 +105,17 @@ class Engine:
         retry_down_after_s: float = 5.0,
         retokenize_greedy: bool = True,
         draft_confidence: float = 0.0,
+        bit_exact: bool = True,
     ):
         """`provider` supplies the workers (default: an in-process ModelStore for dtype and device).
         A drafter on another tokenizer than the target's drafts greedy requests freely and has its text
         re-tokenised (`retokenize_greedy`), else it stays on the shared tokens (specrouter/levels.py).
         A drafting model ends its block after a token it gave less than `draft_confidence` probability
-        (transformers' assistant_confidence_threshold; 0: never), at the bottom of a chain or in the middle."""
+        (transformers' assistant_confidence_threshold; 0: never), at the bottom of a chain or in the middle.
+        `bit_exact`: a target whose wider passes round differently from one-token passes (a llama.cpp level:
+        its measured `exact_width`) verifies blocks no longer than it verifies bit-exactly, so greedy output
+        is the target's alone token for token; False lets blocks run longer (faster, and equal up to
+        rounding: a near-tie can flip)."""
         if not 0.0 <= draft_confidence < 1.0:
             raise ValueError(f"draft_confidence must be in [0, 1), got {draft_confidence}")
         if num_threads:
@@ -135,7 +140,7 @@ class Engine:
                 vocab = vocab_map(tokenizer, info.tokenizer, worker.vocab_size, info.vocab_size, fingerprints)
                 if retokenize_greedy:
                     retok = retokenizer(tokenizer, info.tokenizer, worker.vocab_size, info.vocab_size, fingerprints)
-            levels.append(ModelLevel(worker.name, worker, vocab, retok, draft_confidence))
+            levels.append(ModelLevel(worker.name, worker, vocab, retok, draft_confidence, bit_exact))
         self.levels: dict[str, Level] = {level.name: level for level in levels}  # the pool, cheapest first
         if len(self.levels) != len(levels):
             raise ValueError(f"chain names a level twice: {[level.name for level in levels]}")

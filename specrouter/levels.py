@@ -49,6 +49,7 @@ class Level(Protocol):
     name: str
     vocab_size: int
     can_verify: bool
+    max_block: int | None  # the longest block it verifies as bit-exactly as one-token decoding (None: any)
 
     def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block: ...
 
@@ -76,7 +77,7 @@ class ModelLevel:
     can_verify = True
 
     def __init__(self, name: str, worker: ModelWorker, vocab: VocabMap | None = None, retokenizer: Retokenizer | None = None,
-                 min_confidence: float = 0.0):
+                 min_confidence: float = 0.0, bit_exact: bool = True):
         self.name = name
         self.worker = worker
         self.min_confidence = min_confidence
@@ -84,6 +85,8 @@ class ModelLevel:
         self.retokenizer = retokenizer if vocab else None
         self.cross_tokenizer = "intersection" if vocab else None  # how its scores cross to the target's vocabulary
         self.vocab_size = vocab.target_rows if vocab else worker.vocab_size
+        # A verification pass runs the block and the token before it: a block of up to width - 1.
+        self.max_block = worker.exact_width - 1 if bit_exact and worker.exact_width is not None else None
         self._allowed = vocab.allowed if vocab else None  # [V_own] bool
         self._cached: dict[str, TokenLog] = {}
 
@@ -233,6 +236,7 @@ class NgramLevel:
     proposal distribution is one-hot."""
 
     can_verify = False
+    max_block = None
 
     def __init__(self, vocab_size: int, max_n: int = 4, min_n: int = 2, name: str = "ngram"):
         self.name = name

@@ -81,6 +81,28 @@ class LlamaCppModel:
         self._batch = ll.llama_batch_init(batch, 0, 1)
         self._free_ids = list(range(max_sequences - 1, -1, -1))
         weakref.finalize(self, _free, ll, self.model, self.ctx, self._batch)
+        self.exact_width = self._probe_exact_width()
+
+    def _probe_exact_width(self, widest: int = 8, context: int = 16) -> int:
+        """The widest pass (in tokens of one sequence) whose every row is bit-identical to running its
+        tokens one at a time. llama.cpp's CPU kernels change with the number of rows a matmul takes
+        (e.g. repacked Q4_K runs one row as a vector product, four and more as a tiled product), so
+        a wider verification pass can round differently from decoding and flip a near-tie. Measured
+        here on a probe sequence, once per model."""
+        seq = self.take_sequence()
+        try:
+            tokens = [(7 * i + 3) % self.vocab_size for i in range(context + widest)]
+            self.decode([(t, i, seq, False) for i, t in enumerate(tokens[:context])])
+            single = np.concatenate([self.decode([(t, context + i, seq, True)]) for i, t in enumerate(tokens[context:])])
+            width = 1
+            for k in range(2, widest + 1):
+                self._ll.llama_memory_seq_rm(self.memory, seq, context, -1)
+                if not np.array_equal(self.decode([(t, context + i, seq, True) for i, t in enumerate(tokens[context:context + k])]), single[:k]):
+                    break
+                width = k
+            return width
+        finally:
+            self.drop_sequence(seq)
 
     def take_sequence(self) -> int:
         if not self._free_ids:
@@ -141,6 +163,11 @@ class LlamaCppView:
     @property
     def max_positions(self) -> int:
         return self.model.max_positions
+
+    @property
+    def exact_width(self) -> int | None:
+        """The widest pass whose rows are bit-identical to one-token passes (measured at load)."""
+        return self.model.exact_width
 
     def new_cache(self) -> LlamaSequence:
         return LlamaSequence(self.model)

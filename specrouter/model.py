@@ -270,6 +270,12 @@ class ModelView:
     def max_positions(self) -> int:
         return self.hf_model.config.max_position_embeddings
 
+    @property
+    def exact_width(self) -> int | None:
+        """Not measured on torch: its bf16 kernels round differently in passes of any two widths, and
+        fp32 ones rarely enough that exactness is proven in fp32 (tests). None: no cap."""
+        return None
+
     def new_cache(self) -> KVCache:
         config = self.hf_model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

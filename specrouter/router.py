@@ -90,11 +90,13 @@ class PlanState:
 class AdaptiveRouter:
     def __init__(self, pool: list[str], target: str, can_verify: dict[str, bool], config: RouterConfig = RouterConfig(),
                  levels: dict[str, Level] | None = None, stopping: frozenset[str] = frozenset(),
-                 hosts: dict[str, str] | None = None):
+                 hosts: dict[str, str] | None = None, max_top_len: int | None = None):
         """`levels`: the pool's levels by name, to probe a stale level's cost directly (calibrate() sets it).
         `stopping`: drafters that end their blocks unsure (at every level of a chain: specrouter/chain.py).
-        `hosts`: level -> the level whose device it runs on (a skip-layer view of its weights: `shared_devices`)."""
+        `hosts`: level -> the level whose device it runs on (a skip-layer view of its weights: `shared_devices`).
+        `max_top_len`: the longest block the target verifies (its `max_block`; None: any)."""
         self.pool, self.target = list(pool), target  # pool: drafters, cheapest first
+        self.max_top_len = max_top_len
         self.can_verify = can_verify
         self.stopping = stopping
         self.config = config
@@ -150,6 +152,7 @@ class AdaptiveRouter:
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
+            max_top_len=self.max_top_len,
             expected=self._expected([klass], self._own_ratios(klass, own), own),
             drafted=self._drafted([klass], own),
             # drafters that stop unsure propose up to the longest length, unsearched: their block length is a cap
@@ -396,6 +399,7 @@ class AdaptiveRouter:
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
+            max_top_len=self.max_top_len,
             expected=self._expected(classes),
             drafted=self._drafted(classes),
         )
@@ -599,7 +603,7 @@ def router_for(engine: "Engine", config: RouterConfig = RouterConfig(), calibrat
     names = list(engine.levels)
     stopping = frozenset(n for n, level in engine.levels.items() if getattr(level, "min_confidence", 0.0) > 0)
     router = AdaptiveRouter(names[:-1], names[-1], {n: level.can_verify for n, level in engine.levels.items()}, config,
-                            stopping=stopping, hosts=shared_devices(names))
+                            stopping=stopping, hosts=shared_devices(names), max_top_len=engine.levels[names[-1]].max_block)
     if calibrate:
         router.calibrate(engine.levels)
         for klass, prompt in CALIBRATION_PROMPTS.items():

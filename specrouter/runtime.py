@@ -90,6 +90,7 @@ class WorkerActor:
         workers, self.loaded = thread.submit(load).result()
         self.server = BackgroundServer(WorkerServicer(label, workers, thread), _data_plane_host())
         self.views = list(workers)
+        self.exact_width = next(iter(workers.values())).exact_width  # a property of the model, not of a view
 
     def address(self) -> str:
         return self.server.address
@@ -102,6 +103,7 @@ class WorkerActor:
             "vocab_size": info.vocab_size,
             "max_positions": info.max_positions,
             "eos_ids": sorted(info.eos_ids),
+            "exact_width": self.exact_width,
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
         }
@@ -153,7 +155,7 @@ class RayWorkers:
         # The target is waited for while Ray restarts it; a drafter is skipped (the chain shortens).
         wait_s = self.timeout_s if name == target else 2.0
         resolve = functools.partial(_actor_address, self.actors[key], wait_s)
-        return RemoteWorker(name, resolve, self.timeout_s, self.described[key]["vocab_size"])
+        return RemoteWorker(name, resolve, self.timeout_s, self.described[key]["vocab_size"], self.described[key]["exact_width"])
 
     def placements(self) -> dict[str, dict]:
         return {LevelSpec(m, None, q).label: {"node_id": d["node_id"], "pid": d["pid"]} for (m, q), d in self.described.items()}

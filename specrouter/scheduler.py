@@ -138,16 +138,23 @@ def search(
     expected: ExpectedFn | None = None,
     drafted: DraftedFn | None = None,
     fixed: dict[str, int] | None = None,
+    max_top_len: int | None = None,
 ) -> list[Plan]:
     """Every chain and draft-length vector, best (lowest predicted time per token) first; a level in
-    `fixed` always proposes blocks of its length there (no search)."""
+    `fixed` always proposes blocks of its length there (no search); the target verifies blocks of at
+    most `max_top_len` (its bit-exact width; None: any)."""
     verify, draft = functools.cache(verify), functools.cache(draft)  # profile lookups, shared by every chain
     drafted = functools.cache(drafted) if drafted is not None else None
     plans = []
     for chain in enumerate_chains(pool, target, can_verify, max_drafters):
         best = None
         model = _ChainModel(chain, verify, draft, alpha, overhead, expected, drafted)
-        for lens in itertools.product(*(((fixed[d],) if fixed and d in fixed else lengths) for d in chain[:-1])):
+        choices = [(fixed[d],) if fixed and d in fixed else lengths for d in chain[:-1]]
+        if max_top_len is not None and choices:
+            choices[-1] = tuple(sorted({min(g, max_top_len) for g in choices[-1]}))
+        if max_top_len == 0 and len(chain) > 1:
+            continue  # the target verifies no block bit-exactly: target-only decoding alone
+        for lens in itertools.product(*choices):
             t = model.s_per_token(lens)
             if best is None or t < best.predicted_s_per_token:
                 best = Plan(chain, lens, t)

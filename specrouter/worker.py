@@ -104,6 +104,11 @@ class ModelWorker:
     def vocab_size(self) -> int:
         return self.view.vocab_size
 
+    @property
+    def exact_width(self) -> int | None:
+        """The widest pass whose rows are bit-identical to one-token passes (None: not measured)."""
+        return self.view.exact_width
+
     def _slot(self, seq_id: str, version: int, start: int, prefix_hash: int) -> _Slot:
         """The sequence's slot, if the call may build on it: not stale, no gap, same prefix."""
         slot = self._slots.get(seq_id)

@@ -114,6 +114,17 @@ def test_greedy_chain_whose_levels_stop_unsure_equals_target_only(sure_models, n
         assert got == expected, f"prompt {prompt}"
 
 
+def test_the_target_verifies_blocks_no_longer_than_its_max_block(models):
+    """A target whose wider passes would round differently (max_block) gets blocks of at most that
+    length, whatever the chain's draft length; the output is still the target's."""
+    chain = build(models, ["close", "target"], [6])
+    expected, _ = run(chain, [1, 2, 3], 20)
+    chain.levels[-1].max_block = 2
+    tokens, stats = run(chain, [1, 2, 3], 20)
+    assert tokens == expected
+    assert stats[0].num_draft_tokens <= 2 * stats[0].num_rounds and stats[0].num_accepted_tokens > 0
+
+
 def test_timings_count_the_tokens_each_pass_really_ran(models):
     """The first step prefills the prompt on every level: the profile must not take it for a small block."""
     chain = build(models, ["close", "target"], [3])

@@ -87,7 +87,7 @@ def test_greedy_chain_on_llamacpp_levels_equals_its_target_alone(tiny_gguf_dirs,
     alone on its own backend."""
     spec = ",".join(level if level.startswith("ngram") else tiny_gguf_dirs[level.split("@")[0]] + level[len(level.split("@")[0]):]
                     for level in chain.split(","))
-    engine = Engine(spec, dtype="float32")
+    engine = Engine(spec, dtype="float32", bit_exact=False)  # whole blocks: the tiny F32 files measure width 1
     reference = gguf_target_only
     if not chain.endswith("@gguf"):  # the torch target alone
         target_only = Engine(tiny_gguf_dirs["target"], dtype="float32")
@@ -107,6 +107,20 @@ def test_real_smollm2_gguf_chains_equal_its_target_alone(smollm2_dir):
         engine = Engine(chain, draft_lens=lens)
         for prompt, tokens in expected.items():
             assert engine.generate_text(prompt, 32, ignore_eos=True).token_ids == tokens, (chain, prompt)
+
+
+def test_a_llamacpp_target_caps_its_blocks_at_its_measured_bit_exact_width(tiny_gguf_dirs):
+    """Each model measures at load how wide a pass stays bit-identical to one-token passes; a target
+    verifies blocks one token shorter (the pass also runs the token before them), unless told not to."""
+    spec = f"{tiny_gguf_dirs['draft']}@gguf,{tiny_gguf_dirs['target']}@gguf"
+    capped, free = Engine(spec), Engine(spec, bit_exact=False)
+    target = capped.levels[f"{tiny_gguf_dirs['target']}@gguf"]
+    width = target.worker.exact_width
+    assert 1 <= width <= 8
+    assert target.max_block == width - 1 and free.levels[target.name].max_block is None
+    result = capped.generate_text(CODE_PROMPT, 16, ignore_eos=True)
+    assert result.level_stats[0].num_draft_tokens <= (width - 1) * max(1, result.level_stats[0].num_rounds)
+    assert result.token_ids == Engine(f"{tiny_gguf_dirs['target']}@gguf").generate_text(CODE_PROMPT, 16, ignore_eos=True).token_ids
 
 
 def test_llamacpp_level_reports_the_gguf_description(smollm2_dir):

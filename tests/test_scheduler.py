@@ -78,6 +78,16 @@ def test_search_finds_known_optimum_among_chains_and_lengths():
     assert {p.chain for p in plans} == {("t",), ("fast", "t"), ("slow", "t"), ("fast", "slow", "t")}
 
 
+def test_search_keeps_the_target_block_within_its_bit_exact_length():
+    verify = flat({"t": 1.0, "fast": 0.1})
+    alpha = {("fast", "t"): 0.95}
+    capped = search(["fast"], "t", verify, {"fast": 0.01}.get, lambda d, v: alpha[(d, v)], lengths=(1, 2, 4, 8), max_top_len=2)
+    assert all(p.draft_lens[-1] <= 2 for p in capped if len(p.chain) > 1)
+    assert next(p for p in capped if p.chain == ("fast", "t")).draft_lens == (2,)  # the longest allowed: a near-perfect drafter
+    none = search(["fast"], "t", verify, {"fast": 0.01}.get, lambda d, v: alpha[(d, v)], lengths=(1, 2, 4, 8), max_top_len=0)
+    assert [p.chain for p in none] == [("t",)]  # no block verifies bit-exactly: target-only alone
+
+
 def test_three_level_chain_wins_when_middle_level_filters_cheaply():
     # The target is very expensive; a middle model is cheap to run and agrees almost perfectly with it,
     # and a tiny bottom drafter agrees well with the middle one only.
