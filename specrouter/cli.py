@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft-lens", type=_int_list, default=None, help="block length per drafter level, bottom first")
     gen.add_argument("--draft-confidence", type=float, default=0.0,
                      help="a drafting model ends its block after a token it gave less than this probability (0: never)")
-    gen.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    gen.add_argument("--threads", type=int, default=None, help="threads of torch and llama.cpp levels (default: every core)")
+    gen.add_argument("--not-bit-exact", dest="bit_exact", action="store_false",
+                     help="let a llama.cpp target verify blocks wider than it verifies bit-exactly (faster; equal up to rounding)")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at end tokens")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--adaptive", action="store_true", help="treat --chain as a pool; route each step to the best chain")
@@ -78,7 +80,7 @@ def cmd_generate(args) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     engine = Engine(args.chain, dtype=args.dtype, device=args.device, draft_lens=args.draft_lens, num_threads=args.threads,
-                    draft_confidence=args.draft_confidence)
+                    draft_confidence=args.draft_confidence, bit_exact=args.bit_exact)
     route = None
     if args.adaptive:
         from specrouter.classifier import classify

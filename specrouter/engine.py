@@ -121,7 +121,7 @@ class Engine:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.specs = parse_chain(chain) if isinstance(chain, str) else list(chain)
-        self.provider = provider or ModelStore(dtype, device)
+        self.provider = provider or ModelStore(dtype, device, num_threads)
         target = self.specs[-1]
         info = self.provider.target_info(target.model, target.quant)
         self.tokenizer, self.eos_ids, self.max_positions = info.tokenizer, info.eos_ids, info.max_positions

@@ -83,26 +83,31 @@ class LlamaCppModel:
         weakref.finalize(self, _free, ll, self.model, self.ctx, self._batch)
         self.exact_width = self._probe_exact_width()
 
-    def _probe_exact_width(self, widest: int = 8, context: int = 16) -> int:
+    def _probe_exact_width(self, widest: int = 8, contexts: tuple[int, ...] = (16, 320)) -> int:
         """The widest pass (in tokens of one sequence) whose every row is bit-identical to running its
-        tokens one at a time. llama.cpp's CPU kernels change with the number of rows a matmul takes
-        (e.g. repacked Q4_K runs one row as a vector product, four and more as a tiled product), so
+        tokens one at a time, after a short and a long context. llama.cpp's CPU kernels change with
+        the rows a pass holds (repacked Q4_K: a vector product for one row, tiled products from four;
+        attention over more than 256 cached positions: split across threads for one query alone), so
         a wider verification pass can round differently from decoding and flip a near-tie. Measured
-        here on a probe sequence, once per model."""
+        once per model, on a probe sequence (Qwen2.5-Coder Q4_K_M: 3 after 16 positions, 1 after 320)."""
         seq = self.take_sequence()
         try:
-            tokens = [(7 * i + 3) % self.vocab_size for i in range(context + widest)]
-            self.decode([(t, i, seq, False) for i, t in enumerate(tokens[:context])])
-            single = np.concatenate([self.decode([(t, context + i, seq, True)]) for i, t in enumerate(tokens[context:])])
-            width = 1
-            for k in range(2, widest + 1):
-                self._ll.llama_memory_seq_rm(self.memory, seq, context, -1)
-                if not np.array_equal(self.decode([(t, context + i, seq, True) for i, t in enumerate(tokens[context:context + k])]), single[:k]):
-                    break
-                width = k
-            return width
+            return min(self._exact_width_after(seq, context, widest) for context in contexts)
         finally:
             self.drop_sequence(seq)
+
+    def _exact_width_after(self, seq: int, context: int, widest: int) -> int:
+        tokens = [(7 * i + 3) % self.vocab_size for i in range(context + widest)]
+        self._ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self.decode([(t, i, seq, False) for i, t in enumerate(tokens[:context])])
+        single = np.concatenate([self.decode([(t, context + i, seq, True)]) for i, t in enumerate(tokens[context:])])
+        width = 1
+        for k in range(2, widest + 1):
+            self._ll.llama_memory_seq_rm(self.memory, seq, context, -1)
+            if not np.array_equal(self.decode([(t, context + i, seq, True) for i, t in enumerate(tokens[context:context + k])]), single[:k]):
+                break
+            width = k
+        return width
 
     def take_sequence(self) -> int:
         if not self._free_ids:

@@ -208,7 +208,7 @@ class RouterActor:
 
     def __init__(self, chain: str, dtype: str = "bfloat16", draft_lens: list[int] | None = None,
                  placement: dict[str, dict] | None = None, adaptive: bool = False, default_max_tokens: int = 256,
-                 max_batch: int = 16, pipeline: bool = False, draft_confidence: float = 0.0,
+                 max_batch: int = 16, pipeline: bool = False, draft_confidence: float = 0.0, bit_exact: bool = True,
                  max_waiting: int | None = None, max_waiting_tokens: int | None = None):
         from specrouter.batch_server import BatchServer
         from specrouter.batching import BatchLoop
@@ -217,7 +217,8 @@ class RouterActor:
 
         specs = parse_chain(chain)
         self.provider = RayWorkers(specs, dtype, {k: Placement(**v) for k, v in (placement or {}).items()})
-        self.engine = Engine(specs, draft_lens=draft_lens, provider=self.provider, draft_confidence=draft_confidence)
+        self.engine = Engine(specs, draft_lens=draft_lens, provider=self.provider, draft_confidence=draft_confidence,
+                             bit_exact=bit_exact)
         self.router = None
         if adaptive:
             from specrouter.router import router_for

@@ -42,7 +42,7 @@ class SpecRouterServer:
         self.router = RouterActor.options(num_cpus=0, max_concurrency=router_concurrency(c)).remote(
             c.chain, c.dtype, c.draft_lens, {k: v.model_dump() for k, v in c.placement.items()}, c.adaptive,
             c.default_max_tokens, max_batch=c.max_batch, pipeline=c.pipeline, draft_confidence=c.draft_confidence,
-            max_waiting=c.max_waiting_requests, max_waiting_tokens=c.max_waiting_tokens,
+            bit_exact=c.bit_exact, max_waiting=c.max_waiting_requests, max_waiting_tokens=c.max_waiting_tokens,
         )
         self.info = ray.get(self.router.info.remote())
         self.model = c.served_name

@@ -58,9 +58,10 @@ def _listeners(procs) -> list[tuple[str, int, str]]:
             if c.status == psutil.CONN_LISTEN and c.pid in pids]
 
 
-def test_serve_runs_the_default_chain_shape_on_loopback_answers_openai_and_stops_on_sigint(tiny_dirs, tmp_path):
-    """The main job end to end, in the default chain's shape (an int8 drafter and a full-precision
-    target, each its own actor): `specrouter serve` on an embedded local Ray with a key from the
+def test_serve_runs_the_default_chain_shape_on_loopback_answers_openai_and_stops_on_sigint(tiny_gguf_dirs, tmp_path):
+    """The main job end to end, in the default chain's shape (prompt lookup below a GGUF target on
+    llama.cpp, in its own actor) with a torch int8 drafter in its own actor between them, verifying whole
+    blocks: `specrouter serve` on an embedded local Ray with a key from the
     environment; through the official openai client no key and a wrong key get 401, the key gets a
     completion and a streamed chat; nothing listens beyond loopback; Ctrl-C stops every process it
     started; the key shows nowhere in its output or its Ray's logs."""
@@ -82,7 +83,8 @@ def test_serve_runs_the_default_chain_shape_on_loopback_answers_openai_and_stops
     key = f"sk-cli-{secrets.token_urlsafe(18)}"
     ray_dir = tempfile.mkdtemp(prefix="sr-", dir="/tmp")  # short: Ray's socket paths live under it
     config = tmp_path / "serve.yaml"
-    config.write_text(f"chain: {tiny_dirs['draft']}@int8,{tiny_dirs['target']}\ngrpc_port: {grpc_port}\n")
+    draft, target = f"{tiny_gguf_dirs['draft']}@int8", f"{tiny_gguf_dirs['target']}@gguf"
+    config.write_text(f"chain: ngram,{draft},{target}\nbit_exact: false\ngrpc_port: {grpc_port}\n")
     proc = subprocess.Popen([sys.executable, "-m", "specrouter.cli", "serve", "--config", str(config), "--port", str(http_port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "SPECROUTER_API_KEY": key, "RAY_TMPDIR": ray_dir})
@@ -97,9 +99,9 @@ def test_serve_runs_the_default_chain_shape_on_loopback_answers_openai_and_stops
         def client(api_key: str) -> openai.OpenAI:
             return openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=api_key, timeout=120, max_retries=0)
 
-        request = dict(model=tiny_dirs["target"], prompt="Hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+        request = dict(model=tiny_gguf_dirs["target"], prompt="Hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
         no_key = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", json.dumps(
-            {"model": tiny_dirs["target"], "prompt": "Hello", "max_tokens": 4}).encode(), {"Content-Type": "application/json"})
+            {"model": tiny_gguf_dirs["target"], "prompt": "Hello", "max_tokens": 4}).encode(), {"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(no_key, timeout=120)
         assert refused.value.code == 401
@@ -107,9 +109,8 @@ def test_serve_runs_the_default_chain_shape_on_loopback_answers_openai_and_stops
             client("not-the-key").completions.create(**request)
         completion = client(key).completions.create(**request)
         assert completion.usage.completion_tokens == 4
-        assert [level["name"] for level in completion.model_extra["specrouter"][0]["levels"]] == [
-            f"{tiny_dirs['draft']}@int8", tiny_dirs["target"]]
-        chunks = list(client(key).chat.completions.create(model=tiny_dirs["target"], max_tokens=6, temperature=0, stream=True,
+        assert [level["name"] for level in completion.model_extra["specrouter"][0]["levels"]] == ["ngram", draft, target]
+        chunks = list(client(key).chat.completions.create(model=tiny_gguf_dirs["target"], max_tokens=6, temperature=0, stream=True,
                                                           messages=[{"role": "user", "content": "Hi"}],
                                                           extra_body={"ignore_eos": True}))
         assert chunks[-1].choices[0].finish_reason == "length"

@@ -99,14 +99,17 @@ def test_greedy_chain_on_llamacpp_levels_equals_its_target_alone(tiny_gguf_dirs,
 
 
 def test_real_smollm2_gguf_chains_equal_its_target_alone(smollm2_dir):
-    """The real SmolLM2-135M Q4_1 GGUF on llama.cpp as the target: an n-gram + int8 torch chain and a
-    llama.cpp self-draft chain give its greedy output token for token."""
+    """The real SmolLM2-135M Q4_1 GGUF on llama.cpp as the target, verifying whole blocks (bit_exact off):
+    an n-gram + int8 torch chain and an int8 drafter give its greedy output token for token on these
+    short prompts (under 256 positions, where its passes of up to 8 tokens round as one-token passes)."""
     target_only = Engine("smollm2-135m@gguf")
     expected = {p: target_only.generate_text(p, 32, ignore_eos=True).token_ids for p in (CODE_PROMPT, CHAT_PROMPT)}
     for chain, lens in (("ngram,smollm2-135m@int8,smollm2-135m@gguf", [3, 4]), ("smollm2-135m@int8,smollm2-135m@gguf", [4])):
-        engine = Engine(chain, draft_lens=lens)
+        engine = Engine(chain, draft_lens=lens, bit_exact=False)
         for prompt, tokens in expected.items():
-            assert engine.generate_text(prompt, 32, ignore_eos=True).token_ids == tokens, (chain, prompt)
+            result = engine.generate_text(prompt, 32, ignore_eos=True)
+            assert result.token_ids == tokens, (chain, prompt)
+        assert result.level_stats[-2].num_accepted_tokens > 0
 
 
 def test_a_llamacpp_target_caps_its_blocks_at_its_measured_bit_exact_width(tiny_gguf_dirs):
@@ -163,7 +166,7 @@ def test_chain_with_llamacpp_middle_and_target_follows_the_target_joint(tmp_path
 
     def llama_level(model, name):
         view = LlamaCppView(LlamaCppModel(tiny_vocab_gguf(model, tmp_path / f"{name}.gguf"), threads=1, max_sequences=8))
-        return ModelLevel(name, ModelWorker(name, view)), view
+        return ModelLevel(name, ModelWorker(name, view), bit_exact=False), view  # whole blocks: exactness in distribution
 
     target, target_view = llama_level(tiny_llama(10, SMALL_V, init_std=0.1), "target")
     middle, middle_view = llama_level(tiny_llama(11, SMALL_V, init_std=0.1), "middle")

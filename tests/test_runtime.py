@@ -48,7 +48,7 @@ def test_distributed_llamacpp_and_mixed_backend_chains_equal_the_gguf_target_alo
     ids = engine.tokenizer(PROMPT)["input_ids"]
     want = engine.generate(ids, 24, ignore_eos=True).token_ids
     for chain in (f"{tiny_gguf_dirs['draft']}@gguf,{target}", f"{tiny_gguf_dirs['draft']}@int8,{target}"):
-        router = make_router(local_ray, chain)
+        router = make_router(local_ray, chain, bit_exact=False)  # whole blocks (the tiny F32 files measure width 1)
         out = local_ray.get(router.generate.remote(ids, 24, ignore_eos=True), timeout=600)
         assert out["token_ids"] == want, chain
         assert out["levels"][0]["num_accepted_tokens"] > 0
