@@ -1,4 +1,5 @@
-"""Benchmark prompts from data shipped in PyPI packages: HumanEval (code) and ShareGPT (chat)."""
+"""Benchmark prompts from data shipped in PyPI packages and the standard library: HumanEval (code),
+ShareGPT (chat), and code edits of standard-library functions (answers that repeat the prompt)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from specrouter.frontend import chat_ids
 
 @dataclass(frozen=True)
 class Prompt:
-    klass: str  # "code" or "chat"
+    klass: str  # "code", "chat" or "edit"
     id: str
     text: str  # raw text for code; first user turn for chat
     chat: bool  # apply the tokenizer's chat template
@@ -53,6 +54,27 @@ def sharegpt(n: int, min_chars: int = 40, max_chars: int = 600) -> list[Prompt]:
         ascii_share = sum(c.isascii() for c in text) / max(1, len(text))
         if min_chars <= len(text) <= max_chars and ascii_share > 0.97:
             prompts.append(Prompt("chat", conv["id"], text, chat=True))
+    return prompts
+
+
+EDIT_SOURCES = [("textwrap", "dedent"), ("shlex", "join"), ("glob", "escape"), ("string", "capwords"),
+                ("calendar", "weekday"), ("colorsys", "rgb_to_hls"), ("base64", "b64encode"), ("heapq", "nsmallest")]
+EDIT_TASKS = ["Add type hints to this function and return the whole function.",
+              "Rename every local variable of this function to a more descriptive name and return the whole function.",
+              "Add a docstring and comments to this function and return the whole function."]
+
+
+def code_edits(n: int) -> list[Prompt]:
+    """Code-editing requests whose answers repeat much of the prompt: a task on a real function of
+    Python's standard library (the installed interpreter's own source)."""
+    import importlib
+    import inspect
+
+    prompts = []
+    for i, (module, name) in enumerate(EDIT_SOURCES[:n]):
+        source = inspect.getsource(getattr(importlib.import_module(module), name))
+        task = EDIT_TASKS[i % len(EDIT_TASKS)]
+        prompts.append(Prompt("edit", f"{module}.{name}", f"{task}\n\n```python\n{source}```", chat=True))
     return prompts
 
 

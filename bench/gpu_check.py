@@ -1,0 +1,125 @@
+"""The torch backend on one CUDA GPU, in bf16: the cost of a pass over k new tokens for the target and
+the drafter (what the router's latency model needs there), and end-to-end tokens/s of target-only
+decoding against the chains that are best on CPU. Runs in a few minutes; nothing else needs a GPU.
+
+    .venv/bin/python bench/gpu_check.py [--out DIR] [--max-tokens 128]
+
+With the catalog's Qwen2.5-Coder models prepared (`specrouter models --prepare ...`) it runs them on
+HumanEval/ShareGPT prompts and reports the identical-output rate; on a machine without them it runs
+randomly initialised models of the same shapes (`--random`): pass costs and overheads are real,
+acceptance is not (a random drafter agrees with nothing). Writes gpu-check-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from specrouter import catalog  # noqa: E402
+from specrouter.engine import Engine  # noqa: E402
+from specrouter.model import ModelView  # noqa: E402
+
+TARGET, DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
+SHAPES = {  # Qwen2.5-Coder-1.5B and -0.5B
+    TARGET: dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
+    DRAFT: dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
+}
+CHAINS = {"target-only": (TARGET, None), "0.5B -> 1.5B": (f"{DRAFT},{TARGET}", [6]),
+          "ngram -> 0.5B -> 1.5B": (f"ngram,{DRAFT},{TARGET}", [3, 6]), "ngram -> 1.5B": (f"ngram,{TARGET}", [6])}
+
+
+def random_model_dirs(root: Path) -> dict[str, str]:
+    """Random models of the catalog's shapes, saved with a tokenizer of the right vocabulary size."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    dirs = {}
+    for name, shape in SHAPES.items():
+        path = root / name
+        if not path.exists():
+            config = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=name == DRAFT, **shape)
+            Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+            tokenizer_dir = catalog.tokenizer_dir(TARGET)
+            if (tokenizer_dir / "tokenizer.json").exists():
+                AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+        dirs[name] = str(path)
+    return dirs
+
+
+@torch.inference_mode()
+def pass_costs(view: ModelView, context: int = 256, ks=(1, 2, 4, 8, 16), reps: int = 20) -> dict[int, float]:
+    """Median ms of one pass over k new tokens after `context` cached tokens (CUDA-synchronised)."""
+    cache = view.new_cache()
+    view.forward(list(range(100, 100 + context)), 0, cache, 1)
+    out = {}
+    for k in ks:
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            view.forward(list(range(500, 500 + k)), context, cache, k)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out[k] = round(sorted(times)[reps // 2] * 1e3, 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--random", action="store_true", help="random models of the catalog's shapes (no weights needed)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device")
+
+    real = not args.random and all(catalog.is_prepared(n) for n in SHAPES)
+    names = {n: n for n in SHAPES} if real else random_model_dirs(Path(args.out) / ".gpu-check-models")
+    results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "real_weights": real, "dtype": "bfloat16"}
+
+    engines = {label: Engine(",".join(names.get(part, part) for part in chain.split(",")), dtype="bfloat16", device="cuda",
+                             draft_lens=lens) for label, (chain, lens) in CHAINS.items()}
+    target_engine = engines["target-only"]
+    results["pass_ms_by_k"] = {}
+    for name in SHAPES:
+        level = next(lv for e in engines.values() for n, lv in e.levels.items() if n == names[name])
+        results["pass_ms_by_k"][name] = pass_costs(level.worker.view)
+
+    if real:
+        from workloads import encode, humaneval, sharegpt
+
+        prompts = [encode(target_engine.tokenizer, p) for p in humaneval(args.prompts // 2) + sharegpt(args.prompts - args.prompts // 2)]
+    else:
+        prompts = [[(7 * i + 13 * j) % 150000 + 100 for j in range(64 + 16 * i)] for i in range(args.prompts)]
+    reference = None
+    results["chains"] = {}
+    for label, engine in engines.items():
+        engine.generate(prompts[0], 8, ignore_eos=True)  # warm-up (CUDA kernels, allocator)
+        outs, tokens, seconds, steps = [], 0, 0.0, 0
+        for ids in prompts:
+            torch.cuda.synchronize()
+            result = engine.generate(ids, args.max_tokens, ignore_eos=not real)
+            torch.cuda.synchronize()
+            outs.append(result.token_ids)
+            tokens, seconds, steps = tokens + len(result.token_ids), seconds + result.elapsed_s, steps + result.num_steps
+        reference = reference or outs
+        results["chains"][label] = {"tokens_per_s": round(tokens / seconds, 2), "tokens_per_target_pass": round(tokens / steps, 2),
+                                    "identical_to_target_only": round(sum(a == b for a, b in zip(outs, reference)) / len(outs), 3)}
+        print(label, results["chains"][label], flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results["pass_ms_by_k"]), f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""SpecRouter against the engine its users already run: llama.cpp's llama-server on the catalog's own
+GGUF files (Qwen2.5-Coder-1.5B Q4_K_M target, 0.5B Q4_K_M draft), side by side in one run.
+
+    bash bench/build_llama_server.sh                      # once: llama-server from the pinned llama.cpp
+    .venv/bin/python bench/peers.py [--humaneval 6] [--sharegpt 4] [--edits 4] [--max-tokens 128]
+
+Workloads: HumanEval prompts (code), ShareGPT first turns (chat), and code edits of standard-library
+functions (answers that repeat much of the prompt). Every request runs end to end, prefill included,
+greedy, 2 threads, one at a time; each prompt under every method in turn, so drift hits them alike.
+llama-server runs plain, with its n-gram speculation and with the 0.5B as its draft model (two
+settings); SpecRouter in-process runs each target alone on each backend, static chains, and adaptive
+routing over a pool; chains on the llama.cpp target verify blocks no wider than it verifies
+bit-exactly (measured at load) unless named "not bit-exact". Reported: tokens/s, speed relative to llama-server plain, the rate of outputs
+identical to the same target alone, tokens per target pass, peak RSS of each process.
+
+Writes bench/results/peers-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from speculative import machine_info  # noqa: E402
+from workloads import Prompt, code_edits, encode, humaneval, sharegpt  # noqa: E402
+
+from specrouter import catalog  # noqa: E402
+from specrouter.classifier import classify  # noqa: E402
+from specrouter.engine import Engine  # noqa: E402
+from specrouter.router import router_for  # noqa: E402
+from specrouter.store import ModelStore  # noqa: E402
+
+TARGET, DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
+BASELINE = "llama-server"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    server_args: tuple[str, ...] | None = None  # llama-server's flags beyond the model (None: ours)
+    chain: str = ""
+    draft_lens: tuple[int, ...] = ()
+    draft_confidence: float = 0.0
+    adaptive: bool = False
+    bit_exact: bool = True  # the target verifies blocks no wider than it verifies bit-exactly
+    reference: str = ""  # the method whose output is this one's "target alone"
+
+
+def methods(threads: int) -> list[Method]:
+    draft = str(catalog.prepare_gguf(DRAFT))
+    spec = ("-md", draft, "--spec-type", "draft-simple", "-td", str(threads))
+    gguf, w8 = f"{TARGET}@gguf", f"{TARGET}@w8"
+    return [
+        Method(BASELINE, ()),
+        Method("llama-server ngram", ("--spec-type", "ngram-mod")),
+        Method("llama-server 0.5B draft (n-max 3, p-min 0.7)", spec + ("--spec-draft-n-max", "3", "--spec-draft-p-min", "0.7")),
+        Method("llama-server 0.5B draft (n-max 8)", spec + ("--spec-draft-n-max", "8")),
+        Method("ours: 1.5B gguf alone", chain=gguf, reference="ours: 1.5B gguf alone"),
+        Method("ours: 1.5B w8 alone", chain=w8, reference="ours: 1.5B w8 alone"),
+        Method("ours: ngram -> 1.5B gguf", chain=f"ngram,{gguf}", draft_lens=(6,), reference="ours: 1.5B gguf alone"),
+        Method("ours: 0.5B gguf -> 1.5B gguf", chain=f"{DRAFT}@gguf,{gguf}", draft_lens=(6,), reference="ours: 1.5B gguf alone"),
+        Method("ours: ngram -> 0.5B gguf -> 1.5B gguf", chain=f"ngram,{DRAFT}@gguf,{gguf}", draft_lens=(4, 6),
+               reference="ours: 1.5B gguf alone"),
+        Method("ours: ngram -> 1.5B gguf, not bit-exact", chain=f"ngram,{gguf}", draft_lens=(6,), bit_exact=False,
+               reference="ours: 1.5B gguf alone"),
+        Method("ours: 0.5B gguf -> 1.5B gguf (stop 0.5), not bit-exact", chain=f"{DRAFT}@gguf,{gguf}", draft_lens=(8,),
+               draft_confidence=0.5, bit_exact=False, reference="ours: 1.5B gguf alone"),
+        Method("ours: adaptive (ngram, 0.5B gguf, 1.5B gguf)", chain=f"ngram,{DRAFT}@gguf,{gguf}", adaptive=True,
+               reference="ours: 1.5B gguf alone"),
+    ]
+
+
+class LlamaServer:
+    """One llama-server process on loopback, one request at a time."""
+
+    def __init__(self, binary: str, args: tuple[str, ...], port: int, threads: int):
+        cmd = [binary, "-m", str(catalog.prepare_gguf(TARGET)), "-t", str(threads), "-tb", str(threads), "-c", "4096",
+               "--host", "127.0.0.1", "--port", str(port), "-np", "1", *args]
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"llama-server did not come up: {cmd}")
+
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], float, dict]:
+        body = json.dumps({"prompt": prompt_ids, "n_predict": max_tokens, "temperature": 0, "cache_prompt": False,
+                           "return_tokens": True}).encode()
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(urllib.request.Request(f"{self.url}/completion", body, {"Content-Type": "application/json"}),
+                                    timeout=600) as r:
+            reply = json.loads(r.read())
+        return reply["tokens"], time.perf_counter() - t0, reply.get("timings", {})
+
+    def peak_rss_gb(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return round(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 2**20, 2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+@dataclass
+class Row:
+    method: str
+    klass: str
+    prompt_id: str
+    token_ids: list[int]
+    elapsed_s: float
+    target_steps: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--humaneval", type=int, default=6)
+    parser.add_argument("--sharegpt", type=int, default=4)
+    parser.add_argument("--edits", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", default="", help="a subset of method names, separated by ';' (the baseline always runs)")
+    parser.add_argument("--llama-server", default=None, help="the binary (default: bench/build_llama_server.sh's)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    chosen = [m for m in methods(args.threads) if not args.methods or m.name in args.methods.split(";") or m.name == BASELINE]
+    binary = args.llama_server or subprocess.run(["bash", str(Path(__file__).parent / "build_llama_server.sh")],
+                                                  check=True, capture_output=True, text=True).stdout.strip()
+    store = ModelStore("bfloat16", threads=args.threads)
+    tokenizer = store.get(TARGET, "gguf").tokenizer
+    end_ids = set(store.target_info(TARGET, "gguf").eos_ids)
+    prompts: list[Prompt] = humaneval(args.humaneval) + sharegpt(args.sharegpt) + code_edits(args.edits)
+    encoded = {p.id: encode(tokenizer, p) for p in prompts}
+
+    servers = {m.name: LlamaServer(binary, m.server_args, 18200 + i, args.threads)
+               for i, m in enumerate(chosen) if m.server_args is not None}
+    engines, routers = {}, {}
+    for m in chosen:
+        if m.server_args is None:
+            engines[m.name] = Engine(m.chain, provider=store, draft_lens=list(m.draft_lens) or None, draft_confidence=m.draft_confidence,
+                                     bit_exact=m.bit_exact)
+            if m.adaptive:
+                routers[m.name] = router_for(engines[m.name])
+
+    def run(m: Method, p: Prompt, max_tokens: int) -> Row:
+        ids = encoded[p.id]
+        if m.name in servers:
+            tokens, elapsed, timings = servers[m.name].generate(ids, max_tokens)
+            return Row(m.name, p.klass, p.id, tokens, elapsed, None, {k: v for k, v in timings.items() if k.startswith("draft")})
+        route = routers[m.name].start(classify(p.text)) if m.name in routers else None
+        result = engines[m.name].generate(ids, max_tokens, route=route)
+        tokens = [t for t in result.token_ids if t not in end_ids]  # llama-server leaves the end token out
+        return Row(m.name, p.klass, p.id, tokens, result.elapsed_s, result.num_steps,
+                   {"routing": result.routing["decisions"][-1]["chain"] if result.routing else None})
+
+    for m in chosen:  # warm-up
+        run(m, prompts[0], 4)
+    rows: list[Row] = []
+    bar = tqdm(total=len(prompts) * len(chosen), desc="peers", unit="gen")
+    for p in prompts:
+        for m in chosen:
+            bar.set_postfix_str(f"{p.id} | {m.name}")
+            rows.append(run(m, p, args.max_tokens))
+            bar.update()
+    bar.close()
+    server_rss = {name: s.peak_rss_gb() for name, s in servers.items()}
+    for s in servers.values():
+        s.stop()
+
+    by = {(r.method, r.prompt_id): r for r in rows}
+    summary = {}
+    for klass in ("code", "chat", "edit", "all"):
+        ids = [p.id for p in prompts if klass == "all" or p.klass == klass]
+        if not ids:
+            continue
+        base_rate = sum(len(by[(BASELINE, i)].token_ids) for i in ids) / sum(by[(BASELINE, i)].elapsed_s for i in ids)
+        table = {}
+        for m in chosen:
+            mine = [by[(m.name, i)] for i in ids]
+            rate = sum(len(r.token_ids) for r in mine) / sum(r.elapsed_s for r in mine)
+            entry = {"tokens_per_s": round(rate, 2), "vs_llama_server": round(rate / base_rate, 3),
+                     "identical_to_llama_server": round(sum(r.token_ids == by[(BASELINE, r.prompt_id)].token_ids for r in mine) / len(mine), 3)}
+            if m.reference and all((m.reference, i) in by for i in ids):
+                entry["identical_to_target_alone"] = round(
+                    sum(r.token_ids == by[(m.reference, r.prompt_id)].token_ids for r in mine) / len(mine), 3)
+            if mine[0].target_steps:
+                entry["tokens_per_target_pass"] = round(sum(len(r.token_ids) for r in mine) / sum(r.target_steps for r in mine), 2)
+            table[m.name] = entry
+        summary[klass] = table
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "peers",
+        "machine": machine_info(),
+        "config": {**vars(args), "llama_server": binary, "target": TARGET, "draft": DRAFT, "greedy": True},
+        "methods": [m.__dict__ for m in chosen],
+        "peak_rss_gb": {"specrouter (in-process, every method of ours)": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                        **server_rss},
+        "summary": summary,
+        "rows": [r.__dict__ for r in rows],
+    }
+    path = out / f"peers-{stamp}.json"
+    path.write_text(json.dumps(result, indent=1))
+    for klass, table in summary.items():
+        print(f"\n== {klass} ==")
+        for name, e in table.items():
+            same = e.get("identical_to_target_alone", e["identical_to_llama_server"])
+            print(f"{name:50s} {e['tokens_per_s']:6.2f} tok/s  x{e['vs_llama_server']:.2f} vs llama-server  identical {same:.2f}"
+                  f"  {e.get('tokens_per_target_pass', '')}")
+    print(f"\npeak RSS {result['peak_rss_gb']}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
