@@ -92,18 +92,18 @@ class LlamaCppModel:
         once per model, on a probe sequence (Qwen2.5-Coder Q4_K_M: 3 after 16 positions, 1 after 320)."""
         seq = self.take_sequence()
         try:
-            return min(self._exact_width_after(seq, context, widest) for context in contexts)
+            return min(self._exact_width_after(seq, min(context, self.max_positions - widest), widest) for context in contexts)
         finally:
             self.drop_sequence(seq)
 
     def _exact_width_after(self, seq: int, context: int, widest: int) -> int:
         tokens = [(7 * i + 3) % self.vocab_size for i in range(context + widest)]
-        self._ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self.keep_before(seq, 0)
         self.decode([(t, i, seq, False) for i, t in enumerate(tokens[:context])])
         single = np.concatenate([self.decode([(t, context + i, seq, True)]) for i, t in enumerate(tokens[context:])])
         width = 1
         for k in range(2, widest + 1):
-            self._ll.llama_memory_seq_rm(self.memory, seq, context, -1)
+            self.keep_before(seq, context)
             if not np.array_equal(self.decode([(t, context + i, seq, True) for i, t in enumerate(tokens[context:context + k])]), single[:k]):
                 break
             width = k
@@ -115,8 +115,12 @@ class LlamaCppModel:
         return self._free_ids.pop()
 
     def drop_sequence(self, seq_id: int) -> None:
-        self._ll.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+        self.keep_before(seq_id, 0)
         self._free_ids.append(seq_id)
+
+    def keep_before(self, seq_id: int, position: int) -> None:
+        """Drop what the sequence holds at `position` and beyond (a rollback; repeating it is a no-op)."""
+        self._ll.llama_memory_seq_rm(self.memory, seq_id, position, -1)
 
     def decode(self, rows: list[tuple[int, int, int, bool]]) -> np.ndarray:
         """Run (token, position, sequence id, wants logits) rows, in chunks of at most `batch_size`;
@@ -190,7 +194,7 @@ class LlamaCppView:
                 raise ValueError("every sequence in a batch needs at least one token")
             if b.start + len(b.token_ids) > self.max_positions:
                 raise ValueError(f"sequence of {b.start + len(b.token_ids)} tokens exceeds the model's {self.max_positions} positions")
-            self.model._ll.llama_memory_seq_rm(self.model.memory, b.cache.seq_id, b.start, -1)  # rollback
+            self.model.keep_before(b.cache.seq_id, b.start)  # rollback
             n = len(b.token_ids)
             rows += [(t, b.start + i, b.cache.seq_id, i >= n - b.num_logits) for i, t in enumerate(b.token_ids)]
         logits = torch.from_numpy(self.model.decode(rows))  # [sum(num_logits_b), V]

@@ -22,7 +22,7 @@ class ChaoticWorker:
     duplicate, reordered, or with an older version), or drop the call (the caller sees a timeout)."""
 
     def __init__(self, inner, actions: list[str], seed: int, can_drop: bool):
-        self.inner, self.name, self.vocab_size = inner, inner.name, inner.vocab_size
+        self.inner, self.name, self.vocab_size, self.exact_width = inner, inner.name, inner.vocab_size, inner.exact_width
         self.actions, self.rng, self.can_drop = list(actions), random.Random(seed), can_drop
         self.history: list[tuple[str, tuple]] = []
         self.checked = 0
