@@ -1,8 +1,8 @@
 """Adaptive routing vs every static chain on a mixed code + chat workload, in one run (each prompt
-under every way in turn, so this machine's drift hits them alike); then the same
+under every way in turn, so the host's drift hits them alike); then the same
 with one drafter artificially slowed down half-way (3x, and 10x: enough that the chain best before
 is no longer best here). Between the two, adaptive and the best static chain alone, on more prompts
-(--head-to-head), for a ratio less at the mercy of this machine's noise.
+(--head-to-head), for a ratio less at the mercy of the host's noise.
 
     .venv/bin/python bench/adaptive.py [--humaneval 4] [--sharegpt 4] [--max-tokens 96] [--draft-confidence 0.4] [--slow-factors 3,10]
         [--head-to-head 8]
@@ -121,7 +121,7 @@ def run_one(engine: Engine, prompt, ids: list[int], route, max_tokens: int) -> d
 
 
 def run_side_by_side(engine: Engine, encoded: list, routes: dict, max_tokens: int, desc: str, slowed=None) -> dict[str, list[dict]]:
-    """Every way in `routes` (name -> class -> route) on each prompt in turn, so that this machine's
+    """Every way in `routes` (name -> class -> route) on each prompt in turn, so that the host's
     drift hits them alike; the order of the ways rotates from prompt to prompt, so that none always
     runs first or right after the slowest. `slowed(i)`: a context in which prompt i runs (the slowdown)."""
     rows: dict[str, list[dict]] = {name: [] for name in routes}
@@ -237,7 +237,7 @@ def main() -> None:
     print(json.dumps({"tokens_per_s": results, "prediction_error_mean": sum(pred_err) / len(pred_err)}), flush=True)  # part 1
 
     # 2. Adaptive and the best static chain alone, on more prompts: the mix's few prompts leave their
-    # ratio within this machine's noise (one chain's runs differ by up to 16% on a prompt).
+    # ratio within the host's noise (one chain's runs differ by up to 16% on a prompt).
     head_to_head, head_to_head_rows = None, None
     if args.head_to_head:
         more = [p for pair in zip(humaneval(args.humaneval + args.head_to_head)[args.humaneval:],

@@ -94,7 +94,7 @@ def targets(overall: dict) -> list[str]:
     uag = "universal assisted (transformers, SmolLM2)"
     lines = [f"{name} vs universal assisted generation: x{e['tokens_per_s'] / overall[uag]['tokens_per_s']:.2f}"
              for name, e in overall.items() if uag in overall and name.startswith("SmolLM2") and name.count("->") == 1]
-    for bf16_middle in (False, True):  # all ways; then only those whose 0.5B runs in bf16, as the issue assumed
+    for bf16_middle in (False, True):  # all ways; then only those whose 0.5B runs in bf16 (a costly middle)
         ways = {name: e for name, e in overall.items() if not bf16_middle or ("0.5B" in name and "0.5B int8" not in name)}
         chains = {levels: max(((e["tokens_per_s"], name) for name, e in ways.items() if name.count("->") == levels), default=None)
                   for levels in (1, 2)}

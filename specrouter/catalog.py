@@ -176,7 +176,6 @@ def is_prepared(name: str) -> bool:
 
 def prepare(name: str) -> Path:
     """Return a local directory with safetensors weights and tokenizer, building it once."""
-    entry = get_entry(name)
     target = cached_dir(name)
     if is_prepared(name):
         return target

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specrouter.model import SeqBlock
+from specrouter.model import SeqBlock, check_blocks
 
 _BACKEND = threading.Lock()
 _quiet_log = None  # llama.cpp's log callback, kept alive while the process runs
@@ -188,12 +188,9 @@ class LlamaCppView:
     def forward_batch(self, blocks: list[SeqBlock]) -> list[torch.Tensor]:
         """One llama_decode over many sequences (SeqBlocks whose caches are LlamaSequences): sequence b
         runs its tokens at [start_b, start_b + S_b) and gets float32 logits [num_logits_b, V]."""
+        check_blocks(blocks, self.max_positions)
         rows = []
         for b in blocks:
-            if not b.token_ids:
-                raise ValueError("every sequence in a batch needs at least one token")
-            if b.start + len(b.token_ids) > self.max_positions:
-                raise ValueError(f"sequence of {b.start + len(b.token_ids)} tokens exceeds the model's {self.max_positions} positions")
             self.model.keep_before(b.cache.seq_id, b.start)  # rollback
             n = len(b.token_ids)
             rows += [(t, b.start + i, b.cache.seq_id, i >= n - b.num_logits) for i, t in enumerate(b.token_ids)]

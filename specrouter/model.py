@@ -300,11 +300,8 @@ class ModelView:
         """
         inner = self.hf_model.model
         device = self.device
+        check_blocks(blocks, self.max_positions)
         for b in blocks:
-            if not b.token_ids:
-                raise ValueError("every sequence in a batch needs at least one token")
-            if b.start + len(b.token_ids) > self.max_positions:
-                raise ValueError(f"sequence of {b.start + len(b.token_ids)} tokens exceeds the model's {self.max_positions} positions")
             b.cache.reserve(b.start + len(b.token_ids))
         lens = [len(b.token_ids) for b in blocks]
         offsets = [sum(lens[:i]) for i in range(len(blocks))]  # where sequence b's tokens begin in the packed row
@@ -339,6 +336,15 @@ class ModelView:
         last = torch.cat([torch.arange(off + n - b.num_logits, off + n, device=device) for b, n, off in zip(blocks, lens, offsets)])
         logits = self.hf_model.lm_head(inner.norm(x[:, last]))[0].float()  # [sum(num_logits_b), V]
         return list(logits.split([b.num_logits for b in blocks]))
+
+
+def check_blocks(blocks: list["SeqBlock"], max_positions: int) -> None:
+    """Refuse a batch that a view of any backend cannot run: an empty block, or one past the positions."""
+    for b in blocks:
+        if not b.token_ids:
+            raise ValueError("every sequence in a batch needs at least one token")
+        if b.start + len(b.token_ids) > max_positions:
+            raise ValueError(f"sequence of {b.start + len(b.token_ids)} tokens exceeds the model's {max_positions} positions")
 
 
 @dataclass(frozen=True)
