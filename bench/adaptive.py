@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from speculative import machine_info  # noqa: E402
 from workloads import encode, humaneval, sharegpt  # noqa: E402
 
-from specrouter.classifier import classify  # noqa: E402
-from specrouter.engine import Engine  # noqa: E402
-from specrouter.store import ModelStore  # noqa: E402
-from specrouter.router import RouterConfig, router_for  # noqa: E402
-from specrouter.scheduler import Plan, enumerate_chains  # noqa: E402
+from specrouter.routing.classifier import classify  # noqa: E402
+from specrouter.engine.engine import Engine  # noqa: E402
+from specrouter.core.store import ModelStore  # noqa: E402
+from specrouter.routing.router import RouterConfig, router_for  # noqa: E402
+from specrouter.routing.scheduler import Plan, enumerate_chains  # noqa: E402
 
 TARGET = "qwen2.5-coder-1.5b"
 POOL = f"ngram,qwen2.5-coder-0.5b@int8,{TARGET}@skip,{TARGET}"

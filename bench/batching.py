@@ -1,5 +1,5 @@
 """Continuous batching under load: concurrency 1, 4 and 16 in one run, three ways to decode the same
-requests with the same BatchLoop (specrouter/batching.py):
+requests with the same BatchLoop (specrouter/engine/loop.py):
 
 - target-only: plain batched decoding with the target;
 - fixed: speculation with the drafter at a fixed draft length, whatever the batch size;
@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from speculative import machine_info  # noqa: E402
 from workloads import encode, humaneval, sharegpt  # noqa: E402
 
-from specrouter.batching import BatchLoop  # noqa: E402
-from specrouter.engine import Engine  # noqa: E402
-from specrouter.router import RouterConfig, router_for  # noqa: E402
-from specrouter.store import ModelStore  # noqa: E402
+from specrouter.engine.loop import BatchLoop  # noqa: E402
+from specrouter.engine.engine import Engine  # noqa: E402
+from specrouter.routing.router import RouterConfig, router_for  # noqa: E402
+from specrouter.core.store import ModelStore  # noqa: E402
 
 METHODS = ("target-only", "fixed", "specrouter")
 

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from speculative import BASELINE, Method, bench_args, machine_info, plot, run_methods, summarize  # noqa: E402
 from workloads import Prompt, encode, humaneval, sharegpt  # noqa: E402
 
-from specrouter.engine import Engine  # noqa: E402
-from specrouter.store import ModelStore  # noqa: E402
+from specrouter.engine.engine import Engine  # noqa: E402
+from specrouter.core.store import ModelStore  # noqa: E402
 
 TARGET = "qwen2.5-coder-1.5b"
 DRAFT = "qwen2.5-coder-0.5b"

@@ -1,6 +1,6 @@
 """Per-token time of the distributed chain (Ray actors + gRPC data plane) vs the in-process engine,
 same chain, same prompts, one run; plus data-plane bytes per committed token, and both again with
-draft-ahead pipelining (specrouter/pipeline.py: the next block drafted while the target verifies).
+draft-ahead pipelining (specrouter/core/pipeline.py: the next block drafted while the target verifies).
 
     .venv/bin/python bench/distributed.py [--chain ...] [--prompts 3] [--max-tokens 64]
 """
@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from speculative import machine_info  # noqa: E402
 from workloads import encode, humaneval, sharegpt  # noqa: E402
 
-from specrouter.batching import BatchLoop  # noqa: E402
-from specrouter.engine import Engine  # noqa: E402
-from specrouter.runtime import RouterActor, start_local_ray  # noqa: E402
+from specrouter.engine.loop import BatchLoop  # noqa: E402
+from specrouter.engine.engine import Engine  # noqa: E402
+from specrouter.runtime.actors import RouterActor, start_local_ray  # noqa: E402
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from specrouter import catalog  # noqa: E402
-from specrouter.engine import Engine  # noqa: E402
-from specrouter.model import ModelView  # noqa: E402
+from specrouter.core import catalog  # noqa: E402
+from specrouter.engine.engine import Engine  # noqa: E402
+from specrouter.core.model import ModelView  # noqa: E402
 
 TARGET, DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 SHAPES = {  # Qwen2.5-Coder-1.5B and -0.5B

@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from speculative import machine_info  # noqa: E402
 from workloads import Prompt, code_edits, encode, humaneval, sharegpt  # noqa: E402
 
-from specrouter import catalog  # noqa: E402
-from specrouter.classifier import classify  # noqa: E402
-from specrouter.engine import Engine  # noqa: E402
-from specrouter.router import router_for  # noqa: E402
-from specrouter.store import ModelStore  # noqa: E402
+from specrouter.core import catalog  # noqa: E402
+from specrouter.routing.classifier import classify  # noqa: E402
+from specrouter.engine.engine import Engine  # noqa: E402
+from specrouter.routing.router import router_for  # noqa: E402
+from specrouter.core.store import ModelStore  # noqa: E402
 
 TARGET, DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 BASELINE = "llama-server"

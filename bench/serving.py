@@ -22,8 +22,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).parent))
 from speculative import machine_info  # noqa: E402
 
-from specrouter.config import DEFAULT_CHAIN  # noqa: E402
-from specrouter.loadtest import run_load  # noqa: E402
+from specrouter.serving.config import DEFAULT_CHAIN  # noqa: E402
+from specrouter.serving.loadtest import run_load  # noqa: E402
 
 
 class TreeRSS:

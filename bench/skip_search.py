@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from workloads import encode, humaneval, sharegpt  # noqa: E402
 
-from specrouter.engine import Engine  # noqa: E402
-from specrouter.spec import default_skip_layers  # noqa: E402
-from specrouter.store import ModelStore  # noqa: E402
-from specrouter.model import ModelView  # noqa: E402
+from specrouter.engine.engine import Engine  # noqa: E402
+from specrouter.core.spec import default_skip_layers  # noqa: E402
+from specrouter.core.store import ModelStore  # noqa: E402
+from specrouter.core.model import ModelView  # noqa: E402
 
 
 def agreement(model, sequences: list[tuple[list[int], int]], skip: tuple[int, ...], reference: list[torch.Tensor]) -> float:

@@ -25,9 +25,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 from workloads import Prompt, encode, humaneval, sharegpt  # noqa: E402
 
-from specrouter import catalog  # noqa: E402
-from specrouter.engine import Engine  # noqa: E402
-from specrouter.store import ModelStore  # noqa: E402
+from specrouter.core import catalog  # noqa: E402
+from specrouter.engine.engine import Engine  # noqa: E402
+from specrouter.core.store import ModelStore  # noqa: E402
 
 TARGET = "qwen2.5-coder-1.5b"
 DRAFT = "qwen2.5-coder-0.5b"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
-from specrouter.frontend import chat_ids
+from specrouter.engine.frontend import chat_ids
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import time
 
 import ray
 
-from specrouter.spec import LevelSpec, parse_chain
+from specrouter.core.spec import LevelSpec, parse_chain
 
 SMALL, LARGE = "accel_small", "accel_large"
 
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
 
-    from specrouter.engine import Engine
-    from specrouter.runtime import RouterActor
+    from specrouter.engine.engine import Engine
+    from specrouter.runtime.actors import RouterActor
 
     placement = args.placement or default_placement(args.chain)
     ray.init(address=args.address, _node_ip_address=args.node_ip, log_to_driver=False)

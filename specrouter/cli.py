@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from specrouter.config import DEFAULT_CHAIN
+from specrouter.serving.config import DEFAULT_CHAIN
 
 
 def _int_list(text: str) -> list[int]:
@@ -75,16 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args) -> int:
-    from specrouter.engine import Engine
-    from specrouter.sampling import SamplingParams
+    from specrouter.engine.engine import Engine
+    from specrouter.core.sampling import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     engine = Engine(args.chain, dtype=args.dtype, device=args.device, draft_lens=args.draft_lens, num_threads=args.threads,
                     draft_confidence=args.draft_confidence, bit_exact=args.bit_exact)
     route = None
     if args.adaptive:
-        from specrouter.classifier import classify
-        from specrouter.router import router_for
+        from specrouter.routing.classifier import classify
+        from specrouter.routing.router import router_for
 
         route = router_for(engine).start(args.prompt_class or classify(args.prompt))
     result = engine.generate_text(args.prompt, args.max_tokens, params=params, seed=args.seed, ignore_eos=args.ignore_eos, route=route)
@@ -115,9 +115,9 @@ def cmd_serve(args) -> int:
 
     import ray
 
-    from specrouter import serve as specrouter_serve
-    from specrouter.config import ServeConfig
-    from specrouter.runtime import start_local_ray
+    from specrouter.serving import serve as specrouter_serve
+    from specrouter.serving.config import ServeConfig
+    from specrouter.runtime.actors import start_local_ray
 
     config = ServeConfig.from_file(args.config) if args.config else ServeConfig()
     overrides = {"chain": args.chain, "adaptive": args.adaptive, "pipeline": args.pipeline, "grpc_port": args.grpc_port,
@@ -140,7 +140,7 @@ def cmd_serve(args) -> int:
         print(f"specrouter: serving {config.served_name}\n"
               f"  OpenAI HTTP  {urls.http}/v1  (completions, chat/completions, models)\n"
               f"  metrics      {urls.http}/metrics\n"
-              f"  gRPC         {urls.grpc or 'disabled'}  (specrouter.v1.SpecRouter; SDK: specrouter.client)\n"
+              f"  gRPC         {urls.grpc or 'disabled'}  (specrouter.v1.SpecRouter; SDK: specrouter.serving.client)\n"
               "Ctrl-C stops.", flush=True)
         stop.wait()
     finally:
@@ -153,7 +153,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from specrouter.loadtest import run_load
+    from specrouter.serving.loadtest import run_load
 
     report = run_load(args.url, args.num_prompts, args.concurrency, args.max_tokens, args.temperature)
     if args.json:
@@ -165,7 +165,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from specrouter import catalog
+    from specrouter.core import catalog
 
     if args.requirements:
         for name in args.requirements:
@@ -191,7 +191,7 @@ def cmd_models(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from specrouter.catalog import CatalogError
+    from specrouter.core.catalog import CatalogError
 
     args = build_parser().parse_args(argv)
     if args.command == "serve" and not args.address:

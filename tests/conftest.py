@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specrouter import catalog
-from specrouter.levels import ModelLevel
-from specrouter.model import ModelView
-from specrouter.worker import ModelWorker
+from specrouter.core import catalog
+from specrouter.core.levels import ModelLevel
+from specrouter.core.model import ModelView
+from specrouter.core.worker import ModelWorker
 
 torch.set_num_threads(2)
 
@@ -46,6 +46,10 @@ def perturbed(model: LlamaForCausalLM, seed: int, noise: float) -> LlamaForCausa
 
 def model_level(model, name: str, skip: tuple[int, ...] = ()) -> ModelLevel:
     return ModelLevel(name, ModelWorker(name, ModelView(model, skip)))
+
+
+CODE_PROMPT = 'def is_palindrome(text: str) -> bool:\n    """Return True if text reads the same backwards."""\n'
+CHAT_PROMPT = "The three primary colors are"
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +170,7 @@ def cross_dirs(tmp_path_factory, smollm2_dir, qwen_tokenizer_dir) -> dict[str, s
     and drafters on SmolLM2's (49k) transplanted from the target, so they agree with it often."""
     from transformers import AutoTokenizer
 
-    from specrouter.vocab import vocab_map
+    from specrouter.core.vocab import vocab_map
 
     root = tmp_path_factory.mktemp("cross")
     qwen_vocab, smol_vocab = 151936, 49152
@@ -188,7 +192,7 @@ def local_ray():
     """One light local Ray for the whole session; stops only what it started."""
     import ray
 
-    from specrouter.runtime import start_local_ray
+    from specrouter.runtime.actors import start_local_ray
 
     started = start_local_ray(num_cpus=8)
     yield ray
@@ -209,11 +213,25 @@ def live_server(local_ray, tiny_dirs):
     """SpecRouter served by Ray Serve (HTTP) and its own gRPC API, on tiny fp32 models."""
     from ray import serve
 
-    from specrouter import serve as specrouter_serve
-    from specrouter.config import ServeConfig
+    from specrouter.serving import serve as specrouter_serve
+    from specrouter.serving.config import ServeConfig
 
     config = ServeConfig(chain=f"{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32", draft_lens=[3],
                          grpc_port=free_port(), placement={"*": {"num_cpus": 1, "torch_threads": 1}})
     urls = specrouter_serve.start(config, "127.0.0.1", free_port())
     yield {"http": urls.http, "grpc": urls.grpc, "model": config.served_name, "config": config}
     serve.shutdown()
+
+
+def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Varied lengths, each with a repeated stretch (so prompt lookup finds something)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        head = torch.randint(0, vocab, (3 + i % 7,), generator=gen).tolist()
+        out.append(head + head[: 2 + i % 3] + torch.randint(0, vocab, (1 + i % 4,), generator=gen).tolist())
+    return out
+
+
+def chain_spec(tiny_dirs, chain: str) -> str:
+    return ",".join(tiny_dirs.get(name.split("@")[0], name.split("@")[0]) + name[len(name.split("@")[0]):] for name in chain.split(","))

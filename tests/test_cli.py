@@ -147,8 +147,8 @@ def test_serve_runs_the_default_chain_shape_on_loopback_answers_openai_and_stops
     ("my-host.example", "127.0.0.1", [], True),
 ])
 def test_serving_beyond_loopback_without_a_key_warns(host, grpc_host, keys, warns):
-    from specrouter.config import ServeConfig
-    from specrouter.serve import exposure_warning
+    from specrouter.serving.config import ServeConfig
+    from specrouter.serving.serve import exposure_warning
 
     warning = exposure_warning(ServeConfig(grpc_host=grpc_host, api_key=keys), host)
     assert bool(warning) == warns

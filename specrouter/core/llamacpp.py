@@ -1,0 +1,199 @@
+"""A GGUF model run by llama.cpp (llama-cpp-python's low-level bindings) with explicit positions.
+
+One llama.cpp context holds the KV state of many sequences, each under a sequence id of its own.
+`LlamaCppView` offers the calls of the torch `ModelView` (`new_cache`, `forward`, `forward_batch`),
+so the `ModelWorker` above it, and everything above that, runs either backend unchanged. A forward
+at `start` first drops whatever its sequence holds from `start` on (`llama_memory_seq_rm`): a
+rollback is a smaller `start` next time, idempotent as in the torch view.
+
+    model = LlamaCppModel("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", threads=2)
+    view = LlamaCppView(model)
+    cache = view.new_cache()                              # a sequence id, freed with the cache
+    logits = view.forward(prompt_ids, 0, cache, 1)        # [1, V] float32
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specrouter.core.model import SeqBlock, check_blocks
+
+_BACKEND = threading.Lock()
+_quiet_log = None  # llama.cpp's log callback, kept alive while the process runs
+
+
+def _init_backend() -> None:
+    """llama.cpp's process-wide set-up, once; its log goes quiet (failures still raise here)."""
+    global _quiet_log
+    import llama_cpp as ll
+
+    with _BACKEND:
+        if _quiet_log is None:
+            _quiet_log = ll.llama_log_callback(lambda level, text, user_data: None)
+            ll.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+            ll.llama_backend_init()
+
+
+class LlamaCppError(RuntimeError):
+    pass
+
+
+class LlamaCppModel:
+    """A GGUF file loaded once by llama.cpp, with one context holding up to `max_sequences` sequences
+    in a KV cache of `context` positions shared by all of them."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, context: int = 16384, max_sequences: int = 64,
+                 batch: int = 512):
+        import llama_cpp as ll
+
+        _init_backend()
+        self.path = Path(path)
+        self._ll = ll
+        model_params = ll.llama_model_default_params()
+        self.model = ll.llama_model_load_from_file(str(self.path).encode(), model_params)
+        if not self.model:
+            raise LlamaCppError(f"llama.cpp could not load {self.path}")
+        params = ll.llama_context_default_params()
+        threads = threads or len(os.sched_getaffinity(0))
+        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = context, batch, batch, max_sequences
+        params.n_threads = params.n_threads_batch = threads
+        params.kv_unified = True  # one pool of positions: sequences of any lengths up to `context` in all
+        params.no_perf = True
+        self.ctx = ll.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            ll.llama_model_free(self.model)
+            raise LlamaCppError(f"llama.cpp could not create a context for {self.path}")
+        self.memory = ll.llama_get_memory(self.ctx)
+        vocab = ll.llama_model_get_vocab(self.model)
+        self.vocab_size = ll.llama_vocab_n_tokens(vocab)
+        self.end_ids = frozenset(t for t in (ll.llama_vocab_eos(vocab), ll.llama_vocab_eot(vocab)) if t >= 0)
+        self.num_layers = ll.llama_model_n_layer(self.model)
+        self.max_positions = min(ll.llama_model_n_ctx_train(self.model), context)
+        self.batch_size = batch
+        self._batch = ll.llama_batch_init(batch, 0, 1)
+        self._free_ids = list(range(max_sequences - 1, -1, -1))
+        weakref.finalize(self, _free, ll, self.model, self.ctx, self._batch)
+        self.exact_width = self._probe_exact_width()
+
+    def _probe_exact_width(self, widest: int = 8, contexts: tuple[int, ...] = (16, 320)) -> int:
+        """The widest pass (in tokens of one sequence) whose every row is bit-identical to running its
+        tokens one at a time, after a short and a long context. llama.cpp's CPU kernels change with
+        the rows a pass holds (repacked Q4_K: a vector product for one row, tiled products from four;
+        attention over more than 256 cached positions: split across threads for one query alone), so
+        a wider verification pass can round differently from decoding and flip a near-tie. Measured
+        once per model, on a probe sequence (Qwen2.5-Coder Q4_K_M: 3 after 16 positions, 1 after 320)."""
+        seq = self.take_sequence()
+        try:
+            return min(self._exact_width_after(seq, min(context, self.max_positions - widest), widest) for context in contexts)
+        finally:
+            self.drop_sequence(seq)
+
+    def _exact_width_after(self, seq: int, context: int, widest: int) -> int:
+        tokens = [(7 * i + 3) % self.vocab_size for i in range(context + widest)]
+        self.keep_before(seq, 0)
+        self.decode([(t, i, seq, False) for i, t in enumerate(tokens[:context])])
+        single = np.concatenate([self.decode([(t, context + i, seq, True)]) for i, t in enumerate(tokens[context:])])
+        width = 1
+        for k in range(2, widest + 1):
+            self.keep_before(seq, context)
+            if not np.array_equal(self.decode([(t, context + i, seq, True) for i, t in enumerate(tokens[context:context + k])]), single[:k]):
+                break
+            width = k
+        return width
+
+    def take_sequence(self) -> int:
+        if not self._free_ids:
+            raise LlamaCppError(f"{self.path.name}: all {self._ll.llama_n_seq_max(self.ctx)} sequence slots are in use")
+        return self._free_ids.pop()
+
+    def drop_sequence(self, seq_id: int) -> None:
+        self.keep_before(seq_id, 0)
+        self._free_ids.append(seq_id)
+
+    def keep_before(self, seq_id: int, position: int) -> None:
+        """Drop what the sequence holds at `position` and beyond (a rollback; repeating it is a no-op)."""
+        self._ll.llama_memory_seq_rm(self.memory, seq_id, position, -1)
+
+    def decode(self, rows: list[tuple[int, int, int, bool]]) -> np.ndarray:
+        """Run (token, position, sequence id, wants logits) rows, in chunks of at most `batch_size`;
+        returns the logits of the rows that want them, in order: float32 [n_out, V]."""
+        ll, batch, out = self._ll, self._batch, []
+        for lo in range(0, len(rows), self.batch_size):
+            chunk = rows[lo : lo + self.batch_size]
+            for i, (token, pos, seq, logits) in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+                batch.seq_id[i][0] = seq
+            batch.n_tokens = len(chunk)
+            status = ll.llama_decode(self.ctx, batch)
+            if status != 0:
+                raise LlamaCppError(f"llama_decode failed with status {status} (KV cache full or bad positions)")
+            n_out = sum(1 for row in chunk if row[3])
+            if n_out:
+                out.append(np.ctypeslib.as_array(ll.llama_get_logits(self.ctx), shape=(n_out, self.vocab_size)).copy())
+        return np.concatenate(out) if out else np.empty((0, self.vocab_size), np.float32)
+
+
+def _free(ll, model, ctx, batch) -> None:
+    ll.llama_batch_free(batch)
+    ll.llama_free(ctx)
+    ll.llama_model_free(model)
+
+
+class LlamaSequence:
+    """One sequence's KV state in a llama.cpp context: a sequence id, given back when this is freed."""
+
+    def __init__(self, model: LlamaCppModel):
+        self.seq_id = model.take_sequence()
+        weakref.finalize(self, model.drop_sequence, self.seq_id)
+
+
+@dataclass(frozen=True)
+class LlamaCppView:
+    """A llama.cpp model behind the calls of the torch ModelView (every layer: no skip sets)."""
+
+    model: LlamaCppModel
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # samplers' generators; llama.cpp places its own tensors
+
+    @property
+    def max_positions(self) -> int:
+        return self.model.max_positions
+
+    @property
+    def exact_width(self) -> int | None:
+        """The widest pass whose rows are bit-identical to one-token passes (measured at load)."""
+        return self.model.exact_width
+
+    def new_cache(self) -> LlamaSequence:
+        return LlamaSequence(self.model)
+
+    def forward(self, token_ids: list[int], start: int, cache: LlamaSequence, num_logits: int) -> torch.Tensor:
+        """Run `token_ids` at positions [start, start+S); return float32 logits [num_logits, V] of the last rows."""
+        return self.forward_batch([SeqBlock(token_ids, start, cache, num_logits)])[0]
+
+    def forward_batch(self, blocks: list[SeqBlock]) -> list[torch.Tensor]:
+        """One llama_decode over many sequences (SeqBlocks whose caches are LlamaSequences): sequence b
+        runs its tokens at [start_b, start_b + S_b) and gets float32 logits [num_logits_b, V]."""
+        check_blocks(blocks, self.max_positions)
+        rows = []
+        for b in blocks:
+            self.model.keep_before(b.cache.seq_id, b.start)  # rollback
+            n = len(b.token_ids)
+            rows += [(t, b.start + i, b.cache.seq_id, i >= n - b.num_logits) for i, t in enumerate(b.token_ids)]
+        logits = torch.from_numpy(self.model.decode(rows))  # [sum(num_logits_b), V]
+        return list(logits.split([b.num_logits for b in blocks]))
+

@@ -1,0 +1,293 @@
+"""A model worker: one model view with a KV cache per sequence.
+
+The worker is the unit that later lives in a Ray actor, so its interface is plain data in and out:
+every call names the sequence id, the version it is based on and an explicit start position.
+- `forward`: score a block at positions [start, start+S) in one pass (prefill and verification);
+  `forward_confident` also says how sure the model is of each row's most likely token;
+- `draft`: the same, then sample up to k tokens autoregressively with their probabilities (stopping
+  early after a token drafted with less than `min_confidence`);
+- `truncate`: roll the sequence back to a position (idempotent);
+- `release`: free the sequence.
+`forward_batch` and `draft_batch` run the same calls for many sequences in batched passes; each call
+keeps its own version, start and prefix check, so a refused call (or a rolled-back sequence) changes
+only its own sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from specrouter.core.model import KVCache, ModelView, SeqBlock
+from specrouter.core.sampling import SamplingParams, probs_from_logits, sample
+from specrouter.core.sequence import PositionGapError, StaleVersionError, TokenLog
+
+
+class WorkerUnavailable(RuntimeError):
+    """A worker did not answer (dead, restarting, or past its deadline)."""
+
+    def __init__(self, level: str, reason: str):
+        super().__init__(f"worker {level!r} unavailable: {reason}")
+        self.level = level
+
+
+@dataclass
+class _Slot:
+    cache: KVCache
+    log: TokenLog = field(default_factory=TokenLog)  # the tokens whose keys/values the cache holds
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class DraftResult:
+    token_ids: list[int]
+    q_draft: torch.Tensor  # [k, V]: the distribution each token was sampled from
+
+
+def restrict(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """logits [N, V] with every token outside `allowed` [V] masked out (None: unchanged)."""
+    if allowed is None:
+        return logits
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
+@dataclass(frozen=True)
+class ForwardCall:
+    """One sequence's `forward` inside a batch (same arguments)."""
+
+    seq_id: str
+    version: int
+    start: int
+    prefix_hash: int
+    token_ids: list[int]
+    num_logits: int
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class DraftCall:
+    """One sequence's `draft` inside a batch (same arguments)."""
+
+    seq_id: str
+    version: int
+    start: int
+    prefix_hash: int
+    token_ids: list[int]
+    k: int
+    params: SamplingParams
+    seed: int
+    min_confidence: float = 0.0
+
+
+def top_confidence(logits: torch.Tensor) -> list[float]:
+    """logits [N, V] -> the plain-softmax probability of each row's most likely token: how sure a greedy
+    model is of the token it emits there."""
+    return torch.softmax(logits.float(), dim=-1).max(-1).values.tolist()
+
+
+def confidence(logits: torch.Tensor, q: torch.Tensor, token: int, params: SamplingParams) -> float:
+    """How sure the drafter was of the token it drafted: its probability under the sampling distribution
+    q [1, V] (under the plain softmax of logits [1, V] when greedy, whose q is one-hot)."""
+    if params.greedy:  # the token drafted is the most likely one
+        return top_confidence(logits)[0]
+    return float(q[0, token])
+
+
+class ModelWorker:
+    def __init__(self, name: str, view: ModelView):
+        self.name = name
+        self.view = view
+        self._slots: dict[str, _Slot] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.view.vocab_size
+
+    @property
+    def exact_width(self) -> int | None:
+        """The widest pass whose rows are bit-identical to one-token passes (None: not measured)."""
+        return self.view.exact_width
+
+    def _slot(self, seq_id: str, version: int, start: int, prefix_hash: int) -> _Slot:
+        """The sequence's slot, if the call may build on it: not stale, no gap, same prefix."""
+        slot = self._slots.get(seq_id)
+        if slot is None:
+            slot = self._slots[seq_id] = _Slot(self.view.new_cache(), version=version)
+        if version < slot.version:
+            raise StaleVersionError(f"{self.name}: {seq_id} version {version} < current {slot.version}")
+        if start > len(slot.log):
+            raise PositionGapError(f"{self.name}: {seq_id} start {start} beyond cached length {len(slot.log)}")
+        if slot.log.prefix_hash(start) != prefix_hash:
+            raise PositionGapError(f"{self.name}: {seq_id} holds a different prefix before position {start}")
+        slot.version = version
+        return slot
+
+    def _run(self, slot: _Slot, start: int, token_ids: list[int], num_logits: int) -> torch.Tensor:
+        logits = self.view.forward(token_ids, start, slot.cache, num_logits)  # [num_logits, V]
+        slot.log.put(start, token_ids)
+        return logits
+
+    def forward(
+        self,
+        seq_id: str,
+        version: int,
+        start: int,
+        prefix_hash: int,
+        token_ids: list[int],
+        num_logits: int,
+        params: SamplingParams,
+        allowed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cache `token_ids` at [start, start+S) (dropping anything cached beyond start) -> p [num_logits, V].
+        `prefix_hash` is the caller's TokenLog hash of positions [0, start). `allowed` [V] bool restricts
+        the distribution to those tokens (renormalised): a level drafting for another vocabulary."""
+        slot = self._slot(seq_id, version, start, prefix_hash)
+        return probs_from_logits(restrict(self._run(slot, start, token_ids, num_logits), allowed), params)
+
+    def forward_confident(
+        self,
+        seq_id: str,
+        version: int,
+        start: int,
+        prefix_hash: int,
+        token_ids: list[int],
+        num_logits: int,
+        params: SamplingParams,
+        allowed: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[float]]:
+        """`forward`, and the plain-softmax probability of each row's most likely token [num_logits]:
+        a greedy level that verifies in the middle of a chain emits those tokens and ends its block
+        after one it was unsure of (specrouter/core/chain.py), as it would drafting them itself."""
+        slot = self._slot(seq_id, version, start, prefix_hash)
+        logits = restrict(self._run(slot, start, token_ids, num_logits), allowed)  # [num_logits, V]
+        return probs_from_logits(logits, params), top_confidence(logits)
+
+    def draft(
+        self,
+        seq_id: str,
+        version: int,
+        start: int,
+        prefix_hash: int,
+        token_ids: list[int],
+        k: int,
+        params: SamplingParams,
+        seed: int,
+        allowed: torch.Tensor | None = None,
+        min_confidence: float = 0.0,
+    ) -> DraftResult:
+        """Feed `token_ids` at `start`, then sample up to k tokens one at a time (among `allowed` only, if
+        given), stopping after one drafted with confidence below `min_confidence`; the last one is not
+        cached. The stop depends only on the drafter's own draws, so the proposal stays exact."""
+        slot = self._slot(seq_id, version, start, prefix_hash)
+        generator = torch.Generator(device=self.view.device).manual_seed(seed)
+        drafted, rows = [], []
+        feed, pos = token_ids, start
+        for _ in range(k):
+            logits = restrict(self._run(slot, pos, feed, 1), allowed)  # [1, V]
+            q = probs_from_logits(logits, params)  # [1, V]
+            token = int(sample(q, generator)[0])
+            drafted.append(token)
+            rows.append(q)
+            pos, feed = pos + len(feed), [token]
+            if min_confidence and confidence(logits, q, token, params) < min_confidence:
+                break
+        q_draft = torch.cat(rows) if rows else torch.empty(0, self.vocab_size)
+        return DraftResult(drafted, q_draft)
+
+    def truncate(self, seq_id: str, version: int, position: int) -> int:
+        """Forget positions >= `position`; repeating it (or truncating beyond the end) is a no-op."""
+        slot = self._slots.get(seq_id)
+        if slot is None:
+            return 0
+        if version < slot.version:
+            raise StaleVersionError(f"{self.name}: {seq_id} version {version} < current {slot.version}")
+        slot.version = version
+        slot.log.truncate(min(len(slot.log), position))
+        return len(slot.log)
+
+    def cached_tokens(self, seq_id: str) -> list[int]:
+        slot = self._slots.get(seq_id)
+        return list(slot.log.tokens) if slot else []
+
+    def cached_length(self, seq_id: str) -> int:
+        return len(self.cached_tokens(seq_id))
+
+    def release(self, seq_id: str) -> None:
+        self._slots.pop(seq_id, None)
+
+    def num_sequences(self) -> int:
+        return len(self._slots)
+
+    # -- batched calls: many sequences per pass ----------------------------------------------------------
+
+    def _slots_for(self, calls: list[ForwardCall | DraftCall]) -> list[_Slot | Exception]:
+        """Each call's slot, or the protocol error that refuses that call alone (nothing else changes)."""
+        if len({c.seq_id for c in calls}) != len(calls):
+            raise ValueError("a batch names a sequence twice")
+        slots: list[_Slot | Exception] = []
+        for c in calls:
+            try:
+                slots.append(self._slot(c.seq_id, c.version, c.start, c.prefix_hash))
+            except (StaleVersionError, PositionGapError) as exc:
+                slots.append(exc)
+        return slots
+
+    def _run_batch(self, slots: list[_Slot], starts: list[int], feeds: list[list[int]], num_logits: list[int]) -> list[torch.Tensor]:
+        blocks = [SeqBlock(feed, start, slot.cache, n) for slot, start, feed, n in zip(slots, starts, feeds, num_logits)]
+        logits = self.view.forward_batch(blocks)  # [num_logits_b, V] each
+        for slot, start, feed in zip(slots, starts, feeds):
+            slot.log.put(start, feed)
+        return logits
+
+    def forward_batch(self, calls: list[ForwardCall], allowed: torch.Tensor | None = None) -> list[torch.Tensor | Exception]:
+        """`forward` for many sequences in one pass: p [num_logits, V] per call, or the StaleVersionError
+        / PositionGapError that refused that call (the others still run). `allowed` as in `forward`."""
+        return [r if isinstance(r, Exception) else r[0] for r in self._forward_batch(calls, allowed, confident=False)]
+
+    def forward_batch_confident(self, calls: list[ForwardCall], allowed: torch.Tensor | None = None) -> list[tuple[torch.Tensor, list[float]] | Exception]:
+        """`forward_batch`, each call's rows with their confidences as in `forward_confident`."""
+        return self._forward_batch(calls, allowed, confident=True)
+
+    def _forward_batch(self, calls: list[ForwardCall], allowed: torch.Tensor | None, confident: bool) -> list:
+        slots = self._slots_for(calls)
+        ok = [i for i, slot in enumerate(slots) if not isinstance(slot, Exception)]
+        results: list = list(slots)
+        if ok:
+            logits = self._run_batch([slots[i] for i in ok], [calls[i].start for i in ok], [calls[i].token_ids for i in ok],
+                                     [calls[i].num_logits for i in ok])
+            for i, row in zip(ok, logits):
+                row = restrict(row, allowed)  # [num_logits, V]
+                results[i] = (probs_from_logits(row, calls[i].params), top_confidence(row) if confident else None)
+        return results
+
+    def draft_batch(self, calls: list[DraftCall], allowed: torch.Tensor | None = None) -> list[DraftResult | Exception]:
+        """`draft` for many sequences: one batched pass per drafted position, each sequence sampling
+        with its own seeded generator (so each result equals its `draft` alone); a sequence leaves the
+        batch once it has its k tokens or stops unsure. `allowed` as in `draft`."""
+        slots = self._slots_for(calls)
+        results: list[DraftResult | Exception] = list(slots)
+        live = [i for i, slot in enumerate(slots) if not isinstance(slot, Exception)]
+        generators = {i: torch.Generator(device=self.view.device).manual_seed(calls[i].seed) for i in live}
+        drafted: dict[int, list[int]] = {i: [] for i in live}
+        rows: dict[int, list[torch.Tensor]] = {i: [] for i in live}
+        feeds = {i: (calls[i].start, calls[i].token_ids) for i in live}  # next (position, tokens) to run
+        active = [i for i in live if calls[i].k > 0]
+        while active:
+            logits = self._run_batch([slots[i] for i in active], [feeds[i][0] for i in active], [feeds[i][1] for i in active],
+                                     [1] * len(active))
+            unsure = set()
+            for i, row in zip(active, logits):
+                row = restrict(row, allowed)  # [1, V]
+                q = probs_from_logits(row, calls[i].params)  # [1, V]
+                token = int(sample(q, generators[i])[0])
+                drafted[i].append(token)
+                rows[i].append(q)
+                feeds[i] = (feeds[i][0] + len(feeds[i][1]), [token])
+                if calls[i].min_confidence and confidence(row, q, token, calls[i].params) < calls[i].min_confidence:
+                    unsure.add(i)
+            active = [i for i in active if len(drafted[i]) < calls[i].k and i not in unsure]
+        for i in live:
+            q_draft = torch.cat(rows[i]) if rows[i] else torch.empty(0, self.vocab_size)
+            results[i] = DraftResult(drafted[i], q_draft)
+        return results

@@ -1,0 +1,172 @@
+"""Latency model and chain search (pure functions).
+
+For a chain M_0 -> ... -> M_N with draft lengths g_0..g_{N-1} and pairwise acceptance a_k between
+M_k and M_{k+1}, level k+1 emits E_k(g) = (1 - a_k^(g+1)) / (1 - a_k) tokens per verification round
+of a block of g. Time per committed token is one top round over the tokens it emits,
+
+    L_N = (C_{N-1}(g_{N-1}) + verify_N(g_{N-1} + 1) + overhead) / E_{N-1}(g_{N-1}),
+
+where C_k(n) is the time level k takes to propose n tokens. D_k(n) is the tokens a block of level k
+asked for n holds (n, unless a `drafted(level, n)` says it stops early: an n-gram without a match, a
+model that ends its blocks unsure, at any level; the level above then verifies D_k(n) + 1 tokens, not
+n + 1). At the bottom C_0(n) = D_0(n) * draft_0; above it, rounds as the engine runs them
+(specrouter/core/chain.py `propose`) until D_k(n) tokens are out: each asks the level below for
+r = min(g_{k-1}, n_left - 1) tokens (the level adds one of its own), costs C_{k-1}(r) +
+verify_k(r + 1) + overhead and yields E_{k-1}(r) tokens; the last round is charged in proportion to
+the tokens still needed. So a level asked for one token scores it alone, with no help from below.
+An `expected(drafter, verifier, g)` may replace the i.i.d. E_k (specrouter/routing/acceptance.py: acceptance
+measured position by position). Target-only decoding is the chain of one level, L = verify_N(1) +
+overhead, so speculation switches itself off when it does not pay.
+
+A batch of B sequences stepping together is the same model with batch-dependent costs: drafting a
+token for all of them takes draft(level, B), a verification pass over g+1 tokens each takes
+verify(level, g+1, B), and L_N is the batch's time per token per sequence, so the batch commits
+B / L_N tokens per second (its goodput). Verification gets dearer as B grows (the pass does B(g+1)
+tokens of work), so the best draft lengths shrink with B until target-only decoding wins.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+CostFn = Callable[[str, int], float]  # (level, block length) -> seconds for one verification pass
+DraftFn = Callable[[str], float]  # level -> seconds per drafted token
+AlphaFn = Callable[[str, str], float]  # (drafter, verifier) -> acceptance
+ExpectedFn = Callable[[str, str, int], float]  # (drafter, verifier, g) -> tokens emitted per round
+BatchCostFn = Callable[[str, int, int], float]  # (level, block length, batch) -> seconds for one batched pass
+BatchDraftFn = Callable[[str, int], float]  # (level, batch) -> seconds per drafted token for the batch
+DraftedFn = Callable[[str, int], float]  # (level, n asked) -> tokens its block is expected to hold
+
+
+@dataclass(frozen=True)
+class Plan:
+    chain: tuple[str, ...]  # bottom first, target last
+    draft_lens: tuple[int, ...]
+    predicted_s_per_token: float
+
+    def as_dict(self) -> dict:
+        return {"chain": list(self.chain), "draft_lens": list(self.draft_lens), "predicted_s_per_token": round(self.predicted_s_per_token, 5)}
+
+
+def expected_tokens(alpha: float, g: int) -> float:
+    """Tokens a verifier emits per round when a drafter with acceptance alpha proposes g tokens."""
+    if alpha >= 1.0 - 1e-9:
+        return g + 1.0
+    return (1.0 - alpha ** (g + 1)) / (1.0 - alpha)
+
+
+def predict(chain: tuple[str, ...], draft_lens: tuple[int, ...], verify: CostFn, draft: DraftFn, alpha: AlphaFn, overhead: float,
+            expected: ExpectedFn | None = None, drafted: DraftedFn | None = None) -> float:
+    return _ChainModel(chain, verify, draft, alpha, overhead, expected, drafted).s_per_token(draft_lens)
+
+
+class _ChainModel:
+    """The latency model of one chain; C_k(n) memoised over every draft-length vector searched."""
+
+    def __init__(self, chain: tuple[str, ...], verify: CostFn, draft: DraftFn, alpha: AlphaFn, overhead: float,
+                 expected: ExpectedFn | None, drafted: DraftedFn | None = None):
+        self.chain, self.verify, self.draft, self.alpha, self.overhead, self.expected = chain, verify, draft, alpha, overhead, expected
+        self.drafted = drafted
+        self._emitted: dict[tuple[int, int], float] = {}
+        self._propose: dict[tuple[int, tuple[int, ...], int], float] = {}
+
+    def s_per_token(self, draft_lens: tuple[int, ...]) -> float:
+        chain = self.chain
+        if len(chain) == 1:
+            return self.verify(chain[0], 1) + self.overhead
+        top, g = len(chain) - 1, draft_lens[-1]
+        return (self.propose_time(top - 1, draft_lens, g) + self.verify(chain[top], self.block(top - 1, g) + 1) + self.overhead) / self.emitted(top, g)
+
+    def held(self, k: int, n: int) -> float:
+        """D_k(n): tokens in a block level k proposes when asked for n (all n, but for a level that stops early)."""
+        return n if self.drafted is None or n == 0 else self.drafted(self.chain[k], n)
+
+    def block(self, k: int, n: int) -> int:
+        """D_k(n), rounded: the block the level above verifies."""
+        return max(0, round(self.held(k, n)))
+
+    def emitted(self, k: int, g: int) -> float:
+        """Tokens level k emits per round of a block of g from level k - 1: at most the block it
+        verifies plus one, D_(k-1)(g) + 1 (acceptance and the blocks held are estimated apart, and
+        for a drafter seen little they can disagree)."""
+        if (k, g) not in self._emitted:
+            drafter, verifier = self.chain[k - 1], self.chain[k]
+            tokens = (self.expected(drafter, verifier, g) if self.expected is not None
+                      else expected_tokens(self.alpha(drafter, verifier), g))
+            self._emitted[(k, g)] = min(tokens, self.held(k - 1, g) + 1.0)
+        return self._emitted[(k, g)]
+
+    def propose_time(self, k: int, draft_lens: tuple[int, ...], n: int) -> float:
+        """C_k(n): seconds for level k to propose n tokens (it depends on draft_lens[:k] only)."""
+        if k == 0:
+            return self.held(0, n) * self.draft(self.chain[0])
+        key = (k, draft_lens[:k], n)
+        if key not in self._propose:
+            seconds, left = 0.0, float(self.held(k, n))
+            while left > 1e-9:
+                r = min(draft_lens[k - 1], max(0, math.ceil(left - 1e-9) - 1))
+                tokens = self.emitted(k, r)
+                round_s = self.propose_time(k - 1, draft_lens, r) + self.verify(self.chain[k], self.block(k - 1, r) + 1) + self.overhead
+                seconds += round_s * min(1.0, left / tokens)
+                left -= tokens
+            self._propose[key] = seconds
+        return self._propose[key]
+
+
+def enumerate_chains(pool: list[str], target: str, can_verify: Callable[[str], bool], max_drafters: int = 3):
+    """Ordered subsets of the pool (kept in the pool's cheapest-first order) ending at the target."""
+    for size in range(0, min(max_drafters, len(pool)) + 1):
+        for subset in itertools.combinations(pool, size):
+            if all(can_verify(level) for level in subset[1:]):
+                yield subset + (target,)
+
+
+def search(
+    pool: list[str],
+    target: str,
+    verify: CostFn,
+    draft: DraftFn,
+    alpha: AlphaFn,
+    overhead: float = 0.0,
+    can_verify: Callable[[str], bool] = lambda name: True,
+    lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10),
+    max_drafters: int = 3,
+    expected: ExpectedFn | None = None,
+    drafted: DraftedFn | None = None,
+    fixed: dict[str, int] | None = None,
+    max_top_len: int | None = None,
+) -> list[Plan]:
+    """Every chain and draft-length vector, best (lowest predicted time per token) first; a level in
+    `fixed` always proposes blocks of its length there (no search); the target verifies blocks of at
+    most `max_top_len` (its bit-exact width; None: any)."""
+    verify, draft = functools.cache(verify), functools.cache(draft)  # profile lookups, shared by every chain
+    drafted = functools.cache(drafted) if drafted is not None else None
+    plans = []
+    for chain in enumerate_chains(pool, target, can_verify, max_drafters):
+        best = None
+        model = _ChainModel(chain, verify, draft, alpha, overhead, expected, drafted)
+        choices = [(fixed[d],) if fixed and d in fixed else lengths for d in chain[:-1]]
+        if max_top_len is not None and choices:
+            choices[-1] = tuple(sorted({min(g, max_top_len) for g in choices[-1]}))
+        if max_top_len == 0 and len(chain) > 1:
+            continue  # the target verifies no block bit-exactly: target-only decoding alone
+        for lens in itertools.product(*choices):
+            t = model.s_per_token(lens)
+            if best is None or t < best.predicted_s_per_token:
+                best = Plan(chain, lens, t)
+        plans.append(best)
+    return sorted(plans, key=lambda p: p.predicted_s_per_token)
+
+
+def goodput(plan: Plan, batch: int) -> float:
+    """Committed tokens per second for a whole batch running `plan` (every sequence gets a token per L_N)."""
+    return batch / plan.predicted_s_per_token
+
+
+def search_batch(pool: list[str], target: str, batch: int, verify: BatchCostFn, draft: BatchDraftFn, alpha: AlphaFn, **kwargs) -> list[Plan]:
+    """`search` with the costs of a batch of `batch` sequences: plans best goodput first."""
+    return search(pool, target, lambda level, n: verify(level, n, batch), lambda level: draft(level, batch), alpha, **kwargs)

@@ -1,0 +1,273 @@
+"""The distributed runtime: one Ray actor per model (its slim views live in the same actor, sharing
+its weights), each serving the gRPC data plane; a router actor runs the chains over them.
+
+    ray_started = start_local_ray()            # embedded default: a light local Ray, if none is up
+    router = RouterActor.remote("qwen2.5-coder-0.5b@int8,qwen2.5-coder-1.5b", dtype="bfloat16")
+    ray.get(router.generate.remote(prompt_ids, 64))
+
+Placement comes from config per model: `num_cpus` plus a torch thread budget on CPU, or `num_gpus`,
+`accelerator_type`, and custom resources (e.g. {"accel_a": 1}) on a cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from specrouter.core.spec import LevelSpec, parse_chain
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one model's actor runs and how many threads its torch may use. Keyed in config by the
+    model's label (`name` or `name@int8`), its name, or "*" for every model."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    accelerator_type: str | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    torch_threads: int | None = None  # None: every core of the node (the chain's models take turns)
+    device: str = "cpu"
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the actor's process
+
+    def actor_options(self) -> dict:
+        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources),
+                   "runtime_env": {"env_vars": dict(self.env)}}
+        if self.accelerator_type:
+            options["accelerator_type"] = self.accelerator_type
+        return options
+
+
+def placement_for(spec: LevelSpec, placement: dict[str, Placement]) -> Placement:
+    """A model's placement: the entry for its label (`name@int8`), else for its name, else "*"."""
+    return placement.get(spec.label) or placement.get(spec.model) or placement.get("*") or Placement()
+
+
+def start_local_ray(num_cpus: int | None = None) -> bool:
+    """Start a light local Ray unless one is already initialised; True if this call started it
+    (so the caller stops only what it started, with ray.shutdown())."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_worker_niceness", "0")  # model workers must not lose the CPU to others
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        object_store_memory=128 << 20,
+        log_to_driver=False,
+        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
+    )
+    return True
+
+
+@ray.remote(max_restarts=-1, max_concurrency=4)
+class WorkerActor:
+    """One loaded model and its views, each a ModelWorker with per-sequence KV caches, behind gRPC."""
+
+    def __init__(self, model: str, quant: str | None, views: list[tuple[int, ...]], dtype: str, device: str, torch_threads: int | None):
+        import torch
+
+        from specrouter.runtime.dataplane import BackgroundServer, WorkerServicer, model_thread
+        from specrouter.core.store import ModelStore
+
+        def load() -> tuple[dict, object]:
+            # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): without a budget of its own, a model
+            # would run single-threaded although the chain's models take turns on every core.
+            threads = torch_threads or len(os.sched_getaffinity(0))
+            torch.set_num_threads(threads)
+            store = ModelStore(dtype, device, threads)
+            workers = {}
+            for skip in views:
+                worker = store.worker(LevelSpec(model, skip or None, quant), target=model)
+                workers[worker.name] = worker
+            return workers, store.get(model, quant)
+
+        label = LevelSpec(model, None, quant).label
+        thread = model_thread(label)  # loads and runs the model: one OpenMP pool in this process
+        workers, self.loaded = thread.submit(load).result()
+        self.server = BackgroundServer(WorkerServicer(label, workers, thread), _data_plane_host())
+        self.views = list(workers)
+        self.exact_width = next(iter(workers.values())).exact_width  # a property of the model, not of a view
+
+    def address(self) -> str:
+        return self.server.address
+
+    def describe(self) -> dict:
+        info = self.loaded.info
+        return {
+            "views": self.views,
+            "fingerprint": self.loaded.fingerprint,
+            "vocab_size": info.vocab_size,
+            "max_positions": info.max_positions,
+            "eos_ids": sorted(info.eos_ids),
+            "exact_width": self.exact_width,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+        }
+
+    def health(self) -> bool:
+        return True
+
+
+class RayWorkers:
+    """A WorkerProvider whose workers are Ray actors: one per (model, quantisation); skip-layer views
+    of a model live in that model's actor."""
+
+    def __init__(self, specs: list[LevelSpec], dtype: str = "bfloat16", placement: dict[str, Placement] | None = None,
+                 timeout_s: float = 120.0):
+        from specrouter.core.store import resolve_skip
+
+        self.dtype, self.timeout_s = dtype, timeout_s
+        placement = placement or {}
+        groups: dict[tuple[str, str | None], list[LevelSpec]] = {}
+        for spec in specs:
+            if spec.model != "ngram":
+                groups.setdefault((spec.model, spec.quant), []).append(spec)
+        self.actors: dict[tuple[str, str | None], ray.actor.ActorHandle] = {}
+        for (model, quant), members in groups.items():
+            place = placement_for(LevelSpec(model, None, quant), placement)
+            views = sorted({resolve_skip(s, functools.partial(_num_layers, model)) for s in members})
+            self.actors[(model, quant)] = WorkerActor.options(**place.actor_options()).remote(
+                model, quant, views, dtype, place.device, place.torch_threads
+            )
+        self.described = {key: ray.get(actor.describe.remote()) for key, actor in self.actors.items()}
+
+    def target_info(self, name: str, quant: str | None = None):
+        from specrouter.core.store import TargetInfo
+
+        info = self.described[(name, quant)]
+        tokenizer, _ = self.tokenizer(LevelSpec(name, None, quant))
+        return TargetInfo(tokenizer, frozenset(info["eos_ids"]), info["max_positions"], info["vocab_size"])
+
+    def tokenizer(self, spec: LevelSpec) -> tuple[object, str]:
+        """The model's tokenizer, loaded here (the router maps vocabularies; workers only get masks)."""
+        return _tokenizer(spec.model, spec.quant), self.described[(spec.model, spec.quant)]["fingerprint"]
+
+    def worker(self, spec: LevelSpec, target: str):
+        from specrouter.runtime.dataplane import RemoteWorker
+        from specrouter.core.store import resolve_skip
+
+        key = (spec.model, spec.quant)
+        name = LevelSpec(spec.model, resolve_skip(spec, functools.partial(_num_layers, spec.model)) or None, spec.quant).label
+        # The target is waited for while Ray restarts it; a drafter is skipped (the chain shortens).
+        wait_s = self.timeout_s if name == target else 2.0
+        resolve = functools.partial(_actor_address, self.actors[key], wait_s)
+        return RemoteWorker(name, resolve, self.timeout_s, self.described[key]["vocab_size"], self.described[key]["exact_width"])
+
+    def placements(self) -> dict[str, dict]:
+        return {LevelSpec(m, None, q).label: {"node_id": d["node_id"], "pid": d["pid"]} for (m, q), d in self.described.items()}
+
+
+def _actor_address(actor, wait_s: float) -> str:
+    """The actor's data-plane address, waiting up to wait_s while Ray restarts it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ray.get(actor.address.remote(), timeout=max(0.1, deadline - time.monotonic()))
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"actor not ready after {wait_s:.0f}s: {exc}") from exc
+            time.sleep(0.2)
+        except ray.exceptions.RayActorError as exc:
+            raise ConnectionError(f"actor died: {exc}") from exc
+
+
+def _data_plane_host() -> str:
+    """Loopback on a single-node Ray (nothing is exposed); the node's address on a cluster, so a
+    router on another node can reach this worker."""
+    if len(ray.nodes()) == 1:
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address()
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer(model: str, quant: str | None):
+    from specrouter.core.store import load_tokenizer
+
+    return load_tokenizer(model, quant)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_layers(model: str) -> int:
+    from transformers import AutoConfig
+
+    from specrouter.core import catalog
+
+    return AutoConfig.from_pretrained(catalog.resolve(model)).num_hidden_layers
+
+
+@ray.remote(max_restarts=-1, max_concurrency=16)
+class RouterActor:
+    """Runs chains over remote workers; the same Engine as in-process, with a RayWorkers provider.
+    Requests run together in one continuous batch (a BatchServer thread steps it); other calls
+    (info, placements) answer meanwhile. With `adaptive`, the batch's chain and draft lengths are
+    chosen every step by goodput for the batch."""
+
+    def __init__(self, chain: str, dtype: str = "bfloat16", draft_lens: list[int] | None = None,
+                 placement: dict[str, dict] | None = None, adaptive: bool = False, default_max_tokens: int = 256,
+                 max_batch: int = 16, pipeline: bool = False, draft_confidence: float = 0.0, bit_exact: bool = True,
+                 max_waiting: int | None = None, max_waiting_tokens: int | None = None):
+        from specrouter.engine.batch_server import BatchServer
+        from specrouter.engine.loop import BatchLoop
+        from specrouter.engine.engine import Engine
+        from specrouter.engine.frontend import Frontend
+
+        specs = parse_chain(chain)
+        self.provider = RayWorkers(specs, dtype, {k: Placement(**v) for k, v in (placement or {}).items()})
+        self.engine = Engine(specs, draft_lens=draft_lens, provider=self.provider, draft_confidence=draft_confidence,
+                             bit_exact=bit_exact)
+        self.router = None
+        if adaptive:
+            from specrouter.routing.router import router_for
+
+            self.router = router_for(self.engine)
+        self.batcher = BatchServer(BatchLoop(self.engine, self.router, max_batch, pipeline, max_waiting, max_waiting_tokens))
+        self.frontend = Frontend(self.engine, self.router, default_max_tokens, batcher=self.batcher)
+
+    def stream(self, request):
+        """A streaming generator over Frontend.stream (a GenerationRequest), with {"started": True}
+        once the request is queued for the batch: bad input (ValueError) and a full queue (Overloaded)
+        fail on the first item. ray.cancel() on it stops the generation after the current step and
+        frees its state. Callers that stream concurrently need the actor's max_concurrency above the
+        batch plus its waiting limit, so that a refusal never waits for a thread."""
+        items = self.frontend.stream(request)
+        yield next(items)
+        yield {"started": True}
+        for item in items:
+            if ray.get_runtime_context().is_canceled():  # the client went away: free the workers
+                items.close()
+                return
+            yield item
+
+    def info(self) -> dict:
+        return {"chain": ",".join(s.label for s in self.engine.specs), "target": self.engine.target_name,
+                "max_context": self.engine.max_positions}
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: dict | None = None, seed: int = 0,
+                 ignore_eos: bool = False, prompt_class: str | None = None) -> dict:
+        """One request through the batch; data_plane_bytes counts every request's traffic meanwhile."""
+        from specrouter.core.sampling import SamplingParams
+
+        route = self.router.start(prompt_class or "default") if self.router else None
+        bytes_before = self._bytes_moved()
+        result = self.batcher.generate(prompt_ids, max_new_tokens, SamplingParams(**(sampling or {})), seed, ignore_eos, route)
+        return {**result.as_dict(), "data_plane_bytes": self._bytes_moved() - bytes_before}
+
+    def _bytes_moved(self) -> int:
+        return sum(level.worker.bytes_moved for level in self.engine.levels.values() if hasattr(level, "worker"))
+
+    def placements(self) -> dict:
+        return self.provider.placements()
+
+    def actor(self, label: str):
+        """The actor handle serving a model (label as in a chain spec, without @skip)."""
+        spec = LevelSpec.parse(label)
+        return self.provider.actors[(spec.model, spec.quant)]
+
+    def describe(self) -> dict:
+        """The levels, those down, and the data-plane frames each level's worker sent, by op."""
+        frames = {name: dict(level.worker.frames_sent) for name, level in self.engine.levels.items() if hasattr(level, "worker")}
+        return {"levels": list(self.engine.levels), "down": sorted(self.engine.down), "data_plane_frames": frames}

@@ -1,0 +1,273 @@
+"""The gRPC client SDK for SpecRouter's public API (protos/specrouter/v1/specrouter.proto).
+
+    from specrouter.serving.client import Client
+    with Client("127.0.0.1:9000") as client:
+        print(client.generate("def fib(n):", max_tokens=32, temperature=0).text)
+        for chunk in client.stream("def fib(n):", max_tokens=32):
+            print(chunk.text, end="")
+
+`AsyncClient` has the same methods as coroutines / async iterators. Every call takes a deadline
+(`timeout` seconds; the server cancels the work when it passes); calls that fail before any response
+arrived are retried while the policy has attempts left: UNAVAILABLE with exponential backoff, and
+RESOURCE_EXHAUSTED with a `retry-after` (the server's queue is full) after the time it asks. gRPC
+errors become the exceptions below. `api_key=` sends `authorization: Bearer KEY` with every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from specrouter.v1 import specrouter_pb2 as pb
+from specrouter.v1.specrouter_pb2_grpc import SpecRouterStub
+
+
+class SpecRouterError(Exception):
+    """A call failed; `code` is the gRPC status code."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+
+class InvalidRequest(SpecRouterError, ValueError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(SpecRouterError, LookupError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(SpecRouterError, ConnectionError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(SpecRouterError, TimeoutError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(SpecRouterError, PermissionError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Overloaded(SpecRouterError):
+    """The server's queue was full every time the call was tried; `retry_after_s` is its last advice."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_after_s: float | None = None
+
+
+_ERRORS = {cls.code: cls for cls in (InvalidRequest, ModelNotFound, Unavailable, DeadlineExceeded, Unauthenticated, Overloaded)}
+
+
+def _error(exc: grpc.RpcError) -> SpecRouterError:
+    retry_after = _retry_after(exc)
+    cls = _ERRORS.get(exc.code(), SpecRouterError)
+    if cls is Overloaded and retry_after is None:
+        cls = SpecRouterError  # RESOURCE_EXHAUSTED from the transport (a message too large), not the queue
+    error = cls(f"{exc.code().name}: {exc.details()}")
+    error.code = exc.code()
+    if isinstance(error, Overloaded):
+        error.retry_after_s = retry_after
+    return error
+
+
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """The server's `retry-after` (seconds) in the call's trailing metadata, if any."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
+
+
+def _retry_delay(exc: grpc.RpcError, backoffs: Iterator[float], started: bool = False) -> float:
+    """How long to wait before retrying a failed call, or raise its error. Retried only before any reply
+    arrived and while the policy has attempts left: UNAVAILABLE after the next backoff, RESOURCE_EXHAUSTED
+    that carries a `retry-after` (the queue was full; a message too large carries none) after that long."""
+    backoff = next(backoffs, None)
+    if started or backoff is None:
+        raise _error(exc) from None
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return backoff
+    retry_after = _retry_after(exc) if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+    if retry_after is None:
+        raise _error(exc) from None
+    return retry_after
+
+
+@dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    stats: dict = field(default_factory=dict)  # chain, per-level acceptance, routing
+
+    def add(self, reply: pb.GenerateResponse) -> Chunk | None:
+        """Fold one streamed reply in; returns its text chunk, or None for the final reply."""
+        if reply.finish_reason:
+            self.finish_reason = reply.finish_reason
+            self.prompt_tokens, self.completion_tokens = reply.usage.prompt_tokens, reply.usage.completion_tokens
+            self.stats = json.loads(reply.stats_json) if reply.stats_json else {}
+            return None
+        self.text += reply.text
+        self.token_ids.extend(reply.token_ids)
+        return Chunk(reply.text, list(reply.token_ids))
+
+
+def make_request(prompt: str | list[int] | None = None, messages: list[dict] | None = None, *, model: str = "",
+                 max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, seed: int | None = None, stop: list[str] | str | None = None,
+                 ignore_eos: bool = False, prompt_class: str = "") -> pb.GenerateRequest:
+    request = pb.GenerateRequest(model=model, stop=[stop] if isinstance(stop, str) else list(stop or []),
+                                 ignore_eos=ignore_eos, prompt_class=prompt_class)
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    elif prompt is not None:
+        request.prompt_token_ids.extend(prompt)
+    for m in messages or []:
+        request.messages.add(role=m["role"], content=m["content"])
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+        if value is not None:
+            setattr(request, name, value)
+    return request
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4
+    first_backoff_s: float = 0.2
+    max_backoff_s: float = 2.0
+
+    def backoffs(self) -> Iterator[float]:
+        delay = self.first_backoff_s
+        for _ in range(self.attempts - 1):
+            yield delay
+            delay = min(delay * 2, self.max_backoff_s)
+
+
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
+class Client:
+    def __init__(self, address: str = "127.0.0.1:9000", timeout: float = 300.0, retry: RetryPolicy = RetryPolicy(),
+                 api_key: str | None = None):
+        self.timeout, self.retry, self._metadata = timeout, retry, _metadata(api_key)
+        self.channel = grpc.insecure_channel(address)
+        self.stub = SpecRouterStub(self.channel)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _unary(self, method, request, timeout: float | None):
+        backoffs = self.retry.backoffs()
+        while True:
+            try:
+                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                time.sleep(_retry_delay(exc, backoffs))
+
+    def stream(self, prompt=None, messages=None, *, timeout: float | None = None, **params) -> Iterator[Chunk]:
+        """Text chunks as they are generated (retried on UNAVAILABLE only before the first one)."""
+        completion = Completion()
+        yield from (c for c in self._replies(make_request(prompt, messages, **params), timeout, completion) if c)
+
+    def generate(self, prompt=None, messages=None, *, timeout: float | None = None, **params) -> Completion:
+        completion = Completion()
+        for _ in self._replies(make_request(prompt, messages, **params), timeout, completion):
+            pass
+        return completion
+
+    def _replies(self, request, timeout, completion: Completion) -> Iterator[Chunk | None]:
+        backoffs = self.retry.backoffs()
+        while True:
+            started = False
+            try:
+                for reply in self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata):
+                    started = True
+                    yield completion.add(reply)
+                return
+            except grpc.RpcError as exc:
+                time.sleep(_retry_delay(exc, backoffs, started))
+
+    def list_models(self, timeout: float | None = None) -> list[dict]:
+        reply = self._unary(self.stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [{"id": m.id, "chain": m.chain, "max_context": m.max_context} for m in reply.models]
+
+    def health(self, timeout: float | None = None) -> bool:
+        return self._unary(self.stub.Health, pb.HealthCheckRequest(), timeout).ready
+
+
+class AsyncClient:
+    def __init__(self, address: str = "127.0.0.1:9000", timeout: float = 300.0, retry: RetryPolicy = RetryPolicy(),
+                 api_key: str | None = None):
+        self.timeout, self.retry, self._metadata = timeout, retry, _metadata(api_key)
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = SpecRouterStub(self.channel)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _unary(self, method, request, timeout: float | None):
+        backoffs = self.retry.backoffs()
+        while True:
+            try:
+                return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                await asyncio.sleep(_retry_delay(exc, backoffs))
+
+    async def stream(self, prompt=None, messages=None, *, timeout: float | None = None, **params) -> AsyncIterator[Chunk]:
+        async for chunk in self._replies(make_request(prompt, messages, **params), timeout, Completion()):
+            if chunk is not None:
+                yield chunk
+
+    async def generate(self, prompt=None, messages=None, *, timeout: float | None = None, **params) -> Completion:
+        completion = Completion()
+        async for _ in self._replies(make_request(prompt, messages, **params), timeout, completion):
+            pass
+        return completion
+
+    async def _replies(self, request, timeout, completion: Completion) -> AsyncIterator[Chunk | None]:
+        backoffs = self.retry.backoffs()
+        while True:
+            started = False
+            try:
+                async for reply in self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata):
+                    started = True
+                    yield completion.add(reply)
+                return
+            except grpc.RpcError as exc:
+                await asyncio.sleep(_retry_delay(exc, backoffs, started))
+
+    async def list_models(self, timeout: float | None = None) -> list[dict]:
+        reply = await self._unary(self.stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [{"id": m.id, "chain": m.chain, "max_context": m.max_context} for m in reply.models]
+
+    async def health(self, timeout: float | None = None) -> bool:
+        return (await self._unary(self.stub.Health, pb.HealthCheckRequest(), timeout)).ready

@@ -1,0 +1,161 @@
+"""The serving configuration (YAML / Serve application args), validated at the edge with pydantic.
+
+    chain: "ngram,qwen2.5-coder-1.5b@gguf"   # drafters smallest first, target last
+    dtype: bfloat16
+    draft_lens: [6]                  # optional, one per drafter level
+    draft_confidence: 0.0            # a drafting model ends its block after a token it gave less than this
+    adaptive: false                  # true: --chain is a pool and each step runs the best chain
+    pipeline: false                  # true: draft the next block while the target verifies (PipeSpec-style)
+    model_name: null                 # the served model id (default: the target's name)
+    default_max_tokens: 256          # when a chat request gives no max_tokens
+    grpc_host: 127.0.0.1             # the public gRPC API; null port disables it
+    grpc_port: 9000
+    api_key: null                    # one key or a list; default: $SPECROUTER_API_KEY (comma-separated)
+    api_key_file: null               # a file of keys, one a line
+    max_batch: 16                    # requests generating together
+    max_waiting_requests: 64         # past it, a request that would wait is refused at once (429)
+    max_waiting_tokens: null         # the same, counting the waiting requests' prompt tokens
+    placement:                       # per model label (name or name@int8), or "*"
+      qwen2.5-coder-1.5b: {num_gpus: 1, accelerator_type: A100, device: cuda}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from specrouter.core.spec import parse_chain
+
+# The fastest measured on CPU: the target's own GGUF on llama.cpp (0.94x llama-server on the same file;
+# the torch bf16 target runs at about a third of that), with prompt lookup below it, which drafts where
+# the target verifies blocks bit-exactly (and, with bit_exact off, pays on answers that repeat the prompt).
+DEFAULT_CHAIN = "ngram,qwen2.5-coder-1.5b@gguf"
+API_KEY_ENV = "SPECROUTER_API_KEY"
+
+
+def _env_keys() -> list[SecretStr]:
+    return [SecretStr(k.strip()) for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+
+
+def _check_keys(keys: list[SecretStr]) -> list[SecretStr]:
+    for key in keys:
+        text = key.get_secret_value()
+        if not text or not text.isascii() or not text.isprintable() or " " in text:
+            raise ValueError("an API key must be non-empty printable ASCII without spaces")
+    return keys
+
+
+class PlacementConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    accelerator_type: str | None = None
+    resources: dict[str, float] = {}
+    torch_threads: int | None = Field(default=None, ge=1)
+    device: str = "cpu"
+    env: dict[str, str] = {}  # extra environment of the model's actor (e.g. OMP_WAIT_POLICY)
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # errors never echo an API key
+    chain: str = DEFAULT_CHAIN
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    draft_lens: list[int] | None = None
+    draft_confidence: float = Field(default=0.0, ge=0.0, lt=1.0)
+    bit_exact: bool = Field(
+        default=True,
+        description="A target whose wider passes round differently from one-token passes (a llama.cpp level, "
+                    "measured at load) verifies blocks no longer than it verifies bit-exactly, so greedy output "
+                    "equals the target's alone token for token. false: longer blocks, faster, equal up to rounding.")
+    adaptive: bool = False
+    pipeline: bool = False
+    model_name: str | None = None
+    default_max_tokens: int = Field(default=256, ge=1)
+    grpc_host: str = "127.0.0.1"  # the public gRPC API (protos/specrouter/v1/specrouter.proto)
+    grpc_port: int | None = Field(default=9000, ge=0)  # 0: any free port; null: no gRPC
+    placement: dict[str, PlacementConfig] = {}
+    # -- the front door: keys, admission, limits --
+    api_key: list[SecretStr] = Field(
+        default_factory=_env_keys,
+        description="API keys (one or a list); when any is set, every HTTP route but /health needs "
+                    "`Authorization: Bearer KEY` and the gRPC API (but Health) the same in its metadata. "
+                    f"Default: ${API_KEY_ENV}, comma-separated. Never logged: shown as '**********'.")
+    api_key_file: Path | None = Field(
+        default=None,
+        description="A file of API keys, one a line ('#' comments); read when the config is validated, its "
+                    "keys join api_key (so the file need only exist where the config is first read).")
+    metrics_need_key: bool | None = Field(
+        default=None,
+        description="Whether /metrics needs the API key (when keys are set). None: open when `specrouter "
+                    "serve` binds HTTP to loopback, keyed otherwise.")
+    max_batch: int = Field(default=16, ge=1, description="The most requests generating together in the batch.")
+    max_waiting_requests: int | None = Field(
+        default=64, ge=0,
+        description="The most requests that may wait for a place in a full batch; past it a new request is "
+                    "refused at once (HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED). null: no limit.")
+    max_waiting_tokens: int | None = Field(
+        default=None, ge=0,
+        description="The most prompt tokens the waiting requests may hold together; past it, refused as above. "
+                    "null: no limit.")
+    retry_after_s: int = Field(default=1, ge=1, description="The Retry-After (seconds) sent with a refusal for load.")
+    max_body_bytes: int = Field(default=4 << 20, ge=1024,
+                                description="The largest HTTP request body (bytes; larger: 413) and gRPC message.")
+    request_timeout_s: float | None = Field(
+        default=None, gt=0,
+        description="The longest a request may run, queued or generating; a request's own `timeout` (HTTP "
+                    "body) or gRPC deadline may only shorten it. When it passes, the request's work is "
+                    "cancelled on every worker (HTTP 408, gRPC DEADLINE_EXCEEDED). null: no limit.")
+    max_request_tokens: int = Field(default=32768, ge=1,
+                                    description="The most tokens one request may ask for: n x max_tokens (larger: 400).")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _one_or_many_keys(cls, value):
+        return [value] if isinstance(value, (str, SecretStr)) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _keys_are_tokens(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        _check_keys(keys)
+        return keys
+
+    @model_validator(mode="after")
+    def _chain_parses(self):
+        specs = parse_chain(self.chain)  # ValueError -> a validation error naming the chain
+        if self.draft_lens is not None and len(self.draft_lens) != len(specs) - 1:
+            raise ValueError(f"draft_lens needs one length per drafter ({len(specs) - 1}), got {self.draft_lens}")
+        return self
+
+    @model_validator(mode="after")
+    def _read_key_file(self):
+        if self.api_key_file is not None:
+            try:
+                text = Path(self.api_key_file).read_text()
+            except OSError as exc:
+                raise ValueError(f"cannot read the API key file {self.api_key_file}: {exc.strerror}") from None
+            lines = (line.strip() for line in text.splitlines())
+            keys = [line for line in lines if line and not line.startswith("#")]
+            if not keys:
+                raise ValueError(f"the API key file {self.api_key_file} holds no key")
+            self.api_key = _check_keys([*self.api_key, *map(SecretStr, keys)])
+            self.api_key_file = None  # read once: a copy of this config (a Serve replica's) needs no file
+        return self
+
+    @property
+    def api_keys(self) -> tuple[bytes, ...]:
+        """The keys as bytes, for constant-time comparison (specrouter/serving/auth.py)."""
+        return tuple(dict.fromkeys(k.get_secret_value().encode() for k in self.api_key))
+
+    @property
+    def served_name(self) -> str:
+        """The model id clients name: the target's model, whichever backend runs it."""
+        return self.model_name or parse_chain(self.chain)[-1].model
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ServeConfig":
+        import yaml
+
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})

@@ -1,0 +1,77 @@
+"""The online forward-time profile the router plans with."""
+
+import pytest
+
+from specrouter.routing.profiler import ForwardProfiler
+
+
+def test_a_level_wide_slowdown_reaches_every_cost_of_the_level():
+    """Seen twice in a row (here at block length 1 only), a 3x slowdown reaches the level's other
+    block lengths and its drafting cost, and a recovery brings them back."""
+    profiler = ForwardProfiler()
+    profiler.observe_draft("m", 4, 0.4)  # 0.1 s per token
+    profiler.observe_score("m", 1, 0.1)
+    profiler.observe_score("m", 8, 0.2)
+    profiler.observe_score("t", 1, 0.5)
+    for _ in range(2):
+        profiler.observe_score("m", 1, 0.3)
+    assert profiler.score_time("m", 8) == pytest.approx(0.6, rel=0.1)
+    assert profiler.draft_time("m") == pytest.approx(0.3, rel=0.1)
+    assert profiler.prefill_time("m", 8) == pytest.approx(0.6, rel=0.1)
+    assert profiler.score_time("t", 1) == pytest.approx(0.5)  # other levels are untouched
+    for _ in range(2):
+        profiler.observe_score("m", 1, 0.1)
+    assert profiler.score_time("m", 8) == pytest.approx(0.2, rel=0.15)
+    assert profiler.draft_time("m") == pytest.approx(0.1, rel=0.15)
+
+
+def test_a_single_outlier_moves_only_its_own_block_length():
+    profiler = ForwardProfiler()
+    profiler.observe_score("t", 1, 0.2)
+    profiler.observe_score("t", 8, 0.4)
+    profiler.observe_score("t", 8, 2.0)  # a pause
+    profiler.observe_score("t", 1, 0.2)
+    assert profiler.score_time("t", 1) == pytest.approx(0.2)
+    assert profiler.score_time("t", 8) > 0.4
+
+
+def test_score_time_interpolates_between_block_lengths_and_stays_flat_outside():
+    profiler = ForwardProfiler()
+    profiler.observe_score("t", 2, 0.2)
+    profiler.observe_score("t", 6, 0.4)
+    assert profiler.score_time("t", 4) == pytest.approx(0.3)
+    assert profiler.score_time("t", 1) == pytest.approx(0.2)
+    assert profiler.score_time("t", 16) == pytest.approx(0.4)
+
+
+def test_a_level_that_costs_next_to_nothing_never_changes_as_a_whole():
+    """Prompt lookup takes 0.05-0.6 ms a token, often 3x off its estimate either way: no level-wide
+    change (each would make every route re-plan at once), and its cost stays its recent average."""
+    profiler = ForwardProfiler()
+    for i in range(200):
+        profiler.observe_draft("ngram", 3, 3 * (1e-4, 6e-4, 5e-5, 3e-4)[i % 4])
+    assert profiler.changes == 0
+    assert 5e-5 < profiler.draft_time("ngram") < 6e-4
+    for _ in range(2):  # a real level-wide change of a level that costs something is still seen
+        profiler.observe_draft("ngram", 3, 3 * 0.01)
+    assert profiler.changes == 1
+
+
+def test_a_level_on_anothers_device_follows_that_levels_changes():
+    """A skip-layer view runs on its model's device: when that level slows down as a whole (seen in its
+    own passes only), so does the view, and it comes back with it."""
+    profiler = ForwardProfiler()
+    profiler.share("t@skip", "t")
+    profiler.observe_score("t", 4, 0.2)
+    profiler.observe_score("t@skip", 4, 0.15)
+    profiler.observe_draft("t@skip", 1, 0.1)
+    for _ in range(2):
+        profiler.observe_score("t", 4, 0.6)
+    assert profiler.score_time("t@skip", 4) == pytest.approx(0.45, rel=0.1)
+    assert profiler.draft_time("t@skip") == pytest.approx(0.3, rel=0.1)
+    for _ in range(2):  # its own passes, as slow as predicted now: no change of its own
+        profiler.observe_score("t@skip", 4, 0.45)
+    assert profiler.changes == 1
+    for _ in range(2):
+        profiler.observe_score("t", 4, 0.2)
+    assert profiler.score_time("t@skip", 4) == pytest.approx(0.15, rel=0.15)

@@ -1,0 +1,137 @@
+"""The distributed runtime on a real local Ray with tiny models: same output as in-process, and
+faults that shorten the chain (drafter) or fail cleanly then recover (target)."""
+
+import threading
+import time
+
+import pytest
+
+from specrouter.engine.engine import Engine
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def tiny_chain(tiny_dirs):
+    return f"{tiny_dirs['draft']},{tiny_dirs['target']}@skip:1,{tiny_dirs['target']}"
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_dirs):
+    engine = Engine(tiny_dirs["target"], dtype="float32")
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+    return ids, {n: engine.generate(ids, n, ignore_eos=True).token_ids for n in (32, 200)}
+
+
+def make_router(local_ray, chain, **kwargs):
+    from specrouter.runtime.actors import RouterActor
+
+    placement = {"*": {"num_cpus": 1, "torch_threads": 1}}
+    return RouterActor.remote(chain, dtype="float32", draft_lens=[2, 3] if chain.count(",") == 2 else [3], placement=placement, **kwargs)
+
+
+def test_distributed_chains_equal_in_process_and_target_only(local_ray, tiny_dirs, tiny_chain, expected):
+    ids, want = expected
+    for chain in (tiny_chain, f"{tiny_dirs['draft']},{tiny_dirs['target']}"):
+        router = make_router(local_ray, chain)
+        out = local_ray.get(router.generate.remote(ids, 32, ignore_eos=True), timeout=600)
+        assert out["token_ids"] == want[32], chain
+        assert out["data_plane_bytes"] > 0 and out["levels"][0]["num_draft_tokens"] > 0
+        local_ray.kill(router)
+
+
+def test_distributed_llamacpp_and_mixed_backend_chains_equal_the_gguf_target_alone(local_ray, tiny_gguf_dirs):
+    """llama.cpp levels in their own actors: a GGUF drafter and target, and a torch int8 drafter in front
+    of the GGUF target, give what the GGUF target gives alone in-process."""
+    target = f"{tiny_gguf_dirs['target']}@gguf"
+    engine = Engine(target)
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+    want = engine.generate(ids, 24, ignore_eos=True).token_ids
+    for chain in (f"{tiny_gguf_dirs['draft']}@gguf,{target}", f"{tiny_gguf_dirs['draft']}@int8,{target}"):
+        router = make_router(local_ray, chain, bit_exact=False)  # whole blocks (the tiny F32 files measure width 1)
+        out = local_ray.get(router.generate.remote(ids, 24, ignore_eos=True), timeout=600)
+        assert out["token_ids"] == want, chain
+        assert out["levels"][0]["num_accepted_tokens"] > 0
+        local_ray.kill(router)
+
+
+def test_distributed_cross_tokenizer_chain_equals_target_only(local_ray, cross_dirs):
+    """SmolLM2-tokenizer drafters in front of a Qwen-tokenizer target, over Ray and the data plane."""
+    engine = Engine(cross_dirs["target"], dtype="float32")
+    ids = engine.tokenizer("def add(a, b):\n    return a + b  # 加法 🎉\n")["input_ids"]
+    want = engine.generate(ids, 24, ignore_eos=True).token_ids
+    router = make_router(local_ray, f"{cross_dirs['smol']},{cross_dirs['qwen-draft']},{cross_dirs['target']}")
+    for sampling in (None, {"temperature": 0.8}):
+        out = local_ray.get(router.generate.remote(ids, 24, sampling=sampling, ignore_eos=True), timeout=600)
+        if sampling is None:
+            assert out["token_ids"] == want
+        assert out["levels"][0]["num_draft_tokens"] > 0 and out["levels"][0]["vocab_map"]["num_shared"] > 30000
+    local_ray.kill(router)
+
+
+def test_skip_view_lives_in_the_target_actor(local_ray, tiny_chain):
+    router = make_router(local_ray, tiny_chain)
+    placements = local_ray.get(router.placements.remote(), timeout=600)
+    assert len(placements) == 2  # draft actor + target actor (serving the full and the slim view)
+    local_ray.kill(router)
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "pipelined"])
+def test_killing_a_drafter_mid_generation_keeps_the_output(local_ray, tiny_dirs, expected, pipeline):
+    ids, want = expected
+    chain = f"{tiny_dirs['draft']},{tiny_dirs['target']}"
+    router = make_router(local_ray, chain, pipeline=pipeline)
+    local_ray.get(router.generate.remote(ids, 8, ignore_eos=True), timeout=600)  # warm: streams open
+    drafter = local_ray.get(router.actor.remote(tiny_dirs["draft"]), timeout=60)
+    pending = router.generate.remote(ids, 200, ignore_eos=True)
+    time.sleep(1.0)
+    local_ray.kill(drafter, no_restart=False)
+    out = local_ray.get(pending, timeout=600)
+    assert out["token_ids"] == want[200]
+    # The restarted drafter rejoins later requests.
+    time.sleep(6)
+    again = local_ray.get(router.generate.remote(ids, 32, ignore_eos=True), timeout=600)
+    assert again["token_ids"] == want[32]
+    local_ray.kill(router)
+
+
+def test_killing_the_target_fails_cleanly_then_recovers(local_ray, tiny_dirs, expected):
+    from specrouter.engine.engine import TargetUnavailable
+
+    ids, want = expected
+    router = make_router(local_ray, f"{tiny_dirs['draft']},{tiny_dirs['target']}")
+    local_ray.get(router.generate.remote(ids, 8, ignore_eos=True), timeout=600)
+    target = local_ray.get(router.actor.remote(tiny_dirs["target"]), timeout=60)
+    local_ray.kill(target, no_restart=False)
+    with pytest.raises(local_ray.exceptions.RayTaskError) as err:
+        local_ray.get(router.generate.remote(ids, 16, ignore_eos=True), timeout=600)
+    assert isinstance(err.value.as_instanceof_cause(), TargetUnavailable)
+    out = local_ray.get(router.generate.remote(ids, 32, ignore_eos=True), timeout=600)
+    assert out["token_ids"] == want[32]
+    local_ray.kill(router)
+
+
+def test_adaptive_router_actor_is_lossless_and_explains(local_ray, tiny_dirs, expected):
+    ids, want = expected
+    router = make_router(local_ray, f"ngram,{tiny_dirs['draft']},{tiny_dirs['target']}", adaptive=True)
+    out = local_ray.get(router.generate.remote(ids, 32, ignore_eos=True, prompt_class="chat"), timeout=600)
+    assert out["token_ids"] == want[32]
+    assert out["routing"]["class"] == "chat" and out["routing"]["decisions"]
+    local_ray.kill(router)
+
+
+def test_concurrent_requests_batch_over_the_data_plane_and_equal_each_alone(local_ray, tiny_dirs):
+    """Requests served together go to the workers as batched frames (forward_batch / draft_batch), with
+    the same greedy tokens as each request alone."""
+    engine = Engine(tiny_dirs["target"], dtype="float32")
+    prompts = [engine.tokenizer(p)["input_ids"] for p in (PROMPT, "Once upon a time there", "def fib(n):", "SELECT")]
+    want = [engine.generate(ids, 24, ignore_eos=True).token_ids for ids in prompts]
+    router = make_router(local_ray, f"{tiny_dirs['draft']},{tiny_dirs['target']}")
+    outs = local_ray.get([router.generate.remote(ids, 24, ignore_eos=True) for ids in prompts], timeout=600)
+    assert [out["token_ids"] for out in outs] == want
+    frames = local_ray.get(router.describe.remote(), timeout=60)["data_plane_frames"]
+    draft, target = frames[tiny_dirs["draft"]], frames[tiny_dirs["target"]]
+    assert target["forward_batch"] > 0 and draft["draft_batch"] > 0
+    assert "forward" not in target and "draft" not in draft  # no per-sequence model calls
+    assert target["forward_batch"] < sum(out["num_target_steps"] for out in outs)  # requests shared frames
+    local_ray.kill(router)
