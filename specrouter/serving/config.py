@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from specrouter.core.spec import parse_chain
 
-# The fastest measured on CPU: the target's own GGUF on llama.cpp (0.94x llama-server on the same file;
-# the torch bf16 target runs at about a third of that), with prompt lookup below it, which drafts where
-# the target verifies blocks bit-exactly (and, with bit_exact off, pays on answers that repeat the prompt).
+# The default for CPU serving: the target's own GGUF on llama.cpp (its quantised kernels outrun a torch
+# bf16 target on CPU), with prompt lookup below it, which drafts where the target verifies blocks
+# bit-exactly (and, with bit_exact off, pays on answers that repeat the prompt).
 DEFAULT_CHAIN = "ngram,qwen2.5-coder-1.5b@gguf"
 API_KEY_ENV = "SPECROUTER_API_KEY"
 
@@ -81,7 +81,7 @@ class ServeConfig(BaseModel):
                     "block length becomes a cap. 0: fixed blocks.")
     bit_exact: bool = Field(
         default=True,
-        description="A target whose wider passes round differently from one-token passes (a llama.cpp level, "
+        description="A target whose wider passes differ in rounding from one-token passes (a llama.cpp level, "
                     "measured at load) verifies blocks no longer than it verifies bit-exactly, so greedy output "
                     "equals the target's alone token for token. false: longer blocks, faster, equal up to rounding.")
     adaptive: bool = Field(
