@@ -237,6 +237,9 @@ class NgramLevel:
 
     can_verify = False
     max_block = None
+    min_confidence = 0.0
+    cross_tokenizer = None
+    vocab = None
 
     def __init__(self, vocab_size: int, max_n: int = 4, min_n: int = 2, name: str = "ngram"):
         self.name = name
