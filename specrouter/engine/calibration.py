@@ -166,6 +166,6 @@ def calibration_rounds(agreed: list[bool], sure: list[bool] | None = None) -> li
 
 def calibration_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     """A prompt's token ids, as a chat request's (the tokenizer's chat template) where it has one."""
-    if chat and getattr(tokenizer, "chat_template", None):  # a transformers tokenizer; None where it has no template
+    if chat and tokenizer.chat_template:
         return chat_ids(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt)["input_ids"]
