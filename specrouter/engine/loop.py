@@ -246,13 +246,12 @@ class BatchLoop:
                     r.ctx.drain_records()
                     r.ahead = None
         records = [r.ctx.drain_records() for r in requests]
-        if self.router is not None:
-            # 4. the router learns each request's verdicts, the replays of the n-gram drafters this step's
-            # target did not verify, and the step's level timings
+        if self.router is not None:  # with the replays of the n-gram drafters this step's target did not verify
             records = [rs + self._shadow(chain, r.seq, tokens) for r, rs, tokens in zip(requests, records, new)]
-            seconds = time.perf_counter() - t0
-            self.router.observe([r.route for r in requests], records, timings, seconds)
         seconds = time.perf_counter() - t0
+        if self.router is not None:
+            # 4. the router learns each request's verdicts and replays, and the step's level timings
+            self.router.observe([r.route for r in requests], records, timings, seconds)
         # 5. commit; retire what finished
         committed, finished = {}, expired
         for b, (request, tokens) in enumerate(zip(requests, new)):

@@ -9,7 +9,7 @@ from specrouter.engine.calibration import calibrate_costs, router_for
 from specrouter.routing.router import Decision
 from specrouter.routing.scheduler import Plan
 
-from conftest import chain_spec, prompts
+from conftest import chain_spec, prompts, synthetic_batch_profile
 
 
 @pytest.mark.parametrize("chain, draft_lens", [("draft,target", [3]), ("ngram,target", [4]), ("ngram,draft,target", [2, 3]),
@@ -70,8 +70,6 @@ def test_end_token_finishes_one_request_and_not_the_others(tiny_dirs):
 
 
 def test_goodput_loop_is_lossless_and_speculates_again_as_the_batch_shrinks(tiny_dirs):
-    from test_router import synthetic_batch_profile
-
     engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
     draft, target = list(engine.levels)
     calibrated = router_for(engine, calibrate=False)

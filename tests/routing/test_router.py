@@ -11,6 +11,8 @@ from specrouter.routing.classifier import classify
 from specrouter.routing.router import AdaptiveRouter, Decision, RequestRoute, RouterConfig, shared_devices
 from specrouter.routing.scheduler import Plan, predict
 
+from conftest import synthetic_batch_profile
+
 
 def next_plan(router: AdaptiveRouter, request: RequestRoute, backlog=None, remaining=float("inf")) -> Plan:
     """A request alone's next plan, as the generation loop asks for it (a batch of one)."""
@@ -385,15 +387,6 @@ def test_routed_pool_with_a_cross_tokenizer_drafter_is_lossless_and_learns_its_a
     # Its acceptance is measured like any pair's, in the verifier's tokens.
     assert any(router.acceptance.count("code", smol, verifier) > 0 for verifier in (qwen_draft, target))
     assert router.profiler.draft_time(smol) is not None
-
-
-def synthetic_batch_profile(router: AdaptiveRouter, target: str, drafter: str, batches=(1, 16)) -> None:
-    """Verification cost grows with the batch's tokens; acceptance 0.8."""
-    for b in batches:
-        router.observe([], [], [TimingRecord(target, "score", n, 0.1 + 0.02 * n * b, b) for n in (1, 2, 4, 8)]
-                             + [TimingRecord(drafter, "draft", 4, 4 * (0.02 + 0.002 * b), b)])
-    accepted = [0] * 5 + [1] * 4 + [2] * 3 + [3] * 3 + [4] * 10  # blocks of 4 accepted position by position at ~0.8
-    learned(router, "default", [VerifyRecord(drafter, target, 4, n, [0.8] * 4) for n in accepted])
 
 
 def test_batch_plan_turns_speculation_off_for_a_large_batch_and_on_again_for_a_small_one():
