@@ -1,5 +1,5 @@
 """Write the configuration reference into README.md: a table of every ServeConfig field (and of the
-placement fields) with its type, default and description, generated from the pydantic models, between
+placement and routing fields) with its type, default and description, generated from the pydantic models, between
 the two marker comments. `--check` exits non-zero when README.md's table is not the generated one.
 
     python scripts/config_reference.py          # rewrite the table in README.md
@@ -26,6 +26,7 @@ def _type(annotation) -> str:
     text = str(annotation).replace("typing.", "").replace("pydantic.types.", "").replace("pathlib.", "")
     text = text.replace("<class '", "").replace("'>", "").replace("Literal", "one of ")
     text = text.replace("specrouter.serving.config.PlacementConfig", "placement")
+    text = text.replace("specrouter.serving.config.RoutingConfig", "routing")
     return text.replace("NoneType", "null").replace("None", "null").replace(" | ", " or ")
 
 
@@ -46,13 +47,15 @@ def table(model: type[BaseModel], prefix: str = "") -> str:
 
 
 def reference() -> str:
-    from specrouter.serving.config import PlacementConfig, ServeConfig
+    from specrouter.serving.config import PlacementConfig, RoutingConfig, ServeConfig
 
     return "\n\n".join([
         BEGIN,
         table(ServeConfig),
         "Each entry of `placement` (per model label, or `\"*\"` for every model):",
         table(PlacementConfig, "placement.LABEL."),
+        "The adaptive router's knobs, under `routing`:",
+        table(RoutingConfig, "routing."),
         END,
     ])
 
