@@ -67,9 +67,9 @@ def main() -> None:
     parser.add_argument("--target", default="qwen2.5-coder-1.5b")
     parser.add_argument("--drafter", default="qwen2.5-coder-0.5b")
     parser.add_argument("--skip", type=int, default=7, help="how many layers the slim verifier skips")
-    parser.add_argument("--candidates", type=int, default=10, help="best single layers the greedy search draws from")
-    parser.add_argument("--prompts", type=int, default=4, help="per class (code, chat)")
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--candidates", type=int, default=9, help="best single layers the greedy search draws from")
+    parser.add_argument("--prompts", type=int, default=3, help="per class (code, chat)")
+    parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--tau-low", type=float, default=0.3)
     parser.add_argument("--tau-high", type=float, default=0.9)
     parser.add_argument("--dtype", default="bfloat16")
@@ -89,6 +89,7 @@ def main() -> None:
         ids = encode(target.tokenizer, prompt)
         sequences.append((ids + greedy_continuation(full, ids, args.tokens), len(ids)))
         classes += [prompt.klass] * args.tokens
+        print(f"continued {prompt.id} ({len(ids)} prompt tokens)", flush=True)
     reference = torch.cat([logits.argmax(-1) for logits in teacher_forced(full, sequences)])  # [N]
     draft_logits = torch.cat(teacher_forced(ModelView(drafter.model), sequences))  # [N, V_d]
     draft_probs = torch.softmax(draft_logits.float(), -1)
@@ -107,8 +108,10 @@ def main() -> None:
             preds[skip] = slim_argmax(model, skip, sequences)
         return preds[skip]
 
-    single = {i: agreement(pred((i,)), reference, medium) for i in range(n_layers)}
-    print("single layers done", flush=True)
+    single = {}
+    for i in range(n_layers):
+        single[i] = agreement(pred((i,)), reference, medium)
+        print(f"skip {i} alone: {single[i]:.3f}", flush=True)
 
     # 3. Forward greedy search over the best single layers.
     pool = sorted(single, key=single.get, reverse=True)[: args.candidates]
