@@ -50,8 +50,8 @@ class SlowedLevel:
 
     def __init__(self, level, factor: float):
         self.inner, self.factor = level, factor
-        self.name, self.vocab_size, self.can_verify = level.name, level.vocab_size, level.can_verify
-        self.min_confidence = getattr(level, "min_confidence", 0.0)
+        self.name, self.vocab_size, self.can_verify, self.max_block = level.name, level.vocab_size, level.can_verify, level.max_block
+        self.min_confidence, self.cross_tokenizer, self.vocab = level.min_confidence, level.cross_tokenizer, level.vocab
 
     def _slow(self, fn, *args):
         t0 = time.perf_counter()
@@ -59,14 +59,11 @@ class SlowedLevel:
         time.sleep((self.factor - 1) * (time.perf_counter() - t0))
         return out
 
-    def propose(self, *args):
-        return self._slow(self.inner.propose, *args)
+    def propose(self, items):
+        return self._slow(self.inner.propose, items)
 
-    def score(self, *args):
-        return self._slow(self.inner.score, *args)
-
-    def score_confident(self, *args):
-        return self._slow(self.inner.score_confident, *args)
+    def score(self, items):
+        return self._slow(self.inner.score, items)
 
     def release(self, seq_id):
         self.inner.release(seq_id)

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specrouter.core import catalog
 from specrouter.core.levels import ModelLevel
 from specrouter.core.model import ModelView
-from specrouter.core.worker import ModelWorker
+from specrouter.core.worker import DraftCall, DraftResult, ForwardCall, ModelWorker
 
 torch.set_num_threads(2)
 
@@ -50,6 +50,23 @@ def model_level(model, name: str, skip: tuple[int, ...] = ()) -> ModelLevel:
 
 CODE_PROMPT = 'def is_palindrome(text: str) -> bool:\n    """Return True if text reads the same backwards."""\n'
 CHAT_PROMPT = "The three primary colors are"
+
+
+def forward_one(worker, *call_fields, allowed=None, confident: bool = False):
+    """One sequence's `forward` on a worker (a batch of one): its p [num_logits, V], with its top
+    confidences if `confident`; a refusal is raised."""
+    (result,) = worker.forward([ForwardCall(*call_fields, confident=confident)], allowed)
+    if isinstance(result, Exception):
+        raise result
+    return (result.p, result.top) if confident else result.p
+
+
+def draft_one(worker, *call_fields, allowed=None) -> DraftResult:
+    """One sequence's `draft` on a worker (a batch of one); a refusal is raised."""
+    (result,) = worker.draft([DraftCall(*call_fields)], allowed)
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ from typing import Protocol
 
 import torch
 
-from specrouter.core.chain import Chain, LevelStats, StepContext, speculative_step
+from specrouter.core.chain import Chain, StepContext, speculative_step
 from specrouter.core.levels import Level, ModelLevel, NgramLevel
+from specrouter.core.records import LevelStats, TimingRecord
 from specrouter.core.sampling import SamplingParams
 from specrouter.routing.scheduler import Plan
 from specrouter.core.sequence import SequenceState
@@ -80,8 +81,7 @@ class GenerationResult:
 
 
 def _vocab_report(level: Level) -> dict | None:
-    vocab = getattr(level, "vocab", None)
-    return vocab.report() if vocab is not None else None
+    return level.vocab.report() if level.vocab is not None else None
 
 
 def run_to_end(steps: Generator):
@@ -226,14 +226,15 @@ class Engine:
             while len(seq.generated) < max_new_tokens:
                 chain = self._live(self.chain_for(self._next_plan(route, seq, max_new_tokens)) if route is not None else self.chain)
                 t_step = time.perf_counter()
+                timings: list[TimingRecord] = []
                 try:
-                    new = speculative_step(chain, seq, ctx, budget=max_new_tokens - len(seq.generated))
+                    (new,) = speculative_step(chain, [seq], [ctx], [max_new_tokens - len(seq.generated)], timings)
                 except WorkerUnavailable as exc:
                     self._mark_down(exc, chain)
                     ctx.drain_records()
                     continue  # nothing was committed: redo the step on the shorter chain
                 steps += 1
-                records = ctx.drain_records()
+                records = timings + ctx.drain_records()
                 if route is not None:
                     records += self._shadow(chain, seq, new)
                     route.observe(records, len(new), time.perf_counter() - t_step)

@@ -2,7 +2,7 @@
 
 The loop holds the active requests and a queue. Every step it (1) admits queued requests up to
 `max_batch` (their prompts prefill inside the step's batched passes), (2) picks the chain and draft
-lengths for the batch, (3) runs one batched speculative step (chain.speculative_step_batch: batched
+lengths for the batch, (3) runs one batched speculative step (chain.speculative_step: batched
 drafting and batched verification per level, per-sequence verdicts and rollback), (4) commits each
 request's tokens and retires the finished ones, releasing their state on every worker. A cancelled
 request is retired at once; the others never notice (their caches and versions are their own).
@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 import torch
 
 from specrouter.routing.acceptance import OwnAcceptance
-from specrouter.core.chain import Chain, StepContext, TimingRecord, drafted, speculative_step_batch
+from specrouter.core.chain import Chain, StepContext, drafted, speculative_step
 from specrouter.engine.engine import Engine, GenerationResult
-from specrouter.core.pipeline import DraftAhead, pipelined_step_batch
+from specrouter.core.levels import ProposeItem, ScoreItem
+from specrouter.core.pipeline import DraftAhead, pipelined_step
+from specrouter.core.records import TimingRecord
 from specrouter.engine.request import Overloaded
 from specrouter.routing.router import taught
 from specrouter.core.sampling import SamplingParams
@@ -207,8 +209,8 @@ class BatchLoop:
     def _step(self, chain: Chain, requests: list[_Request], timings: list[TimingRecord], top_lens: list[int] | None) -> list[list[int]]:
         seqs, ctxs, budgets = [r.seq for r in requests], [r.ctx for r in requests], [r.budget for r in requests]
         if self._pool is None:
-            return speculative_step_batch(chain, seqs, ctxs, budgets, timings, top_lens)
-        new, aheads = pipelined_step_batch(chain, seqs, ctxs, budgets, timings, [r.ahead for r in requests], self._pool, top_lens)
+            return speculative_step(chain, seqs, ctxs, budgets, timings, top_lens)
+        new, aheads = pipelined_step(chain, seqs, ctxs, budgets, timings, [r.ahead for r in requests], self._pool, top_lens)
         for request, ahead in zip(requests, aheads):
             request.ahead = ahead
         return new
@@ -278,17 +280,15 @@ def calibration_passes(level, batch: int, lengths: tuple[int, ...], context: int
     params, out = SamplingParams(), []
     seqs = [SequenceState.new(f"calibrate-{level.name}-{batch}-{b}", list(range(1 + b, context + 1 + b))) for b in range(batch)]
     ctxs = [list(seq.token_ids) for seq in seqs]
-    score = getattr(level, "score_batch", None) or (lambda items: [level.score(*item) for item in items])
-    propose = getattr(level, "propose_batch", None) or (lambda items: [level.propose(*item) for item in items])
     try:
         if level.can_verify:
-            score([(seq, ctx[:-1], [], params) for seq, ctx in zip(seqs, ctxs)])  # prefill, not timed
+            level.score([ScoreItem(seq, ctx[:-1], [], params) for seq, ctx in zip(seqs, ctxs)])  # prefill, not timed
             for n in lengths:
                 t0 = time.perf_counter()
-                score([(seq, ctx, list(range(2, n + 1)), params) for seq, ctx in zip(seqs, ctxs)])
+                level.score([ScoreItem(seq, ctx, list(range(2, n + 1)), params) for seq, ctx in zip(seqs, ctxs)])
                 out.append(("score", n, time.perf_counter() - t0))
         t0 = time.perf_counter()
-        blocks = propose([(seq, ctx, 4, params, 0) for seq, ctx in zip(seqs, ctxs)])
+        blocks = level.propose([ProposeItem(seq, ctx, 4, params, 0) for seq, ctx in zip(seqs, ctxs)])
         out.append(("draft", max(1, *(drafted(b, 4) for b in blocks)), time.perf_counter() - t0))  # one that stops unsure drafts fewer
     finally:
         for seq in seqs:

@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from specrouter.routing.acceptance import POOLED, AcceptanceTable, OwnAcceptance, rejection_ratio
-from specrouter.core.chain import TimingRecord, VerifyRecord, drafted
+from specrouter.core.chain import drafted
 from specrouter.engine.frontend import chat_ids
-from specrouter.core.levels import Level, NgramLevel
+from specrouter.core.levels import Level, NgramLevel, ProposeItem, ScoreItem
+from specrouter.core.records import TimingRecord, VerifyRecord
 from specrouter.routing.profiler import LEVEL_CHANGE, ForwardProfiler
 from specrouter.core.sampling import SamplingParams
 from specrouter.routing.scheduler import Plan, predict, search, search_batch
@@ -492,12 +493,10 @@ class AdaptiveRouter:
             if level.can_verify:
                 seq = SequenceState.new(f"calibrate-alpha-{name}-{klass}", ids[:1])
                 try:
-                    if name in self.stopping:
-                        p, top = level.score_confident(seq, ids[:1], ids[1:], params)  # [T_all, V], [T_all]
-                        sure[name] = [float(c) >= level.min_confidence for c in top[start - 1 : -1]]
-                    else:
-                        p = level.score(seq, ids[:1], ids[1:], params)
-                    choices[name] = p.argmax(-1)[start - 1 : -1]  # [T]
+                    (scored,) = level.score([ScoreItem(seq, ids[:1], ids[1:], params, confident=name in self.stopping)])
+                    if name in self.stopping:  # scored.top [T_all]
+                        sure[name] = [float(c) >= level.min_confidence for c in scored.top[start - 1 : -1]]
+                    choices[name] = scored.p.argmax(-1)[start - 1 : -1]  # [T] (p [T_all, V])
                 finally:
                     level.release(seq.seq_id)
             elif isinstance(level, NgramLevel):
@@ -534,10 +533,10 @@ class AdaptiveRouter:
         try:
             t0 = time.perf_counter()
             if level.can_verify:
-                level.score(seq, list(seq.token_ids), [1], params)
+                level.score([ScoreItem(seq, list(seq.token_ids), [1], params)])
                 self.profiler.observe_score(name, 2, time.perf_counter() - t0, weight=EXPLORE_WEIGHT)
             else:
-                level.propose(seq, list(seq.token_ids), 1, params, seed=0)
+                level.propose([ProposeItem(seq, list(seq.token_ids), 1, params, seed=0)])
             seconds = time.perf_counter() - t0
             self.profiler.observe_draft(name, 1, seconds, weight=EXPLORE_WEIGHT)
         finally:
@@ -557,13 +556,13 @@ class AdaptiveRouter:
             ctx = list(seq.token_ids)
             try:
                 if level.can_verify:
-                    level.score(seq, ctx[:-1], [], params)  # prefill, not profiled
+                    level.score([ScoreItem(seq, ctx[:-1], [], params)])  # prefill, not profiled
                     for n in lengths:
                         t0 = time.perf_counter()
-                        level.score(seq, ctx, list(range(2, n + 1)), params)
+                        level.score([ScoreItem(seq, ctx, list(range(2, n + 1)), params)])
                         self.profiler.observe_score(name, n, time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                block = level.propose(seq, ctx, 4, params, seed=0)
+                (block,) = level.propose([ProposeItem(seq, ctx, 4, params, seed=0)])
                 # per token drafted: one that stops unsure drafts fewer (an n-gram without a match, none: a call's cost)
                 self.profiler.observe_draft(name, max(1, drafted(block, 4)), time.perf_counter() - t0)
             finally:
@@ -601,7 +600,7 @@ def _runs(chain: tuple[str, ...], item: str | tuple[str, str]) -> bool:
 def router_for(engine: "Engine", config: RouterConfig = RouterConfig(), calibrate: bool = True) -> AdaptiveRouter:
     """A router over an engine's pool: every level but the last is a drafter candidate."""
     names = list(engine.levels)
-    stopping = frozenset(n for n, level in engine.levels.items() if getattr(level, "min_confidence", 0.0) > 0)
+    stopping = frozenset(n for n, level in engine.levels.items() if level.min_confidence > 0)
     router = AdaptiveRouter(names[:-1], names[-1], {n: level.can_verify for n, level in engine.levels.items()}, config,
                             stopping=stopping, hosts=shared_devices(names), max_top_len=engine.levels[names[-1]].max_block)
     if calibrate:

@@ -1,6 +1,6 @@
 """Shadow replay of a prompt-lookup drafter over the tokens a step committed."""
 
-from specrouter.core.chain import TimingRecord, VerifyRecord
+from specrouter.core.records import TimingRecord, VerifyRecord
 from specrouter.engine.engine import Engine
 from specrouter.core.levels import NgramLevel
 from specrouter.routing.router import RouterConfig, router_for

@@ -79,7 +79,7 @@ CROSS_CHAINS = [
 @pytest.mark.parametrize("chain, draft_lens, modes", CROSS_CHAINS, ids=[c for c, _, _ in CROSS_CHAINS])
 def test_cross_tokenizer_chain_greedy_equals_transformers_generate(cross_dirs, chain, draft_lens, modes):
     engine = Engine(",".join(cross_dirs.get(name, name) for name in chain.split(",")), dtype="float32", draft_lens=draft_lens)
-    vocab = next(level.vocab for level in engine.chain.levels if getattr(level, "vocab", None))
+    vocab = next(level.vocab for level in engine.chain.levels if level.vocab is not None)
     shared = set(vocab.shared_target.tolist())
     accepted, outside = 0, 0
     for prompt in (CODE_PROMPT, CHAT_PROMPT, BOUNDARY_PROMPT):

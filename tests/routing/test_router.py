@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from specrouter.core.chain import TimingRecord, VerifyRecord
+from specrouter.core.records import TimingRecord, VerifyRecord
 from specrouter.routing.classifier import classify
 from specrouter.routing.router import AdaptiveRouter, RouterConfig, shared_devices
 from specrouter.routing.scheduler import Plan, predict
@@ -217,13 +217,13 @@ class SimLevel:
     def __init__(self, name: str, env: SimEnv):
         self.name, self.env = name, env
 
-    def score(self, seq, ctx, draft, params):
+    def score(self, items):
         import time
 
         time.sleep(self.env.c(self.name))
 
-    def propose(self, seq, ctx, n, params, seed):
-        self.score(seq, ctx, [], params)
+    def propose(self, items):
+        self.score(items)
 
     def release(self, seq_id):
         pass
@@ -248,9 +248,9 @@ def test_a_level_whose_probes_confirm_its_cost_is_probed_less_often():
     probes = []
 
     class CountedLevel(SimLevel):
-        def score(self, seq, ctx, draft, params):
+        def score(self, items):
             probes.append(len(probes))
-            super().score(seq, ctx, draft, params)
+            super().score(items)
 
     router = AdaptiveRouter(["A", "S"], "T", {}, RouterConfig(explore_every=5), levels={"S": CountedLevel("S", env)})
     router.acceptance.observe("chat", "S", "T", [0.95] * 50)
@@ -267,9 +267,9 @@ def test_a_level_on_the_device_of_a_level_in_use_is_never_probed():
 
     for shared in (True, False):
         class CountedLevel(SimLevel):
-            def score(self, seq, ctx, draft, params, shared=shared):
+            def score(self, items, shared=shared):
                 probes[shared].append(1)
-                super().score(seq, ctx, draft, params)
+                super().score(items)
 
         router = AdaptiveRouter(["A", "S"], "T", {}, RouterConfig(explore_every=5), levels={"S": CountedLevel("S", env)},
                                 hosts={"S": "T"} if shared else None)
@@ -289,9 +289,9 @@ def test_a_probe_times_the_short_pass_it_records():
     passes = []
 
     class Recording(SimLevel):
-        def score(self, seq, ctx, draft, params):
-            passes.append(len(ctx) + len(draft))
-            super().score(seq, ctx, draft, params)
+        def score(self, items):
+            passes.extend(len(item.ctx) + len(item.draft) for item in items)
+            super().score(items)
 
     router = AdaptiveRouter(["A", "S"], "T", {}, RouterConfig(explore_every=5), levels={"S": Recording("S", env)})
     router._probe("S")
@@ -308,9 +308,9 @@ def test_calibration_charges_a_drafter_that_stops_unsure_per_token_it_drafts():
     class StopsAtOnce:  # asked for 4 tokens, drafts 1 (unsure after it) in 20 ms
         can_verify = False
 
-        def propose(self, seq, ctx, n, params, seed):
+        def propose(self, items):
             time.sleep(0.02)
-            return Block([1], torch.zeros(1, 8), num_drafted=1)
+            return [Block([1], torch.zeros(1, 8), num_drafted=1) for _ in items]
 
         def release(self, seq_id):
             pass
