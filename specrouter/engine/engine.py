@@ -12,6 +12,8 @@ from typing import Protocol
 import torch
 
 from specrouter.core.chain import Chain, StepContext, speculative_step
+from specrouter.core.tiered import tiered_step
+from specrouter.core.tiers import Thresholds, TierCounts
 from specrouter.core.levels import Level, ModelLevel, NgramLevel
 from specrouter.core.records import LevelStats, TimingRecord
 from specrouter.core.sampling import SamplingParams
@@ -57,6 +59,13 @@ class GenerationResult:
     text: str | None = None
     prompt_tokens: int = 0
     routing: dict | None = None  # which chains ran and why (adaptive routing)
+    tiered: Thresholds | None = None  # opt-in lossy tiered verification ran (None: lossless)
+    tiers: TierCounts | None = None  # with `tiered`: the committed tokens each tier decided
+
+    @property
+    def lossy(self) -> bool:
+        """The output may differ from the target's alone (tiered verification with a tier below the target)."""
+        return self.tiered is not None and not self.tiered.lossless
 
     @property
     def tokens_per_s(self) -> float:
@@ -77,6 +86,9 @@ class GenerationResult:
             "draft_lens": self.draft_lens,
             "levels": [s.as_dict() for s in self.level_stats],
             **({"routing": self.routing} if self.routing is not None else {}),
+            "lossy": self.lossy,
+            **({"verification": "tiered", "tau_high": self.tiered.tau_high, "tau_low": self.tiered.tau_low,
+                "tiers": self.tiers.as_dict()} if self.tiered is not None else {}),
         }
 
 
@@ -106,6 +118,7 @@ class Engine:
         retokenize_greedy: bool = True,
         draft_confidence: float = 0.0,
         bit_exact: bool = True,
+        slim_verifier: str | None = None,
     ):
         """`provider` supplies the workers (default: an in-process ModelStore for dtype and device).
         A drafter on another tokenizer than the target's drafts greedy requests freely and has its text
@@ -115,7 +128,10 @@ class Engine:
         `bit_exact`: a target whose wider passes round differently from one-token passes (a llama.cpp level:
         its measured `exact_width`) verifies blocks no longer than it verifies bit-exactly, so greedy output
         is the target's alone token for token; False lets blocks run longer (faster, and equal up to
-        rounding: a near-tie can flip)."""
+        rounding: a near-tie can flip).
+        `slim_verifier`: the level spec of tiered verification's slim verifier (specrouter/core/tiered.py),
+        a skip-layer view of the target (e.g. "NAME@skip:12+13"; "@skip" alone: the target's measured
+        default set); None: requests in tiered mode send tier-2 tokens to the full target."""
         if not 0.0 <= draft_confidence < 1.0:
             raise ValueError(f"draft_confidence must be in [0, 1), got {draft_confidence}")
         if num_threads:
@@ -148,7 +164,8 @@ class Engine:
             draft_lens = [DEFAULT_DRAFT_LEN["ngram" if s.model == "ngram" else "model"] for s in self.specs[:-1]]
             if draft_lens and draft_confidence and self.specs[0].model != "ngram":
                 draft_lens[0] = CAPPED_DRAFT_LEN
-        self.chain = Chain(levels, list(draft_lens))  # the static chain: every level, in order
+        self.slim = self._slim_level(slim_verifier, target) if slim_verifier else None
+        self.chain = Chain(levels, list(draft_lens), self.slim)  # the static chain: every level, in order
         self._chains: dict[tuple, Chain] = {}
         self._down: dict[str, float] = {}  # drafter -> when it stopped answering
         self.retry_down_after_s = retry_down_after_s
@@ -179,13 +196,22 @@ class Engine:
         """Swap the level behind a name (e.g. a restarted worker); chains are rebuilt on next use."""
         self.levels[name] = level
         self._chains.clear()
-        self.chain = Chain([self.levels[n] for n in self.chain.names], self.chain.draft_lens)
+        self.chain = Chain([self.levels[n] for n in self.chain.names], self.chain.draft_lens, self.slim)
 
     def chain_for(self, plan: Plan) -> Chain:
         key = (plan.chain, plan.draft_lens)
         if key not in self._chains:
-            self._chains[key] = Chain([self.levels[name] for name in plan.chain], list(plan.draft_lens))
+            self._chains[key] = Chain([self.levels[name] for name in plan.chain], list(plan.draft_lens), self.slim)
         return self._chains[key]
+
+    def _slim_level(self, text: str, target: LevelSpec) -> Level:
+        spec = LevelSpec.parse(target.model + text if text.startswith("@") else text)
+        if spec.model != target.model or spec.skip_layers is None or spec.quant != target.quant:
+            raise ValueError(f"slim verifier {text!r}: it must be the target {target.label!r} with @skip (a view over its weights)")
+        worker = self.provider.worker(spec, target.label)
+        if worker.name in self.levels:
+            raise ValueError(f"slim verifier {worker.name!r} is also a level of the chain")
+        return ModelLevel(worker.name, worker)
 
     def generate(
         self,
@@ -195,9 +221,11 @@ class Engine:
         seed: int = 0,
         ignore_eos: bool = False,
         route: Route | None = None,
+        tiered: Thresholds | None = None,
     ) -> GenerationResult:
-        """Generate with the static chain, or with the chain `route` picks before every step."""
-        return run_to_end(self.steps(prompt_ids, max_new_tokens, params, seed, ignore_eos, route))
+        """Generate with the static chain, or with the chain `route` picks before every step; with
+        `tiered`, in the opt-in lossy tiered verification mode (specrouter/core/tiered.py)."""
+        return run_to_end(self.steps(prompt_ids, max_new_tokens, params, seed, ignore_eos, route, tiered))
 
     def steps(
         self,
@@ -207,6 +235,7 @@ class Engine:
         seed: int = 0,
         ignore_eos: bool = False,
         route: Route | None = None,
+        tiered: Thresholds | None = None,
     ) -> Generator[list[int], bool | None, GenerationResult]:
         """The generation loop as a generator: yields the tokens each step commits (target-verified,
         the end token included) and returns the GenerationResult. `send(True)` ends the generation
@@ -219,7 +248,9 @@ class Engine:
             generator=torch.Generator().manual_seed(seed),
             eos_ids=frozenset() if ignore_eos else self.eos_ids,
             stats=self.new_stats(),
+            tiered=tiered,
         )
+        step = tiered_step if tiered is not None else speculative_step
         finish, steps, chain = "length", 0, self.chain
         t0 = time.perf_counter()
         try:
@@ -228,7 +259,7 @@ class Engine:
                 t_step = time.perf_counter()
                 timings: list[TimingRecord] = []
                 try:
-                    (new,) = speculative_step(chain, [seq], [ctx], [max_new_tokens - len(seq.generated)], timings)
+                    (new,) = step(chain, [seq], [ctx], [max_new_tokens - len(seq.generated)], timings)
                 except WorkerUnavailable as exc:
                     self._mark_down(exc, chain)
                     ctx.drain_records()
@@ -246,7 +277,7 @@ class Engine:
                     finish = "stop"
                     break
         finally:
-            for level in self.levels.values():
+            for level in self.all_levels:
                 level.release(seq.seq_id)
         return GenerationResult(
             token_ids=list(seq.generated),
@@ -258,7 +289,14 @@ class Engine:
             level_stats=[s for s in ctx.stats.values() if s.time_s > 0 or s.num_draft_tokens],
             prompt_tokens=len(prompt_ids),
             routing=route.explain() if route is not None else None,
+            tiered=tiered,
+            tiers=ctx.tiers if tiered is not None else None,
         )
+
+    @property
+    def all_levels(self) -> list[Level]:
+        """Every level that may hold a sequence's state: the chains' and the slim verifier."""
+        return list(self.levels.values()) + ([self.slim] if self.slim is not None else [])
 
     def _shadow(self, chain: Chain, seq: SequenceState, new: list[int]) -> list:
         """Records of the prompt-lookup drafters this step's target did not verify (out of its chain,

@@ -41,6 +41,8 @@ from specrouter.routing.router import taught
 from specrouter.core.sampling import SamplingParams
 from specrouter.routing.scheduler import Plan
 from specrouter.core.sequence import SequenceState
+from specrouter.core.tiered import tiered_step
+from specrouter.core.tiers import Thresholds
 from specrouter.core.worker import WorkerUnavailable
 
 
@@ -100,13 +102,14 @@ class BatchLoop:
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int = 0,
                ignore_eos: bool = False, klass: str = "default", timeout_s: float | None = None,
-               request_id: str | None = None) -> str:
+               request_id: str | None = None, tiered: Thresholds | None = None) -> str:
         """Queue a request (it joins the batch at the next step); returns its id. Raises Overloaded,
-        queueing nothing, if it would wait past `max_waiting` / `max_waiting_tokens`."""
+        queueing nothing, if it would wait past `max_waiting` / `max_waiting_tokens`. `tiered`: the
+        opt-in lossy tiered verification mode (specrouter/core/tiered.py); None: lossless."""
         self.engine.check_request(len(prompt_ids), max_new_tokens)
         request_id = request_id or uuid.uuid4().hex
         ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset() if ignore_eos else self.engine.eos_ids,
-                          self.engine.new_stats())
+                          self.engine.new_stats(), tiered=tiered)
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         request = _Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass, deadline)
         with self._queue_lock:
@@ -208,6 +211,10 @@ class BatchLoop:
 
     def _step(self, chain: Chain, requests: list[_Request], timings: list[TimingRecord], top_lens: list[int] | None) -> list[list[int]]:
         seqs, ctxs, budgets = [r.seq for r in requests], [r.ctx for r in requests], [r.budget for r in requests]
+        if any(ctx.tiered is not None for ctx in ctxs):  # tiered requests in the batch: one tiered step for all
+            for request in requests:
+                request.ahead = None
+            return tiered_step(chain, seqs, ctxs, budgets, timings, top_lens)
         if self._pool is None:
             return speculative_step(chain, seqs, ctxs, budgets, timings, top_lens)
         new, aheads = pipelined_step(chain, seqs, ctxs, budgets, timings, [r.ahead for r in requests], self._pool, top_lens)
@@ -266,10 +273,12 @@ class BatchLoop:
             prompt_tokens=request.seq.prompt_len,
             routing={"class": request.klass, "decisions": request.decisions,
                      "steps_by_plan": [{"chain": list(c), "draft_lens": list(g), "steps": n} for (c, g), n in request.chains.most_common()]},
+            tiered=request.ctx.tiered,
+            tiers=request.ctx.tiers if request.ctx.tiered is not None else None,
         )
 
     def _release(self, request: _Request) -> None:
-        for level in self.engine.levels.values():
+        for level in self.engine.all_levels:
             level.release(request.seq.seq_id)
 
 
