@@ -252,3 +252,17 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 def chain_spec(tiny_dirs, chain: str) -> str:
     return ",".join(tiny_dirs.get(name.split("@")[0], name.split("@")[0]) + name[len(name.split("@")[0]):] for name in chain.split(","))
+
+
+def synthetic_batch_profile(router, target: str, drafter: str, batches=(1, 16)) -> None:
+    """Profile an AdaptiveRouter over `drafter` -> `target`: verification cost grows with the batch's
+    tokens; acceptance 0.8 (class "default")."""
+    from specrouter.core.chain import TimingRecord, VerifyRecord
+    from specrouter.routing.router import RequestRoute
+
+    for b in batches:
+        router.observe([], [], [TimingRecord(target, "score", n, 0.1 + 0.02 * n * b, b) for n in (1, 2, 4, 8)]
+                       + [TimingRecord(drafter, "draft", 4, 4 * (0.02 + 0.002 * b), b)])
+    accepted = [0] * 5 + [1] * 4 + [2] * 3 + [3] * 3 + [4] * 10  # blocks of 4 accepted position by position at ~0.8
+    past_its_first_step = RequestRoute("default", steps=1)  # a first step would teach no acceptance
+    router.observe([past_its_first_step], [[VerifyRecord(drafter, target, 4, n, [0.8] * 4) for n in accepted]])

@@ -101,22 +101,21 @@ def test_unreachable_worker_raises_worker_unavailable():
 
 
 class KillAtStep:
-    """A route that runs the engine's static chain and stops a server before step `at`."""
+    """A router that plans the engine's static chain and stops a server before step `at`."""
 
     def __init__(self, plan, server, at: int):
-        self.plan, self.server, self.at, self.steps = plan, server, at, 0
+        self.fixed, self.server, self.at, self.steps = plan, server, at, 0
 
-    def next_plan(self, backlog=None, remaining=None):
+    def plan(self, requests, backlog=None, remaining=None):
+        from specrouter.routing.router import Decision
+
         self.steps += 1
         if self.steps == self.at:
             self.server.stop()
-        return self.plan
+        return Decision(self.fixed, (self.fixed.draft_lens[-1],) * len(requests), "fixed")
 
-    def observe(self, records, committed, seconds):
+    def observe(self, requests, records, timings=(), seconds=None):
         pass
-
-    def explain(self):
-        return {}
 
 
 def test_dead_drafter_shortens_the_chain_and_output_is_unchanged(tiny_dirs):
@@ -128,8 +127,8 @@ def test_dead_drafter_shortens_the_chain_and_output_is_unchanged(tiny_dirs):
     drafter = engine.chain.levels[0]
     server = BackgroundServer(WorkerServicer("draft", {drafter.name: drafter.worker}))
     engine.replace_level(drafter.name, ModelLevel(drafter.name, RemoteWorker(drafter.name, lambda: server.address, timeout_s=10)))
-    route = KillAtStep(Plan(tuple(engine.chain.names), (3,), 0.0), server, at=4)
-    result = engine.generate_text("Once upon a time", 40, ignore_eos=True, route=route)
+    router = KillAtStep(Plan(tuple(engine.chain.names), (3,), 0.0), server, at=4)
+    result = engine.generate_text("Once upon a time", 40, ignore_eos=True, router=router)
     assert result.token_ids == expected
     assert drafter.name in engine.down
     assert result.level_stats[0].num_draft_tokens > 0  # it drafted before it died
