@@ -13,7 +13,7 @@ from specrouter.core.records import LevelStats
 from specrouter.core.levels import Level, ModelLevel, NgramLevel
 from specrouter.core.retokenize import retokenizer
 from specrouter.core.sampling import SamplingParams
-from specrouter.core.spec import LevelSpec, parse_chain
+from specrouter.core.spec import LevelSpec, parse_chain, slim_spec
 from specrouter.core.tiers import Thresholds
 from specrouter.core.store import ModelStore, WorkerProvider
 from specrouter.core.vocab import vocab_map
@@ -137,10 +137,7 @@ class Engine:
         return self._chains[key]
 
     def _slim_level(self, text: str, target: LevelSpec) -> Level:
-        spec = LevelSpec.parse(target.model + text if text.startswith("@") else text)
-        if spec.model != target.model or spec.skip_layers is None or spec.quant != target.quant:
-            raise ValueError(f"slim verifier {text!r}: it must be the target {target.label!r} with @skip (a view over its weights)")
-        worker = self.provider.worker(spec, target.label)
+        worker = self.provider.worker(slim_spec(text, target), target.label)
         if worker.name in self.levels:
             raise ValueError(f"slim verifier {worker.name!r} is also a level of the chain")
         return ModelLevel(worker.name, worker)
