@@ -34,6 +34,7 @@ from workloads import encode, humaneval, sharegpt  # noqa: E402
 from specrouter.core.store import ModelStore  # noqa: E402
 from specrouter.core.tiers import Thresholds, TierCounts  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
+from specrouter.engine.loop import BatchLoop  # noqa: E402
 
 TARGET = "qwen2.5-coder-1.5b"
 DRAFT = "qwen2.5-coder-0.5b"
@@ -142,7 +143,8 @@ class ModeRun:
 
 def generate(engine: Engine, mode: Mode, prompt_ids: list[int], max_tokens: int, stop: tuple[str, ...]) -> tuple[list[int], float, TierCounts | None]:
     """Greedy generation, ended early once the text holds a stop string (HumanEval's end of function)."""
-    steps = engine.steps(prompt_ids, max_tokens, tiered=mode.thresholds)
+    loop = BatchLoop(engine, max_batch=1)
+    steps = loop.stream(loop.submit(prompt_ids, max_tokens, tiered=mode.thresholds))
     tokens: list[int] = []
     try:
         block = next(steps)
@@ -236,7 +238,8 @@ def main() -> None:
     parser.add_argument("--draft-len", type=int, default=4)
     parser.add_argument("--settings", default="0.95/0.7,0.9/0.5,0.8/0.3,1/0.5,0.9/0.9",
                         help="tiered thresholds tau_high/tau_low, comma-separated")
-    parser.add_argument("--slim", default=f"{TARGET}@skip", help="the slim verifier's level spec")
+    parser.add_argument("--slim", default=f"{TARGET}@skip:12+13",
+                        help="the slim verifier's level spec (bench/slim_verifier_search.py measures candidates)")
     parser.add_argument("--execute", action="store_true", help="run the generated code against HumanEval's tests")
     parser.add_argument("--test-timeout", type=float, default=5.0)
     parser.add_argument("--test-memory-mb", type=int, default=2048)
