@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--adaptive", action="store_true", help="treat --chain as a pool; route each step to the best chain")
     gen.add_argument("--prompt-class", default=None, help="with --adaptive: the prompt's class (default: classified)")
+    gen.add_argument("--tau-high", type=float, default=None,
+                     help="tiered (lossy) verification: commit drafted tokens the drafter was at least this sure of unchecked")
+    gen.add_argument("--tau-low", type=float, default=None,
+                     help="with --tau-high: check those from here up with the slim verifier (default: --tau-high, none)")
+    gen.add_argument("--slim-verifier", default="@skip", help="with --tau-high: the slim verifier, the target with @skip")
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the gRPC API on an embedded local Ray")
     srv.add_argument("--config", default=None, help="YAML ServeConfig (chain, dtype, placement, ...); flags override it")
@@ -78,9 +83,15 @@ def cmd_generate(args) -> int:
     from specrouter.engine.engine import Engine
     from specrouter.core.sampling import SamplingParams
 
+    from specrouter.core.tiers import Thresholds
+
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.tau_low is not None and args.tau_high is None:
+        raise ValueError("--tau-low needs --tau-high")
+    tiered = Thresholds(args.tau_high, args.tau_low if args.tau_low is not None else args.tau_high) if args.tau_high is not None else None
     engine = Engine(args.chain, dtype=args.dtype, device=args.device, draft_lens=args.draft_lens, num_threads=args.threads,
-                    draft_confidence=args.draft_confidence, bit_exact=args.bit_exact)
+                    draft_confidence=args.draft_confidence, bit_exact=args.bit_exact,
+                    slim_verifier=args.slim_verifier if tiered is not None else None)
     router, klass = None, "default"
     if args.adaptive:
         from specrouter.engine.calibration import router_for
@@ -88,7 +99,7 @@ def cmd_generate(args) -> int:
 
         router, klass = router_for(engine), args.prompt_class or classify(args.prompt)
     result = engine.generate_text(args.prompt, args.max_tokens, params=params, seed=args.seed, ignore_eos=args.ignore_eos,
-                                  router=router, klass=klass)
+                                  router=router, klass=klass, tiered=tiered)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0
@@ -98,6 +109,11 @@ def cmd_generate(args) -> int:
         f"{result.as_dict()['tokens_per_target_step']} tokens per target step; chain {' -> '.join(result.chain)}]",
         file=sys.stderr,
     )
+    if result.tiered is not None:
+        t = result.tiers
+        print(f"  tiered verification ({'lossy' if result.lossy else 'lossless'}, tau_high {result.tiered.tau_high:g}, "
+              f"tau_low {result.tiered.tau_low:g}): {t.tier1_tokens} tokens unchecked, {t.tier2_tokens} by the slim verifier "
+              f"({t.slim_rejections} replaced), {t.tier3_tokens} by the target", file=sys.stderr)
     if router is not None:
         for d in result.routing["decisions"]:
             print(f"  route @token {d['at_token']}: {' -> '.join(d['chain'])} {d['draft_lens']} ({d['reason']})", file=sys.stderr)

@@ -234,7 +234,8 @@ def live_server(local_ray, tiny_dirs):
     from specrouter.serving.config import ServeConfig
 
     config = ServeConfig(chain=f"{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32", draft_lens=[3],
-                         grpc_port=free_port(), placement={"*": {"num_cpus": 1, "torch_threads": 1}})
+                         grpc_port=free_port(), placement={"*": {"num_cpus": 1, "torch_threads": 1}},
+                         tiered_verification=True, slim_verifier="@skip:1")
     urls = specrouter_serve.start(config, "127.0.0.1", free_port())
     yield {"http": urls.http, "grpc": urls.grpc, "model": config.served_name, "config": config}
     serve.shutdown()

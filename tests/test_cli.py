@@ -155,3 +155,20 @@ def test_serving_beyond_loopback_without_a_key_warns(host, grpc_host, keys, warn
     if warns:
         assert "no API key" in warning and "--api-key" in warning
 
+
+
+def test_generate_in_tiered_mode_says_it_is_lossy_and_counts_tiers(tiny_dirs, capsys):
+    chain = f"{tiny_dirs['draft']},{tiny_dirs['target']}"
+    assert main(["generate", "--chain", chain, "--prompt", "Hello there", "--max-tokens", "10", "--dtype", "float32",
+                 "--ignore-eos", "--json", "--tau-high", "0.5", "--tau-low", "0", "--slim-verifier", "@skip:1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["lossy"] is True and out["verification"] == "tiered" and (out["tau_high"], out["tau_low"]) == (0.5, 0.0)
+    assert sum(out["tiers"][f"tier{i}_tokens"] for i in (1, 2, 3)) == len(out["token_ids"]) == 10
+
+
+@pytest.mark.parametrize("flags, message", [(["--tau-high", "0.2", "--tau-low", "0.5"], "tau_low must be <= tau_high"),
+                                            (["--tau-high", "1.5"], "tau_high must be in [0, 1]"),
+                                            (["--tau-low", "0.5"], "--tau-low needs --tau-high")])
+def test_generate_rejects_bad_thresholds(tiny_dirs, capsys, flags, message):
+    assert main(["generate", "--chain", tiny_dirs["target"], "--prompt", "x", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -26,6 +26,7 @@ from specrouter.core.levels import Block, Level, ProposeItem, ScoreItem
 from specrouter.core.records import LevelStats, TimingRecord, VerifyRecord, level_stats, record_verdict
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.sequence import SequenceState
+from specrouter.core.tiers import Thresholds, TierCounts
 from specrouter.core.verification import Verdict, rejection_sample
 
 
@@ -33,6 +34,7 @@ from specrouter.core.verification import Verdict, rejection_sample
 class Chain:
     levels: list[Level]  # bottom drafter first, target last
     draft_lens: list[int]  # draft_lens[i]: block length level i proposes to level i+1
+    slim: Level | None = None  # the slim verifier of tiered verification (specrouter/core/tiered.py); no level of the chain
 
     def __post_init__(self):
         if len(self.draft_lens) != len(self.levels) - 1:
@@ -55,7 +57,7 @@ class Chain:
         if i == len(self.levels) - 1:
             raise ValueError("the target cannot be removed from its chain")
         lens = self.draft_lens[: max(i - 1, 0)] + self.draft_lens[max(i - 1, 0) + 1 :]
-        return Chain(self.levels[:i] + self.levels[i + 1 :], lens)
+        return Chain(self.levels[:i] + self.levels[i + 1 :], lens, self.slim)
 
 
 CATCH_UP = 8  # a drafter that must first cache more context than this is catching up: its time is no drafting cost
@@ -70,6 +72,8 @@ class StepContext:
     eos_ids: frozenset[int]
     stats: dict[str, LevelStats] = field(default_factory=dict)
     records: list[VerifyRecord | TimingRecord] = field(default_factory=list)
+    tiered: Thresholds | None = None  # opt-in lossy tiered verification (specrouter/core/tiered.py); None: lossless
+    tiers: TierCounts = field(default_factory=TierCounts)  # with `tiered`: the committed tokens each tier decided
 
     def seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self.generator))
@@ -97,16 +101,27 @@ def verify_round(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list
     """Level i verifies, for every sequence, a block of up to k tokens that level i-1 proposes after its
     prefix. Returns each verdict and, where level i passes its tokens up and ends its blocks unsure
     (greedy), its confidence in its most likely token at each row [len(block) + 1]: the token it emits."""
-    level = chain.levels[i]
-    # 1. the level below proposes every block in one batched call
-    blocks = [Block([], torch.empty(0, level.vocab_size))] * len(seqs)
+    blocks = propose_blocks(chain, i, seqs, prefixes, ks, ctxs, timings)
+    return score_blocks(chain, i, seqs, prefixes, blocks, ks, ctxs, timings)
+
+
+def propose_blocks(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list[int]], ks: list[int],
+                   ctxs: list[StepContext], timings: list[TimingRecord]) -> list[Block]:
+    """The blocks level i - 1 proposes for level i to verify, in one batched call (empty where k = 0)."""
+    blocks = [Block([], torch.empty(0, chain.levels[i].vocab_size))] * len(seqs)
     drafting = [b for b, k in enumerate(ks) if i > 0 and k > 0]
     if drafting:
         proposed = propose(chain, i - 1, [seqs[b] for b in drafting], [prefixes[b] for b in drafting], [ks[b] for b in drafting],
                            [ctxs[b] for b in drafting], timings)
         for b, block in zip(drafting, proposed):
             blocks[b] = block
-    # 2. level i scores every block in one batched pass
+    return blocks
+
+
+def score_blocks(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list[int]], blocks: list[Block], ks: list[int],
+                 ctxs: list[StepContext], timings: list[TimingRecord]) -> tuple[list[Verdict], list[list[float] | None]]:
+    """Level i scores every block in one batched pass and gives its verdicts, as `verify_round`."""
+    level = chain.levels[i]
     confident = i < len(chain.levels) - 1 and level.min_confidence > 0
     items = [ScoreItem(seq, prefix, block.token_ids, ctx.params, confident and ctx.params.greedy)
              for seq, prefix, block, ctx in zip(seqs, prefixes, blocks, ctxs)]
@@ -115,7 +130,6 @@ def verify_round(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list
     scored = level.score(items)  # p [len(block) + 1, V] each
     seconds = time.perf_counter() - t0
     timings.append(TimingRecord(level.name, "score", fed, seconds, len(seqs)))
-    # 3. each sequence's verdict
     verdicts = [judge(chain, i, block, s.p, seconds, ctx, k) for block, s, ctx, k in zip(blocks, scored, ctxs, ks)]
     return verdicts, [s.top for s in scored]
 

@@ -56,6 +56,7 @@ class Block:
     q_draft: torch.Tensor  # [len(token_ids), V]: distribution each token was drawn from
     cross_tokenizer: str | None = None  # a drafter on another tokenizer: "text" or "intersection"
     num_drafted: int | None = None  # tokens drafted for it (a model: its forward passes; None: as many as asked)
+    confidence: list[float] | None = None  # how sure its drafter was of each token (None: not measured; tiered verification)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -161,7 +162,7 @@ class ModelLevel:
                                   [items[b].n for b in shared], self._allowed)
             for b, r in zip(shared, results):
                 drafted = len(r.token_ids)
-                blocks[b] = (Block(r.token_ids, r.q_draft, num_drafted=drafted) if self.vocab is None else
+                blocks[b] = (Block(r.token_ids, r.q_draft, num_drafted=drafted, confidence=r.confidence) if self.vocab is None else
                              Block(self.vocab.tokens_to_target(r.token_ids), self.vocab.rows_to_target(r.q_draft), "intersection", drafted))
         if text:
             # Greedy: draft n own tokens freely after the context as the drafter's own tokenizer spells its

@@ -69,6 +69,15 @@ def parse_chain(text: str) -> list[LevelSpec]:
     return specs
 
 
+def slim_spec(text: str, target: LevelSpec) -> LevelSpec:
+    """The slim verifier of tiered verification (specrouter/core/tiered.py): the target with @skip,
+    given in full ("NAME@skip:12+13") or as its modifiers alone ("@skip:12+13"; "@skip": the default set)."""
+    spec = LevelSpec.parse(target.model + text if text.startswith("@") else text)
+    if spec.model != target.model or spec.skip_layers is None or spec.quant != target.quant:
+        raise ValueError(f"slim verifier {text!r}: it must be the target {target.label!r} with @skip (a view over its weights)")
+    return spec
+
+
 def default_skip_layers(num_layers: int) -> tuple[int, ...]:
     """For models without a measured set (catalog `default_skip`, from bench/skip_search.py): skip a
     quarter of the layers, every other one from the lower-middle to just before the top two."""

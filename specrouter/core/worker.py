@@ -50,6 +50,7 @@ class Scored:
 class DraftResult:
     token_ids: list[int]
     q_draft: torch.Tensor  # [k, V]: the distribution each token was sampled from
+    confidence: list[float] | None = None  # [k] how sure the drafter was of each token (see `confidence`)
 
 
 def restrict(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
@@ -149,6 +150,7 @@ class ModelWorker:
         generators = {i: torch.Generator(device=self.view.device).manual_seed(calls[i].seed) for i in live}
         drafted: dict[int, list[int]] = {i: [] for i in live}
         rows: dict[int, list[torch.Tensor]] = {i: [] for i in live}
+        sure: dict[int, list[float]] = {i: [] for i in live}
         feeds = {i: (calls[i].start, calls[i].token_ids) for i in live}  # next (position, tokens) to run
         active = [i for i in live if calls[i].k > 0]
         while active:
@@ -161,13 +163,14 @@ class ModelWorker:
                 token = int(sample(q, generators[i])[0])
                 drafted[i].append(token)
                 rows[i].append(q)
+                sure[i].append(confidence(row, q, token, calls[i].params))
                 feeds[i] = (feeds[i][0] + len(feeds[i][1]), [token])
-                if calls[i].min_confidence and confidence(row, q, token, calls[i].params) < calls[i].min_confidence:
+                if calls[i].min_confidence and sure[i][-1] < calls[i].min_confidence:
                     unsure.add(i)
             active = [i for i in active if len(drafted[i]) < calls[i].k and i not in unsure]
         for i in live:
             q_draft = torch.cat(rows[i]) if rows[i] else torch.empty(0, self.vocab_size)
-            results[i] = DraftResult(drafted[i], q_draft)
+            results[i] = DraftResult(drafted[i], q_draft, sure[i])
         return results
 
     def cached_tokens(self, seq_id: str) -> list[int]:

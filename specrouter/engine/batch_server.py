@@ -18,6 +18,7 @@ from collections.abc import Generator
 from dataclasses import replace
 
 from specrouter.core.sampling import SamplingParams
+from specrouter.core.tiers import Thresholds
 from specrouter.engine.loop import BatchLoop, GenerationResult
 
 
@@ -32,15 +33,15 @@ class BatchServer:
         self._thread.start()
 
     def steps(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int = 0,
-              ignore_eos: bool = False, klass: str = "default", timeout_s: float | None = None
-              ) -> Generator[list[int], bool | None, GenerationResult]:
-        """Queue one request of prompt class `klass` in the batch now and return its steps; raises
-        Overloaded or ValueError, queueing nothing."""
+              ignore_eos: bool = False, klass: str = "default", timeout_s: float | None = None,
+              tiered: Thresholds | None = None) -> Generator[list[int], bool | None, GenerationResult]:
+        """Queue one request of prompt class `klass` (`tiered`: in tiered verification mode) in the batch
+        now and return its steps; raises Overloaded or ValueError, queueing nothing."""
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         request_id = uuid.uuid4().hex
         self._inboxes[request_id] = inbox  # before submit: the loop may commit its first tokens at once
         try:
-            self.loop.submit(prompt_ids, max_new_tokens, params, seed, ignore_eos, klass, timeout_s, request_id)
+            self.loop.submit(prompt_ids, max_new_tokens, params, seed, ignore_eos, klass, timeout_s, request_id, tiered)
         except BaseException:
             self._inboxes.pop(request_id, None)
             raise

@@ -13,7 +13,8 @@ from specrouter.core.records import LevelStats
 from specrouter.core.levels import Level, ModelLevel, NgramLevel
 from specrouter.core.retokenize import retokenizer
 from specrouter.core.sampling import SamplingParams
-from specrouter.core.spec import LevelSpec, parse_chain
+from specrouter.core.spec import LevelSpec, parse_chain, slim_spec
+from specrouter.core.tiers import Thresholds
 from specrouter.core.store import ModelStore, WorkerProvider
 from specrouter.core.vocab import vocab_map
 from specrouter.core.worker import WorkerUnavailable
@@ -47,6 +48,7 @@ class Engine:
         retry_down_after_s: float = RETRY_DOWN_AFTER_S,
         draft_confidence: float = 0.0,
         bit_exact: bool = True,
+        slim_verifier: str | None = None,
     ):
         """`provider` supplies the workers (default: an in-process ModelStore for dtype and device).
         A drafter on another tokenizer than the target's drafts greedy requests freely and has its text
@@ -57,7 +59,10 @@ class Engine:
         `bit_exact`: a target whose wider passes round differently from one-token passes (a llama.cpp level:
         its measured `exact_width`) verifies blocks no longer than it verifies bit-exactly, so greedy output
         is the target's alone token for token; False lets blocks run longer (faster, and equal up to
-        rounding: a near-tie can flip)."""
+        rounding: a near-tie can flip).
+        `slim_verifier`: the level spec of tiered verification's slim verifier (specrouter/core/tiered.py),
+        a skip-layer view of the target (e.g. "NAME@skip:12+13"; "@skip" alone: the target's measured
+        default set); None: requests in tiered mode send tier-2 tokens to the full target."""
         if not 0.0 <= draft_confidence < 1.0:
             raise ValueError(f"draft_confidence must be in [0, 1), got {draft_confidence}")
         if num_threads:
@@ -89,7 +94,8 @@ class Engine:
             draft_lens = [DEFAULT_DRAFT_LEN["ngram" if s.model == "ngram" else "model"] for s in self.specs[:-1]]
             if draft_lens and draft_confidence and self.specs[0].model != "ngram":
                 draft_lens[0] = CAPPED_DRAFT_LEN
-        self.chain = Chain(levels, list(draft_lens))  # the static chain: every level, in order
+        self.slim = self._slim_level(slim_verifier, target) if slim_verifier else None
+        self.chain = Chain(levels, list(draft_lens), self.slim)  # the static chain: every level, in order
         self._chains: dict[tuple, Chain] = {}
         self._down: dict[str, float] = {}  # drafter -> when it stopped answering
         self.retry_down_after_s = retry_down_after_s
@@ -122,13 +128,24 @@ class Engine:
         """Swap the level behind a name (e.g. a restarted worker); chains are rebuilt on next use."""
         self.levels[name] = level
         self._chains.clear()
-        self.chain = Chain([self.levels[n] for n in self.chain.names], self.chain.draft_lens)
+        self.chain = Chain([self.levels[n] for n in self.chain.names], self.chain.draft_lens, self.slim)
 
     def chain_for(self, plan: Plan) -> Chain:
         key = (plan.chain, plan.draft_lens)
         if key not in self._chains:
-            self._chains[key] = Chain([self.levels[name] for name in plan.chain], list(plan.draft_lens))
+            self._chains[key] = Chain([self.levels[name] for name in plan.chain], list(plan.draft_lens), self.slim)
         return self._chains[key]
+
+    def _slim_level(self, text: str, target: LevelSpec) -> Level:
+        worker = self.provider.worker(slim_spec(text, target), target.label)
+        if worker.name in self.levels:
+            raise ValueError(f"slim verifier {worker.name!r} is also a level of the chain")
+        return ModelLevel(worker.name, worker)
+
+    @property
+    def all_levels(self) -> list[Level]:
+        """Every level that may hold a sequence's state: the chains' and the slim verifier."""
+        return list(self.levels.values()) + ([self.slim] if self.slim is not None else [])
 
     def generate(
         self,
@@ -139,11 +156,13 @@ class Engine:
         ignore_eos: bool = False,
         router: AdaptiveRouter | None = None,
         klass: str = "default",
+        tiered: Thresholds | None = None,
     ) -> GenerationResult:
         """Generate for one request (a batch of one in the generation loop), with the static chain, or
-        with the chain `router` picks before every step for a request of class `klass`."""
+        with the chain `router` picks before every step for a request of class `klass`; with `tiered`,
+        in the opt-in lossy tiered verification mode (specrouter/core/tiered.py)."""
         request = {"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "params": params, "seed": seed,
-                   "ignore_eos": ignore_eos, "klass": klass}
+                   "ignore_eos": ignore_eos, "klass": klass, "tiered": tiered}
         return BatchLoop(self, router, max_batch=1).run([request])[0]
 
     def new_stats(self) -> dict[str, LevelStats]:

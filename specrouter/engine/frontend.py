@@ -16,6 +16,7 @@ from specrouter.engine.engine import Engine
 from specrouter.engine.loop import BatchLoop
 from specrouter.engine.request import GenerationRequest
 from specrouter.core.sampling import SamplingParams
+from specrouter.core.tiers import Thresholds
 
 
 def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -53,6 +54,7 @@ class Frontend:
         max_tokens = request.max_tokens if request.max_tokens is not None else max(1, min(self.default_max_tokens, room))
         self.engine.check_request(len(ids), max_tokens)
         params = SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
+        tiered = Thresholds(*request.tiered) if request.tiered is not None else None  # bad thresholds: ValueError
 
         klass = "default"
         if self.router is not None:
@@ -60,10 +62,11 @@ class Frontend:
             klass = request.prompt_class or classify(text_for_class)
         text = TextStream(self.engine.tokenizer, request.stop)
         if self.batcher is not None:
-            steps = self.batcher.steps(ids, max_tokens, params, request.seed, request.ignore_eos, klass, request.timeout_s)
+            steps = self.batcher.steps(ids, max_tokens, params, request.seed, request.ignore_eos, klass, request.timeout_s, tiered)
         else:
             loop = BatchLoop(self.engine, self.router, max_batch=1)
-            steps = loop.stream(loop.submit(ids, max_tokens, params, request.seed, request.ignore_eos, klass, request.timeout_s))
+            steps = loop.stream(loop.submit(ids, max_tokens, params, request.seed, request.ignore_eos, klass, request.timeout_s,
+                                            tiered=tiered))
         halt, pending = None, []  # tokens whose text is held back (partial character, maybe a stop string)
         try:
             yield {"prompt_tokens": len(ids)}

@@ -44,6 +44,8 @@ from specrouter.core.pipeline import DraftAhead, pipelined_step
 from specrouter.core.records import LevelStats, TimingRecord
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.sequence import SequenceState
+from specrouter.core.tiered import tiered_step
+from specrouter.core.tiers import Thresholds, TierCounts
 from specrouter.core.shadow import shadow_records
 from specrouter.core.worker import WorkerUnavailable
 from specrouter.engine.defaults import MAX_BATCH
@@ -65,6 +67,13 @@ class GenerationResult:
     text: str | None = None
     prompt_tokens: int = 0
     routing: dict | None = None  # which chains ran and why
+    tiered: Thresholds | None = None  # opt-in lossy tiered verification ran (None: lossless)
+    tiers: TierCounts | None = None  # with `tiered`: the committed tokens each tier decided
+
+    @property
+    def lossy(self) -> bool:
+        """The output may differ from the target's alone (tiered verification with a tier below the target)."""
+        return self.tiered is not None and not self.tiered.lossless
 
     @property
     def tokens_per_s(self) -> float:
@@ -85,6 +94,9 @@ class GenerationResult:
             "draft_lens": self.draft_lens,
             "levels": [s.as_dict() for s in self.level_stats],
             **({"routing": self.routing} if self.routing is not None else {}),
+            "lossy": self.lossy,
+            **({"verification": "tiered", "tau_high": self.tiered.tau_high, "tau_low": self.tiered.tau_low,
+                "tiers": self.tiers.as_dict()} if self.tiered is not None else {}),
         }
 
 
@@ -160,14 +172,15 @@ class BatchLoop:
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int = 0,
                ignore_eos: bool = False, klass: str = "default", timeout_s: float | None = None,
-               request_id: str | None = None) -> str:
+               request_id: str | None = None, tiered: Thresholds | None = None) -> str:
         """Queue a request (it joins the batch at the next step); returns its id. `klass`: its prompt
-        class, for the router. Raises Overloaded, queueing nothing, if it would wait past
-        `max_waiting` / `max_waiting_tokens`."""
+        class, for the router. `tiered`: the opt-in lossy tiered verification mode
+        (specrouter/core/tiered.py); None: lossless. Raises Overloaded, queueing nothing, if it would
+        wait past `max_waiting` / `max_waiting_tokens`."""
         self.engine.check_request(len(prompt_ids), max_new_tokens)
         request_id = request_id or uuid.uuid4().hex
         ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset() if ignore_eos else self.engine.eos_ids,
-                          self.engine.new_stats())
+                          self.engine.new_stats(), tiered=tiered)
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         route = RequestRoute(klass) if self.router is not None else None
         request = _Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass, route, deadline)
@@ -283,6 +296,10 @@ class BatchLoop:
 
     def _step(self, chain: Chain, requests: list[_Request], timings: list[TimingRecord], top_lens: list[int] | None) -> list[list[int]]:
         seqs, ctxs, budgets = [r.seq for r in requests], [r.ctx for r in requests], [r.budget for r in requests]
+        if any(ctx.tiered is not None for ctx in ctxs):  # tiered requests in the batch: one tiered step for all
+            for request in requests:
+                request.ahead = None
+            return tiered_step(chain, seqs, ctxs, budgets, timings, top_lens)
         if self._pool is None:
             return speculative_step(chain, seqs, ctxs, budgets, timings, top_lens)
         new, aheads = pipelined_step(chain, seqs, ctxs, budgets, timings, [r.ahead for r in requests], self._pool, top_lens)
@@ -367,8 +384,10 @@ class BatchLoop:
             level_stats=[s for s in request.ctx.stats.values() if s.time_s > 0 or s.num_draft_tokens],
             prompt_tokens=request.seq.prompt_len,
             routing=request.routing(),
+            tiered=request.ctx.tiered,
+            tiers=request.ctx.tiers if request.ctx.tiered is not None else None,
         )
 
     def _release(self, request: _Request) -> None:
-        for level in self.engine.levels.values():
+        for level in self.engine.all_levels:
             level.release(request.seq.seq_id)

@@ -19,6 +19,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     prompt_class: str | None = None
     timeout_s: float | None = None  # the batch retires the request (finish_reason "timeout") this long after it is queued
+    tiered: tuple[float, float] | None = None  # (tau_high, tau_low): opt-in lossy tiered verification; None: lossless
 
     def __post_init__(self):
         if (self.prompt is None) == (self.messages is None):

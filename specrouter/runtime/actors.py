@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from specrouter.core.spec import LevelSpec, parse_chain
+from specrouter.core.spec import LevelSpec, parse_chain, slim_spec
 from specrouter.engine.defaults import MAX_BATCH, RETRY_DOWN_AFTER_S
 from specrouter.routing.config import RouterConfig
 
@@ -212,7 +212,8 @@ class RouterActor:
                  placement: dict[str, dict] | None = None, adaptive: bool = False, default_max_tokens: int = 256,
                  max_batch: int = MAX_BATCH, pipeline: bool = False, draft_confidence: float = 0.0, bit_exact: bool = True,
                  max_waiting: int | None = None, max_waiting_tokens: int | None = None,
-                 router_config: RouterConfig = RouterConfig(), retry_down_after_s: float = RETRY_DOWN_AFTER_S):
+                 router_config: RouterConfig = RouterConfig(), retry_down_after_s: float = RETRY_DOWN_AFTER_S,
+                 slim_verifier: str | None = None):
         from specrouter.engine.batch_server import BatchServer
         from specrouter.engine.calibration import router_for
         from specrouter.engine.engine import Engine
@@ -220,9 +221,10 @@ class RouterActor:
         from specrouter.engine.loop import BatchLoop
 
         specs = parse_chain(chain)
-        self.provider = RayWorkers(specs, dtype, {k: Placement(**v) for k, v in (placement or {}).items()})
+        slim = [slim_spec(slim_verifier, specs[-1])] if slim_verifier else []  # a view on the target's worker actor
+        self.provider = RayWorkers(specs + slim, dtype, {k: Placement(**v) for k, v in (placement or {}).items()})
         self.engine = Engine(specs, draft_lens=draft_lens, provider=self.provider, draft_confidence=draft_confidence,
-                             bit_exact=bit_exact, retry_down_after_s=retry_down_after_s)
+                             bit_exact=bit_exact, retry_down_after_s=retry_down_after_s, slim_verifier=slim_verifier)
         self.router = router_for(self.engine, router_config) if adaptive else None
         self.batcher = BatchServer(BatchLoop(self.engine, self.router, max_batch, pipeline, max_waiting, max_waiting_tokens))
         self.frontend = Frontend(self.engine, self.router, default_max_tokens, batcher=self.batcher)

@@ -129,13 +129,15 @@ def encode_scored(result: Scored, params: SamplingParams) -> dict:
 
 
 def encode_draft(result: DraftResult, params: SamplingParams) -> dict:
-    """Drafted tokens, plus their rows unless greedy (one-hot rows rebuilt from the tokens)."""
-    return {"tokens": result.token_ids, **({} if params.greedy else encode_rows(result.q_draft, params))}
+    """Drafted tokens and the drafter's confidence in each, plus their rows unless greedy (one-hot rows
+    rebuilt from the tokens)."""
+    return {"tokens": result.token_ids, **({"conf": result.confidence} if result.confidence is not None else {}),
+            **({} if params.greedy else encode_rows(result.q_draft, params))}
 
 
 def decode_draft(reply: dict, params: SamplingParams, vocab_size: int) -> DraftResult:
     tokens = reply["tokens"]
-    return DraftResult(tokens, decode_rows({"argmax": tokens} if params.greedy else reply, vocab_size))
+    return DraftResult(tokens, decode_rows({"argmax": tokens} if params.greedy else reply, vocab_size), reply.get("conf"))
 
 
 def _encode_batch(results: list, calls: list, encode) -> list[dict]:

@@ -137,6 +137,8 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     stats: dict = field(default_factory=dict)  # chain, per-level acceptance, routing
+    lossy: bool = False  # the output may differ from the target's (tiered verification)
+    tiers: dict | None = None  # with tiered verification: the committed tokens each tier decided
 
     def add(self, reply: pb.GenerateResponse) -> Chunk | None:
         """Fold one streamed reply in; returns its text chunk, or None for the final reply."""
@@ -144,6 +146,10 @@ class Completion:
             self.finish_reason = reply.finish_reason
             self.prompt_tokens, self.completion_tokens = reply.usage.prompt_tokens, reply.usage.completion_tokens
             self.stats = json.loads(reply.stats_json) if reply.stats_json else {}
+            self.lossy = reply.lossy
+            if reply.HasField("tiers"):
+                self.tiers = {"tier1_tokens": reply.tiers.tier1_tokens, "tier2_tokens": reply.tiers.tier2_tokens,
+                              "tier3_tokens": reply.tiers.tier3_tokens, "slim_rejections": reply.tiers.slim_rejections}
             return None
         self.text += reply.text
         self.token_ids.extend(reply.token_ids)
@@ -153,9 +159,12 @@ class Completion:
 def make_request(prompt: str | list[int] | None = None, messages: list[dict] | None = None, *, model: str = "",
                  max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, seed: int | None = None, stop: list[str] | str | None = None,
-                 ignore_eos: bool = False, prompt_class: str = "") -> pb.GenerateRequest:
+                 ignore_eos: bool = False, prompt_class: str = "", tiered: tuple[float, float] | None = None) -> pb.GenerateRequest:
+    """`tiered`: (tau_high, tau_low) for tiered (lossy) verification; None: lossless."""
     request = pb.GenerateRequest(model=model, stop=[stop] if isinstance(stop, str) else list(stop or []),
                                  ignore_eos=ignore_eos, prompt_class=prompt_class)
+    if tiered is not None:
+        request.tiered.tau_high, request.tiered.tau_low = tiered
     if isinstance(prompt, str):
         request.prompt = prompt
     elif prompt is not None:

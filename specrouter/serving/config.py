@@ -121,6 +121,15 @@ class ServeConfig(BaseModel):
         description="A target whose wider passes differ in rounding from one-token passes (a llama.cpp level, "
                     "measured at load) verifies blocks no longer than it verifies bit-exactly, so greedy output "
                     "equals the target's alone token for token. false: longer blocks, faster, equal up to rounding.")
+    tiered_verification: bool = Field(
+        default=False,
+        description="Let requests ask for tiered verification (`tiered`: tau_high, tau_low), a lossy mode: drafted "
+                    "tokens the drafter was sure of are committed unchecked, medium ones checked by a slim verifier. "
+                    "Such responses say `lossy: true`. false: every request is lossless (a tiered one is a 400).")
+    slim_verifier: str = Field(
+        default="@skip",
+        description="Tiered verification's slim verifier: the target with skipped layers, as `NAME@skip:L1+L2` or its "
+                    "modifier alone (`@skip:12+13`; `@skip`: the target's measured default set).")
     adaptive: bool = Field(
         default=False, description="Treat `chain` as a pool: before every step the router picks the chain and "
                                    "the block lengths predicted fastest (docs/routing.md).")

@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from specrouter.core.tiers import Thresholds
+
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 8
 
@@ -37,6 +39,23 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class TieredVerification(BaseModel):
+    """SpecRouter's extension: tiered (lossy) verification (specrouter/core/tiers.py), where the server allows it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    tau_high: float = Field(description="drafted tokens the drafter was at least this sure of are committed unchecked (1: none)")
+    tau_low: float = Field(description="from here up to tau_high a slim verifier checks them (= tau_high: none)")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        Thresholds(self.tau_high, self.tau_low)  # raises ValueError with the reason
+        return self
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.tau_high, self.tau_low)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -54,6 +73,7 @@ class _Request(BaseModel):
     prompt_class: str | None = None  # SpecRouter's extension: route as this class (default: classified)
     user: str | None = None
     timeout: float | None = Field(default=None, gt=0)  # SpecRouter's extension: seconds until the work is cancelled (408)
+    tiered: TieredVerification | None = None  # SpecRouter's extension: opt-in lossy verification (None: lossless)
     # Accepted only at their neutral values: anything else would change the output.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -174,7 +194,8 @@ def new_id(chat: bool) -> str:
 
 
 def completion_response(chat: bool, request_id: str, model: str, choices: list[dict], usage_: dict, stats: list[dict]) -> dict:
-    """choices: [{"text", "finish_reason"}] in index order."""
+    """choices: [{"text", "finish_reason"}] in index order. A lossy generation (tiered verification)
+    says so at the top (`lossy`) and in its statistics (`lossy`, `tiers`)."""
     if chat:
         body = [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish_reason"],
                  "logprobs": None} for i, c in enumerate(choices)]
@@ -182,7 +203,8 @@ def completion_response(chat: bool, request_id: str, model: str, choices: list[d
         body = [{"index": i, "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
                 for i, c in enumerate(choices)]
     return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": body, "usage": usage_, "specrouter": stats}
+            "model": model, "choices": body, "usage": usage_, "specrouter": stats,
+            **({"lossy": True} if any(s.get("lossy") for s in stats) else {})}
 
 
 def chunk(chat: bool, request_id: str, model: str, index: int, text: str | None, finish_reason: str | None = None,

@@ -46,6 +46,7 @@ class SpecRouterServer:
             c.default_max_tokens, max_batch=c.max_batch, pipeline=c.pipeline, draft_confidence=c.draft_confidence,
             bit_exact=c.bit_exact, max_waiting=c.max_waiting_requests, max_waiting_tokens=c.max_waiting_tokens,
             router_config=c.routing.router_config(), retry_down_after_s=c.retry_down_after_s,
+            slim_verifier=c.slim_verifier if c.tiered_verification else None,
         )
         self.info = ray.get(self.router.info.remote())
         self.model = c.served_name
@@ -135,12 +136,16 @@ class SpecRouterServer:
         if asked > self.config.max_request_tokens:
             raise oai.APIError(f"n x max_tokens ({asked}) exceeds this server's limit of {self.config.max_request_tokens} "
                                "tokens per request", param="max_tokens")
+        if req.tiered is not None and not self.config.tiered_verification:
+            raise oai.APIError("tiered (lossy) verification is off on this server (ServeConfig tiered_verification)",
+                               param="tiered", code="tiered_verification_off")
+        tiered = (req.tiered.tau_high, req.tiered.tau_low) if req.tiered is not None else None
         timeouts = [t for t in (req.timeout, deadline_s, self.config.request_timeout_s) if t is not None]
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
         return [
             GenerationRequest(prompt=prompt, messages=messages, max_tokens=req.max_tokens, temperature=req.temperature,
                               top_p=req.top_p, top_k=req.top_k, seed=seed + i, stop=req.stops, ignore_eos=req.ignore_eos,
-                              prompt_class=req.prompt_class, timeout_s=min(timeouts) if timeouts else None)
+                              prompt_class=req.prompt_class, timeout_s=min(timeouts) if timeouts else None, tiered=tiered)
             for i in range(req.n)
         ]
 
@@ -229,6 +234,8 @@ class SpecRouterServer:
                         finish_reason=item["finish_reason"],
                         usage=pb.Usage(**oai.usage(item["prompt_tokens"], item["completion_tokens"])),
                         stats_json=json.dumps(item["stats"]),
+                        lossy=item["stats"].get("lossy", False),
+                        **({"tiers": pb.TierCounts(**item["stats"]["tiers"])} if "tiers" in item["stats"] else {}),
                     )
         except oai.APIError as exc:
             if grpc_context is None:
@@ -321,6 +328,8 @@ def _grpc_to_openai(request: pb.GenerateRequest, served: str) -> dict:
             body[field] = getattr(request, field)
     if request.prompt_class:
         body["prompt_class"] = request.prompt_class
+    if request.HasField("tiered"):
+        body["tiered"] = {"tau_high": request.tiered.tau_high, "tau_low": request.tiered.tau_low}
     return body
 
 

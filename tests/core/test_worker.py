@@ -144,6 +144,7 @@ def test_draft_stops_after_the_first_token_drafted_below_min_confidence(worker, 
     # Each drafted token's probability under the model's softmax (temperature 1: the greedy case's own too).
     rows = forward_one(worker, "probe", 0, 0, EMPTY, ids + full.token_ids[:-1], 8, SAMPLED)  # [8, V]
     confidence = [float(rows[j, t]) for j, t in enumerate(full.token_ids)]
+    assert full.confidence == pytest.approx(confidence, rel=1e-4)  # a draft reports how sure it was of each token
     threshold = sorted(confidence)[4]  # the 5th smallest: some token falls below it, not the first one alone
     stop = next(j for j, c in enumerate(confidence) if c < threshold)
     got = draft_one(worker, "stopped", 0, 0, EMPTY, ids, 8, params, 4, threshold)

@@ -253,6 +253,7 @@ def test_a_remote_draft_batch_is_one_frame_and_equals_each_draft_alone(counted):
         ref = draft_one(local, call.seq_id, 0, 0, EMPTY, call.token_ids, call.k, call.params, call.seed, call.min_confidence)
         assert got.token_ids == ref.token_ids and len(got.token_ids) == (1 if call.min_confidence else call.k)
         torch.testing.assert_close(got.q_draft, ref.q_draft, atol=1e-6, rtol=1e-5)
+        assert got.confidence == pytest.approx(ref.confidence) and len(got.confidence) == len(got.token_ids)
 
 
 def test_a_stale_or_gapped_call_in_a_remote_batch_is_refused_alone(counted):

@@ -29,6 +29,10 @@ BAD_COMPLETIONS = {
     "malformed json": (b'{"model": "m", "prompt": ', None),
     "invalid utf-8": (b'{"model": "m", "prompt": "\xff\xfe"}', None),
     "not an object": (b"[1, 2]", None),
+    "tiered low above high": (_body(prompt="x", tiered={"tau_high": 0.5, "tau_low": 0.9}), "tiered"),
+    "tiered above one": (_body(prompt="x", tiered={"tau_high": 1.5, "tau_low": 0.9}), "tiered"),
+    "tiered missing tau_low": (_body(prompt="x", tiered={"tau_high": 0.9}), "tiered.tau_low"),
+    "tiered unknown field": (_body(prompt="x", tiered={"tau_high": 0.9, "tau_low": 0.5, "tau": 1}), "tiered.tau"),
 }
 
 
@@ -65,3 +69,18 @@ def test_timeout_is_a_positive_number_of_seconds():
     with pytest.raises(oai.APIError) as err:
         oai.parse(oai.CompletionRequest, _body(prompt="x", timeout=0))
     assert err.value.param == "timeout"
+
+
+def test_tiered_verification_is_opt_in_and_names_its_thresholds():
+    assert oai.parse(oai.CompletionRequest, _body(prompt="x")).tiered is None
+    req = oai.parse(oai.CompletionRequest, _body(prompt="x", tiered={"tau_high": 0.9, "tau_low": 0.5}))
+    assert (req.tiered.thresholds.tau_high, req.tiered.thresholds.tau_low) == (0.9, 0.5)
+    with pytest.raises(oai.APIError, match="tau_low must be <= tau_high"):
+        oai.parse(oai.ChatCompletionRequest, _body(messages=[{"role": "user", "content": "hi"}], tiered={"tau_high": 0.2, "tau_low": 0.3}))
+
+
+def test_a_lossy_response_says_so():
+    lossy = {"lossy": True, "tiers": {"tier1_tokens": 3, "tier2_tokens": 1, "tier3_tokens": 2, "slim_rejections": 0}}
+    body = oai.completion_response(False, "cmpl-1", "m", [{"text": "a", "finish_reason": "stop"}], oai.usage(1, 6), [lossy])
+    assert body["lossy"] is True and body["specrouter"][0]["tiers"]["tier1_tokens"] == 3
+    assert "lossy" not in oai.completion_response(False, "cmpl-1", "m", [{"text": "a", "finish_reason": "stop"}], oai.usage(1, 1), [{}])

@@ -1,0 +1,53 @@
+"""Tiered (lossy) verification through the engine and the generation loop: opt-in, named, counted."""
+
+import pytest
+
+from specrouter.core.sampling import SamplingParams
+from specrouter.core.store import ModelStore
+from specrouter.core.tiers import Thresholds
+from specrouter.engine.engine import Engine
+from specrouter.engine.loop import BatchLoop
+
+PROMPT = [5, 17, 42, 99, 5, 17, 42, 7, 8, 9]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dirs):
+    return Engine(f"{tiny_dirs['draft']},{tiny_dirs['target']}", provider=ModelStore("float32"), slim_verifier="@skip:1")
+
+
+def test_tau_one_is_lossless_and_says_so(engine):
+    lossless = engine.generate(PROMPT, 16, ignore_eos=True)
+    tiered = engine.generate(PROMPT, 16, ignore_eos=True, tiered=Thresholds(1.0, 1.0))
+    assert tiered.token_ids == lossless.token_ids
+    assert not tiered.lossy and tiered.as_dict()["lossy"] is False
+    assert tiered.as_dict()["verification"] == "tiered" and tiered.as_dict()["tiers"]["tier3_tokens"] == 16
+    assert "verification" not in lossless.as_dict() and lossless.as_dict()["lossy"] is False
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=1.0)], ids=["greedy", "sampling"])
+def test_a_lossy_request_counts_every_token_in_its_tiers(engine, params):
+    result = engine.generate(PROMPT, 20, params=params, ignore_eos=True, tiered=Thresholds(0.0, 0.0))
+    body = result.as_dict()
+    assert body["lossy"] is True and (body["tau_high"], body["tau_low"]) == (0.0, 0.0)
+    assert body["tiers"] == {"tier1_tokens": 20, "tier2_tokens": 0, "tier3_tokens": 0, "slim_rejections": 0}
+    slim = engine.generate(PROMPT, 20, params=params, ignore_eos=True, tiered=Thresholds(1.0, 0.0))
+    assert slim.tiers.tier2_tokens + slim.tiers.tier3_tokens == 20 and slim.tiers.tier2_tokens > 0
+
+
+def test_lossless_and_tiered_requests_share_a_batch(engine):
+    alone = engine.generate(PROMPT, 12, ignore_eos=True)
+    loop = BatchLoop(engine, max_batch=4)
+    lossless, tiered = loop.run([{"prompt_ids": PROMPT, "max_new_tokens": 12, "ignore_eos": True},
+                                 {"prompt_ids": PROMPT[:6], "max_new_tokens": 12, "ignore_eos": True, "tiered": Thresholds(0.0, 0.0)}])
+    assert lossless.token_ids == alone.token_ids and not lossless.lossy and lossless.tiers is None
+    assert tiered.lossy and tiered.tiers.num_tokens == 12 == tiered.tiers.tier1_tokens
+    for level in engine.all_levels:  # the slim verifier too: nothing left cached for finished requests
+        assert level.worker.num_sequences() == 0
+
+
+def test_the_slim_verifier_is_a_view_of_the_target(tiny_dirs):
+    store = ModelStore("float32")
+    for bad in (f"{tiny_dirs['draft']}@skip:1", "@int8", f"{tiny_dirs['target']}"):
+        with pytest.raises(ValueError, match="slim verifier"):
+            Engine(f"{tiny_dirs['draft']},{tiny_dirs['target']}", provider=store, slim_verifier=bad)
