@@ -82,11 +82,11 @@ def methods(threads: int) -> list[Method]:
 
 
 class LlamaServer:
-    """One llama-server process on loopback, one request at a time."""
+    """One llama-server process on loopback with `parallel` slots of 4096 positions each."""
 
-    def __init__(self, binary: str, args: tuple[str, ...], port: int, threads: int):
-        cmd = [binary, "-m", str(catalog.prepare_gguf(TARGET)), "-t", str(threads), "-tb", str(threads), "-c", "4096",
-               "--host", "127.0.0.1", "--port", str(port), "-np", "1", *args]
+    def __init__(self, binary: str, args: tuple[str, ...], port: int, threads: int, parallel: int = 1):
+        cmd = [binary, "-m", str(catalog.prepare_gguf(TARGET)), "-t", str(threads), "-tb", str(threads),
+               "-c", str(4096 * parallel), "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel), *args]
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300

@@ -1,8 +1,10 @@
 """The served system end to end: `specrouter serve` (embedded local Ray, Serve HTTP, router actor,
 one actor per model) under `specrouter bench` load, for the default chain and for target-only
-serving, in one run; peak RSS of the whole process tree (driver + Ray + every actor).
+serving, and llama.cpp's llama-server on the target's GGUF file under the same load (`--peer`), in
+one run; peak RSS of each whole process tree (driver + Ray + every actor).
 
-    .venv/bin/python bench/serving.py [--prompts 6] [--max-tokens 64] [--concurrency 1,4] [--draft-confidence 0.4 --draft-lens 10]
+    .venv/bin/python bench/serving.py [--prompts 6] [--max-tokens 64] [--concurrency 1,4,16] [--peer]
+        [--draft-confidence 0.4 --draft-lens 10]
 
 With --draft-confidence, the chain also runs without the confidence stop (at --plain-draft-lens) in the same run.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
+from peers import LlamaServer  # noqa: E402
 from speculative import machine_info  # noqa: E402
 
 from specrouter.serving.config import DEFAULT_CHAIN  # noqa: E402
@@ -76,6 +79,22 @@ def serve_and_load(chain: str, draft_lens: str | None, args, port: int, draft_co
         proc.wait(timeout=180)
 
 
+def llama_server_load(args, port: int) -> dict:
+    """llama-server on the target's GGUF (as many slots as the highest concurrency) under the same load."""
+    binary = args.llama_server or subprocess.run(["bash", str(Path(__file__).parent / "build_llama_server.sh")],
+                                                  check=True, capture_output=True, text=True).stdout.strip()
+    t0 = time.perf_counter()
+    server = LlamaServer(binary, (), port, args.threads, parallel=max(args.concurrency))
+    rss = TreeRSS(server.proc.pid)
+    try:
+        startup_s = time.perf_counter() - t0
+        run_load(server.url, 1, 1, 8)  # warm-up
+        loads = {c: run_load(server.url, args.prompts, c, args.max_tokens) for c in args.concurrency}
+        return {"chain": "llama-server", "startup_s": round(startup_s, 1), "peak_rss_gb": rss.stop(), "load": loads}
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--chain", default=DEFAULT_CHAIN)
@@ -84,7 +103,10 @@ def main() -> None:
     parser.add_argument("--plain-draft-lens", default="6", help="with --draft-confidence: the lengths of the run without it")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
+    parser.add_argument("--peer", action="store_true", help="also serve the target's GGUF with llama-server")
+    parser.add_argument("--llama-server", default=None, help="the binary (default: bench/build_llama_server.sh's)")
+    parser.add_argument("--threads", type=int, default=2, help="llama-server's threads")
     args = parser.parse_args()
 
     target = args.chain.split(",")[-1]
@@ -92,11 +114,17 @@ def main() -> None:
     if args.draft_confidence:
         runs["specrouter_no_stop"] = serve_and_load(args.chain, args.plain_draft_lens, args, 8330)
     runs["target_only"] = serve_and_load(target, None, args, 8320)
+    if args.peer:
+        runs["llama_server"] = llama_server_load(args, 8340)
     summary = {
         f"speedup_c{c}" + ("" if name == "specrouter" else "_no_stop"):
             round(run["load"][c]["output_tokens_per_s"] / runs["target_only"]["load"][c]["output_tokens_per_s"], 3)
-        for name, run in runs.items() if name != "target_only" for c in args.concurrency
+        for name, run in runs.items() if name not in ("target_only", "llama_server") for c in args.concurrency
     }
+    if args.peer:
+        summary.update({f"{name}_vs_llama_server_c{c}": round(run["load"][c]["output_tokens_per_s"]
+                                                               / runs["llama_server"]["load"][c]["output_tokens_per_s"], 3)
+                        for name, run in runs.items() if name != "llama_server" for c in args.concurrency})
     summary.update({f"{name}_peak_rss_gb": run["peak_rss_gb"] for name, run in runs.items()})
     summary.update({f"{name}_tok_s_c{c}": run["load"][c]["output_tokens_per_s"] for name, run in runs.items() for c in args.concurrency})
     out = Path(__file__).parent / "results" / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -13,10 +13,10 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, Keys
 from tqdm import tqdm
 
 
@@ -262,7 +262,7 @@ def prepare_tokenizer(name: str) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        (work / entry.gguf_name).write_bytes(gguf_header(first))
+        gguf_header(first, work / entry.gguf_name)
         from transformers import AutoTokenizer
 
         print(f"building the {name} tokenizer from its GGUF header (one time, ~20 s) ...", flush=True)
@@ -274,43 +274,30 @@ def prepare_tokenizer(name: str) -> Path:
     return out
 
 
-_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by GGUF value type
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
+class _MetadataReader(GGUFReader):
+    """A GGUFReader of the header, metadata and tensor infos alone: the first part of a split model
+    holds those, while the tensors' data lies in later parts."""
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        self.tensors = []
 
 
-def gguf_header(path: Path, limit: int = 64 << 20) -> bytes:
-    """The GGUF file's header and metadata (the tokenizer lives there) as a GGUF of zero tensors."""
-    with open(path, "rb") as f:
-        buf = f.read(limit)
-
-    def skip(off: int, vtype: int) -> int:
-        if vtype in _GGUF_SCALAR_SIZES:
-            return off + _GGUF_SCALAR_SIZES[vtype]
-        if vtype == _GGUF_STRING:
-            return off + 8 + struct.unpack_from("<Q", buf, off)[0]
-        if vtype == _GGUF_ARRAY:
-            item, count = struct.unpack_from("<IQ", buf, off)
-            off += 12
-            if item in _GGUF_SCALAR_SIZES:
-                return off + _GGUF_SCALAR_SIZES[item] * count
-            for _ in range(count):
-                off = skip(off, item)
-            return off
-        raise CatalogError(f"{path}: unknown GGUF value type {vtype}")
-
+def gguf_header(path: Path, out: Path) -> None:
+    """Write the GGUF file's metadata (the tokenizer lives there) to `out` as a GGUF of zero tensors."""
     try:
-        magic, version, _, num_kv = struct.unpack_from("<4sIQQ", buf, 0)
-        if magic != b"GGUF":
-            raise CatalogError(f"{path}: not a GGUF file")
-        off = 24
-        for _ in range(num_kv):
-            off += 8 + struct.unpack_from("<Q", buf, off)[0]  # the key
-            off = skip(off + 4, struct.unpack_from("<I", buf, off)[0])
-    except struct.error:
-        raise CatalogError(f"{path}: the GGUF metadata does not fit in its first {limit >> 20} MB") from None
-    if off > len(buf):
-        raise CatalogError(f"{path}: the GGUF metadata does not fit in its first {limit >> 20} MB")
-    return struct.pack("<4sIQQ", magic, version, 0, num_kv) + buf[24:off]
+        reader = _MetadataReader(path)
+    except (ValueError, IndexError) as exc:
+        raise CatalogError(f"{path}: not a GGUF file, or its metadata is cut short ({exc})") from None
+    writer = GGUFWriter(out, arch=reader.fields[Keys.General.ARCHITECTURE].contents())
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name == Keys.General.ARCHITECTURE:
+            continue  # the header's own fields, and the one the writer adds
+        sub_type = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
 
 
 def resolve(name_or_path: str) -> str:

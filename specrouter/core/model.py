@@ -55,13 +55,13 @@ def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant:
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Per-channel int8 weights for every Linear (fbgemm kernels, fp32 activations): ~2.5x faster
-    drafting on CPU. Quantises one decoder layer at a time, so peak memory stays near the model's.
+    """Per-channel int8 weights for every Linear (fbgemm kernels, fp32 activations): faster drafting
+    on CPU. Quantises one decoder layer at a time, so peak memory stays near the model's.
     Each layer's projections that read the same input are fused first (`fuse_projections`), so the
     model is for ModelView alone: transformers' own forward no longer finds q_proj or gate_proj.
     The embedding table keeps its loaded dtype (its rows are cast to fp32 as they are looked up):
-    the same values, at half the memory of an fp32 copy (272 MB saved on Qwen2.5-0.5B). Every
-    quantised Linear scales the tokens of a pass in bands of magnitude (RowBandedLinear)."""
+    the same values, at half the memory of an fp32 copy. Every quantised Linear scales the tokens of
+    a pass in bands of magnitude (RowBandedLinear)."""
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -82,18 +82,13 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 class RowBandedLinear(torch.nn.Module):
     """A dynamically quantised Linear whose input rows are quantised in bands of magnitude.
 
-    Dynamic int8 scales a matmul's whole input by one number, its largest magnitude. Qwen2.5's first
-    token carries activations up to 26x the median token's (an attention sink), so in a prompt's
-    prefill all the other tokens were quantised to a few levels, and the int8 drafter drafted from that
-    cache for the whole request. Here a pass of several tokens is split by each token's largest
+    Dynamic int8 scales a matmul's whole input by one number, its largest magnitude. A model's first
+    token can carry activations many times the median token's (an attention sink), so in a prompt's
+    prefill all the other tokens would be quantised to a few levels, and the int8 drafter would draft
+    from that cache for the whole request. Here a pass of several tokens is split by each token's largest
     magnitude into bands a `factor` apart (band 0: up to `factor` x the median token's), one matmul
     per band (one unless some token stands out; two in a prefill), so no token is scaled more than
     `factor` x coarser than its own magnitude needs. A pass of one token is unchanged.
-
-    Bench prompts (8 HumanEval + 8 ShareGPT, 64 tokens; 0.5B int8 -> 1.5B, blocks of up to 10 stopping
-    below 0.4), each run both ways in turn: 172 target steps instead of 179, 10.83 tok/s instead of
-    10.71 (two runs of close variants: 171 vs 179 steps, 10.01 vs 9.47 tok/s, running each outlying
-    token alone; 174 vs 179, 10.28 vs 10.05, banding only passes of 16 tokens or more).
     """
 
     def __init__(self, linear: torch.nn.Module, factor: float = 4.0):
@@ -234,9 +229,6 @@ class KVCache:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 @dataclass(frozen=True)

@@ -106,8 +106,7 @@ class AcceptanceTable:
     run_decay: float = 0.99  # per round: the position rates follow about the last 100 rounds
     run_prior_weight: float = 10.0  # rounds' worth of trust in alpha at a position
     # ... for a drafter that stops unsure: it reaches deep positions only while sure, so alpha is the wrong
-    # shape there and its rounds must soon outweigh it (with 10 the expected tokens of 0.5B -> 1.5B [10]
-    # were 23% off per request on average and 14% low on code; with 3, 16% and 10%: bench forced-plan runs)
+    # shape there and its rounds must soon outweigh it
     stopping_run_prior_weight: float = 3.0
     _runs: dict[tuple[str, str, str], _Runs] = field(default_factory=dict)  # (class, drafter, verifier)
     draft_prior_weight: float = 3.0  # blocks' worth of trust that a drafter drafts every token asked
@@ -182,8 +181,7 @@ class AcceptanceTable:
         sequence's own rejection_ratio to its class's), then shrunk toward the rate of the `request`'s own rounds
         of the pair there (OwnAcceptance.runs), where it has run some: a prompt the drafter finds
         hard rejects early and stops early in its blocks, which a ratio of agreement at the positions
-        drafted does not see (bench: a chat request accepting 1.2 of 3.5 tokens a round was predicted
-        3.3 tokens a round from its class and its ratio).
+        drafted does not see.
 
         While the class has seen few rounds reach position j, h_j is shrunk toward the other classes'
         rate there (their rejections scaled by the class's rejection_ratio to the pooled alpha: the
@@ -196,8 +194,7 @@ class AcceptanceTable:
         reached by few of them), each h_j it is shrunk toward has its odds of rejection scaled first by
         the request's own rejections over those the class's rates predict at the positions its rounds
         reached (`_rounds_ratio`): its few deep rounds are read at its own level of difficulty, not
-        its class's (bench: a summarization request committing 2.3 tokens a round was predicted 2.9
-        from its class's deep rates after 27 rounds, and an easy chat one 6.9 where it got 9.4)."""
+        its class's."""
         alpha = self.alpha(klass, drafter, verifier)
         pooled = self._runs.get((POOLED, drafter, verifier))
         own = self._runs.get((klass, drafter, verifier)) if klass != POOLED else None

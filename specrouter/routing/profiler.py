@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 LEVEL_CHANGE = 1.5  # an observation this many times off its prediction (or 1/this) may be a level-wide change
-# ... and at least this many seconds off: a level that costs next to nothing (prompt lookup, 0.1-0.6 ms a
-# token here) is often 3x off in either direction, and its "changes" made every route re-plan at once
-# (50 in 200 steps) and walked its speed factor down to 2e-6, to no purpose: such a level never decides a plan
+# ... and at least this many seconds off: a level that costs next to nothing (prompt lookup) is often
+# several times off in either direction from noise alone; counting that as a change would make every route
+# re-plan at once and walk its speed factor toward zero, to no purpose: such a level never decides a plan
 MIN_CHANGE_S = 0.002
 
 

@@ -1,23 +1,23 @@
 """The gRPC client SDK for SpecRouter's public API (protos/specrouter/v1/specrouter.proto).
 
-    from specrouter.serving.client import Client
+    from specrouter import Client
     with Client("127.0.0.1:9000") as client:
         print(client.generate("def fib(n):", max_tokens=32, temperature=0).text)
         for chunk in client.stream("def fib(n):", max_tokens=32):
             print(chunk.text, end="")
 
 `AsyncClient` has the same methods as coroutines / async iterators. Every call takes a deadline
-(`timeout` seconds; the server cancels the work when it passes); calls that fail before any response
-arrived are retried while the policy has attempts left: UNAVAILABLE with exponential backoff, and
-RESOURCE_EXHAUSTED with a `retry-after` (the server's queue is full) after the time it asks. gRPC
-errors become the exceptions below. `api_key=` sends `authorization: Bearer KEY` with every call.
+(`timeout` seconds, retries included; the server cancels the work when it passes). Retries are gRPC's
+own (the channel's service config, from `RetryPolicy`): a call that failed with UNAVAILABLE or
+RESOURCE_EXHAUSTED before any response arrived is tried again with exponential backoff, or after the
+time the server asks for in its `grpc-retry-pushback-ms` trailer (its queue is full); a stream that
+has started is never retried. gRPC errors become the exceptions below. `api_key=` sends
+`authorization: Bearer KEY` with every call.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
@@ -25,6 +25,8 @@ import grpc
 
 from specrouter.v1 import specrouter_pb2 as pb
 from specrouter.v1.specrouter_pb2_grpc import SpecRouterStub
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's server pushback: the delay (ms) before the next attempt
 
 
 class SpecRouterError(Exception):
@@ -64,7 +66,7 @@ _ERRORS = {cls.code: cls for cls in (InvalidRequest, ModelNotFound, Unavailable,
 
 
 def _error(exc: grpc.RpcError) -> SpecRouterError:
-    retry_after = _retry_after(exc)
+    retry_after = _pushback_s(exc)
     cls = _ERRORS.get(exc.code(), SpecRouterError)
     if cls is Overloaded and retry_after is None:
         cls = SpecRouterError  # RESOURCE_EXHAUSTED from the transport (a message too large), not the queue
@@ -75,30 +77,50 @@ def _error(exc: grpc.RpcError) -> SpecRouterError:
     return error
 
 
-def _retry_after(exc: grpc.RpcError) -> float | None:
-    """The server's `retry-after` (seconds) in the call's trailing metadata, if any."""
+def _pushback_s(exc: grpc.RpcError) -> float | None:
+    """The server's pushback (seconds) in the call's trailing metadata, if any."""
     for key, value in exc.trailing_metadata() or ():
-        if key == "retry-after":
+        if key == PUSHBACK_KEY:
             try:
-                return max(0.0, float(value))
+                return max(0, int(value)) / 1000
             except ValueError:
                 return None
     return None
 
 
-def _retry_delay(exc: grpc.RpcError, backoffs: Iterator[float], started: bool = False) -> float:
-    """How long to wait before retrying a failed call, or raise its error. Retried only before any reply
-    arrived and while the policy has attempts left: UNAVAILABLE after the next backoff, RESOURCE_EXHAUSTED
-    that carries a `retry-after` (the queue was full; a message too large carries none) after that long."""
-    backoff = next(backoffs, None)
-    if started or backoff is None:
-        raise _error(exc) from None
-    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        return backoff
-    retry_after = _retry_after(exc) if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
-    if retry_after is None:
-        raise _error(exc) from None
-    return retry_after
+@dataclass(frozen=True)
+class RetryPolicy:
+    """gRPC's retry policy for every method of the API. `attempts` counts the first try (1: no retries;
+    gRPC allows at most 5). The n-th retry waits a random time up to
+    min(first_backoff_s * multiplier^(n-1), max_backoff_s), or the server's pushback when it sends one."""
+
+    attempts: int = 4
+    first_backoff_s: float = 0.2
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+
+    def __post_init__(self):
+        if not 1 <= self.attempts <= 5:
+            raise ValueError(f"attempts must be between 1 and 5 (gRPC's limit), not {self.attempts}")
+        if self.first_backoff_s <= 0 or self.max_backoff_s <= 0 or self.multiplier <= 0:
+            raise ValueError("backoffs and the multiplier must be positive")
+
+    def service_config(self) -> str:
+        """The channel's service config (JSON) carrying this policy."""
+        method: dict = {"name": [{"service": "specrouter.v1.SpecRouter"}]}
+        if self.attempts > 1:
+            method["retryPolicy"] = {
+                "maxAttempts": self.attempts,
+                "initialBackoff": f"{self.first_backoff_s:.9f}s",
+                "maxBackoff": f"{self.max_backoff_s:.9f}s",
+                "backoffMultiplier": self.multiplier,
+                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+            }
+        return json.dumps({"methodConfig": [method]})
+
+    def channel_options(self) -> list[tuple[str, str | int]]:
+        # The policy is the channel's own: a service config from DNS never replaces it.
+        return [("grpc.service_config", self.service_config()), ("grpc.service_config_disable_resolution", 1)]
 
 
 @dataclass
@@ -146,19 +168,6 @@ def make_request(prompt: str | list[int] | None = None, messages: list[dict] | N
     return request
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 4
-    first_backoff_s: float = 0.2
-    max_backoff_s: float = 2.0
-
-    def backoffs(self) -> Iterator[float]:
-        delay = self.first_backoff_s
-        for _ in range(self.attempts - 1):
-            yield delay
-            delay = min(delay * 2, self.max_backoff_s)
-
-
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
@@ -167,7 +176,7 @@ class Client:
     def __init__(self, address: str = "127.0.0.1:9000", timeout: float = 300.0, retry: RetryPolicy = RetryPolicy(),
                  api_key: str | None = None):
         self.timeout, self.retry, self._metadata = timeout, retry, _metadata(api_key)
-        self.channel = grpc.insecure_channel(address)
+        self.channel = grpc.insecure_channel(address, options=retry.channel_options())
         self.stub = SpecRouterStub(self.channel)
 
     def __enter__(self) -> "Client":
@@ -180,15 +189,13 @@ class Client:
         self.channel.close()
 
     def _unary(self, method, request, timeout: float | None):
-        backoffs = self.retry.backoffs()
-        while True:
-            try:
-                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                time.sleep(_retry_delay(exc, backoffs))
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
 
     def stream(self, prompt=None, messages=None, *, timeout: float | None = None, **params) -> Iterator[Chunk]:
-        """Text chunks as they are generated (retried on UNAVAILABLE only before the first one)."""
+        """Text chunks as they are generated."""
         completion = Completion()
         yield from (c for c in self._replies(make_request(prompt, messages, **params), timeout, completion) if c)
 
@@ -199,16 +206,11 @@ class Client:
         return completion
 
     def _replies(self, request, timeout, completion: Completion) -> Iterator[Chunk | None]:
-        backoffs = self.retry.backoffs()
-        while True:
-            started = False
-            try:
-                for reply in self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata):
-                    started = True
-                    yield completion.add(reply)
-                return
-            except grpc.RpcError as exc:
-                time.sleep(_retry_delay(exc, backoffs, started))
+        try:
+            for reply in self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata):
+                yield completion.add(reply)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
 
     def list_models(self, timeout: float | None = None) -> list[dict]:
         reply = self._unary(self.stub.ListModels, pb.ListModelsRequest(), timeout)
@@ -222,7 +224,7 @@ class AsyncClient:
     def __init__(self, address: str = "127.0.0.1:9000", timeout: float = 300.0, retry: RetryPolicy = RetryPolicy(),
                  api_key: str | None = None):
         self.timeout, self.retry, self._metadata = timeout, retry, _metadata(api_key)
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = grpc.aio.insecure_channel(address, options=retry.channel_options())
         self.stub = SpecRouterStub(self.channel)
 
     async def __aenter__(self) -> "AsyncClient":
@@ -235,12 +237,10 @@ class AsyncClient:
         await self.channel.close()
 
     async def _unary(self, method, request, timeout: float | None):
-        backoffs = self.retry.backoffs()
-        while True:
-            try:
-                return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                await asyncio.sleep(_retry_delay(exc, backoffs))
+        try:
+            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
 
     async def stream(self, prompt=None, messages=None, *, timeout: float | None = None, **params) -> AsyncIterator[Chunk]:
         async for chunk in self._replies(make_request(prompt, messages, **params), timeout, Completion()):
@@ -254,16 +254,11 @@ class AsyncClient:
         return completion
 
     async def _replies(self, request, timeout, completion: Completion) -> AsyncIterator[Chunk | None]:
-        backoffs = self.retry.backoffs()
-        while True:
-            started = False
-            try:
-                async for reply in self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata):
-                    started = True
-                    yield completion.add(reply)
-                return
-            except grpc.RpcError as exc:
-                await asyncio.sleep(_retry_delay(exc, backoffs, started))
+        try:
+            async for reply in self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata):
+                yield completion.add(reply)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
 
     async def list_models(self, timeout: float | None = None) -> list[dict]:
         reply = await self._unary(self.stub.ListModels, pb.ListModelsRequest(), timeout)

@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from specrouter.core.spec import parse_chain
 
-# The fastest measured on CPU: the target's own GGUF on llama.cpp (0.94x llama-server on the same file;
-# the torch bf16 target runs at about a third of that), with prompt lookup below it, which drafts where
-# the target verifies blocks bit-exactly (and, with bit_exact off, pays on answers that repeat the prompt).
+# The default for CPU serving: the target's own GGUF on llama.cpp (its quantised kernels outrun a torch
+# bf16 target on CPU), with prompt lookup below it, which drafts where the target verifies blocks
+# bit-exactly (and, with bit_exact off, pays on answers that repeat the prompt).
 DEFAULT_CHAIN = "ngram,qwen2.5-coder-1.5b@gguf"
 API_KEY_ENV = "SPECROUTER_API_KEY"
 
@@ -49,34 +49,54 @@ def _check_keys(keys: list[SecretStr]) -> list[SecretStr]:
 
 
 class PlacementConfig(BaseModel):
+    """Where one model's Ray actor runs, and with what."""
+
     model_config = ConfigDict(extra="forbid")
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
-    accelerator_type: str | None = None
-    resources: dict[str, float] = {}
-    torch_threads: int | None = Field(default=None, ge=1)
-    device: str = "cpu"
-    env: dict[str, str] = {}  # extra environment of the model's actor (e.g. OMP_WAIT_POLICY)
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs the model's actor reserves in Ray.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs the model's actor reserves in Ray.")
+    accelerator_type: str | None = Field(
+        default=None, description="A Ray accelerator type the actor's node must have (e.g. A100). null: any.")
+    resources: dict[str, float] = Field(
+        default={}, description="Custom Ray resources the actor reserves (e.g. {accel_large: 1}).")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="Threads of the model's torch or llama.cpp computation. null: the default.")
+    device: str = Field(default="cpu", description="The torch device the model runs on (cpu, cuda, cuda:1).")
+    env: dict[str, str] = Field(default={}, description="Extra environment of the model's actor (e.g. OMP_WAIT_POLICY).")
 
 
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # errors never echo an API key
-    chain: str = DEFAULT_CHAIN
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    draft_lens: list[int] | None = None
-    draft_confidence: float = Field(default=0.0, ge=0.0, lt=1.0)
+    chain: str = Field(
+        default=DEFAULT_CHAIN,
+        description="The levels, comma-separated: drafters smallest first, the target last (specrouter/core/spec.py). "
+                    "With `adaptive`, the pool the router picks chains from.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="bfloat16", description="The dtype of torch levels (llama.cpp levels run their GGUF's own types).")
+    draft_lens: list[int] | None = Field(
+        default=None, description="The block length each drafter level proposes, bottom first. null: 4 per level (10 for "
+                                   "a bottom model when draft_confidence is set).")
+    draft_confidence: float = Field(
+        default=0.0, ge=0.0, lt=1.0,
+        description="A drafting model ends its block after a token it gave less than this probability, so a "
+                    "block length becomes a cap. 0: fixed blocks.")
     bit_exact: bool = Field(
         default=True,
-        description="A target whose wider passes round differently from one-token passes (a llama.cpp level, "
+        description="A target whose wider passes differ in rounding from one-token passes (a llama.cpp level, "
                     "measured at load) verifies blocks no longer than it verifies bit-exactly, so greedy output "
                     "equals the target's alone token for token. false: longer blocks, faster, equal up to rounding.")
-    adaptive: bool = False
-    pipeline: bool = False
-    model_name: str | None = None
-    default_max_tokens: int = Field(default=256, ge=1)
-    grpc_host: str = "127.0.0.1"  # the public gRPC API (protos/specrouter/v1/specrouter.proto)
-    grpc_port: int | None = Field(default=9000, ge=0)  # 0: any free port; null: no gRPC
-    placement: dict[str, PlacementConfig] = {}
+    adaptive: bool = Field(
+        default=False, description="Treat `chain` as a pool: before every step the router picks the chain and "
+                                   "the block lengths predicted fastest (docs/routing.md).")
+    pipeline: bool = Field(
+        default=False, description="Draft the next block while the target verifies the current one.")
+    model_name: str | None = Field(default=None, description="The model id clients name. null: the target's name.")
+    default_max_tokens: int = Field(default=256, ge=1, description="max_tokens of a chat request that gives none.")
+    grpc_host: str = Field(
+        default="127.0.0.1", description="The address the public gRPC API (protos/specrouter/v1/specrouter.proto) binds.")
+    grpc_port: int | None = Field(default=9000, ge=0, description="The public gRPC API's port. 0: any free port; null: no gRPC.")
+    placement: dict[str, PlacementConfig] = Field(
+        default={}, description="Per model label (a level's name, e.g. qwen2.5-coder-1.5b or NAME@int8) or \"*\": "
+                                "where its actor runs (the placement fields below).")
     # -- the front door: keys, admission, limits --
     api_key: list[SecretStr] = Field(
         default_factory=_env_keys,
@@ -89,7 +109,7 @@ class ServeConfig(BaseModel):
                     "keys join api_key (so the file need only exist where the config is first read).")
     metrics_need_key: bool | None = Field(
         default=None,
-        description="Whether /metrics needs the API key (when keys are set). None: open when `specrouter "
+        description="Whether /metrics needs the API key (when keys are set). null: open when `specrouter "
                     "serve` binds HTTP to loopback, keyed otherwise.")
     max_batch: int = Field(default=16, ge=1, description="The most requests generating together in the batch.")
     max_waiting_requests: int | None = Field(
@@ -100,7 +120,9 @@ class ServeConfig(BaseModel):
         default=None, ge=0,
         description="The most prompt tokens the waiting requests may hold together; past it, refused as above. "
                     "null: no limit.")
-    retry_after_s: int = Field(default=1, ge=1, description="The Retry-After (seconds) sent with a refusal for load.")
+    retry_after_s: int = Field(
+        default=1, ge=1, description="Seconds a client refused for load is told to wait: HTTP Retry-After, gRPC "
+                                     "server pushback (grpc-retry-pushback-ms).")
     max_body_bytes: int = Field(default=4 << 20, ge=1024,
                                 description="The largest HTTP request body (bytes; larger: 413) and gRPC message.")
     request_timeout_s: float | None = Field(

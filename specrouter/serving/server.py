@@ -7,11 +7,12 @@ use it as is, without Serve.
 
 The front door: with API keys configured, HTTP (but /health, and /metrics if the config opens it) and
 gRPC (but Health) need one (specrouter/serving/auth.py). The router's batch bounds its queue: a request
-refused for load is a 429 with Retry-After (gRPC RESOURCE_EXHAUSTED with `retry-after` in the trailing
-metadata), before any response starts, and all of a request's choices are queued before it is
-answered, so an admitted request is never dropped for load. A deadline (the body's `timeout`, the
-gRPC deadline, the config's request_timeout_s) is enforced by the batch, which frees the request's
-state on every worker (408 / DEADLINE_EXCEEDED).
+refused for load is a 429 with Retry-After (gRPC RESOURCE_EXHAUSTED with gRPC's server pushback,
+`grpc-retry-pushback-ms`, in the trailing metadata, which the SDK's retry policy honours) before any
+response starts, and all of a request's choices are queued before it is answered, so an admitted
+request is never dropped for load. A deadline (the body's `timeout`, the gRPC deadline, the config's
+request_timeout_s) is enforced by the batch, which frees the request's state on every worker
+(408 / DEADLINE_EXCEEDED).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import ray
 
 from specrouter.serving import openai_protocol as oai
 from specrouter.serving.auth import ApiKeyInterceptor, check_bearer
+from specrouter.serving.client import PUSHBACK_KEY
 from specrouter.serving.config import ServeConfig
 from specrouter.engine.request import GenerationRequest, Overloaded
 from specrouter.serving.metrics import Metrics
@@ -328,5 +330,5 @@ def _set_grpc_error(grpc_context, exc: oai.APIError) -> None:
              429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
     grpc_context.set_code(codes.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT))
     grpc_context.set_details(exc.message)
-    if "Retry-After" in exc.headers:
-        grpc_context.set_trailing_metadata((("retry-after", exc.headers["Retry-After"]),))
+    if "Retry-After" in exc.headers:  # gRPC's server pushback: retry after this many milliseconds
+        grpc_context.set_trailing_metadata(((PUSHBACK_KEY, str(int(exc.headers["Retry-After"]) * 1000)),))

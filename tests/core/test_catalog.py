@@ -58,3 +58,36 @@ def test_catalog_lists_the_default_family():
 def test_smollm2_is_prepared_from_its_package(smollm2_dir):
     assert catalog.is_prepared("smollm2-135m")
     assert (smollm2_dir / "tokenizer.json").exists()
+
+
+def test_gguf_header_keeps_every_metadata_field_of_a_file_cut_inside_its_tensors(tmp_path):
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    writer = GGUFWriter(tmp_path / "model.gguf", arch="llama")
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "hé", "llo", "你好"])
+    writer.add_array("tokenizer.ggml.token_type", [3, 1, 1, 1])
+    writer.add_array("tokenizer.ggml.merges", ["h é", "l lo"])
+    writer.add_uint32("tokenizer.ggml.bos_token_id", 0)
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)
+    writer.add_float32("llama.rope.freq_base", 10000.0)
+    writer.add_string("tokenizer.chat_template", "{{ messages }}")
+    writer.add_tensor("token_embd.weight", np.ones((256, 1024), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    whole = (tmp_path / "model.gguf").read_bytes()
+    (tmp_path / "part01.bin").write_bytes(whole[: len(whole) // 2])  # the first part of a split file
+
+    catalog.gguf_header(tmp_path / "part01.bin", tmp_path / "header.gguf")
+    want, got = GGUFReader(tmp_path / "model.gguf"), GGUFReader(tmp_path / "header.gguf")
+    assert len(got.tensors) == 0
+    assert {k: f.contents() for k, f in got.fields.items() if k != "GGUF.tensor_count"} == \
+        {k: f.contents() for k, f in want.fields.items() if k != "GGUF.tensor_count"}
+
+
+def test_gguf_header_of_a_file_that_is_not_gguf_is_a_catalog_error(tmp_path):
+    (tmp_path / "part01.bin").write_bytes(b"PK\x03\x04" + bytes(64))
+    with pytest.raises(CatalogError, match="not a GGUF file"):
+        catalog.gguf_header(tmp_path / "part01.bin", tmp_path / "header.gguf")

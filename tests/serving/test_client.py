@@ -1,12 +1,16 @@
 """The gRPC SDK against a live server: sync and async, streaming, deadlines, errors as exceptions."""
 
 import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from specrouter.serving import client as sdk
 from specrouter.engine.engine import Engine
+from specrouter.v1 import specrouter_pb2 as pb
+from specrouter.v1.specrouter_pb2_grpc import SpecRouterServicer, add_SpecRouterServicer_to_server
 
 PROMPT = "The quick brown fox"
 
@@ -76,39 +80,74 @@ def test_unavailable_is_retried_then_raised():
             client.health()
 
 
-class _Refused(grpc.RpcError):
-    """A failed call as grpc raises it: a code, details and trailing metadata."""
+class _Refusing(SpecRouterServicer):
+    """A gRPC server whose calls fail with `code` (and the `pushback_ms` trailer, if given), after
+    `replies` streamed replies; it records the time of every attempt."""
 
-    def __init__(self, code, trailing=()):
-        self._code, self._trailing = code, trailing
+    def __init__(self, code, pushback_ms=None, replies=0):
+        self.code, self.pushback_ms, self.replies, self.attempts = code, pushback_ms, replies, []
 
-    def code(self):
-        return self._code
+    def _refuse(self, context):
+        self.attempts.append(time.monotonic())
+        if self.pushback_ms is not None:
+            context.set_trailing_metadata(((sdk.PUSHBACK_KEY, str(self.pushback_ms)),))
+        context.abort(self.code, "refused")
 
-    def details(self):
-        return "refused"
+    def Health(self, request, context):
+        self._refuse(context)
 
-    def trailing_metadata(self):
-        return self._trailing
-
-
-def test_a_full_queue_is_retried_after_the_servers_retry_after_and_then_raised_as_overloaded():
-    backoffs = sdk.RetryPolicy(attempts=2, first_backoff_s=0.01).backoffs()
-    busy = _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after", "3"),))
-    assert sdk._retry_delay(busy, backoffs) == 3.0  # the server's advice, not the policy's backoff
-    with pytest.raises(sdk.Overloaded) as err:
-        sdk._retry_delay(busy, backoffs)  # attempts spent
-    assert err.value.retry_after_s == 3.0 and err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    def Generate(self, request, context):
+        for _ in range(self.replies):
+            yield pb.GenerateResponse(text="a", token_ids=[1])
+        self._refuse(context)
 
 
-def test_resource_exhausted_without_retry_after_is_not_retried_nor_called_overloaded():
-    too_large = _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED)  # e.g. a message over the server's size limit
-    with pytest.raises(sdk.SpecRouterError) as err:
-        sdk._retry_delay(too_large, sdk.RetryPolicy().backoffs())
-    assert not isinstance(err.value, sdk.Overloaded)
+@pytest.fixture
+def refusing():
+    servers = []
+
+    def start(servicer: _Refusing) -> str:
+        server = grpc.server(ThreadPoolExecutor(2))
+        add_SpecRouterServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(None)
 
 
-def test_a_reply_already_received_is_never_retried():
-    busy = _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after", "1"),))
-    with pytest.raises(sdk.Overloaded):
-        sdk._retry_delay(busy, sdk.RetryPolicy().backoffs(), started=True)
+def test_a_full_queue_is_retried_after_the_servers_pushback_and_then_raised_as_overloaded(refusing):
+    busy = _Refusing(grpc.StatusCode.RESOURCE_EXHAUSTED, pushback_ms=1500)
+    with sdk.Client(refusing(busy), timeout=30, retry=sdk.RetryPolicy(attempts=2, first_backoff_s=0.01)) as client:
+        with pytest.raises(sdk.Overloaded) as err:
+            client.health()  # attempts spent
+    assert len(busy.attempts) == 2
+    assert busy.attempts[1] - busy.attempts[0] >= 1.4  # the server's advice, not the policy's backoff
+    assert err.value.retry_after_s == 1.5 and err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_resource_exhausted_without_pushback_is_not_called_overloaded(refusing):
+    too_large = _Refusing(grpc.StatusCode.RESOURCE_EXHAUSTED)  # e.g. a message over the server's size limit
+    with sdk.Client(refusing(too_large), timeout=30, retry=sdk.RetryPolicy(first_backoff_s=0.01)) as client:
+        with pytest.raises(sdk.SpecRouterError) as err:
+            client.generate("hi")
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not isinstance(err.value, sdk.Overloaded)
+
+
+def test_a_reply_already_received_is_never_retried(refusing):
+    busy = _Refusing(grpc.StatusCode.RESOURCE_EXHAUSTED, pushback_ms=10, replies=1)
+    with sdk.Client(refusing(busy), timeout=30, retry=sdk.RetryPolicy(first_backoff_s=0.01)) as client:
+        chunks = client.stream("hi")
+        assert next(chunks).text == "a"
+        with pytest.raises(sdk.Overloaded):
+            next(chunks)
+    assert len(busy.attempts) == 1
+
+
+def test_the_retry_policy_is_bounded_by_grpcs_limit():
+    with pytest.raises(ValueError):
+        sdk.RetryPolicy(attempts=6)
+    assert "retryPolicy" not in sdk.RetryPolicy(attempts=1).service_config()

@@ -118,3 +118,15 @@ def test_a_validation_error_never_echoes_an_api_key():
     with pytest.raises(ValidationError) as err:
         ServeConfig.model_validate({"api_key": "sk-secret value"})
     assert "sk-secret" not in str(err.value)
+
+
+def test_the_readme_configuration_reference_is_the_one_generated_from_the_config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    readme = (ROOT / "README.md").read_text()
+    assert reference.rewrite(readme) == readme, "README.md is stale: run python scripts/config_reference.py"
+    for name, field in ServeConfig.model_fields.items():
+        assert f"| `{name}` |" in readme and field.description

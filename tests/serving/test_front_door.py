@@ -216,7 +216,7 @@ def test_a_burst_past_the_waiting_limit_gets_only_200s_and_429s_and_every_200_is
                                      extra_body={"ignore_eos": True}).choices[0].text == alone[PROMPTS[1]][1]
 
 
-def test_a_grpc_burst_is_resource_exhausted_with_retry_after_and_the_sdk_waits_it_out(front, alone):
+def test_a_grpc_burst_is_resource_exhausted_with_pushback_and_the_sdk_waits_it_out(front, alone):
     ids = alone[PROMPTS[2]][0]
     kwargs = dict(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -234,7 +234,7 @@ def test_a_grpc_burst_is_resource_exhausted_with_retry_after_and_the_sdk_waits_i
     assert all(r == ids for r in once if not isinstance(r, sdk.Overloaded))
     t0 = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
-        patient = list(pool.map(one, [sdk.RetryPolicy(attempts=30)] * 16))
+        patient = list(pool.map(one, [sdk.RetryPolicy(attempts=5)] * 16))
     assert patient == [ids] * 16  # every call got through, retrying after the server's advice
     assert time.monotonic() - t0 >= 1.0  # some waited the second they were told to
 
