@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at end tokens")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--adaptive", action="store_true", help="treat --chain as a pool; route each step to the best chain")
-    gen.add_argument("--prompt-class", default=None, help="with --adaptive: the prompt's class (default: its discovered "
-                     "task where `specrouter tasks fit` saved a task model, else the lexical class)")
+    gen.add_argument("--prompt-class", default=None, help="with --adaptive: the prompt's class (default: classified)")
+    gen.add_argument("--tasks", nargs="?", const="default", default=None, metavar="TASK_MODEL",
+                     help="with --adaptive: class the prompt by its discovered task (`specrouter tasks fit`; default: "
+                     "the default task model) instead of the lexical classifier")
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the gRPC API on an embedded local Ray")
     srv.add_argument("--config", default=None, help="YAML ServeConfig (chain, dtype, placement, ...); flags override it")
@@ -113,13 +115,13 @@ def cmd_generate(args) -> int:
     if args.adaptive:
         from specrouter.routing.classifier import classify_request
         from specrouter.routing.router import router_for
-        from specrouter.tasks.classifier import TaskClassifier, saved
+        from specrouter.tasks.classifier import TaskClassifier
 
         tasks = None
-        if args.prompt_class is None and saved():
+        if args.prompt_class is None and args.tasks:
             target = engine.specs[-1]
             shared = {} if target.quant else {target.model: (engine.provider.get(target.model).model, engine.tokenizer)}
-            tasks = TaskClassifier.load(shared=shared)
+            tasks = TaskClassifier.load(stem=args.tasks, shared=shared)
         klass = classify_request(args.prompt, args.prompt_class, tasks)
         if tasks is not None:
             print(f"[class {klass}: discovered task, {tasks.last_ms:.1f} ms]", file=sys.stderr)

@@ -37,6 +37,3 @@ class TaskClassifier:
         self.last_ms = 1000 * (time.perf_counter() - start)
         return task
 
-
-def saved(root: Path | None = None, stem: str = DEFAULT) -> bool:
-    return ((root or tasks_root()) / f"{stem}.json").exists()
