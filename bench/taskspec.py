@@ -62,7 +62,7 @@ def run_static(engine: Engine, encoded: list[tuple[Prompt, list[int]]], max_toke
         row["seconds"] += result.elapsed_s
     return {source: {"alpha": row["accepted"] / max(1, row["drafted"]), "tokens_per_s": row["tokens"] / row["seconds"],
                      "mean_accepted_length": sum(row["lengths"]) / len(row["lengths"]), "drafted": row["drafted"],
-                     "accepted": row["accepted"]}
+                     "accepted": row["accepted"], "tokens": row["tokens"], "seconds": row["seconds"]}
             for source, row in by_source.items()}
 
 
@@ -111,9 +111,11 @@ def main() -> None:
     for (prompt, ids), klass in zip(encoded, routed):
         result = pool.generate(ids, args.max_tokens, ignore_eos=True, route=router.start(klass))
         tokens, seconds = tokens + len(result.token_ids), seconds + result.elapsed_s
-    best = max(static, key=lambda d: sum(r["tokens_per_s"] for r in static[d].values()))
-    report["adaptive"] = {"tokens_per_s": tokens / seconds, "best_static": best,
-                          "best_static_tokens_per_s": sum(r["tokens_per_s"] for r in static[best].values()) / len(static[best])}
+    def overall(d: str) -> float:
+        return sum(r["tokens"] for r in static[d].values()) / sum(r["seconds"] for r in static[d].values())
+
+    best = max(static, key=overall)
+    report["adaptive"] = {"tokens_per_s": tokens / seconds, "best_static": best, "best_static_tokens_per_s": overall(best)}
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = Path(args.out) / f"taskspec-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))

@@ -251,8 +251,10 @@ def cmd_align(args) -> int:
                          continuation_tokens=args.continuation_tokens, loss=args.loss, seed=args.seed)
     result = align_task(args.task, args.drafter, args.target, config, args.per_source, drafter_dtype=args.drafter_dtype,
                         max_prompts=args.max_prompts)
-    print(f"{args.drafter}+task:{args.task}: {result.steps} steps in {result.minutes:.1f} min, loss {result.loss_first:.4f} -> "
-          f"{result.loss_last:.4f}\n  adapter {result.path} (sha256 {result.sha256})")
+    losses = " ".join(f"{x:.4f}" for x in result.losses) if len(result.losses) <= 10 else \
+        f"{result.loss_first:.4f} (first 5) -> {result.loss_last:.4f} (last 5)"
+    print(f"{args.drafter}+task:{args.task}: {result.steps - result.resumed_at} steps in {result.minutes:.1f} min; loss {losses}\n"
+          f"  adapter {result.path} (sha256 {result.sha256})")
     return 0
 
 

@@ -170,7 +170,7 @@ def align(drafter, target, prompts: list[list[int]], out: Path, config: AlignCon
     model.save_pretrained(str(out))
     head, tail = losses[:5], losses[-5:]
     summary = {**(meta or {}), "config": asdict(config), "prompts": len(prompts), "steps": step, "minutes": round(minutes, 3),
-               "loss_first": sum(head) / len(head), "loss_last": sum(tail) / len(tail)}
+               "loss_first": sum(head) / len(head), "loss_last": sum(tail) / len(tail), "losses": losses}
     digest = adapters.seal(out, summary)
     shutil.rmtree(work, ignore_errors=True)
     model.unload()  # the drafter module without its LoRA layers, as it was passed in

@@ -43,5 +43,5 @@ def align_task(task: str, drafter: str, target: str, config: AlignConfig, per_so
         raise ValueError(f"{drafter} and {target} must share a tokenizer to be aligned")
     return align(drafter_lm, target_lm, [prompt_ids(tokenizer, t) for t in texts], adapters.adapter_dir(drafter, task),
                  config, end_tokens(tokenizer, target_lm.generation_config),
-                 meta={"task": task, "drafter": drafter, "target": target, "task_model": model.corpus_sha256,
+                 meta={"task": task, "drafter": drafter, "target": target, "corpus_sha256": model.corpus_sha256,
                        "encoder": model.encoder, "drafter_dtype": drafter_dtype, "target_dtype": target_dtype})
