@@ -36,7 +36,8 @@ from workloads import encode, humaneval, sharegpt  # noqa: E402
 from specrouter.routing.classifier import classify  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
 from specrouter.core.store import ModelStore  # noqa: E402
-from specrouter.routing.router import RouterConfig, router_for  # noqa: E402
+from specrouter.engine.calibration import router_for  # noqa: E402
+from specrouter.routing.router import Decision, RouterConfig  # noqa: E402
 from specrouter.routing.scheduler import Plan, enumerate_chains  # noqa: E402
 
 TARGET = "qwen2.5-coder-1.5b"
@@ -50,8 +51,8 @@ class SlowedLevel:
 
     def __init__(self, level, factor: float):
         self.inner, self.factor = level, factor
-        self.name, self.vocab_size, self.can_verify = level.name, level.vocab_size, level.can_verify
-        self.min_confidence = getattr(level, "min_confidence", 0.0)
+        self.name, self.vocab_size, self.can_verify, self.max_block = level.name, level.vocab_size, level.can_verify, level.max_block
+        self.min_confidence, self.cross_tokenizer, self.vocab = level.min_confidence, level.cross_tokenizer, level.vocab
 
     def _slow(self, fn, *args):
         t0 = time.perf_counter()
@@ -59,14 +60,11 @@ class SlowedLevel:
         time.sleep((self.factor - 1) * (time.perf_counter() - t0))
         return out
 
-    def propose(self, *args):
-        return self._slow(self.inner.propose, *args)
+    def propose(self, items):
+        return self._slow(self.inner.propose, items)
 
-    def score(self, *args):
-        return self._slow(self.inner.score, *args)
-
-    def score_confident(self, *args):
-        return self._slow(self.inner.score_confident, *args)
+    def score(self, items):
+        return self._slow(self.inner.score, items)
 
     def release(self, seq_id):
         self.inner.release(seq_id)
@@ -89,20 +87,17 @@ def static_plans(engine: Engine, model_cap: int | None = None) -> list[Plan]:
     return plans
 
 
-class FixedRoute:
+class FixedRouter:
     """A static chain through the same code path as adaptive routing."""
 
     def __init__(self, plan: Plan):
-        self.plan = plan
+        self.fixed = plan
 
-    def next_plan(self, backlog=None, remaining=None) -> Plan:
-        return self.plan
+    def plan(self, requests, backlog=None, remaining=None) -> Decision:
+        return Decision(self.fixed, (self.fixed.draft_lens[-1] if self.fixed.draft_lens else 0,) * len(requests), "static")
 
-    def observe(self, records, committed, seconds) -> None:
+    def observe(self, requests, records, timings=(), seconds=None) -> None:
         pass
-
-    def explain(self) -> dict:
-        return {}
 
 
 def label(plan: Plan) -> str:
@@ -115,13 +110,13 @@ def tps(rows: list[dict]) -> float:
 
 def run_one(engine: Engine, prompt, ids: list[int], route, max_tokens: int) -> dict:
     klass = classify(prompt.text)
-    result = engine.generate(ids, max_tokens, route=route(klass))
+    result = engine.generate(ids, max_tokens, router=route(klass), klass=klass)
     return {"prompt": prompt.id, "true_class": prompt.klass, "class": klass, "tokens": len(result.token_ids),
             "seconds": result.elapsed_s, "routing": result.routing}
 
 
 def run_side_by_side(engine: Engine, encoded: list, routes: dict, max_tokens: int, desc: str, slowed=None) -> dict[str, list[dict]]:
-    """Every way in `routes` (name -> class -> route) on each prompt in turn, so that the host's
+    """Every way in `routes` (name -> class -> router) on each prompt in turn, so that the host's
     drift hits them alike; the order of the ways rotates from prompt to prompt, so that none always
     runs first or right after the slowest. `slowed(i)`: a context in which prompt i runs (the slowdown)."""
     rows: dict[str, list[dict]] = {name: [] for name in routes}
@@ -169,8 +164,8 @@ def slowed_drafter(engine: Engine, encoded: list, statics: dict[str, Plan], resu
     half = len(encoded) // 2
     baseline = results[next(name for name, plan in statics.items() if len(plan.chain) == 1)]["all"]
     unaffected = [name for name, plan in statics.items() if victim not in plan.chain and results[name]["all"] >= baseline]
-    routes = {best_static: lambda k: FixedRoute(statics[best_static]), **{n: (lambda k, n=n: FixedRoute(statics[n])) for n in unaffected},
-              "adaptive": router.start}
+    routes = {best_static: lambda k: FixedRouter(statics[best_static]), **{n: (lambda k, n=n: FixedRouter(statics[n])) for n in unaffected},
+              "adaptive": lambda k: router}
 
     @contextlib.contextmanager
     def slowed(i: int):
@@ -222,11 +217,11 @@ def main() -> None:
     statics = {label(p): p for p in static_plans(engine, 10 if args.draft_confidence else None)
                if not args.chains or label(p) in args.chains.split(";") or len(p.chain) == 1}  # target-only always runs
     router = router_for(engine, RouterConfig(explore_margin=args.explore_margin))
-    engine.generate(encoded[0][1], 8, route=router.start("warmup"))
+    engine.generate(encoded[0][1], 8, router=router, klass="warmup")
 
     # 1. Every static chain and adaptive, side by side over the same mixed workload.
-    routes = {name: (lambda k, plan=plan: FixedRoute(plan)) for name, plan in statics.items()}
-    rows = run_side_by_side(engine, encoded, {**routes, "adaptive": router.start}, args.max_tokens, "prompts")
+    routes = {name: (lambda k, plan=plan: FixedRouter(plan)) for name, plan in statics.items()}
+    rows = run_side_by_side(engine, encoded, {**routes, "adaptive": lambda k: router}, args.max_tokens, "prompts")
     results = {name: tps_by_class(r) for name, r in rows.items()}
     adaptive_rows = rows.pop("adaptive")
     static_rows = rows
@@ -243,7 +238,7 @@ def main() -> None:
         more = [p for pair in zip(humaneval(args.humaneval + args.head_to_head)[args.humaneval:],
                                   sharegpt(args.sharegpt + args.head_to_head)[args.sharegpt:]) for p in pair]
         head_to_head_rows = run_side_by_side(engine, [(p, encode(engine.tokenizer, p)) for p in more],
-                                             {best_static: routes[best_static], "adaptive": router.start}, args.max_tokens, "head to head")
+                                             {best_static: routes[best_static], "adaptive": lambda k: router}, args.max_tokens, "head to head")
         head_to_head = head_to_head_summary(head_to_head_rows, best_static)
         print(json.dumps(head_to_head), flush=True)
 

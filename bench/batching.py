@@ -33,7 +33,8 @@ from workloads import encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.engine.loop import BatchLoop  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
-from specrouter.routing.router import RouterConfig, router_for  # noqa: E402
+from specrouter.engine.calibration import calibrate_costs, router_for  # noqa: E402
+from specrouter.routing.router import RouterConfig  # noqa: E402
 from specrouter.core.store import ModelStore  # noqa: E402
 
 METHODS = ("target-only", "fixed", "specrouter")
@@ -91,7 +92,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     router = router_for(engines["specrouter"], RouterConfig(), calibrate=False)
-    router.calibrate_batches(engines["specrouter"].levels, batches=tuple(concurrency))
+    calibrate_costs(router, engines["specrouter"].levels, batches=tuple(concurrency))
     calibration_s = time.perf_counter() - t0
     loops = {m: BatchLoop(engines[m], router if m == "specrouter" else None) for m in METHODS}
     for loop in loops.values():  # warm-up: touch every code path once

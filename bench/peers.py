@@ -38,7 +38,7 @@ from workloads import Prompt, code_edits, encode, humaneval, sharegpt  # noqa: E
 from specrouter.core import catalog  # noqa: E402
 from specrouter.routing.classifier import classify  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
-from specrouter.routing.router import router_for  # noqa: E402
+from specrouter.engine.calibration import router_for  # noqa: E402
 from specrouter.core.store import ModelStore  # noqa: E402
 
 TARGET, DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
@@ -165,8 +165,7 @@ def main() -> None:
         if m.name in servers:
             tokens, elapsed, timings = servers[m.name].generate(ids, max_tokens)
             return Row(m.name, p.klass, p.id, tokens, elapsed, None, {k: v for k, v in timings.items() if k.startswith("draft")})
-        route = routers[m.name].start(classify(p.text)) if m.name in routers else None
-        result = engines[m.name].generate(ids, max_tokens, route=route)
+        result = engines[m.name].generate(ids, max_tokens, router=routers.get(m.name), klass=classify(p.text))
         tokens = [t for t in result.token_ids if t not in end_ids]  # llama-server leaves the end token out
         return Row(m.name, p.klass, p.id, tokens, result.elapsed_s, result.num_steps,
                    {"routing": result.routing["decisions"][-1]["chain"] if result.routing else None})

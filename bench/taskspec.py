@@ -30,8 +30,8 @@ from workloads import Prompt, code_edits, encode, humaneval, sharegpt  # noqa: E
 
 from specrouter.core import adapters  # noqa: E402
 from specrouter.core.store import ModelStore  # noqa: E402
+from specrouter.engine.calibration import router_for  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
-from specrouter.routing.router import router_for  # noqa: E402
 from specrouter.tasks import corpora  # noqa: E402
 from specrouter.tasks.classifier import TaskClassifier  # noqa: E402
 from specrouter.tasks.fit import fit_and_compare  # noqa: E402
@@ -109,7 +109,7 @@ def main() -> None:
     router = router_for(pool)
     tokens, seconds = 0, 0.0
     for (prompt, ids), klass in zip(encoded, routed):
-        result = pool.generate(ids, args.max_tokens, ignore_eos=True, route=router.start(klass))
+        result = pool.generate(ids, args.max_tokens, ignore_eos=True, router=router, klass=klass)
         tokens, seconds = tokens + len(result.token_ids), seconds + result.elapsed_s
     def overall(d: str) -> float:
         return sum(r["tokens"] for r in static[d].values()) / sum(r["seconds"] for r in static[d].values())

@@ -111,10 +111,10 @@ def cmd_generate(args) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     engine = Engine(args.chain, dtype=args.dtype, device=args.device, draft_lens=args.draft_lens, num_threads=args.threads,
                     draft_confidence=args.draft_confidence, bit_exact=args.bit_exact)
-    route = None
+    router, klass = None, "default"
     if args.adaptive:
+        from specrouter.engine.calibration import router_for
         from specrouter.routing.classifier import classify_request
-        from specrouter.routing.router import router_for
         from specrouter.tasks.classifier import TaskClassifier
 
         tasks = None
@@ -125,8 +125,9 @@ def cmd_generate(args) -> int:
         klass = classify_request(args.prompt, args.prompt_class, tasks)
         if tasks is not None:
             print(f"[class {klass}: discovered task, {tasks.last_ms:.1f} ms]", file=sys.stderr)
-        route = router_for(engine).start(klass)
-    result = engine.generate_text(args.prompt, args.max_tokens, params=params, seed=args.seed, ignore_eos=args.ignore_eos, route=route)
+        router = router_for(engine)
+    result = engine.generate_text(args.prompt, args.max_tokens, params=params, seed=args.seed, ignore_eos=args.ignore_eos,
+                                  router=router, klass=klass)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0
@@ -136,7 +137,7 @@ def cmd_generate(args) -> int:
         f"{result.as_dict()['tokens_per_target_step']} tokens per target step; chain {' -> '.join(result.chain)}]",
         file=sys.stderr,
     )
-    if result.routing:
+    if router is not None:
         for d in result.routing["decisions"]:
             print(f"  route @token {d['at_token']}: {' -> '.join(d['chain'])} {d['draft_lens']} ({d['reason']})", file=sys.stderr)
     for stats in result.level_stats[:-1]:

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specrouter.core import catalog
 from specrouter.core.levels import ModelLevel
 from specrouter.core.model import ModelView
-from specrouter.core.worker import ModelWorker
+from specrouter.core.worker import DraftCall, DraftResult, ForwardCall, ModelWorker
 
 torch.set_num_threads(2)
 
@@ -50,6 +50,23 @@ def model_level(model, name: str, skip: tuple[int, ...] = ()) -> ModelLevel:
 
 CODE_PROMPT = 'def is_palindrome(text: str) -> bool:\n    """Return True if text reads the same backwards."""\n'
 CHAT_PROMPT = "The three primary colors are"
+
+
+def forward_one(worker, *call_fields, allowed=None, confident: bool = False):
+    """One sequence's `forward` on a worker (a batch of one): its p [num_logits, V], with its top
+    confidences if `confident`; a refusal is raised."""
+    (result,) = worker.forward([ForwardCall(*call_fields, confident=confident)], allowed)
+    if isinstance(result, Exception):
+        raise result
+    return (result.p, result.top) if confident else result.p
+
+
+def draft_one(worker, *call_fields, allowed=None) -> DraftResult:
+    """One sequence's `draft` on a worker (a batch of one); a refusal is raised."""
+    (result,) = worker.draft([DraftCall(*call_fields)], allowed)
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -235,3 +252,17 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 def chain_spec(tiny_dirs, chain: str) -> str:
     return ",".join(tiny_dirs.get(name.split("@")[0], name.split("@")[0]) + name[len(name.split("@")[0]):] for name in chain.split(","))
+
+
+def synthetic_batch_profile(router, target: str, drafter: str, batches=(1, 16)) -> None:
+    """Profile an AdaptiveRouter over `drafter` -> `target`: verification cost grows with the batch's
+    tokens; acceptance 0.8 (class "default")."""
+    from specrouter.core.chain import TimingRecord, VerifyRecord
+    from specrouter.routing.router import RequestRoute
+
+    for b in batches:
+        router.observe([], [], [TimingRecord(target, "score", n, 0.1 + 0.02 * n * b, b) for n in (1, 2, 4, 8)]
+                       + [TimingRecord(drafter, "draft", 4, 4 * (0.02 + 0.002 * b), b)])
+    accepted = [0] * 5 + [1] * 4 + [2] * 3 + [3] * 3 + [4] * 10  # blocks of 4 accepted position by position at ~0.8
+    past_its_first_step = RequestRoute("default", steps=1)  # a first step would teach no acceptance
+    router.observe([past_its_first_step], [[VerifyRecord(drafter, target, 4, n, [0.8] * 4) for n in accepted]])

@@ -1,7 +1,8 @@
 """The levels of a chain, behind one small interface.
 
 Every level can `propose` tokens (drafting for the level above). Model levels can also `score` a
-block (verifying the level below): a smaller model, or the target itself with layers skipped (a
+block (verifying the level below). Both run for a batch of sequences (a single request is a batch of
+one): a smaller model, or the target itself with layers skipped (a
 slim view over the same weights) are both `ModelLevel`s, and so is a model with another tokenizer
 than the target's (translated through a `VocabMap`). The model-free prompt-lookup drafter only
 proposes, so it sits at the bottom of a chain.
@@ -23,7 +24,30 @@ from specrouter.core.retokenize import Retokenizer
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.sequence import PositionGapError, SequenceState, TokenLog, common_prefix_len
 from specrouter.core.vocab import VocabMap
-from specrouter.core.worker import DraftCall, DraftResult, ForwardCall, ModelWorker
+from specrouter.core.worker import DraftCall, DraftResult, ForwardCall, ModelWorker, Scored
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One sequence's `score`: this level's distributions after `ctx` at each `draft` position and one
+    past it; `confident`: also its confidence in its most likely token at each of those rows."""
+
+    seq: SequenceState
+    ctx: list[int]
+    draft: list[int]
+    params: SamplingParams
+    confident: bool = False
+
+
+@dataclass(frozen=True)
+class ProposeItem:
+    """One sequence's `propose`: up to n tokens after `ctx`."""
+
+    seq: SequenceState
+    ctx: list[int]
+    n: int
+    params: SamplingParams
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -50,10 +74,15 @@ class Level(Protocol):
     vocab_size: int
     can_verify: bool
     max_block: int | None  # the longest block it verifies as bit-exactly as one-token decoding (None: any)
+    min_confidence: float  # it ends its blocks after a token it gave less (0: never)
+    cross_tokenizer: str | None  # how its blocks cross to the target's vocabulary (None: the target's own)
+    vocab: VocabMap | None  # its tokenizer's map to the target's (None: the target's own)
 
-    def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block: ...
+    def score(self, items: list[ScoreItem]) -> list[Scored]:
+        """Each item's p [len(draft) + 1, V] (and its top confidences where asked)."""
+        ...
 
-    def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor: ...
+    def propose(self, items: list[ProposeItem]) -> list[Block]: ...
 
     def release(self, seq_id: str) -> None: ...
 
@@ -96,122 +125,85 @@ class ModelLevel:
             return target_ids, list(range(1, len(target_ids) + 1))
         return self.vocab.to_own(target_ids)
 
-    def _send(self, seq_id: str, ctx: list[int], call):
-        """call(start, prefix_hash) from the longest prefix the worker shares with `ctx` (re-feeding at
-        least the last context token: its logits predict the next one). A worker that lost or
-        diverged from the sequence gets it again from position 0 (docs/protocol.md, rule 4)."""
-        log = self._cached.setdefault(seq_id, TokenLog())
-        start = min(common_prefix_len(log.tokens, ctx), len(ctx) - 1)
-        try:
-            return start, call(start, log.prefix_hash(start))
-        except PositionGapError:
-            log.truncate(0)
-            return 0, call(0, log.prefix_hash(0))
+    def score(self, items: list[ScoreItem]) -> list[Scored]:
+        """p [len(draft) + 1, V] per item: this model's distribution at each draft position and one past
+        it, all items in one batched pass on the worker."""
+        owns = [self._own(item.ctx + item.draft) for item in items]  # (own ids, ends)
+        n_ctxs = [ends[len(item.ctx) - 1] for item, (_, ends) in zip(items, owns)]  # own ids spelling each context
 
-    def _draft(self, seq: SequenceState, own: list[int], k: int, params: SamplingParams, seed: int, allowed: torch.Tensor | None) -> DraftResult:
-        """k own tokens drafted after the context `own` (own ids), caching what the worker caches."""
-        start, result = self._send(
-            seq.seq_id,
-            own,
-            lambda start, h: self.worker.draft(seq.seq_id, seq.version, start, h, own[start:], k, params, seed, allowed,
-                                               self.min_confidence),
-        )
-        self._cached[seq.seq_id].put(start, own[start:] + result.token_ids[:-1])
-        return result
+        def call(b: int, start: int, prefix_hash: int) -> ForwardCall:
+            item, (own, _), n_ctx = items[b], owns[b], n_ctxs[b]
+            return ForwardCall(item.seq.seq_id, item.seq.version, start, prefix_hash, own[start:], len(own) - n_ctx + 1, item.params,
+                               item.confident)
 
-    def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
-        if self.retokenizer is not None and params.greedy:
-            return self._propose_text(seq, ctx, n, params, seed)
-        result = self._draft(seq, self._own(ctx)[0], n, params, seed, self._allowed)
-        drafted = len(result.token_ids)
-        if self.vocab is None:
-            return Block(result.token_ids, result.q_draft, num_drafted=drafted)
-        return Block(self.vocab.tokens_to_target(result.token_ids), self.vocab.rows_to_target(result.q_draft), "intersection", drafted)
+        targets = [(item.seq.seq_id, own[:n_ctx]) for item, (own, _), n_ctx in zip(items, owns, n_ctxs)]
+        starts, results = self._send(targets, call, lambda calls: self.worker.forward(calls, self._allowed))
+        scored = []
+        for item, (own, ends), n_ctx, start, r in zip(items, owns, n_ctxs, starts, results):
+            self._cached[item.seq.seq_id].put(start, own[start:])
+            if self.vocab is None:  # r.p [len(draft) + 1, V]
+                scored.append(r)
+                continue
+            # r.p [len(own) - n_ctx + 1, V_own]: row r predicts own position n_ctx + r. A draft token may take
+            # several own ids: keep the row before each one's first own id.
+            rows = [ends[len(item.ctx) - 1 + j] - n_ctx for j in range(len(item.draft) + 1)]
+            scored.append(Scored(self.vocab.rows_to_target(r.p[rows]), [r.top[j] for j in rows] if r.top is not None else None))
+        return scored
 
-    def _propose_text(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
-        """Greedy: draft n own tokens freely after the context as the drafter's own tokenizer spells its
-        text (one more if that context was cut back to heal a token), re-tokenise their text after the
-        context into up to n target tokens, one-hot. The drafted own tokens stay cached until the next
-        call's context rolls them back."""
-        own, heal = self.retokenizer.own_context(ctx)
-        result = self._draft(seq, own, n + bool(heal), params, seed, None)
-        tokens = self.retokenizer.to_target(ctx, result.token_ids, n, heal)
-        return Block(tokens, one_hot(tokens, self.vocab_size), "text", len(result.token_ids))
+    def propose(self, items: list[ProposeItem]) -> list[Block]:
+        """Up to n tokens per item, drafted together on the worker. A level on another tokenizer drafts
+        among the shared tokens, or, greedy with a retokenizer, drafts freely and re-tokenises its text."""
+        blocks: list[Block | None] = [None] * len(items)
+        text = [b for b, item in enumerate(items) if self.retokenizer is not None and item.params.greedy]
+        shared = [b for b, item in enumerate(items) if not (self.retokenizer is not None and item.params.greedy)]
+        if shared:
+            results = self._draft([items[b] for b in shared], [self._own(items[b].ctx)[0] for b in shared],
+                                  [items[b].n for b in shared], self._allowed)
+            for b, r in zip(shared, results):
+                drafted = len(r.token_ids)
+                blocks[b] = (Block(r.token_ids, r.q_draft, num_drafted=drafted) if self.vocab is None else
+                             Block(self.vocab.tokens_to_target(r.token_ids), self.vocab.rows_to_target(r.q_draft), "intersection", drafted))
+        if text:
+            # Greedy: draft n own tokens freely after the context as the drafter's own tokenizer spells its
+            # text (one more if that context was cut back to heal a token), re-tokenise their text after
+            # the context into up to n target tokens, one-hot. The drafted own tokens stay cached until
+            # the next call's context rolls them back.
+            healed = [self.retokenizer.own_context(items[b].ctx) for b in text]  # (own ids, heal)
+            results = self._draft([items[b] for b in text], [own for own, _ in healed],
+                                  [items[b].n + bool(heal) for b, (_, heal) in zip(text, healed)], None)
+            for b, (_, heal), r in zip(text, healed, results):
+                tokens = self.retokenizer.to_target(items[b].ctx, r.token_ids, items[b].n, heal)
+                blocks[b] = Block(tokens, one_hot(tokens, self.vocab_size), "text", len(r.token_ids))
+        return blocks
 
-    def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:
-        """p [len(draft) + 1, V]: this model's distribution at each draft position and one past it."""
-        return self._score(seq, ctx, draft, params, confident=False)[0]
+    def _draft(self, items: list[ProposeItem], owns: list[list[int]], ks: list[int], allowed: torch.Tensor | None) -> list[DraftResult]:
+        """ks[b] own tokens drafted after each context owns[b] (own ids), caching what the worker caches."""
 
-    def score_confident(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> tuple[torch.Tensor, list[float]]:
-        """`score`, and how sure the model is of its most likely token at each row [len(draft) + 1]
-        (what a greedy level emits there)."""
-        return self._score(seq, ctx, draft, params, confident=True)
+        def call(b: int, start: int, prefix_hash: int) -> DraftCall:
+            item = items[b]
+            return DraftCall(item.seq.seq_id, item.seq.version, start, prefix_hash, owns[b][start:], ks[b], item.params, item.seed,
+                             self.min_confidence)
 
-    def _score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams, confident: bool):
-        own, ends = self._own(ctx + draft)
-        n_ctx = ends[len(ctx) - 1]  # own ids spelling the context
+        targets = [(item.seq.seq_id, own) for item, own in zip(items, owns)]
+        starts, results = self._send(targets, call, lambda calls: self.worker.draft(calls, allowed))
+        for item, own, start, r in zip(items, owns, starts, results):
+            self._cached[item.seq.seq_id].put(start, own[start:] + r.token_ids[:-1])
+        return results
 
-        def call(start: int, prefix_hash: int):
-            args = (seq.seq_id, seq.version, start, prefix_hash, own[start:], len(own) - n_ctx + 1, params, self._allowed)
-            return self.worker.forward_confident(*args) if confident else (self.worker.forward(*args), None)
-
-        start, (p, top) = self._send(seq.seq_id, own[:n_ctx], call)  # p [len(own) - n_ctx + 1, V_own]: row r predicts own position n_ctx + r
-        self._cached[seq.seq_id].put(start, own[start:])
-        if self.vocab is None:
-            return p, top
-        # A draft token may take several own ids: keep the row before each one's first own id.
-        rows = [ends[len(ctx) - 1 + j] - n_ctx for j in range(len(draft) + 1)]
-        return self.vocab.rows_to_target(p[rows]), [top[r] for r in rows] if top is not None else None
-
-    def score_batch(self, items: list[tuple[SequenceState, list[int], list[int], SamplingParams]]) -> list[torch.Tensor]:
-        """`score(seq, ctx, draft, params)` for many sequences in one batched pass on the worker."""
-        return [p for p, _ in self._score_batch(items, confident=False)]
-
-    def score_batch_confident(self, items: list[tuple[SequenceState, list[int], list[int], SamplingParams]]) -> list[tuple[torch.Tensor, list[float]]]:
-        """`score_confident` for many sequences in one batched pass on the worker."""
-        return self._score_batch(items, confident=True)
-
-    def _score_batch(self, items: list[tuple[SequenceState, list[int], list[int], SamplingParams]], confident: bool) -> list[tuple]:
-        if self.vocab is not None or not hasattr(self.worker, "forward_batch"):
-            # A level on its own vocabulary (ids to translate), or a worker without batched calls: one call per sequence.
-            return [self._score(*item, confident=confident) for item in items]
-
-        def call(i: int, start: int, prefix_hash: int) -> ForwardCall:
-            seq, ctx, draft, params = items[i]
-            return ForwardCall(seq.seq_id, seq.version, start, prefix_hash, ctx[start:] + draft, len(draft) + 1, params)
-
-        run = self.worker.forward_batch_confident if confident else self.worker.forward_batch
-        starts, out = self._send_batch([(seq.seq_id, ctx) for seq, ctx, _, _ in items], call, run)
-        for (seq, ctx, draft, _), start in zip(items, starts):
-            self._cached[seq.seq_id].put(start, ctx[start:] + draft)
-        return out if confident else [(p, None) for p in out]
-
-    def propose_batch(self, items: list[tuple[SequenceState, list[int], int, SamplingParams, int]]) -> list[Block]:
-        """`propose(seq, ctx, n, params, seed)` for many sequences, drafting them together on the worker."""
-        if self.vocab is not None or not hasattr(self.worker, "draft_batch"):
-            return [self.propose(*item) for item in items]
-
-        def call(i: int, start: int, prefix_hash: int) -> DraftCall:
-            seq, ctx, n, params, seed = items[i]
-            return DraftCall(seq.seq_id, seq.version, start, prefix_hash, ctx[start:], n, params, seed, self.min_confidence)
-
-        starts, results = self._send_batch([(seq.seq_id, ctx) for seq, ctx, *_ in items], call, self.worker.draft_batch)
-        for (seq, ctx, *_), start, result in zip(items, starts, results):
-            self._cached[seq.seq_id].put(start, ctx[start:] + result.token_ids[:-1])
-        return [Block(r.token_ids, r.q_draft, num_drafted=len(r.token_ids)) for r in results]
-
-    def _send_batch(self, targets: list[tuple[str, list[int]]], call, run) -> tuple[list[int], list]:
-        """`_send` for a batch: one run over every sequence from its longest shared prefix; the
-        sequences the worker refused with a gap are resent from position 0 in a second run."""
+    def _send(self, targets: list[tuple[str, list[int]]], call, run) -> tuple[list[int], list]:
+        """run([call(b, start, prefix_hash)]) over every sequence b from the longest prefix the worker
+        shares with its context (re-feeding at least the last context token: its logits predict the next
+        one). The sequences the worker refused with a gap (it lost or diverged from them) are resent
+        from position 0 in a second run (docs/protocol.md, rule 4)."""
         logs = [self._cached.setdefault(seq_id, TokenLog()) for seq_id, _ in targets]
         starts = [min(common_prefix_len(log.tokens, ctx), len(ctx) - 1) for log, (_, ctx) in zip(logs, targets)]
-        results = run([call(i, start, log.prefix_hash(start)) for i, (log, start) in enumerate(zip(logs, starts))])
-        gaps = [i for i, r in enumerate(results) if isinstance(r, PositionGapError)]
-        for i in gaps:
-            logs[i].truncate(0)
-            starts[i] = 0
-        for i, r in zip(gaps, run([call(i, 0, logs[i].prefix_hash(0)) for i in gaps]) if gaps else []):
-            results[i] = r
+        results = run([call(b, start, log.prefix_hash(start)) for b, (log, start) in enumerate(zip(logs, starts))])
+        gaps = [b for b, r in enumerate(results) if isinstance(r, PositionGapError)]
+        for b in gaps:
+            logs[b].truncate(0)
+            starts[b] = 0
+        for b, r in zip(gaps, run([call(b, 0, logs[b].prefix_hash(0)) for b in gaps]) if gaps else []):
+            results[b] = r
         for r in results:
             if isinstance(r, Exception):
                 raise r
@@ -237,6 +229,9 @@ class NgramLevel:
 
     can_verify = False
     max_block = None
+    min_confidence = 0.0
+    cross_tokenizer = None
+    vocab = None
 
     def __init__(self, vocab_size: int, max_n: int = 4, min_n: int = 2, name: str = "ngram"):
         self.name = name
@@ -251,11 +246,14 @@ class NgramLevel:
                     return ctx[i + size : i + size + n]
         return []
 
-    def propose(self, seq: SequenceState, ctx: list[int], n: int, params: SamplingParams, seed: int) -> Block:
-        tokens = self.lookup(ctx, n)
-        return Block(tokens, one_hot(tokens, self.vocab_size), num_drafted=len(tokens))
+    def propose(self, items: list[ProposeItem]) -> list[Block]:
+        blocks = []
+        for item in items:
+            tokens = self.lookup(item.ctx, item.n)
+            blocks.append(Block(tokens, one_hot(tokens, self.vocab_size), num_drafted=len(tokens)))
+        return blocks
 
-    def score(self, seq: SequenceState, ctx: list[int], draft: list[int], params: SamplingParams) -> torch.Tensor:
+    def score(self, items: list[ScoreItem]) -> list[Scored]:
         raise TypeError("the n-gram drafter cannot verify; put it at the bottom of the chain")
 
     def release(self, seq_id: str) -> None:

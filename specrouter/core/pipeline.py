@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from specrouter.core.chain import Chain, StepContext, TimingRecord, judge, propose_batch, score_many, tokens_run, top_block_lens
-from specrouter.core.levels import Block
+from specrouter.core.chain import Chain, StepContext, judge, propose, tokens_run, top_block_lens
+from specrouter.core.levels import Block, ScoreItem
+from specrouter.core.records import TimingRecord
 from specrouter.core.sequence import SequenceState
 
 
@@ -37,7 +38,7 @@ class DraftAhead:
         return self.chain == tuple(chain.names) and self.prefix == tuple(prefix) and len(self.block) > 0
 
 
-def pipelined_step_batch(
+def pipelined_step(
     chain: Chain,
     seqs: list[SequenceState],
     ctxs: list[StepContext],
@@ -47,7 +48,7 @@ def pipelined_step_batch(
     pool: ThreadPoolExecutor,
     top_lens: list[int] | None = None,
 ) -> tuple[list[list[int]], list[DraftAhead | None]]:
-    """`speculative_step_batch` with the next blocks drafted while the target verifies; returns each
+    """`speculative_step` with the next blocks drafted while the target verifies; returns each
     sequence's committed tokens and the block drafted ahead for its next step (or None)."""
     top, n = len(chain.levels) - 1, len(seqs)
     ks = top_block_lens(chain, budgets, top_lens)
@@ -61,32 +62,32 @@ def pipelined_step_batch(
             blocks[b] = Block(ahead.block.token_ids[: ks[b]], ahead.block.q_draft[: ks[b]])
     fresh = [b for b in range(n) if ks[b] > 0 and not len(blocks[b])]
     if fresh:
-        drafted = propose_batch(chain, top - 1, [seqs[b] for b in fresh], [prefixes[b] for b in fresh], [ks[b] for b in fresh],
-                                [ctxs[b] for b in fresh], timings)
+        drafted = propose(chain, top - 1, [seqs[b] for b in fresh], [prefixes[b] for b in fresh], [ks[b] for b in fresh],
+                           [ctxs[b] for b in fresh], timings)
         for b, block in zip(fresh, drafted):
             blocks[b] = block
 
     # 2. the target verifies in the background ...
-    items = [(seq, prefix, block.token_ids, ctx.params) for seq, prefix, block, ctx in zip(seqs, prefixes, blocks, ctxs)]
+    items = [ScoreItem(seq, prefix, block.token_ids, ctx.params) for seq, prefix, block, ctx in zip(seqs, prefixes, blocks, ctxs)]
     fed = max(tokens_run(target, seq, prefix, len(block)) for seq, prefix, block in zip(seqs, prefixes, blocks))
     t0 = time.perf_counter()
-    pending = pool.submit(score_many, target, items)
+    pending = pool.submit(target.score, items)
 
     # 3. ... while the drafters continue past each block (k + 1 tokens: a guess at the bonus, then the next block)
     ahead_of = [b for b in range(n) if ks[b] > 0 and budgets[b] > ks[b] + 1 and not ctxs[b].eos_ids.intersection(blocks[b].token_ids)]
     guesses: dict[int, Block] = {}
     try:
         if ahead_of:
-            drafted = propose_batch(chain, top - 1, [seqs[b] for b in ahead_of], [prefixes[b] + blocks[b].token_ids for b in ahead_of],
-                                    [ks[b] + 1 for b in ahead_of], [ctxs[b] for b in ahead_of], timings)
+            drafted = propose(chain, top - 1, [seqs[b] for b in ahead_of], [prefixes[b] + blocks[b].token_ids for b in ahead_of],
+                              [ks[b] + 1 for b in ahead_of], [ctxs[b] for b in ahead_of], timings)
             guesses = dict(zip(ahead_of, drafted))
     finally:
-        p_targets = pending.result()  # [len(block) + 1, V] each; a failed verification raises here first
+        scored = pending.result()  # p [len(block) + 1, V] each; a failed verification raises here first
     seconds = time.perf_counter() - t0
     timings.append(TimingRecord(target.name, "score", fed, seconds, n))
 
     # 4. verdicts; keep a block drafted ahead only where the whole block and the guessed bonus held
-    verdicts = [judge(chain, top, block, p, seconds, ctx, k) for block, p, ctx, k in zip(blocks, p_targets, ctxs, ks)]
+    verdicts = [judge(chain, top, block, s.p, seconds, ctx, k) for block, s, ctx, k in zip(blocks, scored, ctxs, ks)]
     next_aheads: list[DraftAhead | None] = [None] * n
     for b, guess in guesses.items():
         verdict = verdicts[b]

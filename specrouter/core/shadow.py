@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import time
 
-from specrouter.core.chain import TimingRecord, VerifyRecord, drafted
-from specrouter.core.levels import Level
+from specrouter.core.chain import drafted
+from specrouter.core.levels import Level, ProposeItem
+from specrouter.core.records import TimingRecord, VerifyRecord
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.sequence import SequenceState
 
@@ -32,7 +33,7 @@ def shadow_records(level: Level, seq: SequenceState, committed: list[int], verif
     while pos < len(committed):
         known = min(n, len(committed) - pos)
         t0 = time.perf_counter()
-        block = level.propose(seq, context + committed[:pos], n, params, seed=0)
+        (block,) = level.propose([ProposeItem(seq, context + committed[:pos], n, params, seed=0)])
         seconds = time.perf_counter() - t0
         judged = block.token_ids[:known]
         accepted = next((i for i, (d, t) in enumerate(zip(judged, committed[pos:])) if d != t), len(judged))

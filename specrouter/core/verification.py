@@ -57,3 +57,9 @@ def rejection_sample(
         last = int(sample(residual[None], generator)[0])
     tokens = list(draft_token_ids[:num_accepted]) + [last]
     return Verdict(tokens=tokens, num_accepted=num_accepted, bonus=num_accepted == k, p_rows=p_target[: num_accepted + 1])
+
+
+def pairwise_alpha(q_draft: torch.Tensor, p_target: torch.Tensor) -> torch.Tensor:
+    """q_draft [k, V], p_target [k, V] -> [k]: sum_x min(q, p) per position (1 - total variation), the
+    probability that `rejection_sample` accepts a token drawn from q_draft there."""
+    return torch.minimum(q_draft, p_target).sum(-1)

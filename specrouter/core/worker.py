@@ -1,16 +1,15 @@
 """A model worker: one model view with a KV cache per sequence.
 
-The worker is the unit that later lives in a Ray actor, so its interface is plain data in and out:
-every call names the sequence id, the version it is based on and an explicit start position.
-- `forward`: score a block at positions [start, start+S) in one pass (prefill and verification);
-  `forward_confident` also says how sure the model is of each row's most likely token;
+The worker is the unit that later lives in a Ray actor, so its interface is plain data in and out.
+Each call runs for a batch of sequences (a single request is a batch of one), and every call in it
+names its sequence id, the version it is based on and an explicit start position:
+- `forward`: score a block at positions [start, start+S) (prefill and verification); a `confident`
+  call also says how sure the model is of each row's most likely token;
 - `draft`: the same, then sample up to k tokens autoregressively with their probabilities (stopping
   early after a token drafted with less than `min_confidence`);
-- `truncate`: roll the sequence back to a position (idempotent);
 - `release`: free the sequence.
-`forward_batch` and `draft_batch` run the same calls for many sequences in batched passes; each call
-keeps its own version, start and prefix check, so a refused call (or a rolled-back sequence) changes
-only its own sequence.
+Each call keeps its own version, start and prefix check, so a refused call (or a rolled-back
+sequence) changes only its own sequence; the others run in the same batched passes.
 """
 
 from __future__ import annotations
@@ -40,6 +39,14 @@ class _Slot:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """One `forward` call's result."""
+
+    p: torch.Tensor  # [num_logits, V]: the model's distribution at each scored position
+    top: list[float] | None  # [num_logits] its plain-softmax probability of each row's most likely token (confident calls)
+
+
+@dataclass(frozen=True)
 class DraftResult:
     token_ids: list[int]
     q_draft: torch.Tensor  # [k, V]: the distribution each token was sampled from
@@ -54,7 +61,11 @@ def restrict(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor
 
 @dataclass(frozen=True)
 class ForwardCall:
-    """One sequence's `forward` inside a batch (same arguments)."""
+    """One sequence's `forward`: cache `token_ids` at [start, start+S) (dropping anything cached beyond
+    start) and return its distributions at the last `num_logits` positions. `prefix_hash` is the
+    caller's TokenLog hash of positions [0, start). `confident`: also each row's top probability (a
+    greedy level that verifies in the middle of a chain ends the block it passes up after a token it
+    was unsure of, specrouter/core/chain.py, as it would drafting them itself)."""
 
     seq_id: str
     version: int
@@ -63,11 +74,14 @@ class ForwardCall:
     token_ids: list[int]
     num_logits: int
     params: SamplingParams
+    confident: bool = False
 
 
 @dataclass(frozen=True)
 class DraftCall:
-    """One sequence's `draft` inside a batch (same arguments)."""
+    """One sequence's `draft`: feed `token_ids` at `start`, then sample up to k tokens one at a time,
+    stopping after one drafted with confidence below `min_confidence`; the last one is not cached. The
+    stop depends only on the drafter's own draws, so the proposal stays exact."""
 
     seq_id: str
     version: int
@@ -109,162 +123,26 @@ class ModelWorker:
         """The widest pass whose rows are bit-identical to one-token passes (None: not measured)."""
         return self.view.exact_width
 
-    def _slot(self, seq_id: str, version: int, start: int, prefix_hash: int) -> _Slot:
-        """The sequence's slot, if the call may build on it: not stale, no gap, same prefix."""
-        slot = self._slots.get(seq_id)
-        if slot is None:
-            slot = self._slots[seq_id] = _Slot(self.view.new_cache(), version=version)
-        if version < slot.version:
-            raise StaleVersionError(f"{self.name}: {seq_id} version {version} < current {slot.version}")
-        if start > len(slot.log):
-            raise PositionGapError(f"{self.name}: {seq_id} start {start} beyond cached length {len(slot.log)}")
-        if slot.log.prefix_hash(start) != prefix_hash:
-            raise PositionGapError(f"{self.name}: {seq_id} holds a different prefix before position {start}")
-        slot.version = version
-        return slot
-
-    def _run(self, slot: _Slot, start: int, token_ids: list[int], num_logits: int) -> torch.Tensor:
-        logits = self.view.forward(token_ids, start, slot.cache, num_logits)  # [num_logits, V]
-        slot.log.put(start, token_ids)
-        return logits
-
-    def forward(
-        self,
-        seq_id: str,
-        version: int,
-        start: int,
-        prefix_hash: int,
-        token_ids: list[int],
-        num_logits: int,
-        params: SamplingParams,
-        allowed: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Cache `token_ids` at [start, start+S) (dropping anything cached beyond start) -> p [num_logits, V].
-        `prefix_hash` is the caller's TokenLog hash of positions [0, start). `allowed` [V] bool restricts
-        the distribution to those tokens (renormalised): a level drafting for another vocabulary."""
-        slot = self._slot(seq_id, version, start, prefix_hash)
-        return probs_from_logits(restrict(self._run(slot, start, token_ids, num_logits), allowed), params)
-
-    def forward_confident(
-        self,
-        seq_id: str,
-        version: int,
-        start: int,
-        prefix_hash: int,
-        token_ids: list[int],
-        num_logits: int,
-        params: SamplingParams,
-        allowed: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[float]]:
-        """`forward`, and the plain-softmax probability of each row's most likely token [num_logits]:
-        a greedy level that verifies in the middle of a chain emits those tokens and ends its block
-        after one it was unsure of (specrouter/core/chain.py), as it would drafting them itself."""
-        slot = self._slot(seq_id, version, start, prefix_hash)
-        logits = restrict(self._run(slot, start, token_ids, num_logits), allowed)  # [num_logits, V]
-        return probs_from_logits(logits, params), top_confidence(logits)
-
-    def draft(
-        self,
-        seq_id: str,
-        version: int,
-        start: int,
-        prefix_hash: int,
-        token_ids: list[int],
-        k: int,
-        params: SamplingParams,
-        seed: int,
-        allowed: torch.Tensor | None = None,
-        min_confidence: float = 0.0,
-    ) -> DraftResult:
-        """Feed `token_ids` at `start`, then sample up to k tokens one at a time (among `allowed` only, if
-        given), stopping after one drafted with confidence below `min_confidence`; the last one is not
-        cached. The stop depends only on the drafter's own draws, so the proposal stays exact."""
-        slot = self._slot(seq_id, version, start, prefix_hash)
-        generator = torch.Generator(device=self.view.device).manual_seed(seed)
-        drafted, rows = [], []
-        feed, pos = token_ids, start
-        for _ in range(k):
-            logits = restrict(self._run(slot, pos, feed, 1), allowed)  # [1, V]
-            q = probs_from_logits(logits, params)  # [1, V]
-            token = int(sample(q, generator)[0])
-            drafted.append(token)
-            rows.append(q)
-            pos, feed = pos + len(feed), [token]
-            if min_confidence and confidence(logits, q, token, params) < min_confidence:
-                break
-        q_draft = torch.cat(rows) if rows else torch.empty(0, self.vocab_size)
-        return DraftResult(drafted, q_draft)
-
-    def truncate(self, seq_id: str, version: int, position: int) -> int:
-        """Forget positions >= `position`; repeating it (or truncating beyond the end) is a no-op."""
-        slot = self._slots.get(seq_id)
-        if slot is None:
-            return 0
-        if version < slot.version:
-            raise StaleVersionError(f"{self.name}: {seq_id} version {version} < current {slot.version}")
-        slot.version = version
-        slot.log.truncate(min(len(slot.log), position))
-        return len(slot.log)
-
-    def cached_tokens(self, seq_id: str) -> list[int]:
-        slot = self._slots.get(seq_id)
-        return list(slot.log.tokens) if slot else []
-
-    def cached_length(self, seq_id: str) -> int:
-        return len(self.cached_tokens(seq_id))
-
-    def release(self, seq_id: str) -> None:
-        self._slots.pop(seq_id, None)
-
-    def num_sequences(self) -> int:
-        return len(self._slots)
-
-    # -- batched calls: many sequences per pass ----------------------------------------------------------
-
-    def _slots_for(self, calls: list[ForwardCall | DraftCall]) -> list[_Slot | Exception]:
-        """Each call's slot, or the protocol error that refuses that call alone (nothing else changes)."""
-        if len({c.seq_id for c in calls}) != len(calls):
-            raise ValueError("a batch names a sequence twice")
-        slots: list[_Slot | Exception] = []
-        for c in calls:
-            try:
-                slots.append(self._slot(c.seq_id, c.version, c.start, c.prefix_hash))
-            except (StaleVersionError, PositionGapError) as exc:
-                slots.append(exc)
-        return slots
-
-    def _run_batch(self, slots: list[_Slot], starts: list[int], feeds: list[list[int]], num_logits: list[int]) -> list[torch.Tensor]:
-        blocks = [SeqBlock(feed, start, slot.cache, n) for slot, start, feed, n in zip(slots, starts, feeds, num_logits)]
-        logits = self.view.forward_batch(blocks)  # [num_logits_b, V] each
-        for slot, start, feed in zip(slots, starts, feeds):
-            slot.log.put(start, feed)
-        return logits
-
-    def forward_batch(self, calls: list[ForwardCall], allowed: torch.Tensor | None = None) -> list[torch.Tensor | Exception]:
-        """`forward` for many sequences in one pass: p [num_logits, V] per call, or the StaleVersionError
-        / PositionGapError that refused that call (the others still run). `allowed` as in `forward`."""
-        return [r if isinstance(r, Exception) else r[0] for r in self._forward_batch(calls, allowed, confident=False)]
-
-    def forward_batch_confident(self, calls: list[ForwardCall], allowed: torch.Tensor | None = None) -> list[tuple[torch.Tensor, list[float]] | Exception]:
-        """`forward_batch`, each call's rows with their confidences as in `forward_confident`."""
-        return self._forward_batch(calls, allowed, confident=True)
-
-    def _forward_batch(self, calls: list[ForwardCall], allowed: torch.Tensor | None, confident: bool) -> list:
+    def forward(self, calls: list[ForwardCall], allowed: torch.Tensor | None = None) -> list[Scored | Exception]:
+        """Every call's block in one batched pass: a Scored per call, or the StaleVersionError /
+        PositionGapError that refused that call (returned, not raised; the others still run).
+        `allowed` [V] bool restricts the distributions to those tokens (renormalised): a level
+        drafting for another vocabulary."""
         slots = self._slots_for(calls)
+        results: list[Scored | Exception] = list(slots)
         ok = [i for i, slot in enumerate(slots) if not isinstance(slot, Exception)]
-        results: list = list(slots)
         if ok:
-            logits = self._run_batch([slots[i] for i in ok], [calls[i].start for i in ok], [calls[i].token_ids for i in ok],
-                                     [calls[i].num_logits for i in ok])
+            logits = self._run([slots[i] for i in ok], [calls[i].start for i in ok], [calls[i].token_ids for i in ok],
+                               [calls[i].num_logits for i in ok])
             for i, row in zip(ok, logits):
                 row = restrict(row, allowed)  # [num_logits, V]
-                results[i] = (probs_from_logits(row, calls[i].params), top_confidence(row) if confident else None)
+                results[i] = Scored(probs_from_logits(row, calls[i].params), top_confidence(row) if calls[i].confident else None)
         return results
 
-    def draft_batch(self, calls: list[DraftCall], allowed: torch.Tensor | None = None) -> list[DraftResult | Exception]:
-        """`draft` for many sequences: one batched pass per drafted position, each sequence sampling
-        with its own seeded generator (so each result equals its `draft` alone); a sequence leaves the
-        batch once it has its k tokens or stops unsure. `allowed` as in `draft`."""
+    def draft(self, calls: list[DraftCall], allowed: torch.Tensor | None = None) -> list[DraftResult | Exception]:
+        """Every call's draft: one batched pass per drafted position, each sequence sampling with its own
+        seeded generator (so its result does not depend on the batch); a sequence leaves the batch once
+        it has its k tokens or stops unsure. A refused call returns its error, as in `forward`."""
         slots = self._slots_for(calls)
         results: list[DraftResult | Exception] = list(slots)
         live = [i for i, slot in enumerate(slots) if not isinstance(slot, Exception)]
@@ -274,8 +152,8 @@ class ModelWorker:
         feeds = {i: (calls[i].start, calls[i].token_ids) for i in live}  # next (position, tokens) to run
         active = [i for i in live if calls[i].k > 0]
         while active:
-            logits = self._run_batch([slots[i] for i in active], [feeds[i][0] for i in active], [feeds[i][1] for i in active],
-                                     [1] * len(active))
+            logits = self._run([slots[i] for i in active], [feeds[i][0] for i in active], [feeds[i][1] for i in active],
+                               [1] * len(active))
             unsure = set()
             for i, row in zip(active, logits):
                 row = restrict(row, allowed)  # [1, V]
@@ -291,3 +169,49 @@ class ModelWorker:
             q_draft = torch.cat(rows[i]) if rows[i] else torch.empty(0, self.vocab_size)
             results[i] = DraftResult(drafted[i], q_draft)
         return results
+
+    def cached_tokens(self, seq_id: str) -> list[int]:
+        slot = self._slots.get(seq_id)
+        return list(slot.log.tokens) if slot else []
+
+    def cached_length(self, seq_id: str) -> int:
+        return len(self.cached_tokens(seq_id))
+
+    def release(self, seq_id: str) -> None:
+        self._slots.pop(seq_id, None)
+
+    def num_sequences(self) -> int:
+        return len(self._slots)
+
+    def _slot(self, seq_id: str, version: int, start: int, prefix_hash: int) -> _Slot:
+        """The sequence's slot, if the call may build on it: not stale, no gap, same prefix."""
+        slot = self._slots.get(seq_id)
+        if slot is None:
+            slot = self._slots[seq_id] = _Slot(self.view.new_cache(), version=version)
+        if version < slot.version:
+            raise StaleVersionError(f"{self.name}: {seq_id} version {version} < current {slot.version}")
+        if start > len(slot.log):
+            raise PositionGapError(f"{self.name}: {seq_id} start {start} beyond cached length {len(slot.log)}")
+        if slot.log.prefix_hash(start) != prefix_hash:
+            raise PositionGapError(f"{self.name}: {seq_id} holds a different prefix before position {start}")
+        slot.version = version
+        return slot
+
+    def _slots_for(self, calls: list[ForwardCall | DraftCall]) -> list[_Slot | Exception]:
+        """Each call's slot, or the protocol error that refuses that call alone (nothing else changes)."""
+        if len({c.seq_id for c in calls}) != len(calls):
+            raise ValueError("a batch names a sequence twice")
+        slots: list[_Slot | Exception] = []
+        for c in calls:
+            try:
+                slots.append(self._slot(c.seq_id, c.version, c.start, c.prefix_hash))
+            except (StaleVersionError, PositionGapError) as exc:
+                slots.append(exc)
+        return slots
+
+    def _run(self, slots: list[_Slot], starts: list[int], feeds: list[list[int]], num_logits: list[int]) -> list[torch.Tensor]:
+        blocks = [SeqBlock(feed, start, slot.cache, n) for slot, start, feed, n in zip(slots, starts, feeds, num_logits)]
+        logits = self.view.forward_batch(blocks)  # [num_logits_b, V] each
+        for slot, start, feed in zip(slots, starts, feeds):
+            slot.log.put(start, feed)
+        return logits

@@ -1,8 +1,8 @@
 """A BatchLoop on a thread of its own, serving many concurrent callers.
 
-`steps()` speaks Engine.steps' protocol for one request (yield each step's committed tokens, return
-the GenerationResult, `send(True)` ends it after the last yielded block, `close()` cancels it), so
-the Frontend, and through it every serving face, runs its requests in the shared batch unchanged.
+`steps()` speaks BatchLoop.stream's protocol for one request (yield each step's committed tokens,
+return the GenerationResult, `send(True)` ends it after the last yielded block, `close()` cancels
+it), so the Frontend, and through it every serving face, runs its requests in the shared batch.
 A request is queued when `steps()` is called, not when its generator first runs, so a full queue
 (Overloaded) or bad input fails the call itself, while a step may be running: callers never wait on
 a step to learn they are refused.
@@ -17,9 +17,8 @@ import uuid
 from collections.abc import Generator
 from dataclasses import replace
 
-from specrouter.engine.loop import BatchLoop
-from specrouter.engine.engine import GenerationResult, run_to_end
 from specrouter.core.sampling import SamplingParams
+from specrouter.engine.loop import BatchLoop, GenerationResult
 
 
 class BatchServer:
@@ -33,15 +32,15 @@ class BatchServer:
         self._thread.start()
 
     def steps(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int = 0,
-              ignore_eos: bool = False, route=None, timeout_s: float | None = None) -> Generator[list[int], bool | None, GenerationResult]:
-        """Queue one request in the batch now (its class from `route`, if given; the batch's plan is chosen
-        by the loop) and return its steps; raises Overloaded or ValueError, queueing nothing."""
+              ignore_eos: bool = False, klass: str = "default", timeout_s: float | None = None
+              ) -> Generator[list[int], bool | None, GenerationResult]:
+        """Queue one request of prompt class `klass` in the batch now and return its steps; raises
+        Overloaded or ValueError, queueing nothing."""
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         request_id = uuid.uuid4().hex
         self._inboxes[request_id] = inbox  # before submit: the loop may commit its first tokens at once
         try:
-            self.loop.submit(prompt_ids, max_new_tokens, params, seed, ignore_eos, getattr(route, "klass", "default"),
-                             timeout_s, request_id)
+            self.loop.submit(prompt_ids, max_new_tokens, params, seed, ignore_eos, klass, timeout_s, request_id)
         except BaseException:
             self._inboxes.pop(request_id, None)
             raise
@@ -68,8 +67,13 @@ class BatchServer:
                 self._cancel(request_id, "cancelled")
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int = 0,
-                 ignore_eos: bool = False, route=None, timeout_s: float | None = None) -> GenerationResult:
-        return run_to_end(self.steps(prompt_ids, max_new_tokens, params, seed, ignore_eos, route, timeout_s))
+                 ignore_eos: bool = False, klass: str = "default", timeout_s: float | None = None) -> GenerationResult:
+        steps = self.steps(prompt_ids, max_new_tokens, params, seed, ignore_eos, klass, timeout_s)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
 
     def close(self) -> None:
         self._closed = True

@@ -1,96 +1,38 @@
 """The engine: builds a chain from a spec (see specrouter/core/spec.py) over workers from a provider
-(in-process by default), and runs the generation loop with a static or a routed chain."""
+(in-process by default), and runs requests through the generation loop (specrouter/engine/loop.py),
+with its static chain or with the chains a router picks."""
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Generator
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-from specrouter.core.chain import Chain, LevelStats, StepContext, speculative_step
+from specrouter.core.chain import Chain
+from specrouter.core.records import LevelStats
 from specrouter.core.levels import Level, ModelLevel, NgramLevel
-from specrouter.core.sampling import SamplingParams
-from specrouter.routing.scheduler import Plan
-from specrouter.core.sequence import SequenceState
-from specrouter.core.shadow import shadow_records
 from specrouter.core.retokenize import retokenizer
+from specrouter.core.sampling import SamplingParams
 from specrouter.core.spec import LevelSpec, parse_chain
 from specrouter.core.store import ModelStore, WorkerProvider
 from specrouter.core.vocab import vocab_map
 from specrouter.core.worker import WorkerUnavailable
+from specrouter.engine.defaults import RETRY_DOWN_AFTER_S
+from specrouter.engine.loop import BatchLoop, GenerationResult
+from specrouter.routing.router import AdaptiveRouter
+from specrouter.routing.scheduler import Plan
 
 
 class TargetUnavailable(RuntimeError):
     """The target stopped answering: the request fails cleanly; the service recovers on restart."""
 
 
-class Route(Protocol):
-    """A request's chain policy: which chain runs the next step, and what it learns from each step."""
-
-    def next_plan(self, backlog: dict[str, int] | None = None, remaining: float = float("inf")) -> Plan:
-        """`backlog`: context tokens each drafter has not cached; `remaining`: tokens still to generate."""
-        ...
-
-    def observe(self, records: list, committed: int, seconds: float) -> None: ...
-
-    def explain(self) -> dict: ...
-
-
 DEFAULT_DRAFT_LEN = {"model": 4, "ngram": 4}
 CAPPED_DRAFT_LEN = 10  # a bottom model that stops unsure (draft_confidence): its block length is only a cap
 
 
-@dataclass
-class GenerationResult:
-    token_ids: list[int]  # generated tokens only
-    finish_reason: str  # "stop" (end token) or "length"
-    elapsed_s: float
-    num_steps: int  # target verifications
-    chain: list[str]
-    draft_lens: list[int]
-    level_stats: list[LevelStats]
-    text: str | None = None
-    prompt_tokens: int = 0
-    routing: dict | None = None  # which chains ran and why (adaptive routing)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return len(self.token_ids) / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        return {
-            "text": self.text,
-            "token_ids": self.token_ids,
-            "finish_reason": self.finish_reason,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": len(self.token_ids),
-            "elapsed_s": round(self.elapsed_s, 4),
-            "tokens_per_s": round(self.tokens_per_s, 3),
-            "num_target_steps": self.num_steps,
-            "tokens_per_target_step": round(len(self.token_ids) / self.num_steps, 3) if self.num_steps else 0.0,
-            "chain": self.chain,
-            "draft_lens": self.draft_lens,
-            "levels": [s.as_dict() for s in self.level_stats],
-            **({"routing": self.routing} if self.routing is not None else {}),
-        }
-
-
 def _vocab_report(level: Level) -> dict | None:
-    vocab = getattr(level, "vocab", None)
-    return vocab.report() if vocab is not None else None
-
-
-def run_to_end(steps: Generator):
-    """Drive a generation-steps generator (Engine.steps' protocol) to its end; return its result."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return level.vocab.report() if level.vocab is not None else None
 
 
 class Engine:
@@ -102,14 +44,14 @@ class Engine:
         draft_lens: list[int] | None = None,
         num_threads: int | None = None,
         provider: WorkerProvider | None = None,
-        retry_down_after_s: float = 5.0,
-        retokenize_greedy: bool = True,
+        retry_down_after_s: float = RETRY_DOWN_AFTER_S,
         draft_confidence: float = 0.0,
         bit_exact: bool = True,
     ):
         """`provider` supplies the workers (default: an in-process ModelStore for dtype and device).
         A drafter on another tokenizer than the target's drafts greedy requests freely and has its text
-        re-tokenised (`retokenize_greedy`), else it stays on the shared tokens (specrouter/core/levels.py).
+        re-tokenised, sampled ones on the shared tokens (specrouter/core/levels.py). A drafter that stops
+        answering is left out of chains for `retry_down_after_s`, then tried again.
         A drafting model ends its block after a token it gave less than `draft_confidence` probability
         (transformers' assistant_confidence_threshold; 0: never), at the bottom of a chain or in the middle.
         `bit_exact`: a target whose wider passes round differently from one-token passes (a llama.cpp level:
@@ -138,8 +80,7 @@ class Engine:
             if fingerprint != target_fp:  # another tokenizer: restrict to the shared tokens, speak target ids
                 fingerprints = (fingerprint, target_fp)
                 vocab = vocab_map(tokenizer, info.tokenizer, worker.vocab_size, info.vocab_size, fingerprints)
-                if retokenize_greedy:
-                    retok = retokenizer(tokenizer, info.tokenizer, worker.vocab_size, info.vocab_size, fingerprints)
+                retok = retokenizer(tokenizer, info.tokenizer, worker.vocab_size, info.vocab_size, fingerprints)
             levels.append(ModelLevel(worker.name, worker, vocab, retok, draft_confidence, bit_exact))
         self.levels: dict[str, Level] = {level.name: level for level in levels}  # the pool, cheapest first
         if len(self.levels) != len(levels):
@@ -159,13 +100,15 @@ class Engine:
         now = time.monotonic()
         return frozenset(n for n, t in self._down.items() if now - t < self.retry_down_after_s)
 
-    def _mark_down(self, exc: WorkerUnavailable, chain: Chain) -> None:
+    def mark_down(self, exc: WorkerUnavailable, chain: Chain) -> None:
+        """A level of `chain` stopped answering: a drafter is left out of chains for a while (live_chain)
+        and its cached state forgotten; the target raises TargetUnavailable."""
         if exc.level == chain.names[-1]:
             raise TargetUnavailable(f"target {exc.level!r} is unavailable; retry after it restarts") from exc
         self._down[exc.level] = time.monotonic()
         self.levels[exc.level].forget()
 
-    def _live(self, chain: Chain) -> Chain:
+    def live_chain(self, chain: Chain) -> Chain:
         """`chain` without drafters that stopped answering less than `retry_down_after_s` ago."""
         for name in self.down.intersection(chain.names[:-1]):
             chain = chain.without(name)
@@ -194,82 +137,14 @@ class Engine:
         params: SamplingParams = SamplingParams(),
         seed: int = 0,
         ignore_eos: bool = False,
-        route: Route | None = None,
+        router: AdaptiveRouter | None = None,
+        klass: str = "default",
     ) -> GenerationResult:
-        """Generate with the static chain, or with the chain `route` picks before every step."""
-        return run_to_end(self.steps(prompt_ids, max_new_tokens, params, seed, ignore_eos, route))
-
-    def steps(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int,
-        params: SamplingParams = SamplingParams(),
-        seed: int = 0,
-        ignore_eos: bool = False,
-        route: Route | None = None,
-    ) -> Generator[list[int], bool | None, GenerationResult]:
-        """The generation loop as a generator: yields the tokens each step commits (target-verified,
-        the end token included) and returns the GenerationResult. `send(True)` ends the generation
-        after the last yielded block with finish_reason "stop" (a stop string matched); closing it
-        (the client went away) also releases the sequence's state on every worker."""
-        self.check_request(len(prompt_ids), max_new_tokens)
-        seq = SequenceState.new(uuid.uuid4().hex, list(prompt_ids))
-        ctx = StepContext(
-            params=params,
-            generator=torch.Generator().manual_seed(seed),
-            eos_ids=frozenset() if ignore_eos else self.eos_ids,
-            stats=self.new_stats(),
-        )
-        finish, steps, chain = "length", 0, self.chain
-        t0 = time.perf_counter()
-        try:
-            while len(seq.generated) < max_new_tokens:
-                chain = self._live(self.chain_for(self._next_plan(route, seq, max_new_tokens)) if route is not None else self.chain)
-                t_step = time.perf_counter()
-                try:
-                    new = speculative_step(chain, seq, ctx, budget=max_new_tokens - len(seq.generated))
-                except WorkerUnavailable as exc:
-                    self._mark_down(exc, chain)
-                    ctx.drain_records()
-                    continue  # nothing was committed: redo the step on the shorter chain
-                steps += 1
-                records = ctx.drain_records()
-                if route is not None:
-                    records += self._shadow(chain, seq, new)
-                    route.observe(records, len(new), time.perf_counter() - t_step)
-                end = next((i for i, t in enumerate(new) if t in ctx.eos_ids), None)
-                if end is not None:
-                    new, finish = new[: end + 1], "stop"
-                seq = seq.commit(new)
-                if (yield new) or finish == "stop":
-                    finish = "stop"
-                    break
-        finally:
-            for level in self.levels.values():
-                level.release(seq.seq_id)
-        return GenerationResult(
-            token_ids=list(seq.generated),
-            finish_reason=finish,
-            elapsed_s=time.perf_counter() - t0,
-            num_steps=steps,
-            chain=chain.names,
-            draft_lens=list(chain.draft_lens),
-            level_stats=[s for s in ctx.stats.values() if s.time_s > 0 or s.num_draft_tokens],
-            prompt_tokens=len(prompt_ids),
-            routing=route.explain() if route is not None else None,
-        )
-
-    def _shadow(self, chain: Chain, seq: SequenceState, new: list[int]) -> list:
-        """Records of the prompt-lookup drafters this step's target did not verify (out of its chain,
-        or under a middle level), replayed on its tokens (specrouter/core/shadow.py): a routed request
-        measures them against the target on every step, for free."""
-        verified = chain.names[-2] if len(chain.names) > 1 else None  # the level the target verified
-        return [r for level in self.levels.values() if isinstance(level, NgramLevel) and level.name != verified
-                for r in shadow_records(level, seq, new, self.target_name, CAPPED_DRAFT_LEN)]
-
-    def _next_plan(self, route: Route, seq: SequenceState, max_new_tokens: int) -> Plan:
-        backlog = {name: level.backlog(seq.seq_id, len(seq.token_ids)) for name, level in self.levels.items() if name != self.target_name}
-        return route.next_plan(backlog, max_new_tokens - len(seq.generated))
+        """Generate for one request (a batch of one in the generation loop), with the static chain, or
+        with the chain `router` picks before every step for a request of class `klass`."""
+        request = {"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "params": params, "seed": seed,
+                   "ignore_eos": ignore_eos, "klass": klass}
+        return BatchLoop(self, router, max_batch=1).run([request])[0]
 
     def new_stats(self) -> dict[str, LevelStats]:
         """Fresh per-level statistics for one request (with each cross-tokenizer level's mapping report)."""

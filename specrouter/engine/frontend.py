@@ -1,5 +1,6 @@
 """From a user's request to a stream of text: tokenise (or apply the chat template), check it fits,
-route it, run the engine's steps, detokenise incrementally and honour stop strings.
+classify it for the router, run it through the generation loop, detokenise incrementally and honour
+stop strings.
 
 The same `Frontend` runs in-process and inside the router actor (specrouter/runtime/actors.py), so every
 serving face (HTTP, gRPC, CLI) gets the same behaviour and the same errors.
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from specrouter.routing.classifier import classify
 from specrouter.engine.detokenizer import TextStream
 from specrouter.engine.engine import Engine
+from specrouter.engine.loop import BatchLoop
 from specrouter.engine.request import GenerationRequest
 from specrouter.core.sampling import SamplingParams
 
@@ -25,8 +27,8 @@ def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 class Frontend:
     def __init__(self, engine: Engine, router=None, default_max_tokens: int = 256, batcher=None):
         """`router`: an AdaptiveRouter (specrouter/routing/router.py) to pick each step's chain, or None.
-        `batcher`: a BatchServer (specrouter/engine/batch_server.py) over the same engine: requests then run in
-        its shared batch (the router only classifies them; the batch's plan is chosen by goodput)."""
+        `batcher`: a BatchServer (specrouter/engine/batch_server.py) over the same engine and router:
+        requests then run in its shared batch; without one, each request runs in a loop of its own."""
         self.engine, self.router, self.default_max_tokens = engine, router, default_max_tokens
         self.batcher = batcher
 
@@ -52,15 +54,16 @@ class Frontend:
         self.engine.check_request(len(ids), max_tokens)
         params = SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
 
-        route = None
+        klass = "default"
         if self.router is not None:
             text_for_class = request.prompt if isinstance(request.prompt, str) else self.engine.tokenizer.decode(ids)
-            route = self.router.start(request.prompt_class or classify(text_for_class))
+            klass = request.prompt_class or classify(text_for_class)
         text = TextStream(self.engine.tokenizer, request.stop)
         if self.batcher is not None:
-            steps = self.batcher.steps(ids, max_tokens, params, request.seed, request.ignore_eos, route, request.timeout_s)
+            steps = self.batcher.steps(ids, max_tokens, params, request.seed, request.ignore_eos, klass, request.timeout_s)
         else:
-            steps = self.engine.steps(ids, max_tokens, params, request.seed, request.ignore_eos, route)
+            loop = BatchLoop(self.engine, self.router, max_batch=1)
+            steps = loop.stream(loop.submit(ids, max_tokens, params, request.seed, request.ignore_eos, klass, request.timeout_s))
         halt, pending = None, []  # tokens whose text is held back (partial character, maybe a stop string)
         try:
             yield {"prompt_tokens": len(ids)}

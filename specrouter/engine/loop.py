@@ -1,16 +1,23 @@
-"""Continuous batching: many requests advance together, one speculative step per `step()`.
+"""The generation loop: requests advance together, one speculative step per `step()`; a single
+request is a batch of one (Engine.generate runs one through it).
 
 The loop holds the active requests and a queue. Every step it (1) admits queued requests up to
 `max_batch` (their prompts prefill inside the step's batched passes), (2) picks the chain and draft
-lengths for the batch, (3) runs one batched speculative step (chain.speculative_step_batch: batched
+lengths for the batch, (3) runs one batched speculative step (chain.speculative_step: batched
 drafting and batched verification per level, per-sequence verdicts and rollback), (4) commits each
 request's tokens and retires the finished ones, releasing their state on every worker. A cancelled
 request is retired at once; the others never notice (their caches and versions are their own).
 
-With an AdaptiveRouter the plan is the one with the best goodput for the current batch (committed
-tokens per second for the whole batch, specrouter/routing/router.py `plan_for_batch`), so speculation
-shrinks and switches off as the batch grows and returns as it shrinks; without one, every step
-runs the engine's static chain (fixed draft lengths; a one-level chain is plain batched decoding).
+With an AdaptiveRouter (specrouter/routing/router.py) the router plans every step for the requests
+in the batch, from the routing state the loop keeps for each (`RequestRoute`): a request alone is
+planned for its own acceptance, with hysteresis; a larger batch for the best goodput of the whole
+batch, so speculation shrinks and switches off as the batch grows and returns as it shrinks, and
+each sequence drafts at the top what its own acceptance pays for. After the step the router learns
+each request's verdicts and the step's level timings, and the n-gram drafters the target did not
+verify this step are replayed on each request's committed tokens (specrouter/core/shadow.py), so
+their acceptance is measured on every step for free. Each result explains its routing: the plans it
+ran and why, the predicted and measured seconds per token. Without a router every step runs the
+engine's static chain (fixed draft lengths; a one-level chain is plain batched decoding).
 
 Admission is bounded: with `max_waiting` (and `max_waiting_tokens`), `submit` refuses a request
 that would wait, behind a full batch, with that many requests (prompt tokens) already waiting, by
@@ -25,21 +32,60 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from specrouter.routing.acceptance import OwnAcceptance
-from specrouter.core.chain import Chain, StepContext, TimingRecord, drafted, speculative_step_batch
-from specrouter.engine.engine import Engine, GenerationResult
-from specrouter.core.pipeline import DraftAhead, pipelined_step_batch
-from specrouter.engine.request import Overloaded
-from specrouter.routing.router import taught
+from specrouter.core.chain import Chain, StepContext, speculative_step
+from specrouter.core.levels import NgramLevel
+from specrouter.core.pipeline import DraftAhead, pipelined_step
+from specrouter.core.records import LevelStats, TimingRecord
 from specrouter.core.sampling import SamplingParams
-from specrouter.routing.scheduler import Plan
 from specrouter.core.sequence import SequenceState
+from specrouter.core.shadow import shadow_records
 from specrouter.core.worker import WorkerUnavailable
+from specrouter.engine.defaults import MAX_BATCH
+from specrouter.engine.request import Overloaded
+from specrouter.routing.router import AdaptiveRouter, Decision, RequestRoute
+
+SHADOW_BLOCK = 10  # the block length an n-gram drafter is replayed with
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens only
+    finish_reason: str  # "stop" (end token or stop string), "length", "cancelled" or "timeout"
+    elapsed_s: float
+    num_steps: int  # target verifications
+    chain: list[str]
+    draft_lens: list[int]
+    level_stats: list[LevelStats]
+    text: str | None = None
+    prompt_tokens: int = 0
+    routing: dict | None = None  # which chains ran and why
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": len(self.token_ids),
+            "elapsed_s": round(self.elapsed_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "num_target_steps": self.num_steps,
+            "tokens_per_target_step": round(len(self.token_ids) / self.num_steps, 3) if self.num_steps else 0.0,
+            "chain": self.chain,
+            "draft_lens": self.draft_lens,
+            "levels": [s.as_dict() for s in self.level_stats],
+            **({"routing": self.routing} if self.routing is not None else {}),
+        }
 
 
 @dataclass
@@ -49,17 +95,32 @@ class _Request:
     ctx: StepContext
     max_new_tokens: int
     klass: str
+    route: RequestRoute | None  # its routing state, with a router
     deadline: float | None = None  # time.monotonic() past which the request is retired ("timeout")
     t0: float = field(default_factory=time.perf_counter)
     steps: int = 0
-    chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
-    decisions: list[dict] = field(default_factory=list)  # every change of plan, with the batch size it was made for
-    acceptance: OwnAcceptance = field(default_factory=OwnAcceptance)  # its own rounds and blocks (AdaptiveRouter.teach)
     ahead: DraftAhead | None = None  # with pipelining: the block drafted while the last step verified
+    # what its routing explanation reports
+    chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
+    decisions: list[dict] = field(default_factory=list)  # every change of chain, why, and the batch size it was made for
+    first_step_s: float | None = None  # the first step, which also prefills the prompt on every level
+    predicted_s: float = 0.0  # decode steps only (after the first): the latency model predicts decoding, not the prefill
+    measured_s: float = 0.0
+    decode_tokens: int = 0
 
     @property
     def budget(self) -> int:
         return self.max_new_tokens - len(self.seq.generated)
+
+    def routing(self) -> dict:
+        out = {"class": self.klass, "decisions": self.decisions,
+               "steps_by_plan": [{"chain": list(c), "draft_lens": list(g), "steps": n} for (c, g), n in self.chains.most_common()]}
+        if self.route is not None:
+            tokens = max(1, self.decode_tokens)
+            out.update({"predicted_s_per_token": round(self.predicted_s / tokens, 5),  # decode steps (after the first)
+                        "measured_s_per_token": round(self.measured_s / tokens, 5),
+                        "first_step_s": round(self.first_step_s or 0.0, 5)})  # prefill of every level + the first step
+        return out
 
 
 @dataclass(frozen=True)
@@ -73,9 +134,10 @@ class StepReport:
 
 
 class BatchLoop:
-    def __init__(self, engine: Engine, router=None, max_batch: int = 64, pipeline: bool = False,
+    def __init__(self, engine, router: AdaptiveRouter | None = None, max_batch: int = MAX_BATCH, pipeline: bool = False,
                  max_waiting: int | None = None, max_waiting_tokens: int | None = None):
-        """`router`: an AdaptiveRouter choosing each step's plan by goodput; None: the static chain.
+        """`engine`: the Engine (specrouter/engine/engine.py) whose levels and chains run.
+        `router`: an AdaptiveRouter choosing each step's plan; None: the static chain.
         `pipeline`: draft each next block while the target verifies (specrouter/core/pipeline.py).
         `max_waiting` / `max_waiting_tokens`: the most requests / prompt tokens that may wait for a
         place in the batch (None: no limit); `submit` refuses what would go past them."""
@@ -99,14 +161,16 @@ class BatchLoop:
     def submit(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int = 0,
                ignore_eos: bool = False, klass: str = "default", timeout_s: float | None = None,
                request_id: str | None = None) -> str:
-        """Queue a request (it joins the batch at the next step); returns its id. Raises Overloaded,
-        queueing nothing, if it would wait past `max_waiting` / `max_waiting_tokens`."""
+        """Queue a request (it joins the batch at the next step); returns its id. `klass`: its prompt
+        class, for the router. Raises Overloaded, queueing nothing, if it would wait past
+        `max_waiting` / `max_waiting_tokens`."""
         self.engine.check_request(len(prompt_ids), max_new_tokens)
         request_id = request_id or uuid.uuid4().hex
         ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset() if ignore_eos else self.engine.eos_ids,
                           self.engine.new_stats())
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        request = _Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass, deadline)
+        route = RequestRoute(klass) if self.router is not None else None
+        request = _Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass, route, deadline)
         with self._queue_lock:
             self._admit_or_refuse(len(prompt_ids))
             self._waiting.append(request)
@@ -158,7 +222,7 @@ class BatchLoop:
             return [r.request_id for r in self._waiting] + list(self._active)
 
     def step(self) -> StepReport:
-        """Retire the expired, admit, plan, run one batched speculative step, commit, retire."""
+        """Retire the expired, admit, plan, run one batched speculative step, learn, commit, retire."""
         # 1. retire requests past their deadline; admit queued requests between steps
         expired = self._expire()
         with self._queue_lock:
@@ -171,32 +235,31 @@ class BatchLoop:
         t0 = time.perf_counter()
         while True:
             # 2. the batch's plan
-            chain, top_lens = self._plan(requests)
+            chain, top_lens, decision = self._plan(requests)
             timings: list[TimingRecord] = []
             try:
                 # 3. one batched step: every sequence gets at least one target-verified token
                 new = self._step(chain, requests, timings, top_lens)
                 break
             except WorkerUnavailable as exc:
-                self.engine._mark_down(exc, chain)  # a drafter: redo the step without it; the target: fail
+                self.engine.mark_down(exc, chain)  # a drafter: redo the step without it; the target: fail
                 for r in requests:
                     r.ctx.drain_records()
                     r.ahead = None
+        records = [r.ctx.drain_records() for r in requests]
+        if self.router is not None:  # with the replays of the n-gram drafters this step's target did not verify
+            records = [rs + self._shadow(chain, r.seq, tokens) for r, rs, tokens in zip(requests, records, new)]
         seconds = time.perf_counter() - t0
         if self.router is not None:
-            records = [taught(r.ctx.drain_records(), first_step=r.steps == 0) for r in requests]
-            for request, request_records in zip(requests, records):
-                self.router.teach(request.acceptance, request_records)
-            self.router.observe_batch([(r.klass, rs) for r, rs in zip(requests, records)], timings)
-        # 4. commit; retire what finished
+            # 4. the router learns each request's verdicts and replays, and the step's level timings
+            self.router.observe([r.route for r in requests], records, timings, seconds)
+        # 5. commit; retire what finished
         committed, finished = {}, expired
         for b, (request, tokens) in enumerate(zip(requests, new)):
             lens = tuple(chain.draft_lens[:-1]) + (top_lens[b],) if top_lens is not None else tuple(chain.draft_lens)
-            plan = (tuple(chain.names), lens)
-            request.ctx.drain_records()
             end = next((i for i, t in enumerate(tokens) if t in request.ctx.eos_ids), None)
             tokens = tokens[: end + 1] if end is not None else tokens
-            self._note_plan(request, plan, len(requests))
+            self._note_step(request, (tuple(chain.names), lens), decision, len(requests), len(tokens), seconds)
             request.seq = request.seq.commit(tokens)
             request.steps += 1
             committed[request.request_id] = tokens
@@ -204,47 +267,88 @@ class BatchLoop:
                 finished[request.request_id] = self._finish(request, "stop" if end is not None else "length")
         return StepReport(committed, finished, tuple(chain.names), tuple(chain.draft_lens), len(requests), seconds)
 
+    def _plan(self, requests: list[_Request]) -> tuple[Chain, list[int] | None, Decision | None]:
+        """The chain for the batch (without drafters that are down), each sequence's draft length at
+        its top (None: the chain's) and the router's decision (None: the static chain)."""
+        if self.router is None:
+            return self.engine.live_chain(self.engine.chain), None, None
+        backlog = {name: sum(level.backlog(r.seq.seq_id, len(r.seq.token_ids)) for r in requests)
+                   for name, level in self.engine.levels.items() if name != self.engine.target_name}
+        remaining = sum(r.budget for r in requests) / len(requests)
+        decision = self.router.plan([r.route for r in requests], backlog, remaining)
+        chain = self.engine.live_chain(self.engine.chain_for(decision.plan))
+        if len(chain.levels) < 2 or tuple(chain.names) != decision.plan.chain:
+            return chain, None, decision  # a drafter is down: its shorter chain's own lengths
+        return chain, list(decision.top_lens), decision
+
     def _step(self, chain: Chain, requests: list[_Request], timings: list[TimingRecord], top_lens: list[int] | None) -> list[list[int]]:
         seqs, ctxs, budgets = [r.seq for r in requests], [r.ctx for r in requests], [r.budget for r in requests]
         if self._pool is None:
-            return speculative_step_batch(chain, seqs, ctxs, budgets, timings, top_lens)
-        new, aheads = pipelined_step_batch(chain, seqs, ctxs, budgets, timings, [r.ahead for r in requests], self._pool, top_lens)
+            return speculative_step(chain, seqs, ctxs, budgets, timings, top_lens)
+        new, aheads = pipelined_step(chain, seqs, ctxs, budgets, timings, [r.ahead for r in requests], self._pool, top_lens)
         for request, ahead in zip(requests, aheads):
             request.ahead = ahead
         return new
 
-    def _note_plan(self, request: _Request, plan: tuple[tuple[str, ...], tuple[int, ...]], batch: int) -> None:
+    def _shadow(self, chain: Chain, seq: SequenceState, new: list[int]) -> list:
+        """Records of the prompt-lookup drafters this step's target did not verify (out of its chain,
+        or under a middle level), replayed on the tokens it committed after `seq`
+        (specrouter/core/shadow.py): a routed request measures them against the target on every step."""
+        verified = chain.names[-2] if len(chain.names) > 1 else None  # the level the target verified
+        return [r for level in self.engine.levels.values() if isinstance(level, NgramLevel) and level.name != verified
+                for r in shadow_records(level, seq, new, self.engine.target_name, SHADOW_BLOCK)]
+
+    def _note_step(self, request: _Request, plan: tuple[tuple[str, ...], tuple[int, ...]], decision: Decision | None,
+                   batch: int, committed: int, seconds: float) -> None:
+        """Record a step in the request's routing explanation: the plan it ran, a decision where its
+        chain changed (or a level was explored), and the predicted and measured time."""
         request.chains[plan] += 1
         last = request.decisions[-1] if request.decisions else None
-        if last is None or (tuple(last["chain"]), tuple(last["draft_lens"])) != plan:
-            request.decisions.append({"chain": list(plan[0]), "draft_lens": list(plan[1]), "batch": batch,
-                                      "reason": "best goodput for the batch" if self.router is not None else "static chain",
+        reason = decision.reason if decision is not None else "static chain"
+        if last is None or (last["chain"] != list(plan[0]) and reason != "keep") or reason.startswith("explore"):
+            request.decisions.append({"chain": list(plan[0]), "draft_lens": list(plan[1]), "batch": batch, "reason": reason,
+                                      **({"predicted_s_per_token": round(decision.plan.predicted_s_per_token, 5),
+                                          "runner_up": decision.runner_up.as_dict() if decision.runner_up else None}
+                                         if decision is not None else {}),
                                       "at_token": len(request.seq.generated)})
+        if request.first_step_s is None:
+            request.first_step_s = seconds
+        elif decision is not None:
+            request.predicted_s += decision.plan.predicted_s_per_token * committed
+            request.measured_s += seconds
+            request.decode_tokens += committed
 
     def run(self, requests: list[dict]) -> list[GenerationResult]:
-        """Submit every request (keyword arguments of `submit`) and step until all are done."""
+        """Submit every request (keyword arguments of `submit`) and step until all are done. If a step
+        fails (the target is down), every request is retired, its state freed, and the error raised."""
         ids = [self.submit(**request) for request in requests]
         results: dict[str, GenerationResult] = {}
-        while self.has_work:
-            results.update(self.step().finished)
+        try:
+            while self.has_work:
+                results.update(self.step().finished)
+        except BaseException:
+            for request_id in self.request_ids:
+                self.cancel(request_id)
+            raise
         return [results[i] for i in ids]
 
-    def _plan(self, requests: list[_Request]) -> tuple[Chain, list[int] | None]:
-        """The chain for the batch and each sequence's draft length at its top (None: the chain's)."""
-        if self.router is None:
-            return self.engine._live(self.engine.chain), None
-        classes = [r.klass for r in requests]
-        backlog = {name: sum(level.backlog(r.seq.seq_id, len(r.seq.token_ids)) for r in requests)
-                   for name, level in self.engine.levels.items() if name != self.engine.target_name}
-        remaining = sum(r.budget for r in requests) / len(requests)
-        chain = self.engine._live(self.engine.chain_for(self.router.plan_for_batch(classes, backlog, remaining)))
-        if len(chain.levels) < 2:
-            return chain, None
-        drafter, verifier = chain.names[-2], chain.names[-1]
-        fallback = [self.router.acceptance.alpha(k, drafter, verifier) for k in classes]
-        alphas = [r.acceptance.alpha(drafter, verifier, f) for r, f in zip(requests, fallback)]
-        plan = Plan(tuple(chain.names), tuple(chain.draft_lens), 0.0)
-        return chain, self.router.sequence_draft_lens(plan, classes, alphas, [r.acceptance for r in requests])
+    def stream(self, request_id: str) -> Generator[list[int], bool | None, GenerationResult]:
+        """Step the loop until a request finishes (the caller steps it: a loop of its own), yielding the
+        tokens each step commits for it (target-verified, the end token included), and return its
+        GenerationResult. `send(True)` ends it after the last yielded block with finish_reason "stop"
+        (a stop string matched); closing it early (the client went away), or a failed step, cancels
+        it and frees its state on every worker."""
+        result = None
+        try:
+            while result is None:
+                report = self.step()
+                tokens, result = report.committed.get(request_id), report.finished.get(request_id)
+                if tokens and (yield tokens):
+                    result = replace(result or self.cancel(request_id, "stop"), finish_reason="stop")
+            return result
+        finally:
+            if result is None:
+                self.cancel(request_id)
 
     def _finish(self, request: _Request, reason: str) -> GenerationResult:
         del self._active[request.request_id]
@@ -262,35 +366,9 @@ class BatchLoop:
             draft_lens=list(lens),
             level_stats=[s for s in request.ctx.stats.values() if s.time_s > 0 or s.num_draft_tokens],
             prompt_tokens=request.seq.prompt_len,
-            routing={"class": request.klass, "decisions": request.decisions,
-                     "steps_by_plan": [{"chain": list(c), "draft_lens": list(g), "steps": n} for (c, g), n in request.chains.most_common()]},
+            routing=request.routing(),
         )
 
     def _release(self, request: _Request) -> None:
         for level in self.engine.levels.values():
             level.release(request.seq.seq_id)
-
-
-def calibration_passes(level, batch: int, lengths: tuple[int, ...], context: int) -> list[tuple[str, int, float]]:
-    """Time a level's batched passes over `batch` throwaway sequences: ("score", block length, s) per
-    length (verifiers only) and ("draft", n, s) for up to four tokens drafted for all of them (n: the
-    most any of them drafted, at least 1)."""
-    params, out = SamplingParams(), []
-    seqs = [SequenceState.new(f"calibrate-{level.name}-{batch}-{b}", list(range(1 + b, context + 1 + b))) for b in range(batch)]
-    ctxs = [list(seq.token_ids) for seq in seqs]
-    score = getattr(level, "score_batch", None) or (lambda items: [level.score(*item) for item in items])
-    propose = getattr(level, "propose_batch", None) or (lambda items: [level.propose(*item) for item in items])
-    try:
-        if level.can_verify:
-            score([(seq, ctx[:-1], [], params) for seq, ctx in zip(seqs, ctxs)])  # prefill, not timed
-            for n in lengths:
-                t0 = time.perf_counter()
-                score([(seq, ctx, list(range(2, n + 1)), params) for seq, ctx in zip(seqs, ctxs)])
-                out.append(("score", n, time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        blocks = propose([(seq, ctx, 4, params, 0) for seq, ctx in zip(seqs, ctxs)])
-        out.append(("draft", max(1, *(drafted(b, 4) for b in blocks)), time.perf_counter() - t0))  # one that stops unsure drafts fewer
-    finally:
-        for seq in seqs:
-            level.release(seq.seq_id)
-    return out

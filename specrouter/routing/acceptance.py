@@ -24,14 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 POOLED = "*"
-
-
-def pairwise_alpha(q_draft: torch.Tensor, p_target: torch.Tensor) -> torch.Tensor:
-    """q_draft [k, V], p_target [k, V] -> [k]: sum_x min(q, p) per position (1 - total variation)."""
-    return torch.minimum(q_draft, p_target).sum(-1)
 
 
 def rejection_ratio(alpha: float, reference: float) -> float:

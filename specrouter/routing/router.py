@@ -1,97 +1,77 @@
-"""Adaptive routing: pick, per prompt class, the chain and draft lengths with the lowest predicted
-time per token, from costs and acceptances learned online, and re-plan as they move.
+"""Adaptive routing: pick the chain and draft lengths with the lowest predicted time per token for
+the requests stepping together, from costs and acceptances learned online, and re-plan as they move.
 
-The router is shared by all requests (it owns the profiler and the acceptance table per class);
-`start()` gives each request a `Route` that the engine asks for a plan before every step and feeds
-each step's records to. A route keeps its request's plan and its own acceptance of each pair, so an
-easy prompt of a class is planned for what it accepts, not for its class's average. Re-planning
-happens every `replan_every` steps with hysteresis (a new request's first plan against the one its
-class's last request planned), and at once after a level's cost changed as a whole. Every
-`explore_every` steps the least recently measured drafter (else pair of neighbours) is re-measured,
-so estimates of levels out of use (a drafter that slowed down and recovered) stay fresh: its best
-plan runs once if it is predicted close to the best, else one small timed pass of the level (a
-probe) refreshes its cost without running a slow chain (less and less often while probes find that
-cost unchanged); a level on the device of a level in use (a skip-layer view of the target's
-weights) needs no probe, as its costs follow that level's. An n-gram drafter's cost and its
-acceptance need neither: the engine replays it against the target on every step
-(specrouter/core/shadow.py), and those replays stand for its acceptance by every verifier.
-Calibration at start measures every level's cost, then every pair's acceptance on the target's own
-continuation of a short prompt per class.
+The router is shared by all requests (it owns the profiler and the acceptance table per class). The
+generation loop (specrouter/engine/loop.py) keeps a `RequestRoute` per request and, before every
+step, asks `plan` for the batch's plan; after it, `observe` gets each request's records and the
+step's level timings. A batch of one is planned for its request alone: its own acceptance of each
+pair, so an easy prompt of a class is planned for what it accepts, not for its class's average;
+re-planning every `replan_every` steps with hysteresis (a new request's first plan against the one
+its class's last request planned), and at once after a level's cost changed as a whole. A larger
+batch is planned for its classes' acceptance at its batch size's costs (goodput), speculating only
+when that is clearly faster than plain batched decoding, and each sequence drafts at the top what its
+own acceptance pays for. Every `explore_every` steps the least recently measured drafter (else pair
+of neighbours) is re-measured, so estimates of levels out of use (a drafter that slowed down and
+recovered) stay fresh: its best plan runs once if it is predicted close to the best, else (a request
+alone) one small timed pass of the level (a probe) refreshes its cost without running a slow chain
+(less and less often while probes find that cost unchanged); a level on the device of a level in use
+(a skip-layer view of the target's weights) needs no probe, as its costs follow that level's. An
+n-gram drafter's cost and its acceptance need neither: the loop replays it against the target on
+every step of a routed request (specrouter/core/shadow.py), and those replays stand for its
+acceptance by every verifier. Calibration at start (specrouter/engine/calibration.py) measures every
+level's cost, then every pair's acceptance on the target's own continuation of a prompt per class.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-import torch
-
-from specrouter.routing.acceptance import POOLED, AcceptanceTable, OwnAcceptance, rejection_ratio
-from specrouter.core.chain import TimingRecord, VerifyRecord, drafted
-from specrouter.engine.frontend import chat_ids
-from specrouter.core.levels import Level, NgramLevel
-from specrouter.routing.profiler import LEVEL_CHANGE, ForwardProfiler
+from specrouter.core.records import TimingRecord, VerifyRecord
+from specrouter.core.levels import Level, ProposeItem, ScoreItem
 from specrouter.core.sampling import SamplingParams
-from specrouter.routing.scheduler import Plan, predict, search, search_batch
 from specrouter.core.sequence import SequenceState
 from specrouter.core.spec import LevelSpec
-
-if TYPE_CHECKING:
-    from specrouter.engine.engine import Engine
+from specrouter.routing.acceptance import POOLED, AcceptanceTable, OwnAcceptance, rejection_ratio
+from specrouter.routing.config import RouterConfig
+from specrouter.routing.profiler import LEVEL_CHANGE, ForwardProfiler
+from specrouter.routing.scheduler import Plan, predict, search
 
 
 EXPLORE_WEIGHT = 0.8  # an exploratory measurement is fresh news about a level out of use
 PROBE_BACKOFF = 4  # a level whose probes keep confirming its cost is probed at most this many times less often
-CALIBRATION_ROUNDS = 10.0  # what the calibration text's blocks are worth, in verification rounds
-CALIBRATION_BLOCK = 8  # the blocks calibration simulates (from every other position of its text)
-
-# A prompt per class; at start the target's own greedy continuation of each (CALIBRATION_TOKENS, one
-# routed generation) is the text on which every level's greedy agreement with every other is measured
-# (teacher-forced: one pass per level), so the first requests of a class start from measured
-# acceptances, not from a blind prior. The target's own output, not a fixed text: on a text it would
-# not have written, drafter and target agree far less often than on what they will really verify
-# (a fixed chat text gave 0.51 for 0.5B -> 1.5B, where chat requests accept 0.96).
-CALIBRATION_PROMPTS = {
-    "code": 'def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n    """Merge two sorted lists into one sorted list."""\n',
-    "chat": "How can I sleep better? Give me a few practical tips.",
-    "summarization": (
-        "Summarize the following in two sentences. The company's revenue grew by 12% last year, mainly thanks to "
-        "strong sales in Europe and Asia. Costs rose faster than expected because of higher energy prices and new "
-        "hires. The board plans to cut spending on marketing and to invest more in research next year."
-    ),
-}
-CALIBRATION_TOKENS = 32
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    replan_every: int = 2  # steps between re-plans
-    hysteresis: float = 0.05  # switch only when the best plan is predicted this much faster
-    explore_every: int = 12  # steps after which a level (else a pair) not measured since gets one exploratory step
-    explore_margin: float = 1.2  # ... if its best plan is predicted at most this much slower than the best (else a probe)
-    batch_speculation_margin: float = 0.1  # a batch speculates only if predicted at least this much faster than
-    # plain batched decoding: predictions are ~15% off, and at a large batch a wrong bet slows every request
-    max_drafters: int = 3
-    lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10)
-    default_cost_s: float = 0.05  # cost assumed for a level never measured
 
 
 @dataclass
-class PlanState:
-    """The plan a request runs, and how long it has run it."""
+class RequestRoute:
+    """One request's routing state, kept by the generation loop: its class, its own acceptance of the
+    pairs and blocks of the drafters it ran, and the plan it runs alone and for how long."""
 
-    plan: Plan | None = None
+    klass: str = "default"
+    own: OwnAcceptance = field(default_factory=OwnAcceptance)
+    plan: Plan | None = None  # its plan while it steps alone (None: none yet, or it stepped in a batch)
     steps_since_plan: int = 0
     level_changes: int = 0  # the profiler's level-wide changes when it was planned (ForwardProfiler.changes)
+    steps: int = 0  # steps observed: the first also prefills every level (`taught`)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A step's plan for the requests stepping together: the chain and draft lengths, each sequence's
+    draft length at the top (the plan's for a request alone), why, and the best plan on another chain."""
+
+    plan: Plan
+    top_lens: tuple[int, ...]
+    reason: str
+    runner_up: Plan | None = None
 
 
 class AdaptiveRouter:
     def __init__(self, pool: list[str], target: str, can_verify: dict[str, bool], config: RouterConfig = RouterConfig(),
                  levels: dict[str, Level] | None = None, stopping: frozenset[str] = frozenset(),
                  hosts: dict[str, str] | None = None, max_top_len: int | None = None):
-        """`levels`: the pool's levels by name, to probe a stale level's cost directly (calibrate() sets it).
+        """`levels`: the pool's levels by name (by reference: a replaced level is seen), to probe a stale
+        level's cost directly.
         `stopping`: drafters that end their blocks unsure (at every level of a chain: specrouter/core/chain.py).
         `hosts`: level -> the level whose device it runs on (a skip-layer view of its weights: `shared_devices`).
         `max_top_len`: the longest block the target verifies (its `max_block`; None: any)."""
@@ -109,8 +89,8 @@ class AdaptiveRouter:
         self._last_measured: dict[str | tuple[str, str], int] = {item: 0 for item in names + self._pairs}  # level or pair -> step
         self._exploring: set[str] = set()  # levels whose next measurement replaces most of the old one
         # steps between probes of a level out of use: doubled (up to PROBE_BACKOFF x explore_every) each time a
-        # probe finds its cost as predicted, since each costs a pass of that level (0.17 s for the 1.5B-skip here,
-        # ~4% of a mixed workload's time); back to explore_every once a probe finds it changed or a chain runs it
+        # probe finds its cost as predicted, since each costs a pass of that level (for a large level, a share of
+        # the workload's time worth saving); back to explore_every once a probe finds it changed or a chain runs it
         self._probe_every: dict[str, int] = {}
         self._levels: dict[str, Level] = levels if levels is not None else {}
         # per class, the plan its last request planned: a new request starts from it with the same hysteresis
@@ -118,9 +98,8 @@ class AdaptiveRouter:
         self._incumbent: dict[str, Plan] = {}
         self._replayed: set[str] = set()  # drafters replayed against the target on every step (_estimated_as)
         # a level on another's device is measured whenever that one runs: its costs follow the other's
-        # level-wide changes (ForwardProfiler.share), so it is never probed while the other runs (the
-        # 1.5B-skip's probes, each a 0.13-0.17 s pass, were 1% of a mixed workload's time while the 1.5B
-        # it shares ran every step)
+        # level-wide changes (ForwardProfiler.share), so it is never probed while the other runs (a probe
+        # of a skip-layer view is a pass of the target's size, spent on news the target's own passes bring)
         self._guests: dict[str, list[str]] = {}
         for level, host in (hosts or {}).items():
             self.profiler.share(level, host)
@@ -140,24 +119,29 @@ class AdaptiveRouter:
         return single if single is not None else self.config.default_cost_s
 
     def plans(self, klass: str, own: OwnAcceptance | None = None) -> list[Plan]:
-        """Every chain's best plan for a request of `klass`, best first; `own`: the request's own
+        """Every chain's best plan for a request of `klass` alone, best first; `own`: the request's own
         acceptance and blocks, where it has run some."""
+        return self._search([klass], own)
+
+    def _search(self, classes: list[str], own: OwnAcceptance | None = None) -> list[Plan]:
+        """Every chain's best plan for requests of these classes stepping together (acceptance averaged
+        over them; `own`: a request alone's own), from the costs profiled at their batch size, best first."""
+        batch = len(classes)
         return search(
             self.pool,
             self.target,
-            verify=self._verify_cost,
-            draft=self._draft_cost,
-            alpha=self._alpha([klass]),
+            verify=lambda level, n: self._verify_cost(level, n, batch),
+            draft=lambda level: self._draft_cost(level, batch),
+            alpha=self._alpha(classes),
             overhead=self.overhead_s,
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             max_drafters=self.config.max_drafters,
             max_top_len=self.max_top_len,
-            expected=self._expected([klass], self._own_ratios(klass, own), own),
-            drafted=self._drafted([klass], own),
+            expected=self._expected(classes, self._own_ratios(classes[0], own), own),
+            drafted=self._drafted(classes, own),
             # drafters that stop unsure propose up to the longest length, unsearched: their block length is a cap
             # that binds only while they stay sure, and the model's rates at deep positions rest on few rounds
-            # (bench: ngram -> 0.5B -> 1.5B [3, 10] ran 7% faster on code than the [2, 8] / [4, 5] it picked)
             fixed={d: max(self.config.lengths) for d in self.stopping},
         )
 
@@ -184,8 +168,8 @@ class AdaptiveRouter:
         unsure follow the request's rounds instead, position by position, and not its ratio: its
         rounds end at its stops too, which the ratio does not see, and its agreement is measured
         only where it was sure, which the class's may not be (calibration's is over every position
-        of a text: agreement 0.97 on the tokens it was sure of, against a class alpha of 0.72, is a
-        ratio of 0.11, nine in ten of the class's rejections taken away at every position)."""
+        of a text: a high agreement on the tokens it was sure of, against a class alpha over every
+        position, is a small ratio, most of the class's rejections taken away at every position)."""
         by_length: dict[tuple[str, str], list[float]] = {}  # (drafter, verifier) -> [E(0), ..., E(longest)]
 
         def expected(d: str, v: str, g: int) -> float:
@@ -208,9 +192,9 @@ class AdaptiveRouter:
         target on every step (prompt lookup: specrouter/core/shadow.py) is estimated from those replays
         for every verifier: how well a text suits it hardly depends on which level checks it, and its
         pairs with other verifiers are measured only while a chain runs them. Estimated apart, a class
-        whose early requests ran without it kept the acceptance calibration gave n-gram -> 0.5B
-        (code: 0.017) while its replays against the 1.5B had learned 0.3-0.8, and never ran
-        n-gram -> 0.5B -> 1.5B, 4.5% faster than 0.5B -> 1.5B on code (bench)."""
+        whose early requests ran without it would keep the acceptance calibration gave it below a
+        middle level (on a text that did not copy), however much its replays against the target had
+        learned since, and never run the chain with it below that level."""
         return (drafter, self.target) if drafter in self._replayed else (drafter, verifier)
 
     def _drafted(self, classes: list[str], own: OwnAcceptance | None = None):
@@ -229,18 +213,38 @@ class AdaptiveRouter:
 
     # -- planning ---------------------------------------------------------------------------------------
 
-    def plan_for(self, klass: str, backlog: dict[str, int] | None = None, remaining: float = float("inf"),
-                 own: OwnAcceptance | None = None, state: PlanState | None = None) -> tuple[Plan, list[Plan], str]:
-        """The plan for the next step of a request of `klass`, the ranked candidates, and why.
-        `backlog` / `remaining`: as for `plan_for_batch` (a drafter that has fallen behind the request's
-        context is charged its catch-up prefill, spread over the tokens still to generate). `own`:
-        the request's own acceptance of the pairs and blocks of the drafters it ran. `state`:
-        the request's plan so far, for hysteresis (default: none yet, and the plan its class's last
-        request planned stands in for it)."""
-        state = state if state is not None else PlanState()
+    def plan(self, requests: list[RequestRoute], backlog: dict[str, int] | None = None,
+             remaining: float = float("inf")) -> Decision:
+        """The next step's plan for the requests stepping together (a request alone is a batch of one).
+
+        `backlog[level]`: context tokens (summed over the requests) a drafter has not cached, which it
+        must prefill before it can draft: a drafter left idle (out of the chain, or while the batch was
+        large) has fallen behind. That one-off cost is spread over the `remaining` tokens each request
+        still has to generate, so a far-behind drafter returns only when it will pay for its catch-up.
+
+        A request alone is planned for its own acceptance (`RequestRoute.own`), keeps its plan for
+        `replan_every` steps (unless a level's cost changed as a whole since), and switches only to a
+        plan predicted faster by the `hysteresis` margin than the one it runs (a new request: the one
+        its class's last request planned). Two or more are planned for their classes at their batch
+        size's costs, plain batched decoding unless speculation is predicted `batch_speculation_margin`
+        faster, each sequence then drafting at the top what its own acceptance pays for
+        (`sequence_draft_lens`). Both explore a level or pair not measured for `explore_every` steps
+        when its best plan is within `explore_margin` of the best (a request alone probes a level
+        that is not, where it can)."""
+        if len(requests) == 1:
+            plan, ranked, reason = self._plan_alone(requests[0], backlog, remaining)
+            top_lens = (plan.draft_lens[-1] if plan.draft_lens else 0,)
+        else:
+            plan, ranked, reason = self._plan_batch(requests, backlog, remaining)
+            top_lens = tuple(self.sequence_draft_lens(plan, requests))
+        return Decision(plan, top_lens, reason, next((p for p in ranked if p.chain != plan.chain), None))
+
+    def _plan_alone(self, request: RequestRoute, backlog: dict[str, int] | None, remaining: float) -> tuple[Plan, list[Plan], str]:
+        """A request alone: the plan, the ranked candidates, and why."""
+        klass, own = request.klass, request.own
         stale = self._stalest()
         if stale is not None:
-            ranked = self._ranked(klass, backlog, remaining, own)
+            ranked = self._ranked([klass], backlog, remaining, own)
             explore = next((p for p in ranked if _runs(p.chain, stale)), None)
             promising = explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin
             self._last_measured[stale] = self._step
@@ -253,36 +257,57 @@ class AdaptiveRouter:
                     self._exploring.add(stale)
                 what = stale if isinstance(stale, str) else " -> ".join(stale)
                 return explore, ranked, f"explore: {what} not measured for {self.config.explore_every}+ steps"
-        if (state.plan is not None and state.steps_since_plan < self.config.replan_every
-                and state.level_changes == self.profiler.changes):  # a level slowed or recovered since: re-plan now
-            state.steps_since_plan += 1
+        if (request.plan is not None and request.steps_since_plan < self.config.replan_every
+                and request.level_changes == self.profiler.changes):  # a level slowed or recovered since: re-plan now
+            request.steps_since_plan += 1
             # the same plan, its prediction brought up to date with the request's latest rounds (what the
             # response's explanation compares with the time measured: a short request has few steps)
-            state.plan = self._repredict(state.plan, klass, own)
-            return state.plan, [], "keep"
-        ranked = self._ranked(klass, backlog, remaining, own)
+            request.plan = self._repredict(request.plan, klass, own)
+            return request.plan, [], "keep"
+        ranked = self._ranked([klass], backlog, remaining, own)
         best = ranked[0]
         reason = "best predicted"
-        previous = state.plan if state.plan is not None else self._incumbent.get(klass)
+        previous = request.plan if request.plan is not None else self._incumbent.get(klass)
         if previous is not None and best.chain + best.draft_lens != previous.chain + previous.draft_lens:
             current = self._repredict(previous, klass, own)
             if backlog:
                 current = self._with_catch_up(current, backlog, remaining)
             if best.predicted_s_per_token > current.predicted_s_per_token * (1 - self.config.hysteresis):
                 best, reason = current, "hysteresis: best is not enough faster"
-        state.plan, state.steps_since_plan, state.level_changes = best, 1, self.profiler.changes
+        request.plan, request.steps_since_plan, request.level_changes = best, 1, self.profiler.changes
         self._incumbent[klass] = best
         return best, ranked, reason
 
-    def _ranked(self, klass: str, backlog: dict[str, int] | None, remaining: float,
-                own: OwnAcceptance | None = None) -> list[Plan]:
-        return self._charge_catch_up(self.plans(klass, own), backlog, remaining)
+    def _plan_batch(self, requests: list[RequestRoute], backlog: dict[str, int] | None, remaining: float) -> tuple[Plan, list[Plan], str]:
+        """Two or more requests: the plan with the best goodput for the batch, the ranked candidates, and why."""
+        for request in requests:
+            request.plan = None  # alone again, a request plans afresh (from its class's last plan)
+        ranked = self._ranked([r.klass for r in requests], backlog, remaining)
+        reason = "best goodput for the batch"
+        plain = next(p for p in ranked if len(p.chain) == 1)
+        if ranked[0] is not plain and ranked[0].predicted_s_per_token > plain.predicted_s_per_token * (1 - self.config.batch_speculation_margin):
+            ranked = [plain] + [p for p in ranked if p is not plain]  # too close to call: the safe plan
+            reason = "plain decoding: speculation is not enough faster for the batch"
+        stale = self._stalest()
+        if stale is not None:
+            self._last_measured[stale] = self._step
+            explore = next((p for p in ranked if _runs(p.chain, stale)), None)
+            if explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin:
+                what = stale if isinstance(stale, str) else " -> ".join(stale)
+                return self._exploration(explore), ranked, f"explore: {what} not measured for {self.config.explore_every}+ steps"
+        return ranked[0], ranked, reason
 
-    def _charge_catch_up(self, plans: list[Plan], backlog: dict[str, int] | None, remaining: float) -> list[Plan]:
-        """The plans re-ranked with each one's catch-up prefill added (see plan_for_batch)."""
+    def _ranked(self, classes: list[str], backlog: dict[str, int] | None, remaining: float,
+                own: OwnAcceptance | None = None) -> list[Plan]:
+        """The plans, best first, each charged its drafters' catch-up prefill (see `plan`)."""
+        plans = self._search(classes, own)
         if not backlog:
             return plans
         return sorted((self._with_catch_up(p, backlog, remaining) for p in plans), key=lambda p: p.predicted_s_per_token)
+
+    def _with_catch_up(self, plan: Plan, backlog: dict[str, int], remaining: float) -> Plan:
+        seconds = sum(self.profiler.prefill_time(level, backlog[level]) or 0.0 for level in plan.chain[:-1] if backlog.get(level))
+        return Plan(plan.chain, plan.draft_lens, plan.predicted_s_per_token + seconds / max(remaining, 1.0))
 
     def _repredict(self, plan: Plan, klass: str, own: OwnAcceptance | None = None) -> Plan:
         ratios = self._own_ratios(klass, own)
@@ -309,33 +334,73 @@ class AdaptiveRouter:
                 return min(due, key=lambda i: self._last_measured[i])
         return None
 
+    def sequence_draft_lens(self, plan: Plan, requests: list[RequestRoute]) -> list[int]:
+        """Each sequence's draft length at the top of `plan`: the length (at most the plan's) that its
+        own acceptance of the top pair pays for at this batch size (its class's until it has run the
+        pair). For a drafter that stops unsure, whose agreement ratio `_expected` leaves out, its own
+        rounds and blocks where it has run some, else its class's. The batch's pass is ragged
+        (specrouter/core/model.py forward_batch), so a shorter block costs less."""
+        if len(plan.chain) < 2:
+            return [0] * len(requests)
+        classes = [r.klass for r in requests]
+        batch, top = len(requests), (plan.chain[-2], plan.chain[-1])
+        class_alpha = self._alpha(classes)
+        lens = []
+        for request in requests:
+            alpha = request.own.alpha(*top, fallback=self.acceptance.alpha(request.klass, *top))
+            ratio = rejection_ratio(alpha, class_alpha(*top)) if alpha is not None else 1.0
+            expected, drafted = self._expected(classes, {top: ratio}, request.own), self._drafted(classes, request.own)
+            candidates = [g for g in self.config.lengths if g <= plan.draft_lens[-1]] or [plan.draft_lens[-1]]
+            lens.append(min(candidates, key=lambda g: predict(plan.chain, plan.draft_lens[:-1] + (g,),
+                                                              lambda level, n: self._verify_cost(level, n, batch),
+                                                              lambda level: self._draft_cost(level, batch), class_alpha,
+                                                              self.overhead_s, expected, drafted)))
+        return lens
+
     # -- feedback ---------------------------------------------------------------------------------------
 
-    def observe(self, klass: str, records: list, step_seconds: float) -> None:
+    def observe(self, requests: list[RequestRoute], records: list[list], timings: list[TimingRecord] = (),
+                seconds: float | None = None) -> None:
+        """One step's feedback: each request's records (its verdicts, and the shadow replays' rounds) and
+        the step's level timings (`timings`, one per batched level call), and `seconds` it took in all.
+        Each request's first step (it also prefills every level) teaches no acceptance (`taught`).
+        A request alone also times the step's overhead outside level calls, per verification round."""
         self._step += 1
-        level_seconds = 0.0
-        rounds = 0
-        for r in records:
-            if isinstance(r, TimingRecord):
-                level_seconds += r.seconds
-                self._measured(r.level)
-                self._probe_every.pop(r.level, None)  # in use: probed at the usual pace once out of use again
-                weight = EXPLORE_WEIGHT if r.level in self._exploring else None
-                if r.op == "score":
-                    rounds += 1
-                    self.profiler.observe_score(r.level, r.num_tokens, r.seconds, weight=weight)
-                elif r.op == "draft":
-                    self.profiler.observe_draft(r.level, r.num_tokens, r.seconds, weight=weight)
-                    if r.asked:
-                        self.acceptance.observe_draft(klass, r.level, r.asked, r.num_tokens)
-            elif isinstance(r, VerifyRecord):
-                self._observe_verdict(klass, r)
-        for drafter, asked, held in self.middle_blocks(records):
-            self.acceptance.observe_draft(klass, drafter, asked, held)
+        level_seconds, rounds = 0.0, 0
+        alone = len(requests) == 1
+        for request, request_records in zip(requests, records):
+            request_records = taught(request_records, first_step=request.steps == 0)
+            request.steps += 1
+            for r in request_records:
+                if isinstance(r, TimingRecord):
+                    level_seconds += r.seconds
+                    rounds += self._observe_timing(r, request.klass)
+                elif isinstance(r, VerifyRecord):
+                    self._observe_verdict(request.klass, r)
+            for drafter, asked, held in self.middle_blocks(request_records):
+                self.acceptance.observe_draft(request.klass, drafter, asked, held)
+            self.teach(request.own, request_records)
+        for t in timings:
+            level_seconds += t.seconds
+            rounds += self._observe_timing(t, requests[0].klass if alone else POOLED)
         self._exploring.clear()
-        if rounds:
-            per_round = max(0.0, step_seconds - level_seconds) / rounds
+        if alone and rounds and seconds is not None:
+            per_round = max(0.0, seconds - level_seconds) / rounds
             self.overhead_s += 0.2 * (per_round - self.overhead_s)
+
+    def _observe_timing(self, t: TimingRecord, klass: str) -> int:
+        """One level call's cost (its blocks' lengths under `klass`); 1 for a verification round."""
+        self._measured(t.level)
+        self._probe_every.pop(t.level, None)  # in use: probed at the usual pace once out of use again
+        weight = EXPLORE_WEIGHT if t.level in self._exploring else None
+        if t.op == "score":
+            self.profiler.observe_score(t.level, t.num_tokens, t.seconds, batch=t.batch, weight=weight)
+            return 1
+        if t.op == "draft":
+            self.profiler.observe_draft(t.level, t.num_tokens, t.seconds, batch=t.batch, weight=weight)
+            if t.asked:
+                self.acceptance.observe_draft(klass, t.level, t.asked, t.num_tokens)
+        return 0
 
     def _measured(self, level: str) -> None:
         """A pass of `level` ran this step: its cost, and that of every level on its device, is up to date."""
@@ -374,170 +439,23 @@ class AdaptiveRouter:
         self.acceptance.observe(klass, r.drafter, r.verifier, r.alphas)
         self.acceptance.observe_round(klass, r.drafter, r.verifier, r.num_draft_tokens, r.num_accepted_tokens, r.num_asked)
 
-    # -- batches (specrouter/engine/loop.py) --------------------------------------------------------------
-
-    def plan_for_batch(self, classes: list[str], backlog: dict[str, int] | None = None, remaining: float = float("inf")) -> Plan:
-        """The chain and draft lengths with the best goodput for a batch of requests of these classes
-        (acceptance averaged over them), from the costs profiled at this batch size.
-
-        `backlog[level]`: context tokens (summed over the batch) a level has not cached, which it must
-        prefill before it can draft: a drafter left idle while the batch was large has fallen behind.
-        That one-off cost is spread over the `remaining` tokens each sequence still has to generate,
-        so a far-behind drafter returns only when it will pay for its catch-up.
-
-        Every `explore_every` steps a drafter not measured since runs once if its best plan is predicted
-        within `explore_margin` of the best, so an acceptance learned while speculation was off (or
-        never learned: the prior) is checked again and speculation can return when it pays."""
-        ranked = search_batch(
-            self.pool,
-            self.target,
-            len(classes),
-            verify=self._verify_cost,
-            draft=self._draft_cost,
-            alpha=self._alpha(classes),
-            overhead=self.overhead_s,
-            can_verify=lambda name: self.can_verify.get(name, True),
-            lengths=self.config.lengths,
-            max_drafters=self.config.max_drafters,
-            max_top_len=self.max_top_len,
-            expected=self._expected(classes),
-            drafted=self._drafted(classes),
-        )
-        ranked = self._charge_catch_up(ranked, backlog, remaining)
-        plain = next(p for p in ranked if len(p.chain) == 1)
-        if ranked[0] is not plain and ranked[0].predicted_s_per_token > plain.predicted_s_per_token * (1 - self.config.batch_speculation_margin):
-            ranked = [plain] + [p for p in ranked if p is not plain]  # too close to call: the safe plan
-        stale = self._stalest()
-        if stale is not None:
-            self._last_measured[stale] = self._step
-            explore = next((p for p in ranked if _runs(p.chain, stale)), None)
-            if explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin:
-                return self._exploration(explore)
-        return ranked[0]
-
-    def _with_catch_up(self, plan: Plan, backlog: dict[str, int], remaining: float) -> Plan:
-        seconds = sum(self.profiler.prefill_time(level, backlog[level]) or 0.0 for level in plan.chain[:-1] if backlog.get(level))
-        return Plan(plan.chain, plan.draft_lens, plan.predicted_s_per_token + seconds / max(remaining, 1.0))
-
-    def sequence_draft_lens(self, plan: Plan, classes: list[str], alphas: list[float | None],
-                            owns: list[OwnAcceptance | None] | None = None) -> list[int]:
-        """Each sequence's draft length at the top of `plan`: the length (at most the plan's) that its
-        own acceptance of the top pair pays for at this batch size; None: its class's estimate. For
-        a drafter that stops unsure, whose agreement ratio `_expected` leaves out, its own rounds and
-        blocks (`owns`, as a routed request's: `teach`) where it has run some, else its class's.
-        The batch's pass is ragged (specrouter/core/model.py forward_batch), so a shorter block costs less."""
-        if len(plan.chain) < 2:
-            return [0] * len(classes)
-        batch, top = len(classes), (plan.chain[-2], plan.chain[-1])
-        class_alpha = self._alpha(classes)
-        lens = []
-        for alpha, own in zip(alphas, owns or [None] * len(alphas)):
-            ratio = rejection_ratio(alpha, class_alpha(*top)) if alpha is not None else 1.0
-            expected, drafted = self._expected(classes, {top: ratio}, own), self._drafted(classes, own)
-            candidates = [g for g in self.config.lengths if g <= plan.draft_lens[-1]] or [plan.draft_lens[-1]]
-            lens.append(min(candidates, key=lambda g: predict(plan.chain, plan.draft_lens[:-1] + (g,),
-                                                              lambda level, n: self._verify_cost(level, n, batch),
-                                                              lambda level: self._draft_cost(level, batch), class_alpha,
-                                                              self.overhead_s, expected, drafted)))
-        return lens
-
-    def observe_batch(self, records: list[tuple[str, list]], timings: list[TimingRecord]) -> None:
-        """One batched step's feedback: each request's (class, records) and the batch's level timings."""
-        self._step += 1
-        for klass, request_records in records:
-            for r in request_records:
-                if isinstance(r, VerifyRecord):
-                    self._observe_verdict(klass, r)
-        for t in timings:
-            self._measured(t.level)
-            if t.op == "score":
-                self.profiler.observe_score(t.level, t.num_tokens, t.seconds, batch=t.batch)
-            elif t.op == "draft":
-                self.profiler.observe_draft(t.level, t.num_tokens, t.seconds, batch=t.batch)
-                if t.asked:
-                    self.acceptance.observe_draft(POOLED, t.level, t.asked, t.num_tokens)
-
-    def calibrate_batches(self, levels: dict[str, Level], batches: tuple[int, ...] = (1, 4, 16),
-                          lengths: tuple[int, ...] = (1, 2, 4, 8), context: int = 32) -> None:
-        """Seed the profiles at several batch sizes with batched passes over throwaway sequences."""
-        from specrouter.engine.loop import calibration_passes
-
-        for name, level in levels.items():
-            for batch in batches:
-                for op, num_tokens, seconds in calibration_passes(level, batch, lengths, context):
-                    if op == "score":
-                        self.profiler.observe_score(name, num_tokens, seconds, batch=batch)
-                    else:
-                        self.profiler.observe_draft(name, num_tokens, seconds, batch=batch)
-
-    def start(self, klass: str) -> "Route":
-        return Route(self, klass)
-
-    def calibrate_acceptance(self, klass: str, ids: list[int], start: int = 1) -> None:
-        """Every level's greedy next-token choice along `ids` (teacher-forced, one pass per model
-        level; prompt lookup for n-gram levels); each (drafter, verifier) pair in pool order is
-        observed into the class's table as the rounds it would run over ids[start:]: a block of up
-        to CALIBRATION_BLOCK from every other position, accepted while their choices agree.
-
-        A drafter that stops unsure ends a block after a token it gave less than its min_confidence
-        (its confidence along the text, as it drafts), as its real rounds do: the positions it would
-        not draft count as its first missing one does (AcceptanceTable.observe_round), and its alpha
-        is its agreement where it would draft, as the verdicts on its real blocks measure it (its
-        agreement over every position is lower: it is unsure where it disagrees)."""
-        params = SamplingParams()
-        choices: dict[str, torch.Tensor] = {}  # level -> [T] argmax token after ids[:t+1], for ids[start:]
-        sure: dict[str, list[bool]] = {}  # a level that stops unsure -> [T] whether it drafts on after that token
-        for name in [*self.pool, self.target]:
-            level = self._levels[name]
-            if level.can_verify:
-                seq = SequenceState.new(f"calibrate-alpha-{name}-{klass}", ids[:1])
-                try:
-                    if name in self.stopping:
-                        p, top = level.score_confident(seq, ids[:1], ids[1:], params)  # [T_all, V], [T_all]
-                        sure[name] = [float(c) >= level.min_confidence for c in top[start - 1 : -1]]
-                    else:
-                        p = level.score(seq, ids[:1], ids[1:], params)
-                    choices[name] = p.argmax(-1)[start - 1 : -1]  # [T]
-                finally:
-                    level.release(seq.seq_id)
-            elif isinstance(level, NgramLevel):
-                choices[name] = torch.tensor([(level.lookup(ids[: t + 1], 1) or [-1])[0] for t in range(start - 1, len(ids) - 1)])
-        order = [n for n in [*self.pool, self.target] if n in choices]
-        for i, drafter in enumerate(order):
-            for verifier in order[i + 1:]:
-                if self._levels[verifier].can_verify:
-                    agreed = (choices[drafter] == choices[verifier]).tolist()  # [T]
-                    rounds = calibration_rounds(agreed, sure.get(drafter))
-                    if drafter in sure:  # the tokens its blocks accepted, of those judged (accepted, and each first rejected)
-                        accepted = sum(a for _, _, a in rounds)
-                        alpha = accepted / max(1, accepted + sum(a < d for _, d, a in rounds))
-                    else:
-                        alpha = sum(agreed) / max(1, len(agreed))
-                    self.acceptance.observe(klass, drafter, verifier, [alpha] * len(agreed))
-                    # the rounds, all of them together worth CALIBRATION_ROUNDS rounds: one short text is a
-                    # hint, and the rounds really run must soon outweigh it
-                    for asked, drafted, accepted in rounds:
-                        self.acceptance.observe_round(klass, drafter, verifier, drafted, accepted, asked,
-                                                      weight=CALIBRATION_ROUNDS / len(rounds))
-
     def _probe(self, name: str) -> None:
         """Time one small pass of a level (a throwaway sequence of one token) and record it as fresh news:
         a verifier's pass over 2 tokens (the token and one drafted) as the 2-token score it is, and any
         level's as the time to draft a token (one short pass), so a level's drafting cost follows its
         probes too, not only its one calibration pass, and a level-wide change shows in two observations
         at once. No more context than that: a pass that also prefills context reads as a slower level
-        (a probe over 8 tokens of context charged the 0.5B 0.041 s a drafted token, which it drafts in
-        0.03 s)."""
+        (it would charge a drafted token the time of a short prefill)."""
         level, params = self._levels[name], SamplingParams()
         seq = SequenceState.new(f"probe-{name}-{self._step}", [1])
         predicted = self._verify_cost(name, 2) if level.can_verify else self._draft_cost(name)
         try:
             t0 = time.perf_counter()
             if level.can_verify:
-                level.score(seq, list(seq.token_ids), [1], params)
+                level.score([ScoreItem(seq, list(seq.token_ids), [1], params)])
                 self.profiler.observe_score(name, 2, time.perf_counter() - t0, weight=EXPLORE_WEIGHT)
             else:
-                level.propose(seq, list(seq.token_ids), 1, params, seed=0)
+                level.propose([ProposeItem(seq, list(seq.token_ids), 1, params, seed=0)])
             seconds = time.perf_counter() - t0
             self.profiler.observe_draft(name, 1, seconds, weight=EXPLORE_WEIGHT)
         finally:
@@ -546,71 +464,18 @@ class AdaptiveRouter:
         as_predicted = 1 / LEVEL_CHANGE < seconds / max(predicted, 1e-9) < LEVEL_CHANGE
         self._probe_every[name] = min(2 * every, PROBE_BACKOFF * self.config.explore_every) if as_predicted else self.config.explore_every
 
-    def calibrate(self, levels: dict[str, Level], lengths: tuple[int, ...] = (1, 2, 4, 8), context: int = 32) -> None:
-        """Seed the profiles with a few passes of every level over a throwaway sequence. `levels` is kept
-        (by reference: a replaced level is seen) to probe stale levels' costs later and to measure
-        acceptance (calibrate_acceptance)."""
-        self._levels = levels
-        params = SamplingParams()
-        for name, level in levels.items():
-            seq = SequenceState.new(f"calibrate-{name}", list(range(1, context + 1)))
-            ctx = list(seq.token_ids)
-            try:
-                if level.can_verify:
-                    level.score(seq, ctx[:-1], [], params)  # prefill, not profiled
-                    for n in lengths:
-                        t0 = time.perf_counter()
-                        level.score(seq, ctx, list(range(2, n + 1)), params)
-                        self.profiler.observe_score(name, n, time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                block = level.propose(seq, ctx, 4, params, seed=0)
-                # per token drafted: one that stops unsure drafts fewer (an n-gram without a match, none: a call's cost)
-                self.profiler.observe_draft(name, max(1, drafted(block, 4)), time.perf_counter() - t0)
-            finally:
-                level.release(seq.seq_id)
-
-
-def calibration_rounds(agreed: list[bool], sure: list[bool] | None = None) -> list[tuple[int, int, int]]:
-    """(asked, drafted, accepted) of a block of up to CALIBRATION_BLOCK (as much as the text has left)
-    from every other position of a text along which a drafter's choices `agreed` with its
-    verifier's; with `sure` (a drafter that stops unsure: whether it drafts on after each
-    position's token), each block ends after its first unsure token, as its drafting does."""
-    rounds = []
-    for t in range(0, len(agreed), 2):
-        asked = drafted = min(CALIBRATION_BLOCK, len(agreed) - t)
-        if sure is not None:
-            drafted = next((j + 1 for j in range(asked) if not sure[t + j]), asked)
-        accepted = next((j for j in range(drafted) if not agreed[t + j]), drafted)
-        rounds.append((asked, drafted, accepted))
-    return rounds
-
 
 def taught(records: list, first_step: bool) -> list:
     """What a request's step teaches the router and the request: all its records, but at its first step
     (which also prefills every level) no verdicts. A response's first tokens are drafted worse than the
-    rest (bench prompts: 2.9 tokens a step at the first, 4.6 after), and one such round in a request's
-    own rounds planned its next steps for 4 tokens a round where it then got 11."""
+    rest, and one such round in a request's own rounds would plan its next steps for far fewer tokens
+    a round than it then gets."""
     return [r for r in records if not isinstance(r, VerifyRecord)] if first_step else records
 
 
 def _runs(chain: tuple[str, ...], item: str | tuple[str, str]) -> bool:
     """Whether a chain runs a level, or a (drafter, verifier) pair as neighbours."""
     return item in chain if isinstance(item, str) else any(pair == item for pair in zip(chain, chain[1:]))
-
-
-def router_for(engine: "Engine", config: RouterConfig = RouterConfig(), calibrate: bool = True) -> AdaptiveRouter:
-    """A router over an engine's pool: every level but the last is a drafter candidate."""
-    names = list(engine.levels)
-    stopping = frozenset(n for n, level in engine.levels.items() if getattr(level, "min_confidence", 0.0) > 0)
-    router = AdaptiveRouter(names[:-1], names[-1], {n: level.can_verify for n, level in engine.levels.items()}, config,
-                            stopping=stopping, hosts=shared_devices(names), max_top_len=engine.levels[names[-1]].max_block)
-    if calibrate:
-        router.calibrate(engine.levels)
-        for klass, prompt in CALIBRATION_PROMPTS.items():
-            ids = _calibration_ids(engine.tokenizer, prompt, chat=klass != "code")
-            continuation = engine.generate(ids, CALIBRATION_TOKENS, route=router.start(klass)).token_ids  # its rounds count too
-            router.calibrate_acceptance(klass, ids + continuation, start=len(ids))
-    return router
 
 
 def shared_devices(names: list[str]) -> dict[str, str]:
@@ -620,67 +485,3 @@ def shared_devices(names: list[str]) -> dict[str, str]:
     specs = {name: LevelSpec.parse(name) for name in names}
     full = {(s.model, s.quant): name for name, s in specs.items() if s.skip_layers is None}
     return {name: full[(s.model, s.quant)] for name, s in specs.items() if s.skip_layers is not None and (s.model, s.quant) in full}
-
-
-def _calibration_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """A prompt's token ids, as a chat request's (the tokenizer's chat template) where it has one."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        return chat_ids(tokenizer, [{"role": "user", "content": prompt}])
-    return tokenizer(prompt)["input_ids"]
-
-
-@dataclass
-class Route:
-    """One request's view of the router; records what ran for the response's explanation."""
-
-    router: AdaptiveRouter
-    klass: str
-    _plan: Plan | None = None
-    _steps: Counter = field(default_factory=Counter)
-    _predicted_s: float = 0.0  # decode steps only: the latency model predicts decoding, not the prefill
-    _measured_s: float = 0.0
-    _tokens: int = 0  # all committed tokens
-    _decode_tokens: int = 0
-    _prefill_s: float | None = None  # the first step, which also prefills the prompt on every level
-    _decisions: list[dict] = field(default_factory=list)
-    _own: OwnAcceptance = field(default_factory=OwnAcceptance)  # this request's acceptance of each pair it ran
-    _state: PlanState = field(default_factory=PlanState)
-
-    def next_plan(self, backlog: dict[str, int] | None = None, remaining: float = float("inf")) -> Plan:
-        plan, ranked, reason = self.router.plan_for(self.klass, backlog, remaining, self._own, self._state)
-        if reason != "keep" and (not self._decisions or self._decisions[-1]["chain"] != list(plan.chain) or reason.startswith("explore")):
-            runner_up = next((p for p in ranked if p.chain != plan.chain), None)
-            self._decisions.append({
-                **plan.as_dict(),
-                "reason": reason,
-                "runner_up": runner_up.as_dict() if runner_up else None,
-                "at_token": self._tokens,
-            })
-        self._plan = plan
-        return plan
-
-    def observe(self, records: list, committed: int, seconds: float) -> None:
-        records = taught(records, first_step=self._prefill_s is None)
-        self.router.observe(self.klass, records, seconds)
-        self.router.teach(self._own, records)
-        self._steps[(self._plan.chain, self._plan.draft_lens)] += 1
-        self._tokens += committed
-        if self._prefill_s is None:
-            self._prefill_s = seconds
-            return
-        self._predicted_s += self._plan.predicted_s_per_token * committed
-        self._measured_s += seconds
-        self._decode_tokens += committed
-
-    def explain(self) -> dict:
-        tokens = max(1, self._decode_tokens)
-        return {
-            "class": self.klass,
-            "predicted_s_per_token": round(self._predicted_s / tokens, 5),  # decode steps (after the first)
-            "measured_s_per_token": round(self._measured_s / tokens, 5),
-            "first_step_s": round(self._prefill_s or 0.0, 5),  # prefill of every level + the first step
-            "steps_by_plan": [
-                {"chain": list(chain), "draft_lens": list(lens), "steps": n} for (chain, lens), n in self._steps.most_common()
-            ],
-            "decisions": self._decisions,
-        }

@@ -21,8 +21,9 @@ overhead, so speculation switches itself off when it does not pay.
 A batch of B sequences stepping together is the same model with batch-dependent costs: drafting a
 token for all of them takes draft(level, B), a verification pass over g+1 tokens each takes
 verify(level, g+1, B), and L_N is the batch's time per token per sequence, so the batch commits
-B / L_N tokens per second (its goodput). Verification gets dearer as B grows (the pass does B(g+1)
-tokens of work), so the best draft lengths shrink with B until target-only decoding wins.
+B / L_N tokens per second (its goodput): `search` with the costs at batch B ranks plans by goodput,
+and at B = 1 it is the search for a request alone. Verification gets dearer as B grows (the pass
+does B(g+1) tokens of work), so the best draft lengths shrink with B until target-only decoding wins.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ CostFn = Callable[[str, int], float]  # (level, block length) -> seconds for one
 DraftFn = Callable[[str], float]  # level -> seconds per drafted token
 AlphaFn = Callable[[str, str], float]  # (drafter, verifier) -> acceptance
 ExpectedFn = Callable[[str, str, int], float]  # (drafter, verifier, g) -> tokens emitted per round
-BatchCostFn = Callable[[str, int, int], float]  # (level, block length, batch) -> seconds for one batched pass
-BatchDraftFn = Callable[[str, int], float]  # (level, batch) -> seconds per drafted token for the batch
 DraftedFn = Callable[[str, int], float]  # (level, n asked) -> tokens its block is expected to hold
 
 
@@ -165,8 +164,3 @@ def search(
 def goodput(plan: Plan, batch: int) -> float:
     """Committed tokens per second for a whole batch running `plan` (every sequence gets a token per L_N)."""
     return batch / plan.predicted_s_per_token
-
-
-def search_batch(pool: list[str], target: str, batch: int, verify: BatchCostFn, draft: BatchDraftFn, alpha: AlphaFn, **kwargs) -> list[Plan]:
-    """`search` with the costs of a batch of `batch` sequences: plans best goodput first."""
-    return search(pool, target, lambda level, n: verify(level, n, batch), lambda level: draft(level, batch), alpha, **kwargs)

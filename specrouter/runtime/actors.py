@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import ray
 
 from specrouter.core.spec import LevelSpec, parse_chain
+from specrouter.engine.defaults import MAX_BATCH, RETRY_DOWN_AFTER_S
+from specrouter.routing.config import RouterConfig
 
 @dataclass(frozen=True)
 class Placement:
@@ -207,26 +209,24 @@ class RouterActor:
     """Runs chains over remote workers; the same Engine as in-process, with a RayWorkers provider.
     Requests run together in one continuous batch (a BatchServer thread steps it); other calls
     (info, placements) answer meanwhile. With `adaptive`, the batch's chain and draft lengths are
-    chosen every step by goodput for the batch."""
+    chosen every step by the router (`router_config`: its knobs), calibrated at start."""
 
     def __init__(self, chain: str, dtype: str = "bfloat16", draft_lens: list[int] | None = None,
                  placement: dict[str, dict] | None = None, adaptive: bool = False, default_max_tokens: int = 256,
-                 max_batch: int = 16, pipeline: bool = False, draft_confidence: float = 0.0, bit_exact: bool = True,
-                 max_waiting: int | None = None, max_waiting_tokens: int | None = None):
+                 max_batch: int = MAX_BATCH, pipeline: bool = False, draft_confidence: float = 0.0, bit_exact: bool = True,
+                 max_waiting: int | None = None, max_waiting_tokens: int | None = None,
+                 router_config: RouterConfig = RouterConfig(), retry_down_after_s: float = RETRY_DOWN_AFTER_S):
         from specrouter.engine.batch_server import BatchServer
-        from specrouter.engine.loop import BatchLoop
+        from specrouter.engine.calibration import router_for
         from specrouter.engine.engine import Engine
         from specrouter.engine.frontend import Frontend
+        from specrouter.engine.loop import BatchLoop
 
         specs = parse_chain(chain)
         self.provider = RayWorkers(specs, dtype, {k: Placement(**v) for k, v in (placement or {}).items()})
         self.engine = Engine(specs, draft_lens=draft_lens, provider=self.provider, draft_confidence=draft_confidence,
-                             bit_exact=bit_exact)
-        self.router = None
-        if adaptive:
-            from specrouter.routing.router import router_for
-
-            self.router = router_for(self.engine)
+                             bit_exact=bit_exact, retry_down_after_s=retry_down_after_s)
+        self.router = router_for(self.engine, router_config) if adaptive else None
         self.batcher = BatchServer(BatchLoop(self.engine, self.router, max_batch, pipeline, max_waiting, max_waiting_tokens))
         self.frontend = Frontend(self.engine, self.router, default_max_tokens, batcher=self.batcher)
 
@@ -254,9 +254,9 @@ class RouterActor:
         """One request through the batch; data_plane_bytes counts every request's traffic meanwhile."""
         from specrouter.core.sampling import SamplingParams
 
-        route = self.router.start(prompt_class or "default") if self.router else None
         bytes_before = self._bytes_moved()
-        result = self.batcher.generate(prompt_ids, max_new_tokens, SamplingParams(**(sampling or {})), seed, ignore_eos, route)
+        result = self.batcher.generate(prompt_ids, max_new_tokens, SamplingParams(**(sampling or {})), seed, ignore_eos,
+                                       prompt_class or "default")
         return {**result.as_dict(), "data_plane_bytes": self._bytes_moved() - bytes_before}
 
     def _bytes_moved(self) -> int:

@@ -8,8 +8,9 @@ A level on another vocabulary than the target's restricts its worker to the shar
 travels once per stream (as bits) and is named by its digest after that. See docs/protocol.md for
 the sequence-state rules.
 
-`forward_batch` / `draft_batch` carry many sequences' calls in one frame (one batched pass on the
-worker); the reply holds each call's result, or the error that refused that call alone.
+A `forward` or `draft` frame carries a batch of sequences' calls (one batched pass on the worker; a
+single request is a batch of one); the reply holds each call's result, or the error that refused
+that call alone.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.sequence import PositionGapError, StaleVersionError
 from specrouter.v1 import worker_pb2, worker_pb2_grpc
-from specrouter.core.worker import DraftCall, DraftResult, ForwardCall, ModelWorker, WorkerUnavailable
+from specrouter.core.worker import DraftCall, DraftResult, ForwardCall, ModelWorker, Scored, WorkerUnavailable
 
 
 class UnknownMaskError(ValueError):
@@ -97,12 +98,13 @@ def _error(reply: dict) -> Exception:
     return ERRORS.get(reply["kind"], RuntimeError)(reply["error"])
 
 
-# One sequence's call inside a batched frame: the fields of the per-sequence `forward` / `draft` frames.
+# One sequence's call inside a frame.
 
 
 def _forward_fields(call: ForwardCall) -> dict:
     return {"seq": call.seq_id, "version": call.version, "start": call.start, "prefix": call.prefix_hash,
-            "tokens": list(call.token_ids), "num_logits": call.num_logits, "sampling": _sampling(call.params)}
+            "tokens": list(call.token_ids), "num_logits": call.num_logits, "sampling": _sampling(call.params),
+            **({"confident": True} if call.confident else {})}
 
 
 def _draft_fields(call: DraftCall) -> dict:
@@ -112,12 +114,18 @@ def _draft_fields(call: DraftCall) -> dict:
 
 
 def _forward_call(m: dict) -> ForwardCall:
-    return ForwardCall(m["seq"], m["version"], m["start"], m["prefix"], m["tokens"], m["num_logits"], _params(m["sampling"]))
+    return ForwardCall(m["seq"], m["version"], m["start"], m["prefix"], m["tokens"], m["num_logits"], _params(m["sampling"]),
+                       m.get("confident", False))
 
 
 def _draft_call(m: dict) -> DraftCall:
     return DraftCall(m["seq"], m["version"], m["start"], m["prefix"], m["tokens"], m["k"], _params(m["sampling"]), m["seed"],
                      m.get("min_conf", 0.0))
+
+
+def encode_scored(result: Scored, params: SamplingParams) -> dict:
+    """A forward call's rows, and their top confidences if it asked for them."""
+    return {**encode_rows(result.p, params), **({"top": result.top} if result.top is not None else {})}
 
 
 def encode_draft(result: DraftResult, params: SamplingParams) -> dict:
@@ -177,31 +185,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         worker = self.workers[request["view"]]
         op = request["op"]
         if op == "forward":
-            params = _params(request["sampling"])
-            args = (request["seq"], request["version"], request["start"], request["prefix"], request["tokens"], request["num_logits"], params,
-                    self._allowed(request))
-            if request.get("confident"):
-                probs, top = worker.forward_confident(*args)
-                return {**encode_rows(probs, params), "top": top}
-            return encode_rows(worker.forward(*args), params)
-        if op == "draft":
-            params = _params(request["sampling"])
-            result = worker.draft(
-                request["seq"], request["version"], request["start"], request["prefix"], request["tokens"], request["k"], params, request["seed"],
-                self._allowed(request), request.get("min_conf", 0.0),
-            )
-            return encode_draft(result, params)
-        if op == "forward_batch":
             calls = [_forward_call(m) for m in request["calls"]]
-            if request.get("confident"):
-                results = worker.forward_batch_confident(calls, self._allowed(request))
-                return {"results": _encode_batch(results, calls, lambda r, params: {**encode_rows(r[0], params), "top": r[1]})}
-            return {"results": _encode_batch(worker.forward_batch(calls, self._allowed(request)), calls, encode_rows)}
-        if op == "draft_batch":
+            return {"results": _encode_batch(worker.forward(calls, self._allowed(request)), calls, encode_scored)}
+        if op == "draft":
             calls = [_draft_call(m) for m in request["calls"]]
-            return {"results": _encode_batch(worker.draft_batch(calls, self._allowed(request)), calls, encode_draft)}
-        if op == "truncate":
-            return {"length": worker.truncate(request["seq"], request["version"], request["position"])}
+            return {"results": _encode_batch(worker.draft(calls, self._allowed(request)), calls, encode_draft)}
         if op == "release":
             worker.release(request["seq"])
             return {}
@@ -373,44 +361,20 @@ class RemoteWorker:
             self._masks_sent.add(fields["allowed"])
         return reply
 
-    def forward(self, seq_id, version, start, prefix_hash, token_ids, num_logits, params: SamplingParams, allowed=None) -> torch.Tensor:
-        call = ForwardCall(seq_id, version, start, prefix_hash, token_ids, num_logits, params)
-        return decode_rows(self._call_masked({"op": "forward", **_forward_fields(call)}, allowed), self.vocab_size)
-
-    def forward_confident(self, seq_id, version, start, prefix_hash, token_ids, num_logits, params: SamplingParams,
-                          allowed=None) -> tuple[torch.Tensor, list[float]]:
-        call = ForwardCall(seq_id, version, start, prefix_hash, token_ids, num_logits, params)
-        reply = self._call_masked({"op": "forward", **_forward_fields(call), "confident": True}, allowed)
-        return decode_rows(reply, self.vocab_size), reply["top"]
-
-    def draft(self, seq_id, version, start, prefix_hash, token_ids, k, params: SamplingParams, seed: int, allowed=None,
-              min_confidence: float = 0.0) -> DraftResult:
-        call = DraftCall(seq_id, version, start, prefix_hash, token_ids, k, params, seed, min_confidence)
-        return decode_draft(self._call_masked({"op": "draft", **_draft_fields(call)}, allowed), params, self.vocab_size)
-
-    def forward_batch(self, calls: list[ForwardCall], allowed=None) -> list[torch.Tensor | Exception]:
-        """ModelWorker.forward_batch in one frame: p [num_logits, V] per call, or the StaleVersionError /
+    def forward(self, calls: list[ForwardCall], allowed=None) -> list[Scored | Exception]:
+        """ModelWorker.forward in one frame: a Scored per call, or the StaleVersionError /
         PositionGapError that refused that call alone (returned, not raised)."""
         if not calls:
             return []
-        reply = self._call_masked({"op": "forward_batch", "calls": [_forward_fields(c) for c in calls]}, allowed)
-        return _decode_batch(reply["results"], calls, lambda entry, params: decode_rows(entry, self.vocab_size))
+        reply = self._call_masked({"op": "forward", "calls": [_forward_fields(c) for c in calls]}, allowed)
+        return _decode_batch(reply["results"], calls, lambda entry, params: Scored(decode_rows(entry, self.vocab_size), entry.get("top")))
 
-    def forward_batch_confident(self, calls: list[ForwardCall], allowed=None) -> list[tuple[torch.Tensor, list[float]] | Exception]:
+    def draft(self, calls: list[DraftCall], allowed=None) -> list[DraftResult | Exception]:
+        """ModelWorker.draft in one frame: a DraftResult per call, or the error that refused it."""
         if not calls:
             return []
-        reply = self._call_masked({"op": "forward_batch", "calls": [_forward_fields(c) for c in calls], "confident": True}, allowed)
-        return _decode_batch(reply["results"], calls, lambda entry, params: (decode_rows(entry, self.vocab_size), entry["top"]))
-
-    def draft_batch(self, calls: list[DraftCall], allowed=None) -> list[DraftResult | Exception]:
-        """ModelWorker.draft_batch in one frame: a DraftResult per call, or the error that refused it."""
-        if not calls:
-            return []
-        reply = self._call_masked({"op": "draft_batch", "calls": [_draft_fields(c) for c in calls]}, allowed)
+        reply = self._call_masked({"op": "draft", "calls": [_draft_fields(c) for c in calls]}, allowed)
         return _decode_batch(reply["results"], calls, lambda entry, params: decode_draft(entry, params, self.vocab_size))
-
-    def truncate(self, seq_id, version, position) -> int:
-        return self._call({"op": "truncate", "seq": seq_id, "version": version, "position": position})["length"]
 
     def release(self, seq_id) -> None:
         if self._stream is None or self._stream.closed:

@@ -13,6 +13,8 @@
     api_key: null                    # one key or a list; default: $SPECROUTER_API_KEY (comma-separated)
     api_key_file: null               # a file of keys, one a line
     max_batch: 16                    # requests generating together
+    retry_down_after_s: 5.0          # a drafter that stopped answering is left out of chains this long
+    routing: {explore_every: 12}     # the adaptive router's knobs (see RoutingConfig)
     max_waiting_requests: 64         # past it, a request that would wait is refused at once (429)
     max_waiting_tokens: null         # the same, counting the waiting requests' prompt tokens
     placement:                       # per model label (name or name@int8), or "*"
@@ -28,6 +30,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from specrouter.core.spec import parse_chain
+from specrouter.engine.defaults import MAX_BATCH, RETRY_DOWN_AFTER_S
+from specrouter.routing.config import RouterConfig
 
 # The default for CPU serving: the target's own GGUF on llama.cpp (its quantised kernels outrun a torch
 # bf16 target on CPU), with prompt lookup below it, which drafts where the target verifies blocks
@@ -62,6 +66,39 @@ class PlacementConfig(BaseModel):
         default=None, ge=1, description="Threads of the model's torch or llama.cpp computation. null: the default.")
     device: str = Field(default="cpu", description="The torch device the model runs on (cpu, cuda, cuda:1).")
     env: dict[str, str] = Field(default={}, description="Extra environment of the model's actor (e.g. OMP_WAIT_POLICY).")
+
+
+class RoutingConfig(BaseModel):
+    """The adaptive router's knobs (with `adaptive`; specrouter/routing/router.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    replan_every: int = Field(default=RouterConfig.replan_every, ge=1,
+                              description="Steps a request running alone keeps its plan before it is planned again.")
+    hysteresis: float = Field(default=RouterConfig.hysteresis, ge=0.0, lt=1.0,
+                              description="A request running alone switches plans only to one predicted at least this "
+                                          "fraction faster than its own (a new request: than its class's last plan).")
+    explore_every: int = Field(default=RouterConfig.explore_every, ge=0,
+                               description="Steps after which a drafter (else a pair of levels) not measured since is "
+                                           "measured again: run once, or timed with one small pass. 0: never.")
+    explore_margin: float = Field(default=RouterConfig.explore_margin, ge=1.0,
+                                  description="A stale level's best plan is run to measure it only if predicted at "
+                                              "most this many times slower than the best plan.")
+    batch_speculation_margin: float = Field(default=RouterConfig.batch_speculation_margin, ge=0.0, lt=1.0,
+                                            description="A batch of two or more requests speculates only if predicted "
+                                                        "at least this fraction faster than plain batched decoding.")
+    max_drafters: int = Field(default=RouterConfig.max_drafters, ge=0, description="The most drafters in a chain.")
+    lengths: tuple[int, ...] = Field(default=RouterConfig.lengths, min_length=1,
+                                     description="The draft lengths the router searches.")
+
+    @field_validator("lengths")
+    @classmethod
+    def _positive_lengths(cls, lengths: tuple[int, ...]) -> tuple[int, ...]:
+        if any(g < 1 for g in lengths):
+            raise ValueError(f"draft lengths must be >= 1, got {list(lengths)}")
+        return tuple(sorted(set(lengths)))
+
+    def router_config(self) -> RouterConfig:
+        return RouterConfig(**self.model_dump())
 
 
 class ServeConfig(BaseModel):
@@ -111,7 +148,12 @@ class ServeConfig(BaseModel):
         default=None,
         description="Whether /metrics needs the API key (when keys are set). null: open when `specrouter "
                     "serve` binds HTTP to loopback, keyed otherwise.")
-    max_batch: int = Field(default=16, ge=1, description="The most requests generating together in the batch.")
+    max_batch: int = Field(default=MAX_BATCH, ge=1, description="The most requests generating together in the batch.")
+    retry_down_after_s: float = Field(
+        default=RETRY_DOWN_AFTER_S, ge=0.0,
+        description="How long a drafter that stopped answering is left out of chains before it is tried again "
+                    "(the target's requests go on without it meanwhile).")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="The adaptive router's knobs (with `adaptive`).")
     max_waiting_requests: int | None = Field(
         default=64, ge=0,
         description="The most requests that may wait for a place in a full batch; past it a new request is "

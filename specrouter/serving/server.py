@@ -45,6 +45,7 @@ class SpecRouterServer:
             c.chain, c.dtype, c.draft_lens, {k: v.model_dump() for k, v in c.placement.items()}, c.adaptive,
             c.default_max_tokens, max_batch=c.max_batch, pipeline=c.pipeline, draft_confidence=c.draft_confidence,
             bit_exact=c.bit_exact, max_waiting=c.max_waiting_requests, max_waiting_tokens=c.max_waiting_tokens,
+            router_config=c.routing.router_config(), retry_down_after_s=c.retry_down_after_s,
         )
         self.info = ray.get(self.router.info.remote())
         self.model = c.served_name

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import model_level, perturbed, tiny_llama
-from specrouter.core.chain import Chain, LevelStats, StepContext, TimingRecord, VerifyRecord, propose, speculative_step
-from specrouter.core.levels import ModelLevel, NgramLevel
+from specrouter.core.chain import Chain, StepContext, propose, speculative_step
+from specrouter.core.levels import ModelLevel, NgramLevel, ProposeItem, ScoreItem
+from specrouter.core.records import LevelStats, TimingRecord, VerifyRecord
 from specrouter.core.model import ModelView
 from specrouter.core.sampling import SamplingParams, probs_from_logits
 from specrouter.core.sequence import SequenceState
@@ -23,11 +24,16 @@ def models():
     return {"target": target, "close": perturbed(target, 1, 0.05), "far": tiny_llama(5, VOCAB, layers=2)}
 
 
+def step(chain: Chain, seq: SequenceState, ctx: StepContext, budget: int, timings: list | None = None) -> list[int]:
+    """One speculative step of one sequence (a batch of one)."""
+    return speculative_step(chain, [seq], [ctx], [budget], timings if timings is not None else [])[0]
+
+
 def run(chain: Chain, prompt: list[int], n: int, params=SamplingParams(), seed=0) -> tuple[list[int], list[LevelStats]]:
     seq = SequenceState.new(f"seq-{seed}", prompt)
     ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset(), {x: LevelStats(x) for x in chain.names})
     while len(seq.generated) < n:
-        seq = seq.commit(speculative_step(chain, seq, ctx, n - len(seq.generated)))
+        seq = seq.commit(step(chain, seq, ctx, n - len(seq.generated)))
     for level in chain.levels:
         level.release(seq.seq_id)
     return list(seq.generated), list(ctx.stats.values())
@@ -95,8 +101,8 @@ def test_a_middle_level_that_stops_unsure_proposes_the_block_it_would_draft(sure
         chain = Chain([model_level(sure_models["far"], "far"), middle, model_level(sure_models["target"], "target")], [2, 8])
         seq = SequenceState.new("block", prompt)
         ctx = StepContext(SamplingParams(), torch.Generator().manual_seed(0), frozenset(), {x: LevelStats(x) for x in chain.names})
-        block = propose(chain, 1, seq, prompt, 8, ctx)
-        assert block.token_ids == alone.propose(seq, prompt, 8, SamplingParams(), seed=0).token_ids
+        (block,) = propose(chain, 1, [seq], [prompt], [8], [ctx], [])
+        assert block.token_ids == alone.propose([ProposeItem(seq, prompt, 8, SamplingParams(), seed=0)])[0].token_ids
         assert ctx.stats["far"].num_rounds >= 1  # the middle verified blocks from below
         lengths.append(len(block))
     assert min(lengths) < 8 and max(lengths) > 1  # some blocks stopped unsure, not all at once
@@ -130,12 +136,12 @@ def test_timings_count_the_tokens_each_pass_really_ran(models):
     chain = build(models, ["close", "target"], [3])
     seq = SequenceState.new("timed", list(range(10, 50)))  # 40 prompt tokens
     ctx = StepContext(SamplingParams(), torch.Generator().manual_seed(0), frozenset(), {x: LevelStats(x) for x in chain.names})
-    for step in range(2):
-        seq = seq.commit(speculative_step(chain, seq, ctx, 8))
-        timings = [r for r in ctx.drain_records() if isinstance(r, TimingRecord)]
+    for i in range(2):
+        timings: list[TimingRecord] = []
+        seq = seq.commit(step(chain, seq, ctx, 8, timings))
         target = next(r for r in timings if r.level == "target")
         drafts = [r for r in timings if r.op == "draft"]
-        if step == 0:
+        if i == 0:
             assert target.num_tokens == 40 + 3 and not drafts  # a prefill, and the drafter catching up:
             assert [r.op for r in timings if r.level == "close"] == ["prefill"]  # timed apart from its drafting
         else:
@@ -150,7 +156,7 @@ def test_a_block_shorter_than_asked_is_recorded_with_the_length_asked():
     chain = Chain([NgramLevel(VOCAB), target], [4])
     seq = SequenceState.new("unmatched", [1, 2, 3, 4, 5])  # no repeated n-gram
     ctx = StepContext(SamplingParams(), torch.Generator().manual_seed(0), frozenset(), {x: LevelStats(x) for x in chain.names})
-    speculative_step(chain, seq, ctx, 8)
+    step(chain, seq, ctx, 8)
     (record,) = [r for r in ctx.drain_records() if isinstance(r, VerifyRecord)]
     assert (record.num_draft_tokens, record.num_accepted_tokens, record.num_asked) == (0, 0, 4)
     assert ctx.stats["ngram"].num_rounds == 0  # the statistics count proposed blocks only
@@ -164,7 +170,7 @@ def test_acceptance_is_recorded_up_to_the_first_rejection(models):
     seq = SequenceState.new("judged", PROMPTS[1])
     records = []
     while len(seq.generated) < 30:
-        seq = seq.commit(speculative_step(chain, seq, ctx, 30 - len(seq.generated)))
+        seq = seq.commit(step(chain, seq, ctx, 30 - len(seq.generated)))
         records += [r for r in ctx.drain_records() if isinstance(r, VerifyRecord)]
     for level in chain.levels:
         level.release(seq.seq_id)
@@ -289,10 +295,10 @@ def assert_stops_unsure_keeping_the_target_joint(chain: Chain, stopping: ModelLe
     for seed in range(samples):
         seq = SequenceState.new(f"seq-{seed}", prompt)
         ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset(), {x: LevelStats(x) for x in chain.names})
-        seq = seq.commit(speculative_step(chain, seq, ctx, 3))
+        seq = seq.commit(step(chain, seq, ctx, 3))
         first_blocks[ctx.stats[stopping.name].num_draft_tokens] += 1
         while len(seq.generated) < 3:
-            seq = seq.commit(speculative_step(chain, seq, ctx, 3 - len(seq.generated)))
+            seq = seq.commit(step(chain, seq, ctx, 3 - len(seq.generated)))
         for level in chain.levels:
             level.release(seq.seq_id)
         counts[seq.generated[0], seq.generated[1]] += 1
@@ -328,8 +334,8 @@ CROSS_DISTRIBUTION_CHAINS = {
 def level_joint(level, prompt: list[int], params: SamplingParams) -> torch.Tensor:
     """Exact P(x1, x2 | prompt) [V, V] of a level as it scores (for a cross level: restricted, in target ids)."""
     seq = SequenceState.new("joint", prompt)
-    p1 = level.score(seq, prompt, [], params)[0]
-    rows = torch.stack([level.score(seq, prompt + [x], [], params)[0] for x in range(SMALL_V)])
+    p1 = level.score([ScoreItem(seq, prompt, [], params)])[0].p[0]
+    rows = torch.stack([level.score([ScoreItem(seq, prompt + [x], [], params)])[0].p[0] for x in range(SMALL_V)])
     level.release("joint")
     return p1[:, None] * rows
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_llama, write_llama_gguf
+from conftest import forward_one, tiny_llama, write_llama_gguf
 from conftest import CHAT_PROMPT, CODE_PROMPT
 from specrouter.core.chain import Chain
 from specrouter.engine.engine import Engine
@@ -64,9 +64,9 @@ def test_a_released_sequence_gives_its_slot_back(tiny_gguf_dirs):
     empty = TokenLog().prefix_hash(0)
     for round_ in range(5):  # 10 sequences over 2 slots
         for seq in ("a", "b"):
-            worker.forward(f"{seq}{round_}", 0, 0, empty, PROMPT, 1, SamplingParams())
+            forward_one(worker, f"{seq}{round_}", 0, 0, empty, PROMPT, 1, SamplingParams())
         with pytest.raises(LlamaCppError, match="sequence slots"):
-            worker.forward("third", 0, 0, empty, PROMPT, 1, SamplingParams())
+            forward_one(worker, "third", 0, 0, empty, PROMPT, 1, SamplingParams())
         worker.release(f"a{round_}")
         worker.release(f"b{round_}")
 

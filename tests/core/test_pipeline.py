@@ -8,10 +8,11 @@ import torch
 
 from conftest import model_level, tiny_llama
 from specrouter.engine.loop import BatchLoop
-from specrouter.core.chain import Chain, LevelStats, StepContext
+from specrouter.core.chain import Chain, StepContext
 from specrouter.engine.engine import Engine
 from specrouter.core.model import ModelView
-from specrouter.core.pipeline import pipelined_step_batch
+from specrouter.core.pipeline import pipelined_step
+from specrouter.core.records import LevelStats
 from specrouter.core.sampling import SamplingParams, probs_from_logits
 from specrouter.core.sequence import SequenceState
 from conftest import chain_spec, prompts
@@ -27,7 +28,7 @@ def run_pipelined(chain: Chain, prompt: list[int], n: int, params=SamplingParams
     ahead, used = None, 0
     while len(seq.generated) < n:
         used += ahead is not None and ahead.fits(chain, list(seq.token_ids))
-        (tokens,), (ahead,) = pipelined_step_batch(chain, [seq], [ctx], [n - len(seq.generated)], [], [ahead], POOL)
+        (tokens,), (ahead,) = pipelined_step(chain, [seq], [ctx], [n - len(seq.generated)], [], [ahead], POOL)
         seq = seq.commit(tokens)
     for level in chain.levels:
         level.release(seq.seq_id)

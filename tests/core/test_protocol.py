@@ -3,6 +3,7 @@ reordered, stale and dropped messages, and still never hold corrupted KV state, 
 stays exactly the target's (docs/protocol.md)."""
 
 import random
+from dataclasses import replace
 
 import torch
 from hypothesis import given, settings
@@ -28,15 +29,14 @@ class ChaoticWorker:
         self.checked = 0
 
     def _replay(self, version_shift: int) -> None:
-        method, args = self.rng.choice(self.history)
-        args = (args[0], max(0, args[1] + version_shift)) + args[2:]
-        try:
-            getattr(self.inner, method)(*args)
-        except (StaleVersionError, PositionGapError):
-            pass  # refused, as the protocol says
-        self.check(args[0])
+        method, calls, allowed = self.rng.choice(self.history)
+        calls = [replace(c, version=max(0, c.version + version_shift)) for c in calls]
+        for out in getattr(self.inner, method)(calls, allowed):
+            assert not isinstance(out, Exception) or isinstance(out, (StaleVersionError, PositionGapError))  # refused, as the protocol says
+        for c in calls:
+            self.check(c.seq_id)
 
-    def _call(self, method: str, args: tuple):
+    def _call(self, method: str, calls: list, allowed):
         action = self.actions.pop(0) if self.actions else "deliver"
         if self.history and action == "duplicate":
             self._replay(0)
@@ -46,13 +46,13 @@ class ChaoticWorker:
             self._replay(-1)
         elif action == "drop" and self.can_drop:
             raise WorkerUnavailable(self.name, "dropped by the chaotic transport")
-        self.history.append((method, args))
-        out = getattr(self.inner, method)(*args)
-        if method in ("forward", "draft"):  # the worker built on exactly the prefix the caller meant
-            seq_id, start, prefix_hash = args[0], args[2], args[3]
-            assert TokenLog(self.inner.cached_tokens(seq_id)[:start]).prefix_hash(start) == prefix_hash
-        self.check(args[0])
-        return out
+        self.history.append((method, calls, allowed))
+        outs = getattr(self.inner, method)(calls, allowed)
+        for c, out in zip(calls, outs):
+            if not isinstance(out, Exception):  # the worker built on exactly the prefix the caller meant
+                assert TokenLog(self.inner.cached_tokens(c.seq_id)[: c.start]).prefix_hash(c.start) == c.prefix_hash
+            self.check(c.seq_id)
+        return outs
 
     def check(self, seq_id: str) -> None:
         """No corrupted KV: the cache's last position gives the logits of a fresh forward."""
@@ -66,14 +66,11 @@ class ChaoticWorker:
         torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=1e-5)
         self.checked += 1
 
-    def forward(self, *args):
-        return self._call("forward", args)
+    def forward(self, calls, allowed=None):
+        return self._call("forward", calls, allowed)
 
-    def draft(self, *args):
-        return self._call("draft", args)
-
-    def truncate(self, *args):
-        return self._call("truncate", args)
+    def draft(self, calls, allowed=None):
+        return self._call("draft", calls, allowed)
 
     def release(self, seq_id):
         self.inner.release(seq_id)

@@ -1,9 +1,11 @@
 """Shadow replay of a prompt-lookup drafter over the tokens a step committed."""
 
-from specrouter.core.chain import TimingRecord, VerifyRecord
+from specrouter.core.records import TimingRecord, VerifyRecord
 from specrouter.engine.engine import Engine
 from specrouter.core.levels import NgramLevel
-from specrouter.routing.router import RouterConfig, router_for
+from specrouter.engine.calibration import router_for
+from specrouter.engine.loop import BatchLoop
+from specrouter.routing.router import Decision, RouterConfig
 from specrouter.routing.scheduler import Plan
 from specrouter.core.sequence import SequenceState
 from specrouter.core.shadow import shadow_records
@@ -28,29 +30,23 @@ def test_a_block_running_past_the_step_is_judged_only_on_the_committed_tokens():
     assert verdicts(records) == [(2, 2, [1.0, 1.0], 2)]  # both accepted; positions 3-4 unobserved, not rejected
 
 
-class RecordingRoute:
-    """Runs one plan on every step and keeps each step's records."""
-
-    def __init__(self, plan: Plan):
-        self.plan, self.records = plan, []
-
-    def next_plan(self, backlog=None, remaining=float("inf")) -> Plan:
-        return self.plan
-
-    def observe(self, records, committed, seconds) -> None:
-        self.records.append(records)
-
-    def explain(self) -> dict:
-        return {}
+def fixed_router(engine: Engine, plan: Plan):
+    """A router that runs one plan on every step and keeps what each step teaches it (`observed`)."""
+    router = router_for(engine, RouterConfig(explore_every=0), calibrate=False)
+    router.plan = lambda requests, backlog=None, remaining=0.0: Decision(plan, (plan.draft_lens[-1],) * len(requests), "fixed")
+    router.observed, observe = [], router.observe
+    router.observe = lambda requests, records, timings, seconds: router.observed.append(records[0]) or observe(requests, records, timings, seconds)
+    return router
 
 
 def test_replaying_an_ngram_over_greedy_steps_gives_the_verdicts_running_it_gave(tiny_dirs):
     engine = Engine(f"ngram,{tiny_dirs['target']}", dtype="float32")
-    route = RecordingRoute(Plan(("ngram", engine.target_name), (4,), 0.0))
+    router = fixed_router(engine, Plan(("ngram", engine.target_name), (4,), 0.0))
     prompt = [5, 6, 7, 8] * 6
-    steps, context, ran, replayed = engine.steps(prompt, 48, ignore_eos=True, route=route), list(prompt), [], []
+    loop = BatchLoop(engine, router)
+    steps, context, ran, replayed = loop.stream(loop.submit(prompt, 48, ignore_eos=True)), list(prompt), [], []
     for new in steps:
-        step = verdicts(route.records[-1])
+        step = verdicts(router.observed[-1])
         if step:  # the last step, asked for one token, runs the target alone
             ran += step
             replayed += verdicts(shadow_records(engine.levels["ngram"], SequenceState.new("s", context), new, engine.target_name, 4))
@@ -62,12 +58,9 @@ def test_replaying_an_ngram_over_greedy_steps_gives_the_verdicts_running_it_gave
 
 def test_a_routed_request_measures_the_ngram_drafter_on_every_step_without_running_it(tiny_dirs):
     engine = Engine(f"ngram,{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32")
-    router = router_for(engine, RouterConfig(explore_every=0), calibrate=False)
     target = engine.target_name
-    route = RecordingRoute(Plan((tiny_dirs["draft"], target), (3,), 0.0))
-    result = engine.generate([5, 6, 7, 8] * 6, 24, ignore_eos=True, route=route)
-    shadow = [r for records in route.records for r in records if isinstance(r, VerifyRecord) and r.drafter == "ngram"]
+    router = fixed_router(engine, Plan((tiny_dirs["draft"], target), (3,), 0.0))
+    result = engine.generate([5, 6, 7, 8] * 6, 24, ignore_eos=True, router=router, klass="code")
+    shadow = [r for records in router.observed for r in records if isinstance(r, VerifyRecord) and r.drafter == "ngram"]
     assert len(shadow) >= result.num_steps and all(r.verifier == target for r in shadow)
-    for records in route.records:
-        router.observe("code", records, 0.1)
     assert router.acceptance.count("code", "ngram", target) > 0

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from specrouter.core.sampling import SamplingParams, probs_from_logits
-from specrouter.core.verification import rejection_sample
+from specrouter.core.verification import pairwise_alpha, rejection_sample
 
 V = 10
 
@@ -82,3 +82,11 @@ def test_top_k_and_top_p_restrict_support():
 def test_invalid_sampling_params_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_pairwise_alpha_is_one_minus_total_variation():
+    q_draft = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])  # [2, V]
+    p_target = torch.tensor([[0.25, 0.25, 0.5], [1.0, 0.0, 0.0]])  # [2, V]
+    tv = 0.5 * (q_draft - p_target).abs().sum(-1)  # [2]
+    assert torch.allclose(pairwise_alpha(q_draft, p_target), 1 - tv)
+    assert pairwise_alpha(q_draft, p_target).tolist() == [0.5, 1.0]

@@ -25,6 +25,14 @@ def served(tiny_dirs):
     server.close()
 
 
+def run_to_end(steps):
+    """Drive a request's steps (BatchServer.steps) to their end; its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
 def test_concurrent_streams_batch_together_and_equal_each_alone(served):
     frontend, steps_seen = served
     requests = [GenerationRequest(prompt=p, max_tokens=12 + i, ignore_eos=True) for i, p in enumerate(PROMPTS)]
@@ -71,10 +79,9 @@ def test_a_full_queue_refuses_at_once_while_a_step_runs_and_the_admitted_finish(
         with pytest.raises(Overloaded):
             server.steps(ids[2], 3, ignore_eos=True)
         assert time.perf_counter() - t0 < 0.25  # not after the step
-        from specrouter.engine.engine import run_to_end
-
         assert run_to_end(first).token_ids == engine.generate(ids[0], 3, ignore_eos=True).token_ids
         assert run_to_end(second).token_ids == engine.generate(ids[1], 3, ignore_eos=True).token_ids
+
     finally:
         server.close()
 

@@ -5,10 +5,11 @@ import torch
 
 from specrouter.engine.loop import BatchLoop
 from specrouter.engine.engine import Engine
-from specrouter.routing.router import router_for
+from specrouter.engine.calibration import calibrate_costs, router_for
+from specrouter.routing.router import Decision
 from specrouter.routing.scheduler import Plan
 
-from conftest import chain_spec, prompts
+from conftest import chain_spec, prompts, synthetic_batch_profile
 
 
 @pytest.mark.parametrize("chain, draft_lens", [("draft,target", [3]), ("ngram,target", [4]), ("ngram,draft,target", [2, 3]),
@@ -69,17 +70,15 @@ def test_end_token_finishes_one_request_and_not_the_others(tiny_dirs):
 
 
 def test_goodput_loop_is_lossless_and_speculates_again_as_the_batch_shrinks(tiny_dirs):
-    from test_router import synthetic_batch_profile
-
     engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
     draft, target = list(engine.levels)
     calibrated = router_for(engine, calibrate=False)
-    calibrated.calibrate_batches(engine.levels, batches=(1, 2), lengths=(1, 2))  # real batched passes
+    calibrate_costs(calibrated, engine.levels, batches=(1, 2), lengths=(1, 2))  # real batched passes
     assert all(calibrated.profiler.score_time(name, 2, batch=2) > 0 for name in (draft, target))
     assert calibrated.profiler.draft_time(draft, batch=2) > 0
     router = router_for(engine, calibrate=False)
     synthetic_batch_profile(router, target, draft)  # a profile where big batches don't pay
-    router.observe_batch = lambda records, timings: None  # keep it fixed while the loop runs
+    router.observe = lambda requests, records, timings, seconds: None  # keep it fixed while the loop runs
     requests = [{"prompt_ids": p, "max_new_tokens": 2 + 10 * (i == 0), "ignore_eos": True} for i, p in enumerate(prompts(16, 2000, 3))]
     alone = [engine.generate(**r).token_ids for r in requests]
     loop = BatchLoop(engine, router)
@@ -98,8 +97,8 @@ def test_goodput_loop_is_lossless_and_speculates_again_as_the_batch_shrinks(tiny
 def test_sequences_drafting_different_lengths_in_one_batch_equal_one_at_a_time(tiny_dirs):
     engine = Engine(chain_spec(tiny_dirs, "ngram,draft,target"), dtype="float32", draft_lens=[2, 4])
     router = router_for(engine, calibrate=False)
-    router.plan_for_batch = lambda classes, backlog=None, remaining=0.0: Plan(tuple(engine.chain.names), (2, 4), 0.1)
-    router.sequence_draft_lens = lambda plan, classes, alphas, owns: [1 + i % 4 for i in range(len(classes))]  # 1, 2, 3, 4, 1, ...
+    router.plan = lambda requests, backlog=None, remaining=0.0: Decision(
+        Plan(tuple(engine.chain.names), (2, 4), 0.1), tuple(1 + i % 4 for i in range(len(requests))), "fixed")  # 1, 2, 3, 4, 1, ...
     requests = [{"prompt_ids": p, "max_new_tokens": 9 + i % 4, "ignore_eos": True} for i, p in enumerate(prompts(7, 2000, 5))]
     alone = [engine.generate(**r).token_ids for r in requests]
     results = BatchLoop(engine, router).run(requests)
@@ -159,7 +158,7 @@ def test_a_batched_requests_first_step_teaches_the_router_no_acceptance(tiny_dir
     engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
     draft, target = list(engine.levels)
     router = router_for(engine, calibrate=False)
-    router.plan_for_batch = lambda classes, backlog=None, remaining=0.0: Plan((draft, target), (3,), 0.1)
+    router.plan = lambda requests, backlog=None, remaining=0.0: Decision(Plan((draft, target), (3,), 0.1), (3,) * len(requests), "fixed")
     loop = BatchLoop(engine, router)
     loop.submit(prompts(1, 2000, 3)[0], max_new_tokens=16, ignore_eos=True, klass="code")
     loop.step()

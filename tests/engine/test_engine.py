@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from specrouter.core.levels import ModelLevel
 from specrouter.engine.engine import Engine
 from specrouter.core.spec import LevelSpec, default_skip_layers, parse_chain
 from specrouter.core.store import ModelStore
@@ -79,7 +80,7 @@ CROSS_CHAINS = [
 @pytest.mark.parametrize("chain, draft_lens, modes", CROSS_CHAINS, ids=[c for c, _, _ in CROSS_CHAINS])
 def test_cross_tokenizer_chain_greedy_equals_transformers_generate(cross_dirs, chain, draft_lens, modes):
     engine = Engine(",".join(cross_dirs.get(name, name) for name in chain.split(",")), dtype="float32", draft_lens=draft_lens)
-    vocab = next(level.vocab for level in engine.chain.levels if getattr(level, "vocab", None))
+    vocab = next(level.vocab for level in engine.chain.levels if level.vocab is not None)
     shared = set(vocab.shared_target.tolist())
     accepted, outside = 0, 0
     for prompt in (CODE_PROMPT, CHAT_PROMPT, BOUNDARY_PROMPT):
@@ -94,8 +95,17 @@ def test_cross_tokenizer_chain_greedy_equals_transformers_generate(cross_dirs, c
     assert {s["name"].rsplit("/", 1)[-1]: s["cross_tokenizer"] for s in result.as_dict()["levels"] if "cross_tokenizer" in s} == modes
 
 
+def on_shared_tokens(engine: Engine, name: str) -> Engine:
+    """The engine with a cross-tokenizer drafter drafting greedy requests on the shared tokens too (as it
+    drafts sampled ones), not re-tokenising its text."""
+    level = engine.levels[name]
+    engine.replace_level(name, ModelLevel(name, level.worker, level.vocab))
+    return engine
+
+
 def test_cross_tokenizer_greedy_on_the_shared_tokens_alone_equals_transformers_generate(cross_dirs):
-    engine = Engine(f"{cross_dirs['smol']},{cross_dirs['target']}", dtype="float32", retokenize_greedy=False)
+    engine = Engine(f"{cross_dirs['smol']},{cross_dirs['target']}", dtype="float32")
+    engine = on_shared_tokens(engine, engine.chain.names[0])
     for prompt in (CODE_PROMPT, BOUNDARY_PROMPT):
         result = engine.generate_text(prompt, 24, ignore_eos=True)
         assert result.token_ids == hf_greedy(engine, prompt, 24), prompt
@@ -227,7 +237,9 @@ def test_real_smollm2_drafting_text_is_accepted_at_least_as_often_as_on_the_shar
     expected = Engine("qwen2.5-coder-0.5b", provider=store).generate_text(CODE_PROMPT, 24, ignore_eos=True).token_ids
     rates = {}
     for retokenize in (True, False):
-        engine = Engine("smollm2-135m,qwen2.5-coder-0.5b", provider=store, draft_lens=[4], retokenize_greedy=retokenize)
+        engine = Engine("smollm2-135m,qwen2.5-coder-0.5b", provider=store, draft_lens=[4])
+        if not retokenize:
+            engine = on_shared_tokens(engine, engine.chain.names[0])
         result = engine.generate_text(CODE_PROMPT, 24, ignore_eos=True)
         assert result.token_ids == expected
         rates[result.level_stats[0].cross_tokenizer] = result.level_stats[0].acceptance_rate

@@ -6,10 +6,37 @@ import random
 import pytest
 import torch
 
-from specrouter.core.chain import TimingRecord, VerifyRecord
+from specrouter.core.records import TimingRecord, VerifyRecord
 from specrouter.routing.classifier import classify
-from specrouter.routing.router import AdaptiveRouter, RouterConfig, shared_devices
+from specrouter.routing.router import AdaptiveRouter, Decision, RequestRoute, RouterConfig, shared_devices
 from specrouter.routing.scheduler import Plan, predict
+
+from conftest import synthetic_batch_profile
+
+
+def next_plan(router: AdaptiveRouter, request: RequestRoute, backlog=None, remaining=float("inf")) -> Plan:
+    """A request alone's next plan, as the generation loop asks for it (a batch of one)."""
+    return router.plan([request], backlog, remaining).plan
+
+
+def step_done(router: AdaptiveRouter, request: RequestRoute, records: list, seconds: float) -> None:
+    """A request alone's step feedback, as the loop gives it (here its level timings among its records)."""
+    router.observe([request], [records], [], seconds)
+
+
+def plan_for(router: AdaptiveRouter, klass: str, backlog=None, remaining=float("inf")) -> Decision:
+    """The plan for a new request of `klass` alone."""
+    return router.plan([RequestRoute(klass)], backlog, remaining)
+
+
+def plan_batch(router: AdaptiveRouter, classes: list[str], backlog=None, remaining=float("inf")) -> Plan:
+    """The plan for new requests of these classes stepping together."""
+    return router.plan([RequestRoute(k) for k in classes], backlog, remaining).plan
+
+
+def learned(router: AdaptiveRouter, klass: str, records: list, seconds: float | None = None) -> None:
+    """A step of some request of `klass` past its first (which would teach no acceptance)."""
+    router.observe([RequestRoute(klass, steps=1)], [records], [], seconds)
 
 
 class SimEnv:
@@ -53,12 +80,12 @@ class SimEnv:
 
 
 def run(router: AdaptiveRouter, env: SimEnv, klass: str, steps: int) -> list[Plan]:
-    route = router.start(klass)
+    request = RequestRoute(klass)
     plans = []
     for _ in range(steps):
-        plan = route.next_plan()
-        records, committed, seconds = env.step(plan, klass)
-        route.observe(records, committed, seconds)
+        plan = next_plan(router, request)
+        records, _, seconds = env.step(plan, klass)
+        step_done(router, request, records, seconds)
         plans.append(plan)
     return plans
 
@@ -93,10 +120,10 @@ def test_a_pair_not_measured_for_a_while_is_explored_when_its_chain_is_close():
     env, running = SimEnv(COSTS, ALPHA), Plan(("A", "B", "T"), (2, 5), 0.0)
     for _ in range(RouterConfig().explore_every):  # every level measured, but A and T not as neighbours
         records, _, seconds = env.step(running, "chat")
-        router.observe("chat", records, seconds)
-    plan, _, reason = router.plan_for("chat")
-    assert reason.startswith("explore: A -> T") and plan.chain == ("A", "T")
-    assert router.plan_for("chat")[2] == "best predicted"  # explored: not again at once
+        learned(router, "chat", records, seconds)
+    decision = plan_for(router, "chat")
+    assert decision.reason.startswith("explore: A -> T") and decision.plan.chain == ("A", "T")
+    assert plan_for(router, "chat").reason == "best predicted"  # explored: not again at once
 
 
 def test_router_switches_when_a_drafter_slows_down_and_back_when_it_recovers():
@@ -120,29 +147,29 @@ def test_a_route_re_plans_at_once_when_a_levels_cost_changes_as_a_whole():
     seen 50 times slower in two passes of one step is dropped on the very next step."""
     router = profiled_router(0.01)
     router.acceptance.observe("code", "d", "t", [0.9] * 100)
-    route = router.start("code")
-    assert route.next_plan().chain == ("d", "t")
+    route = RequestRoute("code")
+    assert next_plan(router, route).chain == ("d", "t")
     slow = TimingRecord("d", "draft", 4, 4 * 0.5)
-    route.observe([slow, slow, TimingRecord("t", "score", 5, 0.15), VerifyRecord("d", "t", 4, 4, [0.9] * 4)], 5, 4.2)
+    step_done(router, route, [slow, slow, TimingRecord("t", "score", 5, 0.15), VerifyRecord("d", "t", 4, 4, [0.9] * 4)], 4.2)
     assert router.profiler.speed("d") > 10
-    assert route.next_plan().chain == ("t",)
+    assert next_plan(router, route).chain == ("t",)
 
 
 def test_a_request_starts_from_its_classs_last_plan_unless_another_is_clearly_faster():
     """Two drafters a few % apart are a near tie in the model; a new request keeps to the plan its
     class's last request planned unless another is predicted faster by the hysteresis margin."""
     router = AdaptiveRouter(["a", "b"], "t", {"a": False, "b": False, "t": True}, RouterConfig(explore_every=0))
-    router.observe_batch([], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)])
+    router.observe([], [], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)])
     for drafter, seconds in (("a", 0.010), ("b", 0.0102)):
         router.profiler.observe_draft(drafter, 1, seconds)
         router.acceptance.observe("code", drafter, "t", [0.8] * 100)
-    assert router.start("code").next_plan().chain == ("a", "t")
+    assert next_plan(router, RequestRoute("code")).chain == ("a", "t")
     router.profiler.observe_draft("a", 1, 0.0104, weight=1.0)  # b is now predicted a little faster
     assert router.plans("code")[0].chain == ("b", "t")
-    assert router.start("code").next_plan().chain == ("a", "t")
-    assert router.start("chat").next_plan().chain == ("b", "t")  # another class: no plan of its own yet
+    assert next_plan(router, RequestRoute("code")).chain == ("a", "t")
+    assert next_plan(router, RequestRoute("chat")).chain == ("b", "t")  # another class: no plan of its own yet
     router.profiler.observe_draft("a", 1, 0.03, weight=1.0)  # a is now far dearer
-    assert router.start("code").next_plan().chain == ("b", "t")
+    assert next_plan(router, RequestRoute("code")).chain == ("b", "t")
 
 
 def test_useless_drafter_pool_falls_back_to_target_only():
@@ -162,18 +189,17 @@ def test_classes_with_different_best_drafters_are_routed_differently():
     for _ in range(4):
         run(router, env, "code", 20)
         run(router, env, "chat", 20)
-    assert router.plan_for("code")[0].chain == ("A", "T")
-    assert router.plan_for("chat")[0].chain == ("B", "T")
+    assert plan_for(router, "code").plan.chain == ("A", "T")
+    assert plan_for(router, "chat").plan.chain == ("B", "T")
 
 
-def test_route_explains_chain_prediction_and_runner_up():
-    router = AdaptiveRouter(["A", "B"], "T", {})
-    route = router.start("chat")
-    env = SimEnv(COSTS, ALPHA)
-    for _ in range(10):
-        plan = route.next_plan()
-        route.observe(*env.step(plan, "chat"))
-    why = route.explain()
+def test_a_routed_result_explains_chain_prediction_and_runner_up(tiny_dirs):
+    from specrouter.engine.calibration import router_for
+    from specrouter.engine.engine import Engine
+
+    engine = Engine(f"ngram,{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32")
+    router = router_for(engine, calibrate=False)
+    why = engine.generate_text("Once upon a time", 10, ignore_eos=True, router=router, klass="chat").routing
     assert why["class"] == "chat" and why["measured_s_per_token"] > 0 and why["predicted_s_per_token"] > 0
     assert why["decisions"][0]["runner_up"] is not None and why["steps_by_plan"]
 
@@ -194,14 +220,14 @@ def test_prompt_classifier(text, klass):
 
 
 def test_routed_generation_on_real_models_is_lossless_and_explained(tiny_dirs):
+    from specrouter.engine.calibration import router_for
     from specrouter.engine.engine import Engine
-    from specrouter.routing.router import router_for
 
     engine = Engine(f"ngram,{tiny_dirs['draft']},{tiny_dirs['target']}@skip:1,{tiny_dirs['target']}", dtype="float32")
     router = router_for(engine, RouterConfig(explore_every=4))
     expected = Engine(tiny_dirs["target"], dtype="float32").generate_text("def f(x):\n    return", 40, ignore_eos=True).token_ids
     for _ in range(2):
-        result = engine.generate_text("def f(x):\n    return", 40, ignore_eos=True, route=router.start("code"))
+        result = engine.generate_text("def f(x):\n    return", 40, ignore_eos=True, router=router, klass="code")
         assert result.token_ids == expected
     why = result.as_dict()["routing"]
     assert why["class"] == "code" and why["decisions"] and why["measured_s_per_token"] > 0
@@ -217,13 +243,13 @@ class SimLevel:
     def __init__(self, name: str, env: SimEnv):
         self.name, self.env = name, env
 
-    def score(self, seq, ctx, draft, params):
+    def score(self, items):
         import time
 
         time.sleep(self.env.c(self.name))
 
-    def propose(self, seq, ctx, n, params, seed):
-        self.score(seq, ctx, [], params)
+    def propose(self, items):
+        self.score(items)
 
     def release(self, seq_id):
         pass
@@ -248,9 +274,9 @@ def test_a_level_whose_probes_confirm_its_cost_is_probed_less_often():
     probes = []
 
     class CountedLevel(SimLevel):
-        def score(self, seq, ctx, draft, params):
+        def score(self, items):
             probes.append(len(probes))
-            super().score(seq, ctx, draft, params)
+            super().score(items)
 
     router = AdaptiveRouter(["A", "S"], "T", {}, RouterConfig(explore_every=5), levels={"S": CountedLevel("S", env)})
     router.acceptance.observe("chat", "S", "T", [0.95] * 50)
@@ -267,9 +293,9 @@ def test_a_level_on_the_device_of_a_level_in_use_is_never_probed():
 
     for shared in (True, False):
         class CountedLevel(SimLevel):
-            def score(self, seq, ctx, draft, params, shared=shared):
+            def score(self, items, shared=shared):
                 probes[shared].append(1)
-                super().score(seq, ctx, draft, params)
+                super().score(items)
 
         router = AdaptiveRouter(["A", "S"], "T", {}, RouterConfig(explore_every=5), levels={"S": CountedLevel("S", env)},
                                 hosts={"S": "T"} if shared else None)
@@ -289,9 +315,9 @@ def test_a_probe_times_the_short_pass_it_records():
     passes = []
 
     class Recording(SimLevel):
-        def score(self, seq, ctx, draft, params):
-            passes.append(len(ctx) + len(draft))
-            super().score(seq, ctx, draft, params)
+        def score(self, items):
+            passes.extend(len(item.ctx) + len(item.draft) for item in items)
+            super().score(items)
 
     router = AdaptiveRouter(["A", "S"], "T", {}, RouterConfig(explore_every=5), levels={"S": Recording("S", env)})
     router._probe("S")
@@ -305,23 +331,25 @@ def test_calibration_charges_a_drafter_that_stops_unsure_per_token_it_drafts():
 
     from specrouter.core.levels import Block
 
-    class StopsAtOnce:  # asked for 4 tokens, drafts 1 (unsure after it) in 20 ms
-        can_verify = False
+    from specrouter.engine.calibration import calibrate_costs
 
-        def propose(self, seq, ctx, n, params, seed):
+    class StopsAtOnce:  # asked for 4 tokens, drafts 1 (unsure after it) in 20 ms
+        name, can_verify = "s", False
+
+        def propose(self, items):
             time.sleep(0.02)
-            return Block([1], torch.zeros(1, 8), num_drafted=1)
+            return [Block([1], torch.zeros(1, 8), num_drafted=1) for _ in items]
 
         def release(self, seq_id):
             pass
 
     router = AdaptiveRouter(["s"], "T", {"s": False})
-    router.calibrate({"s": StopsAtOnce()})
+    calibrate_costs(router, {"s": StopsAtOnce()})
     assert router.profiler.draft_time("s") >= 0.02  # not a quarter of it
 
 
 def test_calibration_ends_a_stopping_drafters_blocks_after_a_token_it_was_unsure_of():
-    from specrouter.routing.router import calibration_rounds
+    from specrouter.engine.calibration import calibration_rounds
 
     agreed = [True] * 6 + [False] + [True] * 3
     sure = [True, True, False] + [True] * 7
@@ -332,8 +360,8 @@ def test_calibration_ends_a_stopping_drafters_blocks_after_a_token_it_was_unsure
 
 @pytest.mark.parametrize("draft_confidence", [0.0, 0.05])
 def test_calibration_measures_each_pairs_acceptance_per_class_before_any_request(tiny_dirs, draft_confidence):
+    from specrouter.engine.calibration import CALIBRATION_PROMPTS, router_for
     from specrouter.engine.engine import Engine
-    from specrouter.routing.router import CALIBRATION_PROMPTS, router_for
 
     engine = Engine(f"ngram,{tiny_dirs['other']},{tiny_dirs['draft']},{tiny_dirs['target']}", dtype="float32",
                     draft_confidence=draft_confidence)  # with it, calibration's blocks end where a drafter is unsure
@@ -346,65 +374,56 @@ def test_calibration_measures_each_pairs_acceptance_per_class_before_any_request
 
 
 def test_routed_pool_with_a_cross_tokenizer_drafter_is_lossless_and_learns_its_acceptance(cross_dirs):
+    from specrouter.engine.calibration import router_for
     from specrouter.engine.engine import Engine
-    from specrouter.routing.router import router_for
 
     smol, qwen_draft, target = cross_dirs["smol"], cross_dirs["qwen-draft"], cross_dirs["target"]
     engine = Engine(f"{smol},{qwen_draft},{target}", dtype="float32")
     router = router_for(engine, RouterConfig(explore_every=3))
     prompt = "def f(x):\n    return"
     expected = Engine(target, dtype="float32").generate_text(prompt, 32, ignore_eos=True).token_ids
-    result = engine.generate_text(prompt, 32, ignore_eos=True, route=router.start("code"))
+    result = engine.generate_text(prompt, 32, ignore_eos=True, router=router, klass="code")
     assert result.token_ids == expected
     # Its acceptance is measured like any pair's, in the verifier's tokens.
     assert any(router.acceptance.count("code", smol, verifier) > 0 for verifier in (qwen_draft, target))
     assert router.profiler.draft_time(smol) is not None
 
 
-def synthetic_batch_profile(router: AdaptiveRouter, target: str, drafter: str, batches=(1, 16)) -> None:
-    """Verification cost grows with the batch's tokens; acceptance 0.8."""
-    for b in batches:
-        router.observe_batch([], [TimingRecord(target, "score", n, 0.1 + 0.02 * n * b, b) for n in (1, 2, 4, 8)]
-                             + [TimingRecord(drafter, "draft", 4, 4 * (0.02 + 0.002 * b), b)])
-    accepted = [0] * 5 + [1] * 4 + [2] * 3 + [3] * 3 + [4] * 10  # blocks of 4 accepted position by position at ~0.8
-    router.observe_batch([("default", [VerifyRecord(drafter, target, 4, n, [0.8] * 4) for n in accepted])], [])
-
-
 def test_batch_plan_turns_speculation_off_for_a_large_batch_and_on_again_for_a_small_one():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True})
     synthetic_batch_profile(router, "t", "d")
-    assert router.plan_for_batch(["default"] * 16).chain == ("t",)
-    assert router.plan_for_batch(["default"] * 32).chain == ("t",)  # beyond the profile: extended along its slope
-    small = router.plan_for_batch(["default"])
+    assert plan_batch(router, ["default"] * 16).chain == ("t",)
+    assert plan_batch(router, ["default"] * 32).chain == ("t",)  # beyond the profile: extended along its slope
+    small = plan_batch(router, ["default"])
     assert small.chain == ("d", "t") and small.draft_lens[0] >= 2
-    assert router.plan_for_batch(["default"] * 2).chain == ("d", "t")  # between profiled sizes: interpolated
+    assert plan_batch(router, ["default"] * 2).chain == ("d", "t")  # between profiled sizes: interpolated
 
 
 def test_batch_plan_charges_a_far_behind_drafter_its_catch_up_prefill():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True})
     synthetic_batch_profile(router, "t", "d")
-    router.observe_batch([], [TimingRecord("d", "score", n, 0.02 + 0.004 * n, 1) for n in (1, 8)])  # its prefill rate
-    assert router.plan_for_batch(["default"]).chain == ("d", "t")
+    router.observe([], [], [TimingRecord("d", "score", n, 0.02 + 0.004 * n, 1) for n in (1, 8)])  # its prefill rate
+    assert plan_batch(router, ["default"]).chain == ("d", "t")
     # 2,000 uncached context tokens cost ~13 s to prefill: not worth it for 4 more tokens, worth it for 1,000
-    assert router.plan_for_batch(["default"], backlog={"d": 2000}, remaining=4).chain == ("t",)
-    assert router.plan_for_batch(["default"], backlog={"d": 2000}, remaining=1000).chain == ("d", "t")
+    assert plan_batch(router, ["default"], backlog={"d": 2000}, remaining=4).chain == ("t",)
+    assert plan_batch(router, ["default"], backlog={"d": 2000}, remaining=1000).chain == ("d", "t")
     assert router.profiler.prefill_time("d", 2000) == pytest.approx(2000 * (0.02 + 0.004 * 8) / 8)
 
 
 def test_request_plan_charges_a_far_behind_drafter_its_catch_up_prefill():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0))
     synthetic_batch_profile(router, "t", "d", batches=(1,))
-    router.observe_batch([], [TimingRecord("d", "score", 8, 0.052, 1)])
-    assert router.plan_for("default")[0].chain == ("d", "t")
-    assert router.plan_for("late", backlog={"d": 2000}, remaining=4)[0].chain == ("t",)
-    assert router.plan_for("early", backlog={"d": 2000}, remaining=1000)[0].chain == ("d", "t")
+    router.observe([], [], [TimingRecord("d", "score", 8, 0.052, 1)])
+    assert plan_for(router, "default").plan.chain == ("d", "t")
+    assert plan_for(router, "late", backlog={"d": 2000}, remaining=4).plan.chain == ("t",)
+    assert plan_for(router, "early", backlog={"d": 2000}, remaining=1000).plan.chain == ("d", "t")
 
 
 def test_a_drafter_catching_up_is_neither_a_drafting_cost_nor_overhead():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True})
-    router.observe("code", [TimingRecord("d", "draft", 4, 0.04, asked=4), TimingRecord("t", "score", 5, 0.2)], 0.25)
+    learned(router, "code", [TimingRecord("d", "draft", 4, 0.04, asked=4), TimingRecord("t", "score", 5, 0.2)], 0.25)
     overhead = router.overhead_s  # 0.2 of the step's 0.01 unaccounted for
-    router.observe("code", [TimingRecord("d", "prefill", 4, 1.5, asked=4), TimingRecord("t", "score", 5, 0.2)], 1.71)
+    learned(router, "code", [TimingRecord("d", "prefill", 4, 1.5, asked=4), TimingRecord("t", "score", 5, 0.2)], 1.71)
     assert router.overhead_s == pytest.approx(overhead + 0.2 * (0.01 - overhead))
     assert router.profiler.draft_time("d") == pytest.approx(0.01)
 
@@ -412,12 +431,20 @@ def test_a_drafter_catching_up_is_neither_a_drafting_cost_nor_overhead():
 def test_each_sequence_drafts_what_its_own_acceptance_pays_for():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True})
     synthetic_batch_profile(router, "t", "d")
-    plan = router.plan_for_batch(["default"] * 2)
+    plan = plan_batch(router, ["default"] * 2)
     assert plan.chain == ("d", "t")
-    low, high, unknown = router.sequence_draft_lens(plan, ["default"] * 3, [0.2, 0.95, None])
+
+    def accepting(alpha: float | None) -> RequestRoute:
+        """A request that has accepted `alpha` of d's tokens over many blocks (None: it has run none)."""
+        request = RequestRoute("default")
+        if alpha is not None:
+            request.own.observe("d", "t", [alpha] * 2000)
+        return request
+
+    low, high, unknown = router.sequence_draft_lens(plan, [accepting(0.2), accepting(0.95), accepting(None)])
     assert 1 <= low < high <= plan.draft_lens[-1]
-    assert unknown == router.sequence_draft_lens(plan, ["default"], [None])[0]  # its class's acceptance (0.8)
-    assert router.sequence_draft_lens(Plan(("t",), (), 0.1), ["default"], [0.9]) == [0]
+    assert unknown == router.sequence_draft_lens(plan, [accepting(None)])[0]  # its class's acceptance (0.8)
+    assert router.sequence_draft_lens(Plan(("t",), (), 0.1), [accepting(0.9)]) == [0]
 
 
 def test_a_batched_sequence_of_a_stopping_drafter_drafts_what_its_own_rounds_pay_for():
@@ -435,7 +462,7 @@ def test_a_batched_sequence_of_a_stopping_drafter_drafts_what_its_own_rounds_pay
     router.teach(hard, [VerifyRecord("d", "t", 8, 0, [0.9] * 8, num_asked=8)] * 12)
     assert hard.runs[("d", "t")].reached[0] == 12
     plan = Plan(("d", "t"), (8,), 0.0)
-    new, rejected = router.sequence_draft_lens(plan, ["default"] * 2, [None, None], [OwnAcceptance(), hard])
+    new, rejected = router.sequence_draft_lens(plan, [RequestRoute("default"), RequestRoute("default", own=hard)])
     assert rejected < new
 
 
@@ -444,21 +471,22 @@ def test_batch_speculates_only_when_predicted_clearly_faster_than_plain_decoding
     bold = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0, batch_speculation_margin=0.0))
     for router in (cautious, bold):
         synthetic_batch_profile(router, "t", "d")
-    assert bold.plan_for_batch(["default"]).chain == ("d", "t")  # faster, but not 90% faster
-    assert cautious.plan_for_batch(["default"]).chain == ("t",)
+    # a batch of two: a request alone is held to its own hysteresis instead
+    assert plan_batch(bold, ["default"] * 2).chain == ("d", "t")  # faster, but not 90% faster
+    assert plan_batch(cautious, ["default"] * 2).chain == ("t",)
 
 
 def test_batch_plan_explores_an_unmeasured_drafter_and_keeps_it_when_it_pays():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=4))
     timings = [TimingRecord("t", "score", n, 0.1, 1) for n in (1, 2, 4, 8)] + [TimingRecord("d", "draft", 4, 4 * 0.06, 1)]
-    router.observe_batch([], timings)
-    assert router.plan_for_batch(["default"]).chain == ("t",)  # at the prior acceptance the drafter does not pay
+    router.observe([], [], timings)
+    assert plan_batch(router, ["default"]).chain == ("t",)  # at the prior acceptance the drafter does not pay
     for _ in range(4):
-        router.observe_batch([], [TimingRecord("t", "score", 1, 0.1, 1)])
-    assert router.plan_for_batch(["default"]).chain == ("d", "t")  # one exploratory step
-    assert router.plan_for_batch(["default"]).chain == ("t",)
-    router.observe_batch([("default", [VerifyRecord("d", "t", 3, 3, [0.95] * 3)] * 5)], timings)
-    assert router.plan_for_batch(["default"]).chain == ("d", "t")  # it pays: speculation is back for good
+        router.observe([], [], [TimingRecord("t", "score", 1, 0.1, 1)])
+    assert plan_batch(router, ["default"]).chain == ("d", "t")  # one exploratory step
+    assert plan_batch(router, ["default"]).chain == ("t",)
+    router.observe([RequestRoute("default", steps=1)], [[VerifyRecord("d", "t", 3, 3, [0.95] * 3)] * 5], timings)
+    assert plan_batch(router, ["default"]).chain == ("d", "t")  # it pays: speculation is back for good
 
 
 def test_an_early_rejection_does_not_anchor_the_acceptance_estimate():
@@ -599,11 +627,11 @@ def test_a_route_follows_its_own_rounds_only_for_drafters_that_stop_unsure():
         for i in range(50):
             router.acceptance.observe("chat", "d", "t", [0.9] * 8)
             router.acceptance.observe_round("chat", "d", "t", 8, 8 if i % 10 else 0)
-        route = router.start("chat")
+        route = RequestRoute("chat")
         for _ in range(10):  # agreement as the class's, but every block ends (stops) after 2 tokens, accepted
-            route.next_plan()
-            route.observe([VerifyRecord("d", "t", 2, 2, [0.9, 0.9], num_asked=8)], 3, 0.1)
-        return router._expected(["chat"], router._own_ratios("chat", route._own), route._own)("d", "t", 8)
+            next_plan(router, route)
+            step_done(router, route, [VerifyRecord("d", "t", 2, 2, [0.9, 0.9], num_asked=8)], 0.1)
+        return router._expected(["chat"], router._own_ratios("chat", route.own), route.own)("d", "t", 8)
 
     assert expected_after_own_rounds(frozenset({"d"})) < 4.5  # 3 tokens a round, as its rounds give
     assert expected_after_own_rounds(frozenset()) > 6.0  # a drafter that does not stop: its ratio (1.0) says it all
@@ -617,14 +645,14 @@ def test_a_stopping_drafter_agreeing_where_it_was_sure_is_not_taken_for_easier_t
     router.acceptance.observe("chat", "d", "t", [0.7] * 32)  # calibration: agreement over every position
     for _ in range(30):  # the class's rounds: 3 tokens drafted of 10 asked, all accepted
         router.acceptance.observe_round("chat", "d", "t", 3, 3, num_asked=10)
-    route = router.start("chat")
+    route = RequestRoute("chat")
     for _ in range(3):  # this request's rounds: the same, agreeing 0.97 on the tokens it drafted
-        route.next_plan()
-        route.observe([VerifyRecord("d", "t", 3, 3, [0.97] * 3, num_asked=10)], 4, 0.2)
-    ratios = router._own_ratios("chat", route._own)
+        next_plan(router, route)
+        step_done(router, route, [VerifyRecord("d", "t", 3, 3, [0.97] * 3, num_asked=10)], 0.2)
+    ratios = router._own_ratios("chat", route.own)
     assert ratios[("d", "t")] < 0.8  # read as an easier prompt than its class
     cls = router.acceptance.expected_tokens("chat", "d", "t", 10, stops=True)
-    assert router._expected(["chat"], ratios, route._own)("d", "t", 10) == pytest.approx(cls, rel=0.05)
+    assert router._expected(["chat"], ratios, route.own)("d", "t", 10) == pytest.approx(cls, rel=0.05)
     with_ratio = router.acceptance.expected_tokens("chat", "d", "t", 10, ratio=ratios[("d", "t")], stops=True)
     assert with_ratio > 1.08 * cls
 
@@ -658,7 +686,7 @@ def test_a_stopping_drafter_is_not_taken_to_get_worse_beyond_the_positions_seen(
 def profiled_router(draft_s_per_token: float, stopping: frozenset[str] = frozenset()) -> AdaptiveRouter:
     """A router over drafter d and target t whose verification costs 0.1 + 0.01 n seconds for n tokens."""
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0), stopping=stopping)
-    router.observe_batch([], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)]
+    router.observe([], [], [TimingRecord("t", "score", n, 0.1 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)]
                          + [TimingRecord("d", "draft", 4, 4 * draft_s_per_token, 1)])
     return router
 
@@ -668,7 +696,7 @@ def test_a_drafter_that_stops_unsure_is_charged_for_the_tokens_it_drafts():
     router.acceptance.observe("code", "d", "t", [0.9] * 200)
     full = router.plans("code")[0]
     # The same drafter, seen stopping after 3 tokens whatever it is asked for (confident runs only).
-    router.observe("code", [TimingRecord("d", "draft", 3, 3 * 0.05, asked=10)] * 40, 0.0)
+    learned(router, "code", [TimingRecord("d", "draft", 3, 3 * 0.05, asked=10)] * 40, 0.0)
     stopping = router.plans("code")[0]
     assert stopping.draft_lens[0] > full.draft_lens[0] and stopping.predicted_s_per_token < full.predicted_s_per_token
 
@@ -688,14 +716,14 @@ def test_a_stopping_level_in_the_middle_is_charged_for_the_blocks_it_passes_up()
     """In n -> d -> t, d verifies n's blocks and passes up 3 of the 10 tokens asked (it stopped unsure):
     those blocks count as its drafted ones, for the class and for the request."""
     router = AdaptiveRouter(["n", "d"], "t", {"n": False, "d": True, "t": True}, RouterConfig(explore_every=0), stopping=frozenset({"d"}))
-    route = router.start("chat")
+    route = RequestRoute("chat")
     before = router._drafted(["chat"])("d", 10)
     step = [TimingRecord("n", "draft", 2, 0.0003, asked=3), VerifyRecord("n", "d", 2, 2, [1.0, 1.0], 3),
             VerifyRecord("d", "t", 3, 3, [1.0] * 3, 10)]
     for _ in range(20):
-        route.next_plan()
-        route.observe(step, 4, 0.2)
-    assert before > 9.0 and router._drafted(["chat"])("d", 10) < 4.0 and router._drafted(["chat"], route._own)("d", 10) < 4.0
+        next_plan(router, route)
+        step_done(router, route, step, 0.2)
+    assert before > 9.0 and router._drafted(["chat"])("d", 10) < 4.0 and router._drafted(["chat"], route.own)("d", 10) < 4.0
     # a drafter that does not stop unsure, or one at the bottom (its TimingRecord counts), adds nothing here
     assert router.middle_blocks(step) == [("d", 10, 3)]
     assert router.middle_blocks(step[2:]) == []
@@ -704,15 +732,15 @@ def test_a_stopping_level_in_the_middle_is_charged_for_the_blocks_it_passes_up()
 def test_a_request_on_which_its_drafter_stops_sooner_is_charged_the_tokens_it_drafts_there():
     router = profiled_router(0.05)
     router.acceptance.observe("chat", "d", "t", [0.9] * 200)
-    router.observe("chat", [TimingRecord("d", "draft", 10, 0.5, asked=10)] * 40, 0.0)  # the class: whole blocks
-    hard = router.start("chat")
+    learned(router, "chat", [TimingRecord("d", "draft", 10, 0.5, asked=10)] * 40, 0.0)  # the class: whole blocks
+    hard = RequestRoute("chat")
     for _ in range(3):  # on this prompt the drafter is unsure after 2 tokens, and those 2 are accepted
-        hard.next_plan()
-        hard.observe([TimingRecord("d", "draft", 2, 0.1, asked=10), VerifyRecord("d", "t", 2, 2, [1.0, 1.0], 10)], 3, 0.2)
-    class_drafted, own_drafted = router._drafted(["chat"])("d", 10), router._drafted(["chat"], hard._own)("d", 10)
+        next_plan(router, hard)
+        step_done(router, hard, [TimingRecord("d", "draft", 2, 0.1, asked=10), VerifyRecord("d", "t", 2, 2, [1.0, 1.0], 10)], 0.2)
+    class_drafted, own_drafted = router._drafted(["chat"])("d", 10), router._drafted(["chat"], hard.own)("d", 10)
     assert class_drafted > 9.0 and own_drafted < 4.0
     # So asking for long blocks costs this request little: its plan keeps them.
-    assert hard.next_plan().draft_lens[0] >= 8
+    assert next_plan(router, hard).draft_lens[0] >= 8
 
 
 def test_streaky_acceptance_makes_the_router_draft_longer_blocks():
@@ -728,12 +756,12 @@ def test_streaky_acceptance_makes_the_router_draft_longer_blocks():
 def test_requests_of_one_class_are_planned_for_their_own_acceptance():
     router = profiled_router(0.02)
     router.acceptance.observe("chat", "d", "t", [0.6] * 400)
-    easy, hard = router.start("chat"), router.start("chat")
+    easy, hard = RequestRoute("chat"), RequestRoute("chat")
     for _ in range(RouterConfig().replan_every):  # each re-plans after as many of its own steps
         for route, accepted in ((easy, 8), (hard, 0)):
-            route.next_plan()
-            route.observe([VerifyRecord("d", "t", 8, accepted, [float(accepted > 0)] * 8)] * 2, 2 * accepted + 2, 1.0)
-    easy_plan, hard_plan = easy.next_plan(), hard.next_plan()
+            next_plan(router, route)
+            step_done(router, route, [VerifyRecord("d", "t", 8, accepted, [float(accepted > 0)] * 8)] * 2, 1.0)
+    easy_plan, hard_plan = next_plan(router, easy), next_plan(router, hard)
     assert easy_plan.chain == ("d", "t")
     assert easy_plan.predicted_s_per_token < hard_plan.predicted_s_per_token
     assert hard_plan.chain == ("t",) or hard_plan.draft_lens[0] < easy_plan.draft_lens[0]
@@ -743,7 +771,7 @@ def test_a_request_that_suits_a_drafter_against_the_target_is_planned_for_it_bel
     from specrouter.routing.acceptance import OwnAcceptance
 
     router = AdaptiveRouter(["n", "d"], "t", {"n": False, "d": True, "t": True}, RouterConfig(explore_every=0))
-    router.observe_batch([], [TimingRecord(level, "score", k, base + 0.01 * k, 1) for level, base in (("t", 0.1), ("d", 0.03))
+    router.observe([], [], [TimingRecord(level, "score", k, base + 0.01 * k, 1) for level, base in (("t", 0.1), ("d", 0.03))
                               for k in (1, 2, 4, 8, 12)] + [TimingRecord("n", "draft", 4, 0.0004, 1)])
     for pair, alpha in ((("n", "t"), 0.2), (("n", "d"), 0.2), (("d", "t"), 0.8)):
         router.acceptance.observe("chat", *pair, [alpha] * 200)
@@ -764,14 +792,14 @@ def test_a_drafter_replayed_on_every_step_is_estimated_from_its_replays_below_ev
     plans n -> d -> t from those replays, though n -> d was last measured at calibration, on a text
     that did not copy; a drafter measured against the target by real rounds keeps its pairs apart."""
     router = AdaptiveRouter(["n", "d"], "t", {"n": False, "d": True, "t": True}, RouterConfig(explore_every=0))
-    router.observe_batch([], [TimingRecord(level, "score", k, base + 0.01 * k, 1) for level, base in (("t", 0.1), ("d", 0.03))
+    router.observe([], [], [TimingRecord(level, "score", k, base + 0.01 * k, 1) for level, base in (("t", 0.1), ("d", 0.03))
                               for k in (1, 2, 4, 8, 12)] + [TimingRecord("n", "draft", 4, 0.0004, 1)])
     router.acceptance.observe("code", "n", "d", [0.02] * 30)  # calibration
     router.acceptance.observe("code", "d", "t", [0.8] * 200)
     step = [TimingRecord("n", "draft", 3, 0.0003, asked=3), VerifyRecord("n", "t", 3, 3, [1.0] * 3, 3, replayed=replayed),
             TimingRecord("n", "draft", 3, 0.0003, asked=3), VerifyRecord("n", "t", 3, 2, [1.0, 1.0, 0.0], 3, replayed=replayed)]
     for _ in range(30):
-        router.observe("code", step, 0.3)
+        learned(router, "code", step, 0.3)
     three_level = next(p for p in router.plans("code") if p.chain == ("n", "d", "t"))
     two_level = next(p for p in router.plans("code") if p.chain == ("d", "t"))
     if replayed:
@@ -783,7 +811,7 @@ def test_a_drafter_replayed_on_every_step_is_estimated_from_its_replays_below_ev
 @pytest.mark.parametrize("replayed", [True, False])
 def test_a_drafter_replayed_on_every_step_is_not_explored(replayed):
     router = AdaptiveRouter(["n", "d"], "t", {"n": False, "d": True, "t": True}, RouterConfig(explore_every=4))
-    router.observe_batch([], [TimingRecord(level, "score", k, base + 0.01 * k, 1) for level, base in (("t", 0.1), ("d", 0.03))
+    router.observe([], [], [TimingRecord(level, "score", k, base + 0.01 * k, 1) for level, base in (("t", 0.1), ("d", 0.03))
                               for k in (1, 2, 4, 8, 12)] + [TimingRecord("n", "draft", 4, 0.0004, 1)])
     router.acceptance.observe("chat", "n", "d", [0.9] * 50)  # measured once, long ago: n -> d -> t is close to the best
     step = [TimingRecord("d", "draft", 3, 0.09, asked=3), TimingRecord("t", "score", 4, 0.14),
@@ -792,8 +820,8 @@ def test_a_drafter_replayed_on_every_step_is_not_explored(replayed):
             TimingRecord("n", "draft", 3, 0.0003, asked=10), VerifyRecord("n", "t", 3, 1, [1.0, 0.0], 3, replayed=replayed)]
     reasons = []
     for _ in range(3 * RouterConfig().explore_every):
-        reasons.append(router.plan_for("chat")[2])
-        router.observe("chat", step, 0.25)
+        reasons.append(plan_for(router, "chat").reason)
+        learned(router, "chat", step, 0.25)
     explored = [r for r in reasons if r.startswith("explore")]
     assert explored == [] if replayed else any("n -> d" in r for r in explored)
 
@@ -803,12 +831,12 @@ def test_a_requests_first_step_teaches_no_acceptance():
     prefills every level) count neither for the class nor for the request's own plan."""
     router = profiled_router(0.02)
     router.acceptance.observe("chat", "d", "t", [0.6] * 200)
-    route = router.start("chat")
+    route = RequestRoute("chat")
     for accepted in (0, 8):
-        route.next_plan()
-        route.observe([VerifyRecord("d", "t", 8, accepted, [float(accepted > 0)] * 8)], accepted + 1, 1.0)
+        next_plan(router, route)
+        step_done(router, route, [VerifyRecord("d", "t", 8, accepted, [float(accepted > 0)] * 8)], 1.0)
     assert router.acceptance.count("chat", "d", "t") == 208  # the second step's 8 positions only
-    assert route._own.alpha("d", "t", fallback=0.6) > 0.6  # its own: the block accepted whole, not the first
+    assert route.own.alpha("d", "t", fallback=0.6) > 0.6  # its own: the block accepted whole, not the first
 
 
 def test_a_kept_plan_is_predicted_anew_from_the_requests_latest_rounds():
@@ -816,12 +844,12 @@ def test_a_kept_plan_is_predicted_anew_from_the_requests_latest_rounds():
     compares with the time measured) follows its latest rounds."""
     router = profiled_router(0.02)
     router.acceptance.observe("chat", "d", "t", [0.6] * 200)
-    route = router.start("chat")
+    route = RequestRoute("chat")
     plans = []
     for _ in range(2 * RouterConfig().replan_every):
-        plans.append(route.next_plan())
+        plans.append(next_plan(router, route))
         g = plans[-1].draft_lens[0]
-        route.observe([VerifyRecord("d", "t", g, g, [1.0] * g)], g + 1, 1.0)  # every block accepted whole
+        step_done(router, route, [VerifyRecord("d", "t", g, g, [1.0] * g)], 1.0)  # every block accepted whole
     replanned, kept = plans[RouterConfig().replan_every:][:2]
     assert kept.chain + kept.draft_lens == replanned.chain + replanned.draft_lens
     assert kept.predicted_s_per_token < replanned.predicted_s_per_token

@@ -1,6 +1,6 @@
 import pytest
 
-from specrouter.routing.scheduler import expected_tokens, goodput, predict, search, search_batch
+from specrouter.routing.scheduler import expected_tokens, goodput, predict, search
 
 
 def flat(costs: dict[str, float]):
@@ -114,7 +114,8 @@ def test_goodput_switches_speculation_off_for_a_large_batch_and_back_on_for_a_sm
     verify = lambda level, n, b: {"t": 0.1 + 0.02 * n * b, "d": 0.01 + 0.001 * n * b}[level]
     draft = lambda level, b: 0.02 + 0.002 * b
     batches = (1, 2, 4, 8, 16, 32)
-    best = {b: search_batch(["d"], "t", b, verify, draft, lambda d, v: 0.8)[0] for b in batches}
+    best = {b: search(["d"], "t", lambda level, n, b=b: verify(level, n, b), lambda level, b=b: draft(level, b), lambda d, v: 0.8)[0]
+            for b in batches}
     lens = [p.draft_lens[0] if len(p.chain) > 1 else 0 for p in best.values()]
     assert lens[0] >= 2 and lens[-2:] == [0, 0]  # speculation at batch 1, none at 16 and 32
     assert lens == sorted(lens, reverse=True)  # it shrinks as the batch grows

@@ -13,8 +13,8 @@ from specrouter.core.chain import Chain
 from specrouter.core.model import ModelView, load_hf_model
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.spec import LevelSpec, parse_chain
+from specrouter.engine.calibration import router_for
 from specrouter.engine.engine import Engine
-from specrouter.routing.router import router_for
 from specrouter.tasks import align as align_module
 from specrouter.tasks.align import AlignConfig, align
 
@@ -110,7 +110,7 @@ def test_router_pools_base_and_aligned_drafters_per_task_and_stays_lossless(alig
     assert f"{draft}+task:code" in router.pool
     target_only = Engine(target, dtype="float32")
     for task, prompt in zip(("code", "chat-2"), prompts(2, VOCAB, seed=7)):  # a discovered task name is the class
-        result = engine.generate(prompt, 20, ignore_eos=True, route=router.start(task))
+        result = engine.generate(prompt, 20, ignore_eos=True, router=router, klass=task)
         assert result.token_ids == target_only.generate(prompt, 20, ignore_eos=True).token_ids
         assert result.routing["decisions"]
 

@@ -1,0 +1,18 @@
+"""The router's knobs (plain data, no torch: the serving configuration names their defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    replan_every: int = 2  # steps a request alone keeps its plan before re-planning
+    hysteresis: float = 0.05  # a request alone switches only to a plan predicted this much faster than its own
+    explore_every: int = 12  # steps after which a level (else a pair) not measured since gets one exploratory step
+    explore_margin: float = 1.2  # ... if its best plan is predicted at most this much slower than the best (else a probe)
+    batch_speculation_margin: float = 0.1  # a batch of two or more speculates only if predicted at least this much
+    # faster than plain batched decoding: predictions are rough, and at a large batch a wrong bet slows every request
+    max_drafters: int = 3  # the most drafters in a chain
+    lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10)  # the draft lengths searched
+    default_cost_s: float = 0.05  # cost assumed for a level never measured
