@@ -2,9 +2,9 @@
 
 Training prompts: the documented functions of Python's standard library (its own source, read with
 `ast`: nothing is imported), cut after the docstring as a code-completion prompt; and ShareGPT first
-user turns from past the region the benchmarks read. Evaluation prompts: HumanEval (every problem)
-and the ShareGPT first turns of that region (bench/workloads.py reads the file's first `EVAL_WINDOW`
-characters). `assert_disjoint` fails when a training prompt equals, contains or is contained in an
+user turns from past the region the benchmarks read. Evaluation prompts: HumanEval (every problem),
+the ShareGPT first turns of that region (bench/workloads.py reads the file's first `EVAL_WINDOW`
+characters) and the standard-library functions the code-edit workload asks to rewrite. `assert_disjoint` fails when a training prompt equals, contains or is contained in an
 evaluation prompt.
 """
 
@@ -23,6 +23,8 @@ from pathlib import Path
 EVAL_WINDOW = 4 << 20  # characters of the ShareGPT file the benchmarks draw prompts from
 TRAIN_WINDOW = 8 << 20  # characters after it that training prompts come from
 MIN_OVERLAP_CHARS = 40  # shorter normalised texts are compared for equality only
+EDIT_SOURCES = [("textwrap", "dedent"), ("shlex", "join"), ("glob", "escape"), ("string", "capwords"),
+                ("calendar", "weekday"), ("colorsys", "rgb_to_hls"), ("base64", "b64encode"), ("heapq", "nsmallest")]
 
 
 @dataclass(frozen=True)
@@ -144,14 +146,26 @@ def assert_disjoint(train: list[Text], evaluation: list[Text]) -> None:
         raise OverlapError(f"{len(found)} training prompts overlap evaluation prompts, e.g. {found[:3]}")
 
 
+def code_edit_sources() -> list[Text]:
+    """The functions the code-edit workload rewrites (bench/workloads.py `code_edits`), as they are in
+    the installed interpreter."""
+    import importlib
+    import inspect
+
+    return [Text("code", f"{module}.{name}", inspect.getsource(getattr(importlib.import_module(module), name)), chat=False)
+            for module, name in EDIT_SOURCES]
+
+
 def evaluation_texts() -> list[Text]:
-    return humaneval() + sharegpt_evaluation()
+    return humaneval() + sharegpt_evaluation() + code_edit_sources()
 
 
 def training_corpus(per_source: int) -> list[Text]:
     """per_source code and per_source chat prompts, checked disjoint from the evaluation prompts."""
-    evaluation = evaluation_texts()
-    train = drop_overlapping(stdlib_functions(per_source) + sharegpt_training(per_source), evaluation)
+    evaluation, spare = evaluation_texts(), 16  # spare: candidates beyond per_source, for those dropped
+    code = drop_overlapping(stdlib_functions(per_source + spare), evaluation)[:per_source]
+    chat = drop_overlapping(sharegpt_training(per_source + spare), evaluation)[:per_source]
+    train = code + chat
     assert_disjoint(train, evaluation)
     return train
 

@@ -41,3 +41,10 @@ def test_short_texts_overlap_only_when_equal():
     corpora.assert_disjoint([Text("chat", "t", "hello there", chat=True)], evaluation)
     with pytest.raises(OverlapError):
         corpora.assert_disjoint([Text("chat", "t", "hello  there, how are you?", chat=True)], evaluation)
+
+
+def test_the_code_edit_workloads_functions_are_evaluation_prompts_never_trained_on(evaluation):
+    edited = {f"{module}.{name}" for module, name in corpora.EDIT_SOURCES}
+    assert edited <= {e.id for e in evaluation}
+    train = corpora.training_corpus(64)
+    assert not {t.id.split(":")[-1] for t in train if t.source == "code"} & {name for _, name in corpora.EDIT_SOURCES}
