@@ -10,6 +10,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from specrouter.engine.frontend import chat_ids
+from specrouter.tasks.corpora import EDIT_SOURCES
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,6 @@ def sharegpt(n: int, min_chars: int = 40, max_chars: int = 600) -> list[Prompt]:
     return prompts
 
 
-EDIT_SOURCES = [("textwrap", "dedent"), ("shlex", "join"), ("glob", "escape"), ("string", "capwords"),
-                ("calendar", "weekday"), ("colorsys", "rgb_to_hls"), ("base64", "b64encode"), ("heapq", "nsmallest")]
 EDIT_TASKS = ["Add type hints to this function and return the whole function.",
               "Rename every local variable of this function to a more descriptive name and return the whole function.",
               "Add a docstring and comments to this function and return the whole function."]

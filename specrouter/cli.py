@@ -1,4 +1,4 @@
-"""`specrouter` command line: serve, generate, bench, models."""
+"""`specrouter` command line: serve, generate, bench, models, tasks, align."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import sys
 
 from specrouter.serving.config import DEFAULT_CHAIN
+
+DEFAULT_DRAFTER, DEFAULT_TARGET = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
 
 
 def _int_list(text: str) -> list[int]:
@@ -46,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tau-low", type=float, default=None,
                      help="with --tau-high: check those from here up with the slim verifier (default: --tau-high, none)")
     gen.add_argument("--slim-verifier", default="@skip", help="with --tau-high: the slim verifier, the target with @skip")
+    gen.add_argument("--tasks", nargs="?", const="default", default=None, metavar="TASK_MODEL",
+                     help="with --adaptive: class the prompt by its discovered task (`specrouter tasks fit`; default: "
+                     "the default task model) instead of the lexical classifier")
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and the gRPC API on an embedded local Ray")
     srv.add_argument("--config", default=None, help="YAML ServeConfig (chain, dtype, placement, ...); flags override it")
@@ -76,6 +81,31 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--gguf-only", action="store_true", help="with --prepare: the GGUF alone (llama.cpp levels)")
     models.add_argument("--requirements", nargs="+", metavar="NAME", help="print the pip requirements of these models")
     models.add_argument("--tokenizer-only", action="store_true", help="with --prepare / --requirements: the tokenizer alone")
+
+    tasks = sub.add_parser("tasks", help="discover tasks in a prompt corpus (clusters of prompt embeddings)")
+    tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True)
+    fit = tasks_sub.add_parser("fit", help="embed the training corpus with each encoder, cluster it, keep the better as default")
+    fit.add_argument("--encoders", default=f"minilm,hidden:{DEFAULT_TARGET}", help="comma-separated: minilm, hidden:MODEL")
+    fit.add_argument("--per-source", type=int, default=64, help="training prompts per source (code: stdlib, chat: ShareGPT)")
+    fit.add_argument("--held-out", type=int, default=40, help="evaluation prompts per source scored for routing accuracy")
+    fit.add_argument("--k", type=_int_list, default=[2, 3, 4, 5], help="cluster counts tried (best silhouette wins)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--json", action="store_true", help="print one JSON object")
+
+    align = sub.add_parser("align", help="distil a drafter toward the target on one task's prompts (LoRA adapter)")
+    align.add_argument("--task", required=True, help="a task of the default task model (`specrouter tasks fit`)")
+    align.add_argument("--drafter", default=DEFAULT_DRAFTER)
+    align.add_argument("--target", default=DEFAULT_TARGET)
+    align.add_argument("--steps", type=int, default=40)
+    align.add_argument("--lr", type=float, default=2e-4)
+    align.add_argument("--rank", type=int, default=16)
+    align.add_argument("--loss", choices=["fkl", "tvd"], default="fkl", help="forward KL or total variation")
+    align.add_argument("--continuation-tokens", type=int, default=32)
+    align.add_argument("--max-prompts", type=int, default=None, help="use at most this many of the task's prompts")
+    align.add_argument("--per-source", type=int, default=64, help="as given to `specrouter tasks fit`")
+    align.add_argument("--drafter-dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                       help="the frozen base drafter's dtype (adapters train in float32)")
+    align.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -95,9 +125,18 @@ def cmd_generate(args) -> int:
     router, klass = None, "default"
     if args.adaptive:
         from specrouter.engine.calibration import router_for
-        from specrouter.routing.classifier import classify
+        from specrouter.routing.classifier import classify_request
+        from specrouter.tasks.classifier import TaskClassifier
 
-        router, klass = router_for(engine), args.prompt_class or classify(args.prompt)
+        tasks = None
+        if args.prompt_class is None and args.tasks:
+            target = engine.specs[-1]
+            shared = {} if target.quant else {target.model: (engine.provider.get(target.model).model, engine.tokenizer)}
+            tasks = TaskClassifier.load(stem=args.tasks, shared=shared)
+        klass = classify_request(args.prompt, args.prompt_class, tasks)
+        if tasks is not None:
+            print(f"[class {klass}: discovered task, {tasks.last_ms:.1f} ms]", file=sys.stderr)
+        router = router_for(engine)
     result = engine.generate_text(args.prompt, args.max_tokens, params=params, seed=args.seed, ignore_eos=args.ignore_eos,
                                   router=router, klass=klass, tiered=tiered)
     if args.json:
@@ -207,6 +246,35 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_tasks(args) -> int:
+    from specrouter.tasks.fit import fit_and_compare
+
+    report = fit_and_compare(args.encoders.split(","), args.per_source, args.held_out, args.seed, tuple(args.k))
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for r in report["encoders"]:
+        print(f"{r['encoder']:32s} K={r['k']} tasks {', '.join(r['names'])}: routing accuracy {r['routing_accuracy']:.1%}, "
+              f"{r['ms_per_prompt']:.1f} ms per prompt")
+    print(f"default: {report['default']} (saved in {report['tasks_dir']})")
+    return 0
+
+
+def cmd_align(args) -> int:
+    from specrouter.tasks.align import AlignConfig
+    from specrouter.tasks.commands import align_task
+
+    config = AlignConfig(steps=args.steps, lr=args.lr, rank=args.rank, lora_alpha=2 * args.rank,
+                         continuation_tokens=args.continuation_tokens, loss=args.loss, seed=args.seed)
+    result = align_task(args.task, args.drafter, args.target, config, args.per_source, drafter_dtype=args.drafter_dtype,
+                        max_prompts=args.max_prompts)
+    losses = " ".join(f"{x:.4f}" for x in result.losses) if len(result.losses) <= 10 else \
+        f"{result.loss_first:.4f} (first 5) -> {result.loss_last:.4f} (last 5)"
+    print(f"{args.drafter}+task:{args.task}: {result.steps - result.resumed_at} steps in {result.minutes:.1f} min; loss {losses}\n"
+          f"  adapter {result.path} (sha256 {result.sha256})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from specrouter.core.catalog import CatalogError
 
@@ -217,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         # the driver reads it once, and every process it starts inherits it.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
-        commands = {"serve": cmd_serve, "generate": cmd_generate, "bench": cmd_bench, "models": cmd_models}
+        commands = {"serve": cmd_serve, "generate": cmd_generate, "bench": cmd_bench, "models": cmd_models, "tasks": cmd_tasks,
+                    "align": cmd_align}
         return commands[args.command](args)
     except (CatalogError, ValueError) as exc:
         print(f"specrouter: error: {exc}", file=sys.stderr)

@@ -26,8 +26,11 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant: str | None = None):
+def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant: str | None = None, adapter=None):
     """Load a transformers causal LM and its tokenizer from a local dir (or an already-cached HF id).
+
+    adapter: a LoRA adapter directory merged into the weights before any quantisation (an aligned
+    drafter: specrouter/core/adapters.py).
 
     quant="int8": int8 linears with dynamic activation quantisation (CPU). It changes the model's
     distribution, so it is for drafters and intermediate levels only: the target verifies.
@@ -39,6 +42,10 @@ def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant:
     if quant not in (None, "int8", "w8"):
         raise ValueError(f"unknown quantisation {quant!r} (supported: int8, w8)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    if adapter is not None:
+        from specrouter.core.adapters import merge_adapter
+
+        model = merge_adapter(model, adapter).eval()
     if quant == "int8":
         model = quantize_int8(model)
     elif quant == "w8":

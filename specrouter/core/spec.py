@@ -5,12 +5,17 @@ lookup), or a model with modifiers: `NAME@skip:L1+L2+A-B` skips those decoder la
 sharing NAME's weights; `NAME@skip` picks the measured default), `NAME@int8` runs int8 weights,
 `NAME@w8` int8 weights with activations in the model's dtype (a target too),
 `NAME@gguf` runs NAME's GGUF file on llama.cpp (a catalog name, a .gguf file, or a directory holding
-one .gguf file and a tokenizer). A single name means target-only decoding.
+one .gguf file and a tokenizer). `NAME+task:TASK` is NAME with its LoRA adapter aligned to the target
+on task TASK merged in (`specrouter align`; specrouter/core/adapters.py), a drafter of its own; the
+other modifiers follow it (`qwen2.5-coder-0.5b+task:code@w8`). A single name means target-only decoding.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True)
@@ -18,10 +23,14 @@ class LevelSpec:
     model: str  # catalog name, path, HF id, or "ngram"
     skip_layers: tuple[int, ...] | None = None  # None: all layers; () after "@skip": the default set
     quant: str | None = None  # "int8", "w8" (int8 weights alone), or "gguf" (the file's own, on llama.cpp)
+    task: str | None = None  # the task whose aligned adapter is merged into the model's weights
 
     @classmethod
     def parse(cls, text: str) -> "LevelSpec":
-        model, *modifiers = text.strip().split("@")
+        head, *modifiers = text.strip().split("@")
+        model, aligned, task = head.partition("+task:")
+        if aligned and not TASK_NAME.fullmatch(task):
+            raise ValueError(f"bad level {text!r}: a task name is letters, digits, '_', '.' and '-'")
         if not model:
             raise ValueError(f"bad level {text!r}: empty model name")
         skip, quant = None, None
@@ -36,7 +45,9 @@ class LevelSpec:
                 raise ValueError(f"bad level {text!r}: modifiers are @skip, @skip:L1+L2+A-B, @int8, @w8 and @gguf")
         if quant == "gguf" and skip is not None:
             raise ValueError(f"bad level {text!r}: a llama.cpp level (@gguf) runs every layer; @skip needs the torch backend")
-        return cls(model, skip, quant)
+        if quant == "gguf" and aligned:
+            raise ValueError(f"bad level {text!r}: an aligned drafter (+task:) needs the torch backend")
+        return cls(model, skip, quant, task if aligned else None)
 
     @property
     def backend(self) -> str:
@@ -44,7 +55,7 @@ class LevelSpec:
 
     @property
     def label(self) -> str:
-        label = self.model
+        label = self.model + (f"+task:{self.task}" if self.task else "")
         if self.skip_layers is not None:
             label += f"@skip:{'+'.join(map(str, self.skip_layers))}"
         return label + (f"@{self.quant}" if self.quant else "")
@@ -63,8 +74,8 @@ def _parse_layers(text: str, level: str) -> tuple[int, ...]:
 
 def parse_chain(text: str) -> list[LevelSpec]:
     specs = [LevelSpec.parse(part) for part in text.split(",")]
-    if specs[-1].model == "ngram" or specs[-1].skip_layers is not None or specs[-1].quant == "int8":
-        raise ValueError("the target (last level) must be a full model, without @skip or @int8 "
+    if specs[-1].model == "ngram" or specs[-1].skip_layers is not None or specs[-1].quant == "int8" or specs[-1].task:
+        raise ValueError("the target (last level) must be a full model, without @skip, @int8 or +task: "
                          "(@w8 and @gguf are allowed: the target is then that model)")
     return specs
 

@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from specrouter.core import catalog
+from specrouter.core import adapters, catalog
 from specrouter.core.model import ModelView, load_hf_model
 from specrouter.core.spec import LevelSpec, default_skip_layers
 from specrouter.core.vocab import tokenizer_fingerprint
@@ -118,15 +118,15 @@ def load_tokenizer(name_or_path: str, quant: str | None = None):
 
 
 class ModelStore:
-    """Loaded models by (name, quantisation), so chains built side by side share weights and workers.
+    """Loaded models by (name, quantisation, aligned task), so chains built side by side share weights and workers.
     `threads` is llama.cpp levels' thread count (default: every core this process may use)."""
 
     def __init__(self, dtype: str = "float32", device: str = "cpu", threads: int | None = None):
         self.dtype, self.device, self.threads = dtype, device, threads
-        self._loaded: dict[tuple[str, str | None], LoadedModel] = {}
+        self._loaded: dict[tuple[str, str | None, str | None], LoadedModel] = {}
 
-    def get(self, name: str, quant: str | None = None) -> LoadedModel:
-        key = (name, quant)
+    def get(self, name: str, quant: str | None = None, task: str | None = None) -> LoadedModel:
+        key = (name, quant, task)
         if key not in self._loaded:
             if quant == "gguf":
                 from specrouter.core.llamacpp import LlamaCppModel
@@ -135,7 +135,8 @@ class ModelStore:
                 info = TargetInfo(tokenizer, end_tokens(tokenizer, None) | model.end_ids, model.max_positions, model.vocab_size)
                 num_layers = model.num_layers
             else:
-                model, tokenizer = load_hf_model(catalog.resolve(name), self.dtype, self.device, quant)
+                adapter = adapters.verified_dir(name, task) if task else None
+                model, tokenizer = load_hf_model(catalog.resolve(name), self.dtype, self.device, quant, adapter)
                 info, num_layers = TargetInfo.of(model, tokenizer), model.config.num_hidden_layers
             self._loaded[key] = LoadedModel(model, tokenizer, tokenizer_fingerprint(tokenizer), info, num_layers)
         return self._loaded[key]
@@ -144,13 +145,13 @@ class ModelStore:
         return self.get(name, quant).info
 
     def tokenizer(self, spec: LevelSpec) -> tuple[object, str]:
-        loaded = self.get(spec.model, spec.quant)
+        loaded = self.get(spec.model, spec.quant, spec.task)
         return loaded.tokenizer, loaded.fingerprint
 
     def worker(self, spec: LevelSpec, target: str) -> ModelWorker:
-        loaded = self.get(spec.model, spec.quant)
+        loaded = self.get(spec.model, spec.quant, spec.task)
         skip = resolve_skip(spec, lambda: loaded.num_layers)
         if skip not in loaded.workers:
-            label = LevelSpec(spec.model, skip or None, spec.quant).label
+            label = LevelSpec(spec.model, skip or None, spec.quant, spec.task).label
             loaded.workers[skip] = ModelWorker(label, loaded.view(skip))
         return loaded.workers[skip]

@@ -2,7 +2,8 @@
 
 Each class (code, summarization, chat) gets its own acceptance table and its own best chain, as in
 TaskSpec: drafters agree with the target far more on code than on open chat. A request may also
-name its class explicitly.
+name its class explicitly. Where a task model is configured (`specrouter tasks fit`), its classifier
+(specrouter/tasks/classifier.py) names the class instead: a discovered task.
 """
 
 from __future__ import annotations
@@ -46,3 +47,11 @@ def classify(text: str) -> str:
     if code_score >= 1.0:
         return "code"
     return "chat"
+
+
+def classify_request(text: str, explicit: str | None = None, tasks=None) -> str:
+    """The request's class: the one it names, else its discovered task (`tasks`: a TaskClassifier),
+    else the lexical class."""
+    if explicit:
+        return explicit
+    return tasks.classify(text) if tasks is not None else classify(text)

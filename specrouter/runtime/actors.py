@@ -126,6 +126,9 @@ class RayWorkers:
         placement = placement or {}
         groups: dict[tuple[str, str | None], list[LevelSpec]] = {}
         for spec in specs:
+            if spec.task:
+                raise ValueError(f"{spec.label}: aligned drafters (+task:) run in-process (Engine over a ModelStore), "
+                                 "not on Ray workers")
             if spec.model != "ngram":
                 groups.setdefault((spec.model, spec.quant), []).append(spec)
         self.actors: dict[tuple[str, str | None], ray.actor.ActorHandle] = {}

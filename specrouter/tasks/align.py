@@ -1,0 +1,177 @@
+"""Drafter alignment (DistillSpec): LoRA adapters that move a drafter's token distributions toward
+the target's on one task's prompts.
+
+Each step takes one prompt of the task and a continuation of it: every `on_policy_every`-th step the
+drafter's own greedy continuation (with the adapter as trained so far: on-policy), otherwise the
+target's (generated once and kept). Both models score the sequence, and the loss is a divergence
+between the target's and the drafter's next-token distributions over the continuation's positions:
+forward KL(p_target || q_draft) or total variation 0.5 * sum |p_target - q_draft|, the quantity
+whose complement is the expected acceptance of a speculative step. Only the adapter's weights train
+(peft LoRA on every projection); the base drafter's stay as loaded (bf16 or fp32; adapters in fp32).
+
+A run checkpoints (adapter, optimiser, step, losses) every `save_every` steps in a work directory
+beside the output and resumes from there; the finished adapter is saved with the sha256 of its
+weights (specrouter/core/adapters.py), where a `MODEL+task:NAME` level finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from specrouter.core import adapters
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LOSSES = ("fkl", "tvd")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    steps: int = 40
+    lr: float = 2e-4
+    rank: int = 16
+    lora_alpha: int = 32
+    continuation_tokens: int = 32
+    max_prompt_tokens: int = 192
+    on_policy_every: int = 2  # every n-th step trains on the drafter's own continuation (0: never)
+    loss: str = "fkl"
+    save_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class AlignResult:
+    path: str
+    sha256: str
+    steps: int
+    minutes: float  # this run's wall time (a resumed run counts from its resumption)
+    resumed_at: int
+    loss_first: float  # mean loss of the first and last (up to) 5 steps
+    loss_last: float
+    losses: list[float] = field(default_factory=list)
+
+
+def divergence(target_logits: torch.Tensor, draft_logits: torch.Tensor, loss: str) -> torch.Tensor:
+    """Mean over positions of the divergence between p_target and q_draft, both [T, V] logits."""
+    log_p_target = torch.log_softmax(target_logits.float(), -1)  # [T, V]
+    log_q_draft = torch.log_softmax(draft_logits.float(), -1)  # [T, V]
+    if loss == "fkl":
+        return (log_p_target.exp() * (log_p_target - log_q_draft)).sum(-1).mean()
+    if loss == "tvd":
+        return 0.5 * (log_p_target.exp() - log_q_draft.exp()).abs().sum(-1).mean()
+    raise ValueError(f"unknown loss {loss!r}: one of {LOSSES}")
+
+
+@torch.no_grad()
+def greedy_continuation(model, prompt: list[int], n: int, eos_ids: frozenset[int]) -> list[int]:
+    """n greedy tokens after `prompt` (fewer where an end token comes), with the model's own KV cache."""
+    ids, past, out = torch.tensor([prompt]), None, []
+    for _ in range(n):
+        result = model(input_ids=ids, past_key_values=past, use_cache=True)
+        past = result.past_key_values
+        token = int(result.logits[0, -1].argmax())
+        out.append(token)
+        if token in eos_ids:
+            break
+        ids = torch.tensor([[token]])
+    return out
+
+
+def _lora(drafter, config: AlignConfig):
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in drafter.named_modules()}
+    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                      target_modules=[p for p in PROJECTIONS if p in present], task_type="CAUSAL_LM")
+    return get_peft_model(drafter, lora)  # adapters in fp32 over a bf16 or fp32 base (peft's autocast_adapter_dtype)
+
+
+def align(drafter, target, prompts: list[list[int]], out: Path, config: AlignConfig = AlignConfig(),
+          eos_ids: frozenset[int] = frozenset(), meta: dict | None = None) -> AlignResult:
+    """Train a LoRA adapter on `drafter` toward `target` over `prompts` (token ids) and save it at `out`."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    if config.loss not in LOSSES:
+        raise ValueError(f"unknown loss {config.loss!r}: one of {LOSSES}")
+    if not prompts:
+        raise ValueError("no prompts to align on")
+    prompts = [p[-config.max_prompt_tokens :] for p in prompts]
+    work = out.with_name(f".{out.name}.work")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    model = _lora(drafter, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    target.eval()
+
+    # 1. Resume: adapter, optimiser, step and losses from the last checkpoint of this configuration.
+    checkpoint, step, losses = work / "checkpoint.pt", 0, []
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["config"] == asdict(config) and state["num_prompts"] == len(prompts):
+            set_peft_model_state_dict(model, state["adapter"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, losses = state["step"], state["losses"]
+    resumed_at = step
+
+    # 2. The target's continuations, generated once per prompt and kept in the work directory.
+    cached = work / "target_continuations.json"
+    continuations: dict[str, list[int]] = json.loads(cached.read_text()) if cached.exists() else {}
+    order = list(range(len(prompts)))
+    random.Random(config.seed).shuffle(order)
+
+    start = time.perf_counter()
+    with tqdm(total=config.steps, initial=step, desc=f"align {out.name}", unit="step") as bar:
+        while step < config.steps:
+            prompt = prompts[order[step % len(order)]]
+            # 3. The continuation: the drafter's own (on-policy) or the target's.
+            if config.on_policy_every and step % config.on_policy_every == config.on_policy_every - 1:
+                model.eval()
+                continuation = greedy_continuation(model, prompt, config.continuation_tokens, eos_ids)
+            else:
+                key = str(order[step % len(order)])
+                if key not in continuations:
+                    continuations[key] = greedy_continuation(target, prompt, config.continuation_tokens, eos_ids)
+                    cached.write_text(json.dumps(continuations))
+                continuation = continuations[key]
+            ids = torch.tensor([prompt + continuation])  # [1, S]
+            scored = slice(len(prompt) - 1, ids.shape[1] - 1)  # positions predicting the continuation
+            # 4. Divergence between the two distributions there; a step of the adapter's weights.
+            model.train()
+            with torch.no_grad():
+                target_logits = target(input_ids=ids).logits[0, scored]  # [T, V]
+            draft_logits = model(input_ids=ids).logits[0, scored]  # [T, V]
+            loss = divergence(target_logits, draft_logits, config.loss)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step % config.save_every == 0 or step == config.steps:
+                tmp = checkpoint.with_suffix(".partial")
+                torch.save({"config": asdict(config), "num_prompts": len(prompts), "step": step, "losses": losses,
+                            "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict()}, tmp)
+                tmp.replace(checkpoint)
+    minutes = (time.perf_counter() - start) / 60
+
+    # 5. The adapter, sealed with its sha256; the work directory goes.
+    model.eval()
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(str(out))
+    head, tail = losses[:5], losses[-5:]
+    summary = {**(meta or {}), "config": asdict(config), "prompts": len(prompts), "steps": step, "minutes": round(minutes, 3),
+               "loss_first": sum(head) / len(head), "loss_last": sum(tail) / len(tail), "losses": losses}
+    digest = adapters.seal(out, summary)
+    shutil.rmtree(work, ignore_errors=True)
+    model.unload()  # the drafter module without its LoRA layers, as it was passed in
+    return AlignResult(str(out), digest, step, minutes, resumed_at, summary["loss_first"], summary["loss_last"], losses)

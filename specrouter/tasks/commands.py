@@ -1,0 +1,47 @@
+"""`specrouter align --task NAME`: align a drafter to the target on one discovered task's prompts."""
+
+from __future__ import annotations
+
+from specrouter.core import adapters, catalog
+from specrouter.core.model import load_hf_model
+from specrouter.core.store import end_tokens
+from specrouter.tasks import corpora
+from specrouter.tasks.align import AlignConfig, AlignResult, align
+from specrouter.tasks.discovery import DEFAULT, TaskModel, members, tasks_root
+from specrouter.tasks.encoders import encoder_for
+
+
+def prompt_ids(tokenizer, text: corpora.Text) -> list[int]:
+    """A prompt's token ids as a request sends it: chat turns under the tokenizer's chat template."""
+    if text.chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text.text}], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(text.text)["input_ids"]
+
+
+def task_texts(model: TaskModel, task: str, per_source: int, shared: dict | None = None) -> list[corpora.Text]:
+    """The training corpus's prompts that fall in `task` (the corpus the task model was fitted on)."""
+    if task not in model.names:
+        raise ValueError(f"unknown task {task!r}: the task model has {', '.join(model.names)}")
+    train = corpora.training_corpus(per_source)
+    if corpora.corpus_sha256(train) != model.corpus_sha256:
+        raise ValueError("the task model was fitted on another corpus; pass the --per-source it was fitted with")
+    vectors = encoder_for(model.encoder, shared=shared).encode([t.text for t in train])
+    return [train[i] for i in members(model, vectors, task)]
+
+
+def align_task(task: str, drafter: str, target: str, config: AlignConfig, per_source: int = 64,
+               task_model: str = DEFAULT, drafter_dtype: str = "bfloat16", target_dtype: str = "bfloat16",
+               max_prompts: int | None = None) -> AlignResult:
+    model = TaskModel.load(tasks_root(), task_model)
+    target_lm, tokenizer = load_hf_model(catalog.resolve(target), target_dtype)
+    texts = task_texts(model, task, per_source, shared={target: (target_lm, tokenizer)})
+    corpora.assert_disjoint(texts, corpora.evaluation_texts())
+    texts = texts[:max_prompts] if max_prompts else texts
+    drafter_lm, drafter_tokenizer = load_hf_model(catalog.resolve(drafter), drafter_dtype)
+    if len(drafter_tokenizer) != len(tokenizer) or drafter_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"{drafter} and {target} must share a tokenizer to be aligned")
+    return align(drafter_lm, target_lm, [prompt_ids(tokenizer, t) for t in texts], adapters.adapter_dir(drafter, task),
+                 config, end_tokens(tokenizer, target_lm.generation_config),
+                 meta={"task": task, "drafter": drafter, "target": target, "corpus_sha256": model.corpus_sha256,
+                       "encoder": model.encoder, "drafter_dtype": drafter_dtype, "target_dtype": target_dtype})

@@ -1,0 +1,173 @@
+"""Aligned drafters: LoRA distillation toward the target, loaded as a chain level, lossless in use."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import model_level, perturbed, prompts, save_with_tokenizer, tiny_llama
+from core.test_chain import chi_square_p_value, joint_two_tokens, run
+from specrouter.core import adapters
+from specrouter.core.chain import Chain
+from specrouter.core.model import ModelView, load_hf_model
+from specrouter.core.sampling import SamplingParams
+from specrouter.core.spec import LevelSpec, parse_chain
+from specrouter.engine.calibration import router_for
+from specrouter.engine.engine import Engine
+from specrouter.tasks import align as align_module
+from specrouter.tasks.align import AlignConfig, align
+
+VOCAB = 49152
+FAST = AlignConfig(steps=6, lr=3e-3, rank=4, lora_alpha=8, continuation_tokens=8, on_policy_every=2, save_every=2)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        root = tmp_path_factory.mktemp("cache")
+        patch.setenv("SPECROUTER_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, tiny_dirs, smollm2_dir):
+    """The tiny target, and a drafter far enough from it that alignment has something to close."""
+    far = perturbed(tiny_llama(0, VOCAB), 1, 0.5)  # tiny_dirs' target is tiny_llama(0, VOCAB)
+    return {"target": tiny_dirs["target"], "draft": save_with_tokenizer(far, tmp_path_factory.mktemp("far") / "draft", smollm2_dir)}
+
+
+def tiny_pair(dirs):
+    draft, _ = load_hf_model(dirs["draft"], "float32")
+    target, _ = load_hf_model(dirs["target"], "float32")
+    return draft, target
+
+
+@torch.no_grad()
+def mean_divergence(drafter, target, data: list[list[int]]) -> float:
+    """KL(p_target || q_draft) over the target's own greedy continuations of `data`."""
+    total = 0.0
+    for prompt in data:
+        ids = torch.tensor([prompt + align_module.greedy_continuation(target, prompt, 8, frozenset())])
+        scored = slice(len(prompt) - 1, ids.shape[1] - 1)
+        total += float(align_module.divergence(target(input_ids=ids).logits[0, scored], drafter(input_ids=ids).logits[0, scored], "fkl"))
+    return total / len(data)
+
+
+@pytest.fixture(scope="module")
+def aligned(cache, dirs):
+    draft, target = tiny_pair(dirs)
+    data = prompts(6, VOCAB)
+    before = mean_divergence(draft, target, data)
+    result = align(draft, target, data, adapters.adapter_dir(dirs["draft"], "code"), FAST, meta={"task": "code"})
+    merged = adapters.merge_adapter(tiny_pair(dirs)[0], Path(result.path)).eval()
+    return result, before, mean_divergence(merged, target, data)
+
+
+def test_a_level_names_its_aligned_task():
+    spec = LevelSpec.parse("qwen2.5-coder-0.5b+task:code@w8")
+    assert (spec.model, spec.task, spec.quant) == ("qwen2.5-coder-0.5b", "code", "w8")
+    assert spec.label == "qwen2.5-coder-0.5b+task:code@w8"
+    assert [s.task for s in parse_chain("a+task:chat-2,a+task:code@skip:1,b")] == ["chat-2", "code", None]
+    for bad in ("a+task:", "a+task:x/y", "a+task:code@gguf"):
+        with pytest.raises(ValueError):
+            LevelSpec.parse(bad)
+    with pytest.raises(ValueError):
+        parse_chain("a,b+task:code")  # the target is the target, never an aligned copy
+
+
+def test_alignment_lowers_the_divergence_and_seals_the_adapter(aligned):
+    aligned, before, after = aligned
+    assert aligned.steps == FAST.steps and aligned.resumed_at == 0
+    assert after < 0.85 * before
+    path = Path(aligned.path)
+    assert (path / adapters.DIGEST).read_text().strip() == aligned.sha256 == adapters.file_sha256(path / adapters.WEIGHTS)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["task"] == "code" and meta["sha256"] == aligned.sha256 and meta["steps"] == FAST.steps
+    assert not path.with_name(f".{path.name}.work").exists()
+
+
+def test_aligned_drafter_loads_as_a_level_and_greedy_output_equals_the_target_alone(aligned, dirs):
+    draft, target = dirs["draft"], dirs["target"]
+    engine = Engine(f"{draft}+task:code,{target}", dtype="float32", draft_lens=[3])
+    assert list(engine.levels)[0] == f"{draft}+task:code"
+    merged = engine.provider.get(draft, None, "code").model
+    base, _ = load_hf_model(draft, "float32")
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert type(merged) is type(base)  # merged into plain weights: no LoRA layers left
+    target_only = Engine(target, dtype="float32")
+    for prompt in prompts(3, VOCAB, seed=5):
+        expected = target_only.generate(prompt, 24, ignore_eos=True).token_ids
+        result = engine.generate(prompt, 24, ignore_eos=True)
+        assert result.token_ids == expected
+        assert result.level_stats[0].num_draft_tokens > 0  # the aligned level drafted
+
+
+def test_router_pools_base_and_aligned_drafters_per_task_and_stays_lossless(aligned, dirs):
+    draft, target = dirs["draft"], dirs["target"]
+    engine = Engine(f"{draft},{draft}+task:code,{target}", dtype="float32", draft_lens=[3, 3])
+    router = router_for(engine)
+    assert f"{draft}+task:code" in router.pool
+    target_only = Engine(target, dtype="float32")
+    for task, prompt in zip(("code", "chat-2"), prompts(2, VOCAB, seed=7)):  # a discovered task name is the class
+        result = engine.generate(prompt, 20, ignore_eos=True, router=router, klass=task)
+        assert result.token_ids == target_only.generate(prompt, 20, ignore_eos=True).token_ids
+        assert result.routing["decisions"]
+
+
+def test_a_tampered_adapter_is_refused(aligned, dirs):
+    source = Path(aligned[0].path)
+    copy = adapters.adapter_dir(dirs["draft"], "tampered")
+    copy.mkdir(parents=True)
+    for f in source.iterdir():
+        copy.joinpath(f.name).write_bytes(f.read_bytes())
+    copy.joinpath(adapters.DIGEST).write_text("0" * 64 + "\n")
+    with pytest.raises(adapters.AdapterError, match="sha256"):
+        Engine(f"{dirs['draft']}+task:tampered,{dirs['target']}", dtype="float32")
+    with pytest.raises(adapters.AdapterError, match="specrouter align"):
+        Engine(f"{dirs['draft']}+task:missing,{dirs['target']}", dtype="float32")
+
+
+def test_an_interrupted_alignment_resumes_to_the_same_adapter(cache, dirs, monkeypatch):
+    config = AlignConfig(steps=4, lr=5e-3, rank=4, lora_alpha=8, continuation_tokens=6, save_every=2)
+    data = prompts(3, VOCAB, seed=9)
+    whole = align(*tiny_pair(dirs), data, cache / "whole", config)
+
+    calls, divergence = [], align_module.divergence
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return divergence(*args)
+
+    monkeypatch.setattr(align_module, "divergence", failing)
+    with pytest.raises(KeyboardInterrupt):
+        align(*tiny_pair(dirs), data, cache / "resumed", config)
+    monkeypatch.setattr(align_module, "divergence", divergence)
+    resumed = align(*tiny_pair(dirs), data, cache / "resumed", config)
+    assert resumed.resumed_at == 2 and resumed.steps == 4
+    assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
+    assert resumed.sha256 == whole.sha256 or resumed.losses == whole.losses
+
+
+SMALL_V = 6
+
+
+def test_sampling_with_an_aligned_drafter_follows_the_target_joint(tmp_path):
+    params = SamplingParams(temperature=0.8, top_k=5)
+    target = tiny_llama(10, SMALL_V, init_std=0.1)
+    drafter = tiny_llama(11, SMALL_V, init_std=0.1)
+    data = [[1, 4, 2, 3], [2, 2, 5], [0, 3, 1, 1, 4]]
+    config = AlignConfig(steps=8, lr=2e-2, rank=4, lora_alpha=8, continuation_tokens=4, save_every=4)
+    align(drafter, target, data, tmp_path / "adapter", config)
+    aligned = adapters.merge_adapter(tiny_llama(11, SMALL_V, init_std=0.1), tmp_path / "adapter").eval()
+    assert not torch.equal(aligned.model.layers[0].mlp.up_proj.weight, drafter.model.layers[0].mlp.up_proj.weight)
+    chain = Chain([model_level(aligned, "aligned"), model_level(target, "target")], [3])
+    prompt, samples = [1, 4, 2], 2000
+    counts = torch.zeros(SMALL_V, SMALL_V)
+    for seed in range(samples):
+        tokens, _ = run(chain, prompt, 2, params, seed=seed)
+        counts[tokens[0], tokens[1]] += 1
+    assert chi_square_p_value(counts, joint_two_tokens(ModelView(target), prompt, params)) > 1e-3
+    assert chi_square_p_value(counts, joint_two_tokens(ModelView(aligned), prompt, params)) < 1e-6
