@@ -65,19 +65,20 @@ def main() -> None:
 
     # 5. the layers
     layers = [("core/", "sampling, verification,\nsequence, models, workers,\nchain step, catalog"),
+              ("tasks/", "corpora, encoders,\ntask discovery,\ndrafter alignment"),
               ("routing/", "profiler, acceptance,\nlatency model, classifier,\nrouter"),
               ("engine/", "Engine, BatchLoop,\nfrontend, detokenizer,\ncalibration"),
               ("runtime/", "Ray actors,\ngRPC data plane"),
               ("serving/", "HTTP + gRPC front,\nServe app, config,\nSDK, metrics")]
     ax.text(0.2, 2.35, "Package layers (each imports only those to its left)", fontsize=10, fontweight="bold", va="bottom")
     for i, (name, what) in enumerate(layers):
-        x = 0.2 + i * 2.55
-        ax.add_patch(FancyBboxPatch((x, 0.3), 2.2, 1.8, boxstyle="round,pad=0.02,rounding_size=0.08",
+        x = 0.2 + i * 2.15
+        ax.add_patch(FancyBboxPatch((x, 0.3), 1.95, 1.8, boxstyle="round,pad=0.02,rounding_size=0.08",
                                     fc=COLORS["layer"], ec="#444444", lw=1))
-        ax.text(x + 1.1, 1.95, name, ha="center", va="top", fontsize=10, fontweight="bold", family="monospace")
-        ax.text(x + 1.1, 1.5, what, ha="center", va="top", fontsize=8)
+        ax.text(x + 0.975, 1.95, name, ha="center", va="top", fontsize=10, fontweight="bold", family="monospace")
+        ax.text(x + 0.975, 1.5, what, ha="center", va="top", fontsize=8)
         if i:
-            arrow(ax, (x, 1.2), (x - 0.35, 1.2))
+            arrow(ax, (x, 1.2), (x - 0.2, 1.2))
 
     OUT.parent.mkdir(exist_ok=True)
     fig.savefig(OUT, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})

@@ -7,6 +7,7 @@ neither torch nor Ray):
 
 Layers, each importing only those above it in this list:
     core/     sampling, verification, sequences, models and their workers, levels, the chain step
+    tasks/    TaskSpec: corpora, prompt encoders, task discovery, drafter alignment
     routing/  costs, acceptance, the latency model, the classifier, the adaptive router
     engine/   the generation loop, calibration, the text frontend
     runtime/  Ray actors (one per model) and the gRPC data plane between them

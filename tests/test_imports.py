@@ -1,4 +1,4 @@
-"""The package's layers (core < routing < engine < runtime < serving) import only downward, core
+"""The package's layers (core < tasks < routing < engine < runtime < serving) import only downward, core
 imports no serving or cluster library, and no modules import each other in a circle. Every import
 counts: at module level, inside functions, and under `if TYPE_CHECKING:`."""
 
@@ -41,7 +41,9 @@ IMPORTS = {name: imported(name) for name in MODULES}
 # (layer, forbidden imports: a package prefix or a top-level library)
 RULES = [
     ("specrouter.core", ["ray", "grpc", "fastapi", "starlette", "httpx", "uvicorn",
-                         "specrouter.routing", "specrouter.engine", "specrouter.runtime", "specrouter.serving"]),
+                         "specrouter.tasks", "specrouter.routing", "specrouter.engine", "specrouter.runtime",
+                         "specrouter.serving"]),
+    ("specrouter.tasks", ["ray", "grpc", "specrouter.routing", "specrouter.engine", "specrouter.runtime", "specrouter.serving"]),
     ("specrouter.routing", ["specrouter.engine", "specrouter.runtime", "specrouter.serving"]),
     ("specrouter.engine", ["specrouter.runtime", "specrouter.serving"]),
     ("specrouter.runtime", ["specrouter.serving"]),
