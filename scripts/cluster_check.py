@@ -1,7 +1,7 @@
 """Serve one generation through a running Ray cluster and check where each model ran.
 
 A driver for scripts/multinode.sh and scripts/cluster_local.sh: connects to the cluster at
---address (attaching to the raylet at --node-ip, a node of this machine), starts a RouterActor on
+--address (attaching to the raylet at --node-ip, a node on this host), starts a RouterActor on
 --chain with --placement (default: drafters need {"accel_small": 1}, the target {"accel_large": 1}),
 runs one greedy generation and the same prompt target-only in this process, and prints one JSON
 line: the nodes, where each model's actor runs, both outputs. Exit status 0 only if the outputs are
@@ -46,7 +46,7 @@ def wait_for_nodes(count: int, timeout_s: float) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", required=True, help="the head's GCS address, host:port")
-    parser.add_argument("--node-ip", required=True, help="IP of the node on this machine the driver attaches to")
+    parser.add_argument("--node-ip", required=True, help="IP of the node on this host the driver attaches to")
     parser.add_argument("--chain", default="smollm2-135m@int8,smollm2-135m")
     parser.add_argument("--placement", type=json.loads, help="JSON: model label -> Placement fields")
     parser.add_argument("--nodes", type=int, default=1, help="wait until this many nodes are alive")

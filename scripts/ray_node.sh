@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start or stop ONE Ray node of this machine, by its own process group. Never `ray stop`: that
+# Start or stop ONE Ray node on this host, by its own process group. Never `ray stop`: that
 # kills every Ray process on the machine, other people's sessions included.
 #
 #   scripts/ray_node.sh start DIR NAME [ray start args..]   `ray start --block` in a new session
