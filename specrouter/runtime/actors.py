@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from specrouter.core.levels import ModelLevel
 from specrouter.core.spec import LevelSpec, parse_chain, slim_spec
 from specrouter.engine.defaults import MAX_BATCH, RETRY_DOWN_AFTER_S
 from specrouter.routing.config import RouterConfig
@@ -262,7 +263,7 @@ class RouterActor:
         return {**result.as_dict(), "data_plane_bytes": self._bytes_moved() - bytes_before}
 
     def _bytes_moved(self) -> int:
-        return sum(level.worker.bytes_moved for level in self.engine.levels.values() if hasattr(level, "worker"))
+        return sum(level.worker.bytes_moved for level in self.engine.levels.values() if isinstance(level, ModelLevel))
 
     def placements(self) -> dict:
         return self.provider.placements()
@@ -274,5 +275,6 @@ class RouterActor:
 
     def describe(self) -> dict:
         """The levels, those down, and the data-plane frames each level's worker sent, by op."""
-        frames = {name: dict(level.worker.frames_sent) for name, level in self.engine.levels.items() if hasattr(level, "worker")}
+        frames = {name: dict(level.worker.frames_sent) for name, level in self.engine.levels.items()
+                  if isinstance(level, ModelLevel)}
         return {"levels": list(self.engine.levels), "down": sorted(self.engine.down), "data_plane_frames": frames}
