@@ -196,7 +196,7 @@ def cmd_serve(args) -> int:
         print(f"specrouter: serving {config.served_name}\n"
               f"  OpenAI HTTP  {urls.http}/v1  (completions, chat/completions, models)\n"
               f"  metrics      {urls.http}/metrics\n"
-              f"  gRPC         {urls.grpc or 'disabled'}  (specrouter.v1.SpecRouter; SDK: specrouter.serving.client)\n"
+              f"  gRPC         {urls.grpc or 'disabled'}  (specrouter.v1.SpecRouter; SDK: specrouter.Client)\n"
               "Ctrl-C stops.", flush=True)
         stop.wait()
     finally:
