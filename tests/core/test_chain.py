@@ -1,7 +1,5 @@
 """The multi-level step: greedy identity with target-only decoding, exact sampling distribution."""
 
-import itertools
-
 import pytest
 import torch
 

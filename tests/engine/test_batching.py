@@ -1,7 +1,6 @@
 """Continuous batching: batched outputs equal one-at-a-time outputs; cancellation frees only its own state."""
 
 import pytest
-import torch
 
 from specrouter.engine.loop import BatchLoop
 from specrouter.engine.engine import Engine

@@ -72,7 +72,7 @@ def test_search_finds_known_optimum_among_chains_and_lengths():
     alpha = {("fast", "t"): 0.8, ("slow", "t"): 0.9, ("fast", "slow"): 0.85}
     plans = search(["fast", "slow"], "t", verify, draft, lambda d, v: alpha[(d, v)], lengths=tuple(range(1, 11)))
     best = plans[0]
-    brute = min((((1 - 0.8 ** (g + 1)) / 0.2, g) for g in range(1, 11)), key=lambda x: (g_cost := x[1] * 0.1 + 1.0) / x[0])
+    brute = min((((1 - 0.8 ** (g + 1)) / 0.2, g) for g in range(1, 11)), key=lambda x: (x[1] * 0.1 + 1.0) / x[0])
     assert best.chain == ("fast", "t")
     assert best.draft_lens == (brute[1],)
     assert {p.chain for p in plans} == {("t",), ("fast", "t"), ("slow", "t"), ("fast", "slow", "t")}

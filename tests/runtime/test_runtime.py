@@ -1,7 +1,6 @@
 """The distributed runtime on a real local Ray with tiny models: same output as in-process, and
 faults that shorten the chain (drafter) or fail cleanly then recover (target)."""
 
-import threading
 import time
 
 import pytest

@@ -186,7 +186,7 @@ def _outward_ip() -> str | None:
 def test_servers_bind_to_loopback_only(live_server):
     ip = _outward_ip()
     if ip is None:
-        pytest.skip("this machine has no non-loopback address")
+        pytest.skip("the host has no non-loopback address")
     for address in (live_server["http"].removeprefix("http://"), live_server["grpc"]):
         port = int(address.rsplit(":", 1)[1])
         with socket.socket() as s:
