@@ -8,9 +8,10 @@ Workloads: HumanEval prompts (code), ShareGPT first turns (chat), and code edits
 functions (answers that repeat much of the prompt). Every request runs end to end, prefill included,
 greedy, 2 threads, one at a time; each prompt under every method in turn, so drift hits them alike.
 llama-server runs plain, with its n-gram speculation and with the 0.5B as its draft model (two
-settings); SpecRouter in-process runs each target alone on each backend, static chains, and adaptive
-routing over a pool; chains on the llama.cpp target verify blocks no wider than it verifies
-bit-exactly (measured at load) unless named "not bit-exact". Reported: tokens/s, speed relative to llama-server plain, the rate of outputs
+settings); SpecRouter in-process runs each target alone on each backend (llama.cpp; torch in bf16, with
+int8 weights, with 4-bit weights), static chains, and adaptive routing over a pool; chains verify
+blocks no wider than their target verifies bit-exactly (llama.cpp: measured at load; w8/w4: 16
+tokens) unless named "not bit-exact". Reported: tokens/s, speed relative to llama-server plain, the rate of outputs
 identical to the same target alone, tokens per target pass, peak RSS of each process.
 
 Writes bench/results/peers-<timestamp>.json.
@@ -60,14 +61,24 @@ class Method:
 def methods(threads: int) -> list[Method]:
     draft = str(catalog.prepare_gguf(DRAFT))
     spec = ("-md", draft, "--spec-type", "draft-simple", "-td", str(threads))
-    gguf, w8 = f"{TARGET}@gguf", f"{TARGET}@w8"
+    gguf, w8, w4 = f"{TARGET}@gguf", f"{TARGET}@w8", f"{TARGET}@w4"
     return [
         Method(BASELINE, ()),
         Method("llama-server ngram", ("--spec-type", "ngram-mod")),
         Method("llama-server 0.5B draft (n-max 3, p-min 0.7)", spec + ("--spec-draft-n-max", "3", "--spec-draft-p-min", "0.7")),
         Method("llama-server 0.5B draft (n-max 8)", spec + ("--spec-draft-n-max", "8")),
         Method("ours: 1.5B gguf alone", chain=gguf, reference="ours: 1.5B gguf alone"),
+        Method("ours: 1.5B bf16 alone", chain=TARGET, reference="ours: 1.5B bf16 alone"),
         Method("ours: 1.5B w8 alone", chain=w8, reference="ours: 1.5B w8 alone"),
+        Method("ours: 1.5B w4 alone", chain=w4, reference="ours: 1.5B w4 alone"),
+        Method("ours: ngram -> 1.5B w4", chain=f"ngram,{w4}", draft_lens=(6,), reference="ours: 1.5B w4 alone"),
+        Method("ours: 0.5B gguf -> 1.5B w4", chain=f"{DRAFT}@gguf,{w4}", draft_lens=(4,), reference="ours: 1.5B w4 alone"),
+        Method("ours: 0.5B gguf -> 1.5B w4 (stop 0.5)", chain=f"{DRAFT}@gguf,{w4}", draft_lens=(8,), draft_confidence=0.5,
+               reference="ours: 1.5B w4 alone"),
+        Method("ours: ngram -> 0.5B gguf -> 1.5B w4", chain=f"ngram,{DRAFT}@gguf,{w4}", draft_lens=(4, 6),
+               reference="ours: 1.5B w4 alone"),
+        Method("ours: adaptive (ngram, 0.5B gguf, 1.5B w4)", chain=f"ngram,{DRAFT}@gguf,{w4}", adaptive=True,
+               reference="ours: 1.5B w4 alone"),
         Method("ours: ngram -> 1.5B gguf", chain=f"ngram,{gguf}", draft_lens=(6,), reference="ours: 1.5B gguf alone"),
         Method("ours: 0.5B gguf -> 1.5B gguf", chain=f"{DRAFT}@gguf,{gguf}", draft_lens=(6,), reference="ours: 1.5B gguf alone"),
         Method("ours: ngram -> 0.5B gguf -> 1.5B gguf", chain=f"ngram,{DRAFT}@gguf,{gguf}", draft_lens=(4, 6),

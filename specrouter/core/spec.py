@@ -3,7 +3,8 @@
 A name is a catalog name (`specrouter models`), a local path or a cached HF id, `ngram` (prompt
 lookup), or a model with modifiers: `NAME@skip:L1+L2+A-B` skips those decoder layers (a slim level
 sharing NAME's weights; `NAME@skip` picks the measured default), `NAME@int8` runs int8 weights,
-`NAME@w8` int8 weights with activations in the model's dtype (a target too),
+`NAME@w8` int8 weights with activations in the model's dtype (a target too), `NAME@w4` the same with
+4-bit weights in groups of 32 (CPU),
 `NAME@gguf` runs NAME's GGUF file on llama.cpp (a catalog name, a .gguf file, or a directory holding
 one .gguf file and a tokenizer). `NAME+task:TASK` is NAME with its LoRA adapter aligned to the target
 on task TASK merged in (`specrouter align`; specrouter/core/adapters.py), a drafter of its own; the
@@ -22,7 +23,7 @@ TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 class LevelSpec:
     model: str  # catalog name, path, HF id, or "ngram"
     skip_layers: tuple[int, ...] | None = None  # None: all layers; () after "@skip": the default set
-    quant: str | None = None  # "int8", "w8" (int8 weights alone), or "gguf" (the file's own, on llama.cpp)
+    quant: str | None = None  # "int8", "w8" / "w4" (int8 / int4 weights alone), or "gguf" (the file's own, on llama.cpp)
     task: str | None = None  # the task whose aligned adapter is merged into the model's weights
 
     @classmethod
@@ -39,10 +40,10 @@ class LevelSpec:
                 skip = ()
             elif mod.startswith("skip:"):
                 skip = _parse_layers(mod[len("skip:") :], text)
-            elif mod in ("int8", "w8", "gguf"):
+            elif mod in ("int8", "w8", "w4", "gguf"):
                 quant = mod
             else:
-                raise ValueError(f"bad level {text!r}: modifiers are @skip, @skip:L1+L2+A-B, @int8, @w8 and @gguf")
+                raise ValueError(f"bad level {text!r}: modifiers are @skip, @skip:L1+L2+A-B, @int8, @w8, @w4 and @gguf")
         if quant == "gguf" and skip is not None:
             raise ValueError(f"bad level {text!r}: a llama.cpp level (@gguf) runs every layer; @skip needs the torch backend")
         if quant == "gguf" and aligned:
@@ -76,16 +77,23 @@ def parse_chain(text: str) -> list[LevelSpec]:
     specs = [LevelSpec.parse(part) for part in text.split(",")]
     if specs[-1].model == "ngram" or specs[-1].skip_layers is not None or specs[-1].quant == "int8" or specs[-1].task:
         raise ValueError("the target (last level) must be a full model, without @skip, @int8 or +task: "
-                         "(@w8 and @gguf are allowed: the target is then that model)")
+                         "(@w8, @w4 and @gguf are allowed: the target is then that model)")
     return specs
 
 
 def slim_spec(text: str, target: LevelSpec) -> LevelSpec:
     """The slim verifier of tiered verification (specrouter/core/tiered.py): the target with @skip,
-    given in full ("NAME@skip:12+13") or as its modifiers alone ("@skip:12+13"; "@skip": the default set)."""
-    spec = LevelSpec.parse(target.model + text if text.startswith("@") else text)
+    given in full ("NAME@skip:12+13") or as its modifiers alone ("@skip:12+13"; "@skip": the set the
+    catalog measured for this role, else the target's default slim set)."""
+    from specrouter.core.catalog import CATALOG
+
+    quant = f"@{target.quant}" if target.quant else ""
+    spec = LevelSpec.parse(target.model + text + quant if text.startswith("@") else text)
     if spec.model != target.model or spec.skip_layers is None or spec.quant != target.quant:
         raise ValueError(f"slim verifier {text!r}: it must be the target {target.label!r} with @skip (a view over its weights)")
+    entry = CATALOG.get(spec.model)
+    if spec.skip_layers == () and entry is not None and entry.slim_verifier_skip:
+        return LevelSpec(spec.model, entry.slim_verifier_skip, spec.quant)
     return spec
 
 

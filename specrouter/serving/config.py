@@ -129,7 +129,7 @@ class ServeConfig(BaseModel):
     slim_verifier: str = Field(
         default="@skip",
         description="Tiered verification's slim verifier: the target with skipped layers, as `NAME@skip:L1+L2` or its "
-                    "modifier alone (`@skip:12+13`; `@skip`: the target's measured default set).")
+                    "modifier alone (`@skip:12+13`; `@skip`: the set measured for this role, else the target's default slim set).")
     adaptive: bool = Field(
         default=False, description="Treat `chain` as a pool: before every step the router picks the chain and "
                                    "the block lengths predicted fastest (docs/routing.md).")

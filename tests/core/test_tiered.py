@@ -137,3 +137,16 @@ def test_target_cache_after_tiered_steps_equals_a_fresh_prefill(models):
     torch.testing.assert_close(cached.p, fresh, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(scored.p[0], fresh[0], atol=1e-5, rtol=1e-4)
     release(chain, seq)
+
+
+def test_slim_verifier_spec_takes_the_catalogs_measured_set_and_the_targets_quantisation():
+    from specrouter.core.catalog import CATALOG
+    from specrouter.core.spec import LevelSpec, slim_spec
+
+    target = LevelSpec.parse("qwen2.5-coder-1.5b@w4")
+    measured = CATALOG["qwen2.5-coder-1.5b"].slim_verifier_skip
+    assert measured and slim_spec("@skip", target) == LevelSpec("qwen2.5-coder-1.5b", measured, "w4")
+    assert slim_spec("@skip:3+4", target) == LevelSpec("qwen2.5-coder-1.5b", (3, 4), "w4")
+    assert slim_spec("@skip", LevelSpec.parse("/models/other")).skip_layers == ()  # no measured set: the default slim set
+    with pytest.raises(ValueError, match="must be the target"):
+        slim_spec("qwen2.5-coder-0.5b@skip", target)

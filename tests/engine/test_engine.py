@@ -246,11 +246,12 @@ def test_real_smollm2_drafting_text_is_accepted_at_least_as_often_as_on_the_shar
     assert rates["text"] >= rates["intersection"] > 0, rates
 
 
-@pytest.mark.parametrize("chain", ["draft,target@w8", "ngram,draft@int8,target@w8", "target@skip:1@w8,target@w8"])
-def test_chain_with_an_int8_weight_target_equals_that_target_alone(tiny_dirs, chain):
+@pytest.mark.parametrize("chain", ["draft,target@w8", "ngram,draft@int8,target@w8", "target@skip:1@w8,target@w8",
+                                   "draft@w4,target@w4", "ngram,draft,target@w4"])
+def test_chain_with_a_weight_only_quantised_target_equals_that_target_alone(tiny_dirs, chain):
     spec = ",".join(level if level == "ngram" else tiny_dirs[level.split("@")[0]] + level[len(level.split("@")[0]):]
                     for level in chain.split(","))
-    target_only = Engine(f"{tiny_dirs['target']}@w8", dtype="float32")
+    target_only = Engine(f"{tiny_dirs['target']}@{chain.rsplit('@', 1)[1]}", dtype="float32")
     engine = Engine(spec, dtype="float32")
     for prompt in (CODE_PROMPT, CHAT_PROMPT):
         expected = target_only.generate_text(prompt, 24, ignore_eos=True).token_ids
