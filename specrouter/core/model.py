@@ -278,9 +278,11 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-# Blocks of up to this many tokens (verification blocks) attend one query at a time, each over its own
-# prefix, exactly as a one-token pass does: fused attention over many queries rounds differently. With
-# row-independent Linears (w8, w4) a token's logits then have the same bits in a block as alone.
+# A pass's rows whose logits are asked for, up to this many (a verification block and the token before
+# it; a prefill's last token), attend one query at a time, each over its own prefix, exactly as a
+# one-token pass does: fused attention over many queries rounds differently. The rows before them (a
+# prompt) attend fused, as the same prompt's prefill does alone. With row-independent Linears (w8, w4)
+# a token's logits then have the same bits whether its pass verifies a block, prefills, or decodes it.
 ROW_EXACT_TOKENS = 16
 
 
@@ -350,7 +352,7 @@ class ModelView:
         The tokens of all sequences are packed into one row of N = sum(S_b) tokens, so every weight
         matmul (embedding, projections, MLP, LM head) runs once for the batch with no padding;
         attention runs per sequence over that sequence's own cache prefix [0, start_b + S_b), causal
-        within its new tokens. Each sequence's result equals running it alone (to float rounding), except
+        within its new tokens (its last num_logits_b rows one query at a time: ROW_EXACT_TOKENS). Each sequence's result equals running it alone (to float rounding), except
         on int8 views: dynamic quantisation scales activations per tensor, so a drafter's distributions
         can depend on its batch-mates (drafts only; the target verifies at full precision).
         """
@@ -367,11 +369,13 @@ class ModelView:
         x = inner.embed_tokens(ids)  # [1, N, H]
         cos, sin = inner.rotary_emb(x, positions)  # [1, N, D] each
         # Query i of sequence b (at position start_b+i) sees keys 0..start_b+i; a single query sees everything.
+        fused = [n - b.num_logits if b.num_logits <= ROW_EXACT_TOKENS else n for b, n in zip(blocks, lens)]  # rows attending fused
+        # Fused query i of sequence b (at position start_b+i) sees keys 0..start_b+i; a single query sees everything.
         masks = [
-            torch.arange(b.start + n, device=device)[None, :] <= torch.arange(b.start, b.start + n, device=device)[:, None]
-            if n > ROW_EXACT_TOKENS else None
-            for b, n in zip(blocks, lens)
-        ]  # [S_b, start_b+S_b] each, for prefill-sized blocks
+            torch.arange(b.start + f, device=device)[None, :] <= torch.arange(b.start, b.start + f, device=device)[:, None]
+            if f > 1 else None
+            for b, f in zip(blocks, fused)
+        ]  # [F_b, start_b+F_b] each
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -382,16 +386,15 @@ class ModelView:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [1, heads, N, D]
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             outs = []
-            for b, n, off, mask in zip(blocks, lens, offsets, masks):
-                rows = slice(off, off + n)
-                k_all, v_all = b.cache.write(li, b.start, k[:, :, rows], v[:, :, rows])  # [1, H_kv, start_b+S_b, D]
-                if n <= ROW_EXACT_TOKENS:  # each query alone over its own prefix: the bits of a one-token pass
-                    for i in range(n):
-                        end = b.start + i + 1
-                        outs.append(F.scaled_dot_product_attention(q[:, :, off + i : off + i + 1], k_all[:, :, :end], v_all[:, :, :end],
-                                                                   scale=attn.scaling, enable_gqa=True))
-                else:
-                    outs.append(F.scaled_dot_product_attention(q[:, :, rows], k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=True))
+            for b, n, off, f, mask in zip(blocks, lens, offsets, fused, masks):
+                k_all, v_all = b.cache.write(li, b.start, k[:, :, off : off + n], v[:, :, off : off + n])  # [1, H_kv, start_b+S_b, D]
+                if f:
+                    outs.append(F.scaled_dot_product_attention(q[:, :, off : off + f], k_all[:, :, : b.start + f], v_all[:, :, : b.start + f],
+                                                               attn_mask=mask, scale=attn.scaling, enable_gqa=True))
+                for i in range(f, n):  # each query alone over its own prefix: the bits of a one-token pass
+                    end = b.start + i + 1
+                    outs.append(F.scaled_dot_product_attention(q[:, :, off + i : off + i + 1], k_all[:, :, :end], v_all[:, :, :end],
+                                                               scale=attn.scaling, enable_gqa=True))
             o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [1, heads, N, D]
             x = x + attn.o_proj(o.transpose(1, 2).reshape(1, total, -1))
             x = x + _mlp(layer.mlp, layer.post_attention_layernorm(x))

@@ -234,15 +234,16 @@ def test_weight_only_model_quantises_every_linear_and_stays_close_to_its_source(
 
 
 @pytest.mark.parametrize("quant", ["w8", "w4"])
-def test_weight_only_quantised_view_gives_a_block_the_bits_of_one_token_passes_in_bf16(quant):
+def test_weight_only_quantised_view_gives_blocks_the_bits_of_target_only_decoding_in_bf16(quant):
     from specrouter.core.model import ROW_EXACT_TOKENS, Int4WeightLinear, Int8WeightLinear, quantize_weights
 
     kind = {"w8": Int8WeightLinear, "w4": Int4WeightLinear}[quant]
     view = ModelView(quantize_weights(tiny_llama(3, 304).to(torch.bfloat16), kind))
     assert view.exact_width == ROW_EXACT_TOKENS and ModelView(tiny_llama(3, 304)).exact_width is None
     ids = [(7 * i + 3) % 304 for i in range(40)]
-    cache = view.new_cache()
-    view.forward(ids[:30], 0, cache, 1)
-    block = view.forward(ids[30:38], 30, cache, 8)  # [8, V]
-    singles = torch.cat([view.forward([t], 30 + i, cache, 1) for i, t in enumerate(ids[30:38])])
-    assert torch.equal(block, singles)
+    alone = view.new_cache()  # target-only decoding: a prefill, then one token a pass
+    decoded = torch.cat([view.forward(ids[:30], 0, alone, 1)] + [view.forward([t], 30 + i, alone, 1) for i, t in enumerate(ids[30:38])])
+    cache = view.new_cache()  # a chain's first pass: the prompt and a drafted block at once
+    assert torch.equal(view.forward(ids[:34], 0, cache, 5), decoded[:5])
+    assert torch.equal(view.forward(ids[34:38], 34, cache, 4), decoded[5:])  # a verification block after it
+    assert torch.equal(view.forward(ids[33:38], 33, cache, 5), decoded[4:])  # rolled back a token and verified again
