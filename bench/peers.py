@@ -72,10 +72,11 @@ def methods(threads: int) -> list[Method]:
         Method("ours: 1.5B w8 alone", chain=w8, reference="ours: 1.5B w8 alone"),
         Method("ours: 1.5B w4 alone", chain=w4, reference="ours: 1.5B w4 alone"),
         Method("ours: ngram -> 1.5B w4", chain=f"ngram,{w4}", draft_lens=(6,), reference="ours: 1.5B w4 alone"),
-        Method("ours: 0.5B gguf -> 1.5B w4", chain=f"{DRAFT}@gguf,{w4}", draft_lens=(4,), reference="ours: 1.5B w4 alone"),
+        # w4 passes cost by tiles of 4 rows (bench/pass_costs.py): blocks of 3 drafted tokens fill one
+        Method("ours: 0.5B gguf -> 1.5B w4", chain=f"{DRAFT}@gguf,{w4}", draft_lens=(3,), reference="ours: 1.5B w4 alone"),
         Method("ours: 0.5B gguf -> 1.5B w4 (stop 0.5)", chain=f"{DRAFT}@gguf,{w4}", draft_lens=(8,), draft_confidence=0.5,
                reference="ours: 1.5B w4 alone"),
-        Method("ours: ngram -> 0.5B gguf -> 1.5B w4", chain=f"ngram,{DRAFT}@gguf,{w4}", draft_lens=(4, 6),
+        Method("ours: ngram -> 0.5B gguf -> 1.5B w4", chain=f"ngram,{DRAFT}@gguf,{w4}", draft_lens=(4, 3),
                reference="ours: 1.5B w4 alone"),
         Method("ours: adaptive (ngram, 0.5B gguf, 1.5B w4)", chain=f"ngram,{DRAFT}@gguf,{w4}", adaptive=True,
                reference="ours: 1.5B w4 alone"),

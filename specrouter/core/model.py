@@ -146,7 +146,7 @@ class Int4WeightLinear(torch.nn.Module):
     is computed on its own: a token's output is bit-identical alone or in a pass of many.
 
     The kernel is bound by compute past a few rows (about 16 ms a token for a 1.5B model's prefill on
-    two AVX-512 cores, against 2.5 ms for bf16 matmuls), so long prompts prefill slower than in bf16."""
+    two AVX-512 cores, against 3 ms for bf16 matmuls), so long prompts prefill slower than in bf16."""
 
     BLOCK = 16  # the CPU kernel packs output channels in sixteens
 
@@ -352,10 +352,10 @@ class ModelView:
         The tokens of all sequences are packed into one row of N = sum(S_b) tokens, so every weight
         matmul (embedding, projections, MLP, LM head) runs once for the batch with no padding;
         attention runs per sequence over that sequence's own cache prefix [0, start_b + S_b), causal
-        within its new tokens (its last num_logits_b rows one query at a time: ROW_EXACT_TOKENS). Each sequence's result equals running it alone (to float rounding), except
-        on int8 views: dynamic quantisation scales activations per tensor, so a drafter's distributions
-        can depend on its batch-mates (drafts only; the target verifies at full precision).
-        """
+        within its new tokens, its last num_logits_b rows one query at a time (ROW_EXACT_TOKENS). Each
+        sequence's result equals running it alone (to float rounding), except on int8 views: dynamic
+        quantisation scales activations per tensor, so a drafter's distributions can depend on its
+        batch-mates (drafts only; the target verifies at full precision)."""
         inner = self.hf_model.model
         device = self.device
         check_blocks(blocks, self.max_positions)
@@ -368,7 +368,6 @@ class ModelView:
         positions = torch.cat([torch.arange(b.start, b.start + n, device=device) for b, n in zip(blocks, lens)])[None]  # [1, N]
         x = inner.embed_tokens(ids)  # [1, N, H]
         cos, sin = inner.rotary_emb(x, positions)  # [1, N, D] each
-        # Query i of sequence b (at position start_b+i) sees keys 0..start_b+i; a single query sees everything.
         fused = [n - b.num_logits if b.num_logits <= ROW_EXACT_TOKENS else n for b, n in zip(blocks, lens)]  # rows attending fused
         # Fused query i of sequence b (at position start_b+i) sees keys 0..start_b+i; a single query sees everything.
         masks = [

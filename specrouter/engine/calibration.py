@@ -56,7 +56,7 @@ def router_for(engine: Engine, config: RouterConfig = RouterConfig(), calibrate:
 
 
 def calibrate_costs(router: AdaptiveRouter, levels: dict[str, Level], batches: tuple[int, ...] = (1,),
-                    lengths: tuple[int, ...] = (1, 2, 4, 8), context: int = 32) -> None:
+                    lengths: tuple[int, ...] = (1, 2, 3, 4, 6, 8), context: int = 32) -> None:
     """Seed the router's profiles with timed passes of every level at each batch size (calibration_passes)."""
     for name, level in levels.items():
         for batch in batches:

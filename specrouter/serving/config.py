@@ -119,7 +119,8 @@ class ServeConfig(BaseModel):
     bit_exact: bool = Field(
         default=True,
         description="A target whose wider passes differ in rounding from one-token passes (a llama.cpp level, "
-                    "measured at load) verifies blocks no longer than it verifies bit-exactly, so greedy output "
+                    "measured at load; @w8/@w4 torch levels: 16 tokens) verifies blocks no longer than it "
+                    "verifies bit-exactly, so greedy output "
                     "equals the target's alone token for token. false: longer blocks, faster, equal up to rounding.")
     tiered_verification: bool = Field(
         default=False,
