@@ -1,4 +1,4 @@
-"""What a torch model pass costs on this CPU, by weight format and block width.
+"""What a torch model pass costs on the CPU it runs on, by weight format and block width.
 
     .venv/bin/python bench/pass_costs.py [--model qwen2.5-coder-1.5b] [--threads 2]
 
