@@ -180,7 +180,7 @@ class Int4WeightLinear(torch.nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def quantize_weights(model: torch.nn.Module, kind: type[torch.nn.Module] = Int8WeightLinear) -> torch.nn.Module:
+def quantize_weights(model: torch.nn.Module, kind: type[torch.nn.Module]) -> torch.nn.Module:
     """Every Linear of `model` (decoder layers, LM head) as a weight-only quantised `kind`
     (Int8WeightLinear or Int4WeightLinear), in place; the projections that read the same input are
     fused first (`fuse_projections`)."""

@@ -167,38 +167,29 @@ def test_int8_tokens_of_outlying_magnitude_are_quantised_apart_from_the_rest():
     torch.testing.assert_close(banded(no_outlier), quantised(no_outlier), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_weight_linear_computes_each_row_alone_within_int8_error(dtype):
-    from specrouter.core.model import Int8WeightLinear
+LAYOUTS = {  # each weight-only Linear's storage, and its error bound as a share of the output's range
+    "Int8WeightLinear": (lambda q: q.weight.dtype == torch.int8 and q.scales.shape == (96,), 0.02),  # per-channel int8
+    "Int4WeightLinear": (lambda q: q.scales_and_zeros.shape == (256 // 32, 96, 2), 0.15),  # 16 levels a group of 32; 96 = 6 x 16: no padding
+}
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+def test_weight_only_linear_computes_each_row_alone_within_its_quantisation_error(kind, dtype):
+    from specrouter.core import model as model_module
+
+    laid_out, bound = LAYOUTS[kind]
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96, bias=True).to(dtype)
-    quantised = Int8WeightLinear(linear)
-    assert quantised.weight.dtype == torch.int8 and quantised.scales.shape == (96,)
+    quantised = getattr(model_module, kind)(linear)
+    assert laid_out(quantised)
     x = torch.randn(2, 5, 256, dtype=dtype)
     out = quantised(x)  # [2, 5, 96]
     assert out.shape == (2, 5, 96) and out.dtype == dtype
     for row in range(5):  # a row's result does not depend on the rows beside it
         assert torch.equal(quantised(x[:, row : row + 1]), out[:, row : row + 1])
     exact = linear(x).float()
-    assert (out.float() - exact).abs().max() < 0.02 * exact.abs().max()  # per-channel int8: within 2% of the range
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_weight_linear_computes_each_row_alone_within_int4_error(dtype):
-    from specrouter.core.model import Int4WeightLinear
-
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(256, 96, bias=True).to(dtype)
-    quantised = Int4WeightLinear(linear)
-    assert quantised.scales_and_zeros.shape == (256 // 32, 96, 2)  # 96 = 6 x 16: no padding
-    x = torch.randn(2, 5, 256, dtype=dtype)
-    out = quantised(x)  # [2, 5, 96]
-    assert out.shape == (2, 5, 96) and out.dtype == dtype
-    for row in range(5):  # a row's result does not depend on the rows beside it
-        assert torch.equal(quantised(x[:, row : row + 1]), out[:, row : row + 1])
-    exact = linear(x).float()
-    assert (out.float() - exact).abs().max() < 0.15 * exact.abs().max()  # 16 levels a group of 32
+    assert (out.float() - exact).abs().max() < bound * exact.abs().max()
 
 
 def test_int4_weight_linear_reproduces_weights_already_on_a_4_bit_grid():
