@@ -88,3 +88,16 @@ def test_no_modules_import_each_other_in_a_circle():
         if name not in state:
             found = cycle_from(name)
             assert found is None, "import circle: " + " -> ".join(found)
+
+
+def test_the_serving_face_and_the_actor_definitions_load_without_torch():
+    """The CLI driver and the HTTP/gRPC replica import these and never run a model: torch and
+    transformers (about 250 MB resident each process) stay out of them."""
+    import subprocess
+    import sys
+
+    modules = ["specrouter.serving.serve", "specrouter.serving.server", "specrouter.serving.http",
+               "specrouter.runtime.actors", "specrouter.runtime.grpc_server"]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

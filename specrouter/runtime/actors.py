@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import ray
 
-from specrouter.core.levels import ModelLevel
 from specrouter.core.spec import LevelSpec, parse_chain, slim_spec
 from specrouter.engine.defaults import MAX_BATCH, RETRY_DOWN_AFTER_S
 from specrouter.routing.config import RouterConfig
@@ -73,7 +72,8 @@ class WorkerActor:
     def __init__(self, model: str, quant: str | None, views: list[tuple[int, ...]], dtype: str, device: str, torch_threads: int | None):
         import torch
 
-        from specrouter.runtime.dataplane import BackgroundServer, WorkerServicer, model_thread
+        from specrouter.runtime.dataplane import WorkerServicer, model_thread
+        from specrouter.runtime.grpc_server import BackgroundServer
         from specrouter.core.store import ModelStore
 
         def load() -> tuple[dict, object]:
@@ -263,6 +263,8 @@ class RouterActor:
         return {**result.as_dict(), "data_plane_bytes": self._bytes_moved() - bytes_before}
 
     def _bytes_moved(self) -> int:
+        from specrouter.core.levels import ModelLevel
+
         return sum(level.worker.bytes_moved for level in self.engine.levels.values() if isinstance(level, ModelLevel))
 
     def placements(self) -> dict:
@@ -275,6 +277,8 @@ class RouterActor:
 
     def describe(self) -> dict:
         """The levels, those down, and the data-plane frames each level's worker sent, by op."""
+        from specrouter.core.levels import ModelLevel
+
         frames = {name: dict(level.worker.frames_sent) for name, level in self.engine.levels.items()
                   if isinstance(level, ModelLevel)}
         return {"levels": list(self.engine.levels), "down": sorted(self.engine.down), "data_plane_frames": frames}

@@ -55,7 +55,7 @@ class SpecRouterServer:
         self.metrics_need_key = bool(self.keys) and c.metrics_need_key is not False
         self.grpc = None
         if c.grpc_port is not None:
-            from specrouter.runtime.dataplane import BackgroundServer
+            from specrouter.runtime.grpc_server import BackgroundServer
             from specrouter.v1.specrouter_pb2_grpc import add_SpecRouterServicer_to_server
 
             interceptors = ()

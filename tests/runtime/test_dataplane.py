@@ -8,7 +8,8 @@ import torch
 
 from conftest import draft_one, forward_one, tiny_llama
 from specrouter.core.chain import Chain, StepContext, speculative_step
-from specrouter.runtime.dataplane import BackgroundServer, RemoteWorker, WorkerServicer, model_thread
+from specrouter.runtime.dataplane import RemoteWorker, WorkerServicer, model_thread
+from specrouter.runtime.grpc_server import BackgroundServer
 from specrouter.core.levels import ModelLevel, ScoreItem
 from specrouter.core.model import ModelView
 from specrouter.core.sampling import SamplingParams
