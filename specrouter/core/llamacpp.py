@@ -58,6 +58,9 @@ class LlamaCppModel:
         self.path = Path(path)
         self._ll = ll
         model_params = ll.llama_model_default_params()
+        # Read, not mapped: the CPU backend repacks Q4_K weights into a layout of its own, and a mapping
+        # would keep the file's original pages resident beside the copies (0.6 GB for the 1.5B).
+        model_params.load_mode = ll.LLAMA_LOAD_MODE_NONE
         self.model = ll.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self.model:
             raise LlamaCppError(f"llama.cpp could not load {self.path}")
