@@ -94,7 +94,10 @@ def test_killing_a_drafter_mid_generation_keeps_the_output(local_ray, tiny_dirs,
     local_ray.kill(router)
 
 
-def test_killing_the_target_fails_cleanly_then_recovers(local_ray, tiny_dirs, expected):
+def test_a_request_meeting_a_killed_target_fails_cleanly_or_waits_for_its_restart(local_ray, tiny_dirs, expected):
+    """The request right after the kill either fails with TargetUnavailable (its data-plane stream had
+    not yet seen the target die) or reaches the restarted target (the stream had seen it and waited for
+    the new address) and answers exactly; which of the two is a race. The request after it is served."""
     from specrouter.engine.engine import TargetUnavailable
 
     ids, want = expected
@@ -102,9 +105,11 @@ def test_killing_the_target_fails_cleanly_then_recovers(local_ray, tiny_dirs, ex
     local_ray.get(router.generate.remote(ids, 8, ignore_eos=True), timeout=600)
     target = local_ray.get(router.actor.remote(tiny_dirs["target"]), timeout=60)
     local_ray.kill(target, no_restart=False)
-    with pytest.raises(local_ray.exceptions.RayTaskError) as err:
-        local_ray.get(router.generate.remote(ids, 16, ignore_eos=True), timeout=600)
-    assert isinstance(err.value.as_instanceof_cause(), TargetUnavailable)
+    try:
+        out = local_ray.get(router.generate.remote(ids, 16, ignore_eos=True), timeout=600)
+        assert out["token_ids"] == want[32][:16]
+    except local_ray.exceptions.RayTaskError as err:
+        assert isinstance(err.as_instanceof_cause(), TargetUnavailable)
     out = local_ray.get(router.generate.remote(ids, 32, ignore_eos=True), timeout=600)
     assert out["token_ids"] == want[32]
     local_ray.kill(router)
