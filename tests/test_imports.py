@@ -96,7 +96,7 @@ def test_the_serving_face_and_the_actor_definitions_load_without_torch():
     import subprocess
     import sys
 
-    modules = ["specrouter.serving.serve", "specrouter.serving.server", "specrouter.serving.http",
+    modules = ["specrouter.cli", "specrouter.serving.serve", "specrouter.serving.server", "specrouter.serving.http",
                "specrouter.runtime.actors", "specrouter.runtime.grpc_server"]
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
