@@ -50,10 +50,8 @@ def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant:
         model = merge_adapter(model, adapter).eval()
     if quant == "int8":
         model = quantize_int8(model)
-    elif quant == "w8":
-        model = quantize_weights(model, Int8WeightLinear)
-    elif quant == "w4":
-        model = quantize_weights(model, Int4WeightLinear)
+    elif quant in WEIGHT_ONLY:
+        model = quantize_weights(model, WEIGHT_ONLY[quant])
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -178,6 +176,9 @@ class Int4WeightLinear(torch.nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+
+WEIGHT_ONLY = {"w8": Int8WeightLinear, "w4": Int4WeightLinear}  # a level's weight-only quantisation -> its Linear
 
 
 def quantize_weights(model: torch.nn.Module, kind: type[torch.nn.Module]) -> torch.nn.Module:
@@ -329,8 +330,9 @@ class ModelView:
         """The widest pass whose rows are bit-identical to one-token passes: ROW_EXACT_TOKENS when every
         Linear computes each row alone (w8, w4). None otherwise (no cap): dense bf16 matmuls round
         differently at different widths, fp32 ones rarely enough that exactness is proven in fp32 (tests)."""
-        linears = [m for m in self.hf_model.modules() if isinstance(m, (torch.nn.Linear, Int8WeightLinear, Int4WeightLinear))]
-        if all(isinstance(m, (Int8WeightLinear, Int4WeightLinear)) for m in linears):
+        weight_only = tuple(WEIGHT_ONLY.values())
+        linears = [m for m in self.hf_model.modules() if isinstance(m, (torch.nn.Linear, *weight_only))]
+        if all(isinstance(m, weight_only) for m in linears):
             return ROW_EXACT_TOKENS
         return None
 

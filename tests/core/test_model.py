@@ -168,20 +168,20 @@ def test_int8_tokens_of_outlying_magnitude_are_quantised_apart_from_the_rest():
 
 
 LAYOUTS = {  # each weight-only Linear's storage, and its error bound as a share of the output's range
-    "Int8WeightLinear": (lambda q: q.weight.dtype == torch.int8 and q.scales.shape == (96,), 0.02),  # per-channel int8
-    "Int4WeightLinear": (lambda q: q.scales_and_zeros.shape == (256 // 32, 96, 2), 0.15),  # 16 levels a group of 32; 96 = 6 x 16: no padding
+    "w8": (lambda q: q.weight.dtype == torch.int8 and q.scales.shape == (96,), 0.02),  # per-channel int8
+    "w4": (lambda q: q.scales_and_zeros.shape == (256 // 32, 96, 2), 0.15),  # 16 levels a group of 32; 96 = 6 x 16: no padding
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", sorted(LAYOUTS))
-def test_weight_only_linear_computes_each_row_alone_within_its_quantisation_error(kind, dtype):
-    from specrouter.core import model as model_module
+@pytest.mark.parametrize("quant", sorted(LAYOUTS))
+def test_weight_only_linear_computes_each_row_alone_within_its_quantisation_error(quant, dtype):
+    from specrouter.core.model import WEIGHT_ONLY
 
-    laid_out, bound = LAYOUTS[kind]
+    laid_out, bound = LAYOUTS[quant]
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96, bias=True).to(dtype)
-    quantised = getattr(model_module, kind)(linear)
+    quantised = WEIGHT_ONLY[quant](linear)
     assert laid_out(quantised)
     x = torch.randn(2, 5, 256, dtype=dtype)
     out = quantised(x)  # [2, 5, 96]
@@ -208,13 +208,13 @@ def test_int4_weight_linear_reproduces_weights_already_on_a_4_bit_grid():
     torch.testing.assert_close(Int4WeightLinear(linear)(x), x @ weight.T, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["Int8WeightLinear", "Int4WeightLinear"])
-def test_weight_only_model_quantises_every_linear_and_stays_close_to_its_source(kind):
-    from specrouter.core import model as model_module
+@pytest.mark.parametrize("quant", ["w8", "w4"])
+def test_weight_only_model_quantises_every_linear_and_stays_close_to_its_source(quant):
+    from specrouter.core.model import WEIGHT_ONLY, quantize_weights
 
-    linear_kind = getattr(model_module, kind)
+    linear_kind = WEIGHT_ONLY[quant]
     model = tiny_llama(0, 300)
-    quantised = model_module.quantize_weights(tiny_llama(0, 300), linear_kind)
+    quantised = quantize_weights(tiny_llama(0, 300), linear_kind)
     assert not any(isinstance(m, torch.nn.Linear) for m in quantised.modules())
     assert sum(isinstance(m, linear_kind) for m in quantised.modules()) == 4 * 4 + 1  # qkv, o, gate_up, down; LM head
     ids = [1, 5, 9, 200, 17]
@@ -226,10 +226,9 @@ def test_weight_only_model_quantises_every_linear_and_stays_close_to_its_source(
 
 @pytest.mark.parametrize("quant", ["w8", "w4"])
 def test_weight_only_quantised_view_gives_blocks_the_bits_of_target_only_decoding_in_bf16(quant):
-    from specrouter.core.model import ROW_EXACT_TOKENS, Int4WeightLinear, Int8WeightLinear, quantize_weights
+    from specrouter.core.model import ROW_EXACT_TOKENS, WEIGHT_ONLY, quantize_weights
 
-    kind = {"w8": Int8WeightLinear, "w4": Int4WeightLinear}[quant]
-    view = ModelView(quantize_weights(tiny_llama(3, 304).to(torch.bfloat16), kind))
+    view = ModelView(quantize_weights(tiny_llama(3, 304).to(torch.bfloat16), WEIGHT_ONLY[quant]))
     assert view.exact_width == ROW_EXACT_TOKENS and ModelView(tiny_llama(3, 304)).exact_width is None
     ids = [(7 * i + 3) % 304 for i in range(40)]
     alone = view.new_cache()  # target-only decoding: a prefill, then one token a pass
