@@ -262,10 +262,14 @@ class RouterActor:
                                        prompt_class or "default")
         return {**result.as_dict(), "data_plane_bytes": self._bytes_moved() - bytes_before}
 
-    def _bytes_moved(self) -> int:
+    def _model_levels(self) -> dict:
+        """The chain's levels that run a model on a worker (n-gram levels run here), by name."""
         from specrouter.core.levels import ModelLevel
 
-        return sum(level.worker.bytes_moved for level in self.engine.levels.values() if isinstance(level, ModelLevel))
+        return {name: level for name, level in self.engine.levels.items() if isinstance(level, ModelLevel)}
+
+    def _bytes_moved(self) -> int:
+        return sum(level.worker.bytes_moved for level in self._model_levels().values())
 
     def placements(self) -> dict:
         return self.provider.placements()
@@ -277,8 +281,5 @@ class RouterActor:
 
     def describe(self) -> dict:
         """The levels, those down, and the data-plane frames each level's worker sent, by op."""
-        from specrouter.core.levels import ModelLevel
-
-        frames = {name: dict(level.worker.frames_sent) for name, level in self.engine.levels.items()
-                  if isinstance(level, ModelLevel)}
+        frames = {name: dict(level.worker.frames_sent) for name, level in self._model_levels().items()}
         return {"levels": list(self.engine.levels), "down": sorted(self.engine.down), "data_plane_frames": frames}

@@ -120,8 +120,8 @@ class ServeConfig(BaseModel):
         default=True,
         description="A target whose wider passes differ in rounding from one-token passes (a llama.cpp level, "
                     "measured at load; @w8/@w4 torch levels: 16 tokens) verifies blocks no longer than it "
-                    "verifies bit-exactly, so greedy output "
-                    "equals the target's alone token for token. false: longer blocks, faster, equal up to rounding.")
+                    "verifies bit-exactly, so greedy output equals the target's alone token for token. "
+                    "false: longer blocks, faster, equal up to rounding.")
     tiered_verification: bool = Field(
         default=False,
         description="Let requests ask for tiered verification (`tiered`: tau_high, tau_low), a lossy mode: drafted "
