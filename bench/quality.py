@@ -11,6 +11,8 @@ For target-only decoding, the lossless chain and tiered verification at several 
 Writes bench/results/quality-<timestamp>.json (hardware, peak RSS) and a PNG speed/quality curve.
 
     .venv/bin/python bench/quality.py --humaneval 40 --sharegpt 10 --max-tokens 128 --execute
+    .venv/bin/python bench/quality.py --target qwen2.5-coder-1.5b@gguf --draft qwen2.5-coder-0.5b@gguf \
+        --slim none --not-bit-exact --settings 0.95/0.95,0.9/0.9,0.8/0.8,0.7/0.7 --execute
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ class Mode:
     thresholds: Thresholds | None = None  # None: lossless
 
 
-def modes(settings: list[tuple[float, float]], draft_len: int) -> list[Mode]:
-    chain = f"{DRAFT},{TARGET}"
-    return [Mode("target-only", TARGET), Mode("lossless 0.5B -> 1.5B", chain, (draft_len,))] + [
+def modes(target: str, draft: str, settings: list[tuple[float, float]], draft_len: int) -> list[Mode]:
+    chain = f"{draft},{target}"
+    return [Mode("target-only", target), Mode(f"lossless {draft} -> {target}", chain, (draft_len,))] + [
         Mode(f"tiered {hi:g}/{lo:g}", chain, (draft_len,), Thresholds(hi, lo)) for hi, lo in settings
     ]
 
@@ -157,9 +159,9 @@ def generate(engine: Engine, mode: Mode, prompt_ids: list[int], max_tokens: int,
     return result.token_ids, result.elapsed_s, result.tiers
 
 
-def run_mode(store: ModelStore, mode: Mode, prompts: list, max_tokens: int, slim: str) -> ModeRun:
-    engine = Engine(mode.chain, draft_lens=list(mode.draft_lens) or None, provider=store,
-                    slim_verifier=slim if mode.thresholds is not None else None)
+def run_mode(store: ModelStore, mode: Mode, prompts: list, max_tokens: int, slim: str | None, bit_exact: bool) -> ModeRun:
+    engine = Engine(mode.chain, draft_lens=list(mode.draft_lens) or None, provider=store, bit_exact=bit_exact,
+                    slim_verifier=slim if mode.thresholds is not None and mode.thresholds.has_slim_tier else None)
     run = ModeRun(mode)
     for prompt in prompts:
         ids = encode(engine.tokenizer, prompt)
@@ -238,8 +240,13 @@ def main() -> None:
     parser.add_argument("--draft-len", type=int, default=4)
     parser.add_argument("--settings", default="0.95/0.7,0.9/0.5,0.8/0.3,1/0.5,0.9/0.9",
                         help="tiered thresholds tau_high/tau_low, comma-separated")
+    parser.add_argument("--target", default=TARGET, help="the target's level spec (e.g. NAME@gguf)")
+    parser.add_argument("--draft", default=DRAFT, help="the drafter's level spec; it must report confidences")
     parser.add_argument("--slim", default=f"{TARGET}@skip:12+13",
-                        help="the slim verifier's level spec (bench/slim_verifier_search.py measures candidates)")
+                        help="the slim verifier's level spec (bench/slim_verifier_search.py measures candidates); "
+                             "none: tier 2 goes to the target (a llama.cpp target has no skip-layer view)")
+    parser.add_argument("--not-bit-exact", dest="bit_exact", action="store_false",
+                        help="chains verify blocks wider than the target verifies bit-exactly (equal up to rounding)")
     parser.add_argument("--execute", action="store_true", help="run the generated code against HumanEval's tests")
     parser.add_argument("--test-timeout", type=float, default=5.0)
     parser.add_argument("--test-memory-mb", type=int, default=2048)
@@ -257,16 +264,18 @@ def main() -> None:
     store = ModelStore(args.dtype)
     t0 = time.time()
     runs = []
-    for mode in modes(settings, args.draft_len):
+    slim = None if args.slim == "none" else args.slim
+    for mode in modes(args.target, args.draft, settings, args.draft_len):
         print(mode.name, flush=True)
-        runs.append(run_mode(store, mode, code + chat, args.max_tokens, args.slim))
+        runs.append(run_mode(store, mode, code + chat, args.max_tokens, slim, args.bit_exact))
     rows = summarize(runs, code, chat, problems, args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(__file__).parent / "results" / f"quality-{stamp}.json"
     result = {
-        "target": TARGET,
-        "drafter": DRAFT,
-        "slim_verifier": args.slim,
+        "target": args.target,
+        "drafter": args.draft,
+        "slim_verifier": slim,
+        "bit_exact": args.bit_exact,
         "dtype": args.dtype,
         "humaneval_problems": len(code),
         "sharegpt_prompts": len(chat),

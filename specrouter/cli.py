@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tiered (lossy) verification: commit drafted tokens the drafter was at least this sure of unchecked")
     gen.add_argument("--tau-low", type=float, default=None,
                      help="with --tau-high: check those from here up with the slim verifier (default: --tau-high, none)")
-    gen.add_argument("--slim-verifier", default="@skip", help="with --tau-high: the slim verifier, the target with @skip")
+    gen.add_argument("--slim-verifier", default="@skip",
+                     help="with --tau-low below --tau-high: the slim verifier, the target with @skip; "
+                          "none: the target checks tier 2 too (a llama.cpp target has no skip-layer view)")
     gen.add_argument("--tasks", nargs="?", const="default", default=None, metavar="TASK_MODEL",
                      help="with --adaptive: class the prompt by its discovered task (`specrouter tasks fit`; default: "
                      "the default task model) instead of the lexical classifier")
@@ -121,7 +123,7 @@ def cmd_generate(args) -> int:
     tiered = Thresholds(args.tau_high, args.tau_low if args.tau_low is not None else args.tau_high) if args.tau_high is not None else None
     engine = Engine(args.chain, dtype=args.dtype, device=args.device, draft_lens=args.draft_lens, num_threads=args.threads,
                     draft_confidence=args.draft_confidence, bit_exact=args.bit_exact,
-                    slim_verifier=args.slim_verifier if tiered is not None else None)
+                    slim_verifier=args.slim_verifier if tiered is not None and tiered.has_slim_tier and args.slim_verifier != "none" else None)
     router, klass = None, "default"
     if args.adaptive:
         from specrouter.engine.calibration import router_for

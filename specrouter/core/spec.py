@@ -87,6 +87,9 @@ def slim_spec(text: str, target: LevelSpec) -> LevelSpec:
     catalog measured for this role, else the target's default slim set)."""
     from specrouter.core.catalog import CATALOG
 
+    if target.backend == "llama.cpp":
+        raise ValueError(f"slim verifier {text!r}: a llama.cpp target ({target.label}) runs every layer and has no "
+                         "skip-layer view; tiered verification runs without one (slim_verifier null, --slim-verifier none)")
     quant = f"@{target.quant}" if target.quant else ""
     spec = LevelSpec.parse(target.model + text + quant if text.startswith("@") else text)
     if spec.model != target.model or spec.skip_layers is None or spec.quant != target.quant:

@@ -42,6 +42,11 @@ class Thresholds:
         """Every token goes to the full target."""
         return self.tau_low == 1.0
 
+    @property
+    def has_slim_tier(self) -> bool:
+        """Some confidence falls in tier 2 (the slim verifier's)."""
+        return self.tau_low < self.tau_high
+
     def tier(self, confidence: float) -> int:
         if self.tau_high < 1.0 and confidence >= self.tau_high:
             return TIER_UNCHECKED

@@ -127,10 +127,11 @@ class ServeConfig(BaseModel):
         description="Let requests ask for tiered verification (`tiered`: tau_high, tau_low), a lossy mode: drafted "
                     "tokens the drafter was sure of are committed unchecked, medium ones checked by a slim verifier. "
                     "Such responses say `lossy: true`. false: every request is lossless (a tiered one is a 400).")
-    slim_verifier: str = Field(
+    slim_verifier: str | None = Field(
         default="@skip",
         description="Tiered verification's slim verifier: the target with skipped layers, as `NAME@skip:L1+L2` or its "
-                    "modifier alone (`@skip:12+13`; `@skip`: the set measured for this role, else the target's default slim set).")
+                    "modifier alone (`@skip:12+13`; `@skip`: the set measured for this role, else the target's default slim set). "
+                    "null: none, the target checks medium tokens too (a llama.cpp target has no skip-layer view).")
     adaptive: bool = Field(
         default=False, description="Treat `chain` as a pool: before every step the router picks the chain and "
                                    "the block lengths predicted fastest (docs/routing.md).")

@@ -45,6 +45,11 @@ def test_tiers_follow_the_thresholds(tau_high, tau_low, confidences, expected):
     assert Thresholds(tau_high, tau_low).tiers(confidences) == expected
 
 
+def test_a_slim_tier_exists_only_below_tau_high():
+    assert Thresholds(0.9, 0.5).has_slim_tier and Thresholds(1.0, 0.5).has_slim_tier
+    assert not Thresholds(0.9, 0.9).has_slim_tier and not Thresholds(1.0, 1.0).has_slim_tier
+
+
 def test_only_tau_one_is_lossless():
     assert Thresholds(1.0, 1.0).lossless
     assert not Thresholds(1.0, 0.99).lossless

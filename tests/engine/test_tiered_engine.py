@@ -51,3 +51,17 @@ def test_the_slim_verifier_is_a_view_of_the_target(tiny_dirs):
     for bad in (f"{tiny_dirs['draft']}@skip:1", "@int8", f"{tiny_dirs['target']}"):
         with pytest.raises(ValueError, match="slim verifier"):
             Engine(f"{tiny_dirs['draft']},{tiny_dirs['target']}", provider=store, slim_verifier=bad)
+
+
+def test_a_llamacpp_target_tiers_without_a_slim_verifier(tiny_gguf_dirs):
+    """A llama.cpp target has no skip-layer view: asking for one names the way out, and without one its
+    medium-confidence tokens go to the target."""
+    chain = f"{tiny_gguf_dirs['draft']}@gguf,{tiny_gguf_dirs['target']}@gguf"
+    with pytest.raises(ValueError, match="no skip-layer view"):
+        Engine(chain, slim_verifier="@skip")
+    engine = Engine(chain, bit_exact=False)
+    alone = Engine(f"{tiny_gguf_dirs['target']}@gguf").generate(PROMPT, 16, ignore_eos=True)
+    assert engine.generate(PROMPT, 16, ignore_eos=True, tiered=Thresholds(1.0, 1.0)).token_ids == alone.token_ids
+    result = engine.generate(PROMPT, 16, ignore_eos=True, tiered=Thresholds(1.0, 0.0))  # every token "medium"
+    assert result.lossy and result.tiers.tier2_tokens == 0 and result.tiers.tier3_tokens == 16
+    assert result.token_ids == alone.token_ids  # the target checked every token
