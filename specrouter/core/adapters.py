@@ -3,7 +3,9 @@
 `specrouter align --task NAME` trains a LoRA adapter that moves a drafter's token distributions toward
 the target's on one task's prompts (specrouter/tasks/align.py) and saves it here, beside the sha256 of
 its weights. A level `MODEL+task:NAME` (specrouter/core/spec.py) loads MODEL and merges that adapter
-into its weights (peft's `merge_and_unload`), so it drafts at the base model's cost.
+into its weights (peft's `merge_and_unload`), so it drafts at the base model's cost. On llama.cpp
+(`MODEL+task:NAME@gguf`) the same adapter is written once as a GGUF LoRA adapter for the base's GGUF
+file (`gguf_adapter`) and applied by llama.cpp at run time beside the quantised weights.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 from pathlib import Path
 
 WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
 DIGEST = "SHA256"  # hex sha256 of WEIGHTS, written when the adapter is saved
 
 
@@ -67,3 +70,56 @@ def merge_adapter(model, path: Path):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+
+
+# peft's projection names -> llama.cpp's tensor names
+LLAMA_CPP_TENSORS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+_PEFT_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+# llama.cpp's converter reorders the rows of Q and K of "llama" models for its rotary embedding (adjacent
+# pairs where transformers rotates the two halves of a head); "qwen2" keeps transformers' layout.
+_ROPE_PERMUTED = {"llama": True, "qwen2": False}
+
+
+def gguf_adapter(path: Path, base_gguf: Path) -> Path:
+    """The verified adapter at `path` as a llama.cpp LoRA adapter for the model in `base_gguf`, written
+    once beside the adapter and named by its sha256. LoRA A [r, in] and B [out, r] go over as they are
+    (llama.cpp scales B A by alpha / r, as peft does); B's Q and K rows follow the base's row order."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    digest = (path / DIGEST).read_text().strip()
+    out = path / f"adapter-{digest[:16]}.gguf"
+    if out.exists():
+        return out
+    reader = gguf.GGUFReader(base_gguf)
+    arch = reader.fields["general.architecture"].contents()
+    if arch not in _ROPE_PERMUTED:
+        raise AdapterError(f"{base_gguf.name}: LoRA adapters on llama.cpp cover {sorted(_ROPE_PERMUTED)} models, not {arch!r}")
+    heads = {"q_proj": reader.fields[f"{arch}.attention.head_count"].contents(),
+             "k_proj": reader.fields[f"{arch}.attention.head_count_kv"].contents()}
+    config = json.loads((path / CONFIG).read_text())
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise AdapterError(f"{path}: rsLoRA and DoRA adapters do not map onto llama.cpp's LoRA")
+    work = out.with_name(f".{out.name}.work")
+    writer = gguf.GGUFWriter(str(work), arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
+    for key, tensor in sorted(load_file(path / WEIGHTS).items()):
+        match = _PEFT_KEY.search(key)
+        if match is None or match[2] not in LLAMA_CPP_TENSORS:
+            raise AdapterError(f"{path / WEIGHTS}: {key} has no llama.cpp counterpart")
+        layer, proj, half = match.groups()
+        weight = tensor.float().numpy()
+        if half == "B" and proj in heads and _ROPE_PERMUTED[arch]:
+            n = heads[proj]  # [out, r] -> each head's rows from (two halves) to (adjacent pairs)
+            weight = weight.reshape(n, 2, weight.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+        writer.add_tensor(f"blk.{layer}.{LLAMA_CPP_TENSORS[proj]}.weight.lora_{half.lower()}", np.ascontiguousarray(weight))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(work, out)
+    return out

@@ -51,7 +51,7 @@ class LlamaCppModel:
     in a KV cache of `context` positions shared by all of them."""
 
     def __init__(self, path: str | Path, threads: int | None = None, context: int = 16384, max_sequences: int = 64,
-                 batch: int = 512):
+                 batch: int = 512, lora: Path | None = None):
         import llama_cpp as ll
 
         _init_backend()
@@ -74,6 +74,13 @@ class LlamaCppModel:
         if not self.ctx:
             ll.llama_model_free(self.model)
             raise LlamaCppError(f"llama.cpp could not create a context for {self.path}")
+        if lora is not None:  # a LoRA adapter (GGUF) on top of the weights; freed with the model
+            adapter = ll.llama_adapter_lora_init(self.model, str(lora).encode())
+            if not adapter or ll.llama_set_adapters_lora(self.ctx, (ll.llama_adapter_lora_p_ctypes * 1)(adapter), 1,
+                                                         (ctypes.c_float * 1)(1.0)) != 0:
+                ll.llama_free(self.ctx)
+                ll.llama_model_free(self.model)
+                raise LlamaCppError(f"llama.cpp could not apply the LoRA adapter {lora} to {self.path}")
         self.memory = ll.llama_get_memory(self.ctx)
         vocab = ll.llama_model_get_vocab(self.model)
         self.vocab_size = ll.llama_vocab_n_tokens(vocab)

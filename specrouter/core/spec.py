@@ -7,8 +7,9 @@ sharing NAME's weights; `NAME@skip` picks the measured default), `NAME@int8` run
 4-bit weights in groups of 32 (CPU),
 `NAME@gguf` runs NAME's GGUF file on llama.cpp (a catalog name, a .gguf file, or a directory holding
 one .gguf file and a tokenizer). `NAME+task:TASK` is NAME with its LoRA adapter aligned to the target
-on task TASK merged in (`specrouter align`; specrouter/core/adapters.py), a drafter of its own; the
-other modifiers follow it (`qwen2.5-coder-0.5b+task:code@w8`). A single name means target-only decoding.
+on task TASK (`specrouter align`; specrouter/core/adapters.py: merged into torch weights, applied by
+llama.cpp beside a GGUF's), a drafter of its own; the other modifiers follow it
+(`qwen2.5-coder-0.5b+task:code@w8`, `qwen2.5-coder-0.5b+task:code@gguf`). A single name means target-only decoding.
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ class LevelSpec:
                 raise ValueError(f"bad level {text!r}: modifiers are @skip, @skip:L1+L2+A-B, @int8, @w8, @w4 and @gguf")
         if quant == "gguf" and skip is not None:
             raise ValueError(f"bad level {text!r}: a llama.cpp level (@gguf) runs every layer; @skip needs the torch backend")
-        if quant == "gguf" and aligned:
-            raise ValueError(f"bad level {text!r}: an aligned drafter (+task:) needs the torch backend")
         return cls(model, skip, quant, task if aligned else None)
 
     @property

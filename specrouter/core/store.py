@@ -131,7 +131,9 @@ class ModelStore:
             if quant == "gguf":
                 from specrouter.core.llamacpp import LlamaCppModel
 
-                model, tokenizer = LlamaCppModel(gguf_file(name), self.threads), load_tokenizer(name, quant)
+                base = gguf_file(name)
+                lora = adapters.gguf_adapter(adapters.verified_dir(name, task), base) if task else None
+                model, tokenizer = LlamaCppModel(base, self.threads, lora=lora), load_tokenizer(name, quant)
                 info = TargetInfo(tokenizer, end_tokens(tokenizer, None) | model.end_ids, model.max_positions, model.vocab_size)
                 num_layers = model.num_layers
             else:

@@ -43,6 +43,11 @@ class Placement:
         return options
 
 
+def model_key(spec: LevelSpec) -> LevelSpec:
+    """The model a level runs on: its spec without @skip (a skip-layer view shares its model's actor)."""
+    return LevelSpec(spec.model, None, spec.quant, spec.task)
+
+
 def placement_for(spec: LevelSpec, placement: dict[str, Placement]) -> Placement:
     """A model's placement: the entry for its label (`name@int8`), else for its name, else "*"."""
     return placement.get(spec.label) or placement.get(spec.model) or placement.get("*") or Placement()
@@ -69,7 +74,8 @@ def start_local_ray(num_cpus: int | None = None) -> bool:
 class WorkerActor:
     """One loaded model and its views, each a ModelWorker with per-sequence KV caches, behind gRPC."""
 
-    def __init__(self, model: str, quant: str | None, views: list[tuple[int, ...]], dtype: str, device: str, torch_threads: int | None):
+    def __init__(self, model: str, quant: str | None, task: str | None, views: list[tuple[int, ...]], dtype: str, device: str,
+                 torch_threads: int | None):
         import torch
 
         from specrouter.runtime.dataplane import WorkerServicer, model_thread
@@ -84,11 +90,11 @@ class WorkerActor:
             store = ModelStore(dtype, device, threads)
             workers = {}
             for skip in views:
-                worker = store.worker(LevelSpec(model, skip or None, quant), target=model)
+                worker = store.worker(LevelSpec(model, skip or None, quant, task), target=model)
                 workers[worker.name] = worker
-            return workers, store.get(model, quant)
+            return workers, store.get(model, quant, task)
 
-        label = LevelSpec(model, None, quant).label
+        label = LevelSpec(model, None, quant, task).label
         thread = model_thread(label)  # loads and runs the model: one OpenMP pool in this process
         workers, self.loaded = thread.submit(load).result()
         self.server = BackgroundServer(WorkerServicer(label, workers, thread), _data_plane_host())
@@ -116,8 +122,9 @@ class WorkerActor:
 
 
 class RayWorkers:
-    """A WorkerProvider whose workers are Ray actors: one per (model, quantisation); skip-layer views
-    of a model live in that model's actor."""
+    """A WorkerProvider whose workers are Ray actors: one per model, keyed by its level spec without
+    @skip (name, aligned task, quantisation); skip-layer views of a model live in that model's actor.
+    An aligned drafter (+task:) is a model of its own: its actor finds the adapter in its node's cache."""
 
     def __init__(self, specs: list[LevelSpec], dtype: str = "bfloat16", placement: dict[str, Placement] | None = None,
                  timeout_s: float = 120.0):
@@ -125,46 +132,43 @@ class RayWorkers:
 
         self.dtype, self.timeout_s = dtype, timeout_s
         placement = placement or {}
-        groups: dict[tuple[str, str | None], list[LevelSpec]] = {}
+        groups: dict[LevelSpec, list[LevelSpec]] = {}
         for spec in specs:
-            if spec.task:
-                raise ValueError(f"{spec.label}: aligned drafters (+task:) run in-process (Engine over a ModelStore), "
-                                 "not on Ray workers")
             if spec.model != "ngram":
-                groups.setdefault((spec.model, spec.quant), []).append(spec)
-        self.actors: dict[tuple[str, str | None], ray.actor.ActorHandle] = {}
-        for (model, quant), members in groups.items():
-            place = placement_for(LevelSpec(model, None, quant), placement)
-            views = sorted({resolve_skip(s, functools.partial(_num_layers, model)) for s in members})
-            self.actors[(model, quant)] = WorkerActor.options(**place.actor_options()).remote(
-                model, quant, views, dtype, place.device, place.torch_threads
+                groups.setdefault(model_key(spec), []).append(spec)
+        self.actors: dict[LevelSpec, ray.actor.ActorHandle] = {}
+        for key, members in groups.items():
+            place = placement_for(key, placement)
+            views = sorted({resolve_skip(s, functools.partial(_num_layers, key.model)) for s in members})
+            self.actors[key] = WorkerActor.options(**place.actor_options()).remote(
+                key.model, key.quant, key.task, views, dtype, place.device, place.torch_threads
             )
         self.described = {key: ray.get(actor.describe.remote()) for key, actor in self.actors.items()}
 
     def target_info(self, name: str, quant: str | None = None):
         from specrouter.core.store import TargetInfo
 
-        info = self.described[(name, quant)]
+        info = self.described[LevelSpec(name, None, quant)]
         tokenizer, _ = self.tokenizer(LevelSpec(name, None, quant))
         return TargetInfo(tokenizer, frozenset(info["eos_ids"]), info["max_positions"], info["vocab_size"])
 
     def tokenizer(self, spec: LevelSpec) -> tuple[object, str]:
         """The model's tokenizer, loaded here (the router maps vocabularies; workers only get masks)."""
-        return _tokenizer(spec.model, spec.quant), self.described[(spec.model, spec.quant)]["fingerprint"]
+        return _tokenizer(spec.model, spec.quant), self.described[model_key(spec)]["fingerprint"]
 
     def worker(self, spec: LevelSpec, target: str):
         from specrouter.runtime.dataplane import RemoteWorker
         from specrouter.core.store import resolve_skip
 
-        key = (spec.model, spec.quant)
-        name = LevelSpec(spec.model, resolve_skip(spec, functools.partial(_num_layers, spec.model)) or None, spec.quant).label
+        key = model_key(spec)
+        name = LevelSpec(spec.model, resolve_skip(spec, functools.partial(_num_layers, spec.model)) or None, spec.quant, spec.task).label
         # The target is waited for while Ray restarts it; a drafter is skipped (the chain shortens).
         wait_s = self.timeout_s if name == target else 2.0
         resolve = functools.partial(_actor_address, self.actors[key], wait_s)
         return RemoteWorker(name, resolve, self.timeout_s, self.described[key]["vocab_size"], self.described[key]["exact_width"])
 
     def placements(self) -> dict[str, dict]:
-        return {LevelSpec(m, None, q).label: {"node_id": d["node_id"], "pid": d["pid"]} for (m, q), d in self.described.items()}
+        return {key.label: {"node_id": d["node_id"], "pid": d["pid"]} for key, d in self.described.items()}
 
 
 def _actor_address(actor, wait_s: float) -> str:
@@ -276,8 +280,7 @@ class RouterActor:
 
     def actor(self, label: str):
         """The actor handle serving a model (label as in a chain spec, without @skip)."""
-        spec = LevelSpec.parse(label)
-        return self.provider.actors[(spec.model, spec.quant)]
+        return self.provider.actors[model_key(LevelSpec.parse(label))]
 
     def describe(self) -> dict:
         """The levels, those down, and the data-plane frames each level's worker sent, by op."""

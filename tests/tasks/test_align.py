@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from specrouter.core.chain import Chain
 from specrouter.core.model import ModelView, load_hf_model
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.spec import LevelSpec, parse_chain
+from specrouter.core.store import ModelStore
 from specrouter.engine.calibration import router_for
 from specrouter.engine.engine import Engine
 from specrouter.tasks import align as align_module
@@ -69,7 +71,8 @@ def test_a_level_names_its_aligned_task():
     assert (spec.model, spec.task, spec.quant) == ("qwen2.5-coder-0.5b", "code", "w8")
     assert spec.label == "qwen2.5-coder-0.5b+task:code@w8"
     assert [s.task for s in parse_chain("a+task:chat-2,a+task:code@skip:1,b")] == ["chat-2", "code", None]
-    for bad in ("a+task:", "a+task:x/y", "a+task:code@gguf"):
+    assert LevelSpec.parse("a+task:code@gguf").label == "a+task:code@gguf"  # the adapter as a llama.cpp LoRA
+    for bad in ("a+task:", "a+task:x/y"):
         with pytest.raises(ValueError):
             LevelSpec.parse(bad)
     with pytest.raises(ValueError):
@@ -113,6 +116,61 @@ def test_router_pools_base_and_aligned_drafters_per_task_and_stays_lossless(alig
         result = engine.generate(prompt, 20, ignore_eos=True, router=router, klass=task)
         assert result.token_ids == target_only.generate(prompt, 20, ignore_eos=True).token_ids
         assert result.routing["decisions"]
+
+
+def test_an_aligned_drafter_runs_in_a_ray_actor_of_its_own_and_stays_lossless(local_ray, aligned, cache, dirs):
+    from specrouter.runtime.actors import RouterActor
+
+    draft, target = dirs["draft"], dirs["target"]
+    placement = {"*": {"num_cpus": 1, "torch_threads": 1, "env": {"SPECROUTER_CACHE": str(cache)}}}  # the node's cache
+    router = RouterActor.remote(f"{draft},{draft}+task:code,{target}", dtype="float32", draft_lens=[2, 3], placement=placement)
+    try:
+        placements = local_ray.get(router.placements.remote(), timeout=600)
+        assert set(placements) == {draft, f"{draft}+task:code", target}
+        assert len({p["pid"] for p in placements.values()}) == 3  # the base and the aligned copy are two models
+        target_only = Engine(target, dtype="float32")
+        for prompt in prompts(2, VOCAB, seed=11):
+            out = local_ray.get(router.generate.remote(prompt, 20, ignore_eos=True), timeout=600)
+            assert out["token_ids"] == target_only.generate(prompt, 20, ignore_eos=True).token_ids
+            assert out["levels"][1]["num_draft_tokens"] > 0  # the aligned level drafted for the target
+    finally:
+        local_ray.kill(router)
+
+
+@pytest.fixture(scope="module")
+def aligned_gguf(cache, tiny_gguf_dirs):
+    """An adapter aligning the tiny GGUF drafter (through its transformers copy) to the tiny GGUF target."""
+    draft, _ = load_hf_model(tiny_gguf_dirs["draft"], "float32")
+    target, _ = load_hf_model(tiny_gguf_dirs["target"], "float32")
+    align(draft, target, prompts(6, VOCAB), adapters.adapter_dir(tiny_gguf_dirs["draft"], "code"), FAST, meta={"task": "code"})
+    return tiny_gguf_dirs
+
+
+def test_an_aligned_drafter_runs_on_llamacpp_with_its_adapter_as_a_gguf_lora(aligned_gguf):
+    draft, target = aligned_gguf["draft"], aligned_gguf["target"]
+    store = ModelStore("float32")
+    ids = prompts(1, VOCAB, seed=3)[0]
+
+    def llamacpp_logits(model) -> np.ndarray:
+        seq = model.take_sequence()
+        try:
+            return model.decode([(t, i, seq, True) for i, t in enumerate(ids)])
+        finally:
+            model.drop_sequence(seq)
+
+    with torch.no_grad():
+        merged = store.get(draft, None, "code").model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    base, aligned = llamacpp_logits(store.get(draft, "gguf").model), llamacpp_logits(store.get(draft, "gguf", "code").model)
+    # llama.cpp's base + LoRA computes what the merged torch model does, up to the two backends' rounding (F32
+    # both: 3e-4 apart without an adapter); Q and K rows in the wrong order would be 2.5e-3 off
+    assert np.abs(aligned - merged).max() < 0.005 * np.abs(base - merged).max()
+
+    engine = Engine(f"{draft}+task:code@gguf,{target}@gguf", provider=store, bit_exact=False)
+    alone = Engine(f"{target}@gguf", provider=store)
+    for prompt in prompts(2, VOCAB, seed=13):
+        result = engine.generate(prompt, 20, ignore_eos=True)
+        assert result.token_ids == alone.generate(prompt, 20, ignore_eos=True).token_ids
+        assert result.level_stats[0].num_draft_tokens > 0
 
 
 def test_a_tampered_adapter_is_refused(aligned, dirs):
