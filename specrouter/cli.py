@@ -223,7 +223,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from specrouter.core import catalog
+    from specrouter.core import adapters, catalog
 
     if args.requirements:
         for name in args.requirements:
@@ -245,6 +245,8 @@ def cmd_models(args) -> int:
             print(f"{entry.name:22s} {'ready' if torch_ready else '-':6s} {'ready' if gguf_ready else '-':6s} {entry.description}")
             if not (torch_ready or gguf_ready):
                 print(f"{'':22s} install: {entry.install_command[:100]}{'...' if len(entry.install_command) > 100 else ''}")
+            if tasks := adapters.aligned_tasks(entry.name):
+                print(f"{'':22s} aligned drafters: {', '.join(f'{entry.name}+task:{t}' for t in tasks)}")
     return 0
 
 

@@ -28,10 +28,19 @@ def test_generate_with_bad_chain_exits_with_clear_error(tiny_dirs, capsys):
     assert "target (last level) must be a full model" in capsys.readouterr().err
 
 
-def test_models_lists_the_catalog(capsys):
+def test_models_lists_the_catalog_and_its_aligned_drafters(capsys, tmp_path, monkeypatch):
+    from specrouter.core import adapters
+
+    monkeypatch.setenv("SPECROUTER_CACHE", str(tmp_path))
+    sealed = adapters.adapter_dir("qwen2.5-coder-0.5b", "code")
+    sealed.mkdir(parents=True)
+    (sealed / adapters.WEIGHTS).write_bytes(b"weights")
+    adapters.seal(sealed, {"task": "code"})
+    adapters.adapter_dir("qwen2.5-coder-0.5b", "unfinished").mkdir()  # no weights: not a level
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "qwen2.5-coder-1.5b" in out and "smollm2-135m" in out
+    assert "aligned drafters: qwen2.5-coder-0.5b+task:code\n" in out and "unfinished" not in out
 
 
 def test_bench_reports_throughput_and_latency_of_a_live_server(live_server):

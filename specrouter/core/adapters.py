@@ -38,6 +38,14 @@ def adapter_dir(model: str, task: str) -> Path:
     return adapters_root() / f"{base_key(model)}--{task}"
 
 
+def aligned_tasks(model: str) -> list[str]:
+    """The tasks a model has a sealed adapter for (its `MODEL+task:TASK` levels), by name."""
+    prefix = f"{base_key(model)}--"
+    root = adapters_root()
+    found = root.glob(f"{prefix}*") if root.is_dir() else []
+    return sorted(p.name[len(prefix):] for p in found if (p / WEIGHTS).exists() and (p / DIGEST).exists())
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
