@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tau-low", type=float, default=None,
                      help="with --tau-high: check those from here up with the slim verifier (default: --tau-high, none)")
     gen.add_argument("--slim-verifier", default="@skip",
-                     help="with --tau-low below --tau-high: the slim verifier, the target with @skip; "
-                          "none: the target checks tier 2 too (a llama.cpp target has no skip-layer view)")
+                     help="with --tau-low below --tau-high: the slim verifier, the target with @skip (a llama.cpp "
+                          "target has none); none: the target checks tier 2 too")
     gen.add_argument("--tasks", nargs="?", const="default", default=None, metavar="TASK_MODEL",
                      help="with --adaptive: class the prompt by its discovered task (`specrouter tasks fit`; default: "
                      "the default task model) instead of the lexical classifier")

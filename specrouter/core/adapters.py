@@ -110,7 +110,7 @@ def gguf_adapter(path: Path, base_gguf: Path) -> Path:
     config = json.loads((path / CONFIG).read_text())
     if config.get("use_rslora") or config.get("use_dora"):
         raise AdapterError(f"{path}: rsLoRA and DoRA adapters do not map onto llama.cpp's LoRA")
-    work = out.with_name(f".{out.name}.work")
+    work = out.with_name(f".{out.name}.{os.getpid()}.work")  # processes on one node may convert it at once
     writer = gguf.GGUFWriter(str(work), arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

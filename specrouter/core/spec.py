@@ -80,15 +80,19 @@ def parse_chain(text: str) -> list[LevelSpec]:
     return specs
 
 
-def slim_spec(text: str, target: LevelSpec) -> LevelSpec:
+def slim_spec(text: str, target: LevelSpec) -> LevelSpec | None:
     """The slim verifier of tiered verification (specrouter/core/tiered.py): the target with @skip,
     given in full ("NAME@skip:12+13") or as its modifiers alone ("@skip:12+13"; "@skip": the set the
-    catalog measured for this role, else the target's default slim set)."""
+    catalog measured for this role, else the target's default slim set). A llama.cpp target runs every
+    layer: for it "@skip" means none (its medium-confidence tokens go to the target), and a layer set
+    is an error."""
     from specrouter.core.catalog import CATALOG
 
     if target.backend == "llama.cpp":
+        if text == "@skip":
+            return None
         raise ValueError(f"slim verifier {text!r}: a llama.cpp target ({target.label}) runs every layer and has no "
-                         "skip-layer view; tiered verification runs without one (slim_verifier null, --slim-verifier none)")
+                         "skip-layer view; tiered verification there runs without one")
     quant = f"@{target.quant}" if target.quant else ""
     spec = LevelSpec.parse(target.model + text + quant if text.startswith("@") else text)
     if spec.model != target.model or spec.skip_layers is None or spec.quant != target.quant:

@@ -94,7 +94,8 @@ class Engine:
             draft_lens = [DEFAULT_DRAFT_LEN["ngram" if s.model == "ngram" else "model"] for s in self.specs[:-1]]
             if draft_lens and draft_confidence and self.specs[0].model != "ngram":
                 draft_lens[0] = CAPPED_DRAFT_LEN
-        self.slim = self._slim_level(slim_verifier, target) if slim_verifier else None
+        slim = slim_spec(slim_verifier, target) if slim_verifier else None
+        self.slim = self._slim_level(slim, target) if slim else None
         self.chain = Chain(levels, list(draft_lens), self.slim)  # the static chain: every level, in order
         self._chains: dict[tuple, Chain] = {}
         self._down: dict[str, float] = {}  # drafter -> when it stopped answering
@@ -136,8 +137,8 @@ class Engine:
             self._chains[key] = Chain([self.levels[name] for name in plan.chain], list(plan.draft_lens), self.slim)
         return self._chains[key]
 
-    def _slim_level(self, text: str, target: LevelSpec) -> Level:
-        worker = self.provider.worker(slim_spec(text, target), target.label)
+    def _slim_level(self, spec: LevelSpec, target: LevelSpec) -> Level:
+        worker = self.provider.worker(spec, target.label)
         if worker.name in self.levels:
             raise ValueError(f"slim verifier {worker.name!r} is also a level of the chain")
         return ModelLevel(worker.name, worker)

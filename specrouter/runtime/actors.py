@@ -229,8 +229,8 @@ class RouterActor:
         from specrouter.engine.loop import BatchLoop
 
         specs = parse_chain(chain)
-        slim = [slim_spec(slim_verifier, specs[-1])] if slim_verifier else []  # a view on the target's worker actor
-        self.provider = RayWorkers(specs + slim, dtype, {k: Placement(**v) for k, v in (placement or {}).items()})
+        slim = slim_spec(slim_verifier, specs[-1]) if slim_verifier else None  # a view on the target's worker actor
+        self.provider = RayWorkers(specs + ([slim] if slim else []), dtype, {k: Placement(**v) for k, v in (placement or {}).items()})
         self.engine = Engine(specs, draft_lens=draft_lens, provider=self.provider, draft_confidence=draft_confidence,
                              bit_exact=bit_exact, retry_down_after_s=retry_down_after_s, slim_verifier=slim_verifier)
         self.router = router_for(self.engine, router_config) if adaptive else None

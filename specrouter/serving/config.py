@@ -130,8 +130,8 @@ class ServeConfig(BaseModel):
     slim_verifier: str | None = Field(
         default="@skip",
         description="Tiered verification's slim verifier: the target with skipped layers, as `NAME@skip:L1+L2` or its "
-                    "modifier alone (`@skip:12+13`; `@skip`: the set measured for this role, else the target's default slim set). "
-                    "null: none, the target checks medium tokens too (a llama.cpp target has no skip-layer view).")
+                    "modifier alone (`@skip:12+13`; `@skip`: the set measured for this role, else the target's default slim set; "
+                    "none for a llama.cpp target, which has no skip-layer view). null: none, the target checks medium tokens too.")
     adaptive: bool = Field(
         default=False, description="Treat `chain` as a pool: before every step the router picks the chain and "
                                    "the block lengths predicted fastest (docs/routing.md).")

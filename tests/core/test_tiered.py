@@ -150,3 +150,7 @@ def test_slim_verifier_spec_takes_the_catalogs_measured_set_and_the_targets_quan
     assert slim_spec("@skip", LevelSpec.parse("/models/other")).skip_layers == ()  # no measured set: the default slim set
     with pytest.raises(ValueError, match="must be the target"):
         slim_spec("qwen2.5-coder-0.5b@skip", target)
+    gguf = LevelSpec.parse("qwen2.5-coder-1.5b@gguf")  # every layer, always: no slim verifier
+    assert slim_spec("@skip", gguf) is None
+    with pytest.raises(ValueError, match="no skip-layer view"):
+        slim_spec("@skip:12+13", gguf)

@@ -54,12 +54,13 @@ def test_the_slim_verifier_is_a_view_of_the_target(tiny_dirs):
 
 
 def test_a_llamacpp_target_tiers_without_a_slim_verifier(tiny_gguf_dirs):
-    """A llama.cpp target has no skip-layer view: asking for one names the way out, and without one its
-    medium-confidence tokens go to the target."""
+    """A llama.cpp target has no skip-layer view: a layer set is refused, the default `@skip` means none,
+    and its medium-confidence tokens go to the target."""
     chain = f"{tiny_gguf_dirs['draft']}@gguf,{tiny_gguf_dirs['target']}@gguf"
     with pytest.raises(ValueError, match="no skip-layer view"):
-        Engine(chain, slim_verifier="@skip")
-    engine = Engine(chain, bit_exact=False)
+        Engine(chain, slim_verifier="@skip:1")
+    engine = Engine(chain, bit_exact=False, slim_verifier="@skip")
+    assert engine.slim is None
     alone = Engine(f"{tiny_gguf_dirs['target']}@gguf").generate(PROMPT, 16, ignore_eos=True)
     assert engine.generate(PROMPT, 16, ignore_eos=True, tiered=Thresholds(1.0, 1.0)).token_ids == alone.token_ids
     result = engine.generate(PROMPT, 16, ignore_eos=True, tiered=Thresholds(1.0, 0.0))  # every token "medium"
