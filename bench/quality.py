@@ -12,7 +12,7 @@ Writes bench/results/quality-<timestamp>.json (hardware, peak RSS) and a PNG spe
 
     .venv/bin/python bench/quality.py --humaneval 40 --sharegpt 10 --max-tokens 128 --execute
     .venv/bin/python bench/quality.py --target qwen2.5-coder-1.5b@gguf --draft qwen2.5-coder-0.5b@gguf \
-        --slim none --not-bit-exact --settings 0.95/0.95,0.9/0.9,0.8/0.8,0.7/0.7 --execute
+        --not-bit-exact --settings 0.95/0.95,0.9/0.9,0.8/0.8,0.7/0.7 --execute
 """
 
 from __future__ import annotations
@@ -242,9 +242,10 @@ def main() -> None:
                         help="tiered thresholds tau_high/tau_low, comma-separated")
     parser.add_argument("--target", default=TARGET, help="the target's level spec (e.g. NAME@gguf)")
     parser.add_argument("--draft", default=DRAFT, help="the drafter's level spec; it must report confidences")
-    parser.add_argument("--slim", default=f"{TARGET}@skip:12+13",
-                        help="the slim verifier's level spec (bench/slim_verifier_search.py measures candidates); "
-                             "none: tier 2 goes to the target (a llama.cpp target has no skip-layer view)")
+    parser.add_argument("--slim", default="@skip",
+                        help="the slim verifier's level spec (default: the target with the catalog's measured set, "
+                             "which bench/slim_verifier_search.py finds; none on a llama.cpp target); "
+                             "none: tier 2 goes to the target")
     parser.add_argument("--not-bit-exact", dest="bit_exact", action="store_false",
                         help="chains verify blocks wider than the target verifies bit-exactly (equal up to rounding)")
     parser.add_argument("--execute", action="store_true", help="run the generated code against HumanEval's tests")
