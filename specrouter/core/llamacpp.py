@@ -46,11 +46,15 @@ class LlamaCppError(RuntimeError):
     pass
 
 
+DEFAULT_KV_TOKENS = 16384  # positions of a model's KV cache, shared by its sequences (llama-server's --ctx-size)
+
+
 class LlamaCppModel:
     """A GGUF file loaded once by llama.cpp, with one context holding up to `max_sequences` sequences
-    in a KV cache of `context` positions shared by all of them."""
+    in a KV cache of `context` positions shared by all of them (`kv_capacity`: the generation loop
+    admits requests while their positions fit)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, context: int = 16384, max_sequences: int = 64,
+    def __init__(self, path: str | Path, threads: int | None = None, context: int = DEFAULT_KV_TOKENS, max_sequences: int = 64,
                  batch: int = 512, lora: Path | None = None):
         import llama_cpp as ll
 
@@ -86,7 +90,8 @@ class LlamaCppModel:
         self.vocab_size = ll.llama_vocab_n_tokens(vocab)
         self.end_ids = frozenset(t for t in (ll.llama_vocab_eos(vocab), ll.llama_vocab_eot(vocab)) if t >= 0)
         self.num_layers = ll.llama_model_n_layer(self.model)
-        self.max_positions = min(ll.llama_model_n_ctx_train(self.model), context)
+        self.kv_capacity = ll.llama_n_ctx(self.ctx)  # positions, all sequences together
+        self.max_positions = min(ll.llama_model_n_ctx_train(self.model), self.kv_capacity)
         self.batch_size = batch
         self._batch = ll.llama_batch_init(batch, 0, 1)
         self._free_ids = list(range(max_sequences - 1, -1, -1))
@@ -187,6 +192,11 @@ class LlamaCppView:
     def exact_width(self) -> int | None:
         """The widest pass whose rows are bit-identical to one-token passes (measured at load)."""
         return self.model.exact_width
+
+    @property
+    def kv_capacity(self) -> int:
+        """Positions the model's KV cache holds, all its sequences together."""
+        return self.model.kv_capacity
 
     def new_cache(self) -> LlamaSequence:
         return LlamaSequence(self.model)

@@ -326,6 +326,11 @@ class ModelView:
         return self.hf_model.config.max_position_embeddings
 
     @property
+    def kv_capacity(self) -> int | None:
+        """None: each sequence's KV cache grows on its own (no shared pool to run out of)."""
+        return None
+
+    @property
     def exact_width(self) -> int | None:
         """The widest pass whose rows are bit-identical to one-token passes: ROW_EXACT_TOKENS when every
         Linear computes each row alone (w8, w4). None otherwise (no cap): dense bf16 matmuls round

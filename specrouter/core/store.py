@@ -119,21 +119,25 @@ def load_tokenizer(name_or_path: str, quant: str | None = None):
 
 class ModelStore:
     """Loaded models by (name, quantisation, aligned task), so chains built side by side share weights and workers.
-    `threads` is llama.cpp levels' thread count (default: every core this process may use)."""
+    `threads` is llama.cpp levels' thread count (default: every core this process may use);
+    `kv_cache_tokens` the positions of each llama.cpp level's KV cache, all its sequences together
+    (default DEFAULT_KV_TOKENS; torch levels' caches grow per sequence)."""
 
-    def __init__(self, dtype: str = "float32", device: str = "cpu", threads: int | None = None):
-        self.dtype, self.device, self.threads = dtype, device, threads
+    def __init__(self, dtype: str = "float32", device: str = "cpu", threads: int | None = None,
+                 kv_cache_tokens: int | None = None):
+        self.dtype, self.device, self.threads, self.kv_cache_tokens = dtype, device, threads, kv_cache_tokens
         self._loaded: dict[tuple[str, str | None, str | None], LoadedModel] = {}
 
     def get(self, name: str, quant: str | None = None, task: str | None = None) -> LoadedModel:
         key = (name, quant, task)
         if key not in self._loaded:
             if quant == "gguf":
-                from specrouter.core.llamacpp import LlamaCppModel
+                from specrouter.core.llamacpp import DEFAULT_KV_TOKENS, LlamaCppModel
 
                 base = gguf_file(name)
                 lora = adapters.gguf_adapter(adapters.verified_dir(name, task), base) if task else None
-                model, tokenizer = LlamaCppModel(base, self.threads, lora=lora), load_tokenizer(name, quant)
+                model = LlamaCppModel(base, self.threads, self.kv_cache_tokens or DEFAULT_KV_TOKENS, lora=lora)
+                tokenizer = load_tokenizer(name, quant)
                 info = TargetInfo(tokenizer, end_tokens(tokenizer, None) | model.end_ids, model.max_positions, model.vocab_size)
                 num_layers = model.num_layers
             else:

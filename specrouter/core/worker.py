@@ -124,6 +124,11 @@ class ModelWorker:
         """The widest pass whose rows are bit-identical to one-token passes (None: not measured)."""
         return self.view.exact_width
 
+    @property
+    def kv_capacity(self) -> int | None:
+        """Positions the model's KV cache holds, all sequences together (None: no shared limit)."""
+        return self.view.kv_capacity
+
     def forward(self, calls: list[ForwardCall], allowed: torch.Tensor | None = None) -> list[Scored | Exception]:
         """Every call's block in one batched pass: a Scored per call, or the StaleVersionError /
         PositionGapError that refused that call (returned, not raised; the others still run).

@@ -98,6 +98,10 @@ class Engine:
         self.slim = self._slim_level(slim, target) if slim else None
         self.chain = Chain(levels, list(draft_lens), self.slim)  # the static chain: every level, in order
         self._chains: dict[tuple, Chain] = {}
+        # The smallest shared KV pool of the models (positions, all sequences together; None: no limit):
+        # the generation loop admits requests while their positions fit in it.
+        pools = [level.worker.kv_capacity for level in self.all_levels if isinstance(level, ModelLevel)]
+        self.kv_capacity = min((p for p in pools if p is not None), default=None)
         self._down: dict[str, float] = {}  # drafter -> when it stopped answering
         self.retry_down_after_s = retry_down_after_s
 

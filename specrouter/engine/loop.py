@@ -1,8 +1,9 @@
 """The generation loop: requests advance together, one speculative step per `step()`; a single
 request is a batch of one (Engine.generate runs one through it).
 
-The loop holds the active requests and a queue. Every step it (1) admits queued requests up to
-`max_batch` (their prompts prefill inside the step's batched passes), (2) picks the chain and draft
+The loop holds the active requests and a queue. Every step it (1) admits queued requests, in order,
+up to `max_batch` and while their positions fit in the models' shared KV pools (their prompts prefill
+inside the step's batched passes), (2) picks the chain and draft
 lengths for the batch, (3) runs one batched speculative step (chain.speculative_step: batched
 drafting and batched verification per level, per-sequence verdicts and rollback), (4) commits each
 request's tokens and retires the finished ones, releasing their state on every worker. A cancelled
@@ -154,6 +155,9 @@ class BatchLoop:
         `max_waiting` / `max_waiting_tokens`: the most requests / prompt tokens that may wait for a
         place in the batch (None: no limit); `submit` refuses what would go past them."""
         self.engine, self.router, self.max_batch = engine, router, max_batch
+        # Positions a sequence may hold past its last token: the widest block a step may draft, and one.
+        lengths = (*engine.chain.draft_lens, *(router.config.lengths if router is not None else ()))
+        self._headroom = max(lengths, default=0) + 1
         self.max_waiting, self.max_waiting_tokens = max_waiting, max_waiting_tokens
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="verify") if pipeline else None
         self._waiting: list[_Request] = []
@@ -185,17 +189,38 @@ class BatchLoop:
         route = RequestRoute(klass) if self.router is not None else None
         request = _Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass, route, deadline)
         with self._queue_lock:
-            self._admit_or_refuse(len(prompt_ids))
+            self._admit_or_refuse(request)
             self._waiting.append(request)
         return request_id
 
-    def _admit_or_refuse(self, prompt_tokens: int) -> None:
+    def _admissible(self, queue: list[_Request]) -> int:
+        """How many requests at the head of `queue` the next step admits: places left in the batch and,
+        where the models' KV pools are bounded, room for the positions of every request in the batch
+        (its prompt, its max_tokens and the widest block drafted past them), reserved until it ends.
+        An empty batch always takes the first (check_request keeps each request within the pool)."""
+        places = max(0, self.max_batch - len(self._active))
+        if self.engine.kv_capacity is None:
+            return min(places, len(queue))
+        used, admitted = sum(self._positions(r) for r in self._active.values()), 0
+        for request in queue[:places]:
+            used += self._positions(request)
+            if used > self.engine.kv_capacity and (self._active or admitted):
+                break
+            admitted += 1
+        return admitted
+
+    def _positions(self, request: _Request) -> int:
+        """The KV positions a request may come to hold."""
+        return min(self.engine.kv_capacity, request.seq.prompt_len + request.max_new_tokens + self._headroom)
+
+    def _admit_or_refuse(self, request: _Request) -> None:
         """Raise Overloaded if a new request would wait behind more than the limits allow. Waiting means
-        finding no place at the next step: the queue's first `free` requests will have one."""
-        free = max(0, self.max_batch - len(self._active))
-        behind = self._waiting[free:]  # those that will still wait after the next admission
-        if len(self._waiting) < free:
+        not being admitted at the next step: the queue's first `free` requests will be."""
+        free = self._admissible(self._waiting)
+        if free == len(self._waiting) and self._admissible(self._waiting + [request]) > free:
             return  # the new request joins the batch at the next step
+        behind = self._waiting[free:]  # those that will still wait after the next admission
+        prompt_tokens = request.seq.prompt_len
         if self.max_waiting is not None and len(behind) >= self.max_waiting:
             raise Overloaded(f"the server is busy: {len(behind)} requests are waiting (limit {self.max_waiting})",
                              "waiting_requests")
@@ -206,8 +231,8 @@ class BatchLoop:
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued that will not find a place in the batch at the next step."""
-        return max(0, len(self._waiting) - max(0, self.max_batch - len(self._active)))
+        """Requests queued that the next step will not admit."""
+        return len(self._waiting) - self._admissible(self._waiting)
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> GenerationResult | None:
         """Drop a request now and free its state on every worker; its result so far (None if it is
@@ -239,9 +264,9 @@ class BatchLoop:
         # 1. retire requests past their deadline; admit queued requests between steps
         expired = self._expire()
         with self._queue_lock:
-            while self._waiting and len(self._active) < self.max_batch:
-                request = self._waiting.pop(0)
-                self._active[request.request_id] = request
+            admitted = self._waiting[: self._admissible(self._waiting)]
+            del self._waiting[: len(admitted)]
+            self._active.update((request.request_id, request) for request in admitted)
         if not self._active:
             return StepReport({}, expired)
         requests = list(self._active.values())

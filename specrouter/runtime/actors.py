@@ -34,6 +34,7 @@ class Placement:
     torch_threads: int | None = None  # None: every core of the node (the chain's models take turns)
     device: str = "cpu"
     env: dict[str, str] = field(default_factory=dict)  # extra environment of the actor's process
+    kv_cache_tokens: int | None = None  # a llama.cpp model's KV cache, in positions (None: the default)
 
     def actor_options(self) -> dict:
         options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources),
@@ -75,7 +76,7 @@ class WorkerActor:
     """One loaded model and its views, each a ModelWorker with per-sequence KV caches, behind gRPC."""
 
     def __init__(self, model: str, quant: str | None, task: str | None, views: list[tuple[int, ...]], dtype: str, device: str,
-                 torch_threads: int | None):
+                 torch_threads: int | None, kv_cache_tokens: int | None = None):
         import torch
 
         from specrouter.runtime.dataplane import WorkerServicer, model_thread
@@ -87,7 +88,7 @@ class WorkerActor:
             # would run single-threaded although the chain's models take turns on every core.
             threads = torch_threads or len(os.sched_getaffinity(0))
             torch.set_num_threads(threads)
-            store = ModelStore(dtype, device, threads)
+            store = ModelStore(dtype, device, threads, kv_cache_tokens)
             workers = {}
             for skip in views:
                 worker = store.worker(LevelSpec(model, skip or None, quant, task), target=model)
@@ -99,7 +100,8 @@ class WorkerActor:
         workers, self.loaded = thread.submit(load).result()
         self.server = BackgroundServer(WorkerServicer(label, workers, thread), _data_plane_host())
         self.views = list(workers)
-        self.exact_width = next(iter(workers.values())).exact_width  # a property of the model, not of a view
+        first = next(iter(workers.values()))  # exact width and KV pool: properties of the model, not of a view
+        self.exact_width, self.kv_capacity = first.exact_width, first.kv_capacity
 
     def address(self) -> str:
         return self.server.address
@@ -113,6 +115,7 @@ class WorkerActor:
             "max_positions": info.max_positions,
             "eos_ids": sorted(info.eos_ids),
             "exact_width": self.exact_width,
+            "kv_capacity": self.kv_capacity,
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
         }
@@ -141,7 +144,7 @@ class RayWorkers:
             place = placement_for(key, placement)
             views = sorted({resolve_skip(s, functools.partial(_num_layers, key.model)) for s in members})
             self.actors[key] = WorkerActor.options(**place.actor_options()).remote(
-                key.model, key.quant, key.task, views, dtype, place.device, place.torch_threads
+                key.model, key.quant, key.task, views, dtype, place.device, place.torch_threads, place.kv_cache_tokens
             )
         self.described = {key: ray.get(actor.describe.remote()) for key, actor in self.actors.items()}
 
@@ -165,7 +168,7 @@ class RayWorkers:
         # The target is waited for while Ray restarts it; a drafter is skipped (the chain shortens).
         wait_s = self.timeout_s if name == target else 2.0
         resolve = functools.partial(_actor_address, self.actors[key], wait_s)
-        return RemoteWorker(name, resolve, self.timeout_s, self.described[key]["vocab_size"], self.described[key]["exact_width"])
+        return RemoteWorker(name, resolve, self.timeout_s, self.described[key])
 
     def placements(self) -> dict[str, dict]:
         return {key.label: {"node_id": d["node_id"], "pid": d["pid"]} for key, d in self.described.items()}
@@ -254,7 +257,7 @@ class RouterActor:
 
     def info(self) -> dict:
         return {"chain": ",".join(s.label for s in self.engine.specs), "target": self.engine.target_name,
-                "max_context": self.engine.max_positions}
+                "max_context": self.engine.max_positions, "kv_cache_tokens": self.engine.kv_capacity}
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: dict | None = None, seed: int = 0,
                  ignore_eos: bool = False, prompt_class: str | None = None) -> dict:

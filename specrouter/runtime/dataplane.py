@@ -196,7 +196,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             worker.release(request["seq"])
             return {}
         if op == "info":
-            return {"vocab_size": worker.vocab_size, "exact_width": worker.exact_width}
+            return {"vocab_size": worker.vocab_size, "exact_width": worker.exact_width, "kv_capacity": worker.kv_capacity}
         raise ValueError(f"unknown op {op!r}")
 
     def _reply(self, call_id: int, payload: bytes) -> worker_pb2.Frame:
@@ -277,7 +277,8 @@ class RemoteWorker:
     """A `ModelWorker` in another process, reached over the data plane. `resolve` returns the worker
     process's current address, so a restarted process (new port) is found again."""
 
-    def __init__(self, name: str, resolve, timeout_s: float = 60.0, vocab_size: int | None = None, exact_width: int | None = None):
+    def __init__(self, name: str, resolve, timeout_s: float = 60.0, info: dict | None = None):
+        """`info`: the worker's vocab_size, exact_width and kv_capacity, if known (else asked for)."""
         self.name = name
         self._resolve = resolve
         self.timeout_s = timeout_s
@@ -285,10 +286,8 @@ class RemoteWorker:
         self._masks_sent: set[str] = set()  # masks the current stream's server holds
         self._mask_cache: tuple[torch.Tensor, str, bytes] | None = None  # the last mask and its encoding
         self.frames_sent: Counter[str] = Counter()  # frames sent, by op
-        if vocab_size is None:
-            info = self._call({"op": "info"})
-            vocab_size, exact_width = info["vocab_size"], info["exact_width"]
-        self.vocab_size, self.exact_width = vocab_size, exact_width
+        info = info or self._call({"op": "info"})
+        self.vocab_size, self.exact_width, self.kv_capacity = info["vocab_size"], info["exact_width"], info["kv_capacity"]
 
     @property
     def bytes_moved(self) -> int:

@@ -19,6 +19,7 @@
     max_waiting_tokens: null         # the same, counting the waiting requests' prompt tokens
     placement:                       # per model label (name or name@int8), or "*"
       qwen2.5-coder-1.5b: {num_gpus: 1, accelerator_type: A100, device: cuda}
+      "*": {kv_cache_tokens: 8192}   # a llama.cpp model's KV cache, all its sequences together
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class PlacementConfig(BaseModel):
         default=None, ge=1, description="Threads of the model's torch or llama.cpp computation. null: the default.")
     device: str = Field(default="cpu", description="The torch device the model runs on (cpu, cuda, cuda:1).")
     env: dict[str, str] = Field(default={}, description="Extra environment of the model's actor (e.g. OMP_WAIT_POLICY).")
+    kv_cache_tokens: int | None = Field(
+        default=None, ge=64, description="Positions of a llama.cpp model's KV cache, all its sequences together (like "
+        "llama-server's --ctx-size): requests join the batch while theirs fit, and none may exceed it. null: 16384.")
 
 
 class RoutingConfig(BaseModel):

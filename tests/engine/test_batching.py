@@ -219,3 +219,29 @@ def test_a_request_past_its_deadline_is_retired_waiting_or_running_and_frees_its
     assert 0 < len(results[running].token_ids) < 400 and results[waiting].token_ids == []
     assert results[keep].token_ids == alone
     assert all(level.worker.num_sequences() == 0 for level in engine.levels.values() if hasattr(level, "worker"))
+
+
+def test_requests_wait_for_room_in_a_bounded_kv_cache_and_all_finish(tiny_gguf_dirs):
+    """A llama.cpp model keeps every sequence's keys and values in one pool of positions: the loop admits
+    requests, in order, while the positions they may come to hold fit in it; the others wait their turn
+    instead of overflowing the pool (which would fail the pass, and with it every request in the batch)."""
+    from specrouter.core.store import ModelStore
+
+    spec = f"{tiny_gguf_dirs['draft']}@gguf,{tiny_gguf_dirs['target']}@gguf"
+    engine = Engine(spec, draft_lens=[3], provider=ModelStore("float32", kv_cache_tokens=256), bit_exact=False)
+    assert engine.kv_capacity == 256 and engine.max_positions == 256
+    # 40 + 60 positions each, and a block of 3 (and one) past them: two fit in the pool at once, not three
+    requests = [{"prompt_ids": (p * 8)[:40], "max_new_tokens": 60, "ignore_eos": True} for p in prompts(5, 2000, seed=3)]
+    loop = BatchLoop(engine)
+    ids = [loop.submit(**r) for r in requests]
+    assert loop.num_waiting == 3
+    results, batches = {}, []
+    while loop.has_work:
+        report = loop.step()
+        batches.append(report.batch)
+        results.update(report.finished)
+    assert max(batches) == 2 and batches[-1] == 1  # the fifth ran alone at the end
+    assert all(results[i].finish_reason == "length" and len(results[i].token_ids) == 60 for i in ids)
+    assert all(level.worker.num_sequences() == 0 for level in engine.levels.values())
+    with pytest.raises(ValueError, match="context window of 256"):
+        loop.submit([1] * 200, 57)

@@ -22,10 +22,10 @@ def expected(tiny_dirs):
     return ids, {n: engine.generate(ids, n, ignore_eos=True).token_ids for n in (32, 200)}
 
 
-def make_router(local_ray, chain, **kwargs):
+def make_router(local_ray, chain, placement=None, **kwargs):
     from specrouter.runtime.actors import RouterActor
 
-    placement = {"*": {"num_cpus": 1, "torch_threads": 1}}
+    placement = {"*": {"num_cpus": 1, "torch_threads": 1, **(placement or {})}}
     return RouterActor.remote(chain, dtype="float32", draft_lens=[2, 3] if chain.count(",") == 2 else [3], placement=placement, **kwargs)
 
 
@@ -41,13 +41,17 @@ def test_distributed_chains_equal_in_process_and_target_only(local_ray, tiny_dir
 
 def test_distributed_llamacpp_and_mixed_backend_chains_equal_the_gguf_target_alone(local_ray, tiny_gguf_dirs):
     """llama.cpp levels in their own actors: a GGUF drafter and target, and a torch int8 drafter in front
-    of the GGUF target, give what the GGUF target gives alone in-process."""
+    of the GGUF target, give what the GGUF target gives alone in-process. The placement sizes each
+    llama.cpp model's KV cache, and the router's engine learns the pool it admits requests into."""
     target = f"{tiny_gguf_dirs['target']}@gguf"
     engine = Engine(target)
     ids = engine.tokenizer(PROMPT)["input_ids"]
     want = engine.generate(ids, 24, ignore_eos=True).token_ids
-    for chain in (f"{tiny_gguf_dirs['draft']}@gguf,{target}", f"{tiny_gguf_dirs['draft']}@int8,{target}"):
-        router = make_router(local_ray, chain, bit_exact=False)  # whole blocks (the tiny F32 files measure width 1)
+    for chain, kv in ((f"{tiny_gguf_dirs['draft']}@gguf,{target}", 256), (f"{tiny_gguf_dirs['draft']}@int8,{target}", None)):
+        # whole blocks (the tiny F32 files measure width 1)
+        router = make_router(local_ray, chain, placement={"kv_cache_tokens": kv}, bit_exact=False)
+        info = local_ray.get(router.info.remote(), timeout=600)
+        assert info["kv_cache_tokens"] == (kv or 16384) and info["max_context"] == min(kv or 16384, 512), chain
         out = local_ray.get(router.generate.remote(ids, 24, ignore_eos=True), timeout=600)
         assert out["token_ids"] == want, chain
         assert out["levels"][0]["num_accepted_tokens"] > 0
