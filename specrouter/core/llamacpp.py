@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specrouter.core.model import SeqBlock, check_blocks
+from specrouter.core.model import KVPool, SeqBlock, check_blocks
 
 _BACKEND = threading.Lock()
 _quiet_log = None  # llama.cpp's log callback, kept alive while the process runs
@@ -51,8 +51,8 @@ DEFAULT_KV_TOKENS = 16384  # positions of a model's KV cache, shared by its sequ
 
 class LlamaCppModel:
     """A GGUF file loaded once by llama.cpp, with one context holding up to `max_sequences` sequences
-    in a KV cache of `context` positions shared by all of them (`kv_capacity`: the generation loop
-    admits requests while their positions fit)."""
+    in a KV cache of `context` positions shared by all of them (`kv_pool`: the generation loop admits
+    requests while theirs fit)."""
 
     def __init__(self, path: str | Path, threads: int | None = None, context: int = DEFAULT_KV_TOKENS, max_sequences: int = 64,
                  batch: int = 512, lora: Path | None = None):
@@ -90,8 +90,8 @@ class LlamaCppModel:
         self.vocab_size = ll.llama_vocab_n_tokens(vocab)
         self.end_ids = frozenset(t for t in (ll.llama_vocab_eos(vocab), ll.llama_vocab_eot(vocab)) if t >= 0)
         self.num_layers = ll.llama_model_n_layer(self.model)
-        self.kv_capacity = ll.llama_n_ctx(self.ctx)  # positions, all sequences together
-        self.max_positions = min(ll.llama_model_n_ctx_train(self.model), self.kv_capacity)
+        self.kv_pool = KVPool(ll.llama_n_ctx(self.ctx), max_sequences)
+        self.max_positions = min(ll.llama_model_n_ctx_train(self.model), self.kv_pool.positions)
         self.batch_size = batch
         self._batch = ll.llama_batch_init(batch, 0, 1)
         self._free_ids = list(range(max_sequences - 1, -1, -1))
@@ -194,9 +194,9 @@ class LlamaCppView:
         return self.model.exact_width
 
     @property
-    def kv_capacity(self) -> int:
-        """Positions the model's KV cache holds, all its sequences together."""
-        return self.model.kv_capacity
+    def kv_pool(self) -> KVPool:
+        """The positions and sequences the model's KV cache holds, all sequences together."""
+        return self.model.kv_pool
 
     def new_cache(self) -> LlamaSequence:
         return LlamaSequence(self.model)

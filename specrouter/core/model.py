@@ -326,7 +326,7 @@ class ModelView:
         return self.hf_model.config.max_position_embeddings
 
     @property
-    def kv_capacity(self) -> int | None:
+    def kv_pool(self) -> "KVPool | None":
         """None: each sequence's KV cache grows on its own (no shared pool to run out of)."""
         return None
 
@@ -416,6 +416,15 @@ def check_blocks(blocks: list["SeqBlock"], max_positions: int) -> None:
             raise ValueError("every sequence in a batch needs at least one token")
         if b.start + len(b.token_ids) > max_positions:
             raise ValueError(f"sequence of {b.start + len(b.token_ids)} tokens exceeds the model's {max_positions} positions")
+
+
+@dataclass(frozen=True)
+class KVPool:
+    """A model's KV cache as one pool shared by all its sequences (llama.cpp): positions and sequence
+    slots, all sequences together. The generation loop admits requests while theirs fit."""
+
+    positions: int
+    sequences: int
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specrouter.core.model import KVCache, ModelView, SeqBlock
+from specrouter.core.model import KVCache, KVPool, ModelView, SeqBlock
 from specrouter.core.sampling import SamplingParams, probs_from_logits, sample
 from specrouter.core.sequence import PositionGapError, StaleVersionError, TokenLog
 
@@ -125,9 +125,9 @@ class ModelWorker:
         return self.view.exact_width
 
     @property
-    def kv_capacity(self) -> int | None:
-        """Positions the model's KV cache holds, all sequences together (None: no shared limit)."""
-        return self.view.kv_capacity
+    def kv_pool(self) -> KVPool | None:
+        """The positions and sequences the model's KV cache holds, all together (None: no shared limit)."""
+        return self.view.kv_pool
 
     def forward(self, calls: list[ForwardCall], allowed: torch.Tensor | None = None) -> list[Scored | Exception]:
         """Every call's block in one batched pass: a Scored per call, or the StaleVersionError /

@@ -11,6 +11,7 @@ import torch
 from specrouter.core.chain import Chain
 from specrouter.core.records import LevelStats
 from specrouter.core.levels import Level, ModelLevel, NgramLevel
+from specrouter.core.model import KVPool
 from specrouter.core.retokenize import retokenizer
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.spec import LevelSpec, parse_chain, slim_spec
@@ -98,10 +99,6 @@ class Engine:
         self.slim = self._slim_level(slim, target) if slim else None
         self.chain = Chain(levels, list(draft_lens), self.slim)  # the static chain: every level, in order
         self._chains: dict[tuple, Chain] = {}
-        # The smallest shared KV pool of the models (positions, all sequences together; None: no limit):
-        # the generation loop admits requests while their positions fit in it.
-        pools = [level.worker.kv_capacity for level in self.all_levels if isinstance(level, ModelLevel)]
-        self.kv_capacity = min((p for p in pools if p is not None), default=None)
         self._down: dict[str, float] = {}  # drafter -> when it stopped answering
         self.retry_down_after_s = retry_down_after_s
 
@@ -146,6 +143,12 @@ class Engine:
         if worker.name in self.levels:
             raise ValueError(f"slim verifier {worker.name!r} is also a level of the chain")
         return ModelLevel(worker.name, worker)
+
+    @property
+    def kv_pool(self) -> KVPool | None:
+        """The room the models' shared KV pools leave a request (None: no limit); the loop admits into it."""
+        pools = [level.worker.kv_pool for level in self.all_levels if isinstance(level, ModelLevel) and level.worker.kv_pool]
+        return KVPool(min(p.positions for p in pools), min(p.sequences for p in pools)) if pools else None
 
     @property
     def all_levels(self) -> list[Level]:

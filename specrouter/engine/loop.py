@@ -194,24 +194,25 @@ class BatchLoop:
         return request_id
 
     def _admissible(self, queue: list[_Request]) -> int:
-        """How many requests at the head of `queue` the next step admits: places left in the batch and,
-        where the models' KV pools are bounded, room for the positions of every request in the batch
+        """How many requests at the head of `queue` the next step admits: places left in the batch (and
+        in the models' KV pools' sequence slots) and room in the pools for the positions of every request
         (its prompt, its max_tokens and the widest block drafted past them), reserved until it ends.
         An empty batch always takes the first (check_request keeps each request within the pool)."""
-        places = max(0, self.max_batch - len(self._active))
-        if self.engine.kv_capacity is None:
-            return min(places, len(queue))
+        pool = self.engine.kv_pool
+        if pool is None:
+            return min(max(0, self.max_batch - len(self._active)), len(queue))
+        places = max(0, min(self.max_batch, pool.sequences) - len(self._active))
         used, admitted = sum(self._positions(r) for r in self._active.values()), 0
         for request in queue[:places]:
             used += self._positions(request)
-            if used > self.engine.kv_capacity and (self._active or admitted):
+            if used > pool.positions and (self._active or admitted):
                 break
             admitted += 1
         return admitted
 
     def _positions(self, request: _Request) -> int:
         """The KV positions a request may come to hold."""
-        return min(self.engine.kv_capacity, request.seq.prompt_len + request.max_new_tokens + self._headroom)
+        return min(self.engine.kv_pool.positions, request.seq.prompt_len + request.max_new_tokens + self._headroom)
 
     def _admit_or_refuse(self, request: _Request) -> None:
         """Raise Overloaded if a new request would wait behind more than the limits allow. Waiting means

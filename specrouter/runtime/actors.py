@@ -11,6 +11,7 @@ Placement comes from config per model: `num_cpus` plus a torch thread budget on 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -101,7 +102,7 @@ class WorkerActor:
         self.server = BackgroundServer(WorkerServicer(label, workers, thread), _data_plane_host())
         self.views = list(workers)
         first = next(iter(workers.values()))  # exact width and KV pool: properties of the model, not of a view
-        self.exact_width, self.kv_capacity = first.exact_width, first.kv_capacity
+        self.exact_width, self.kv_pool = first.exact_width, first.kv_pool
 
     def address(self) -> str:
         return self.server.address
@@ -115,7 +116,7 @@ class WorkerActor:
             "max_positions": info.max_positions,
             "eos_ids": sorted(info.eos_ids),
             "exact_width": self.exact_width,
-            "kv_capacity": self.kv_capacity,
+            "kv_pool": dataclasses.asdict(self.kv_pool) if self.kv_pool else None,
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
         }
@@ -257,7 +258,7 @@ class RouterActor:
 
     def info(self) -> dict:
         return {"chain": ",".join(s.label for s in self.engine.specs), "target": self.engine.target_name,
-                "max_context": self.engine.max_positions, "kv_cache_tokens": self.engine.kv_capacity}
+                "max_context": self.engine.max_positions, "kv_pool": dataclasses.asdict(self.engine.kv_pool) if self.engine.kv_pool else None}
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: dict | None = None, seed: int = 0,
                  ignore_eos: bool = False, prompt_class: str | None = None) -> dict:

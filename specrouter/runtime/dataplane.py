@@ -21,6 +21,7 @@ import itertools
 import queue
 import threading
 from collections import Counter
+from dataclasses import asdict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
@@ -28,6 +29,7 @@ import msgpack
 import numpy as np
 import torch
 
+from specrouter.core.model import KVPool
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.sequence import PositionGapError, StaleVersionError
 from specrouter.v1 import worker_pb2, worker_pb2_grpc
@@ -196,7 +198,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             worker.release(request["seq"])
             return {}
         if op == "info":
-            return {"vocab_size": worker.vocab_size, "exact_width": worker.exact_width, "kv_capacity": worker.kv_capacity}
+            return {"vocab_size": worker.vocab_size, "exact_width": worker.exact_width, "kv_pool": asdict(worker.kv_pool) if worker.kv_pool else None}
         raise ValueError(f"unknown op {op!r}")
 
     def _reply(self, call_id: int, payload: bytes) -> worker_pb2.Frame:
@@ -278,7 +280,7 @@ class RemoteWorker:
     process's current address, so a restarted process (new port) is found again."""
 
     def __init__(self, name: str, resolve, timeout_s: float = 60.0, info: dict | None = None):
-        """`info`: the worker's vocab_size, exact_width and kv_capacity, if known (else asked for)."""
+        """`info`: the worker's vocab_size, exact_width and kv_pool, if known (else asked for)."""
         self.name = name
         self._resolve = resolve
         self.timeout_s = timeout_s
@@ -287,7 +289,8 @@ class RemoteWorker:
         self._mask_cache: tuple[torch.Tensor, str, bytes] | None = None  # the last mask and its encoding
         self.frames_sent: Counter[str] = Counter()  # frames sent, by op
         info = info or self._call({"op": "info"})
-        self.vocab_size, self.exact_width, self.kv_capacity = info["vocab_size"], info["exact_width"], info["kv_capacity"]
+        self.vocab_size, self.exact_width = info["vocab_size"], info["exact_width"]
+        self.kv_pool = KVPool(**info["kv_pool"]) if info["kv_pool"] else None
 
     @property
     def bytes_moved(self) -> int:

@@ -229,7 +229,7 @@ def test_requests_wait_for_room_in_a_bounded_kv_cache_and_all_finish(tiny_gguf_d
 
     spec = f"{tiny_gguf_dirs['draft']}@gguf,{tiny_gguf_dirs['target']}@gguf"
     engine = Engine(spec, draft_lens=[3], provider=ModelStore("float32", kv_cache_tokens=256), bit_exact=False)
-    assert engine.kv_capacity == 256 and engine.max_positions == 256
+    assert engine.kv_pool.positions == 256 and engine.max_positions == 256
     # 40 + 60 positions each, and a block of 3 (and one) past them: two fit in the pool at once, not three
     requests = [{"prompt_ids": (p * 8)[:40], "max_new_tokens": 60, "ignore_eos": True} for p in prompts(5, 2000, seed=3)]
     loop = BatchLoop(engine)
@@ -245,3 +245,18 @@ def test_requests_wait_for_room_in_a_bounded_kv_cache_and_all_finish(tiny_gguf_d
     assert all(level.worker.num_sequences() == 0 for level in engine.levels.values())
     with pytest.raises(ValueError, match="context window of 256"):
         loop.submit([1] * 200, 57)
+
+
+def test_a_batch_never_takes_more_sequences_than_a_llamacpp_model_has_slots(tiny_gguf_dirs):
+    from specrouter.core.levels import ModelLevel
+    from specrouter.core.llamacpp import LlamaCppModel, LlamaCppView
+    from specrouter.core.worker import ModelWorker
+
+    engine = Engine(f"ngram,{tiny_gguf_dirs['target']}@gguf", draft_lens=[3], bit_exact=False)
+    name = engine.target_name
+    engine.replace_level(name, ModelLevel(name, ModelWorker(name, LlamaCppView(
+        LlamaCppModel(f"{tiny_gguf_dirs['target']}/model.gguf", threads=2, max_sequences=3))), bit_exact=False))
+    assert engine.kv_pool.sequences == 3
+    loop = BatchLoop(engine)
+    results = loop.run([{"prompt_ids": p, "max_new_tokens": 8, "ignore_eos": True} for p in prompts(7, 2000, seed=4)])
+    assert all(len(r.token_ids) == 8 for r in results)

@@ -51,7 +51,7 @@ def test_distributed_llamacpp_and_mixed_backend_chains_equal_the_gguf_target_alo
         # whole blocks (the tiny F32 files measure width 1)
         router = make_router(local_ray, chain, placement={"kv_cache_tokens": kv}, bit_exact=False)
         info = local_ray.get(router.info.remote(), timeout=600)
-        assert info["kv_cache_tokens"] == (kv or 16384) and info["max_context"] == min(kv or 16384, 512), chain
+        assert info["kv_pool"]["positions"] == (kv or 16384) and info["max_context"] == min(kv or 16384, 512), chain
         out = local_ray.get(router.generate.remote(ids, 24, ignore_eos=True), timeout=600)
         assert out["token_ids"] == want, chain
         assert out["levels"][0]["num_accepted_tokens"] > 0
