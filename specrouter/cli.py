@@ -184,6 +184,8 @@ def cmd_serve(args) -> int:
     warning = specrouter_serve.exposure_warning(config, args.host)
     if warning:
         print(f"specrouter: {warning}", file=sys.stderr, flush=True)
+    if not args.address:  # the embedded Ray listens here: its ports must be free before anything starts
+        specrouter_serve.check_ports_free(config, args.host, args.port)
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
         started = False

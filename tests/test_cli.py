@@ -58,6 +58,35 @@ def test_serve_with_a_bad_config_exits_with_clear_error(tmp_path, capsys):
     assert "draft_lens" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--port", "--grpc-port"])
+def test_serve_on_a_port_another_server_holds_exits_with_clear_error_before_starting(capsys, flag):
+    """Serve's proxy would fail to bind a taken HTTP port and retry in the background, so the command
+    refuses at once, naming the port, and starts nothing."""
+    import socket
+
+    from conftest import free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "--grpc-port" if flag == "--port" else "--port"
+        assert main(["serve", flag, str(port), other, str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port} is in use" in err and flag in err
+
+
+def test_the_public_grpc_api_refuses_a_port_another_server_holds():
+    from specrouter.runtime.grpc_server import BackgroundServer
+
+    first = BackgroundServer(object(), add=lambda servicer, server: None)
+    try:
+        with pytest.raises(OSError, match="cannot bind"):
+            BackgroundServer(object(), port=int(first.address.rsplit(":", 1)[1]), add=lambda servicer, server: None)
+    finally:
+        first.stop()
+
+
 def _listeners(procs) -> list[tuple[str, int, str]]:
     """The TCP sockets the given processes listen on: (address, port, process name)."""
     import psutil

@@ -15,12 +15,15 @@ async def start_server(servicer, host: str = "127.0.0.1", port: int = 0, add=wor
                        interceptors: tuple = (), max_message_bytes: int = 64 << 20) -> tuple[grpc.aio.Server, str]:
     """Start an asyncio gRPC server for `servicer` on the running loop; returns it and its address.
     `max_message_bytes` bounds the messages it receives (a larger one fails with RESOURCE_EXHAUSTED)."""
+    # so_reuseport off: a port another server listens on is refused, not silently shared with it
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", max_message_bytes),
-                                                                 ("grpc.max_send_message_length", 64 << 20)])
+                                                                 ("grpc.max_send_message_length", 64 << 20),
+                                                                 ("grpc.so_reuseport", 0)])
     add(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if not bound:
-        raise OSError(f"cannot bind a gRPC server to {host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:  # grpcio raises on a port it cannot bind
+        raise OSError(f"cannot bind a gRPC server to {host}:{port}: is the port in use?") from exc
     await server.start()
     return server, f"{host}:{bound}"
 

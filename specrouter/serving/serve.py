@@ -8,6 +8,7 @@ Serve's HTTP proxy and gRPC ingress on loopback (unless told otherwise) with the
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 import ray
@@ -70,6 +71,26 @@ def exposure_warning(config: ServeConfig, host: str) -> str | None:
         return None
     return (f"WARNING: serving {' and '.join(exposed)}, beyond loopback, with no API key: anyone who can reach it "
             f"can use it. Set --api-key, --api-key-file or ${API_KEY_ENV}.")
+
+
+class PortInUse(ValueError):
+    """A port the server would listen on already has a listener on this machine."""
+
+
+def check_ports_free(config: ServeConfig, host: str, http_port: int) -> None:
+    """Raise PortInUse if the HTTP or public gRPC port is taken here (another server is running):
+    Serve's proxy would fail to bind it and retry in the background while that server answers."""
+    for name, address, port, flag in (("HTTP", host, http_port, "--port"), ("gRPC", config.grpc_host, config.grpc_port, "--grpc-port")):
+        if not port:
+            continue
+        family, kind, _, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise PortInUse(f"the {name} port {address}:{port} is in use ({exc.strerror}); is another server "
+                                f"running? Choose another with {flag}.") from exc
 
 
 def start(config: ServeConfig, host: str = "127.0.0.1", http_port: int = 8000) -> Endpoints:
