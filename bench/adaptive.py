@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speculative import machine_info  # noqa: E402
+from report import write_result  # noqa: E402
 from workloads import encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.routing.classifier import classify  # noqa: E402
@@ -260,14 +259,9 @@ def main() -> None:
         "head_to_head": head_to_head,
         "slowdown": slowdown,
     }
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"adaptive-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"benchmark": "adaptive", "machine": machine_info(), "config": vars(args), "pool": args.pool,
-                                "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-                                "summary": summary, "adaptive_rows": adaptive_rows, "static_rows": static_rows,
-                                "head_to_head_rows": head_to_head_rows,
-                                "router_acceptance": router.acceptance.snapshot()}, indent=1))
+    path = write_result("adaptive", {"config": vars(args), "pool": args.pool, "summary": summary, "adaptive_rows": adaptive_rows,
+                                     "static_rows": static_rows, "head_to_head_rows": head_to_head_rows,
+                                     "router_acceptance": router.acceptance.snapshot()}, args.out)
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")
 

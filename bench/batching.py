@@ -17,8 +17,6 @@ Writes bench/results/batching-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
 import sys
 import time
@@ -28,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speculative import machine_info  # noqa: E402
+from report import write_result  # noqa: E402
 from workloads import encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.engine.loop import BatchLoop  # noqa: E402
@@ -117,26 +115,18 @@ def main() -> None:
             }
             for m in METHODS
         }
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {
-        "benchmark": "batching",
-        "machine": machine_info(),
+    json_path = write_result("batching", {
         "config": {**vars(args), "greedy": True, "calibration_s": round(calibration_s, 2)},
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "summary": summary,
         "router_profile_acceptance": router.acceptance.snapshot(),
         "token_ids": {f"{c}|{m}": r["token_ids"] for (c, m), r in rows.items()},
-    }
-    json_path = out_dir / f"batching-{stamp}.json"
-    json_path.write_text(json.dumps(result, indent=1))
+    }, args.out)
     for c, table in summary.items():
         print(f"\n== concurrency {c} ==")
         for m, e in table.items():
             print(f"{m:12s} {e['tokens_per_s']:7.2f} tok/s  x{e['speedup_vs_target_only']:.2f}  "
                   f"latency mean {e['latency_mean_s']:.2f}s  identical {e['identical_output_rate_vs_target_only']:.2f}")
-    print(f"\npeak RSS {result['peak_rss_gb']} GB; wrote {json_path}")
+    print(f"\nwrote {json_path}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ Writes bench/results/cross-tokenizer-<timestamp>.json and a PNG plot next to it.
 
 from __future__ import annotations
 
-import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -20,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speculative import BASELINE, Method, bench_args, machine_info, plot, run_methods, summarize  # noqa: E402
-from workloads import Prompt, encode, humaneval, sharegpt  # noqa: E402
+from report import write_result  # noqa: E402
+from speculative import BASELINE, Method, bench_args, plot, run_all  # noqa: E402
 
 from specrouter.engine.engine import Engine  # noqa: E402
 from specrouter.core.store import ModelStore  # noqa: E402
@@ -108,43 +106,25 @@ def targets(overall: dict) -> list[str]:
 def main() -> None:
     args = bench_args(__doc__).parse_args()
 
-    torch.set_num_threads(args.threads)
-    methods = [m for m in METHODS if not args.methods or m.name in args.methods.split(";") or m.name == BASELINE]
-    store = ModelStore(args.dtype)
-    tokenizer = store.get(TARGET).tokenizer
-    eos_ids = sorted(store.target_info(TARGET).eos_ids)
-    runner = Runner(store, eos_ids)
-    prompts: list[Prompt] = humaneval(args.humaneval) + sharegpt(args.sharegpt)
-    encoded = {p.id: encode(tokenizer, p) for p in prompts}
-
-    rows = run_methods(runner, methods, prompts, encoded, args.max_tokens)
-
-    summary = summarize(rows, methods)
+    methods, rows, summary, eos_ids = run_all(args, METHODS, Runner)
     vocab_maps = {level["name"]: level["vocab_map"] for r in rows for level in r.levels if "vocab_map" in level}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {
-        "benchmark": "cross_tokenizer",
-        "machine": machine_info(),
+    lines = targets(summary.get("all", {}))
+    json_path = write_result("cross-tokenizer", {
         "config": {**vars(args), "target": TARGET, "drafts": [SMOL, DRAFT], "greedy": True, "end_tokens": eos_ids},
         "methods": [m.__dict__ for m in methods],
         "vocab_maps": vocab_maps,
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "summary": summary,
-        "targets": targets(summary.get("all", {})),
+        "targets": lines,
         "rows": [{**r.__dict__, "tokens_per_s": round(r.tokens_per_s, 3)} for r in rows],
-    }
-    json_path = out_dir / f"cross-tokenizer-{stamp}.json"
-    json_path.write_text(json.dumps(result, indent=1))
-    plot(summary, out_dir / f"cross-tokenizer-{stamp}.png")
+    }, args.out)
+    plot(summary, json_path.with_suffix(".png"))
     for klass, table in summary.items():
         print(f"\n== {klass} ==")
         for name, e in table.items():
             print(f"{name:44s} {e['tokens_per_s']:6.2f} tok/s  x{e['speedup_vs_target_only']:.2f}  exact {e['exact_match_rate_vs_target_only']:.2f}")
-    for line in result["targets"]:
+    for line in lines:
         print(line)
-    print(f"\npeak RSS {result['peak_rss_gb']} GB; wrote {json_path}")
+    print(f"\nwrote {json_path}")
 
 
 if __name__ == "__main__":

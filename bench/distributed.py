@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
-import time
 from pathlib import Path
 
 import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speculative import machine_info  # noqa: E402
+from report import write_result  # noqa: E402
 from workloads import encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.engine.loop import BatchLoop  # noqa: E402
@@ -99,9 +97,7 @@ def main() -> None:
                                             "distributed": round(s_per_token(remote_pipelined), 4)}
         summary["pipelined_over_plain"] = {"in_process": round(s_per_token(local_pipelined_rows) / s_per_token(local_rows), 3),
                                            "distributed": round(s_per_token(remote_pipelined) / s_per_token(remote), 3)}
-    out = Path(__file__).parent / "results" / f"distributed-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"benchmark": "distributed", "machine": machine_info(), "config": vars(args), "summary": summary,
-                               "driver_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}, indent=1))
+    out = write_result("distributed", {"config": vars(args), "summary": summary})  # peak RSS: the driver's
     print(json.dumps(summary, indent=1), f"\nwrote {out}")
     ray.shutdown()
 

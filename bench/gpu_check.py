@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from report import write_result  # noqa: E402
+
 from specrouter.core import catalog  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
 from specrouter.core.model import ModelView  # noqa: E402
@@ -82,7 +84,7 @@ def main() -> None:
 
     real = not args.random and all(catalog.is_prepared(n) for n in SHAPES)
     names = {n: n for n in SHAPES} if real else random_model_dirs(Path(args.out) / ".gpu-check-models")
-    results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "real_weights": real, "dtype": "bfloat16"}
+    results: dict = {"real_weights": real, "dtype": "bfloat16"}
 
     engines = {label: Engine(",".join(names.get(part, part) for part in chain.split(",")), dtype="bfloat16", device="cuda",
                              draft_lens=lens) for label, (chain, lens) in CHAINS.items()}
@@ -114,10 +116,7 @@ def main() -> None:
                                     "identical_to_target_only": round(sum(a == b for a, b in zip(outs, reference)) / len(outs), 3)}
         print(label, results["chains"][label], flush=True)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=1))
+    path = write_result("gpu-check", results, args.out)
     print(json.dumps(results["pass_ms_by_k"]), f"\nwrote {path}")
 
 

@@ -16,8 +16,6 @@ Writes bench/results/pass-costs-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speculative import machine_info  # noqa: E402
+from report import write_result  # noqa: E402
 
 from specrouter.core import catalog  # noqa: E402
 from specrouter.core import model as model_module  # noqa: E402
@@ -82,7 +80,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = catalog.resolve(args.model)
 
-    result = {"benchmark": "pass_costs", "machine": machine_info(), "config": vars(args)}
+    result: dict = {"config": vars(args)}
     result["matmul_8960x1536"] = matmuls(8960, 1536, [1, 2, 4, 8, 16])
 
     widths = [1, 2, 4, 8, 16]
@@ -115,13 +113,7 @@ def main() -> None:
             print(result["torch_compile_w4_decode"], flush=True)
         del model, view
     result["model_pass_ms"] = passes
-    result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / f"pass-costs-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    target.write_text(json.dumps(result, indent=1))
-    print(f"wrote {target}")
+    print(f"wrote {write_result('pass-costs', result, args.out)}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speculative import machine_info  # noqa: E402
+from report import peak_rss_gb, write_result  # noqa: E402
 from workloads import Prompt, code_edits, encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.core import catalog  # noqa: E402
@@ -217,28 +216,21 @@ def main() -> None:
             table[m.name] = entry
         summary[klass] = table
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {
-        "benchmark": "peers",
-        "machine": machine_info(),
+    memory = {"specrouter (in-process, every method of ours)": peak_rss_gb(), **server_rss}
+    path = write_result("peers", {
         "config": {**vars(args), "llama_server": binary, "target": TARGET, "draft": DRAFT, "greedy": True},
         "methods": [m.__dict__ for m in chosen],
-        "peak_rss_gb": {"specrouter (in-process, every method of ours)": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-                        **server_rss},
+        "peak_rss_gb": memory,
         "summary": summary,
         "rows": [r.__dict__ for r in rows],
-    }
-    path = out / f"peers-{stamp}.json"
-    path.write_text(json.dumps(result, indent=1))
+    }, args.out)
     for klass, table in summary.items():
         print(f"\n== {klass} ==")
         for name, e in table.items():
             same = e.get("identical_to_target_alone", e["identical_to_llama_server"])
             print(f"{name:50s} {e['tokens_per_s']:6.2f} tok/s  x{e['vs_llama_server']:.2f} vs llama-server  identical {same:.2f}"
                   f"  {e.get('tokens_per_target_pass', '')}")
-    print(f"\npeak RSS {result['peak_rss_gb']}; wrote {path}")
+    print(f"\npeak RSS {memory}; wrote {path}")
 
 
 if __name__ == "__main__":

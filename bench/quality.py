@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speculative import machine_info  # noqa: E402
+from report import write_result  # noqa: E402
 from workloads import encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.core.store import ModelStore  # noqa: E402
@@ -270,9 +270,7 @@ def main() -> None:
         print(mode.name, flush=True)
         runs.append(run_mode(store, mode, code + chat, args.max_tokens, slim, args.bit_exact))
     rows = summarize(runs, code, chat, problems, args)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(__file__).parent / "results" / f"quality-{stamp}.json"
-    result = {
+    out = write_result("quality", {
         "target": args.target,
         "drafter": args.draft,
         "slim_verifier": slim,
@@ -282,12 +280,9 @@ def main() -> None:
         "sharegpt_prompts": len(chat),
         "max_tokens": args.max_tokens,
         "executed": args.execute,
-        "hardware": machine_info(),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "total_s": round(time.time() - t0, 1),
         "modes": rows,
-    }
-    out.write_text(json.dumps(result, indent=1))
+    })
     plot(rows, out.with_suffix(".png"))
     print(json.dumps(rows, indent=1))
     print(f"wrote {out}")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from report import write_result  # noqa: E402
 from workloads import encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.core import catalog  # noqa: E402
@@ -149,7 +148,6 @@ def main() -> None:
         "target": args.target,
         "drafter": args.drafter,
         "dtype": args.dtype,
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "num_layers": n_layers,
         "tau_low": args.tau_low,
         "tau_high": args.tau_high,
@@ -162,11 +160,9 @@ def main() -> None:
         "sets": result_sets,
         "search_s": round(search_s, 1),
         "total_s": round(time.time() - t_start, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     print(json.dumps({k: v for k, v in result.items() if k != "medium_agreement_skipping_one_layer"}, indent=1))
-    out = Path(__file__).parent / "results" / f"slim-verifier-{args.target}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {write_result(f'slim-verifier-{args.target}', result)}")
 
 
 if __name__ == "__main__":

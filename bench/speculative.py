@@ -9,10 +9,6 @@ Writes bench/results/speculative-<timestamp>.json and a PNG plot next to it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,6 +19,7 @@ import transformers
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
+from report import write_result  # noqa: E402
 from workloads import Prompt, encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.core import catalog  # noqa: E402
@@ -78,20 +75,6 @@ class Row:
     @property
     def tokens_per_s(self) -> float:
         return len(self.token_ids) / self.elapsed_s
-
-
-def machine_info() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
 
 
 class Runner:
@@ -245,41 +228,35 @@ def bench_args(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    args = bench_args(__doc__).parse_args()
-
+def run_all(args, all_methods: list[Method], runner_type) -> tuple[list[Method], list[Row], dict, list[int]]:
+    """The methods `--methods` names (and the baseline), each run on the benchmark's prompts by a
+    `runner_type(store, eos_ids)`: the methods, their rows, the summary by class, the target's end tokens."""
     torch.set_num_threads(args.threads)
-    methods = [m for m in METHODS if not args.methods or m.name in args.methods.split(";") or m.name == BASELINE]
+    methods = [m for m in all_methods if not args.methods or m.name in args.methods.split(";") or m.name == BASELINE]
     store = ModelStore(args.dtype)
     tokenizer = store.get(TARGET).tokenizer
     eos_ids = sorted(store.target_info(TARGET).eos_ids)
-    runner = Runner(store, eos_ids)
     prompts: list[Prompt] = humaneval(args.humaneval) + sharegpt(args.sharegpt)
     encoded = {p.id: encode(tokenizer, p) for p in prompts}
+    rows = run_methods(runner_type(store, eos_ids), methods, prompts, encoded, args.max_tokens)
+    return methods, rows, summarize(rows, methods), eos_ids
 
-    rows = run_methods(runner, methods, prompts, encoded, args.max_tokens)
 
-    summary = summarize(rows, methods)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {
-        "benchmark": "speculative",
-        "machine": machine_info(),
+def main() -> None:
+    args = bench_args(__doc__).parse_args()
+    methods, rows, summary, eos_ids = run_all(args, METHODS, Runner)
+    json_path = write_result("speculative", {
         "config": {**vars(args), "target": TARGET, "draft": DRAFT, "greedy": True, "end_tokens": eos_ids},
         "methods": [m.__dict__ for m in methods],
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "summary": summary,
         "rows": [{**r.__dict__, "tokens_per_s": round(r.tokens_per_s, 3)} for r in rows],
-    }
-    json_path = out_dir / f"speculative-{stamp}.json"
-    json_path.write_text(json.dumps(result, indent=1))
-    plot(summary, out_dir / f"speculative-{stamp}.png")
+    }, args.out)
+    plot(summary, json_path.with_suffix(".png"))
     for klass, table in summary.items():
         print(f"\n== {klass} ==")
         for name, e in table.items():
             print(f"{name:38s} {e['tokens_per_s']:6.2f} tok/s  x{e['speedup_vs_target_only']:.2f}  exact {e['exact_match_rate_vs_target_only']:.2f}")
-    print(f"\npeak RSS {result['peak_rss_gb']} GB; wrote {json_path}")
+    print(f"\nwrote {json_path}")
 
 
 if __name__ == "__main__":

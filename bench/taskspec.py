@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speculative import machine_info  # noqa: E402
+from report import write_result  # noqa: E402
 from workloads import Prompt, code_edits, encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.core import adapters  # noqa: E402
@@ -77,7 +74,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
-    report: dict = {"machine": {**machine_info(), "processor": platform.processor()}, "targets": TARGETS, "args": vars(args)}
+    report: dict = {"targets": TARGETS, "args": vars(args)}
     if not args.skip_fit:
         report["discovery"] = fit_and_compare(args.encoders.split(","))
         print(json.dumps(report["discovery"]), flush=True)
@@ -116,10 +113,7 @@ def main() -> None:
 
     best = max(static, key=overall)
     report["adaptive"] = {"tokens_per_s": tokens / seconds, "best_static": best, "best_static_tokens_per_s": overall(best)}
-    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = Path(args.out) / f"taskspec-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_result('taskspec', report, args.out)}")
 
 
 if __name__ == "__main__":
