@@ -155,9 +155,10 @@ class BatchLoop:
         `max_waiting` / `max_waiting_tokens`: the most requests / prompt tokens that may wait for a
         place in the batch (None: no limit); `submit` refuses what would go past them."""
         self.engine, self.router, self.max_batch = engine, router, max_batch
-        # Positions a sequence may hold past its last token: the widest block a step may draft, and one.
+        # Positions a sequence may hold past its last token: the widest block a step may draft, and one
+        # (twice that when pipelined: the drafters run a block ahead).
         lengths = (*engine.chain.draft_lens, *(router.config.lengths if router is not None else ()))
-        self._headroom = max(lengths, default=0) + 1
+        self._headroom = (2 if pipeline else 1) * (max(lengths, default=0) + 1)
         self.max_waiting, self.max_waiting_tokens = max_waiting, max_waiting_tokens
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="verify") if pipeline else None
         self._waiting: list[_Request] = []
