@@ -24,6 +24,7 @@ class ChaoticWorker:
 
     def __init__(self, inner, actions: list[str], seed: int, can_drop: bool):
         self.inner, self.name, self.vocab_size, self.exact_width = inner, inner.name, inner.vocab_size, inner.exact_width
+        self.kv_pool = inner.kv_pool
         self.actions, self.rng, self.can_drop = list(actions), random.Random(seed), can_drop
         self.history: list[tuple[str, tuple]] = []
         self.checked = 0
