@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from specrouter.serving.config import DEFAULT_CHAIN
+from specrouter.serving.config import DEFAULT_CHAIN, ServeConfig
 
 DEFAULT_DRAFTER, DEFAULT_TARGET = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
 
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key-file", default=None, metavar="PATH", help="require one of the keys in this file (one a line)")
     srv.add_argument("--max-waiting-requests", type=int, default=None,
                      help="requests that may wait for a place in the batch; past it: 429 with Retry-After (default 64)")
+    srv.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
+                     help="positions of each llama.cpp model's KV cache, all its sequences together (default 16384)")
 
     bench = sub.add_parser("bench", help="load-test a running server over HTTP (tokens/s, TTFT, inter-token latency)")
     bench.add_argument("--url", default="http://127.0.0.1:8000")
@@ -167,6 +169,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def serve_config(args) -> ServeConfig:
+    """The config file's ServeConfig (or the default) with the command's flags over it."""
+    config = (ServeConfig.from_file(args.config) if args.config else ServeConfig()).model_dump()
+    overrides = {"chain": args.chain, "adaptive": args.adaptive, "pipeline": args.pipeline, "grpc_port": args.grpc_port,
+                 "api_key": args.api_key, "api_key_file": args.api_key_file, "max_waiting_requests": args.max_waiting_requests}
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    if args.kv_cache_tokens is not None:  # every model's placement, the "*" entry included
+        config["placement"] = {label: {**entry, "kv_cache_tokens": args.kv_cache_tokens}
+                               for label, entry in {"*": {}, **config["placement"]}.items()}
+    return ServeConfig.model_validate(config)
+
+
 def cmd_serve(args) -> int:
     import signal
     import threading
@@ -174,13 +188,9 @@ def cmd_serve(args) -> int:
     import ray
 
     from specrouter.serving import serve as specrouter_serve
-    from specrouter.serving.config import ServeConfig
     from specrouter.runtime.actors import start_local_ray
 
-    config = ServeConfig.from_file(args.config) if args.config else ServeConfig()
-    overrides = {"chain": args.chain, "adaptive": args.adaptive, "pipeline": args.pipeline, "grpc_port": args.grpc_port,
-                 "api_key": args.api_key, "api_key_file": args.api_key_file, "max_waiting_requests": args.max_waiting_requests}
-    config = ServeConfig.model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+    config = serve_config(args)
     warning = specrouter_serve.exposure_warning(config, args.host)
     if warning:
         print(f"specrouter: {warning}", file=sys.stderr, flush=True)

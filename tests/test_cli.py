@@ -58,6 +58,18 @@ def test_serve_with_a_bad_config_exits_with_clear_error(tmp_path, capsys):
     assert "draft_lens" in capsys.readouterr().err
 
 
+def test_serve_kv_cache_flag_sizes_every_models_cache_over_the_config(tmp_path):
+    from specrouter.cli import build_parser, serve_config
+
+    config = tmp_path / "placement.yaml"
+    config.write_text("placement:\n  qwen2.5-coder-1.5b: {num_cpus: 2, kv_cache_tokens: 4096}\n")
+    from_file = serve_config(build_parser().parse_args(["serve", "--config", str(config)]))
+    assert from_file.placement["qwen2.5-coder-1.5b"].kv_cache_tokens == 4096 and "*" not in from_file.placement
+    flagged = serve_config(build_parser().parse_args(["serve", "--config", str(config), "--kv-cache-tokens", "8192"]))
+    assert flagged.placement["qwen2.5-coder-1.5b"].kv_cache_tokens == 8192 and flagged.placement["qwen2.5-coder-1.5b"].num_cpus == 2
+    assert flagged.placement["*"].kv_cache_tokens == 8192
+
+
 @pytest.mark.parametrize("flag", ["--port", "--grpc-port"])
 def test_serve_on_a_port_another_server_holds_exits_with_clear_error_before_starting(capsys, flag):
     """Serve's proxy would fail to bind a taken HTTP port and retry in the background, so the command
