@@ -85,7 +85,9 @@ def test_serve_on_a_port_another_server_holds_exits_with_clear_error_before_star
         other = "--grpc-port" if flag == "--port" else "--port"
         assert main(["serve", flag, str(port), other, str(free_port())]) == 2
     err = capsys.readouterr().err
-    assert f"127.0.0.1:{port} is in use" in err and flag in err
+    assert main(["serve", "--host", "no-such-host.invalid", "--port", str(free_port())]) == 2
+    assert "does not resolve" in capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "in use" in err and flag in err
 
 
 def test_the_public_grpc_api_refuses_a_port_another_server_holds():

@@ -83,14 +83,17 @@ def check_ports_free(config: ServeConfig, host: str, http_port: int) -> None:
     for name, address, port, flag in (("HTTP", host, http_port, "--port"), ("gRPC", config.grpc_host, config.grpc_port, "--grpc-port")):
         if not port:
             continue
-        family, kind, _, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
+        try:
+            family, kind, _, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as exc:
+            raise ValueError(f"the {name} address {address!r} does not resolve ({exc.strerror})") from exc
         with socket.socket(family, kind) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
             try:
                 probe.bind(sockaddr)
             except OSError as exc:
-                raise PortInUse(f"the {name} port {address}:{port} is in use ({exc.strerror}); is another server "
-                                f"running? Choose another with {flag}.") from exc
+                raise PortInUse(f"cannot listen on {address}:{port} for {name} ({exc.strerror}); is another server "
+                                f"running there? Choose another with {flag}.") from exc
 
 
 def start(config: ServeConfig, host: str = "127.0.0.1", http_port: int = 8000) -> Endpoints:
