@@ -41,6 +41,7 @@ import torch
 
 from specrouter.core.chain import Chain, StepContext, speculative_step
 from specrouter.core.levels import NgramLevel
+from specrouter.core.model import KVPool
 from specrouter.core.pipeline import DraftAhead, pipelined_step
 from specrouter.core.records import LevelStats, TimingRecord
 from specrouter.core.sampling import SamplingParams
@@ -203,17 +204,17 @@ class BatchLoop:
         if pool is None:
             return min(max(0, self.max_batch - len(self._active)), len(queue))
         places = max(0, min(self.max_batch, pool.sequences) - len(self._active))
-        used, admitted = sum(self._positions(r) for r in self._active.values()), 0
+        used, admitted = sum(self._positions(r, pool) for r in self._active.values()), 0
         for request in queue[:places]:
-            used += self._positions(request)
+            used += self._positions(request, pool)
             if used > pool.positions and (self._active or admitted):
                 break
             admitted += 1
         return admitted
 
-    def _positions(self, request: _Request) -> int:
-        """The KV positions a request may come to hold."""
-        return min(self.engine.kv_pool.positions, request.seq.prompt_len + request.max_new_tokens + self._headroom)
+    def _positions(self, request: _Request, pool: KVPool) -> int:
+        """The KV positions a request may come to hold in `pool`."""
+        return min(pool.positions, request.seq.prompt_len + request.max_new_tokens + self._headroom)
 
     def _admit_or_refuse(self, request: _Request) -> None:
         """Raise Overloaded if a new request would wait behind more than the limits allow. Waiting means
