@@ -74,7 +74,7 @@ def exposure_warning(config: ServeConfig, host: str) -> str | None:
 
 
 class PortInUse(ValueError):
-    """A port the server would listen on already has a listener on this machine."""
+    """A port the server would listen on is taken here (another server listens on it)."""
 
 
 def check_ports_free(config: ServeConfig, host: str, http_port: int) -> None:
