@@ -11,11 +11,10 @@ Placement comes from config per model: `num_cpus` plus a torch thread budget on 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import ray
 
@@ -80,7 +79,7 @@ class WorkerActor:
                  torch_threads: int | None, kv_cache_tokens: int | None = None):
         import torch
 
-        from specrouter.runtime.dataplane import WorkerServicer, model_thread
+        from specrouter.runtime.dataplane import WorkerServicer, model_thread, worker_info
         from specrouter.runtime.grpc_server import BackgroundServer
         from specrouter.core.store import ModelStore
 
@@ -101,8 +100,8 @@ class WorkerActor:
         workers, self.loaded = thread.submit(load).result()
         self.server = BackgroundServer(WorkerServicer(label, workers, thread), _data_plane_host())
         self.views = list(workers)
-        first = next(iter(workers.values()))  # exact width and KV pool: properties of the model, not of a view
-        self.exact_width, self.kv_pool = first.exact_width, first.kv_pool
+        # vocabulary, exact width and KV pool: properties of the model, the same for every view
+        self.worker_info = worker_info(next(iter(workers.values())))
 
     def address(self) -> str:
         return self.server.address
@@ -112,11 +111,9 @@ class WorkerActor:
         return {
             "views": self.views,
             "fingerprint": self.loaded.fingerprint,
-            "vocab_size": info.vocab_size,
             "max_positions": info.max_positions,
             "eos_ids": sorted(info.eos_ids),
-            "exact_width": self.exact_width,
-            "kv_pool": dataclasses.asdict(self.kv_pool) if self.kv_pool else None,
+            **self.worker_info,  # vocab_size, exact_width, kv_pool: what a RemoteWorker reads
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
         }
@@ -258,7 +255,7 @@ class RouterActor:
 
     def info(self) -> dict:
         return {"chain": ",".join(s.label for s in self.engine.specs), "target": self.engine.target_name,
-                "max_context": self.engine.max_positions, "kv_pool": dataclasses.asdict(self.engine.kv_pool) if self.engine.kv_pool else None}
+                "max_context": self.engine.max_positions, "kv_pool": asdict(self.engine.kv_pool) if self.engine.kv_pool else None}
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: dict | None = None, seed: int = 0,
                  ignore_eos: bool = False, prompt_class: str | None = None) -> dict:

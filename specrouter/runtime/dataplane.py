@@ -198,7 +198,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             worker.release(request["seq"])
             return {}
         if op == "info":
-            return {"vocab_size": worker.vocab_size, "exact_width": worker.exact_width, "kv_pool": asdict(worker.kv_pool) if worker.kv_pool else None}
+            return worker_info(worker)
         raise ValueError(f"unknown op {op!r}")
 
     def _reply(self, call_id: int, payload: bytes) -> worker_pb2.Frame:
@@ -275,12 +275,18 @@ class _Stream:
         self.channel.close()
 
 
+def worker_info(worker: ModelWorker) -> dict:
+    """What a RemoteWorker needs to know of the worker it reaches: its rows, bit-exact width and KV pool."""
+    return {"vocab_size": worker.vocab_size, "exact_width": worker.exact_width,
+            "kv_pool": asdict(worker.kv_pool) if worker.kv_pool else None}
+
+
 class RemoteWorker:
     """A `ModelWorker` in another process, reached over the data plane. `resolve` returns the worker
     process's current address, so a restarted process (new port) is found again."""
 
     def __init__(self, name: str, resolve, timeout_s: float = 60.0, info: dict | None = None):
-        """`info`: the worker's vocab_size, exact_width and kv_pool, if known (else asked for)."""
+        """`info`: the worker's `worker_info`, if known (else asked for)."""
         self.name = name
         self._resolve = resolve
         self.timeout_s = timeout_s
