@@ -59,14 +59,17 @@ def start_local_ray(num_cpus: int | None = None) -> bool:
     (so the caller stops only what it started, with ray.shutdown())."""
     if ray.is_initialized():
         return False
+    # Every CPU cycle Ray's own processes spend idling is taken from the model workers' threads.
     os.environ.setdefault("RAY_worker_niceness", "0")  # model workers must not lose the CPU to others
+    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "1")  # Serve's controller checks its replicas every 1 s, not 0.1
     ray.init(
         address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=128 << 20,
         log_to_driver=False,
-        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
+        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False,
+                        "enable_metrics_collection": False},  # Ray's own metrics; ours are served at /metrics
     )
     return True
 
