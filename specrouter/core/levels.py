@@ -85,6 +85,10 @@ class Level(Protocol):
 
     def propose(self, items: list[ProposeItem]) -> list[Block]: ...
 
+    def prefill(self, items: list[tuple[SequenceState, list[int]]]) -> None:
+        """Cache each (sequence, context) without scoring it: a long prompt's leading chunks."""
+        ...
+
     def release(self, seq_id: str) -> None: ...
 
     def forget(self) -> None: ...
@@ -150,6 +154,19 @@ class ModelLevel:
             rows = [ends[len(item.ctx) - 1 + j] - n_ctx for j in range(len(item.draft) + 1)]
             scored.append(Scored(self.vocab.rows_to_target(r.p[rows]), [r.top[j] for j in rows] if r.top is not None else None))
         return scored
+
+    def prefill(self, items: list[tuple[SequenceState, list[int]]]) -> None:
+        """Cache each context (target ids) on the worker in one batched pass, asking for no distribution."""
+        owns = [self._own(ctx)[0] for _, ctx in items]
+
+        def call(b: int, start: int, prefix_hash: int) -> ForwardCall:
+            seq = items[b][0]
+            return ForwardCall(seq.seq_id, seq.version, start, prefix_hash, owns[b][start:], 0, SamplingParams())
+
+        starts, _ = self._send([(seq.seq_id, own) for (seq, _), own in zip(items, owns)], call,
+                               lambda calls: self.worker.forward(calls, self._allowed))
+        for (seq, _), own, start in zip(items, owns, starts):
+            self._cached[seq.seq_id].put(start, own[start:])
 
     def propose(self, items: list[ProposeItem]) -> list[Block]:
         """Up to n tokens per item, drafted together on the worker. A level on another tokenizer drafts
@@ -256,6 +273,9 @@ class NgramLevel:
 
     def score(self, items: list[ScoreItem]) -> list[Scored]:
         raise TypeError("the n-gram drafter cannot verify; put it at the bottom of the chain")
+
+    def prefill(self, items: list[tuple[SequenceState, list[int]]]) -> None:
+        pass  # no cache: a lookup reads the context as it is
 
     def release(self, seq_id: str) -> None:
         pass

@@ -2,9 +2,10 @@
 request is a batch of one (Engine.generate runs one through it).
 
 The loop holds the active requests and a queue. Every step it (1) admits queued requests, in order,
-up to `max_batch` and while their positions fit in the models' shared KV pools (their prompts prefill
-inside the step's batched passes), (2) picks the chain and draft
-lengths for the batch, (3) runs one batched speculative step (chain.speculative_step: batched
+up to `max_batch` and while their positions fit in the models' shared KV pools, and prefills the
+next chunk of each prompt too long for one step (a prompt's last chunk, or a short prompt whole,
+prefills inside the step's batched passes), (2) picks the chain and draft lengths for the batch of
+the requests ready to decode, (3) runs one batched speculative step (chain.speculative_step: batched
 drafting and batched verification per level, per-sequence verdicts and rollback), (4) commits each
 request's tokens and retires the finished ones, releasing their state on every worker. A cancelled
 request is retired at once; the others never notice (their caches and versions are their own).
@@ -50,7 +51,7 @@ from specrouter.core.tiered import tiered_step
 from specrouter.core.tiers import Thresholds, TierCounts
 from specrouter.core.shadow import shadow_records
 from specrouter.core.worker import WorkerUnavailable
-from specrouter.engine.defaults import MAX_BATCH
+from specrouter.engine.defaults import MAX_BATCH, PREFILL_CHUNK
 from specrouter.engine.request import Overloaded
 from specrouter.routing.router import AdaptiveRouter, Decision, RequestRoute
 
@@ -117,7 +118,7 @@ class _Request:
     # what its routing explanation reports
     chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
     decisions: list[dict] = field(default_factory=list)  # every change of chain, why, and the batch size it was made for
-    first_step_s: float | None = None  # the first step, which also prefills the prompt on every level
+    first_step_s: float | None = None  # the first step, which also prefills the prompt (its last chunk) on every level
     predicted_s: float = 0.0  # decode steps only (after the first): the latency model predicts decoding, not the prefill
     measured_s: float = 0.0
     decode_tokens: int = 0
@@ -149,13 +150,17 @@ class StepReport:
 
 class BatchLoop:
     def __init__(self, engine, router: AdaptiveRouter | None = None, max_batch: int = MAX_BATCH, pipeline: bool = False,
-                 max_waiting: int | None = None, max_waiting_tokens: int | None = None):
+                 max_waiting: int | None = None, max_waiting_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
         """`engine`: the Engine (specrouter/engine/engine.py) whose levels and chains run.
         `router`: an AdaptiveRouter choosing each step's plan; None: the static chain.
         `pipeline`: draft each next block while the target verifies (specrouter/core/pipeline.py).
         `max_waiting` / `max_waiting_tokens`: the most requests / prompt tokens that may wait for a
-        place in the batch (None: no limit); `submit` refuses what would go past them."""
-        self.engine, self.router, self.max_batch = engine, router, max_batch
+        place in the batch (None: no limit); `submit` refuses what would go past them.
+        `prefill_chunk`: the most prompt tokens a step prefills; a longer prompt is prefilled in chunks
+        of this many tokens over several steps while the batch goes on decoding."""
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.engine, self.router, self.max_batch, self.prefill_chunk = engine, router, max_batch, prefill_chunk
         # Positions a sequence may hold past its last token: the widest block a step may draft, and one
         # (twice that when pipelined: the drafters run a block ahead).
         lengths = (*engine.chain.draft_lens, *(router.config.lengths if router is not None else ()))
@@ -272,7 +277,10 @@ class BatchLoop:
             self._active.update((request.request_id, request) for request in admitted)
         if not self._active:
             return StepReport({}, expired)
-        requests = list(self._active.values())
+        prefilling = self._prefill_chunks(list(self._active.values()))
+        requests = [r for r in self._active.values() if r.request_id not in prefilling]
+        if not requests:
+            return StepReport({}, expired)
         t0 = time.perf_counter()
         while True:
             # 2. the batch's plan
@@ -307,6 +315,40 @@ class BatchLoop:
             if end is not None or request.budget <= 0:
                 finished[request.request_id] = self._finish(request, "stop" if end is not None else "length")
         return StepReport(committed, finished, tuple(chain.names), tuple(chain.draft_lens), len(requests), seconds)
+
+    def _prefill_chunks(self, requests: list[_Request]) -> set[str]:
+        """Prefill this step's prompt chunks; return the ids of the requests not yet ready to decode.
+
+        A prompt is prefilled in chunks [0, C), [C, 2C), ... (C = `prefill_chunk`), so where it is cut
+        depends on the prompt alone, never on its batch-mates; its last chunk runs inside its first
+        speculative step, as a short prompt does whole. A step takes chunks, in admission order, while
+        they add up to at most C tokens (one at least), so a long prompt never stalls the requests
+        already decoding for longer than one chunk's pass. Every model level of the static chain (those
+        up) caches the chunks."""
+        target = self.engine.levels[self.engine.target_name]
+        budget, chunks, waiting = self.prefill_chunk, [], set()
+        for request in requests:
+            if request.steps:  # decoding: its prompt is cached
+                continue
+            n = len(request.seq.token_ids)
+            cached = n - target.backlog(request.seq.seq_id, n)
+            end = (cached // self.prefill_chunk + 1) * self.prefill_chunk  # this chunk's end
+            size = min(end, n) - cached
+            if size > budget:
+                waiting.add(request.request_id)
+            elif end < n:
+                budget -= size
+                chunks.append((request.seq, list(request.seq.token_ids[:end])))
+                waiting.add(request.request_id)
+            else:  # its last chunk: prefilled by its first step
+                budget -= size
+        chain = self.engine.live_chain(self.engine.chain)
+        for level in chain.levels if chunks else ():
+            try:
+                level.prefill(chunks)
+            except WorkerUnavailable as exc:
+                self.engine.mark_down(exc, chain)  # a drafter: it catches up when it drafts again; the target: fail
+        return waiting
 
     def _plan(self, requests: list[_Request]) -> tuple[Chain, list[int] | None, Decision | None]:
         """The chain for the batch (without drafters that are down), each sequence's draft length at

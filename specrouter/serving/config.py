@@ -13,6 +13,7 @@
     api_key: null                    # one key or a list; default: $SPECROUTER_API_KEY (comma-separated)
     api_key_file: null               # a file of keys, one a line
     max_batch: 16                    # requests generating together
+    prefill_chunk_tokens: 512        # the most prompt tokens a step prefills; longer prompts take several steps
     retry_down_after_s: 5.0          # a drafter that stopped answering is left out of chains this long
     routing: {explore_every: 12}     # the adaptive router's knobs (see RoutingConfig)
     max_waiting_requests: 64         # past it, a request that would wait is refused at once (429)
@@ -31,7 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from specrouter.core.spec import parse_chain
-from specrouter.engine.defaults import MAX_BATCH, RETRY_DOWN_AFTER_S
+from specrouter.engine.defaults import MAX_BATCH, PREFILL_CHUNK, RETRY_DOWN_AFTER_S
 from specrouter.routing.config import RouterConfig
 
 # The default for CPU serving: the target's own GGUF on llama.cpp (its quantised kernels outrun a torch
@@ -164,6 +165,12 @@ class ServeConfig(BaseModel):
         description="Whether /metrics needs the API key (when keys are set). null: open when `specrouter "
                     "serve` binds HTTP to loopback, keyed otherwise.")
     max_batch: int = Field(default=MAX_BATCH, ge=1, description="The most requests generating together in the batch.")
+    prefill_chunk_tokens: int = Field(
+        default=PREFILL_CHUNK, ge=1,
+        description="The most prompt tokens one step prefills. A longer prompt is prefilled in chunks of this many "
+                    "tokens over several steps while the batch goes on decoding: smaller chunks keep the other "
+                    "requests' inter-token latency lower while long prompts arrive, larger ones give the long "
+                    "prompt its first token sooner.")
     retry_down_after_s: float = Field(
         default=RETRY_DOWN_AFTER_S, ge=0.0,
         description="How long a drafter that stopped answering is left out of chains before it is tried again "

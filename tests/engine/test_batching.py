@@ -221,6 +221,42 @@ def test_a_request_past_its_deadline_is_retired_waiting_or_running_and_frees_its
     assert all(level.worker.num_sequences() == 0 for level in engine.levels.values() if hasattr(level, "worker"))
 
 
+def test_long_prompts_prefill_a_chunk_a_step_while_the_batch_goes_on_decoding(tiny_dirs, monkeypatch):
+    """A prompt longer than `prefill_chunk` is cached a chunk per step, at positions cut by the prompt
+    alone, by the target and by the drafter, at most one chunk's tokens a step in all; the request
+    already decoding commits tokens on every one of those steps, and every output equals its request's
+    alone."""
+    engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
+    short, *longs = [{"prompt_ids": (p * 30)[:n], "max_new_tokens": m, "ignore_eos": True}
+                     for p, n, m in zip(prompts(3, 2000, seed=7), (9, 100, 70), (80, 12, 12))]
+    alone = [BatchLoop(engine, max_batch=1, prefill_chunk=16).run([r])[0].token_ids for r in (short, *longs)]
+    chunks = {name: [] for name in engine.levels}  # per level: (step, start, tokens) of each call asking for no rows
+    step = 0
+    for name, level in engine.levels.items():
+        def forward(calls, allowed=None, name=name, real=level.worker.forward):
+            chunks[name] += [(step, c.start, len(c.token_ids)) for c in calls if c.num_logits == 0]
+            return real(calls, allowed)
+        monkeypatch.setattr(level.worker, "forward", forward)
+    loop = BatchLoop(engine, prefill_chunk=16)
+    a = loop.submit(**short)
+    loop.step()
+    ids = [loop.submit(**r) for r in longs]
+    results, first_token, a_steps = {}, {}, []
+    while loop.has_work:
+        step += 1
+        report = loop.step()
+        results.update(report.finished)
+        first_token.update({i: step for i in ids if i in report.committed and i not in first_token})
+        a_steps += [step] if a in report.committed else []
+    assert [results[i].token_ids for i in (a, *ids)] == alone
+    # 100 tokens: 6 chunks, its last 4 tokens in its first step; then the 70: 4 chunks
+    expected = [(s, 16 * (s - 1), 16) for s in range(1, 7)] + [(s, 16 * (s - 8), 16) for s in range(8, 12)]
+    assert chunks == {name: expected for name in engine.levels}
+    assert first_token == {ids[0]: 7, ids[1]: 12}
+    assert a_steps[:12] == list(range(1, 13))  # never stalled behind a prefill
+    assert all(level.worker.num_sequences() == 0 for level in engine.levels.values())
+
+
 def test_requests_wait_for_room_in_a_bounded_kv_cache_and_all_finish(tiny_gguf_dirs):
     """A llama.cpp model keeps every sequence's keys and values in one pool of positions: the loop admits
     requests, in order, while the positions they may come to hold fit in it; the others wait their turn

@@ -96,6 +96,23 @@ def test_chain_over_remote_workers_equals_in_process(served):
     assert outputs[0] == outputs[1]
 
 
+def test_a_remote_level_prefills_prompt_chunks_and_scores_as_after_one_prefill(served):
+    """A level caches a long prompt's leading chunks over the wire (calls asking for no rows), and its
+    distributions after them equal those after the prompt cached in one pass."""
+    target, server = served
+    prompt = [(7 * i + 3) % V for i in range(40)]
+    remote = ModelLevel("t", RemoteWorker("t", lambda: server.address))
+    seq = SequenceState.new("chunked", prompt)
+    for end in (16, 32):
+        remote.prefill([(seq, prompt[:end])])
+        assert remote.backlog("chunked", len(prompt)) == len(prompt) - end
+    chunked = remote.score([ScoreItem(seq, prompt, [5, 6], SamplingParams(temperature=1.0))])[0].p
+    local = ModelLevel("l", ModelWorker("l", ModelView(target)))
+    whole = local.score([ScoreItem(SequenceState.new("whole", prompt), prompt, [5, 6], SamplingParams(temperature=1.0))])[0].p
+    assert chunked.shape == whole.shape == (3, V) and torch.allclose(chunked, whole, atol=1e-5)
+    remote.release("chunked")
+
+
 def test_unreachable_worker_raises_worker_unavailable():
     with pytest.raises(WorkerUnavailable):
         RemoteWorker("gone", lambda: "127.0.0.1:9", timeout_s=5)

@@ -5,7 +5,9 @@ import time
 
 import pytest
 
+from specrouter.engine.defaults import PREFILL_CHUNK
 from specrouter.engine.engine import Engine
+from specrouter.engine.loop import BatchLoop
 
 PROMPT = "The quick brown fox"
 
@@ -42,18 +44,23 @@ def test_distributed_chains_equal_in_process_and_target_only(local_ray, tiny_dir
 def test_distributed_llamacpp_and_mixed_backend_chains_equal_the_gguf_target_alone(local_ray, tiny_gguf_dirs):
     """llama.cpp levels in their own actors: a GGUF drafter and target, and a torch int8 drafter in front
     of the GGUF target, give what the GGUF target gives alone in-process. The placement sizes each
-    llama.cpp model's KV cache, and the router's engine learns the pool it admits requests into."""
+    llama.cpp model's KV cache, and the router's engine learns the pool it admits requests into; a
+    prompt prefilled in chunks over the actors gives what it gives chunked in-process."""
     target = f"{tiny_gguf_dirs['target']}@gguf"
     engine = Engine(target)
     ids = engine.tokenizer(PROMPT)["input_ids"]
-    want = engine.generate(ids, 24, ignore_eos=True).token_ids
-    for chain, kv in ((f"{tiny_gguf_dirs['draft']}@gguf,{target}", 256), (f"{tiny_gguf_dirs['draft']}@int8,{target}", None)):
+    assert len(ids) > 2  # prefilled a chunk before its first step
+    want = {chunk: BatchLoop(engine, prefill_chunk=chunk).run([{"prompt_ids": ids, "max_new_tokens": 24, "ignore_eos": True}])[0].token_ids
+            for chunk in (2, PREFILL_CHUNK)}
+    assert want[PREFILL_CHUNK] == engine.generate(ids, 24, ignore_eos=True).token_ids
+    for chain, kv, chunk in ((f"{tiny_gguf_dirs['draft']}@gguf,{target}", 256, 2), (f"{tiny_gguf_dirs['draft']}@int8,{target}", None, PREFILL_CHUNK)):
         # whole blocks (the tiny F32 files measure width 1)
-        router = make_router(local_ray, chain, placement={"kv_cache_tokens": kv}, bit_exact=False)
+        router = make_router(local_ray, chain, placement={"kv_cache_tokens": kv}, bit_exact=False, prefill_chunk=chunk)
         info = local_ray.get(router.info.remote(), timeout=600)
         assert info["kv_pool"]["positions"] == (kv or 16384) and info["max_context"] == min(kv or 16384, 512), chain
+        assert info["prefill_chunk"] == chunk
         out = local_ray.get(router.generate.remote(ids, 24, ignore_eos=True), timeout=600)
-        assert out["token_ids"] == want, chain
+        assert out["token_ids"] == want[chunk], chain
         assert out["levels"][0]["num_accepted_tokens"] > 0
         local_ray.kill(router)
 
