@@ -161,7 +161,7 @@ def generate(engine: Engine, mode: Mode, prompt_ids: list[int], max_tokens: int,
 
 def run_mode(store: ModelStore, mode: Mode, prompts: list, max_tokens: int, slim: str | None, bit_exact: bool) -> ModeRun:
     engine = Engine(mode.chain, draft_lens=list(mode.draft_lens) or None, provider=store, bit_exact=bit_exact,
-                    slim_verifier=slim if mode.thresholds is not None and mode.thresholds.has_slim_tier else None)
+                    slim_verifier=mode.thresholds.slim_verifier(slim) if mode.thresholds is not None else None)
     run = ModeRun(mode)
     for prompt in prompts:
         ids = encode(engine.tokenizer, prompt)

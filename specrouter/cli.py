@@ -125,7 +125,7 @@ def cmd_generate(args) -> int:
     tiered = Thresholds(args.tau_high, args.tau_low if args.tau_low is not None else args.tau_high) if args.tau_high is not None else None
     engine = Engine(args.chain, dtype=args.dtype, device=args.device, draft_lens=args.draft_lens, num_threads=args.threads,
                     draft_confidence=args.draft_confidence, bit_exact=args.bit_exact,
-                    slim_verifier=args.slim_verifier if tiered is not None and tiered.has_slim_tier and args.slim_verifier != "none" else None)
+                    slim_verifier=tiered.slim_verifier(args.slim_verifier) if tiered is not None else None)
     router, klass = None, "default"
     if args.adaptive:
         from specrouter.engine.calibration import router_for

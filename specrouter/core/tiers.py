@@ -47,6 +47,11 @@ class Thresholds:
         """Some confidence falls in tier 2 (the slim verifier's)."""
         return self.tau_low < self.tau_high
 
+    def slim_verifier(self, spec: str | None) -> str | None:
+        """The slim verifier a run with these thresholds loads: `spec` ("none": none) when some tokens
+        fall in tier 2, else none (nothing would run it)."""
+        return spec if self.has_slim_tier and spec not in (None, "none") else None
+
     def tier(self, confidence: float) -> int:
         if self.tau_high < 1.0 and confidence >= self.tau_high:
             return TIER_UNCHECKED

@@ -50,6 +50,12 @@ def test_a_slim_tier_exists_only_below_tau_high():
     assert not Thresholds(0.9, 0.9).has_slim_tier and not Thresholds(1.0, 1.0).has_slim_tier
 
 
+def test_a_slim_verifier_loads_only_where_a_slim_tier_would_run_it():
+    assert Thresholds(0.9, 0.5).slim_verifier("@skip") == "@skip"
+    assert Thresholds(0.9, 0.5).slim_verifier("none") is None and Thresholds(0.9, 0.5).slim_verifier(None) is None
+    assert Thresholds(0.9, 0.9).slim_verifier("@skip") is None  # tiers 1 and 3 only
+
+
 def test_only_tau_one_is_lossless():
     assert Thresholds(1.0, 1.0).lossless
     assert not Thresholds(1.0, 0.99).lossless
