@@ -92,6 +92,12 @@ def methods(threads: int) -> list[Method]:
     ]
 
 
+def llama_server_binary(path: str | None) -> str:
+    """`path`, or the llama-server that bench/build_llama_server.sh builds (once) and names."""
+    return path or subprocess.run(["bash", str(Path(__file__).parent / "build_llama_server.sh")],
+                                  check=True, capture_output=True, text=True).stdout.strip()
+
+
 class LlamaServer:
     """One llama-server process on loopback with `parallel` slots of 4096 positions each."""
 
@@ -153,8 +159,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     chosen = [m for m in methods(args.threads) if not args.methods or m.name in args.methods.split(";") or m.name == BASELINE]
-    binary = args.llama_server or subprocess.run(["bash", str(Path(__file__).parent / "build_llama_server.sh")],
-                                                  check=True, capture_output=True, text=True).stdout.strip()
+    binary = llama_server_binary(args.llama_server)
     store = ModelStore("bfloat16", threads=args.threads)
     tokenizer = store.get(TARGET, "gguf").tokenizer
     end_ids = set(store.target_info(TARGET, "gguf").eos_ids)

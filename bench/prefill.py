@@ -27,8 +27,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import TARGET, LlamaServer  # noqa: E402
-from report import write_result  # noqa: E402
+from peers import TARGET, LlamaServer, llama_server_binary  # noqa: E402
+from report import RESULTS, write_result  # noqa: E402
 
 from specrouter.engine.engine import Engine  # noqa: E402
 from specrouter.engine.loop import BatchLoop  # noqa: E402
@@ -60,21 +60,23 @@ def run_ours(engine: Engine, shorts: list[list[int]], long: list[int], chunk: in
     loop = BatchLoop(engine, prefill_chunk=chunk or 1 << 30)
     ids = [loop.submit(p, max_tokens, ignore_eos=True) for p in shorts]
     arrivals = [[] for _ in ids]
-    while min(len(a) for a in arrivals) < WARM_TOKENS:
+
+    def step() -> tuple[float, set[str]]:
+        """One step; each decoding request's tokens arrive at its end. Returns when, and who committed."""
         report = loop.step()
         now = time.perf_counter()
         for a, i in zip(arrivals, ids):
             a += [now] * len(report.committed.get(i, []))
+        return now, set(report.committed)
+
+    while min(len(a) for a in arrivals) < WARM_TOKENS:
+        step()
     start = time.perf_counter()
     late = loop.submit(long, 4, ignore_eos=True)
     first = None
     while first is None:
-        report = loop.step()
-        now = time.perf_counter()
-        for a, i in zip(arrivals, ids):
-            a += [now] * len(report.committed.get(i, []))
-        if late in report.committed:
-            first = now
+        now, committed = step()
+        first = now if late in committed else None
     for i in [*ids, late]:
         loop.cancel(i)
     return window_stats(arrivals, start, first, first - start)
@@ -114,15 +116,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=160, help="each decoding request's tokens (enough to outlast the prefill)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--peer", action="store_true", help="also llama-server on the same GGUF")
-    parser.add_argument("--llama-server", default=str(Path.home() / ".cache/specrouter/llama.cpp/build/bin/llama-server"))
+    parser.add_argument("--llama-server", default=None, help="the binary (default: bench/build_llama_server.sh's)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
 
     engine = Engine(f"{TARGET}@gguf", num_threads=args.threads)
     shorts = [engine.tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(args.decoding)]
     long = long_prompt(engine.tokenizer, args.prompt_tokens)
-    server = LlamaServer(args.llama_server, (), 8187, args.threads, parallel=args.decoding + 1) if args.peer else None
+    server = LlamaServer(llama_server_binary(args.llama_server), (), 8187, args.threads, parallel=args.decoding + 1) if args.peer else None
     rows = []
     try:
         for repeat in range(args.repeats):  # every method in turn, so the machine's drift hits them alike
@@ -146,7 +148,7 @@ def main() -> None:
         print(f"{method:22s} stall {s['max_stall_s']:6.2f} s  mean gap {s['mean_gap_s']:5.2f} s  "
               f"decoding {s['decode_tok_per_s']:5.1f} tok/s  TTFT {s['ttft_s']:6.2f} s")
     path = write_result("prefill", {"config": vars(args) | {"target": f"{TARGET}@gguf"}, "summary": summary, "rows": rows},
-                        **({"out_dir": args.out} if args.out else {}))
+                        args.out)
     print(f"wrote {path}")
 
 

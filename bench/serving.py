@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import LlamaServer  # noqa: E402
+from peers import LlamaServer, llama_server_binary  # noqa: E402
 from report import write_result  # noqa: E402
 
 from specrouter.serving.config import DEFAULT_CHAIN  # noqa: E402
@@ -90,8 +90,7 @@ def serve_and_load(chain: str, draft_lens: str | None, args, port: int, draft_co
 
 def llama_server_load(args, port: int) -> dict:
     """llama-server on the target's GGUF (as many slots as the highest concurrency) under the same load."""
-    binary = args.llama_server or subprocess.run(["bash", str(Path(__file__).parent / "build_llama_server.sh")],
-                                                  check=True, capture_output=True, text=True).stdout.strip()
+    binary = llama_server_binary(args.llama_server)
     t0 = time.perf_counter()
     server = LlamaServer(binary, (), port, args.threads, parallel=max(args.concurrency))
     memory = TreeMemory(server.proc.pid)

@@ -194,12 +194,11 @@ def cmd_serve(args) -> int:
     warning = specrouter_serve.exposure_warning(config, args.host)
     if warning:
         print(f"specrouter: {warning}", file=sys.stderr, flush=True)
-    if not args.address:  # the embedded Ray listens here: its ports must be free before anything starts
-        specrouter_serve.check_ports_free(config, args.host, args.port)
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
         started = False
-    else:
+    else:  # the embedded Ray listens here: its ports must be free before anything starts
+        specrouter_serve.check_ports_free(config, args.host, args.port)
         started = start_local_ray(num_cpus=max(4, len(config.chain.split(",")) + 2))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

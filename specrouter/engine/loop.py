@@ -342,8 +342,10 @@ class BatchLoop:
                 waiting.add(request.request_id)
             else:  # its last chunk: prefilled by its first step
                 budget -= size
+        if not chunks:
+            return waiting
         chain = self.engine.live_chain(self.engine.chain)
-        for level in chain.levels if chunks else ():
+        for level in chain.levels:
             try:
                 level.prefill(chunks)
             except WorkerUnavailable as exc:
