@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests that may wait for a place in the batch; past it: 429 with Retry-After (default 64)")
     srv.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
                      help="positions of each llama.cpp model's KV cache, all its sequences together (default 16384)")
+    srv.add_argument("--prefill-chunk-tokens", type=int, default=None, metavar="N",
+                     help="the most prompt tokens a step prefills; longer prompts take several steps (default 512)")
 
     bench = sub.add_parser("bench", help="load-test a running server over HTTP (tokens/s, TTFT, inter-token latency)")
     bench.add_argument("--url", default="http://127.0.0.1:8000")
@@ -173,7 +175,8 @@ def serve_config(args) -> ServeConfig:
     """The config file's ServeConfig (or the default) with the command's flags over it."""
     config = (ServeConfig.from_file(args.config) if args.config else ServeConfig()).model_dump()
     overrides = {"chain": args.chain, "adaptive": args.adaptive, "pipeline": args.pipeline, "grpc_port": args.grpc_port,
-                 "api_key": args.api_key, "api_key_file": args.api_key_file, "max_waiting_requests": args.max_waiting_requests}
+                 "api_key": args.api_key, "api_key_file": args.api_key_file, "max_waiting_requests": args.max_waiting_requests,
+                 "prefill_chunk_tokens": args.prefill_chunk_tokens}
     config.update({k: v for k, v in overrides.items() if v is not None})
     if args.kv_cache_tokens is not None:  # every model's placement, the "*" entry included
         config["placement"] = {label: {**entry, "kv_cache_tokens": args.kv_cache_tokens}

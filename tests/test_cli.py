@@ -70,6 +70,18 @@ def test_serve_kv_cache_flag_sizes_every_models_cache_over_the_config(tmp_path):
     assert flagged.placement["*"].kv_cache_tokens == 8192
 
 
+def test_serve_prefill_chunk_flag_overrides_the_config_and_bad_sizes_exit_with_the_field_named(tmp_path, capsys):
+    from specrouter.cli import build_parser, serve_config
+
+    config = tmp_path / "chunk.yaml"
+    config.write_text("prefill_chunk_tokens: 256\n")
+    assert serve_config(build_parser().parse_args(["serve", "--config", str(config)])).prefill_chunk_tokens == 256
+    flagged = build_parser().parse_args(["serve", "--config", str(config), "--prefill-chunk-tokens", "64"])
+    assert serve_config(flagged).prefill_chunk_tokens == 64
+    assert main(["serve", "--prefill-chunk-tokens", "0"]) == 2
+    assert "prefill_chunk_tokens" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--port", "--grpc-port"])
 def test_serve_on_a_port_another_server_holds_exits_with_clear_error_before_starting(capsys, flag):
     """Serve's proxy would fail to bind a taken HTTP port and retry in the background, so the command
