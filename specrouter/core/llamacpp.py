@@ -1,6 +1,10 @@
 """A GGUF model run by llama.cpp (llama-cpp-python's low-level bindings) with explicit positions.
 
 One llama.cpp context holds the KV state of many sequences, each under a sequence id of its own.
+A new block that begins with tokens another sequence already holds (a chat template's system
+prompt, the earlier turns of a conversation) takes their keys and values from it instead of running
+them again (`llama_memory_seq_cp`, which shares the cells), as llama-server's prompt cache does; the
+last few released sequences are kept for this while their cells are not needed.
 `LlamaCppView` offers the calls of the torch `ModelView` (`new_cache`, `forward`, `forward_batch`),
 so the `ModelWorker` above it, and everything above that, runs either backend unchanged. A forward
 at `start` first drops whatever its sequence holds from `start` on (`llama_memory_seq_rm`): a
@@ -18,6 +22,7 @@ import ctypes
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +52,8 @@ class LlamaCppError(RuntimeError):
 
 
 DEFAULT_KV_TOKENS = 16384  # positions of a model's KV cache, shared by its sequences (llama-server's --ctx-size)
+MIN_SHARED_PREFIX = 16  # the fewest leading tokens worth taking from another sequence's cells
+KEPT_RELEASED = 8  # released sequences kept for their prefixes (while their cells and ids are not needed)
 
 
 class LlamaCppModel:
@@ -95,6 +102,8 @@ class LlamaCppModel:
         self.batch_size = batch
         self._batch = ll.llama_batch_init(batch, 0, 1)
         self._free_ids = list(range(max_sequences - 1, -1, -1))
+        self._held: dict[int, list[int]] = {}  # sequence id -> the tokens its cells hold, by position
+        self._kept: OrderedDict[int, None] = OrderedDict()  # released sequences kept for their prefixes, oldest first
         weakref.finalize(self, _free, ll, self.model, self.ctx, self._batch)
         self.exact_width = self._probe_exact_width()
 
@@ -109,7 +118,7 @@ class LlamaCppModel:
         try:
             return min(self._exact_width_after(seq, min(context, self.max_positions - widest), widest) for context in contexts)
         finally:
-            self.drop_sequence(seq)
+            self.drop_sequence(seq, keep=False)
 
     def _exact_width_after(self, seq: int, context: int, widest: int) -> int:
         tokens = [(7 * i + 3) % self.vocab_size for i in range(context + widest)]
@@ -125,17 +134,66 @@ class LlamaCppModel:
         return width
 
     def take_sequence(self) -> int:
+        if not self._free_ids and self._kept:
+            self._forget_oldest()
         if not self._free_ids:
             raise LlamaCppError(f"{self.path.name}: all {self._ll.llama_n_seq_max(self.ctx)} sequence slots are in use")
-        return self._free_ids.pop()
+        seq_id = self._free_ids.pop()
+        self._held[seq_id] = []
+        return seq_id
 
-    def drop_sequence(self, seq_id: int) -> None:
+    def drop_sequence(self, seq_id: int, keep: bool = True) -> None:
+        """Give the sequence's id back; with `keep`, its cells stay for later blocks that begin with its
+        tokens, until their room or its id is needed."""
+        if keep and len(self._held[seq_id]) >= MIN_SHARED_PREFIX:
+            self._kept[seq_id] = None
+            if len(self._kept) > KEPT_RELEASED:
+                self._forget_oldest()
+            return
         self.keep_before(seq_id, 0)
+        del self._held[seq_id]
         self._free_ids.append(seq_id)
+
+    def _forget_oldest(self) -> None:
+        seq_id, _ = self._kept.popitem(last=False)
+        self.drop_sequence(seq_id, keep=False)
 
     def keep_before(self, seq_id: int, position: int) -> None:
         """Drop what the sequence holds at `position` and beyond (a rollback; repeating it is a no-op)."""
         self._ll.llama_memory_seq_rm(self.memory, seq_id, position, -1)
+        del self._held[seq_id][position:]
+
+    def share_prefix(self, seq_id: int, token_ids: list[int], start: int, limit: int) -> int:
+        """Before running `token_ids` at [start, ...) on a sequence that holds [0, start): take the longest
+        run of them, up to position `limit`, whose cells another sequence already holds after the same
+        tokens, as long as it begins the sequence's prompt at no less than MIN_SHARED_PREFIX tokens.
+        Returns how many of `token_ids` no longer need running."""
+        held = self._held[seq_id]
+        if limit - start < 1 or limit < MIN_SHARED_PREFIX:
+            return 0
+        wanted = held + token_ids[: limit - start]
+        best, source = 0, None
+        for other, tokens in self._held.items():
+            if other == seq_id or len(tokens) <= max(start, best) or tokens[start] != wanted[start] or tokens[:start] != held:
+                continue
+            n, end = start + 1, min(len(tokens), len(wanted))
+            while n < end and tokens[n] == wanted[n]:
+                n += 1
+            if n > best:
+                best, source = n, other
+        if source is None or best <= start or best < MIN_SHARED_PREFIX:
+            return 0
+        self._ll.llama_memory_seq_cp(self.memory, source, seq_id, start, best)
+        held += wanted[start:best]
+        if source in self._kept:
+            self._kept.move_to_end(source)
+        return best - start
+
+    def _make_room(self, rows: int) -> None:
+        """Forget kept sequences, oldest first, until `rows` more cells fit beside what sequences hold
+        (counting shared cells once per sequence: never fewer cells than llama.cpp needs)."""
+        while self._kept and sum(map(len, self._held.values())) + rows > self.kv_pool.positions:
+            self._forget_oldest()
 
     def decode(self, rows: list[tuple[int, int, int, bool]]) -> np.ndarray:
         """Run (token, position, sequence id, wants logits) rows, in chunks of at most `batch_size`;
@@ -147,10 +205,13 @@ class LlamaCppModel:
                 batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
                 batch.seq_id[i][0] = seq
             batch.n_tokens = len(chunk)
+            self._make_room(len(chunk))
             status = ll.llama_decode(self.ctx, batch)
             if status != 0:
                 raise LlamaCppError(f"llama_decode failed with status {status} (KV cache full or bad positions)")
             n_out = sum(1 for row in chunk if row[3])
+            for token, pos, seq, _ in chunk:
+                self._held[seq][pos : pos + 1] = [token]
             if n_out:
                 out.append(np.ctypeslib.as_array(ll.llama_get_logits(self.ctx), shape=(n_out, self.vocab_size)).copy())
         return np.concatenate(out) if out else np.empty((0, self.vocab_size), np.float32)
@@ -212,8 +273,9 @@ class LlamaCppView:
         rows = []
         for b in blocks:
             self.model.keep_before(b.cache.seq_id, b.start)  # rollback
-            n = len(b.token_ids)
-            rows += [(t, b.start + i, b.cache.seq_id, i >= n - b.num_logits) for i, t in enumerate(b.token_ids)]
+            n = len(b.token_ids)  # rows asked for logits run; those before them may come from another sequence
+            shared = self.model.share_prefix(b.cache.seq_id, b.token_ids, b.start, b.start + n - b.num_logits)
+            rows += [(t, b.start + i, b.cache.seq_id, i >= n - b.num_logits) for i, t in enumerate(b.token_ids) if i >= shared]
         logits = torch.from_numpy(self.model.decode(rows))  # [sum(num_logits_b), V]
         return list(logits.split([b.num_logits for b in blocks]))
 

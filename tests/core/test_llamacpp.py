@@ -8,7 +8,7 @@ from conftest import CHAT_PROMPT, CODE_PROMPT
 from specrouter.core.chain import Chain
 from specrouter.engine.engine import Engine
 from specrouter.core.levels import ModelLevel
-from specrouter.core.llamacpp import LlamaCppError, LlamaCppModel, LlamaCppView
+from specrouter.core.llamacpp import MIN_SHARED_PREFIX, LlamaCppError, LlamaCppModel, LlamaCppView
 from specrouter.core.model import ModelView, SeqBlock
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.worker import ModelWorker
@@ -62,13 +62,58 @@ def test_a_released_sequence_gives_its_slot_back(tiny_gguf_dirs):
     from specrouter.core.sequence import TokenLog
 
     empty = TokenLog().prefix_hash(0)
-    for round_ in range(5):  # 10 sequences over 2 slots
+    for round_ in range(5):  # 10 sequences over 2 slots; the released ones, kept for their prefixes, make way
         for seq in ("a", "b"):
-            forward_one(worker, f"{seq}{round_}", 0, 0, empty, PROMPT, 1, SamplingParams())
+            forward_one(worker, f"{seq}{round_}", 0, 0, empty, LONG_PROMPT + [round_], 1, SamplingParams())
         with pytest.raises(LlamaCppError, match="sequence slots"):
-            forward_one(worker, "third", 0, 0, empty, PROMPT, 1, SamplingParams())
+            forward_one(worker, "third", 0, 0, empty, LONG_PROMPT, 1, SamplingParams())
         worker.release(f"a{round_}")
         worker.release(f"b{round_}")
+
+
+LONG_PROMPT = [(37 * i + 11) % 4000 + 1 for i in range(MIN_SHARED_PREFIX + 8)]
+
+
+def _recording(model: LlamaCppModel) -> list[list[tuple]]:
+    """Every `decode` call's rows from now on (the model's own method, wrapped)."""
+    calls, decode = [], model.decode
+    model.decode = lambda rows: calls.append(rows) or decode(rows)
+    return calls
+
+
+def test_a_prompt_that_begins_as_a_released_one_runs_only_its_new_tokens_and_scores_the_same(tiny_gguf_dirs):
+    model = LlamaCppModel(f"{tiny_gguf_dirs['target']}/model.gguf", threads=2, max_sequences=4)
+    view = LlamaCppView(model)
+    first, second = LONG_PROMPT + [5, 6, 7], LONG_PROMPT + [9, 10]
+    whole = view.forward(second, 0, view.new_cache(), 2)  # its sequence released at once: kept
+    view.forward(first, 0, view.new_cache(), 1)
+    calls = _recording(model)
+    cache = view.new_cache()
+    shared = view.forward(second, 0, cache, 2)
+    assert [row[1] for row in calls[0]] == [len(LONG_PROMPT), len(LONG_PROMPT) + 1]  # positions run
+    torch.testing.assert_close(shared, whole, atol=1e-3, rtol=0)  # to float rounding: the pass shapes differ
+    # It goes on from there as a sequence of its own; rolled back into the shared part, it shares again.
+    torch.testing.assert_close(view.forward([3], len(second), cache, 1), view.forward(second + [3], 0, view.new_cache(), 1),
+                               atol=1e-3, rtol=0)
+    calls.clear()
+    again = view.forward(LONG_PROMPT[4:] + [8], 4, cache, 1)
+    assert [row[1] for row in calls[0]] == [len(LONG_PROMPT)]
+    torch.testing.assert_close(again, view.forward(LONG_PROMPT + [8], 0, view.new_cache(), 1), atol=1e-3, rtol=0)
+
+
+def test_short_or_unshared_prompts_run_whole_and_kept_sequences_make_room_for_new_ones(tiny_gguf_dirs):
+    model = LlamaCppModel(f"{tiny_gguf_dirs['target']}/model.gguf", threads=2, context=256, max_sequences=4)
+    view = LlamaCppView(model)
+    positions = model.kv_pool.positions
+    view.forward(LONG_PROMPT, 0, view.new_cache(), 1)
+    calls = _recording(model)
+    view.forward(LONG_PROMPT[: MIN_SHARED_PREFIX - 1] + [1], 0, view.new_cache(), 1)  # too short a prefix to share
+    assert len(calls[-1]) == MIN_SHARED_PREFIX
+    view.forward([4000 - t for t in LONG_PROMPT], 0, view.new_cache(), 1)  # nothing in common
+    assert len(calls[-1]) == len(LONG_PROMPT)
+    # Three released sequences are kept; a prompt that needs nearly every cell of the cache still runs.
+    big = [(11 * i + 3) % 4000 + 1 for i in range(positions - 8)]
+    assert view.forward(big, 0, view.new_cache(), 1).shape == (1, model.vocab_size)
 
 
 GGUF_CHAINS = ["draft@gguf,target@gguf", "ngram,draft@gguf,target@gguf", "draft,target@gguf", "draft@gguf,target",
