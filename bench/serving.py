@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -62,11 +63,15 @@ class TreeMemory:
         return {"peak_rss_gb": round(self.peak_rss / 2**30, 2), "peak_pss_gb": round(self.peak_pss / 2**30, 2)}
 
 
-def serve_and_load(chain: str, draft_lens: str | None, args, port: int, draft_confidence: float = 0.0) -> dict:
+@contextmanager
+def specrouter_server(chain: str, draft_lens: str | None, port: int, draft_confidence: float = 0.0,
+                      kv_cache_tokens: int | None = None):
+    """`specrouter serve` for `chain` in a subprocess, on `port` (gRPC on port + 1); yields (url,
+    startup seconds, TreeMemory of its process tree) once it serves; Ctrl-C stops it after."""
     cmd = [sys.executable, "-m", "specrouter.cli", "serve", "--chain", chain, "--port", str(port), "--grpc-port", str(port + 1)]
     config = Path(f"/tmp/specrouter-bench-{port}.yaml")
     config.write_text(f"chain: {chain}\ndraft_confidence: {draft_confidence}\n" + (f"draft_lens: [{draft_lens}]\n" if draft_lens else "")
-                      + (f'placement: {{"*": {{kv_cache_tokens: {args.kv_cache_tokens}}}}}\n' if args.kv_cache_tokens else ""))
+                      + (f'placement: {{"*": {{kv_cache_tokens: {kv_cache_tokens}}}}}\n' if kv_cache_tokens else ""))
     cmd += ["--config", str(config)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -77,15 +82,18 @@ def serve_and_load(chain: str, draft_lens: str | None, args, port: int, draft_co
                 break
         else:
             raise RuntimeError(f"specrouter serve exited with {proc.wait()}")
-        startup_s = time.perf_counter() - t0
-        url = f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", time.perf_counter() - t0, memory
+    finally:
+        proc.send_signal(2)
+        proc.wait(timeout=180)
+
+
+def serve_and_load(chain: str, draft_lens: str | None, args, port: int, draft_confidence: float = 0.0) -> dict:
+    with specrouter_server(chain, draft_lens, port, draft_confidence, args.kv_cache_tokens) as (url, startup_s, memory):
         run_load(url, 1, 1, 8)  # warm-up
         loads = {c: run_load(url, args.prompts, c, args.max_tokens) for c in args.concurrency}
         return {"chain": chain, "draft_lens": draft_lens, "draft_confidence": draft_confidence, "startup_s": round(startup_s, 1),
                 **memory.stop(), "load": loads}
-    finally:
-        proc.send_signal(2)
-        proc.wait(timeout=180)
 
 
 def llama_server_load(args, port: int) -> dict:
