@@ -7,6 +7,8 @@ GGUF files (Qwen2.5-Coder-1.5B Q4_K_M target, 0.5B Q4_K_M draft), side by side i
 Workloads: HumanEval prompts (code), ShareGPT first turns (chat), and code edits of standard-library
 functions (answers that repeat much of the prompt). Every request runs end to end, prefill included,
 greedy, 2 threads, one at a time; each prompt under every method in turn, so drift hits them alike.
+Neither side reuses what earlier prompts left (llama-server's prompt cache and our llama.cpp levels'
+prefix sharing are off): every method runs each prompt whole, so outputs compare with the target alone's.
 llama-server runs plain, with its n-gram speculation and with the 0.5B as its draft model (two
 settings); SpecRouter in-process runs each target alone on each backend (llama.cpp; torch in bf16, with
 int8 weights, with 4-bit weights), static chains, and adaptive routing over a pool; chains verify
@@ -160,7 +162,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     chosen = [m for m in methods(args.threads) if not args.methods or m.name in args.methods.split(";") or m.name == BASELINE]
     binary = llama_server_binary(args.llama_server)
-    store = ModelStore("bfloat16", threads=args.threads)
+    store = ModelStore("bfloat16", threads=args.threads, share_prefixes=False)
     tokenizer = store.get(TARGET, "gguf").tokenizer
     end_ids = set(store.target_info(TARGET, "gguf").eos_ids)
     prompts: list[Prompt] = humaneval(args.humaneval) + sharegpt(args.sharegpt) + code_edits(args.edits)

@@ -5,7 +5,8 @@ the same load, in one run.
     .venv/bin/python bench/prefill.py [--decoding 4] [--prompt-tokens 1024] [--chunks 0,512,256,128] [--peer]
 
 `--decoding` requests (short code prompts, greedy) decode; once each has a few tokens, a prompt of
-`--prompt-tokens` tokens (real Python source from the standard library) arrives. Reported per method,
+`--prompt-tokens` tokens (real Python source from the standard library, another part of it each run)
+arrives. Reported per method,
 over the window from its arrival to its first token: the longest gap between two tokens of a decoding
 request (its stall), their mean gap, the tokens they committed a second, and the long prompt's time to
 first token. Ours runs in process, target alone on the catalog's GGUF (the batch loop is what
@@ -37,11 +38,15 @@ from specrouter.serving.loadtest import PROMPTS  # noqa: E402
 WARM_TOKENS = 4  # tokens each decoding request has before the long prompt arrives
 
 
-def long_prompt(tokenizer, n: int) -> list[int]:
-    """n tokens of real Python source (the standard library's), asked to be continued."""
+def long_prompts(tokenizer, n: int, count: int) -> list[list[int]]:
+    """`count` prompts of n tokens of real Python source (the standard library's), asked to be
+    continued: consecutive parts of it, so no run finds its prompt cached by an earlier one."""
     import argparse as source_module
 
-    return tokenizer(Path(source_module.__file__).read_text())["input_ids"][:n]
+    ids = tokenizer(Path(source_module.__file__).read_text())["input_ids"]
+    if len(ids) < n * count:
+        raise ValueError(f"the source has {len(ids)} tokens, fewer than {count} prompts of {n}")
+    return [ids[i * n : (i + 1) * n] for i in range(count)]
 
 
 def window_stats(arrivals: list[list[float]], start: float, end: float, ttft: float) -> dict:
@@ -123,18 +128,18 @@ def main() -> None:
 
     engine = Engine(f"{TARGET}@gguf", num_threads=args.threads)
     shorts = [engine.tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(args.decoding)]
-    long = long_prompt(engine.tokenizer, args.prompt_tokens)
+    longs = iter(long_prompts(engine.tokenizer, args.prompt_tokens, args.repeats * (len(args.chunks) + args.peer)))
     server = LlamaServer(llama_server_binary(args.llama_server), (), 8187, args.threads, parallel=args.decoding + 1) if args.peer else None
     rows = []
     try:
         for repeat in range(args.repeats):  # every method in turn, so the machine's drift hits them alike
             for chunk in args.chunks:
                 row = {"method": f"ours, chunk {chunk}" if chunk else "ours, prompt whole", "repeat": repeat,
-                       **run_ours(engine, shorts, long, chunk, args.max_tokens)}
+                       **run_ours(engine, shorts, next(longs), chunk, args.max_tokens)}
                 print(row, flush=True)
                 rows.append(row)
             if server is not None:
-                row = {"method": "llama-server", "repeat": repeat, **run_peer(server, shorts, long, args.max_tokens)}
+                row = {"method": "llama-server", "repeat": repeat, **run_peer(server, shorts, next(longs), args.max_tokens)}
                 print(row, flush=True)
                 rows.append(row)
     finally:

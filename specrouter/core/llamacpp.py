@@ -59,10 +59,13 @@ KEPT_RELEASED = 8  # released sequences kept for their prefixes (while their cel
 class LlamaCppModel:
     """A GGUF file loaded once by llama.cpp, with one context holding up to `max_sequences` sequences
     in a KV cache of `context` positions shared by all of them (`kv_pool`: the generation loop admits
-    requests while theirs fit)."""
+    requests while theirs fit). With `share_prefixes`, a block takes the cells of the leading tokens
+    another sequence holds (`share_prefix`): its remaining rows then run in a narrower pass, which may
+    round differently, so a request's greedy output can depend on what ran before it (as it can on
+    its batch-mates); without, every prompt runs whole and each request's output is its own."""
 
     def __init__(self, path: str | Path, threads: int | None = None, context: int = DEFAULT_KV_TOKENS, max_sequences: int = 64,
-                 batch: int = 512, lora: Path | None = None):
+                 batch: int = 512, lora: Path | None = None, share_prefixes: bool = True):
         import llama_cpp as ll
 
         _init_backend()
@@ -102,6 +105,7 @@ class LlamaCppModel:
         self.batch_size = batch
         self._batch = ll.llama_batch_init(batch, 0, 1)
         self._free_ids = list(range(max_sequences - 1, -1, -1))
+        self.share_prefixes = share_prefixes
         self._held: dict[int, list[int]] = {}  # sequence id -> the tokens its cells hold, by position
         self._kept: OrderedDict[int, None] = OrderedDict()  # released sequences kept for their prefixes, oldest first
         weakref.finalize(self, _free, ll, self.model, self.ctx, self._batch)
@@ -145,7 +149,7 @@ class LlamaCppModel:
     def drop_sequence(self, seq_id: int, keep: bool = True) -> None:
         """Give the sequence's id back; with `keep`, its cells stay for later blocks that begin with its
         tokens, until their room or its id is needed."""
-        if keep and len(self._held[seq_id]) >= MIN_SHARED_PREFIX:
+        if keep and self.share_prefixes and len(self._held[seq_id]) >= MIN_SHARED_PREFIX:
             self._kept[seq_id] = None
             if len(self._kept) > KEPT_RELEASED:
                 self._forget_oldest()
@@ -164,12 +168,12 @@ class LlamaCppModel:
         del self._held[seq_id][position:]
 
     def share_prefix(self, seq_id: int, token_ids: list[int], start: int, limit: int) -> int:
-        """Before running `token_ids` at [start, ...) on a sequence that holds [0, start): take the longest
-        run of them, up to position `limit`, whose cells another sequence already holds after the same
-        tokens, as long as it begins the sequence's prompt at no less than MIN_SHARED_PREFIX tokens.
-        Returns how many of `token_ids` no longer need running."""
+        """Before running `token_ids` at [start, ...) on a sequence that holds [0, start): take the cells of
+        the longest run of them, up to position `limit`, that another sequence holds after the same
+        tokens [0, start), if the tokens so held reach position MIN_SHARED_PREFIX. Returns how many of
+        `token_ids` no longer need running."""
         held = self._held[seq_id]
-        if limit - start < 1 or limit < MIN_SHARED_PREFIX:
+        if not self.share_prefixes or limit - start < 1 or limit < MIN_SHARED_PREFIX:
             return 0
         wanted = held + token_ids[: limit - start]
         best, source = 0, None

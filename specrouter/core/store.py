@@ -121,11 +121,13 @@ class ModelStore:
     """Loaded models by (name, quantisation, aligned task), so chains built side by side share weights and workers.
     `threads` is llama.cpp levels' thread count (default: every core this process may use);
     `kv_cache_tokens` the positions of each llama.cpp level's KV cache, all its sequences together
-    (default DEFAULT_KV_TOKENS; torch levels' caches grow per sequence)."""
+    (default DEFAULT_KV_TOKENS; torch levels' caches grow per sequence); `share_prefixes` whether a
+    llama.cpp level's sequences share the cells of the prompt tokens they begin with alike."""
 
     def __init__(self, dtype: str = "float32", device: str = "cpu", threads: int | None = None,
-                 kv_cache_tokens: int | None = None):
+                 kv_cache_tokens: int | None = None, share_prefixes: bool = True):
         self.dtype, self.device, self.threads, self.kv_cache_tokens = dtype, device, threads, kv_cache_tokens
+        self.share_prefixes = share_prefixes
         self._loaded: dict[tuple[str, str | None, str | None], LoadedModel] = {}
 
     def get(self, name: str, quant: str | None = None, task: str | None = None) -> LoadedModel:
@@ -136,7 +138,8 @@ class ModelStore:
 
                 base = gguf_file(name)
                 lora = adapters.gguf_adapter(adapters.verified_dir(name, task), base) if task else None
-                model = LlamaCppModel(base, self.threads, self.kv_cache_tokens or DEFAULT_KV_TOKENS, lora=lora)
+                model = LlamaCppModel(base, self.threads, self.kv_cache_tokens or DEFAULT_KV_TOKENS, lora=lora,
+                                      share_prefixes=self.share_prefixes)
                 tokenizer = load_tokenizer(name, quant)
                 info = TargetInfo(tokenizer, end_tokens(tokenizer, None) | model.end_ids, model.max_positions, model.vocab_size)
                 num_layers = model.num_layers

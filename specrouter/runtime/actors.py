@@ -35,6 +35,7 @@ class Placement:
     device: str = "cpu"
     env: dict[str, str] = field(default_factory=dict)  # extra environment of the actor's process
     kv_cache_tokens: int | None = None  # a llama.cpp model's KV cache, in positions (None: the default)
+    share_prefixes: bool = True  # a llama.cpp model's sequences share the cells of the prompt tokens they begin with alike
 
     def actor_options(self) -> dict:
         options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources),
@@ -79,7 +80,7 @@ class WorkerActor:
     """One loaded model and its views, each a ModelWorker with per-sequence KV caches, behind gRPC."""
 
     def __init__(self, model: str, quant: str | None, task: str | None, views: list[tuple[int, ...]], dtype: str, device: str,
-                 torch_threads: int | None, kv_cache_tokens: int | None = None):
+                 torch_threads: int | None, kv_cache_tokens: int | None = None, share_prefixes: bool = True):
         import torch
 
         from specrouter.runtime.dataplane import WorkerServicer, model_thread, worker_info
@@ -91,7 +92,7 @@ class WorkerActor:
             # would run single-threaded although the chain's models take turns on every core.
             threads = torch_threads or len(os.sched_getaffinity(0))
             torch.set_num_threads(threads)
-            store = ModelStore(dtype, device, threads, kv_cache_tokens)
+            store = ModelStore(dtype, device, threads, kv_cache_tokens, share_prefixes)
             workers = {}
             for skip in views:
                 worker = store.worker(LevelSpec(model, skip or None, quant, task), target=model)
@@ -145,7 +146,8 @@ class RayWorkers:
             place = placement_for(key, placement)
             views = sorted({resolve_skip(s, functools.partial(_num_layers, key.model)) for s in members})
             self.actors[key] = WorkerActor.options(**place.actor_options()).remote(
-                key.model, key.quant, key.task, views, dtype, place.device, place.torch_threads, place.kv_cache_tokens
+                key.model, key.quant, key.task, views, dtype, place.device, place.torch_threads, place.kv_cache_tokens,
+                place.share_prefixes,
             )
         self.described = {key: ray.get(actor.describe.remote()) for key, actor in self.actors.items()}
 

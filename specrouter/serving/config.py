@@ -71,6 +71,11 @@ class PlacementConfig(BaseModel):
     kv_cache_tokens: int | None = Field(
         default=None, ge=64, description="Positions of a llama.cpp model's KV cache, all its sequences together (like "
         "llama-server's --ctx-size): requests join the batch while theirs fit, and none may exceed it. null: 16384.")
+    share_prefixes: bool = Field(
+        default=True, description="Whether a llama.cpp model's sequences share the cells of the prompt tokens they begin "
+        "with alike (a chat template's system prompt, a conversation's earlier turns), running only the rest, as "
+        "llama-server's prompt cache does. A prompt's remaining rows then run in a narrower pass, which may round "
+        "differently: false makes every request's greedy output independent of the requests before it.")
 
 
 class RoutingConfig(BaseModel):

@@ -101,6 +101,16 @@ def test_a_prompt_that_begins_as_a_released_one_runs_only_its_new_tokens_and_sco
     torch.testing.assert_close(again, view.forward(LONG_PROMPT + [8], 0, view.new_cache(), 1), atol=1e-3, rtol=0)
 
 
+def test_without_prefix_sharing_a_repeated_prompt_runs_whole(tiny_gguf_dirs):
+    model = LlamaCppModel(f"{tiny_gguf_dirs['target']}/model.gguf", threads=2, max_sequences=4, share_prefixes=False)
+    view = LlamaCppView(model)
+    first = view.forward(LONG_PROMPT, 0, view.new_cache(), 1)
+    calls = _recording(model)
+    again = view.forward(LONG_PROMPT, 0, view.new_cache(), 1)
+    assert len(calls[0]) == len(LONG_PROMPT)
+    assert torch.equal(again, first)  # the same pass over the same tokens: the same bits
+
+
 def test_short_or_unshared_prompts_run_whole_and_kept_sequences_make_room_for_new_ones(tiny_gguf_dirs):
     model = LlamaCppModel(f"{tiny_gguf_dirs['target']}/model.gguf", threads=2, context=256, max_sequences=4)
     view = LlamaCppView(model)
