@@ -180,11 +180,12 @@ def main() -> None:
 
     def run(m: Method, p: Prompt, max_tokens: int) -> Row:
         ids = encoded[p.id]
-        if m.name in servers:
+        if m.name in servers:  # outputs compare without the end token (llama-server returns it, ours too)
             tokens, elapsed, timings = servers[m.name].generate(ids, max_tokens)
-            return Row(m.name, p.klass, p.id, tokens, elapsed, None, {k: v for k, v in timings.items() if k.startswith("draft")})
+            return Row(m.name, p.klass, p.id, [t for t in tokens if t not in end_ids], elapsed, None,
+                       {k: v for k, v in timings.items() if k.startswith("draft")})
         result = engines[m.name].generate(ids, max_tokens, router=routers.get(m.name), klass=classify(p.text))
-        tokens = [t for t in result.token_ids if t not in end_ids]  # llama-server leaves the end token out
+        tokens = [t for t in result.token_ids if t not in end_ids]
         return Row(m.name, p.klass, p.id, tokens, result.elapsed_s, result.num_steps,
                    {"routing": result.routing["decisions"][-1]["chain"] if result.routing else None})
 
