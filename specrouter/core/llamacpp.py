@@ -185,7 +185,7 @@ class LlamaCppModel:
                 n += 1
             if n > best:
                 best, source = n, other
-        if source is None or best <= start or best < MIN_SHARED_PREFIX:
+        if source is None or best < MIN_SHARED_PREFIX:  # a source always holds more than [0, start)
             return 0
         self._ll.llama_memory_seq_cp(self.memory, source, seq_id, start, best)
         held += wanted[start:best]
