@@ -27,6 +27,7 @@ from workloads import sharegpt  # noqa: E402
 
 from specrouter.core.store import load_tokenizer  # noqa: E402
 from specrouter.serving.config import DEFAULT_CHAIN  # noqa: E402
+from specrouter.serving.loadtest import sse_events  # noqa: E402
 
 FOLLOW_UPS = ["Make that shorter.", "Now explain it to a beginner.", "Give one more example.",
               "Summarise everything so far in one sentence."]
@@ -39,10 +40,7 @@ def chat_turn(url: str, messages: list[dict], max_tokens: int) -> tuple[str, flo
     request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
     t0, ttft, text = time.perf_counter(), None, []
     with urllib.request.urlopen(request, timeout=600) as response:
-        for line in response:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            event = json.loads(line[6:])
+        for event in sse_events(response):
             delta = event["choices"][0].get("delta", {}).get("content") if event.get("choices") else None
             if delta:
                 ttft = ttft if ttft is not None else time.perf_counter() - t0

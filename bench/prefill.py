@@ -33,7 +33,7 @@ from report import RESULTS, write_result  # noqa: E402
 
 from specrouter.engine.engine import Engine  # noqa: E402
 from specrouter.engine.loop import BatchLoop  # noqa: E402
-from specrouter.serving.loadtest import PROMPTS  # noqa: E402
+from specrouter.serving.loadtest import PROMPTS, sse_events  # noqa: E402
 
 WARM_TOKENS = 4  # tokens each decoding request has before the long prompt arrives
 
@@ -92,8 +92,8 @@ def _stream(url: str, prompt: list[int], max_tokens: int, arrivals: list[float])
                        "ignore_eos": True}).encode()
     with urllib.request.urlopen(urllib.request.Request(f"{url}/completion", body, {"Content-Type": "application/json"}),
                                 timeout=600) as response:
-        for line in response:
-            if line.startswith(b"data: ") and json.loads(line[6:]).get("content") is not None:
+        for event in sse_events(response):
+            if event.get("content") is not None:
                 arrivals.append(time.perf_counter())
 
 

@@ -7,6 +7,7 @@ import json
 import statistics
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
@@ -21,16 +22,23 @@ PROMPTS = [
 ]
 
 
+def sse_events(response) -> Iterator[dict]:
+    """The JSON events of a server-sent-events HTTP response (OpenAI's and llama-server's streams),
+    up to `data: [DONE]`."""
+    for line in response:
+        if line.strip() == b"data: [DONE]":
+            return
+        if line.startswith(b"data: "):
+            yield json.loads(line[6:])
+
+
 def _one(url: str, model: str, prompt: str, max_tokens: int, temperature: float) -> dict:
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
                        "stream": True, "stream_options": {"include_usage": True}}).encode()
     request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
     t0, arrivals, tokens = time.perf_counter(), [], 0
     with urllib.request.urlopen(request, timeout=600) as response:
-        for line in response:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            event = json.loads(line[6:])
+        for event in sse_events(response):
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
             if event.get("choices") and event["choices"][0]["text"]:
