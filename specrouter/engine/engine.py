@@ -4,6 +4,7 @@ with its static chain or with the chains a router picks."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -23,6 +24,9 @@ from specrouter.engine.defaults import RETRY_DOWN_AFTER_S
 from specrouter.engine.loop import BatchLoop, GenerationResult
 from specrouter.routing.router import AdaptiveRouter
 from specrouter.routing.scheduler import Plan
+
+
+log = logging.getLogger(__name__)
 
 
 class TargetUnavailable(RuntimeError):
@@ -98,6 +102,10 @@ class Engine:
         slim = slim_spec(slim_verifier, target) if slim_verifier else None
         self.slim = self._slim_level(slim, target) if slim else None
         self.chain = Chain(levels, list(draft_lens), self.slim)  # the static chain: every level, in order
+        if len(levels) > 1 and levels[-1].max_block == 0:
+            log.warning("%s verifies no drafted token bit-exactly here (its passes over several tokens round differently "
+                        "from one-token decoding), so every chain decodes as %s alone; bit_exact: false verifies whole "
+                        "blocks, equal to it up to rounding", levels[-1].name, levels[-1].name)
         self._chains: dict[tuple, Chain] = {}
         self._down: dict[str, float] = {}  # drafter -> when it stopped answering
         self.retry_down_after_s = retry_down_after_s

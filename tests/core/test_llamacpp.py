@@ -167,13 +167,20 @@ def test_real_smollm2_gguf_chains_equal_its_target_alone(smollm2_dir):
         assert result.level_stats[-2].num_accepted_tokens > 0
 
 
-def test_a_llamacpp_target_caps_its_blocks_at_its_measured_bit_exact_width(tiny_gguf_dirs):
+def test_a_llamacpp_target_caps_its_blocks_at_its_measured_bit_exact_width(tiny_gguf_dirs, caplog):
     """Each model measures at load how wide a pass stays bit-identical to one-token passes; a target
-    verifies blocks one token shorter (the pass also runs the token before them), unless told not to."""
+    verifies blocks one token shorter (the pass also runs the token before them), unless told not to.
+    A target that verifies no drafted token bit-exactly says at load that its chains decode as it alone."""
     spec = f"{tiny_gguf_dirs['draft']}@gguf,{tiny_gguf_dirs['target']}@gguf"
-    capped, free = Engine(spec), Engine(spec, bit_exact=False)
+    with caplog.at_level("WARNING", logger="specrouter.engine.engine"):
+        capped = Engine(spec)
     target = capped.levels[f"{tiny_gguf_dirs['target']}@gguf"]
     width = target.worker.exact_width
+    assert ("decodes as" in caplog.text) == (width == 1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="specrouter.engine.engine"):
+        free = Engine(spec, bit_exact=False)
+    assert "decodes as" not in caplog.text
     assert 1 <= width <= 8
     assert target.max_block == width - 1 and free.levels[target.name].max_block is None
     result = capped.generate_text(CODE_PROMPT, 16, ignore_eos=True)
