@@ -3,6 +3,7 @@ the drafter (what the router's latency model needs there), and end-to-end tokens
 decoding against the chains that are best on CPU. Runs in a few minutes; nothing else needs a GPU.
 
     .venv/bin/python bench/gpu_check.py [--out DIR] [--max-tokens 128]
+    .venv/bin/python bench/gpu_check.py --device cpu --prompts 2 --max-tokens 8   # a smoke run of the script itself
 
 With the catalog's Qwen2.5-Coder models prepared (`specrouter models --prepare ...`) it runs them on
 HumanEval/ShareGPT prompts and reports the identical-output rate; on a machine without them it runs
@@ -54,19 +55,25 @@ def random_model_dirs(root: Path) -> dict[str, str]:
     return dirs
 
 
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a CUDA device runs kernels asynchronously; a CPU does not)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
-def pass_costs(view: ModelView, context: int = 256, ks=(1, 2, 4, 8, 16), reps: int = 20) -> dict[int, float]:
-    """Median ms of one pass over k new tokens after `context` cached tokens (CUDA-synchronised)."""
+def pass_costs(view: ModelView, device: str, context: int = 256, ks=(1, 2, 4, 8, 16), reps: int = 20) -> dict[int, float]:
+    """Median ms of one pass over k new tokens after `context` cached tokens (device-synchronised)."""
     cache = view.new_cache()
     view.forward(list(range(100, 100 + context)), 0, cache, 1)
     out = {}
     for k in ks:
         times = []
         for _ in range(reps):
-            torch.cuda.synchronize()
+            synchronize(device)
             t0 = time.perf_counter()
             view.forward(list(range(500, 500 + k)), context, cache, k)
-            torch.cuda.synchronize()
+            synchronize(device)
             times.append(time.perf_counter() - t0)
         out[k] = round(sorted(times)[reps // 2] * 1e3, 3)
     return out
@@ -78,21 +85,22 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--random", action="store_true", help="random models of the catalog's shapes (no weights needed)")
+    parser.add_argument("--device", default="cuda", help="cuda (the check), or cpu for a smoke run of the script")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device")
 
     real = not args.random and all(catalog.is_prepared(n) for n in SHAPES)
     names = {n: n for n in SHAPES} if real else random_model_dirs(Path(args.out) / ".gpu-check-models")
-    results: dict = {"real_weights": real, "dtype": "bfloat16"}
+    results: dict = {"real_weights": real, "dtype": "bfloat16", "device": args.device}
 
-    engines = {label: Engine(",".join(names.get(part, part) for part in chain.split(",")), dtype="bfloat16", device="cuda",
+    engines = {label: Engine(",".join(names.get(part, part) for part in chain.split(",")), dtype="bfloat16", device=args.device,
                              draft_lens=lens) for label, (chain, lens) in CHAINS.items()}
     target_engine = engines["target-only"]
     results["pass_ms_by_k"] = {}
     for name in SHAPES:
         level = next(lv for e in engines.values() for n, lv in e.levels.items() if n == names[name])
-        results["pass_ms_by_k"][name] = pass_costs(level.worker.view)
+        results["pass_ms_by_k"][name] = pass_costs(level.worker.view, args.device)
 
     if real:
         from workloads import encode, humaneval, sharegpt
@@ -106,9 +114,9 @@ def main() -> None:
         engine.generate(prompts[0], 8, ignore_eos=True)  # warm-up (CUDA kernels, allocator)
         outs, tokens, seconds, steps = [], 0, 0.0, 0
         for ids in prompts:
-            torch.cuda.synchronize()
+            synchronize(args.device)
             result = engine.generate(ids, args.max_tokens, ignore_eos=not real)
-            torch.cuda.synchronize()
+            synchronize(args.device)
             outs.append(result.token_ids)
             tokens, seconds, steps = tokens + len(result.token_ids), seconds + result.elapsed_s, steps + result.num_steps
         reference = reference or outs
