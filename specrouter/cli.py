@@ -210,6 +210,7 @@ def cmd_serve(args) -> int:
         print(f"specrouter: loading {config.chain} ...", file=sys.stderr, flush=True)
         urls = specrouter_serve.start(config, args.host, args.port)
         print(f"specrouter: serving {config.served_name}\n"
+              f"  chain        {specrouter_serve.served_chain()}\n"
               f"  OpenAI HTTP  {urls.http}/v1  (completions, chat/completions, models)\n"
               f"  metrics      {urls.http}/metrics\n"
               f"  gRPC         {urls.grpc or 'disabled'}  (specrouter.v1.SpecRouter; SDK: specrouter.Client)\n"

@@ -159,6 +159,7 @@ def test_serve_runs_the_default_chain_shape_on_loopback_answers_openai_and_stops
             if "Ctrl-C stops" in line:
                 break
         assert f"http://127.0.0.1:{http_port}/v1" in "".join(lines), "".join(lines)
+        assert f"  chain        ngram -> {draft} -> {target}\n" in lines  # whole blocks: no cap to report
 
         def client(api_key: str) -> openai.OpenAI:
             return openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=api_key, timeout=120, max_retries=0)

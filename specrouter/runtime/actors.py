@@ -261,6 +261,7 @@ class RouterActor:
 
     def info(self) -> dict:
         return {"chain": ",".join(s.label for s in self.engine.specs), "target": self.engine.target_name,
+                "bit_exact_block": self.engine.levels[self.engine.target_name].max_block,
                 "max_context": self.engine.max_positions, "kv_pool": asdict(self.engine.kv_pool) if self.engine.kv_pool else None,
                 "prefill_chunk": self.batcher.loop.prefill_chunk}
 

@@ -214,7 +214,7 @@ class SpecRouterServer:
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "specrouter",
                                             "root": self.info["target"], "max_model_len": self.info["max_context"],
-                                            "chain": self.info["chain"]}]}
+                                            "chain": self.info["chain"], "bit_exact_block": self.info["bit_exact_block"]}]}
 
     # -- gRPC ------------------------------------------------------------------------------------------
 

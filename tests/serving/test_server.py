@@ -11,6 +11,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from specrouter.engine.engine import Engine  # noqa: E402
+from specrouter.serving import serve as specrouter_serve  # noqa: E402
 
 PROMPT = "The quick brown fox"
 
@@ -87,8 +88,23 @@ def test_stop_sequence_cuts_the_text(client, live_server):
     assert out.choices[0].text == whole[: whole.index(stop)] and out.choices[0].finish_reason == "stop"
 
 
-def test_models_lists_the_served_model(client, live_server):
-    assert [m.id for m in client.models.list().data] == [live_server["model"]]
+def test_models_lists_the_served_model_and_its_chain(client, live_server, tiny_dirs):
+    cards = client.models.list().data
+    assert [m.id for m in cards] == [live_server["model"]]
+    chain = f"{tiny_dirs['draft']},{tiny_dirs['target']}"
+    assert cards[0].model_extra["chain"] == chain
+    assert cards[0].model_extra["bit_exact_block"] is None  # an fp32 torch target verifies blocks of any length
+    assert specrouter_serve.served_chain() == f"{tiny_dirs['draft']} -> {tiny_dirs['target']}"  # the console's line
+
+
+@pytest.mark.parametrize("chain, block, says", [
+    ("t", 0, "t"),
+    ("ngram,t", None, "ngram -> t"),
+    ("ngram,t", 0, "ngram -> t (the target verifies no drafted token bit-exactly here, so it decodes alone"),
+    ("ngram,d,t", 2, "ngram -> d -> t (blocks of at most 2 drafted tokens"),
+])
+def test_the_chain_summary_says_when_the_target_caps_or_refuses_drafted_blocks(chain, block, says):
+    assert specrouter_serve.chain_summary(chain, block).startswith(says)
 
 
 def _body(live_server, **fields) -> bytes:
