@@ -177,6 +177,13 @@ def make_request(prompt: str | list[int] | None = None, messages: list[dict] | N
     return request
 
 
+def _model_card(card: pb.ModelCard) -> dict:
+    """A served model as a dict; `bit_exact_block`: the most drafted tokens its target verifies
+    bit-exactly (None: any)."""
+    return {"id": card.id, "chain": card.chain, "max_context": card.max_context,
+            "bit_exact_block": card.bit_exact_block if card.HasField("bit_exact_block") else None}
+
+
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
@@ -223,7 +230,7 @@ class Client:
 
     def list_models(self, timeout: float | None = None) -> list[dict]:
         reply = self._unary(self.stub.ListModels, pb.ListModelsRequest(), timeout)
-        return [{"id": m.id, "chain": m.chain, "max_context": m.max_context} for m in reply.models]
+        return [_model_card(m) for m in reply.models]
 
     def health(self, timeout: float | None = None) -> bool:
         return self._unary(self.stub.Health, pb.HealthCheckRequest(), timeout).ready
@@ -271,7 +278,7 @@ class AsyncClient:
 
     async def list_models(self, timeout: float | None = None) -> list[dict]:
         reply = await self._unary(self.stub.ListModels, pb.ListModelsRequest(), timeout)
-        return [{"id": m.id, "chain": m.chain, "max_context": m.max_context} for m in reply.models]
+        return [_model_card(m) for m in reply.models]
 
     async def health(self, timeout: float | None = None) -> bool:
         return (await self._unary(self.stub.Health, pb.HealthCheckRequest(), timeout)).ready

@@ -243,8 +243,8 @@ class SpecRouterServer:
             _set_grpc_error(grpc_context, exc)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[pb.ModelCard(id=self.model, chain=self.info["chain"],
-                                                          max_context=self.info["max_context"])])
+        return pb.ListModelsResponse(models=[pb.ModelCard(id=self.model, chain=self.info["chain"], max_context=self.info["max_context"],
+                                                          bit_exact_block=self.info["bit_exact_block"])])
 
     async def Health(self, request: pb.HealthCheckRequest, grpc_context=None) -> pb.HealthCheckResponse:
         try:
