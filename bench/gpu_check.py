@@ -5,6 +5,9 @@ decoding against the chains that are best on CPU. Runs in a few minutes; nothing
     .venv/bin/python bench/gpu_check.py [--out DIR] [--max-tokens 128]
     .venv/bin/python bench/gpu_check.py --device cpu --prompts 2 --max-tokens 8   # a smoke run of the script itself
 
+On a device machine with PyTorch and CUDA but no network: `bash bench/device/prepare.sh` here, then
+`bash bench/device/gpu_check.sh` there, carrying `.whl` and `.devcache` with the working tree.
+
 With the catalog's Qwen2.5-Coder models prepared (`specrouter models --prepare ...`) it runs them on
 HumanEval/ShareGPT prompts and reports the identical-output rate; on a machine without them it runs
 randomly initialised models of the same shapes (`--random`): pass costs and overheads are real,
@@ -85,13 +88,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--random", action="store_true", help="random models of the catalog's shapes (no weights needed)")
+    parser.add_argument("--random-dir", default=None, help="where --random writes its models (default: OUT/.gpu-check-models)")
     parser.add_argument("--device", default="cuda", help="cuda (the check), or cpu for a smoke run of the script")
     args = parser.parse_args()
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device")
 
     real = not args.random and all(catalog.is_prepared(n) for n in SHAPES)
-    names = {n: n for n in SHAPES} if real else random_model_dirs(Path(args.out) / ".gpu-check-models")
+    names = {n: n for n in SHAPES} if real else random_model_dirs(Path(args.random_dir or Path(args.out) / ".gpu-check-models"))
     results: dict = {"real_weights": real, "dtype": "bfloat16", "device": args.device}
 
     engines = {label: Engine(",".join(names.get(part, part) for part in chain.split(",")), dtype="bfloat16", device=args.device,
