@@ -11,7 +11,9 @@ On a device machine with PyTorch and CUDA but no network: `bash bench/device/pre
 With the catalog's Qwen2.5-Coder models prepared (`specrouter models --prepare ...`) it runs them on
 HumanEval/ShareGPT prompts and reports the identical-output rate; on a machine without them it runs
 randomly initialised models of the same shapes (`--random`): pass costs and overheads are real,
-acceptance is not (a random drafter agrees with nothing). Writes gpu-check-<timestamp>.json.
+acceptance is not (a random drafter agrees with nothing), and neither is the identical-output rate
+(bf16 passes of several tokens round differently from one-token passes, and a random model's
+near-uniform logits turn that into flipped near-ties). Writes gpu-check-<timestamp>.json.
 """
 
 from __future__ import annotations
