@@ -108,3 +108,16 @@ def default_skip_layers(num_layers: int) -> tuple[int, ...]:
     quarter of the layers, every other one from the lower-middle to just before the top two."""
     candidates = list(range(num_layers // 4, num_layers - 2, 2))
     return tuple(candidates[: max(1, num_layers // 4)])
+
+
+def chain_summary(chain: str, bit_exact_block: int | None) -> str:
+    """A chain's levels, and how many drafted tokens its target verifies at once (`bit_exact_block`:
+    the most it verifies bit-exactly; None: any). At 0 the chain decodes as its target alone."""
+    levels = chain.split(",")
+    summary = " -> ".join(levels)
+    if len(levels) == 1 or bit_exact_block is None:
+        return summary
+    if bit_exact_block == 0:
+        return (f"{summary} (the target verifies no drafted token bit-exactly here, so the chain decodes as it alone; "
+                "bit_exact: false verifies whole blocks, equal up to rounding)")
+    return f"{summary} (blocks of at most {bit_exact_block} drafted tokens: the most the target verifies bit-exactly)"

@@ -15,7 +15,7 @@ from specrouter.core.levels import Level, ModelLevel, NgramLevel
 from specrouter.core.model import KVPool
 from specrouter.core.retokenize import retokenizer
 from specrouter.core.sampling import SamplingParams
-from specrouter.core.spec import LevelSpec, parse_chain, slim_spec
+from specrouter.core.spec import LevelSpec, chain_summary, parse_chain, slim_spec
 from specrouter.core.tiers import Thresholds
 from specrouter.core.store import ModelStore, WorkerProvider
 from specrouter.core.vocab import vocab_map
@@ -103,9 +103,7 @@ class Engine:
         self.slim = self._slim_level(slim, target) if slim else None
         self.chain = Chain(levels, list(draft_lens), self.slim)  # the static chain: every level, in order
         if len(levels) > 1 and levels[-1].max_block == 0:
-            log.warning("%s verifies no drafted token bit-exactly here (its passes over several tokens round differently "
-                        "from one-token decoding), so every chain decodes as %s alone; bit_exact: false verifies whole "
-                        "blocks, equal to it up to rounding", levels[-1].name, levels[-1].name)
+            log.warning("%s", chain_summary(",".join(self.chain.names), 0))
         self._chains: dict[tuple, Chain] = {}
         self._down: dict[str, float] = {}  # drafter -> when it stopped answering
         self.retry_down_after_s = retry_down_after_s

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import ray
 from ray import serve
 
+from specrouter.core.spec import chain_summary
 from specrouter.serving.config import API_KEY_ENV, ServeConfig
 from specrouter.serving.server import SpecRouterServer, router_concurrency
 
@@ -58,19 +59,6 @@ def served_chain() -> str:
     """The deployed app's chain, as `chain_summary` puts it (from its model card)."""
     card = serve.get_app_handle(APP_NAME).models.remote().result()["data"][0]
     return chain_summary(card["chain"], card["bit_exact_block"])
-
-
-def chain_summary(chain: str, bit_exact_block: int | None) -> str:
-    """A chain's levels, and how many drafted tokens its target verifies at once (`bit_exact_block`:
-    the most it verifies bit-exactly; None: any). At 0 the chain decodes as its target alone."""
-    levels = chain.split(",")
-    summary = " -> ".join(levels)
-    if len(levels) == 1 or bit_exact_block is None:
-        return summary
-    if bit_exact_block == 0:
-        return (f"{summary} (the target verifies no drafted token bit-exactly here, so it decodes alone; "
-                "bit_exact: false verifies whole blocks, equal up to rounding)")
-    return f"{summary} (blocks of at most {bit_exact_block} drafted tokens: the most the target verifies bit-exactly)"
 
 
 def is_loopback(host: str) -> bool:

@@ -97,16 +97,6 @@ def test_models_lists_the_served_model_and_its_chain(client, live_server, tiny_d
     assert specrouter_serve.served_chain() == f"{tiny_dirs['draft']} -> {tiny_dirs['target']}"  # the console's line
 
 
-@pytest.mark.parametrize("chain, block, says", [
-    ("t", 0, "t"),
-    ("ngram,t", None, "ngram -> t"),
-    ("ngram,t", 0, "ngram -> t (the target verifies no drafted token bit-exactly here, so it decodes alone"),
-    ("ngram,d,t", 2, "ngram -> d -> t (blocks of at most 2 drafted tokens"),
-])
-def test_the_chain_summary_says_when_the_target_caps_or_refuses_drafted_blocks(chain, block, says):
-    assert specrouter_serve.chain_summary(chain, block).startswith(says)
-
-
 def _body(live_server, **fields) -> bytes:
     return json.dumps({"model": live_server["model"], **fields}).encode()
 
