@@ -101,3 +101,18 @@ def test_the_serving_face_and_the_actor_definitions_load_without_torch():
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_model_process_loads_no_transformers_modeling_code():
+    """Router and worker actors import the engine, the model store and both backends; transformers'
+    modeling stack (its model classes, sympy, scipy: about 120 MB resident) loads only when a torch
+    model does."""
+    import subprocess
+    import sys
+
+    modules = ["specrouter.runtime.actors", "specrouter.runtime.dataplane", "specrouter.core.store", "specrouter.core.model",
+               "specrouter.core.llamacpp", "specrouter.engine.engine", "specrouter.engine.batch_server"]
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('transformers.models', 'sympy', 'scipy'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -11,7 +11,9 @@ Placement comes from config per model: `num_cpus` plus a torch thread budget on 
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import gc
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -87,7 +89,7 @@ class WorkerActor:
         from specrouter.runtime.grpc_server import BackgroundServer
         from specrouter.core.store import ModelStore
 
-        def load() -> tuple[dict, object]:
+        def load() -> tuple[dict, dict]:
             # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): without a budget of its own, a model
             # would run single-threaded although the chain's models take turns on every core.
             threads = torch_threads or len(os.sched_getaffinity(0))
@@ -97,30 +99,28 @@ class WorkerActor:
             for skip in views:
                 worker = store.worker(LevelSpec(model, skip or None, quant, task), target=model)
                 workers[worker.name] = worker
-            return workers, store.get(model, quant, task)
+            loaded = store.get(model, quant, task)
+            # What the router needs of the model; its tokenizer stays with the router, not here.
+            return workers, {
+                "views": list(workers),
+                "fingerprint": loaded.fingerprint,
+                "max_positions": loaded.info.max_positions,
+                "eos_ids": sorted(loaded.info.eos_ids),
+                # vocabulary, exact width and KV pool: properties of the model, the same for every view
+                **worker_info(next(iter(workers.values()))),  # what a RemoteWorker reads
+            }
 
         label = LevelSpec(model, None, quant, task).label
         thread = model_thread(label)  # loads and runs the model: one OpenMP pool in this process
-        workers, self.loaded = thread.submit(load).result()
+        workers, self.description = thread.submit(load).result()
+        release_free_memory()  # the tokenizer and whatever else loading left behind
         self.server = BackgroundServer(WorkerServicer(label, workers, thread), _data_plane_host())
-        self.views = list(workers)
-        # vocabulary, exact width and KV pool: properties of the model, the same for every view
-        self.worker_info = worker_info(next(iter(workers.values())))
 
     def address(self) -> str:
         return self.server.address
 
     def describe(self) -> dict:
-        info = self.loaded.info
-        return {
-            "views": self.views,
-            "fingerprint": self.loaded.fingerprint,
-            "max_positions": info.max_positions,
-            "eos_ids": sorted(info.eos_ids),
-            **self.worker_info,  # vocab_size, exact_width, kv_pool: what a RemoteWorker reads
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "pid": os.getpid(),
-        }
+        return {**self.description, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def health(self) -> bool:
         return True
@@ -191,6 +191,16 @@ def _actor_address(actor, wait_s: float) -> str:
             raise ConnectionError(f"actor died: {exc}") from exc
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the kernel: glibc keeps what loading
+    freed (a tokenizer's tables, conversion buffers) mapped, and counted in the process's memory."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
+        pass
+
+
 def _data_plane_host() -> str:
     """Loopback on a single-node Ray (nothing is exposed); the node's address on a cluster, so a
     router on another node can reach this worker."""
@@ -243,6 +253,7 @@ class RouterActor:
         self.batcher = BatchServer(BatchLoop(self.engine, self.router, max_batch, pipeline, max_waiting, max_waiting_tokens,
                                              prefill_chunk))
         self.frontend = Frontend(self.engine, self.router, default_max_tokens, batcher=self.batcher)
+        release_free_memory()
 
     def stream(self, request):
         """A streaming generator over Frontend.stream (a GenerationRequest), with {"started": True}

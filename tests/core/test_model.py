@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_llama
-from specrouter.core.model import ModelView, load_hf_model
+from specrouter.core.model import ModelView, apply_rotary_pos_emb, load_hf_model
 
 
 def test_forward_with_explicit_positions_matches_transformers(tmp_path):
@@ -16,6 +16,17 @@ def test_forward_with_explicit_positions_matches_transformers(tmp_path):
     prefill = view.forward(ids[0, :12].tolist(), 0, cache, 12)
     block = view.forward(ids[0, 12:].tolist(), 12, cache, 8)  # continues from the cache
     torch.testing.assert_close(torch.cat([prefill, block]), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_embedding_has_the_bits_of_transformers(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as reference
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, heads, 5, 64, generator=gen).to(dtype) for heads in (6, 2))  # [1, H, N, D]
+    cos, sin = (torch.randn(1, 5, 64, generator=gen).to(dtype) for _ in range(2))  # [1, N, D]
+    for ours, theirs in zip(apply_rotary_pos_emb(q, k, cos, sin), reference(q, k, cos, sin)):
+        assert torch.equal(ours, theirs)
 
 
 def test_smollm2_forward_matches_transformers(smollm2_dir):
