@@ -91,7 +91,7 @@ def speculative_step(chain: Chain, seqs: list[SequenceState], ctxs: list[StepCon
     """One target verification for every sequence; the committed tokens of each (at least one, at most
     its budget). `top_lens`: each sequence's own draft length for the target (default: the chain's)."""
     top = len(chain.levels) - 1
-    ks = top_block_lens(chain, budgets, top_lens)
+    ks = top_block_lens(chain, seqs, budgets, top_lens)
     verdicts, _ = verify_round(chain, top, seqs, [list(seq.token_ids) for seq in seqs], ks, ctxs, timings)
     return [verdict.tokens[:budget] for verdict, budget in zip(verdicts, budgets)]
 
@@ -186,14 +186,21 @@ def draft(level: Level, seqs: list[SequenceState], prefixes: list[list[int]], ns
     return blocks
 
 
-def top_block_lens(chain: Chain, budgets: list[int], top_lens: list[int] | None) -> list[int]:
+def top_block_lens(chain: Chain, seqs: list[SequenceState], budgets: list[int], top_lens: list[int] | None) -> list[int]:
     """Each sequence's block length for the target: its own (or the chain's), leaving room for one target
-    token, and no longer than the target verifies bit-exactly (its `max_block`)."""
+    token, and no longer than the target verifies bit-exactly (its `max_block`). A target with a
+    `max_block` drafts nothing into a pass that also prefills context (a prompt): that context's rows
+    round by the pass's row count (llama.cpp tiles rows in fours), so drafted rows beside them would
+    give its cache other bits than the target alone's prefill gives."""
     if len(chain.levels) == 1:
         return [0] * len(budgets)
     lens = top_lens if top_lens is not None else [chain.draft_lens[-1]] * len(budgets)
-    cap = chain.levels[-1].max_block
-    return [min(g, budget - 1, g if cap is None else cap) for g, budget in zip(lens, budgets)]
+    target = chain.levels[-1]
+    cap = target.max_block
+    if cap is None:
+        return [min(g, budget - 1) for g, budget in zip(lens, budgets)]
+    return [0 if target.backlog(seq.seq_id, len(seq.token_ids)) > 1 else min(g, budget - 1, cap)
+            for seq, g, budget in zip(seqs, lens, budgets)]
 
 
 def sure_prefix(verdict: Verdict, top: list[float] | None, min_confidence: float) -> int | None:

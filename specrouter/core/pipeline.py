@@ -51,7 +51,7 @@ def pipelined_step(
     """`speculative_step` with the next blocks drafted while the target verifies; returns each
     sequence's committed tokens and the block drafted ahead for its next step (or None)."""
     top, n = len(chain.levels) - 1, len(seqs)
-    ks = top_block_lens(chain, budgets, top_lens)
+    ks = top_block_lens(chain, seqs, budgets, top_lens)
     prefixes = [list(seq.token_ids) for seq in seqs]
     target = chain.levels[top]
 

@@ -44,7 +44,7 @@ def tiered_step(chain: Chain, seqs: list[SequenceState], ctxs: list[StepContext]
     tokens of each sequence (at least one, at most its budget), counted into its `ctx.tiers`."""
     top = len(chain.levels) - 1
     lossy = [ctx.tiered is not None and not ctx.tiered.lossless for ctx in ctxs]
-    ks = top_block_lens(chain, [budget + extra for budget, extra in zip(budgets, lossy)], top_lens)
+    ks = top_block_lens(chain, seqs, [budget + extra for budget, extra in zip(budgets, lossy)], top_lens)
     prefixes = [list(seq.token_ids) for seq in seqs]
     # 1. the level below the target proposes every block, with its confidences
     blocks = propose_blocks(chain, top, seqs, prefixes, ks, ctxs, timings)

@@ -129,6 +129,27 @@ def test_the_target_verifies_blocks_no_longer_than_its_max_block(models):
     assert stats[0].num_draft_tokens <= 2 * stats[0].num_rounds and stats[0].num_accepted_tokens > 0
 
 
+def test_a_target_with_a_max_block_drafts_nothing_into_the_pass_that_prefills_the_prompt(models):
+    """The prompt's rows round by the pass's row count (llama.cpp tiles rows in fours): a bit-exact
+    target prefills the prompt as the target alone does, and verifies drafted tokens from the next step."""
+    chain = build(models, ["close", "target"], [6])
+    chain.levels[-1].max_block = 2
+    seq = SequenceState.new("prefill-alone", list(range(10, 50)))  # 40 prompt tokens
+    ctx = StepContext(SamplingParams(), torch.Generator().manual_seed(0), frozenset(), {x: LevelStats(x) for x in chain.names})
+    for i in range(2):
+        timings: list[TimingRecord] = []
+        committed = step(chain, seq, ctx, 8, timings)
+        seq = seq.commit(committed)
+        target = next(r for r in timings if r.level == "target")
+        if i == 0:
+            assert target.num_tokens == 40 and len(committed) == 1
+            assert not [r for r in timings if r.level == "close"]  # the drafter did not run
+        else:
+            assert target.num_tokens == 1 + 2
+    for level in chain.levels:
+        level.release(seq.seq_id)
+
+
 def test_timings_count_the_tokens_each_pass_really_ran(models):
     """The first step prefills the prompt on every level: the profile must not take it for a small block."""
     chain = build(models, ["close", "target"], [3])
