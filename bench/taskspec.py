@@ -3,10 +3,14 @@
 1. Task discovery: each encoder's routing accuracy on held-out prompts of known source and its cost
    (`specrouter tasks fit`, re-run here unless --skip-fit; the default task model is then the better).
 2. Per task and per held-out source (HumanEval: code, ShareGPT: chat; never trained on), acceptance
-   of the base drafter and of each aligned drafter under the target: alpha (accepted / drafted) and
-   mean accepted length, with each static chain's tokens/s.
+   of the base drafter and of each aligned drafter under the target: in greedy decoding (accepted /
+   drafted: how often the drafter's argmax is the target's) and mean accepted length, with each
+   static chain's tokens/s; in sampling at temperature 1 (accepted / drafted under rejection
+   sampling); and alpha = 1 - E[TV(q_draft, p_target)] teacher-forced on the target's greedy
+   continuations up to their first end token (the acceptance probability of sampling at
+   temperature 1, measured at every position rather than at those a run happens to draft).
 3. The adaptive router over the pool (base and aligned drafters, the target) against the best static
-   chain, each prompt classed by the default task model.
+   chain, greedy and sampled, on the mix and per source, each prompt classed by the default task model.
 
     nice -n 15 .venv/bin/python bench/taskspec.py [--prompts 4] [--max-tokens 48] [--skip-fit]
 
@@ -26,10 +30,12 @@ from report import write_result  # noqa: E402
 from workloads import Prompt, code_edits, encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.core import adapters  # noqa: E402
+from specrouter.core.sampling import SamplingParams  # noqa: E402
 from specrouter.core.store import ModelStore  # noqa: E402
 from specrouter.engine.calibration import router_for  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
 from specrouter.tasks import corpora  # noqa: E402
+from specrouter.tasks.align import expected_acceptance  # noqa: E402
 from specrouter.tasks.classifier import TaskClassifier  # noqa: E402
 from specrouter.tasks.fit import fit_and_compare  # noqa: E402
 
@@ -46,10 +52,14 @@ def held_out_prompts(n: int) -> list[Prompt]:
     return prompts
 
 
-def run_static(engine: Engine, encoded: list[tuple[Prompt, list[int]]], max_tokens: int) -> dict:
+def run_static(engine: Engine, encoded: list[tuple[Prompt, list[int]]], max_tokens: int,
+               params: SamplingParams = SamplingParams()) -> tuple[dict, dict[str, list[int]]]:
+    """Per held-out source: acceptance and tokens/s of the engine's chain; and each prompt's output."""
     by_source: dict[str, dict] = {}
-    for prompt, ids in encoded:
-        result = engine.generate(ids, max_tokens, ignore_eos=True)
+    outputs: dict[str, list[int]] = {}
+    for seed, (prompt, ids) in enumerate(encoded):
+        result = engine.generate(ids, max_tokens, params, seed=seed, ignore_eos=True)
+        outputs[prompt.id] = result.token_ids
         row = by_source.setdefault(prompt.klass, {"drafted": 0, "accepted": 0, "lengths": [], "tokens": 0, "seconds": 0.0})
         drafter = result.level_stats[0]
         row["drafted"] += drafter.num_draft_tokens
@@ -57,10 +67,17 @@ def run_static(engine: Engine, encoded: list[tuple[Prompt, list[int]]], max_toke
         row["lengths"].append(drafter.mean_accepted_length)
         row["tokens"] += len(result.token_ids)
         row["seconds"] += result.elapsed_s
-    return {source: {"alpha": row["accepted"] / max(1, row["drafted"]), "tokens_per_s": row["tokens"] / row["seconds"],
-                     "mean_accepted_length": sum(row["lengths"]) / len(row["lengths"]), "drafted": row["drafted"],
-                     "accepted": row["accepted"], "tokens": row["tokens"], "seconds": row["seconds"]}
-            for source, row in by_source.items()}
+    summary = {source: {"alpha": row["accepted"] / max(1, row["drafted"]), "tokens_per_s": row["tokens"] / row["seconds"],
+                        "mean_accepted_length": sum(row["lengths"]) / len(row["lengths"]), "drafted": row["drafted"],
+                        "accepted": row["accepted"], "tokens": row["tokens"], "seconds": row["seconds"]}
+               for source, row in by_source.items()}
+    return summary, outputs
+
+
+def relative(table: dict, key: str, base: str) -> dict:
+    """Each drafter's `key` per source relative to the base drafter's (0.1: 10% higher)."""
+    return {d: {s: row[key] / max(1e-9, table[base][s][key]) - 1 for s, row in by_source.items()}
+            for d, by_source in table.items() if d != base}
 
 
 def main() -> None:
@@ -85,36 +102,68 @@ def main() -> None:
     aligned = [t for t in classifier.tasks if (adapters.adapter_dir(DRAFTER, t) / adapters.WEIGHTS).exists()]
     prompts = held_out_prompts(args.prompts)
     encoded = [(p, encode(target_engine.tokenizer, p)) for p in prompts]
-    routed = [classifier.classify(p.text) for p in prompts]
-    report["classes"] = {"routed": dict(zip([p.id for p in prompts], routed)), "ms_last": classifier.last_ms,
+    matches = [classifier.classify(p.text) for p in prompts]
+    routed = [m.task for m in matches]
+    report["classes"] = {"routed": {p.id: m.as_dict() for p, m in zip(prompts, matches)},
+                         "ms_per_prompt": sum(m.ms for m in matches) / len(matches),
                          "accuracy": sum(classifier.model.source_of(r) == p.klass for r, p in zip(routed, prompts)) / len(prompts)}
 
-    # 2. Static chains: the base drafter and each aligned one, on every held-out source.
+    # 2. Static chains: the base drafter and each aligned one, on every held-out source, greedy and sampled.
     drafters = [DRAFTER] + [f"{DRAFTER}+task:{t}" for t in aligned]
-    static = {}
+    static, sampled, outputs = {}, {}, {}
     for drafter in drafters:
         engine = Engine(f"{drafter},{TARGET}", draft_lens=[args.draft_len], provider=store)
-        static[drafter] = run_static(engine, encoded, args.max_tokens)
-        print(json.dumps({drafter: static[drafter]}), flush=True)
-    report["static"] = static
-    base = static[DRAFTER]
-    report["relative_acceptance"] = {
-        d: {s: row["alpha"] / max(1e-9, base[s]["alpha"]) - 1 for s, row in static[d].items()} for d in drafters[1:]}
+        static[drafter], outputs[drafter] = run_static(engine, encoded, args.max_tokens)
+        sampled[drafter], _ = run_static(engine, encoded, args.max_tokens, SamplingParams(temperature=1.0))
+        print(json.dumps({drafter: {"greedy": static[drafter], "sampled": sampled[drafter]}}), flush=True)
+    report["static"], report["sampled"] = static, sampled
+    report["relative_acceptance"] = relative(static, "alpha", DRAFTER)
+    report["relative_sampled_acceptance"] = relative(sampled, "alpha", DRAFTER)
 
-    # 3. The adaptive router over the whole pool vs the best static chain.
+    # Teacher-forced alpha = 1 - E[TV] on the target's greedy continuations (the base chain's greedy
+    # output), each up to its first end token: the runs above ignore end tokens, a request would stop there.
+    eos_ids = store.get(TARGET).info.eos_ids
+    continuations = {pid: tokens[: next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))]
+                     for pid, tokens in outputs[DRAFTER].items()}
+    target_lm = store.get(TARGET).model
+    forced: dict[str, dict] = {}
+    for drafter in drafters:
+        task = drafter.partition("+task:")[2] or None
+        drafter_lm = store.get(DRAFTER, task=task).model
+        for source in sorted({p.klass for p in prompts}):
+            examples = [(ids, continuations[p.id]) for p, ids in encoded if p.klass == source]
+            forced.setdefault(drafter, {})[source] = {"alpha": expected_acceptance(drafter_lm, target_lm, examples),
+                                                      "positions": sum(len(c) for _, c in examples)}
+        print(json.dumps({drafter: {"teacher_forced": forced[drafter]}}), flush=True)
+    report["teacher_forced"] = forced
+    report["relative_teacher_forced_alpha"] = relative(forced, "alpha", DRAFTER)
+
+    # 3. The adaptive router over the whole pool vs the best static chain, greedy and sampled, per source.
     pool = Engine(",".join(drafters + [TARGET]), draft_lens=[args.draft_len] * len(drafters), provider=store)
-    router = router_for(pool)
-    tokens, seconds = 0, 0.0
-    for (prompt, ids), klass in zip(encoded, routed):
-        result = pool.generate(ids, args.max_tokens, ignore_eos=True, router=router, klass=klass)
-        tokens, seconds = tokens + len(result.token_ids), seconds + result.elapsed_s
-    def overall(d: str) -> float:
-        return sum(r["tokens"] for r in static[d].values()) / sum(r["seconds"] for r in static[d].values())
+    report["adaptive"] = {}
+    for mode, params, table in (("greedy", SamplingParams(), static), ("sampled", SamplingParams(temperature=1.0), sampled)):
+        router = router_for(pool)
+        by_source: dict[str, dict] = {}
+        for seed, ((prompt, ids), klass) in enumerate(zip(encoded, routed)):
+            result = pool.generate(ids, args.max_tokens, params, seed=seed, ignore_eos=True, router=router, klass=klass)
+            row = by_source.setdefault(prompt.klass, {"tokens": 0, "seconds": 0.0, "steps_by_drafter": {}})
+            row["tokens"] += len(result.token_ids)
+            row["seconds"] += result.elapsed_s
+            for plan in result.routing["steps_by_plan"]:
+                drafter = plan["chain"][0] if len(plan["chain"]) > 1 else "target alone"
+                row["steps_by_drafter"][drafter] = row["steps_by_drafter"].get(drafter, 0) + plan["steps"]
 
-    best = max(static, key=overall)
-    report["adaptive"] = {"tokens_per_s": tokens / seconds, "best_static": best, "best_static_tokens_per_s": overall(best)}
+        def speed(rows) -> float:
+            return sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows)
+
+        best = max(table, key=lambda d: speed(table[d].values()))
+        report["adaptive"][mode] = {
+            "tokens_per_s": speed(by_source.values()), "best_static": best, "best_static_tokens_per_s": speed(table[best].values()),
+            "by_source": {source: {**row, "tokens_per_s": speed([row]),
+                                   "best_static_tokens_per_s": max(speed([table[d][source]]) for d in table)}
+                          for source, row in by_source.items()}}
+        print(json.dumps({f"adaptive {mode}": report["adaptive"][mode]}), flush=True)
     print(f"wrote {write_result('taskspec', report, args.out)}")
-
 
 if __name__ == "__main__":
     main()

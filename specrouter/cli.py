@@ -128,25 +128,23 @@ def cmd_generate(args) -> int:
     engine = Engine(args.chain, dtype=args.dtype, device=args.device, draft_lens=args.draft_lens, num_threads=args.threads,
                     draft_confidence=args.draft_confidence, bit_exact=args.bit_exact,
                     slim_verifier=tiered.slim_verifier(args.slim_verifier) if tiered is not None else None)
-    router, klass = None, "default"
+    router, klass, match = None, "default", None
     if args.adaptive:
         from specrouter.engine.calibration import router_for
         from specrouter.routing.classifier import classify_request
         from specrouter.tasks.classifier import TaskClassifier
 
-        tasks = None
         if args.prompt_class is None and args.tasks:
             target = engine.specs[-1]
             shared = {} if target.quant else {target.model: (engine.provider.get(target.model).model, engine.tokenizer)}
-            tasks = TaskClassifier.load(stem=args.tasks, shared=shared)
-        klass = classify_request(args.prompt, args.prompt_class, tasks)
-        if tasks is not None:
-            print(f"[class {klass}: discovered task, {tasks.last_ms:.1f} ms]", file=sys.stderr)
+            match = TaskClassifier.load(stem=args.tasks, shared=shared).classify(args.prompt)
+            print(f"[class {match.task}: discovered task at distance {match.distance:.3f}, {match.ms:.1f} ms]", file=sys.stderr)
+        klass = classify_request(args.prompt, args.prompt_class, match.task if match is not None else None)
         router = router_for(engine)
     result = engine.generate_text(args.prompt, args.max_tokens, params=params, seed=args.seed, ignore_eos=args.ignore_eos,
                                   router=router, klass=klass, tiered=tiered)
     if args.json:
-        print(json.dumps(result.as_dict()))
+        print(json.dumps({**result.as_dict(), **({"task": match.as_dict()} if match is not None else {})}))
         return 0
     print(result.text)
     print(

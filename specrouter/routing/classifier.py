@@ -49,9 +49,7 @@ def classify(text: str) -> str:
     return "chat"
 
 
-def classify_request(text: str, explicit: str | None = None, tasks=None) -> str:
-    """The request's class: the one it names, else its discovered task (`tasks`: a TaskClassifier),
-    else the lexical class."""
-    if explicit:
-        return explicit
-    return tasks.classify(text) if tasks is not None else classify(text)
+def classify_request(text: str, explicit: str | None = None, discovered: str | None = None) -> str:
+    """The request's class: the one it names, else its discovered task (the nearest task of a
+    `specrouter tasks fit` model), else the lexical class."""
+    return explicit or discovered or classify(text)

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from specrouter.core import adapters
+from specrouter.core.verification import pairwise_alpha
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOSSES = ("fkl", "tvd")
@@ -67,6 +68,24 @@ def divergence(target_logits: torch.Tensor, draft_logits: torch.Tensor, loss: st
     if loss == "tvd":
         return 0.5 * (log_p_target.exp() - log_q_draft.exp()).abs().sum(-1).mean()
     raise ValueError(f"unknown loss {loss!r}: one of {LOSSES}")
+
+
+@torch.no_grad()
+def expected_acceptance(drafter, target, examples: list[tuple[list[int], list[int]]], temperature: float = 1.0) -> float:
+    """alpha = 1 - E[TV(q_draft, p_target)] over the continuation positions of (prompt, continuation)
+    pairs, both models teacher-forced on the same tokens: the probability that speculative sampling at
+    `temperature` (> 0) accepts a drafted token there, averaged over positions."""
+    if temperature <= 0:
+        raise ValueError(f"expected acceptance is defined for sampling: temperature must be > 0, got {temperature}")
+    accepted, positions = 0.0, 0
+    for prompt, continuation in examples:
+        ids = torch.tensor([prompt + continuation])  # [1, S]
+        scored = slice(len(prompt) - 1, ids.shape[1] - 1)  # positions predicting the continuation
+        p_target = torch.softmax(target(input_ids=ids).logits[0, scored].float() / temperature, -1)  # [T, V]
+        q_draft = torch.softmax(drafter(input_ids=ids).logits[0, scored].float() / temperature, -1)  # [T, V]
+        accepted += float(pairwise_alpha(q_draft, p_target).sum())
+        positions += len(continuation)
+    return accepted / max(1, positions)
 
 
 @torch.no_grad()

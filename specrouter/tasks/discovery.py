@@ -47,8 +47,13 @@ class TaskModel:
 
     def nearest(self, vectors: np.ndarray) -> list[str]:
         """The task of each row of `vectors` [n, d]: its nearest centroid's name."""
-        distances = ((self.project(vectors)[:, None, :] - self.centroids[None]) ** 2).sum(-1)  # [n, K]
-        return [self.names[i] for i in distances.argmin(1)]
+        return [name for name, _ in self.assign(vectors)]
+
+    def assign(self, vectors: np.ndarray) -> list[tuple[str, float]]:
+        """Each row's nearest centroid: its name and the Euclidean distance to it in the projected space
+        (prompts project to unit vectors, centroids lie inside the unit ball: at most 2)."""
+        distances = np.sqrt(((self.project(vectors)[:, None, :] - self.centroids[None]) ** 2).sum(-1))  # [n, K]
+        return [(self.names[i], float(distances[row, i])) for row, i in enumerate(distances.argmin(1))]
 
     def source_of(self, name: str) -> str:
         return self.sources[self.names.index(name)]

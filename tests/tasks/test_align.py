@@ -56,14 +56,20 @@ def mean_divergence(drafter, target, data: list[list[int]]) -> float:
     return total / len(data)
 
 
+def target_continuations(target, data: list[list[int]]) -> list[tuple[list[int], list[int]]]:
+    return [(prompt, align_module.greedy_continuation(target, prompt, 8, frozenset())) for prompt in data]
+
+
 @pytest.fixture(scope="module")
 def aligned(cache, dirs):
     draft, target = tiny_pair(dirs)
     data = prompts(6, VOCAB)
     before = mean_divergence(draft, target, data)
+    alpha_before = align_module.expected_acceptance(draft, target, target_continuations(target, data))
     result = align(draft, target, data, adapters.adapter_dir(dirs["draft"], "code"), FAST, meta={"task": "code"})
     merged = adapters.merge_adapter(tiny_pair(dirs)[0], Path(result.path)).eval()
-    return result, before, mean_divergence(merged, target, data)
+    alpha_after = align_module.expected_acceptance(merged, target, target_continuations(target, data))
+    return result, (before, mean_divergence(merged, target, data)), (alpha_before, alpha_after)
 
 
 def test_a_level_names_its_aligned_task():
@@ -79,10 +85,26 @@ def test_a_level_names_its_aligned_task():
         parse_chain("a,b+task:code")  # the target is the target, never an aligned copy
 
 
-def test_alignment_lowers_the_divergence_and_seals_the_adapter(aligned):
-    aligned, before, after = aligned
+def test_expected_acceptance_is_one_minus_the_mean_total_variation(dirs):
+    draft, target = tiny_pair(dirs)
+    examples = target_continuations(target, prompts(2, VOCAB))
+    assert align_module.expected_acceptance(target, target, examples) == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        tv = []
+        for prompt, continuation in examples:
+            ids = torch.tensor([prompt + continuation])
+            p = torch.softmax(target(input_ids=ids).logits[0, len(prompt) - 1 : -1] / 0.7, -1)
+            q = torch.softmax(draft(input_ids=ids).logits[0, len(prompt) - 1 : -1] / 0.7, -1)
+            tv += (0.5 * (p - q).abs().sum(-1)).tolist()
+    alpha = align_module.expected_acceptance(draft, target, examples, temperature=0.7)
+    assert 0.0 < alpha < 1.0 and alpha == pytest.approx(1.0 - np.mean(tv), abs=1e-5)
+
+
+def test_alignment_lowers_the_divergence_raises_acceptance_and_seals_the_adapter(aligned):
+    aligned, (before, after), (alpha_before, alpha_after) = aligned
     assert aligned.steps == FAST.steps and aligned.resumed_at == 0
     assert after < 0.85 * before
+    assert alpha_after > alpha_before
     path = Path(aligned.path)
     assert (path / adapters.DIGEST).read_text().strip() == aligned.sha256 == adapters.file_sha256(path / adapters.WEIGHTS)
     meta = json.loads((path / "meta.json").read_text())

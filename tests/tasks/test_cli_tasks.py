@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import CHAT_PROMPT, CODE_PROMPT
 from specrouter.cli import main
 from specrouter.core.model import load_hf_model
@@ -23,6 +25,9 @@ def test_generate_classes_the_prompt_by_its_discovered_task_on_the_targets_own_w
     assert main(["generate", "--adaptive", "--tasks", "tiny", "--chain", chain, "--prompt", CODE_PROMPT, "--max-tokens", "8",
                  "--dtype", "float32", "--ignore-eos", "--json"]) == 0
     captured = capsys.readouterr()
-    routed = model.nearest(encoder.encode([CODE_PROMPT]))[0]
-    assert f"[class {routed}: discovered task" in captured.err
-    assert len(json.loads(captured.out)["token_ids"]) == 8
+    (routed, distance), = model.assign(encoder.encode([CODE_PROMPT]))
+    assert f"[class {routed}: discovered task at distance {distance:.3f}" in captured.err
+    out = json.loads(captured.out)
+    assert len(out["token_ids"]) == 8
+    assert out["task"]["task"] == out["routing"]["class"] == routed  # the class and its distance in the statistics
+    assert out["task"]["distance"] == pytest.approx(distance, abs=1e-4) and out["task"]["ms"] > 0

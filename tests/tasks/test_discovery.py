@@ -67,10 +67,16 @@ def code_chat(smollm2_encoder):
 
 def test_classifier_routes_held_out_code_and_chat_prompts_apart(code_chat, smollm2_encoder):
     classifier, held_out = code_chat
-    routed = [classifier.classify(t.text) for t in held_out]
+    matches = [classifier.classify(t.text) for t in held_out]
+    routed = [m.task for m in matches]
     accuracy = sum(classifier.model.source_of(r) == t.source for r, t in zip(routed, held_out)) / len(held_out)
     assert accuracy >= 0.9, list(zip(routed, [t.source for t in held_out]))
-    assert classifier.last_ms > 0
+    assert all(m.ms > 0 and 0.0 <= m.distance <= 2.0 for m in matches)
+    # the distance is to the centroid of the task named: no other centroid is nearer
+    vectors = classifier.model.project(classifier.encoder.encode([held_out[0].text]))[0]
+    distances = np.linalg.norm(classifier.model.centroids - vectors, axis=1)
+    assert matches[0].distance == pytest.approx(distances.min(), rel=1e-4)
+    assert classifier.model.names[int(distances.argmin())] == matches[0].task
     with pytest.raises(ValueError):
         TaskClassifier(classifier.model, HiddenStateEncoder(smollm2_encoder.model, smollm2_encoder.tokenizer, "other"))
 
@@ -78,6 +84,7 @@ def test_classifier_routes_held_out_code_and_chat_prompts_apart(code_chat, smoll
 def test_an_explicit_class_wins_and_the_lexical_class_is_the_fallback(code_chat):
     classifier, held_out = code_chat
     code = held_out[0].text
-    assert classify_request(code, "chat-2", classifier) == "chat-2"
-    assert classify_request(code, None, classifier) == classifier.classify(code)
+    discovered = classifier.classify(code).task
+    assert classify_request(code, "chat-2", discovered) == "chat-2"
+    assert classify_request(code, None, discovered) == discovered
     assert classify_request(code, None, None) == classify(code) == "code"
