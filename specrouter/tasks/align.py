@@ -35,14 +35,17 @@ LOSSES = ("fkl", "tvd")
 
 @dataclass(frozen=True)
 class AlignConfig:
-    steps: int = 40
-    lr: float = 2e-4
+    """Defaults as `specrouter align`'s: total variation, whose complement is the acceptance that
+    alignment is for, at a gentle rate (one sequence a step makes for noisy gradients)."""
+
+    steps: int = 150
+    lr: float = 1e-4
     rank: int = 16
     lora_alpha: int = 32
-    continuation_tokens: int = 32
+    continuation_tokens: int = 48
     max_prompt_tokens: int = 192
     on_policy_every: int = 2  # every n-th step trains on the drafter's own continuation (0: never)
-    loss: str = "fkl"
+    loss: str = "tvd"
     save_every: int = 10
     seed: int = 0
 
