@@ -67,11 +67,16 @@ def run_static(engine: Engine, encoded: list[tuple[Prompt, list[int]]], max_toke
         row["lengths"].append(drafter.mean_accepted_length)
         row["tokens"] += len(result.token_ids)
         row["seconds"] += result.elapsed_s
-    summary = {source: {"alpha": row["accepted"] / max(1, row["drafted"]), "tokens_per_s": row["tokens"] / row["seconds"],
+    summary = {source: {"alpha": row["accepted"] / max(1, row["drafted"]), "tokens_per_s": speed([row]),
                         "mean_accepted_length": sum(row["lengths"]) / len(row["lengths"]), "drafted": row["drafted"],
                         "accepted": row["accepted"], "tokens": row["tokens"], "seconds": row["seconds"]}
                for source, row in by_source.items()}
     return summary, outputs
+
+
+def speed(rows) -> float:
+    """Tokens/s over rows of {"tokens", "seconds"} together."""
+    return sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows)
 
 
 def relative(table: dict, key: str, base: str) -> dict:
@@ -152,9 +157,6 @@ def main() -> None:
             for plan in result.routing["steps_by_plan"]:
                 drafter = plan["chain"][0] if len(plan["chain"]) > 1 else "target alone"
                 row["steps_by_drafter"][drafter] = row["steps_by_drafter"].get(drafter, 0) + plan["steps"]
-
-        def speed(rows) -> float:
-            return sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows)
 
         best = max(table, key=lambda d: speed(table[d].values()))
         report["adaptive"][mode] = {

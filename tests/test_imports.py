@@ -90,29 +90,29 @@ def test_no_modules_import_each_other_in_a_circle():
             assert found is None, "import circle: " + " -> ".join(found)
 
 
-def test_the_serving_face_and_the_actor_definitions_load_without_torch():
-    """The CLI driver and the HTTP/gRPC replica import these and never run a model: torch and
-    transformers (about 250 MB resident each process) stay out of them."""
+def loaded_in_a_fresh_interpreter(modules: list[str], packages: tuple[str, ...]) -> list[str]:
+    """The modules of `packages` (a package, or any module below it) that importing `modules` loads
+    in a new Python process."""
     import subprocess
     import sys
 
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            f"print('\\n'.join(sorted(m for m in sys.modules if any(m == p or m.startswith(p + '.') for p in {packages!r}))))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_the_serving_face_and_the_actor_definitions_load_without_torch():
+    """The CLI driver and the HTTP/gRPC replica import these and never run a model: torch and
+    transformers (about 250 MB resident each process) stay out of them."""
     modules = ["specrouter.cli", "specrouter.serving.serve", "specrouter.serving.server", "specrouter.serving.http",
                "specrouter.runtime.actors", "specrouter.runtime.grpc_server"]
-    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert loaded_in_a_fresh_interpreter(modules, ("torch", "transformers")) == []
 
 
 def test_a_model_process_loads_no_transformers_modeling_code():
     """Router and worker actors import the engine, the model store and both backends; transformers'
     modeling stack (its model classes, sympy, scipy: about 120 MB resident) loads only when a torch
     model does."""
-    import subprocess
-    import sys
-
     modules = ["specrouter.runtime.actors", "specrouter.runtime.dataplane", "specrouter.core.store", "specrouter.core.model",
                "specrouter.core.llamacpp", "specrouter.engine.engine", "specrouter.engine.batch_server"]
-    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('transformers.models', 'sympy', 'scipy'))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert loaded_in_a_fresh_interpreter(modules, ("transformers.models", "sympy", "scipy")) == []
