@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--draft-len", type=int, default=4)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--skip-fit", action="store_true", help="use the saved default task model as it is")
-    parser.add_argument("--encoders", default=f"minilm,hidden:{TARGET}")
+    parser.add_argument("--encoders", default=f"minilm,embed:{TARGET},hidden:{TARGET}")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 

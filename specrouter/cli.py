@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="positions of each llama.cpp model's KV cache, all its sequences together (default 16384)")
     srv.add_argument("--prefill-chunk-tokens", type=int, default=None, metavar="N",
                      help="the most prompt tokens a step prefills; longer prompts take several steps (default 512)")
+    srv.add_argument("--tasks", nargs="?", const="default", default=None, metavar="TASK_MODEL",
+                     help="class each request by its discovered task (a task model of `specrouter tasks fit`, or its "
+                          ".json; default: the default task model) instead of the lexical classifier")
 
     bench = sub.add_parser("bench", help="load-test a running server over HTTP (tokens/s, TTFT, inter-token latency)")
     bench.add_argument("--url", default="http://127.0.0.1:8000")
@@ -90,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = sub.add_parser("tasks", help="discover tasks in a prompt corpus (clusters of prompt embeddings)")
     tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True)
-    fit = tasks_sub.add_parser("fit", help="embed the training corpus with each encoder, cluster it, keep the better as default")
-    fit.add_argument("--encoders", default=f"minilm,hidden:{DEFAULT_TARGET}", help="comma-separated: minilm, hidden:MODEL")
+    fit = tasks_sub.add_parser("fit", help="embed the training corpus with each encoder, cluster it, keep the most accurate "
+                               "one that classes a request within 5 ms as default")
+    fit.add_argument("--encoders", default=f"minilm,embed:{DEFAULT_TARGET},hidden:{DEFAULT_TARGET}",
+                     help="comma-separated: minilm, embed:MODEL (its input embeddings), hidden:MODEL (its last layer)")
     fit.add_argument("--per-source", type=int, default=64, help="training prompts per source (code: stdlib, chat: ShareGPT)")
     fit.add_argument("--held-out", type=int, default=40, help="evaluation prompts per source scored for routing accuracy")
     fit.add_argument("--k", type=_int_list, default=[2, 3, 4, 5], help="cluster counts tried (best silhouette wins)")
@@ -137,7 +142,7 @@ def cmd_generate(args) -> int:
         if args.prompt_class is None and args.tasks:
             target = engine.specs[-1]
             shared = {} if target.quant else {target.model: (engine.provider.get(target.model).model, engine.tokenizer)}
-            match = TaskClassifier.load(stem=args.tasks, shared=shared).classify(args.prompt)
+            match = TaskClassifier.load(args.tasks, shared=shared).classify(args.prompt)
             print(f"[class {match.task}: discovered task at distance {match.distance:.3f}, {match.ms:.1f} ms]", file=sys.stderr)
         klass = classify_request(args.prompt, args.prompt_class, match.task if match is not None else None)
         router = router_for(engine)
@@ -174,7 +179,7 @@ def serve_config(args) -> ServeConfig:
     config = (ServeConfig.from_file(args.config) if args.config else ServeConfig()).model_dump()
     overrides = {"chain": args.chain, "adaptive": args.adaptive, "pipeline": args.pipeline, "grpc_port": args.grpc_port,
                  "api_key": args.api_key, "api_key_file": args.api_key_file, "max_waiting_requests": args.max_waiting_requests,
-                 "prefill_chunk_tokens": args.prefill_chunk_tokens}
+                 "prefill_chunk_tokens": args.prefill_chunk_tokens, "tasks": args.tasks}
     config.update({k: v for k, v in overrides.items() if v is not None})
     if args.kv_cache_tokens is not None:  # every model's placement, the "*" entry included
         config["placement"] = {label: {**entry, "kv_cache_tokens": args.kv_cache_tokens}

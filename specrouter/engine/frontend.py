@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from specrouter.routing.classifier import classify
+from specrouter.routing.classifier import classify_request
 from specrouter.engine.detokenizer import TextStream
 from specrouter.engine.engine import Engine
 from specrouter.engine.loop import BatchLoop
@@ -26,12 +26,14 @@ def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 
 class Frontend:
-    def __init__(self, engine: Engine, router=None, default_max_tokens: int = 256, batcher=None):
+    def __init__(self, engine: Engine, router=None, default_max_tokens: int = 256, batcher=None, tasks=None):
         """`router`: an AdaptiveRouter (specrouter/routing/router.py) to pick each step's chain, or None.
         `batcher`: a BatchServer (specrouter/engine/batch_server.py) over the same engine and router:
-        requests then run in its shared batch; without one, each request runs in a loop of its own."""
+        requests then run in its shared batch; without one, each request runs in a loop of its own.
+        `tasks`: a TaskClassifier (specrouter/tasks/classifier.py): a request's class is its nearest
+        discovered task (reported in its stats as "task"), unless it names one; None: the lexical class."""
         self.engine, self.router, self.default_max_tokens = engine, router, default_max_tokens
-        self.batcher = batcher
+        self.batcher, self.tasks = batcher, tasks
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -56,10 +58,12 @@ class Frontend:
         params = SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
         tiered = Thresholds(*request.tiered) if request.tiered is not None else None  # bad thresholds: ValueError
 
-        klass = "default"
-        if self.router is not None:
+        klass, match = "default", None
+        if self.router is not None or self.tasks is not None:
             text_for_class = request.prompt if isinstance(request.prompt, str) else self.engine.tokenizer.decode(ids)
-            klass = request.prompt_class or classify(text_for_class)
+            if self.tasks is not None and request.prompt_class is None:
+                match = self.tasks.classify(text_for_class)
+            klass = classify_request(text_for_class, request.prompt_class, match.task if match is not None else None)
         text = TextStream(self.engine.tokenizer, request.stop)
         if self.batcher is not None:
             steps = self.batcher.steps(ids, max_tokens, params, request.seed, request.ignore_eos, klass, request.timeout_s, tiered)
@@ -90,6 +94,8 @@ class Frontend:
         stats = result.as_dict()
         for key in ("text", "token_ids"):
             stats.pop(key)
+        if match is not None:
+            stats["task"] = match.as_dict()
         yield {"finish_reason": result.finish_reason, "prompt_tokens": len(ids),
                "completion_tokens": len(result.token_ids), "stats": stats}
 

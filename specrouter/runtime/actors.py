@@ -230,14 +230,15 @@ class RouterActor:
     """Runs chains over remote workers; the same Engine as in-process, with a RayWorkers provider.
     Requests run together in one continuous batch (a BatchServer thread steps it); other calls
     (info, placements) answer meanwhile. With `adaptive`, the batch's chain and draft lengths are
-    chosen every step by the router (`router_config`: its knobs), calibrated at start."""
+    chosen every step by the router (`router_config`: its knobs), calibrated at start. `tasks`: a task
+    model (specrouter/tasks) whose nearest task names each request's class."""
 
     def __init__(self, chain: str, dtype: str = "bfloat16", draft_lens: list[int] | None = None,
                  placement: dict[str, dict] | None = None, adaptive: bool = False, default_max_tokens: int = 256,
                  max_batch: int = MAX_BATCH, pipeline: bool = False, draft_confidence: float = 0.0, bit_exact: bool = True,
                  max_waiting: int | None = None, max_waiting_tokens: int | None = None,
                  router_config: RouterConfig = RouterConfig(), retry_down_after_s: float = RETRY_DOWN_AFTER_S,
-                 slim_verifier: str | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 slim_verifier: str | None = None, prefill_chunk: int = PREFILL_CHUNK, tasks: str | None = None):
         from specrouter.engine.batch_server import BatchServer
         from specrouter.engine.calibration import router_for
         from specrouter.engine.engine import Engine
@@ -252,7 +253,12 @@ class RouterActor:
         self.router = router_for(self.engine, router_config) if adaptive else None
         self.batcher = BatchServer(BatchLoop(self.engine, self.router, max_batch, pipeline, max_waiting, max_waiting_tokens,
                                              prefill_chunk))
-        self.frontend = Frontend(self.engine, self.router, default_max_tokens, batcher=self.batcher)
+        classifier = None
+        if tasks is not None:
+            from specrouter.tasks.classifier import TaskClassifier
+
+            classifier = TaskClassifier.load(tasks)
+        self.frontend = Frontend(self.engine, self.router, default_max_tokens, batcher=self.batcher, tasks=classifier)
         release_free_memory()
 
     def stream(self, request):

@@ -1,11 +1,13 @@
 """The online prompt classifier: encode the prompt, take the nearest task centroid.
 
-Its cost is the encoder's forward over the prompt (`TaskMatch.ms`); `hidden:TARGET` shares the
-target's weights where the caller passes the loaded target.
+Its cost is the encoder's work on the prompt (`TaskMatch.ms`): `embed:TARGET` reads the target's
+input embeddings of the prompt's tokens (a millisecond or two); `hidden:TARGET` runs the target's
+decoder over it (sharing the target's weights where the caller passes the loaded target).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +31,15 @@ class TaskClassifier:
         if encoder.name != model.encoder:
             raise ValueError(f"the task model was fitted on {model.encoder}, not {encoder.name}")
         self.model, self.encoder = model, encoder
+        self._lock = threading.Lock()  # a served router classes requests from many threads; tokenizers are not reentrant
 
     @classmethod
-    def load(cls, root: Path | None = None, stem: str = DEFAULT, shared: dict | None = None) -> "TaskClassifier":
-        """The saved task model (default: the one `specrouter tasks fit` chose) and its encoder;
-        `shared`: models already in memory, by name -> (model, tokenizer) (the target's, to share its weights)."""
-        model = TaskModel.load(root or tasks_root(), stem)
+    def load(cls, name: str = DEFAULT, shared: dict | None = None) -> "TaskClassifier":
+        """A saved task model and its encoder. `name`: a task model in the cache (`default`: the one
+        `specrouter tasks fit` chose), or the path of a task model's .json; `shared`: models already in
+        memory, by name -> (model, tokenizer) (the target's, to share its weights)."""
+        path = Path(name)
+        model = TaskModel.load(path.parent, path.stem) if path.suffix == ".json" else TaskModel.load(tasks_root(), name)
         return cls(model, encoder_for(model.encoder, shared=shared))
 
     @property
@@ -43,6 +48,7 @@ class TaskClassifier:
 
     def classify(self, text: str) -> TaskMatch:
         start = time.perf_counter()
-        task, distance = self.model.assign(self.encoder.encode([text]))[0]
+        with self._lock:
+            task, distance = self.model.assign(self.encoder.encode([text]))[0]
         return TaskMatch(task, distance, 1000 * (time.perf_counter() - start))
 

@@ -2,7 +2,9 @@
 
 Each encoder's task model is scored on held-out prompts of known source (HumanEval: code; ShareGPT
 evaluation turns: chat) for routing accuracy and for cost (milliseconds to encode and route a
-prompt). The more accurate one (the cheaper one on a tie) is saved as the default task model.
+prompt). The default task model is the most accurate of the encoders that class a request within
+ONLINE_BUDGET_MS and route at least ROUTING_FLOOR of held-out prompts right (a request pays for its
+classing before its first token); where none does, the most accurate (the cheaper on a tie).
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from dataclasses import dataclass, field
 from specrouter.tasks import corpora
 from specrouter.tasks.discovery import DEFAULT, TaskModel, fit_tasks, tasks_root
 from specrouter.tasks.encoders import Encoder, encoder_for, timed_encode
+
+
+ONLINE_BUDGET_MS = 5.0  # classing one request
+ROUTING_FLOOR = 0.9  # held-out routing accuracy
 
 
 @dataclass
@@ -56,9 +62,15 @@ def fit_encoder(encoder: Encoder, train: list[corpora.Text], test: list[corpora.
                                 confusion=confusion)
 
 
+def choose(reports: list[EncoderReport]) -> EncoderReport:
+    """The default task model's encoder (the module's rule)."""
+    online = [r for r in reports if r.ms_per_prompt <= ONLINE_BUDGET_MS and r.routing_accuracy >= ROUTING_FLOOR]
+    return max(online or reports, key=lambda r: (r.routing_accuracy, -r.ms_per_prompt))
+
+
 def fit_and_compare(encoder_names: list[str], per_source: int = 64, held_out_per_source: int = 40, seed: int = 0,
                     k_range: tuple[int, ...] = (2, 3, 4, 5), dtype: str = "bfloat16") -> dict:
-    """Fit a task model per encoder, save each under its encoder's name and the best as the default."""
+    """Fit a task model per encoder, save each under its encoder's name and the chosen one as the default."""
     train, test = corpora.training_corpus(per_source), held_out(held_out_per_source)
     corpora.assert_disjoint(train, test)
     root = tasks_root()
@@ -68,7 +80,7 @@ def fit_and_compare(encoder_names: list[str], per_source: int = 64, held_out_per
         report.model_path = str(model.save(root, name.replace(":", "-")))
         models[name] = model
         reports.append(report)
-    best = max(reports, key=lambda r: (r.routing_accuracy, -r.ms_per_prompt))
+    best = choose(reports)
     models[best.encoder].save(root, DEFAULT)
     return {"default": best.encoder, "corpus": {"prompts": len(train), "sha256": corpora.corpus_sha256(train)},
             "held_out": len(test), "encoders": [vars(r) for r in reports], "tasks_dir": str(root)}

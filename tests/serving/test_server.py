@@ -218,3 +218,37 @@ def test_the_deployment_class_serves_without_serve(local_ray, tiny_dirs, target_
             assert client.generate(PROMPT, max_tokens=12, temperature=0, ignore_eos=True).token_ids == want
     finally:
         server.close()
+
+
+def test_a_served_request_is_classed_by_its_discovered_task(local_ray, tiny_dirs, target_only, tmp_path):
+    """With a task model, the router's class for a request is its nearest discovered task (the target's
+    input embeddings, from its GGUF), reported with its distance; an explicit prompt_class still wins."""
+    import asyncio
+
+    from specrouter.serving.server import SpecRouterServer
+    from specrouter.tasks.discovery import fit_tasks
+    from specrouter.tasks.encoders import encoder_for
+
+    texts = [("def add(a, b):\n    return a + b\n", "code"), ("import os\nfor name in os.listdir('.'):\n    print(name)\n", "code"),
+             ("class Stack:\n    def push(self, item):\n        self.items.append(item)\n", "code"),
+             ("What should I cook for dinner tonight?", "chat"), ("Tell me a story about a cat.", "chat"),
+             ("How do I ask my manager for a day off?", "chat")]
+    encoder = encoder_for("embed:smollm2-135m")
+    model = fit_tasks(encoder.encode([t for t, _ in texts]), [s for _, s in texts], encoder.name, "corpus", k_range=(2,), seed=0)
+    path = model.save(tmp_path, "tasks")
+    server = SpecRouterServer({"chain": f"{tiny_dirs['draft']},{tiny_dirs['target']}", "dtype": "float32", "grpc_port": None,
+                               "adaptive": True, "tasks": str(path)})
+    try:
+        prompt = "def mul(a, b):\n    return a * b\n"
+        (routed, distance), = model.assign(encoder.encode([prompt]))
+        body = {"model": tiny_dirs["target"], "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+        out = asyncio.run(server.completions(json.dumps(body).encode()))
+        stats = out["specrouter"][0]
+        assert stats["task"]["task"] == stats["routing"]["class"] == routed
+        assert abs(stats["task"]["distance"] - distance) < 1e-3 and stats["task"]["ms"] > 0
+        want = target_only.generate(target_only.tokenizer(prompt)["input_ids"], 10, ignore_eos=True).token_ids
+        assert out["choices"][0]["text"] == target_only.tokenizer.decode(want, skip_special_tokens=True)  # still lossless
+        out = asyncio.run(server.completions(json.dumps({**body, "prompt_class": "mine"}).encode()))
+        assert out["specrouter"][0]["routing"]["class"] == "mine" and "task" not in out["specrouter"][0]
+    finally:
+        server.close()
