@@ -82,6 +82,14 @@ def test_serve_prefill_chunk_flag_overrides_the_config_and_bad_sizes_exit_with_t
     assert "prefill_chunk_tokens" in capsys.readouterr().err
 
 
+def test_serve_tasks_flag_names_the_task_model_alone_or_the_default():
+    from specrouter.cli import build_parser, serve_config
+
+    assert serve_config(build_parser().parse_args(["serve"])).tasks is None  # the lexical classifier
+    assert serve_config(build_parser().parse_args(["serve", "--tasks"])).tasks == "default"
+    assert serve_config(build_parser().parse_args(["serve", "--tasks", "/m/tasks.json"])).tasks == "/m/tasks.json"
+
+
 @pytest.mark.parametrize("flag", ["--port", "--grpc-port"])
 def test_serve_on_a_port_another_server_holds_exits_with_clear_error_before_starting(capsys, flag):
     """Serve's proxy would fail to bind a taken HTTP port and retry in the background, so the command
