@@ -197,6 +197,10 @@ def cmd_serve(args) -> int:
     from specrouter.runtime.actors import start_local_ray
 
     config = serve_config(args)
+    if config.tasks is not None and not args.address:  # the router runs here: its task model must be here too
+        from specrouter.tasks.discovery import task_model_path
+
+        task_model_path(config.tasks)
     warning = specrouter_serve.exposure_warning(config, args.host)
     if warning:
         print(f"specrouter: {warning}", file=sys.stderr, flush=True)

@@ -90,6 +90,12 @@ def test_serve_tasks_flag_names_the_task_model_alone_or_the_default():
     assert serve_config(build_parser().parse_args(["serve", "--tasks", "/m/tasks.json"])).tasks == "/m/tasks.json"
 
 
+def test_serve_with_a_missing_task_model_exits_before_starting_anything(tmp_path, capsys):
+    missing = tmp_path / "none.json"
+    assert main(["serve", "--tasks", str(missing)]) == 2
+    assert f"no task model at {missing}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--port", "--grpc-port"])
 def test_serve_on_a_port_another_server_holds_exits_with_clear_error_before_starting(capsys, flag):
     """Serve's proxy would fail to bind a taken HTTP port and retry in the background, so the command

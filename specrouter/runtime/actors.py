@@ -245,6 +245,11 @@ class RouterActor:
         from specrouter.engine.frontend import Frontend
         from specrouter.engine.loop import BatchLoop
 
+        classifier = None
+        if tasks is not None:  # first: a missing task model fails the start before any model loads
+            from specrouter.tasks.classifier import TaskClassifier
+
+            classifier = TaskClassifier.load(tasks)
         specs = parse_chain(chain)
         slim = slim_spec(slim_verifier, specs[-1]) if slim_verifier else None  # a view on the target's worker actor
         self.provider = RayWorkers(specs + ([slim] if slim else []), dtype, {k: Placement(**v) for k, v in (placement or {}).items()})
@@ -253,11 +258,6 @@ class RouterActor:
         self.router = router_for(self.engine, router_config) if adaptive else None
         self.batcher = BatchServer(BatchLoop(self.engine, self.router, max_batch, pipeline, max_waiting, max_waiting_tokens,
                                              prefill_chunk))
-        classifier = None
-        if tasks is not None:
-            from specrouter.tasks.classifier import TaskClassifier
-
-            classifier = TaskClassifier.load(tasks)
         self.frontend = Frontend(self.engine, self.router, default_max_tokens, batcher=self.batcher, tasks=classifier)
         release_free_memory()
 

@@ -149,8 +149,8 @@ class ServeConfig(BaseModel):
         default=False, description="Draft the next block while the target verifies the current one.")
     tasks: str | None = Field(
         default=None,
-        description="A task model (`specrouter tasks fit`; \"default\": the one it chose; or a task model's .json) whose nearest task is each "
-                    "request's class, so the router keeps acceptance tables per discovered task; responses report the "
+        description="A task model (`specrouter tasks fit`; \"default\": the one it chose; or a task model's .json) "
+                    "whose nearest task is each request's class, so the router keeps acceptance tables per discovered task; responses report the "
                     "task, the prompt's distance to its centroid and the ms classing took. A request's own "
                     "prompt_class still wins. null: the lexical classifier (code, summarization, chat).")
     model_name: str | None = Field(default=None, description="The model id clients name. null: the target's name.")

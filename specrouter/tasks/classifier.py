@@ -10,9 +10,8 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from specrouter.tasks.discovery import DEFAULT, TaskModel, tasks_root
+from specrouter.tasks.discovery import DEFAULT, TaskModel, task_model_path
 from specrouter.tasks.encoders import Encoder, encoder_for
 
 
@@ -38,8 +37,8 @@ class TaskClassifier:
         """A saved task model and its encoder. `name`: a task model in the cache (`default`: the one
         `specrouter tasks fit` chose), or the path of a task model's .json; `shared`: models already in
         memory, by name -> (model, tokenizer) (the target's, to share its weights)."""
-        path = Path(name)
-        model = TaskModel.load(path.parent, path.stem) if path.suffix == ".json" else TaskModel.load(tasks_root(), name)
+        path = task_model_path(name)
+        model = TaskModel.load(path.parent, path.stem)
         return cls(model, encoder_for(model.encoder, shared=shared))
 
     @property

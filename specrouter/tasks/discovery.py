@@ -25,6 +25,15 @@ def tasks_root() -> Path:
     return Path(os.environ.get("SPECROUTER_CACHE", Path.home() / ".cache" / "specrouter")) / "tasks"
 
 
+def task_model_path(name: str) -> Path:
+    """A task model's .json: `name` in the cache (`default`: the one `specrouter tasks fit` chose), or a
+    path ending in .json. ValueError if there is none."""
+    path = Path(name) if name.endswith(".json") else tasks_root() / f"{name}.json"
+    if not path.exists():
+        raise ValueError(f"no task model at {path}: `specrouter tasks fit` makes the default one")
+    return path
+
+
 @dataclass(frozen=True)
 class TaskModel:
     encoder: str  # encoder name (specrouter/tasks/encoders.py)

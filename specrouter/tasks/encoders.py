@@ -115,7 +115,8 @@ class EmbeddingEncoder:
 
 
 def encoder_for(name: str, dtype: str = "bfloat16", shared: dict[str, tuple[torch.nn.Module, object]] | None = None) -> Encoder:
-    """`minilm`, `embed:MODEL` (a catalog model) or `hidden:MODEL`; `shared`: models already in memory, by name -> (model, tokenizer)."""
+    """`minilm`, `embed:MODEL` (a catalog model) or `hidden:MODEL`; `shared`: models already in memory,
+    by name -> (model, tokenizer)."""
     if name == "minilm":
         return MiniLMEncoder()
     if name.startswith("embed:"):
