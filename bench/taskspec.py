@@ -11,6 +11,8 @@
    temperature 1, measured at every position rather than at those a run happens to draft).
 3. The adaptive router over the pool (base and aligned drafters, the target) against the best static
    chain, greedy and sampled, on the mix and per source, each prompt classed by the default task model.
+   Every prompt runs under every static chain and the router in turn, so the machine's drift hits
+   them alike.
 
     nice -n 15 .venv/bin/python bench/taskspec.py [--prompts 4] [--max-tokens 48] [--skip-fit]
 
@@ -52,26 +54,31 @@ def held_out_prompts(n: int) -> list[Prompt]:
     return prompts
 
 
-def run_static(engine: Engine, encoded: list[tuple[Prompt, list[int]]], max_tokens: int,
-               params: SamplingParams = SamplingParams()) -> tuple[dict, dict[str, list[int]]]:
-    """Per held-out source: acceptance and tokens/s of the engine's chain; and each prompt's output."""
-    by_source: dict[str, dict] = {}
-    outputs: dict[str, list[int]] = {}
-    for seed, (prompt, ids) in enumerate(encoded):
-        result = engine.generate(ids, max_tokens, params, seed=seed, ignore_eos=True)
-        outputs[prompt.id] = result.token_ids
-        row = by_source.setdefault(prompt.klass, {"drafted": 0, "accepted": 0, "lengths": [], "tokens": 0, "seconds": 0.0})
-        drafter = result.level_stats[0]
-        row["drafted"] += drafter.num_draft_tokens
-        row["accepted"] += drafter.num_accepted_tokens
-        row["lengths"].append(drafter.mean_accepted_length)
-        row["tokens"] += len(result.token_ids)
-        row["seconds"] += result.elapsed_s
-    summary = {source: {"alpha": row["accepted"] / max(1, row["drafted"]), "tokens_per_s": speed([row]),
-                        "mean_accepted_length": sum(row["lengths"]) / len(row["lengths"]), "drafted": row["drafted"],
-                        "accepted": row["accepted"], "tokens": row["tokens"], "seconds": row["seconds"]}
-               for source, row in by_source.items()}
-    return summary, outputs
+def add_static(row: dict, result) -> None:
+    """One static chain run into its source's row: the bottom drafter's acceptance, tokens, seconds."""
+    drafter = result.level_stats[0]
+    row["drafted"] += drafter.num_draft_tokens
+    row["accepted"] += drafter.num_accepted_tokens
+    row["lengths"].append(drafter.mean_accepted_length)
+    row["tokens"] += len(result.token_ids)
+    row["seconds"] += result.elapsed_s
+
+
+def summarise_static(by_source: dict[str, dict]) -> dict:
+    """Per held-out source: acceptance and tokens/s of a static chain."""
+    return {source: {"alpha": row["accepted"] / max(1, row["drafted"]), "tokens_per_s": speed([row]),
+                     "mean_accepted_length": sum(row["lengths"]) / len(row["lengths"]), "drafted": row["drafted"],
+                     "accepted": row["accepted"], "tokens": row["tokens"], "seconds": row["seconds"]}
+            for source, row in by_source.items()}
+
+
+def add_adaptive(row: dict, result) -> None:
+    """One adaptive run into its source's row: tokens, seconds and the steps each drafter led."""
+    row["tokens"] += len(result.token_ids)
+    row["seconds"] += result.elapsed_s
+    for plan in result.routing["steps_by_plan"]:
+        drafter = plan["chain"][0] if len(plan["chain"]) > 1 else "target alone"
+        row["steps_by_drafter"][drafter] = row["steps_by_drafter"].get(drafter, 0) + plan["steps"]
 
 
 def speed(rows) -> float:
@@ -113,14 +120,31 @@ def main() -> None:
                          "ms_per_prompt": sum(m.ms for m in matches) / len(matches),
                          "accuracy": sum(classifier.model.source_of(r) == p.klass for r, p in zip(routed, prompts)) / len(prompts)}
 
-    # 2. Static chains: the base drafter and each aligned one, on every held-out source, greedy and sampled.
+    # 2. Static chains (the base drafter, each aligned one) and 3. the adaptive router over the whole
+    # pool, greedy and sampled: every prompt under every method in turn, so drift hits them alike.
     drafters = [DRAFTER] + [f"{DRAFTER}+task:{t}" for t in aligned]
-    static, sampled, outputs = {}, {}, {}
-    for drafter in drafters:
-        engine = Engine(f"{drafter},{TARGET}", draft_lens=[args.draft_len], provider=store)
-        static[drafter], outputs[drafter] = run_static(engine, encoded, args.max_tokens)
-        sampled[drafter], _ = run_static(engine, encoded, args.max_tokens, SamplingParams(temperature=1.0))
-        print(json.dumps({drafter: {"greedy": static[drafter], "sampled": sampled[drafter]}}), flush=True)
+    engines = {d: Engine(f"{d},{TARGET}", draft_lens=[args.draft_len], provider=store) for d in drafters}
+    pool = Engine(",".join(drafters + [TARGET]), draft_lens=[args.draft_len] * len(drafters), provider=store)
+    modes = {"greedy": SamplingParams(), "sampled": SamplingParams(temperature=1.0)}
+    routers = {mode: router_for(pool) for mode in modes}
+    static_rows = {mode: {d: {} for d in drafters} for mode in modes}
+    adaptive_rows: dict[str, dict[str, dict]] = {mode: {} for mode in modes}
+    base_greedy: dict[str, list[int]] = {}  # the target's greedy output (lossless), per prompt
+    for seed, ((prompt, ids), klass) in enumerate(zip(encoded, routed)):
+        for mode, params in modes.items():
+            for drafter, engine in engines.items():
+                result = engine.generate(ids, args.max_tokens, params, seed=seed, ignore_eos=True)
+                add_static(static_rows[mode][drafter].setdefault(
+                    prompt.klass, {"drafted": 0, "accepted": 0, "lengths": [], "tokens": 0, "seconds": 0.0}), result)
+                if mode == "greedy" and drafter == DRAFTER:
+                    base_greedy[prompt.id] = result.token_ids
+            result = pool.generate(ids, args.max_tokens, params, seed=seed, ignore_eos=True, router=routers[mode], klass=klass)
+            add_adaptive(adaptive_rows[mode].setdefault(prompt.klass, {"tokens": 0, "seconds": 0.0, "steps_by_drafter": {}}),
+                         result)
+        print(json.dumps({"done": prompt.id}), flush=True)
+    static = {d: summarise_static(static_rows["greedy"][d]) for d in drafters}
+    sampled = {d: summarise_static(static_rows["sampled"][d]) for d in drafters}
+    print(json.dumps({"greedy": static, "sampled": sampled}), flush=True)
     report["static"], report["sampled"] = static, sampled
     report["relative_acceptance"] = relative(static, "alpha", DRAFTER)
     report["relative_sampled_acceptance"] = relative(sampled, "alpha", DRAFTER)
@@ -129,7 +153,7 @@ def main() -> None:
     # output), each up to its first end token: the runs above ignore end tokens, a request would stop there.
     eos_ids = store.get(TARGET).info.eos_ids
     continuations = {pid: tokens[: next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))]
-                     for pid, tokens in outputs[DRAFTER].items()}
+                     for pid, tokens in base_greedy.items()}
     target_lm = store.get(TARGET).model
     forced: dict[str, dict] = {}
     for drafter in drafters:
@@ -143,21 +167,10 @@ def main() -> None:
     report["teacher_forced"] = forced
     report["relative_teacher_forced_alpha"] = relative(forced, "alpha", DRAFTER)
 
-    # 3. The adaptive router over the whole pool vs the best static chain, greedy and sampled, per source.
-    pool = Engine(",".join(drafters + [TARGET]), draft_lens=[args.draft_len] * len(drafters), provider=store)
+    # 3. The adaptive router against the best static chain, on the mix and per source.
     report["adaptive"] = {}
-    for mode, params, table in (("greedy", SamplingParams(), static), ("sampled", SamplingParams(temperature=1.0), sampled)):
-        router = router_for(pool)
-        by_source: dict[str, dict] = {}
-        for seed, ((prompt, ids), klass) in enumerate(zip(encoded, routed)):
-            result = pool.generate(ids, args.max_tokens, params, seed=seed, ignore_eos=True, router=router, klass=klass)
-            row = by_source.setdefault(prompt.klass, {"tokens": 0, "seconds": 0.0, "steps_by_drafter": {}})
-            row["tokens"] += len(result.token_ids)
-            row["seconds"] += result.elapsed_s
-            for plan in result.routing["steps_by_plan"]:
-                drafter = plan["chain"][0] if len(plan["chain"]) > 1 else "target alone"
-                row["steps_by_drafter"][drafter] = row["steps_by_drafter"].get(drafter, 0) + plan["steps"]
-
+    for mode, table in (("greedy", static), ("sampled", sampled)):
+        by_source = adaptive_rows[mode]
         best = max(table, key=lambda d: speed(table[d].values()))
         report["adaptive"][mode] = {
             "tokens_per_s": speed(by_source.values()), "best_static": best, "best_static_tokens_per_s": speed(table[best].values()),
