@@ -129,7 +129,7 @@ def main() -> None:
     routers = {mode: router_for(pool) for mode in modes}
     static_rows = {mode: {d: {} for d in drafters} for mode in modes}
     adaptive_rows: dict[str, dict[str, dict]] = {mode: {} for mode in modes}
-    base_greedy: dict[str, list[int]] = {}  # the target's greedy output (lossless), per prompt
+    base_greedy: dict[str, list[int]] = {}  # per prompt: the base chain's greedy output, the target's (up to bf16 rounding)
     for seed, ((prompt, ids), klass) in enumerate(zip(encoded, routed)):
         for mode, params in modes.items():
             for drafter, engine in engines.items():
