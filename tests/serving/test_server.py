@@ -225,6 +225,7 @@ def test_a_served_request_is_classed_by_its_discovered_task(local_ray, tiny_dirs
     input embeddings, from its GGUF), reported with its distance; an explicit prompt_class still wins."""
     import asyncio
 
+    from specrouter.serving import client as sdk
     from specrouter.serving.server import SpecRouterServer
     from specrouter.tasks.discovery import fit_tasks
     from specrouter.tasks.encoders import encoder_for
@@ -236,7 +237,7 @@ def test_a_served_request_is_classed_by_its_discovered_task(local_ray, tiny_dirs
     encoder = encoder_for("embed:smollm2-135m")
     model = fit_tasks(encoder.encode([t for t, _ in texts]), [s for _, s in texts], encoder.name, "corpus", k_range=(2,), seed=0)
     path = model.save(tmp_path, "tasks")
-    server = SpecRouterServer({"chain": f"{tiny_dirs['draft']},{tiny_dirs['target']}", "dtype": "float32", "grpc_port": None,
+    server = SpecRouterServer({"chain": f"{tiny_dirs['draft']},{tiny_dirs['target']}", "dtype": "float32", "grpc_port": 0,
                                "adaptive": True, "tasks": str(path)})
     try:
         prompt = "def mul(a, b):\n    return a * b\n"
@@ -250,5 +251,8 @@ def test_a_served_request_is_classed_by_its_discovered_task(local_ray, tiny_dirs
         assert out["choices"][0]["text"] == target_only.tokenizer.decode(want, skip_special_tokens=True)  # still lossless
         out = asyncio.run(server.completions(json.dumps({**body, "prompt_class": "mine"}).encode()))
         assert out["specrouter"][0]["routing"]["class"] == "mine" and "task" not in out["specrouter"][0]
+        with sdk.Client(server.grpc.address, timeout=300) as client:  # the same statistics over gRPC
+            done = client.generate(prompt, max_tokens=10, temperature=0, ignore_eos=True)
+        assert done.token_ids == want and done.stats["task"]["task"] == done.stats["routing"]["class"] == routed
     finally:
         server.close()
