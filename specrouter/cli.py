@@ -8,6 +8,7 @@ import os
 import sys
 
 from specrouter.serving.config import DEFAULT_CHAIN, ServeConfig
+from specrouter.tasks.align_config import LOSSES, AlignConfig
 
 DEFAULT_DRAFTER, DEFAULT_TARGET = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
 
@@ -107,16 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--task", required=True, help="a task of the default task model (`specrouter tasks fit`)")
     align.add_argument("--drafter", default=DEFAULT_DRAFTER)
     align.add_argument("--target", default=DEFAULT_TARGET)
-    align.add_argument("--steps", type=int, default=150)
-    align.add_argument("--lr", type=float, default=1e-4)
-    align.add_argument("--rank", type=int, default=16)
-    align.add_argument("--loss", choices=["fkl", "tvd"], default="tvd", help="total variation (1 - acceptance) or forward KL")
-    align.add_argument("--continuation-tokens", type=int, default=48)
+    align.add_argument("--steps", type=int, default=AlignConfig.steps)
+    align.add_argument("--lr", type=float, default=AlignConfig.lr)
+    align.add_argument("--rank", type=int, default=AlignConfig.rank)
+    align.add_argument("--loss", choices=LOSSES, default=AlignConfig.loss, help="total variation (1 - acceptance) or forward KL")
+    align.add_argument("--continuation-tokens", type=int, default=AlignConfig.continuation_tokens)
     align.add_argument("--max-prompts", type=int, default=None, help="use at most this many of the task's prompts")
     align.add_argument("--per-source", type=int, default=64, help="as given to `specrouter tasks fit`")
     align.add_argument("--drafter-dtype", choices=["float32", "bfloat16"], default="bfloat16",
                        help="the frozen base drafter's dtype (adapters train in float32)")
-    align.add_argument("--seed", type=int, default=0)
+    align.add_argument("--seed", type=int, default=AlignConfig.seed)
     return parser
 
 
@@ -287,7 +288,6 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_align(args) -> int:
-    from specrouter.tasks.align import AlignConfig
     from specrouter.tasks.commands import align_task
 
     config = AlignConfig(steps=args.steps, lr=args.lr, rank=args.rank, lora_alpha=2 * args.rank,

@@ -150,9 +150,9 @@ class ServeConfig(BaseModel):
     tasks: str | None = Field(
         default=None,
         description="A task model (`specrouter tasks fit`; \"default\": the one it chose; or a task model's .json) "
-                    "whose nearest task is each request's class, so the router keeps acceptance tables per discovered task; responses report the "
-                    "task, the prompt's distance to its centroid and the ms classing took. A request's own "
-                    "prompt_class still wins. null: the lexical classifier (code, summarization, chat).")
+                    "whose nearest task is each request's class, so the router keeps acceptance tables per discovered "
+                    "task; responses report the task, the prompt's distance to its centroid and the ms classing took. "
+                    "A request's own prompt_class still wins. null: the lexical classifier (code, summarization, chat).")
     model_name: str | None = Field(default=None, description="The model id clients name. null: the target's name.")
     default_max_tokens: int = Field(default=256, ge=1, description="max_tokens of a chat request that gives none.")
     grpc_host: str = Field(

@@ -28,26 +28,9 @@ from tqdm import tqdm
 
 from specrouter.core import adapters
 from specrouter.core.verification import pairwise_alpha
+from specrouter.tasks.align_config import LOSSES, AlignConfig
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LOSSES = ("fkl", "tvd")
-
-
-@dataclass(frozen=True)
-class AlignConfig:
-    """Defaults as `specrouter align`'s: total variation, whose complement is the acceptance that
-    alignment is for, at a gentle rate (one sequence a step makes for noisy gradients)."""
-
-    steps: int = 150
-    lr: float = 1e-4
-    rank: int = 16
-    lora_alpha: int = 32
-    continuation_tokens: int = 48
-    max_prompt_tokens: int = 192
-    on_policy_every: int = 2  # every n-th step trains on the drafter's own continuation (0: never)
-    loss: str = "tvd"
-    save_every: int = 10
-    seed: int = 0
 
 
 @dataclass

@@ -6,7 +6,8 @@ from specrouter.core import adapters, catalog
 from specrouter.core.model import load_hf_model
 from specrouter.core.store import end_tokens
 from specrouter.tasks import corpora
-from specrouter.tasks.align import AlignConfig, AlignResult, align
+from specrouter.tasks.align import AlignResult, align
+from specrouter.tasks.align_config import AlignConfig
 from specrouter.tasks.discovery import DEFAULT, TaskModel, members, tasks_root
 from specrouter.tasks.encoders import encoder_for
 

@@ -18,7 +18,8 @@ from specrouter.core.store import ModelStore
 from specrouter.engine.calibration import router_for
 from specrouter.engine.engine import Engine
 from specrouter.tasks import align as align_module
-from specrouter.tasks.align import AlignConfig, align
+from specrouter.tasks.align import align
+from specrouter.tasks.align_config import AlignConfig
 
 VOCAB = 49152
 FAST = AlignConfig(steps=6, lr=3e-3, rank=4, lora_alpha=8, continuation_tokens=8, on_policy_every=2, save_every=2)
