@@ -225,11 +225,12 @@ def cmd_serve(args) -> int:
               "Ctrl-C stops.", flush=True)
         stop.wait()
     finally:
-        from ray import serve
-
-        serve.shutdown()
-        if started:
+        if started:  # the embedded Ray stops whole, Serve's actors with it
             ray.shutdown()
+        else:  # a cluster's Ray goes on: take this application off it
+            from ray import serve
+
+            serve.shutdown()
     return 0
 
 
