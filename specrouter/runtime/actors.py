@@ -261,19 +261,30 @@ class RouterActor:
         self.frontend = Frontend(self.engine, self.router, default_max_tokens, batcher=self.batcher, tasks=classifier)
         release_free_memory()
 
-    def stream(self, request):
+    def stream(self, request, deltas: bool = True):
         """A streaming generator over Frontend.stream (a GenerationRequest), with {"started": True}
         once the request is queued for the batch: bad input (ValueError) and a full queue (Overloaded)
         fail on the first item. ray.cancel() on it stops the generation after the current step and
         frees its state. Callers that stream concurrently need the actor's max_concurrency above the
-        batch plus its waiting limit, so that a refusal never waits for a thread."""
+        batch plus its waiting limit, so that a refusal never waits for a thread.
+        `deltas` off (a caller that answers with the whole text): the text after the first piece
+        comes as one item before the last, two Ray items a request instead of one a step."""
         items = self.frontend.stream(request)
         yield next(items)
         yield {"started": True}
+        first, held = True, None  # without deltas: the text after the first piece, joined
         for item in items:
             if ray.get_runtime_context().is_canceled():  # the client went away: free the workers
                 items.close()
                 return
+            if "text" in item and not deltas and not first:
+                held = item if held is None else {"text": held["text"] + item["text"],
+                                                  "token_ids": held["token_ids"] + item["token_ids"]}
+                continue
+            if "text" in item:
+                first = False
+            elif held is not None:  # the last item
+                yield held
             yield item
 
     def info(self) -> dict:

@@ -86,12 +86,13 @@ class SpecRouterServer:
 
     # -- generation core ---------------------------------------------------------------------------------
 
-    async def _stream(self, request: GenerationRequest) -> AsyncIterator[dict]:
-        """The router's stream for one choice (see RouterActor.stream), with metrics. A ValueError
+    async def _stream(self, request: GenerationRequest, deltas: bool = True) -> AsyncIterator[dict]:
+        """The router's stream for one choice (see RouterActor.stream; `deltas` off: the text after
+        its first piece in one item at the end), with metrics. A ValueError
         from the router is an APIError(400), a full queue an APIError(429), a passed deadline an
         APIError(408), any other failure (a dead target) an APIError(503)."""
         t0, ttft, final, state = time.perf_counter(), None, None, None
-        refs = self.router.stream.options(num_returns="streaming").remote(request)
+        refs = self.router.stream.options(num_returns="streaming").remote(request, deltas)
         try:
             async for ref in refs:
                 try:
@@ -165,7 +166,8 @@ class SpecRouterServer:
 
     async def _complete(self, req: oai._Request, requests: list[GenerationRequest], chat: bool):
         request_id = oai.new_id(chat)
-        streams = [self._stream(request) for request in requests]  # every choice runs in the batch at once
+        # every choice runs in the batch at once; a whole-text answer needs no per-step deltas
+        streams = [self._stream(request, deltas=req.stream) for request in requests]
         try:
             for stream in streams:
                 await stream.__anext__()  # bad input or a full queue fails here, before a response starts

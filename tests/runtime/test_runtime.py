@@ -150,3 +150,27 @@ def test_concurrent_requests_batch_over_the_data_plane_and_equal_each_alone(loca
     assert set(target) | set(draft) <= {"info", "forward", "draft", "release"}  # model calls only as batches
     assert target["forward"] < sum(out["num_target_steps"] for out in outs)  # requests shared frames
     local_ray.kill(router)
+
+
+def test_a_stream_without_deltas_sends_the_text_after_its_first_piece_in_one_item(local_ray, tiny_dirs, expected):
+    """A caller that answers with the whole text (a non-streamed HTTP request) gets two text items, the
+    first piece (its time to first token) and the rest joined, instead of one a step; same tokens."""
+    from specrouter.engine.request import GenerationRequest
+
+    ids, want = expected
+    router = make_router(local_ray, f"{tiny_dirs['draft']},{tiny_dirs['target']}")
+    request = GenerationRequest(prompt=ids, max_tokens=32, ignore_eos=True)
+
+    def items(deltas: bool) -> list[dict]:
+        refs = router.stream.options(num_returns="streaming").remote(request, deltas)
+        return [local_ray.get(ref, timeout=600) for ref in refs]
+
+    stepwise, joined = items(True), items(False)
+    texts = [[item for item in got if "text" in item] for got in (stepwise, joined)]
+    assert len(texts[0]) > 2 and len(texts[1]) == 2
+    assert texts[1][0] == texts[0][0]  # the first piece arrives as it does step by step
+    for got, text in zip((stepwise, joined), texts):
+        assert [t for item in text for t in item["token_ids"]] == want[32]
+        assert got[-1]["finish_reason"] == "length" and got[-1]["completion_tokens"] == 32
+    assert "".join(item["text"] for item in texts[1]) == "".join(item["text"] for item in texts[0])
+    local_ray.kill(router)
