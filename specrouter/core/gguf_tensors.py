@@ -33,10 +33,10 @@ def _ggml() -> ctypes.CDLL:
     if spec is None or not spec.submodule_search_locations:
         raise GGUFError("reading GGUF files needs llama-cpp-python's ggml library: pip install llama-cpp-python")
     lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    (path,) = sorted(lib_dir.glob("libggml-base.*"))[:1] or [None]
-    if path is None:
+    found = sorted(lib_dir.glob("libggml-base.*"))  # .so (with its versioned names) or .dylib
+    if not found:
         raise GGUFError(f"no libggml-base library in {lib_dir}")
-    lib = ctypes.CDLL(str(path))
+    lib = ctypes.CDLL(str(found[0]))
     ctx, i64, size, text = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t, ctypes.c_char_p
     for name, argtypes, restype in (
         ("gguf_init_from_file", [text, _InitParams], ctx),
