@@ -15,6 +15,7 @@ import ctypes
 import functools
 import gc
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -23,6 +24,9 @@ import ray
 from specrouter.core.spec import LevelSpec, parse_chain, slim_spec
 from specrouter.engine.defaults import MAX_BATCH, PREFILL_CHUNK, RETRY_DOWN_AFTER_S
 from specrouter.routing.config import RouterConfig
+
+LOCAL_RAY_STARTS = 2  # a local Ray whose node does not come up (a loaded machine) is started once more
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -65,16 +69,25 @@ def start_local_ray(num_cpus: int | None = None) -> bool:
     # Every CPU cycle Ray's own processes spend idling is taken from the model workers' threads.
     os.environ.setdefault("RAY_worker_niceness", "0")  # model workers must not lose the CPU to others
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "1")  # Serve's controller checks its replicas every 1 s, not 0.1
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        object_store_memory=128 << 20,
-        log_to_driver=False,
-        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False,
-                        "enable_metrics_collection": False},  # Ray's own metrics; ours are served at /metrics
-    )
-    return True
+    options = dict(address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=128 << 20,
+                   log_to_driver=False,
+                   _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False,
+                                   "enable_metrics_collection": False})  # Ray's own metrics; ours are served at /metrics
+    import psutil  # Ray's own dependency
+
+    for attempt in range(1, LOCAL_RAY_STARTS + 1):
+        before = {child.pid for child in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(**options)
+            return True
+        except Exception as exc:  # Ray raises a bare Exception when its node does not come up in 30 s
+            ray.shutdown()
+            for child in psutil.Process().children(recursive=True):  # what this attempt started (its GCS, ...)
+                if child.pid not in before:
+                    child.kill()
+            if attempt == LOCAL_RAY_STARTS:
+                raise
+            print(f"specrouter: the local Ray did not start ({exc}); starting it again", file=sys.stderr, flush=True)
 
 
 @ray.remote(max_restarts=-1, max_concurrency=4)
