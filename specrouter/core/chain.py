@@ -105,6 +105,27 @@ def verify_round(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list
     return score_blocks(chain, i, seqs, prefixes, blocks, ks, ctxs, timings)
 
 
+def decode_run(target: Level, seqs: list[SequenceState], ctxs: list[StepContext], budgets: list[int], steps: int,
+               timings: list[TimingRecord]) -> list[list[int]]:
+    """Plain greedy decoding, up to `steps` tokens per sequence (and its budget) in one call to the
+    target: it drafts them itself, one batched one-token pass per token, the very passes as many plain
+    steps would run, so every token is the target's own and nothing is left to verify. A sequence's
+    prompt must be cached (its first step prefills it). Timed as that many one-token passes."""
+    ns = [min(steps, budget) for budget in budgets]
+    items = [ProposeItem(seq, list(seq.token_ids), n, ctx.params, 0) for seq, n, ctx in zip(seqs, ns, ctxs)]
+    t0 = time.perf_counter()
+    blocks = target.propose(items)
+    seconds = time.perf_counter() - t0
+    passes = max(ns)
+    timings.extend(TimingRecord(target.name, "score", 1, seconds / passes, len(seqs)) for _ in range(passes))
+    for ctx, block in zip(ctxs, blocks):
+        stats = ctx.level_stats(target.name)
+        stats.time_s += seconds
+        stats.num_emitted_tokens += len(block)
+        stats.num_bonus_tokens += len(block)  # as a plain step counts its one token: nothing drafted, all bonus
+    return [block.token_ids for block in blocks]
+
+
 def propose_blocks(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list[int]], ks: list[int],
                    ctxs: list[StepContext], timings: list[TimingRecord]) -> list[Block]:
     """The blocks level i - 1 proposes for level i to verify, in one batched call (empty where k = 0)."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from specrouter.core.chain import Chain, StepContext, speculative_step
+from specrouter.core.chain import Chain, StepContext, decode_run, speculative_step, top_block_lens
 from specrouter.core.levels import NgramLevel
 from specrouter.core.model import KVPool
 from specrouter.core.pipeline import DraftAhead, pipelined_step
@@ -51,11 +51,12 @@ from specrouter.core.tiered import tiered_step
 from specrouter.core.tiers import Thresholds, TierCounts
 from specrouter.core.shadow import shadow_records
 from specrouter.core.worker import WorkerUnavailable
-from specrouter.engine.defaults import MAX_BATCH, PREFILL_CHUNK
+from specrouter.engine.defaults import DECODE_RUN_S, MAX_BATCH, PREFILL_CHUNK
 from specrouter.engine.request import Overloaded
 from specrouter.routing.router import AdaptiveRouter, Decision, RequestRoute
 
 SHADOW_BLOCK = 10  # the block length an n-gram drafter is replayed with
+MAX_RUN = 16  # the most tokens a step of plain decoding runs in one call to the target
 
 
 @dataclass
@@ -150,17 +151,26 @@ class StepReport:
 
 class BatchLoop:
     def __init__(self, engine, router: AdaptiveRouter | None = None, max_batch: int = MAX_BATCH, pipeline: bool = False,
-                 max_waiting: int | None = None, max_waiting_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 max_waiting: int | None = None, max_waiting_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 decode_run_s: float = DECODE_RUN_S):
         """`engine`: the Engine (specrouter/engine/engine.py) whose levels and chains run.
         `router`: an AdaptiveRouter choosing each step's plan; None: the static chain.
         `pipeline`: draft each next block while the target verifies (specrouter/core/pipeline.py).
         `max_waiting` / `max_waiting_tokens`: the most requests / prompt tokens that may wait for a
         place in the batch (None: no limit); `submit` refuses what would go past them.
         `prefill_chunk`: the most prompt tokens a step prefills; a longer prompt is prefilled in chunks
-        of this many tokens over several steps while the batch goes on decoding."""
+        of this many tokens over several steps while the batch goes on decoding.
+        `decode_run_s`: a step of plain greedy decoding (nothing drafted) runs as many one-token passes
+        on the target in one call as fit in about this many seconds, by the last such step's pace, so
+        the per-step work around a pass (the router, the data plane, the stream) is paid once per run;
+        tokens then arrive a run at a time. 0: one token a step."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if decode_run_s < 0:
+            raise ValueError(f"decode_run_s must be >= 0, got {decode_run_s}")
         self.engine, self.router, self.max_batch, self.prefill_chunk = engine, router, max_batch, prefill_chunk
+        self.decode_run_s = decode_run_s
+        self._pass_s: float | None = None  # seconds a pass of plain decoding took at the last such step
         # Positions a sequence may hold past its last token: the widest block a step may draft, and one
         # (twice that when pipelined: the drafters run a block ahead).
         lengths = (*engine.chain.draft_lens, *(router.config.lengths if router is not None else ()))
@@ -286,9 +296,10 @@ class BatchLoop:
             # 2. the batch's plan
             chain, top_lens, decision = self._plan(requests)
             timings: list[TimingRecord] = []
+            run = self._run_length(chain, requests, top_lens)
             try:
                 # 3. one batched step: every sequence gets at least one target-verified token
-                new = self._step(chain, requests, timings, top_lens)
+                new = self._step(chain, requests, timings, top_lens, run)
                 break
             except WorkerUnavailable as exc:
                 self.engine.mark_down(exc, chain)  # a drafter: redo the step without it; the target: fail
@@ -299,6 +310,8 @@ class BatchLoop:
         if self.router is not None:  # with the replays of the n-gram drafters this step's target did not verify
             records = [rs + self._shadow(chain, r.seq, tokens) for r, rs, tokens in zip(requests, records, new)]
         seconds = time.perf_counter() - t0
+        if run:
+            self._pass_s = seconds / max(1, *map(len, new))
         if self.router is not None:
             # 4. the router learns each request's verdicts and replays, and the step's level timings
             self.router.observe([r.route for r in requests], records, timings, seconds)
@@ -310,7 +323,7 @@ class BatchLoop:
             tokens = tokens[: end + 1] if end is not None else tokens
             self._note_step(request, (tuple(chain.names), lens), decision, len(requests), len(tokens), seconds)
             request.seq = request.seq.commit(tokens)
-            request.steps += 1
+            request.steps += len(tokens) if run else 1  # target passes: one a token in a run
             committed[request.request_id] = tokens
             if end is not None or request.budget <= 0:
                 finished[request.request_id] = self._finish(request, "stop" if end is not None else "length")
@@ -366,8 +379,26 @@ class BatchLoop:
             return chain, None, decision  # a drafter is down: its shorter chain's own lengths
         return chain, list(decision.top_lens), decision
 
-    def _step(self, chain: Chain, requests: list[_Request], timings: list[TimingRecord], top_lens: list[int] | None) -> list[list[int]]:
+    def _run_length(self, chain: Chain, requests: list[_Request], top_lens: list[int] | None) -> int:
+        """The tokens this step decodes per sequence in one call to the target: 0 unless the step is plain
+        greedy decoding (no sequence drafts, every prompt is cached, nothing tiered or pipelined), else
+        as many as fit in `decode_run_s` at the last plain step's pace (1 until one was timed)."""
+        if self._pool is not None or any(not r.ctx.params.greedy or r.ctx.tiered is not None for r in requests):
+            return 0
+        seqs, target = [r.seq for r in requests], chain.levels[-1]
+        if any(target.backlog(s.seq_id, len(s.token_ids)) > 1 for s in seqs):
+            return 0
+        if any(top_block_lens(chain, seqs, [r.budget for r in requests], top_lens)):
+            return 0
+        if self._pass_s is None:
+            return 1
+        return max(1, min(MAX_RUN, int(self.decode_run_s / self._pass_s)))
+
+    def _step(self, chain: Chain, requests: list[_Request], timings: list[TimingRecord], top_lens: list[int] | None,
+              run: int) -> list[list[int]]:
         seqs, ctxs, budgets = [r.seq for r in requests], [r.ctx for r in requests], [r.budget for r in requests]
+        if run > 1:
+            return decode_run(chain.levels[-1], seqs, ctxs, budgets, run, timings)
         if any(ctx.tiered is not None for ctx in ctxs):  # tiered requests in the batch: one tiered step for all
             for request in requests:
                 request.ahead = None

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import ray
 
 from specrouter.core.spec import LevelSpec, parse_chain, slim_spec
-from specrouter.engine.defaults import MAX_BATCH, PREFILL_CHUNK, RETRY_DOWN_AFTER_S
+from specrouter.engine.defaults import DECODE_RUN_S, MAX_BATCH, PREFILL_CHUNK, RETRY_DOWN_AFTER_S
 from specrouter.routing.config import RouterConfig
 
 LOCAL_RAY_STARTS = 2  # a local Ray whose node does not come up (a loaded machine) is started once more
@@ -251,7 +251,8 @@ class RouterActor:
                  max_batch: int = MAX_BATCH, pipeline: bool = False, draft_confidence: float = 0.0, bit_exact: bool = True,
                  max_waiting: int | None = None, max_waiting_tokens: int | None = None,
                  router_config: RouterConfig = RouterConfig(), retry_down_after_s: float = RETRY_DOWN_AFTER_S,
-                 slim_verifier: str | None = None, prefill_chunk: int = PREFILL_CHUNK, tasks: str | None = None):
+                 slim_verifier: str | None = None, prefill_chunk: int = PREFILL_CHUNK, tasks: str | None = None,
+                 decode_run_s: float = DECODE_RUN_S):
         from specrouter.engine.batch_server import BatchServer
         from specrouter.engine.calibration import router_for
         from specrouter.engine.engine import Engine
@@ -270,7 +271,7 @@ class RouterActor:
                              bit_exact=bit_exact, retry_down_after_s=retry_down_after_s, slim_verifier=slim_verifier)
         self.router = router_for(self.engine, router_config) if adaptive else None
         self.batcher = BatchServer(BatchLoop(self.engine, self.router, max_batch, pipeline, max_waiting, max_waiting_tokens,
-                                             prefill_chunk))
+                                             prefill_chunk, decode_run_s))
         self.frontend = Frontend(self.engine, self.router, default_max_tokens, batcher=self.batcher, tasks=classifier)
         release_free_memory()
 
@@ -304,7 +305,7 @@ class RouterActor:
         return {"chain": ",".join(s.label for s in self.engine.specs), "target": self.engine.target_name,
                 "bit_exact_block": self.engine.levels[self.engine.target_name].max_block,
                 "max_context": self.engine.max_positions, "kv_pool": asdict(self.engine.kv_pool) if self.engine.kv_pool else None,
-                "prefill_chunk": self.batcher.loop.prefill_chunk}
+                "prefill_chunk": self.batcher.loop.prefill_chunk, "decode_run_s": self.batcher.loop.decode_run_s}
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: dict | None = None, seed: int = 0,
                  ignore_eos: bool = False, prompt_class: str | None = None) -> dict:

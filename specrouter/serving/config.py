@@ -14,6 +14,7 @@
     api_key_file: null               # a file of keys, one a line
     max_batch: 16                    # requests generating together
     prefill_chunk_tokens: 512        # the most prompt tokens a step prefills; longer prompts take several steps
+    decode_run_s: 0.1                # plain greedy decoding runs passes back to back on the target for this long a call
     retry_down_after_s: 5.0          # a drafter that stopped answering is left out of chains this long
     routing: {explore_every: 12}     # the adaptive router's knobs (see RoutingConfig)
     max_waiting_requests: 64         # past it, a request that would wait is refused at once (429)
@@ -32,7 +33,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from specrouter.core.spec import parse_chain
-from specrouter.engine.defaults import MAX_BATCH, PREFILL_CHUNK, RETRY_DOWN_AFTER_S
+from specrouter.engine.defaults import DECODE_RUN_S, MAX_BATCH, PREFILL_CHUNK, RETRY_DOWN_AFTER_S
 from specrouter.routing.config import RouterConfig
 
 # The default for CPU serving: the target's own GGUF on llama.cpp (its quantised kernels outrun a torch
@@ -182,6 +183,12 @@ class ServeConfig(BaseModel):
                     "tokens over several steps while the batch goes on decoding: smaller chunks keep the other "
                     "requests' inter-token latency lower while long prompts arrive, larger ones give the long "
                     "prompt its first token sooner.")
+    decode_run_s: float = Field(
+        default=DECODE_RUN_S, ge=0.0,
+        description="Seconds one call to the target may run plain greedy decoding (a step that drafts nothing): "
+                    "one-token passes back to back, the same passes as one a step, so the output is the same; the "
+                    "router, the data plane and the stream then work once per run instead of once per token, and "
+                    "tokens arrive a run at a time. 0: one token a step.")
     retry_down_after_s: float = Field(
         default=RETRY_DOWN_AFTER_S, ge=0.0,
         description="How long a drafter that stopped answering is left out of chains before it is tried again "

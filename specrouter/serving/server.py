@@ -47,7 +47,7 @@ class SpecRouterServer:
             bit_exact=c.bit_exact, max_waiting=c.max_waiting_requests, max_waiting_tokens=c.max_waiting_tokens,
             router_config=c.routing.router_config(), retry_down_after_s=c.retry_down_after_s,
             slim_verifier=c.slim_verifier if c.tiered_verification else None, prefill_chunk=c.prefill_chunk_tokens,
-            tasks=c.tasks,
+            decode_run_s=c.decode_run_s, tasks=c.tasks,
         )
         self.info = ray.get(self.router.info.remote())
         self.model = c.served_name

@@ -296,3 +296,43 @@ def test_a_batch_never_takes_more_sequences_than_a_llamacpp_model_has_slots(tiny
     loop = BatchLoop(engine)
     results = loop.run([{"prompt_ids": p, "max_new_tokens": 8, "ignore_eos": True} for p in prompts(7, 2000, seed=4)])
     assert all(len(r.token_ids) == 8 for r in results)
+
+
+
+@pytest.mark.parametrize("backend", ["torch", "llama.cpp"])
+def test_plain_greedy_decoding_runs_passes_back_to_back_with_the_same_tokens(tiny_dirs, tiny_gguf_dirs, backend):
+    """A step that drafts nothing runs several one-token passes in one call to the target (once a pass
+    has been timed): the same tokens as one a step, each request's budget kept, every pass counted."""
+    spec = tiny_dirs["target"] if backend == "torch" else f"{tiny_gguf_dirs['target']}@gguf"
+    requests = [{"prompt_ids": p, "max_new_tokens": 5 + 6 * i, "ignore_eos": True} for i, p in enumerate(prompts(3, 2000, seed=4))]
+
+    def run(decode_run_s: float) -> tuple[list, list[int]]:
+        loop = BatchLoop(Engine(spec, dtype="float32"), decode_run_s=decode_run_s)  # a fresh cache each: same prefix state
+        ids = [loop.submit(**r) for r in requests]
+        results, per_step = {}, []
+        while loop.has_work:
+            report = loop.step()
+            per_step += [len(tokens) for tokens in report.committed.values()]
+            results.update(report.finished)
+        return [results[i] for i in ids], per_step
+
+    one_a_step, steps_plain = run(0.0)
+    back_to_back, steps_run = run(60.0)  # as many passes a call as MAX_RUN allows
+    assert [r.token_ids for r in back_to_back] == [r.token_ids for r in one_a_step]
+    assert set(steps_plain) == {1} and max(steps_run) > 1 and len(steps_run) < len(steps_plain)
+    assert [len(r.token_ids) for r in back_to_back] == [r["max_new_tokens"] for r in requests]
+    assert [r.num_steps for r in back_to_back] == [r["max_new_tokens"] for r in requests]  # target passes
+
+
+def test_sampled_requests_and_drafting_chains_step_as_without_runs(tiny_dirs):
+    """Runs are for plain greedy decoding only: a sampled request (its draws come from its own
+    generator, a token a step) and a chain that drafts take the same steps and tokens as without."""
+    from specrouter.core.sampling import SamplingParams
+
+    request = {"prompt_ids": prompts(1, 2000, seed=5)[0], "max_new_tokens": 24, "ignore_eos": True}
+    sampled = {**request, "params": SamplingParams(temperature=0.8), "seed": 3}
+    for chain, r in (("target", sampled), ("draft,target", request)):
+        engine = Engine(chain_spec(tiny_dirs, chain), dtype="float32", draft_lens=[3] if "," in chain else None)
+        without = BatchLoop(engine, decode_run_s=0.0).run([r])[0]
+        default = BatchLoop(engine, decode_run_s=60.0).run([r])[0]
+        assert default.token_ids == without.token_ids and default.num_steps == without.num_steps
