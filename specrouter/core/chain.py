@@ -24,7 +24,7 @@ import torch
 
 from specrouter.core.levels import Block, Level, ProposeItem, ScoreItem
 from specrouter.core.records import LevelStats, TimingRecord, VerifyRecord, level_stats, record_verdict
-from specrouter.core.sampling import SamplingParams
+from specrouter.core.sampling import SamplingParams, position_generator
 from specrouter.core.sequence import SequenceState
 from specrouter.core.tiers import Thresholds, TierCounts
 from specrouter.core.verification import Verdict, rejection_sample
@@ -78,6 +78,11 @@ class StepContext:
     def seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
+    @property
+    def plain_seed(self) -> int:
+        """The request's own seed (its generator's): with a position, it seeds each plain target token's draw."""
+        return self.generator.initial_seed()
+
     def level_stats(self, name: str) -> LevelStats:
         return level_stats(self.stats, name)
 
@@ -107,12 +112,14 @@ def verify_round(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list
 
 def decode_run(target: Level, seqs: list[SequenceState], ctxs: list[StepContext], budgets: list[int], steps: int,
                timings: list[TimingRecord]) -> list[list[int]]:
-    """Plain greedy decoding, up to `steps` tokens per sequence (and its budget) in one call to the
-    target: it drafts them itself, one batched one-token pass per token, the very passes as many plain
-    steps would run, so every token is the target's own and nothing is left to verify. A sequence's
-    prompt must be cached (its first step prefills it). Timed as that many one-token passes."""
+    """Plain decoding, up to `steps` tokens per sequence (and its budget) in one call to the target: it
+    drafts them itself, one batched one-token pass per token, the very passes as many plain steps would
+    run, each token drawn by its position's generator as a plain step draws it (`judge`), so every token
+    is the one plain steps would give and nothing is left to verify. A sequence's prompt must be cached
+    (its first step prefills it). Timed as that many one-token passes."""
     ns = [min(steps, budget) for budget in budgets]
-    items = [ProposeItem(seq, list(seq.token_ids), n, ctx.params, 0) for seq, n, ctx in zip(seqs, ns, ctxs)]
+    items = [ProposeItem(seq, list(seq.token_ids), n, ctx.params, ctx.plain_seed, by_position=True)
+             for seq, n, ctx in zip(seqs, ns, ctxs)]
     t0 = time.perf_counter()
     blocks = target.propose(items)
     seconds = time.perf_counter() - t0
@@ -151,7 +158,8 @@ def score_blocks(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list
     scored = level.score(items)  # p [len(block) + 1, V] each
     seconds = time.perf_counter() - t0
     timings.append(TimingRecord(level.name, "score", fed, seconds, len(seqs)))
-    verdicts = [judge(chain, i, block, s.p, seconds, ctx, k) for block, s, ctx, k in zip(blocks, scored, ctxs, ks)]
+    verdicts = [judge(chain, i, block, s.p, seconds, ctx, k, len(prefix)) for block, s, ctx, k, prefix
+                in zip(blocks, scored, ctxs, ks, prefixes)]
     return verdicts, [s.top for s in scored]
 
 
@@ -182,11 +190,16 @@ def propose(chain: Chain, i: int, seqs: list[SequenceState], prefixes: list[list
     return [Block(t[:n], torch.cat(r)[:n], level.cross_tokenizer) for t, r, n in zip(tokens, rows, ns)]
 
 
-def judge(chain: Chain, i: int, block: Block, p_target: torch.Tensor, seconds: float, ctx: StepContext, asked: int = 0) -> Verdict:
-    """Level i's verdict on `block` (asked for `asked` tokens) from its distributions p_target
-    [len(block) + 1, V], recorded into the request's statistics and records."""
+def judge(chain: Chain, i: int, block: Block, p_target: torch.Tensor, seconds: float, ctx: StepContext, asked: int,
+          position: int) -> Verdict:
+    """Level i's verdict on `block` (asked for `asked` tokens, its first at `position`) from its
+    distributions p_target [len(block) + 1, V], recorded into the request's statistics and records.
+    The target's token after an empty block is plain decoding: drawn by the position's own generator,
+    as a decode run draws it on the worker (`decode_run`)."""
     q_draft = _match_vocab(block.q_draft, p_target.shape[-1])  # [len(block), V]
-    verdict = rejection_sample(block.token_ids, q_draft, p_target, ctx.generator)
+    plain = not len(block) and i == len(chain.levels) - 1
+    generator = position_generator(ctx.plain_seed, position) if plain else ctx.generator
+    verdict = rejection_sample(block.token_ids, q_draft, p_target, generator)
     drafter = chain.levels[i - 1].name if i > 0 else None
     record_verdict(ctx.stats, ctx.records, drafter, chain.levels[i].name, block, q_draft, p_target, verdict, seconds, asked)
     return verdict

@@ -87,7 +87,8 @@ def pipelined_step(
     timings.append(TimingRecord(target.name, "score", fed, seconds, n))
 
     # 4. verdicts; keep a block drafted ahead only where the whole block and the guessed bonus held
-    verdicts = [judge(chain, top, block, s.p, seconds, ctx, k) for block, s, ctx, k in zip(blocks, scored, ctxs, ks)]
+    verdicts = [judge(chain, top, block, s.p, seconds, ctx, k, len(prefix))
+                for block, s, ctx, k, prefix in zip(blocks, scored, ctxs, ks, prefixes)]
     next_aheads: list[DraftAhead | None] = [None] * n
     for b, guess in guesses.items():
         verdict = verdicts[b]

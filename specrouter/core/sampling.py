@@ -6,6 +6,7 @@ rejection sampler that keeps sampling exact makes greedy speculation token-ident
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +50,34 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     return probs
 
 
+SAMPLE_BLOCK = 512  # tokens per block of the two-level inverse CDF in `sample`
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of probs [N, V] -> [N]. A one-hot (greedy) row yields its token, drawing no randomness."""
+    """One token per row of probs [N, V] -> [N]. A one-hot (greedy) row yields its token, drawing no
+    randomness. Otherwise one uniform draw a row, inverted through the row's cumulative distribution in
+    float64, two levels deep: the block of SAMPLE_BLOCK tokens whose mass holds it, then the token in
+    that block (the same distribution as torch.multinomial, which takes some 3 ms a row over a 150k
+    vocabulary on a CPU; this, a tenth of that). A zero-probability token is never drawn."""
     top_p, top_token = probs.max(-1)
     if bool((top_p == 1.0).all()):
         return top_token
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    n, vocab = probs.shape
+    blocks = torch.nn.functional.pad(probs, (0, -vocab % SAMPLE_BLOCK)).view(n, -1, SAMPLE_BLOCK)  # [N, nb, B]
+    block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [N, nb]
+    u = torch.rand(n, 1, generator=generator, dtype=torch.float64, device=probs.device) * block_cdf[:, -1:]  # [N, 1]
+    b = torch.searchsorted(block_cdf, u, right=True).clamp_max(block_cdf.shape[1] - 1)  # [N, 1]: its cdf > u
+    before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp_min(0)), 0.0)  # [N, 1]: the mass before block b
+    inner = blocks[torch.arange(n, device=probs.device), b[:, 0]].cumsum(-1, dtype=torch.float64)  # [N, B]
+    i = torch.searchsorted(inner, u - before, right=True)  # [N, 1]
+    last = torch.searchsorted(inner, inner[:, -1:].contiguous())  # the block's last token with mass (rounding never passes it)
+    return (b * SAMPLE_BLOCK + torch.minimum(i, last))[:, 0]
+
+
+def position_generator(seed: int, position: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator that draws a request's plain-decoded token at `position` (one the target samples
+    with nothing drafted before it): seeded by the request's seed and the position alone, so the token
+    is the same whoever draws it (the router after a one-token pass, or the target's worker in a decode
+    run) and whatever the batch."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specrouter.core.model import KVCache, KVPool, ModelView, SeqBlock
-from specrouter.core.sampling import SamplingParams, probs_from_logits, sample
+from specrouter.core.sampling import SamplingParams, position_generator, probs_from_logits, sample
 from specrouter.core.sequence import PositionGapError, StaleVersionError, TokenLog
 
 
@@ -82,7 +82,8 @@ class ForwardCall:
 class DraftCall:
     """One sequence's `draft`: feed `token_ids` at `start`, then sample up to k tokens one at a time,
     stopping after one drafted with confidence below `min_confidence`; the last one is not cached. The
-    stop depends only on the drafter's own draws, so the proposal stays exact."""
+    stop depends only on the drafter's own draws, so the proposal stays exact. The draws come from one
+    generator seeded `seed`, or, `by_position`, each from position_generator(seed, its position)."""
 
     seq_id: str
     version: int
@@ -93,6 +94,7 @@ class DraftCall:
     params: SamplingParams
     seed: int
     min_confidence: float = 0.0
+    by_position: bool = False
 
 
 def top_confidence(logits: torch.Tensor) -> list[float]:
@@ -165,7 +167,9 @@ class ModelWorker:
             for i, row in zip(active, logits):
                 row = restrict(row, allowed)  # [1, V]
                 q = probs_from_logits(row, calls[i].params)  # [1, V]
-                token = int(sample(q, generators[i])[0])
+                position = feeds[i][0] + len(feeds[i][1])  # the drafted token's
+                generator = position_generator(calls[i].seed, position, self.view.device) if calls[i].by_position else generators[i]
+                token = int(sample(q, generator)[0])
                 drafted[i].append(token)
                 rows[i].append(q)
                 sure[i].append(confidence(row, q, token, calls[i].params))

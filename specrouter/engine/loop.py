@@ -160,7 +160,7 @@ class BatchLoop:
         place in the batch (None: no limit); `submit` refuses what would go past them.
         `prefill_chunk`: the most prompt tokens a step prefills; a longer prompt is prefilled in chunks
         of this many tokens over several steps while the batch goes on decoding.
-        `decode_run_s`: a step of plain greedy decoding (nothing drafted) runs as many one-token passes
+        `decode_run_s`: a step of plain decoding (nothing drafted) runs as many one-token passes
         on the target in one call as fit in about this many seconds, by the last such step's pace, so
         the per-step work around a pass (the router, the data plane, the stream) is paid once per run;
         tokens then arrive a run at a time. 0: one token a step."""
@@ -381,9 +381,9 @@ class BatchLoop:
 
     def _run_length(self, chain: Chain, requests: list[_Request], top_lens: list[int] | None) -> int:
         """The tokens this step decodes per sequence in one call to the target: 0 unless the step is plain
-        greedy decoding (no sequence drafts, every prompt is cached, nothing tiered or pipelined), else
-        as many as fit in `decode_run_s` at the last plain step's pace (1 until one was timed)."""
-        if self._pool is not None or any(not r.ctx.params.greedy or r.ctx.tiered is not None for r in requests):
+        decoding (no sequence drafts, every prompt is cached, nothing tiered or pipelined), else as many
+        as fit in `decode_run_s` at the last plain step's pace (1 until one was timed)."""
+        if self._pool is not None or any(r.ctx.tiered is not None for r in requests):
             return 0
         seqs, target = [r.seq for r in requests], chain.levels[-1]
         if any(target.backlog(s.seq_id, len(s.token_ids)) > 1 for s in seqs):

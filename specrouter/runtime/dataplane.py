@@ -112,7 +112,8 @@ def _forward_fields(call: ForwardCall) -> dict:
 def _draft_fields(call: DraftCall) -> dict:
     return {"seq": call.seq_id, "version": call.version, "start": call.start, "prefix": call.prefix_hash,
             "tokens": list(call.token_ids), "k": call.k, "sampling": _sampling(call.params), "seed": call.seed,
-            **({"min_conf": call.min_confidence} if call.min_confidence else {})}
+            **({"min_conf": call.min_confidence} if call.min_confidence else {}),
+            **({"by_position": True} if call.by_position else {})}
 
 
 def _forward_call(m: dict) -> ForwardCall:
@@ -122,7 +123,7 @@ def _forward_call(m: dict) -> ForwardCall:
 
 def _draft_call(m: dict) -> DraftCall:
     return DraftCall(m["seq"], m["version"], m["start"], m["prefix"], m["tokens"], m["k"], _params(m["sampling"]), m["seed"],
-                     m.get("min_conf", 0.0))
+                     m.get("min_conf", 0.0), m.get("by_position", False))
 
 
 def encode_scored(result: Scored, params: SamplingParams) -> dict:

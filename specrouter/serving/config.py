@@ -14,7 +14,7 @@
     api_key_file: null               # a file of keys, one a line
     max_batch: 16                    # requests generating together
     prefill_chunk_tokens: 512        # the most prompt tokens a step prefills; longer prompts take several steps
-    decode_run_s: 0.1                # plain greedy decoding runs passes back to back on the target for this long a call
+    decode_run_s: 0.1                # plain decoding runs passes back to back on the target for this long a call
     retry_down_after_s: 5.0          # a drafter that stopped answering is left out of chains this long
     routing: {explore_every: 12}     # the adaptive router's knobs (see RoutingConfig)
     max_waiting_requests: 64         # past it, a request that would wait is refused at once (429)
@@ -185,10 +185,11 @@ class ServeConfig(BaseModel):
                     "prompt its first token sooner.")
     decode_run_s: float = Field(
         default=DECODE_RUN_S, ge=0.0,
-        description="Seconds one call to the target may run plain greedy decoding (a step that drafts nothing): "
-                    "one-token passes back to back, the same passes as one a step, so the output is the same; the "
-                    "router, the data plane and the stream then work once per run instead of once per token, and "
-                    "tokens arrive a run at a time. 0: one token a step.")
+        description="Seconds one call to the target may run plain decoding (a step that drafts nothing): "
+                    "one-token passes back to back, the same passes as one a step, each sampled token drawn by its "
+                    "position's generator either way, so the output is the same; the router, the data plane and the "
+                    "stream then work once per run instead of once per token, and tokens arrive a run at a time. "
+                    "0: one token a step.")
     retry_down_after_s: float = Field(
         default=RETRY_DOWN_AFTER_S, ge=0.0,
         description="How long a drafter that stopped answering is left out of chains before it is tried again "

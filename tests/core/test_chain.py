@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import model_level, perturbed, tiny_llama
-from specrouter.core.chain import Chain, StepContext, propose, speculative_step
+from specrouter.core.chain import Chain, StepContext, decode_run, propose, speculative_step
 from specrouter.core.levels import ModelLevel, NgramLevel, ProposeItem, ScoreItem
 from specrouter.core.records import LevelStats, TimingRecord, VerifyRecord
 from specrouter.core.model import ModelView
@@ -383,3 +383,36 @@ def test_chain_with_cross_vocabulary_levels_follows_target_joint(case):
         assert chi_square_p_value(counts, level_joint(drafter, prompt, params)) < 1e-6
     # Tokens the own vocabulary lacks are still produced (from the residual or the bonus row).
     assert counts[[2, 5]].sum() > 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=4, top_p=0.9)],
+    ids=["temperature", "top-k-top-p"],
+)
+def test_plain_decoding_draws_each_token_by_its_position_and_follows_the_target_joint(params):
+    """A target token with nothing drafted before it is drawn by its position's generator, whether the
+    router draws it after a one-token pass or the target's worker in a decode run: the same tokens
+    either way, and they follow the target's joint."""
+    target = tiny_llama(10, SMALL_V, init_std=0.1)
+    level = model_level(target, "target")
+    chain = Chain([level], [])
+    prompt = [1, 4, 2]
+    counts = torch.zeros(SMALL_V, SMALL_V)
+    for seed in range(2000):
+        ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset())
+        seq = SequenceState.new(f"run-{seed}", prompt)
+        seq = seq.commit(step(chain, seq, ctx, 3))  # prefills: its first token is drawn here
+        ran = decode_run(level, [seq], [ctx], [2], 2, [])[0]  # the next two on the worker
+        stepped = SequenceState.new(f"step-{seed}", prompt)
+        ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset())
+        for _ in range(3):
+            stepped = stepped.commit(step(chain, stepped, ctx, 3 - len(stepped.generated)))
+        assert list(stepped.generated) == list(seq.generated) + ran
+        counts[seq.generated[0], ran[0]] += 1
+        for s_id in (seq.seq_id, stepped.seq_id):
+            level.release(s_id)
+    expected = joint_two_tokens(ModelView(target), prompt, params)
+    assert chi_square_p_value(counts, expected) > 1e-3
+    other = tiny_llama(11, SMALL_V, init_std=0.1)  # power: the same samples reject another model's joint
+    assert chi_square_p_value(counts, joint_two_tokens(ModelView(other), prompt, params)) < 1e-6

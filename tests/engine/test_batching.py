@@ -324,15 +324,25 @@ def test_plain_greedy_decoding_runs_passes_back_to_back_with_the_same_tokens(tin
     assert [r.num_steps for r in back_to_back] == [r["max_new_tokens"] for r in requests]  # target passes
 
 
-def test_sampled_requests_and_drafting_chains_step_as_without_runs(tiny_dirs):
-    """Runs are for plain greedy decoding only: a sampled request (its draws come from its own
-    generator, a token a step) and a chain that drafts take the same steps and tokens as without."""
+def test_sampled_requests_run_with_the_tokens_of_one_a_step_and_drafting_chains_do_not_run(tiny_dirs):
+    """A sampled request runs too (each plain token is drawn by its position's generator, on the worker
+    as on the router): the same tokens as one a step, fewer steps. A chain that drafts never runs."""
     from specrouter.core.sampling import SamplingParams
 
     request = {"prompt_ids": prompts(1, 2000, seed=5)[0], "max_new_tokens": 24, "ignore_eos": True}
-    sampled = {**request, "params": SamplingParams(temperature=0.8), "seed": 3}
-    for chain, r in (("target", sampled), ("draft,target", request)):
-        engine = Engine(chain_spec(tiny_dirs, chain), dtype="float32", draft_lens=[3] if "," in chain else None)
+    sampled = {**request, "params": SamplingParams(temperature=0.8, top_p=0.95), "seed": 3}
+    engine = Engine(chain_spec(tiny_dirs, "target"), dtype="float32")
+    without = BatchLoop(engine, decode_run_s=0.0).run([sampled])[0]
+    loop, steps = BatchLoop(engine, decode_run_s=60.0), 0
+    request_id = loop.submit(**sampled)
+    while loop.has_work:
+        report = loop.step()
+        steps += 1
+    assert report.finished[request_id].token_ids == without.token_ids and steps < len(without.token_ids)
+    assert without.token_ids != BatchLoop(engine, decode_run_s=0.0).run([{**sampled, "seed": 4}])[0].token_ids
+
+    engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
+    for r in (request, sampled):
         without = BatchLoop(engine, decode_run_s=0.0).run([r])[0]
         default = BatchLoop(engine, decode_run_s=60.0).run([r])[0]
         assert default.token_ids == without.token_ids and default.num_steps == without.num_steps
