@@ -118,7 +118,7 @@ def decode_run(target: Level, seqs: list[SequenceState], ctxs: list[StepContext]
     is the one plain steps would give and nothing is left to verify. A sequence's prompt must be cached
     (its first step prefills it). Timed as that many one-token passes."""
     ns = [min(steps, budget) for budget in budgets]
-    items = [ProposeItem(seq, list(seq.token_ids), n, ctx.params, ctx.plain_seed, by_position=True)
+    items = [ProposeItem(seq, list(seq.token_ids), n, ctx.params, ctx.plain_seed, plain=True)
              for seq, n, ctx in zip(seqs, ns, ctxs)]
     t0 = time.perf_counter()
     blocks = target.propose(items)

@@ -41,16 +41,16 @@ class ScoreItem:
 
 @dataclass(frozen=True)
 class ProposeItem:
-    """One sequence's `propose`: up to n tokens after `ctx`. `by_position`: each token is drawn by
-    position_generator(seed, its position) (plain decoding by the target itself) rather than by one
-    generator seeded `seed`."""
+    """One sequence's `propose`: up to n tokens after `ctx`. `plain`: the target decoding for itself
+    (a decode run, specrouter/core/chain.py `decode_run`): each token drawn by position_generator(seed,
+    its position) rather than by one generator seeded `seed`, and the block carries no distributions."""
 
     seq: SequenceState
     ctx: list[int]
     n: int
     params: SamplingParams
     seed: int
-    by_position: bool = False
+    plain: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ class ModelLevel:
         def call(b: int, start: int, prefix_hash: int) -> DraftCall:
             item = items[b]
             return DraftCall(item.seq.seq_id, item.seq.version, start, prefix_hash, owns[b][start:], ks[b], item.params, item.seed,
-                             self.min_confidence, item.by_position)
+                             self.min_confidence, item.plain)
 
         targets = [(item.seq.seq_id, own) for item, own in zip(items, owns)]
         starts, results = self._send(targets, call, lambda calls: self.worker.draft(calls, allowed))

@@ -49,7 +49,7 @@ class Scored:
 @dataclass(frozen=True)
 class DraftResult:
     token_ids: list[int]
-    q_draft: torch.Tensor  # [k, V]: the distribution each token was sampled from
+    q_draft: torch.Tensor  # [k, V]: the distribution each token was sampled from ([0, V] for a plain call)
     confidence: list[float] | None = None  # [k] how sure the drafter was of each token (see `confidence`)
 
 
@@ -83,7 +83,9 @@ class DraftCall:
     """One sequence's `draft`: feed `token_ids` at `start`, then sample up to k tokens one at a time,
     stopping after one drafted with confidence below `min_confidence`; the last one is not cached. The
     stop depends only on the drafter's own draws, so the proposal stays exact. The draws come from one
-    generator seeded `seed`, or, `by_position`, each from position_generator(seed, its position)."""
+    generator seeded `seed`. `plain`: the target decoding for itself (a decode run): each token drawn
+    by position_generator(seed, its position), as plain decoding draws it, and returned without the
+    distributions (no level verifies these tokens: q_draft is empty)."""
 
     seq_id: str
     version: int
@@ -94,7 +96,7 @@ class DraftCall:
     params: SamplingParams
     seed: int
     min_confidence: float = 0.0
-    by_position: bool = False
+    plain: bool = False
 
 
 def top_confidence(logits: torch.Tensor) -> list[float]:
@@ -168,10 +170,11 @@ class ModelWorker:
                 row = restrict(row, allowed)  # [1, V]
                 q = probs_from_logits(row, calls[i].params)  # [1, V]
                 position = feeds[i][0] + len(feeds[i][1])  # the drafted token's
-                generator = position_generator(calls[i].seed, position, self.view.device) if calls[i].by_position else generators[i]
+                generator = position_generator(calls[i].seed, position, self.view.device) if calls[i].plain else generators[i]
                 token = int(sample(q, generator)[0])
                 drafted[i].append(token)
-                rows[i].append(q)
+                if not calls[i].plain:
+                    rows[i].append(q)
                 sure[i].append(confidence(row, q, token, calls[i].params))
                 feeds[i] = (feeds[i][0] + len(feeds[i][1]), [token])
                 if calls[i].min_confidence and sure[i][-1] < calls[i].min_confidence:

@@ -113,7 +113,7 @@ def _draft_fields(call: DraftCall) -> dict:
     return {"seq": call.seq_id, "version": call.version, "start": call.start, "prefix": call.prefix_hash,
             "tokens": list(call.token_ids), "k": call.k, "sampling": _sampling(call.params), "seed": call.seed,
             **({"min_conf": call.min_confidence} if call.min_confidence else {}),
-            **({"by_position": True} if call.by_position else {})}
+            **({"plain": True} if call.plain else {})}
 
 
 def _forward_call(m: dict) -> ForwardCall:
@@ -123,34 +123,38 @@ def _forward_call(m: dict) -> ForwardCall:
 
 def _draft_call(m: dict) -> DraftCall:
     return DraftCall(m["seq"], m["version"], m["start"], m["prefix"], m["tokens"], m["k"], _params(m["sampling"]), m["seed"],
-                     m.get("min_conf", 0.0), m.get("by_position", False))
+                     m.get("min_conf", 0.0), m.get("plain", False))
 
 
-def encode_scored(result: Scored, params: SamplingParams) -> dict:
+def encode_scored(result: Scored, call: ForwardCall) -> dict:
     """A forward call's rows, and their top confidences if it asked for them."""
-    return {**encode_rows(result.p, params), **({"top": result.top} if result.top is not None else {})}
+    return {**encode_rows(result.p, call.params), **({"top": result.top} if result.top is not None else {})}
 
 
-def encode_draft(result: DraftResult, params: SamplingParams) -> dict:
+def encode_draft(result: DraftResult, call: DraftCall) -> dict:
     """Drafted tokens and the drafter's confidence in each, plus their rows unless greedy (one-hot rows
-    rebuilt from the tokens)."""
+    rebuilt from the tokens) or plain (none: a plain call returns no distributions)."""
     return {"tokens": result.token_ids, **({"conf": result.confidence} if result.confidence is not None else {}),
-            **({} if params.greedy else encode_rows(result.q_draft, params))}
+            **({} if call.params.greedy or call.plain else encode_rows(result.q_draft, call.params))}
 
 
-def decode_draft(reply: dict, params: SamplingParams, vocab_size: int) -> DraftResult:
+def decode_draft(reply: dict, call: DraftCall, vocab_size: int) -> DraftResult:
     tokens = reply["tokens"]
-    return DraftResult(tokens, decode_rows({"argmax": tokens} if params.greedy else reply, vocab_size), reply.get("conf"))
+    if call.plain:
+        rows = torch.empty(0, vocab_size)
+    else:
+        rows = decode_rows({"argmax": tokens} if call.params.greedy else reply, vocab_size)
+    return DraftResult(tokens, rows, reply.get("conf"))
 
 
 def _encode_batch(results: list, calls: list, encode) -> list[dict]:
-    """Each call's entry of a batched reply: encode(result, call.params), or the error that refused it."""
-    return [_refusal(r) if isinstance(r, Exception) else {"ok": True, **encode(r, c.params)} for r, c in zip(results, calls)]
+    """Each call's entry of a batched reply: encode(result, call), or the error that refused it."""
+    return [_refusal(r) if isinstance(r, Exception) else {"ok": True, **encode(r, c)} for r, c in zip(results, calls)]
 
 
 def _decode_batch(entries: list[dict], calls: list, decode) -> list:
-    """Each call's result, decode(entry, call.params), or its error as an exception (not raised)."""
-    return [decode(e, c.params) if e["ok"] else _error(e) for e, c in zip(entries, calls)]
+    """Each call's result, decode(entry, call), or its error as an exception (not raised)."""
+    return [decode(e, c) if e["ok"] else _error(e) for e, c in zip(entries, calls)]
 
 
 # -- server ----------------------------------------------------------------------------------------------
@@ -348,14 +352,14 @@ class RemoteWorker:
         if not calls:
             return []
         reply = self._call_masked({"op": "forward", "calls": [_forward_fields(c) for c in calls]}, allowed)
-        return _decode_batch(reply["results"], calls, lambda entry, params: Scored(decode_rows(entry, self.vocab_size), entry.get("top")))
+        return _decode_batch(reply["results"], calls, lambda entry, call: Scored(decode_rows(entry, self.vocab_size), entry.get("top")))
 
     def draft(self, calls: list[DraftCall], allowed=None) -> list[DraftResult | Exception]:
         """ModelWorker.draft in one frame: a DraftResult per call, or the error that refused it."""
         if not calls:
             return []
         reply = self._call_masked({"op": "draft", "calls": [_draft_fields(c) for c in calls]}, allowed)
-        return _decode_batch(reply["results"], calls, lambda entry, params: decode_draft(entry, params, self.vocab_size))
+        return _decode_batch(reply["results"], calls, lambda entry, call: decode_draft(entry, call, self.vocab_size))
 
     def release(self, seq_id) -> None:
         if self._stream is None or self._stream.closed:

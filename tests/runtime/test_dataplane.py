@@ -38,6 +38,9 @@ def test_remote_forward_equals_local_for_greedy_and_sampling(served):
         assert torch.equal(forward_one(remote, "s", 0, 0, EMPTY, ids, 3, params), forward_one(local, "s", 0, 0, EMPTY, ids, 3, params))
         a, b = draft_one(remote, "d", 0, 0, EMPTY, ids, 4, params, 3), draft_one(local, "d", 0, 0, EMPTY, ids, 4, params, 3)
         assert a.token_ids == b.token_ids and torch.equal(a.q_draft, b.q_draft)
+        # A plain call (the target decoding for itself): the same tokens, no distributions sent back.
+        a, b = (draft_one(w, "p", 0, 0, EMPTY, ids, 4, params, 3, 0.0, True) for w in (remote, local))
+        assert a.token_ids == b.token_ids and len(a.token_ids) == 4 and a.q_draft.shape == b.q_draft.shape == (0, V)
         # A random tiny model is never sure of a token: with min_confidence both stop after the first.
         a, b = (draft_one(w, "c", 0, 0, EMPTY, ids, 4, params, 3, 0.5) for w in (remote, local))
         assert a.token_ids == b.token_ids and len(a.token_ids) == 1
@@ -47,7 +50,7 @@ def test_remote_forward_equals_local_for_greedy_and_sampling(served):
         assert torch.equal(p_remote, p_local) and top_remote == pytest.approx(top_local) and len(top_local) == 3
         assert top_local == pytest.approx(torch.softmax(local.view.forward(ids, 0, local.view.new_cache(), 3), -1).max(-1).values.tolist())
         for w in (remote, local):
-            w.release("s"), w.release("d"), w.release("c"), w.release("f")
+            w.release("s"), w.release("d"), w.release("p"), w.release("c"), w.release("f")
     assert remote.vocab_size == V and remote.bytes_moved > 0
 
 
