@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specrouter.core.model import KVCache, KVPool, ModelView, SeqBlock
-from specrouter.core.sampling import SamplingParams, position_generator, probs_from_logits, sample
+from specrouter.core.sampling import SamplingParams, most_likely, position_generator, probs_from_logits, sample
 from specrouter.core.sequence import PositionGapError, StaleVersionError, TokenLog
 
 
@@ -85,7 +85,7 @@ class DraftCall:
     stop depends only on the drafter's own draws, so the proposal stays exact. The draws come from one
     generator seeded `seed`. `plain`: the target decoding for itself (a decode run): each token drawn
     by position_generator(seed, its position), as plain decoding draws it, and returned without the
-    distributions (no level verifies these tokens: q_draft is empty)."""
+    distributions or confidences (no level verifies these tokens: q_draft is empty), never stopping unsure."""
 
     seq_id: str
     version: int
@@ -102,7 +102,8 @@ class DraftCall:
 def top_confidence(logits: torch.Tensor) -> list[float]:
     """logits [N, V] -> the plain-softmax probability of each row's most likely token: how sure a greedy
     model is of the token it emits there."""
-    return torch.softmax(logits.float(), dim=-1).max(-1).values.tolist()
+    probs = torch.softmax(logits.float(), dim=-1)  # [N, V]
+    return probs.gather(-1, most_likely(logits)[:, None])[:, 0].tolist()
 
 
 def confidence(logits: torch.Tensor, q: torch.Tensor, token: int, params: SamplingParams) -> float:
@@ -173,16 +174,16 @@ class ModelWorker:
                 generator = position_generator(calls[i].seed, position, self.view.device) if calls[i].plain else generators[i]
                 token = int(sample(q, generator)[0])
                 drafted[i].append(token)
-                if not calls[i].plain:
+                if not calls[i].plain:  # a plain call's tokens are nobody's proposal: no rows, no confidence
                     rows[i].append(q)
-                sure[i].append(confidence(row, q, token, calls[i].params))
+                    sure[i].append(confidence(row, q, token, calls[i].params))
                 feeds[i] = (feeds[i][0] + len(feeds[i][1]), [token])
-                if calls[i].min_confidence and sure[i][-1] < calls[i].min_confidence:
+                if calls[i].min_confidence and not calls[i].plain and sure[i][-1] < calls[i].min_confidence:
                     unsure.add(i)
             active = [i for i in active if len(drafted[i]) < calls[i].k and i not in unsure]
         for i in live:
             q_draft = torch.cat(rows[i]) if rows[i] else torch.empty(0, self.vocab_size)
-            results[i] = DraftResult(drafted[i], q_draft, sure[i])
+            results[i] = DraftResult(drafted[i], q_draft, None if calls[i].plain else sure[i])
         return results
 
     def cached_tokens(self, seq_id: str) -> list[int]:

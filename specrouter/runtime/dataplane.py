@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from specrouter.core.model import KVPool
-from specrouter.core.sampling import SamplingParams
+from specrouter.core.sampling import SamplingParams, most_likely
 from specrouter.core.sequence import PositionGapError, StaleVersionError
 from specrouter.v1 import worker_pb2, worker_pb2_grpc
 from specrouter.core.worker import DraftCall, DraftResult, ForwardCall, ModelWorker, Scored, WorkerUnavailable
@@ -48,7 +48,7 @@ def encode_rows(probs: torch.Tensor, params: SamplingParams) -> dict:
     """The fewest bytes that carry the rows exactly: argmax ids when greedy (one-hot rows), only the
     non-zero entries when top-k / top-p leave a small support, else raw float32 rows."""
     if params.greedy:
-        return {"argmax": probs.argmax(-1).tolist()}
+        return {"argmax": most_likely(probs).tolist()}
     rows = probs.contiguous().float()  # [N, V]
     flat = rows.flatten()
     support = flat.nonzero().squeeze(1)  # [nnz] flat indices

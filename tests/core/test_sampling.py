@@ -2,7 +2,7 @@
 
 import torch
 
-from specrouter.core.sampling import SAMPLE_BLOCK, position_generator, sample
+from specrouter.core.sampling import SAMPLE_BLOCK, SamplingParams, most_likely, position_generator, probs_from_logits, sample
 
 
 def test_sample_draws_each_rows_distribution_and_never_a_zero_probability_token():
@@ -37,3 +37,15 @@ def test_a_positions_generator_depends_on_the_seed_and_position_alone():
     draw = lambda seed, position: torch.rand(4, generator=position_generator(seed, position))  # noqa: E731
     assert torch.equal(draw(3, 17), draw(3, 17))
     assert not torch.equal(draw(3, 17), draw(3, 18)) and not torch.equal(draw(3, 17), draw(4, 17))
+
+
+def test_most_likely_is_torch_argmax_with_ties_to_the_first_token():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 3 * SAMPLE_BLOCK, generator=gen)
+    logits[1, [7, 300, 1000]] = 50.0  # a three-way tie: the first wins
+    logits[2] = 0.0  # a flat row: token 0
+    for scores in (logits, logits.bfloat16(), torch.softmax(logits, -1)):
+        assert torch.equal(most_likely(scores), scores.argmax(-1))
+    assert most_likely(logits)[1:3].tolist() == [7, 0]
+    greedy = probs_from_logits(logits, SamplingParams())
+    assert torch.equal(greedy, torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float())

@@ -154,3 +154,14 @@ def test_draft_stops_after_the_first_token_drafted_below_min_confidence(worker, 
 
     (batched,) = ModelWorker("batched", worker.view).draft([DraftCall("s", 0, 0, EMPTY, ids, 8, params, 4, threshold)])
     assert batched.token_ids == got.token_ids
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_a_plain_draft_decodes_its_k_tokens_unsure_or_not_and_returns_no_distributions(worker, params):
+    from specrouter.core.worker import DraftCall
+
+    ids = list(range(40, 52))
+    (plain,) = worker.draft([DraftCall("plain", 0, 0, EMPTY, ids, 6, params, seed=4, min_confidence=0.999, plain=True)])
+    assert len(plain.token_ids) == 6 and plain.q_draft.shape == (0, worker.vocab_size) and plain.confidence is None
+    (again,) = ModelWorker("again", worker.view).draft([DraftCall("s", 0, 0, EMPTY, ids, 6, params, seed=4, plain=True)])
+    assert again.token_ids == plain.token_ids  # the confidence floor never stops the target's own decoding
