@@ -168,18 +168,22 @@ class ModelWorker:
                                [1] * len(active))
             unsure = set()
             for i, row in zip(active, logits):
-                row = restrict(row, allowed)  # [1, V]
-                q = probs_from_logits(row, calls[i].params)  # [1, V]
+                call, row = calls[i], restrict(row, allowed)  # [1, V]
                 position = feeds[i][0] + len(feeds[i][1])  # the drafted token's
-                generator = position_generator(calls[i].seed, position, self.view.device) if calls[i].plain else generators[i]
-                token = int(sample(q, generator)[0])
-                drafted[i].append(token)
-                if not calls[i].plain:  # a plain call's tokens are nobody's proposal: no rows, no confidence
+                if call.plain and call.params.greedy:  # the target decoding for itself: its most likely token
+                    token = int(most_likely(row)[0])
+                elif call.plain:  # sampling: drawn by its position's generator, as a plain step draws it
+                    generator = position_generator(call.seed, position, self.view.device)
+                    token = int(sample(probs_from_logits(row, call.params), generator)[0])
+                else:
+                    q = probs_from_logits(row, call.params)  # [1, V]
+                    token = int(sample(q, generators[i])[0])
                     rows[i].append(q)
-                    sure[i].append(confidence(row, q, token, calls[i].params))
-                feeds[i] = (feeds[i][0] + len(feeds[i][1]), [token])
-                if calls[i].min_confidence and not calls[i].plain and sure[i][-1] < calls[i].min_confidence:
-                    unsure.add(i)
+                    sure[i].append(confidence(row, q, token, call.params))
+                    if call.min_confidence and sure[i][-1] < call.min_confidence:
+                        unsure.add(i)
+                drafted[i].append(token)
+                feeds[i] = (position, [token])
             active = [i for i in active if len(drafted[i]) < calls[i].k and i not in unsure]
         for i in live:
             q_draft = torch.cat(rows[i]) if rows[i] else torch.empty(0, self.vocab_size)
