@@ -157,7 +157,8 @@ class ModelWorker:
         slots = self._slots_for(calls)
         results: list[DraftResult | Exception] = list(slots)
         live = [i for i, slot in enumerate(slots) if not isinstance(slot, Exception)]
-        generators = {i: torch.Generator(device=self.view.device).manual_seed(calls[i].seed) for i in live}
+        generators = {i: torch.Generator(device=self.view.device).manual_seed(calls[i].seed) for i in live
+                      if not calls[i].plain}  # a plain call draws by position instead
         drafted: dict[int, list[int]] = {i: [] for i in live}
         rows: dict[int, list[torch.Tensor]] = {i: [] for i in live}
         sure: dict[int, list[float]] = {i: [] for i in live}
