@@ -21,6 +21,7 @@ from specrouter.core.sampling import SamplingParams
 from specrouter.core.sequence import SequenceState
 from specrouter.engine.engine import Engine
 from specrouter.engine.frontend import chat_ids
+from specrouter.routing.profiler import BUCKETS, bucket
 from specrouter.routing.router import AdaptiveRouter, RouterConfig, shared_devices
 
 CALIBRATION_ROUNDS = 10.0  # what the calibration text's blocks are worth, in verification rounds
@@ -56,8 +57,14 @@ def router_for(engine: Engine, config: RouterConfig = RouterConfig(), calibrate:
 
 
 def calibrate_costs(router: AdaptiveRouter, levels: dict[str, Level], batches: tuple[int, ...] = (1,),
-                    lengths: tuple[int, ...] = (1, 2, 3, 4, 6, 8), context: int = 32) -> None:
-    """Seed the router's profiles with timed passes of every level at each batch size (calibration_passes)."""
+                    lengths: tuple[int, ...] | None = None, context: int = 32) -> None:
+    """Seed the router's profiles with timed passes of every level at each batch size (calibration_passes),
+    over blocks of `lengths` (default: the profiler's buckets up to the longest pass a plan can run, a
+    block of the longest draft length searched and the verifier's own token: a pass's cost is measured
+    where plans need it, not extrapolated, as on a CPU it jumps where a kernel changes tiles)."""
+    if lengths is None:
+        longest = bucket(max(router.config.lengths) + 1)
+        lengths = tuple(b for b in BUCKETS if b <= longest)
     for name, level in levels.items():
         for batch in batches:
             for op, num_tokens, seconds in calibration_passes(level, batch, lengths, context):

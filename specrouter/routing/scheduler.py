@@ -8,9 +8,12 @@ of a block of g. Time per committed token is one top round over the tokens it em
 
 where C_k(n) is the time level k takes to propose n tokens. D_k(n) is the tokens a block of level k
 asked for n holds (n, unless a `drafted(level, n)` says it stops early: an n-gram without a match, a
-model that ends its blocks unsure, at any level; the level above then verifies D_k(n) + 1 tokens, not
-n + 1). At the bottom C_0(n) = D_0(n) * draft_0; above it, rounds as the engine runs them
-(specrouter/core/chain.py `propose`) until D_k(n) tokens are out: each asks the level below for
+model that ends its blocks unsure, at any level). The level above then verifies D_k(n) + 1 tokens, and
+verify_N(g + 1) above stands for that pass's cost expected over D's distribution: the increments
+D_k(m) - D_k(m - 1) are the chances that a block holds at least m tokens. A pass's cost is not linear
+in its rows (on a CPU it jumps where a kernel changes tiles) and an n-gram's block is mostly all or
+nothing, so the pass over the average block is not the average pass. At the bottom
+C_0(n) = D_0(n) * draft_0; above it, rounds as the engine runs them (specrouter/core/chain.py `propose`) until D_k(n) tokens are out: each asks the level below for
 r = min(g_{k-1}, n_left - 1) tokens (the level adds one of its own), costs C_{k-1}(r) +
 verify_k(r + 1) + overhead and yields E_{k-1}(r) tokens; the last round is charged in proportion to
 the tokens still needed. So a level asked for one token scores it alone, with no help from below.
@@ -38,7 +41,8 @@ CostFn = Callable[[str, int], float]  # (level, block length) -> seconds for one
 DraftFn = Callable[[str], float]  # level -> seconds per drafted token
 AlphaFn = Callable[[str, str], float]  # (drafter, verifier) -> acceptance
 ExpectedFn = Callable[[str, str, int], float]  # (drafter, verifier, g) -> tokens emitted per round
-DraftedFn = Callable[[str, int], float]  # (level, n asked) -> tokens its block is expected to hold
+DraftedFn = Callable[[str, int], float]  # (level, n asked) -> tokens its block is expected to hold: the sum
+# over m = 1..n of the chance that it holds at least m (a block asked for n stops where one asked for more would)
 
 
 @dataclass(frozen=True)
@@ -72,21 +76,32 @@ class _ChainModel:
         self.drafted = drafted
         self._emitted: dict[tuple[int, int], float] = {}
         self._propose: dict[tuple[int, tuple[int, ...], int], float] = {}
+        self._verify: dict[tuple[int, int], float] = {}
 
     def s_per_token(self, draft_lens: tuple[int, ...]) -> float:
         chain = self.chain
         if len(chain) == 1:
             return self.verify(chain[0], 1) + self.overhead
         top, g = len(chain) - 1, draft_lens[-1]
-        return (self.propose_time(top - 1, draft_lens, g) + self.verify(chain[top], self.block(top - 1, g) + 1) + self.overhead) / self.emitted(top, g)
+        return (self.propose_time(top - 1, draft_lens, g) + self.verify_time(top, g) + self.overhead) / self.emitted(top, g)
 
     def held(self, k: int, n: int) -> float:
         """D_k(n): tokens in a block level k proposes when asked for n (all n, but for a level that stops early)."""
         return n if self.drafted is None or n == 0 else self.drafted(self.chain[k], n)
 
-    def block(self, k: int, n: int) -> int:
-        """D_k(n), rounded: the block the level above verifies."""
-        return max(0, round(self.held(k, n)))
+    def verify_time(self, k: int, n: int) -> float:
+        """Seconds level k takes to verify what level k - 1 proposes when asked for n: its pass over the
+        block and one token more, expected over the block's length D_(k-1)(n) (a block of m with
+        chance P(D >= m) - P(D >= m + 1), P(D >= m) = D(m) - D(m - 1))."""
+        if self.drafted is None or n == 0:
+            return self.verify(self.chain[k], n + 1)
+        if (k, n) not in self._verify:
+            at_least = [1.0]  # [n + 2]: chance the block holds at least m tokens
+            for m in range(1, n + 1):
+                at_least.append(min(at_least[-1], max(0.0, self.held(k - 1, m) - self.held(k - 1, m - 1))))
+            at_least.append(0.0)
+            self._verify[(k, n)] = sum((at_least[m] - at_least[m + 1]) * self.verify(self.chain[k], m + 1) for m in range(n + 1))
+        return self._verify[(k, n)]
 
     def emitted(self, k: int, g: int) -> float:
         """Tokens level k emits per round of a block of g from level k - 1: at most the block it
@@ -109,7 +124,7 @@ class _ChainModel:
             while left > 1e-9:
                 r = min(draft_lens[k - 1], max(0, math.ceil(left - 1e-9) - 1))
                 tokens = self.emitted(k, r)
-                round_s = self.propose_time(k - 1, draft_lens, r) + self.verify(self.chain[k], self.block(k - 1, r) + 1) + self.overhead
+                round_s = self.propose_time(k - 1, draft_lens, r) + self.verify_time(k, r) + self.overhead
                 seconds += round_s * min(1.0, left / tokens)
                 left -= tokens
             self._propose[key] = seconds

@@ -26,6 +26,15 @@ def test_bottom_drafter_that_stops_early_is_charged_its_expected_block():
     assert t == pytest.approx((3 * 0.1 + verify("t", 4)) / expected_tokens(0.5, 8))
 
 
+def test_an_all_or_nothing_block_is_charged_the_expected_pass_not_the_pass_over_its_mean():
+    """An n-gram matches 30% of the time and then fills its block: asked for 4, it holds 1.2 tokens on
+    average, but the target runs a 1-token pass 70% of the time and a 5-token one 30% of it. Where
+    passes over more than 2 tokens cost 3x, that is 0.7 * 1 + 0.3 * 3, not the 2-token pass's 1."""
+    verify = lambda level, n: 1.0 if n <= 2 else 3.0
+    t = predict(("d", "t"), (4,), verify, lambda d: 0.01, lambda d, v: 0.5, overhead=0.0, drafted=lambda d, n: 0.3 * n)
+    assert t == pytest.approx((1.2 * 0.01 + 0.7 * 1.0 + 0.3 * 3.0) / expected_tokens(0.5, 4))
+
+
 def test_a_verifier_emits_at_most_the_block_it_verifies_plus_one():
     """Acceptance and the blocks held are estimated apart; a drafter seen drafting 2 tokens a block
     while its acceptance says 6 tokens a round is charged 3 tokens a round, all it can give."""
