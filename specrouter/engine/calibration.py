@@ -46,7 +46,8 @@ def router_for(engine: Engine, config: RouterConfig = RouterConfig(), calibrate:
     stopping = frozenset(n for n, level in engine.levels.items() if level.min_confidence > 0)
     router = AdaptiveRouter(names[:-1], names[-1], {n: level.can_verify for n, level in engine.levels.items()}, config,
                             levels=engine.levels, stopping=stopping, hosts=shared_devices(names),
-                            max_top_len=engine.levels[names[-1]].max_block)
+                            max_top_len=engine.levels[names[-1]].max_block,
+                            lookup=frozenset(n for n, level in engine.levels.items() if isinstance(level, NgramLevel)))
     if calibrate:
         calibrate_costs(router, engine.levels, batches)
         for klass, prompt in CALIBRATION_PROMPTS.items():

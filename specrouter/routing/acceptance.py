@@ -139,14 +139,17 @@ class AcceptanceTable:
         with c_j the rate at which a block that drafted j tokens (and was asked for more) drafted another.
 
         While the class has seen few blocks reach position j, c_j is shrunk toward the other classes'
-        rate there, and where they have seen few too, toward c_(j-1) (c_0 toward 1: a drafter drafts
-        what it is asked for until seen stopping). So a class seen little starts from what the
+        rate there, and where they have seen few too, toward c_(j-1) (c_0 and c_1 toward 1: a drafter
+        drafts what it is asked for until seen stopping). So a class seen little starts from what the
         drafter does elsewhere, and a position beyond the blocks seen so far stops as often as the
         last one seen, not never: a drafter seen only on short blocks is not charged for long ones it
         would cut short (optimism that running the longer block then corrects). Given a `request`'s
         own blocks (OwnAcceptance.drafts), its rate at each position is shrunk toward the class's
         (or, if lower, its own rate before): a drafter that stops unsure stops sooner on a prompt it
-        finds hard, also beyond the positions the request's blocks have reached."""
+        finds hard, also beyond the positions the request's blocks have reached. Whether a block
+        holds a first token at all is no prior for the positions after it: a model drafts its first
+        token always, and an n-gram drafts one only where it finds a match (c_0 is how often), which
+        it then follows for as long as the match goes on."""
         pooled, own = self._drafts.get((POOLED, drafter)), self._drafts.get((klass, drafter)) if klass != POOLED else None
         if pooled is None:
             return [float(i) for i in range(n + 1)]
@@ -154,6 +157,8 @@ class AcceptanceTable:
         expected, survive, rate, here = [0.0], 1.0, 1.0, 1.0
         for j in range(n):
             if j < MAX_POSITIONS:
+                if j == 1:  # whether a block holds a first token is no prior for the positions after it
+                    rate = here = 1.0
                 rate = self._shrink(others, j, rate, self.draft_prior_weight)
                 if own is not None:
                     rate = self._shrink(own, j, rate, self.draft_prior_weight)

@@ -69,16 +69,18 @@ class Decision:
 class AdaptiveRouter:
     def __init__(self, pool: list[str], target: str, can_verify: dict[str, bool], config: RouterConfig = RouterConfig(),
                  levels: dict[str, Level] | None = None, stopping: frozenset[str] = frozenset(),
-                 hosts: dict[str, str] | None = None, max_top_len: int | None = None):
+                 hosts: dict[str, str] | None = None, max_top_len: int | None = None, lookup: frozenset[str] = frozenset()):
         """`levels`: the pool's levels by name (by reference: a replaced level is seen), to probe a stale
         level's cost directly.
         `stopping`: drafters that end their blocks unsure (at every level of a chain: specrouter/core/chain.py).
+        `lookup`: prompt-lookup drafters (n-gram), which draft only where the text repeats itself.
         `hosts`: level -> the level whose device it runs on (a skip-layer view of its weights: `shared_devices`).
         `max_top_len`: the longest block the target verifies (its `max_block`; None: any)."""
         self.pool, self.target = list(pool), target  # pool: drafters, cheapest first
         self.max_top_len = max_top_len
         self.can_verify = can_verify
         self.stopping = stopping
+        self.lookup = lookup
         self.config = config
         self.profiler = ForwardProfiler()
         self.acceptance = AcceptanceTable()
@@ -169,12 +171,15 @@ class AdaptiveRouter:
         rounds end at its stops too, which the ratio does not see, and its agreement is measured
         only where it was sure, which the class's may not be (calibration's is over every position
         of a text: a high agreement on the tokens it was sure of, against a class alpha over every
-        position, is a small ratio, most of the class's rejections taken away at every position)."""
+        position, is a small ratio, most of the class's rejections taken away at every position). So
+        do a prompt-lookup drafter's: its rounds end where it finds nothing to draft, and its
+        agreement is measured only where it found a match (a request whose matches are accepted whole
+        would otherwise have its class's no-match rounds scaled away too)."""
         by_length: dict[tuple[str, str], list[float]] = {}  # (drafter, verifier) -> [E(0), ..., E(longest)]
 
         def expected(d: str, v: str, g: int) -> float:
             if len(by_length.get((d, v), ())) <= g:
-                stops, pair = d in self.stopping, self._estimated_as(d, v)
+                stops, pair = d in self.stopping or d in self.lookup, self._estimated_as(d, v)
                 ratio = 1.0 if stops else (ratios or {}).get(pair, 1.0)
                 request = own.runs.get(pair) if own and stops else None
                 n = max(g, *self.config.lengths)

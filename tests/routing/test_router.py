@@ -657,6 +657,20 @@ def test_a_stopping_drafter_agreeing_where_it_was_sure_is_not_taken_for_easier_t
     assert with_ratio > 1.08 * cls
 
 
+def test_an_n_gram_that_matches_rarely_is_expected_to_fill_its_block_when_it_does():
+    """Prompt lookup drafts on 1 block in 5 and then all 10 tokens asked, in its class and on a request
+    with 5 blocks so far: 2 tokens a block, not its match rate taken for its stop rate at every position."""
+    from specrouter.routing.acceptance import AcceptanceTable, _Runs
+
+    table, request = AcceptanceTable(), _Runs()
+    for i in range(100):
+        table.observe_draft("code", "n", 10, 10 if i % 5 == 0 else 0)
+    for i in range(5):
+        request.add(10, 10 if i == 0 else 0, decay=1.0)
+    assert table.expected_drafted("code", "n", 10) == pytest.approx(2.0, abs=0.4)
+    assert table.expected_drafted("code", "n", 10, request) == pytest.approx(2.0, abs=0.4)
+
+
 def test_a_drafter_seen_only_on_short_blocks_is_charged_its_stop_rate_beyond_them():
     from specrouter.routing.acceptance import AcceptanceTable
 
@@ -741,6 +755,33 @@ def test_a_request_on_which_its_drafter_stops_sooner_is_charged_the_tokens_it_dr
     assert class_drafted > 9.0 and own_drafted < 4.0
     # So asking for long blocks costs this request little: its best plan keeps them.
     assert router.plans("chat", hard.own)[0].draft_lens[0] >= 8
+
+
+def test_a_prompt_lookup_drafter_is_expected_to_give_no_more_than_its_matches_hold():
+    """The class: a match on 1 round in 5, then 2 of 4 accepted. A request: a match on 1 round in 5, each
+    accepted whole, so it agrees more where it drafts (its ratio to the class halves the rejections)
+    but matches no more often: a round of 4 gives it at most 1 + 0.2 * 4 tokens, not the class's
+    no-match rounds scaled away by that ratio."""
+    from specrouter.routing.acceptance import OwnAcceptance
+
+    router = AdaptiveRouter(["n"], "t", {"n": True, "t": True}, RouterConfig(explore_every=0), lookup=frozenset({"n"}))
+    table, own = router.acceptance, OwnAcceptance()
+    for i in range(125):
+        matched = i % 5 == 0
+        table.observe_round("code", "n", "t", 4 if matched else 0, 2 if matched else 0, 4)
+        table.observe_draft("code", "n", 4, 4 if matched else 0)
+        if matched:
+            table.observe("code", "n", "t", [1.0, 1.0, 0.0])
+    for i in range(25):
+        matched = i % 5 == 0
+        own.observe_round("n", "t", 4 if matched else 0, 4 if matched else 0, 4)
+        own.observe_draft("n", 4, 4 if matched else 0)
+        if matched:
+            own.observe("n", "t", [1.0] * 4)
+    ratios = router._own_ratios("code", own)
+    assert ratios[("n", "t")] < 0.6
+    request, klass = router._expected(["code"], ratios, own)("n", "t", 4), router._expected(["code"])("n", "t", 4)
+    assert klass < request <= 1 + 0.2 * 4
 
 
 def test_streaky_acceptance_makes_the_router_draft_longer_blocks():
