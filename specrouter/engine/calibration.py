@@ -60,15 +60,17 @@ def router_for(engine: Engine, config: RouterConfig = RouterConfig(), calibrate:
 def calibrate_costs(router: AdaptiveRouter, levels: dict[str, Level], batches: tuple[int, ...] = (1,),
                     lengths: tuple[int, ...] | None = None, context: int = 32) -> None:
     """Seed the router's profiles with timed passes of every level at each batch size (calibration_passes),
-    over blocks of `lengths` (default: the profiler's buckets up to the longest pass a plan can run, a
-    block of the longest draft length searched and the verifier's own token: a pass's cost is measured
+    over blocks of `lengths` (default: the profiler's buckets up to the longest pass a plan can run on
+    the level, a block of the longest draft length searched, or for the target of the longest it
+    verifies bit-exactly (`max_top_len`), and the verifier's own token: a pass's cost is measured
     where plans need it, not extrapolated, as on a CPU it jumps where a kernel changes tiles)."""
-    if lengths is None:
-        longest = bucket(max(router.config.lengths) + 1)
-        lengths = tuple(b for b in BUCKETS if b <= longest)
     for name, level in levels.items():
+        verified = max(router.config.lengths)
+        if name == router.target and router.max_top_len is not None:
+            verified = min(verified, router.max_top_len)
+        level_lengths = lengths or tuple(b for b in BUCKETS if b <= bucket(verified + 1))
         for batch in batches:
-            for op, num_tokens, seconds in calibration_passes(level, batch, lengths, context):
+            for op, num_tokens, seconds in calibration_passes(level, batch, level_lengths, context):
                 if op == "score":
                     router.profiler.observe_score(name, num_tokens, seconds, batch=batch)
                 else:

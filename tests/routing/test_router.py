@@ -348,6 +348,38 @@ def test_calibration_charges_a_drafter_that_stops_unsure_per_token_it_drafts():
     assert router.profiler.draft_time("s") >= 0.02  # not a quarter of it
 
 
+def test_calibration_times_a_level_only_on_the_passes_a_plan_can_run_on_it():
+    from specrouter.core.levels import Block
+    from specrouter.engine.calibration import calibrate_costs
+
+    class Recording:  # records the rows of every scoring pass
+        can_verify, min_confidence = True, 0.0
+
+        def __init__(self, name):
+            self.name, self.rows = name, []
+
+        def score(self, items):
+            self.rows.append(len(items[0].draft) + 1)
+
+        def propose(self, items):
+            return [Block([1], torch.zeros(1, 8)) for _ in items]
+
+        def release(self, seq_id):
+            pass
+
+    drafter, middle, target = Recording("d"), Recording("m"), Recording("t")
+    levels = {"d": drafter, "m": middle, "t": target}
+    router = AdaptiveRouter(["d", "m"], "t", {"d": True, "m": True, "t": True}, RouterConfig(lengths=(1, 2, 3, 4, 6)), max_top_len=0)
+    calibrate_costs(router, levels)
+    # after the prefill: up to a block of 6 and the verifier's token, also for a middle level (whatever
+    # its own bit-exact width: the target checks what it passes up)
+    assert drafter.rows[1:] == middle.rows[1:] == [1, 2, 3, 4, 6, 8]
+    assert target.rows[1:] == [1]  # it verifies no drafted token bit-exactly: no plan gives it a longer pass
+    uncapped = Recording("t")
+    calibrate_costs(AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(lengths=(1, 2, 3, 4, 6))), {"t": uncapped})
+    assert uncapped.rows[1:] == [1, 2, 3, 4, 6, 8]
+
+
 def test_calibration_ends_a_stopping_drafters_blocks_after_a_token_it_was_unsure_of():
     from specrouter.engine.calibration import calibration_rounds
 
