@@ -147,6 +147,40 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
+def speed(rows) -> float:
+    """Tokens/s over rows together."""
+    return sum(len(r.token_ids) for r in rows) / sum(r.elapsed_s for r in rows)
+
+
+def routing_summary(chosen: list[Method], by: dict, prompts) -> dict:
+    """Each adaptive method against the static chains over its pool (same target, its levels among the
+    pool's): the best one on every prompt, and with hindsight the best one per workload and per prompt,
+    what a router choosing one chain a workload or a prompt could reach at most (per prompt, the
+    hindsight also picks the luckier of runs that differ by noise)."""
+    out = {}
+    for m in (m for m in chosen if m.adaptive):
+        pool = m.chain.split(",")
+        statics = [s.name for s in chosen if s.server_args is None and not s.adaptive and s.bit_exact == m.bit_exact
+                   and s.chain.split(",")[-1] == pool[-1] and set(s.chain.split(",")) <= set(pool)]
+        if not statics:
+            continue
+        ids = [p.id for p in prompts]
+        best = max(statics, key=lambda s: speed([by[(s, i)] for i in ids]))
+        by_workload, hindsight = {}, []
+        for klass in sorted({p.klass for p in prompts}):
+            mine = [p.id for p in prompts if p.klass == klass]
+            by_workload[klass] = max(statics, key=lambda s: speed([by[(s, i)] for i in mine]))
+            hindsight += [by[(by_workload[klass], i)] for i in mine]
+        per_prompt = [min((by[(s, i)] for s in statics), key=lambda r: r.elapsed_s / len(r.token_ids)) for i in ids]
+        rate, best_rate = speed([by[(m.name, i)] for i in ids]), speed([by[(best, i)] for i in ids])
+        out[m.name] = {"statics": statics, "tokens_per_s": round(rate, 2), "best_static": best,
+                       "best_static_tokens_per_s": round(best_rate, 2), "vs_best_static": round(rate / best_rate, 3),
+                       "best_static_by_workload": by_workload,
+                       "hindsight_by_workload_vs_best_static": round(speed(hindsight) / best_rate, 3),
+                       "hindsight_by_prompt_vs_best_static": round(speed(per_prompt) / best_rate, 3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--humaneval", type=int, default=6)
@@ -209,11 +243,11 @@ def main() -> None:
         ids = [p.id for p in prompts if klass == "all" or p.klass == klass]
         if not ids:
             continue
-        base_rate = sum(len(by[(BASELINE, i)].token_ids) for i in ids) / sum(by[(BASELINE, i)].elapsed_s for i in ids)
+        base_rate = speed([by[(BASELINE, i)] for i in ids])
         table = {}
         for m in chosen:
             mine = [by[(m.name, i)] for i in ids]
-            rate = sum(len(r.token_ids) for r in mine) / sum(r.elapsed_s for r in mine)
+            rate = speed(mine)
             entry = {"tokens_per_s": round(rate, 2), "vs_llama_server": round(rate / base_rate, 3),
                      "identical_to_llama_server": round(sum(r.token_ids == by[(BASELINE, r.prompt_id)].token_ids for r in mine) / len(mine), 3)}
             if m.reference and all((m.reference, i) in by for i in ids):
@@ -224,12 +258,14 @@ def main() -> None:
             table[m.name] = entry
         summary[klass] = table
 
+    routing = routing_summary(chosen, by, prompts)
     memory = {"specrouter (in-process, every method of ours)": peak_rss_gb(), **server_rss}
     path = write_result("peers", {
         "config": {**vars(args), "llama_server": binary, "target": TARGET, "draft": DRAFT, "greedy": True},
         "methods": [m.__dict__ for m in chosen],
         "peak_rss_gb": memory,
         "summary": summary,
+        "routing": routing,
         "rows": [r.__dict__ for r in rows],
     }, args.out)
     for klass, table in summary.items():
@@ -238,6 +274,9 @@ def main() -> None:
             same = e.get("identical_to_target_alone", e["identical_to_llama_server"])
             print(f"{name:50s} {e['tokens_per_s']:6.2f} tok/s  x{e['vs_llama_server']:.2f} vs llama-server  identical {same:.2f}"
                   f"  {e.get('tokens_per_target_pass', '')}")
+    for name, e in routing.items():
+        print(f"\n{name}: x{e['vs_best_static']:.3f} the best static chain ({e['best_static']}); with hindsight, the best "
+              f"chain a workload x{e['hindsight_by_workload_vs_best_static']:.3f}, a prompt x{e['hindsight_by_prompt_vs_best_static']:.3f}")
     print(f"\npeak RSS {memory}; wrote {path}")
 
 
