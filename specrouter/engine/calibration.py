@@ -36,6 +36,11 @@ CALIBRATION_PROMPTS = {
     ),
 }
 CALIBRATION_TOKENS = 32
+# The context the timed passes run after: about a prompt and some of its answer. A pass's rows each
+# attend over it, so its cost grows with it, and the more so the more rows (a 1.5B w4 pass of 2 / 3
+# tokens: 68-81 / 82-89 ms after 32 positions, 87-100 / 112-116 after 256): timed after too short a
+# context, short blocks would look cheaper against long ones than requests find them.
+CALIBRATION_CONTEXT = 256
 
 
 def router_for(engine: Engine, config: RouterConfig = RouterConfig(), calibrate: bool = True,
@@ -49,7 +54,9 @@ def router_for(engine: Engine, config: RouterConfig = RouterConfig(), calibrate:
                             max_top_len=engine.levels[names[-1]].max_block,
                             lookup=frozenset(n for n, level in engine.levels.items() if isinstance(level, NgramLevel)))
     if calibrate:
-        calibrate_costs(router, engine.levels, batches)
+        # each calibration sequence needs its context and the longest pass after it, in the models' window and KV pools
+        room = engine.max_positions if engine.kv_pool is None else min(engine.max_positions, engine.kv_pool.positions // max(batches))
+        calibrate_costs(router, engine.levels, batches, context=min(CALIBRATION_CONTEXT, room - BUCKETS[-1]))
         for klass, prompt in CALIBRATION_PROMPTS.items():
             ids = calibration_ids(engine.tokenizer, prompt, chat=klass != "code")
             continuation = engine.generate(ids, CALIBRATION_TOKENS, router=router, klass=klass).token_ids  # its rounds count too
@@ -58,7 +65,7 @@ def router_for(engine: Engine, config: RouterConfig = RouterConfig(), calibrate:
 
 
 def calibrate_costs(router: AdaptiveRouter, levels: dict[str, Level], batches: tuple[int, ...] = (1,),
-                    lengths: tuple[int, ...] | None = None, context: int = 32) -> None:
+                    lengths: tuple[int, ...] | None = None, context: int = CALIBRATION_CONTEXT) -> None:
     """Seed the router's profiles with timed passes of every level at each batch size (calibration_passes),
     over blocks of `lengths` (default: the profiler's buckets up to the longest pass a plan can run on
     the level, a block of the longest draft length searched, or for the target of the longest it
