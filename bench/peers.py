@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from report import peak_rss_gb, write_result  # noqa: E402
+from report import peak_rss_gb, tokens_per_s, write_result  # noqa: E402
 from workloads import Prompt, code_edits, encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.core import catalog  # noqa: E402
@@ -147,11 +147,6 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def speed(rows) -> float:
-    """Tokens/s over rows together."""
-    return sum(len(r.token_ids) for r in rows) / sum(r.elapsed_s for r in rows)
-
-
 def routing_summary(chosen: list[Method], by: dict, prompts) -> dict:
     """Each adaptive method against the static chains over its pool (same target, its levels among the
     pool's): the best one on every prompt, and with hindsight the best one per workload and per prompt,
@@ -165,19 +160,19 @@ def routing_summary(chosen: list[Method], by: dict, prompts) -> dict:
         if not statics:
             continue
         ids = [p.id for p in prompts]
-        best = max(statics, key=lambda s: speed([by[(s, i)] for i in ids]))
+        best = max(statics, key=lambda s: tokens_per_s([by[(s, i)] for i in ids]))
         by_workload, hindsight = {}, []
         for klass in sorted({p.klass for p in prompts}):
             mine = [p.id for p in prompts if p.klass == klass]
-            by_workload[klass] = max(statics, key=lambda s: speed([by[(s, i)] for i in mine]))
+            by_workload[klass] = max(statics, key=lambda s: tokens_per_s([by[(s, i)] for i in mine]))
             hindsight += [by[(by_workload[klass], i)] for i in mine]
         per_prompt = [min((by[(s, i)] for s in statics), key=lambda r: r.elapsed_s / len(r.token_ids)) for i in ids]
-        rate, best_rate = speed([by[(m.name, i)] for i in ids]), speed([by[(best, i)] for i in ids])
+        rate, best_rate = tokens_per_s([by[(m.name, i)] for i in ids]), tokens_per_s([by[(best, i)] for i in ids])
         out[m.name] = {"statics": statics, "tokens_per_s": round(rate, 2), "best_static": best,
                        "best_static_tokens_per_s": round(best_rate, 2), "vs_best_static": round(rate / best_rate, 3),
                        "best_static_by_workload": by_workload,
-                       "hindsight_by_workload_vs_best_static": round(speed(hindsight) / best_rate, 3),
-                       "hindsight_by_prompt_vs_best_static": round(speed(per_prompt) / best_rate, 3)}
+                       "hindsight_by_workload_vs_best_static": round(tokens_per_s(hindsight) / best_rate, 3),
+                       "hindsight_by_prompt_vs_best_static": round(tokens_per_s(per_prompt) / best_rate, 3)}
     return out
 
 
@@ -243,11 +238,11 @@ def main() -> None:
         ids = [p.id for p in prompts if klass == "all" or p.klass == klass]
         if not ids:
             continue
-        base_rate = speed([by[(BASELINE, i)] for i in ids])
+        base_rate = tokens_per_s([by[(BASELINE, i)] for i in ids])
         table = {}
         for m in chosen:
             mine = [by[(m.name, i)] for i in ids]
-            rate = speed(mine)
+            rate = tokens_per_s(mine)
             entry = {"tokens_per_s": round(rate, 2), "vs_llama_server": round(rate / base_rate, 3),
                      "identical_to_llama_server": round(sum(r.token_ids == by[(BASELINE, r.prompt_id)].token_ids for r in mine) / len(mine), 3)}
             if m.reference and all((m.reference, i) in by for i in ids):

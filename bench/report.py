@@ -35,6 +35,11 @@ def peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
+def tokens_per_s(rows) -> float:
+    """Tokens/s over generations (each with `token_ids` and `elapsed_s`) together."""
+    return sum(len(r.token_ids) for r in rows) / sum(r.elapsed_s for r in rows)
+
+
 def write_result(name: str, result: dict, out_dir: str | Path = RESULTS) -> Path:
     """Write `result` under the benchmark's name, the machine and this process's peak RSS (keys of
     `result` win) to OUT_DIR/NAME-<timestamp>.json; returns the path."""

@@ -19,7 +19,7 @@ import transformers
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from report import write_result  # noqa: E402
+from report import tokens_per_s, write_result  # noqa: E402
 from workloads import Prompt, encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.core import catalog  # noqa: E402
@@ -147,7 +147,7 @@ def summarize(rows: list[Row], methods: list[Method]) -> dict:
             tokens, seconds = sum(len(r.token_ids) for r in mine), sum(r.elapsed_s for r in mine)
             entry = {
                 "tokens_per_s": round(tokens / seconds, 3),
-                "speedup_vs_target_only": round((tokens / seconds) / (sum(len(r.token_ids) for r in base) / sum(r.elapsed_s for r in base)), 3),
+                "speedup_vs_target_only": round((tokens / seconds) / tokens_per_s(base), 3),
                 "mean_per_prompt_speedup": round(sum(r.tokens_per_s / b.tokens_per_s for r, b in zip(mine, base)) / len(mine), 3),
                 "exact_match_rate_vs_target_only": round(sum(r.token_ids == b.token_ids for r, b in zip(mine, base)) / len(mine), 3),
                 "tokens": tokens,
