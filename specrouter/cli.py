@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--chain", default=None, help=f"the chain or, with --adaptive, the pool (default {DEFAULT_CHAIN})")
     srv.add_argument("--adaptive", action="store_true", default=None, help="route each step to the best chain of the pool")
     srv.add_argument("--pipeline", action="store_true", default=None, help="draft the next block while the target verifies")
+    srv.add_argument("--not-bit-exact", dest="bit_exact", action="store_false", default=None,
+                     help="let a llama.cpp target verify blocks wider than it verifies bit-exactly (faster; equal up to rounding)")
     srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=None, help="public gRPC API port (default 9000; binds the config's grpc_host)")
@@ -178,7 +180,8 @@ def cmd_generate(args) -> int:
 def serve_config(args) -> ServeConfig:
     """The config file's ServeConfig (or the default) with the command's flags over it."""
     config = (ServeConfig.from_file(args.config) if args.config else ServeConfig()).model_dump()
-    overrides = {"chain": args.chain, "adaptive": args.adaptive, "pipeline": args.pipeline, "grpc_port": args.grpc_port,
+    overrides = {"chain": args.chain, "adaptive": args.adaptive, "pipeline": args.pipeline, "bit_exact": args.bit_exact,
+                 "grpc_port": args.grpc_port,
                  "api_key": args.api_key, "api_key_file": args.api_key_file, "max_waiting_requests": args.max_waiting_requests,
                  "prefill_chunk_tokens": args.prefill_chunk_tokens, "tasks": args.tasks}
     config.update({k: v for k, v in overrides.items() if v is not None})

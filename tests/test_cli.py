@@ -82,6 +82,17 @@ def test_serve_prefill_chunk_flag_overrides_the_config_and_bad_sizes_exit_with_t
     assert "prefill_chunk_tokens" in capsys.readouterr().err
 
 
+def test_serve_not_bit_exact_flag_overrides_the_config_and_leaves_it_alone_when_absent(tmp_path):
+    from specrouter.cli import build_parser, serve_config
+
+    assert serve_config(build_parser().parse_args(["serve"])).bit_exact
+    assert not serve_config(build_parser().parse_args(["serve", "--not-bit-exact"])).bit_exact
+    config = tmp_path / "wide.yaml"
+    config.write_text("chain: ngram:8,qwen2.5-coder-1.5b@gguf\nbit_exact: false\n")
+    from_file = serve_config(build_parser().parse_args(["serve", "--config", str(config)]))
+    assert not from_file.bit_exact and from_file.chain == "ngram:8,qwen2.5-coder-1.5b@gguf"
+
+
 def test_serve_tasks_flag_names_the_task_model_alone_or_the_default():
     from specrouter.cli import build_parser, serve_config
 

@@ -1,7 +1,9 @@
 """Chain specs: comma-separated level names, drafters from smallest to largest, target last.
 
 A name is a catalog name (`specrouter models`), a local path or a cached HF id, `ngram` (prompt
-lookup), or a model with modifiers: `NAME@skip:L1+L2+A-B` skips those decoder layers (a slim level
+lookup: continues the latest earlier occurrence of the context's last 4, 3 or 2 tokens), `ngram:N`
+(prompt lookup on matches of N tokens or more: drafts less often and is right more often, for targets
+whose wide passes are dear), or a model with modifiers: `NAME@skip:L1+L2+A-B` skips those decoder layers (a slim level
 sharing NAME's weights; `NAME@skip` picks the measured default), `NAME@int8` runs int8 weights,
 `NAME@w8` int8 weights with activations in the model's dtype (a target too), `NAME@w4` the same with
 4-bit weights in groups of 32 (CPU),
@@ -18,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_MATCH = 64  # the longest match `ngram:N` may ask for
 
 
 @dataclass(frozen=True)
@@ -26,10 +29,16 @@ class LevelSpec:
     skip_layers: tuple[int, ...] | None = None  # None: all layers; () after "@skip": the default set
     quant: str | None = None  # "int8", "w8" / "w4" (int8 / int4 weights alone), or "gguf" (the file's own, on llama.cpp)
     task: str | None = None  # the task whose aligned adapter is merged into the model's weights
+    min_match: int | None = None  # prompt lookup (`ngram:N`): the fewest tokens a match must span (None: 2)
 
     @classmethod
     def parse(cls, text: str) -> "LevelSpec":
         head, *modifiers = text.strip().split("@")
+        if head.startswith("ngram:"):
+            size = head[len("ngram:"):]
+            if modifiers or not size.isdigit() or not 1 <= int(size) <= MAX_MATCH:
+                raise ValueError(f"bad level {text!r}: ngram:N takes a match length N from 1 to {MAX_MATCH}")
+            return cls("ngram", min_match=int(size))
         model, aligned, task = head.partition("+task:")
         if aligned and not TASK_NAME.fullmatch(task):
             raise ValueError(f"bad level {text!r}: a task name is letters, digits, '_', '.' and '-'")
@@ -55,6 +64,8 @@ class LevelSpec:
 
     @property
     def label(self) -> str:
+        if self.min_match is not None:
+            return f"ngram:{self.min_match}"
         label = self.model + (f"+task:{self.task}" if self.task else "")
         if self.skip_layers is not None:
             label += f"@skip:{'+'.join(map(str, self.skip_layers))}"

@@ -56,7 +56,7 @@ def router_for(engine: Engine, config: RouterConfig = RouterConfig(), calibrate:
     if calibrate:
         # each calibration sequence needs its context and the longest pass after it, in the models' window and KV pools
         room = engine.max_positions if engine.kv_pool is None else min(engine.max_positions, engine.kv_pool.positions // max(batches))
-        calibrate_costs(router, engine.levels, batches, context=min(CALIBRATION_CONTEXT, room - BUCKETS[-1]))
+        calibrate_costs(router, engine.levels, batches, context=min(CALIBRATION_CONTEXT, room - router.longest_block() - 1))
         for klass, prompt in CALIBRATION_PROMPTS.items():
             ids = calibration_ids(engine.tokenizer, prompt, chat=klass != "code")
             continuation = engine.generate(ids, CALIBRATION_TOKENS, router=router, klass=klass).token_ids  # its rounds count too
@@ -72,7 +72,7 @@ def calibrate_costs(router: AdaptiveRouter, levels: dict[str, Level], batches: t
     verifies bit-exactly (`max_top_len`), and the verifier's own token: a pass's cost is measured
     where plans need it, not extrapolated, as on a CPU it jumps where a kernel changes tiles)."""
     for name, level in levels.items():
-        verified = max(router.config.lengths)
+        verified = router.longest_block()
         if name == router.target and router.max_top_len is not None:
             verified = min(verified, router.max_top_len)
         level_lengths = lengths or tuple(b for b in BUCKETS if b <= bucket(verified + 1))

@@ -33,7 +33,7 @@ class TargetUnavailable(RuntimeError):
     """The target stopped answering: the request fails cleanly; the service recovers on restart."""
 
 
-DEFAULT_DRAFT_LEN = {"model": 4, "ngram": 4}
+DEFAULT_DRAFT_LEN = {"model": 4, "ngram": 4, "ngram:N": 16}  # ngram:N: a long match goes on for long
 CAPPED_DRAFT_LEN = 10  # a bottom model that stops unsure (draft_confidence): its block length is only a cap
 
 
@@ -82,7 +82,8 @@ class Engine:
         levels: list[Level] = []
         for spec in self.specs:
             if spec.model == "ngram":
-                levels.append(NgramLevel(info.vocab_size))
+                min_n = spec.min_match or 2
+                levels.append(NgramLevel(info.vocab_size, max_n=max(min_n, 4), min_n=min_n, name=spec.label))
                 continue
             worker = self.provider.worker(spec, target.label)
             tokenizer, fingerprint = self.provider.tokenizer(spec)
@@ -96,7 +97,8 @@ class Engine:
         if len(self.levels) != len(levels):
             raise ValueError(f"chain names a level twice: {[level.name for level in levels]}")
         if draft_lens is None:
-            draft_lens = [DEFAULT_DRAFT_LEN["ngram" if s.model == "ngram" else "model"] for s in self.specs[:-1]]
+            kinds = ["model" if s.model != "ngram" else "ngram" if s.min_match is None else "ngram:N" for s in self.specs[:-1]]
+            draft_lens = [DEFAULT_DRAFT_LEN[kind] for kind in kinds]
             if draft_lens and draft_confidence and self.specs[0].model != "ngram":
                 draft_lens[0] = CAPPED_DRAFT_LEN
         slim = slim_spec(slim_verifier, target) if slim_verifier else None

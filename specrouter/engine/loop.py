@@ -173,8 +173,8 @@ class BatchLoop:
         self._pass_s: float | None = None  # seconds a pass of plain decoding took at the last such step
         # Positions a sequence may hold past its last token: the widest block a step may draft, and one
         # (twice that when pipelined: the drafters run a block ahead).
-        lengths = (*engine.chain.draft_lens, *(router.config.lengths if router is not None else ()))
-        self._headroom = (2 if pipeline else 1) * (max(lengths, default=0) + 1)
+        longest = max((*engine.chain.draft_lens, router.longest_block() if router is not None else 0), default=0)
+        self._headroom = (2 if pipeline else 1) * (longest + 1)
         self.max_waiting, self.max_waiting_tokens = max_waiting, max_waiting_tokens
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="verify") if pipeline else None
         self._waiting: list[_Request] = []

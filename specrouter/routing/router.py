@@ -107,6 +107,14 @@ class AdaptiveRouter:
             self.profiler.share(level, host)
             self._guests.setdefault(host, []).append(level)
 
+    def lengths_of(self, drafter: str) -> tuple[int, ...]:
+        """The block lengths searched for a drafter (prompt lookup has longer ones)."""
+        return self.config.lookup_lengths if drafter in self.lookup else self.config.lengths
+
+    def longest_block(self) -> int:
+        """The most drafted tokens a plan may put in one block."""
+        return max((max(self.lengths_of(d)) for d in self.pool), default=0)
+
     # -- the latency model's inputs ---------------------------------------------------------------------
 
     def _verify_cost(self, level: str, num_tokens: int, batch: int = 1) -> float:
@@ -138,6 +146,7 @@ class AdaptiveRouter:
             overhead=self.overhead_s,
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
+            own_lengths={d: self.config.lookup_lengths for d in self.lookup},
             max_drafters=self.config.max_drafters,
             max_top_len=self.max_top_len,
             expected=self._expected(classes, self._own_ratios(classes[0], own), own),
@@ -182,7 +191,7 @@ class AdaptiveRouter:
                 stops, pair = d in self.stopping or d in self.lookup, self._estimated_as(d, v)
                 ratio = 1.0 if stops else (ratios or {}).get(pair, 1.0)
                 request = own.runs.get(pair) if own and stops else None
-                n = max(g, *self.config.lengths)
+                n = max(g, *self.lengths_of(d))
                 per_class = [self.acceptance.expected_tokens_by_length(k, *pair, n, ratio, stops, request) for k in classes]
                 by_length[(d, v)] = [sum(e) / len(classes) for e in zip(*per_class)]
             return by_length[(d, v)][g]
@@ -210,7 +219,7 @@ class AdaptiveRouter:
         def drafted(level: str, n: int) -> float:
             if len(by_length.get(level, ())) <= n:
                 request = own.drafts.get(level) if own else None
-                longest = max(n, *self.config.lengths)
+                longest = max(n, *self.lengths_of(level))
                 per_class = [self.acceptance.expected_drafted_by_length(k, level, longest, request) for k in classes]
                 by_length[level] = [sum(d) / len(classes) for d in zip(*per_class)]
             return by_length[level][n]
@@ -355,7 +364,7 @@ class AdaptiveRouter:
             alpha = request.own.alpha(*top, fallback=self.acceptance.alpha(request.klass, *top))
             ratio = rejection_ratio(alpha, class_alpha(*top)) if alpha is not None else 1.0
             expected, drafted = self._expected(classes, {top: ratio}, request.own), self._drafted(classes, request.own)
-            candidates = [g for g in self.config.lengths if g <= plan.draft_lens[-1]] or [plan.draft_lens[-1]]
+            candidates = [g for g in self.lengths_of(top[0]) if g <= plan.draft_lens[-1]] or [plan.draft_lens[-1]]
             lens.append(min(candidates, key=lambda g: predict(plan.chain, plan.draft_lens[:-1] + (g,),
                                                               lambda level, n: self._verify_cost(level, n, batch),
                                                               lambda level: self._draft_cost(level, batch), class_alpha,

@@ -154,17 +154,19 @@ def search(
     drafted: DraftedFn | None = None,
     fixed: dict[str, int] | None = None,
     max_top_len: int | None = None,
+    own_lengths: dict[str, tuple[int, ...]] | None = None,
 ) -> list[Plan]:
     """Every chain and draft-length vector, best (lowest predicted time per token) first; a level in
-    `fixed` always proposes blocks of its length there (no search); the target verifies blocks of at
-    most `max_top_len` (its bit-exact width; None: any)."""
+    `fixed` always proposes blocks of its length there (no search), one in `own_lengths` is searched
+    over lengths of its own (else `lengths`); the target verifies blocks of at most `max_top_len`
+    (its bit-exact width; None: any)."""
     verify, draft = functools.cache(verify), functools.cache(draft)  # profile lookups, shared by every chain
     drafted = functools.cache(drafted) if drafted is not None else None
     plans = []
     for chain in enumerate_chains(pool, target, can_verify, max_drafters):
         best = None
         model = _ChainModel(chain, verify, draft, alpha, overhead, expected, drafted)
-        choices = [(fixed[d],) if fixed and d in fixed else lengths for d in chain[:-1]]
+        choices = [(fixed[d],) if fixed and d in fixed else (own_lengths or {}).get(d, lengths) for d in chain[:-1]]
         if max_top_len is not None and choices:
             choices[-1] = tuple(sorted({min(g, max_top_len) for g in choices[-1]}))
         if max_top_len == 0 and len(chain) > 1:

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from specrouter.core.spec import parse_chain
 from specrouter.engine.defaults import DECODE_RUN_S, MAX_BATCH, PREFILL_CHUNK, RETRY_DOWN_AFTER_S
-from specrouter.routing.config import RouterConfig
+from specrouter.routing.config import MAX_DRAFT_LEN, RouterConfig
 
 # The default for CPU serving: the target's own GGUF on llama.cpp (its quantised kernels outrun a torch
 # bf16 target on CPU), with prompt lookup below it, which drafts where the target verifies blocks
@@ -100,12 +100,17 @@ class RoutingConfig(BaseModel):
     max_drafters: int = Field(default=RouterConfig.max_drafters, ge=0, description="The most drafters in a chain.")
     lengths: tuple[int, ...] = Field(default=RouterConfig.lengths, min_length=1,
                                      description="The draft lengths the router searches.")
+    lookup_lengths: tuple[int, ...] = Field(
+        default=RouterConfig.lookup_lengths, min_length=1,
+        description="The draft lengths the router searches for prompt lookup (`ngram`, `ngram:N`), whose long "
+                    "matches go on for dozens of tokens: they pay where a wide pass costs much less a token than "
+                    "a narrow one (llama.cpp).")
 
-    @field_validator("lengths")
+    @field_validator("lengths", "lookup_lengths")
     @classmethod
     def _positive_lengths(cls, lengths: tuple[int, ...]) -> tuple[int, ...]:
-        if any(g < 1 for g in lengths):
-            raise ValueError(f"draft lengths must be >= 1, got {list(lengths)}")
+        if any(not 1 <= g <= MAX_DRAFT_LEN for g in lengths):
+            raise ValueError(f"draft lengths must be from 1 to {MAX_DRAFT_LEN}, got {list(lengths)}")
         return tuple(sorted(set(lengths)))
 
     def router_config(self) -> RouterConfig:
@@ -121,8 +126,8 @@ class ServeConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="bfloat16", description="The dtype of torch levels (llama.cpp levels run their GGUF's own types).")
     draft_lens: list[int] | None = Field(
-        default=None, description="The block length each drafter level proposes, bottom first. null: 4 per level (10 for "
-                                   "a bottom model when draft_confidence is set).")
+        default=None, description="The block length each drafter level proposes, bottom first. null: 4 per level (16 for "
+                                   "ngram:N, 10 for a bottom model when draft_confidence is set).")
     draft_confidence: float = Field(
         default=0.0, ge=0.0, lt=1.0,
         description="A drafting model ends its block after a token it gave less than this probability, so a "

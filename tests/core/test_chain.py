@@ -221,6 +221,12 @@ def test_ngram_drafter_proposes_continuation_of_latest_match():
     assert ngram.lookup([1, 2, 3, 4, 5], 3) == []
 
 
+def test_ngram_with_a_long_minimum_match_drafts_only_where_the_text_repeats_that_long():
+    ngram = NgramLevel(VOCAB, max_n=4, min_n=4)
+    assert ngram.lookup([5, 1, 2, 3, 4, 7, 8, 0, 1, 2, 3, 4], 2) == [7, 8]  # the last 4 tokens occurred before
+    assert ngram.lookup([5, 9, 2, 3, 4, 7, 8, 0, 1, 2, 3, 4], 2) == []  # only the last 3 did: no draft
+
+
 def test_ngram_cannot_be_a_verifier(models):
     with pytest.raises(ValueError):
         build(models, ["close", "ngram", "target"], [2, 2])

@@ -30,7 +30,9 @@ def test_level_spec_parsing():
     assert LevelSpec.parse("m@w8").backend == "torch"
     assert [s.quant for s in parse_chain("a@int8,b@gguf")] == ["int8", "gguf"]  # a GGUF target on llama.cpp
     assert parse_chain("a,b@w8")[-1].quant == "w8"  # an int8-weight target
-    for bad in ("m@bogus", "m@skip:x", "@skip", "m@skip:2@gguf"):
+    assert LevelSpec.parse("ngram:8") == LevelSpec("ngram", min_match=8) and LevelSpec.parse("ngram:8").label == "ngram:8"
+    assert LevelSpec.parse("ngram").label == "ngram"
+    for bad in ("m@bogus", "m@skip:x", "@skip", "m@skip:2@gguf", "ngram:0", "ngram:x", "ngram:65", "ngram:8@gguf"):
         with pytest.raises(ValueError):
             LevelSpec.parse(bad)
     with pytest.raises(ValueError):
@@ -50,12 +52,13 @@ TINY_CHAINS = [
     "ngram,draft,target",
     "draft,target@skip:2,target",
     "ngram,draft,target@skip:1,target",
+    "ngram:3,draft,target",
 ]
 
 
 @pytest.mark.parametrize("chain", TINY_CHAINS)
 def test_tiny_chain_greedy_equals_transformers_generate(tiny_dirs, chain):
-    spec = ",".join(tiny_dirs.get(name.split("@")[0], "ngram") + (name[len(name.split("@")[0]) :]) for name in chain.split(","))
+    spec = ",".join(tiny_dirs.get(name.split("@")[0], name.split("@")[0]) + (name[len(name.split("@")[0]) :]) for name in chain.split(","))
     engine = Engine(spec, dtype="float32")
     for prompt in (CODE_PROMPT, CHAT_PROMPT):
         result = engine.generate_text(prompt, 24, ignore_eos=True)

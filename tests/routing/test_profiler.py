@@ -75,3 +75,11 @@ def test_a_level_on_anothers_device_follows_that_levels_changes():
     for _ in range(2):
         profiler.observe_score("t", 4, 0.2)
     assert profiler.score_time("t@skip", 4) == pytest.approx(0.15, rel=0.15)
+
+
+def test_the_longest_block_a_router_plans_fills_the_widest_pass_the_profiler_times():
+    from specrouter.routing.config import MAX_DRAFT_LEN, RouterConfig
+    from specrouter.routing.profiler import BUCKETS
+
+    assert MAX_DRAFT_LEN + 1 == BUCKETS[-1]  # a block and the verifier's own token
+    assert max(RouterConfig().lengths + RouterConfig().lookup_lengths) <= MAX_DRAFT_LEN

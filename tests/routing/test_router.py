@@ -816,6 +816,29 @@ def test_a_prompt_lookup_drafter_is_expected_to_give_no_more_than_its_matches_ho
     assert klass < request <= 1 + 0.2 * 4
 
 
+def test_prompt_lookup_runs_blocks_longer_than_a_models_where_wide_passes_cost_little_a_token():
+    """A target whose pass over 32 rows costs 9 one-token passes (llama.cpp's on a CPU), and prompt
+    lookup that finds a match on 1 round in 2 and is then accepted whole: its blocks run past the
+    longest a model drafter's may, where the router searches lookup lengths."""
+    costs = {1: 0.027, 2: 0.043, 3: 0.055, 4: 0.066, 6: 0.096, 8: 0.116, 12: 0.143, 16: 0.142, 24: 0.216, 32: 0.251}
+    records = [TimingRecord("n", "draft", 4, 1e-4, 1)] + [TimingRecord("t", "score", n, s, 1) for n, s in costs.items()]
+    plans = {}
+    for lookup in (frozenset(), frozenset({"n"})):
+        router = AdaptiveRouter(["n"], "t", {"n": True, "t": True}, RouterConfig(explore_every=0), lookup=lookup)
+        router.observe([], [], records)
+        for i in range(200):
+            g = max(router.lengths_of("n"))
+            matched = i % 2 == 0
+            router.acceptance.observe_round("code", "n", "t", g if matched else 0, g if matched else 0, g)
+            router.acceptance.observe_draft("code", "n", g, g if matched else 0)
+            if matched:
+                router.acceptance.observe("code", "n", "t", [1.0] * g)
+        plans[bool(lookup)] = router.plans("code")[0]
+    assert plans[False].chain == plans[True].chain == ("n", "t")
+    assert plans[False].draft_lens[0] <= max(RouterConfig().lengths) < plans[True].draft_lens[0]
+    assert plans[True].predicted_s_per_token < plans[False].predicted_s_per_token
+
+
 def test_streaky_acceptance_makes_the_router_draft_longer_blocks():
     router = profiled_router(0.02)
     router.acceptance.observe("chat", "d", "t", [0.6] * 200)

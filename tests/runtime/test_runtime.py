@@ -128,7 +128,7 @@ def test_a_request_meeting_a_killed_target_fails_cleanly_or_waits_for_its_restar
 
 def test_adaptive_router_actor_is_lossless_and_explains(local_ray, tiny_dirs, expected):
     ids, want = expected
-    router = make_router(local_ray, f"ngram,{tiny_dirs['draft']},{tiny_dirs['target']}", adaptive=True)
+    router = make_router(local_ray, f"ngram:3,{tiny_dirs['draft']},{tiny_dirs['target']}", adaptive=True)
     out = local_ray.get(router.generate.remote(ids, 32, ignore_eos=True, prompt_class="chat"), timeout=600)
     assert out["token_ids"] == want[32]
     assert out["routing"]["class"] == "chat" and out["routing"]["decisions"]

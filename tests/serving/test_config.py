@@ -51,6 +51,9 @@ def test_placement_is_looked_up_by_label_then_name_then_star():
     {"placement": {"*": {"num_gpus": -1}}},
     {"placement": {"*": {"gpus": 1}}},
     {"unknown": 1},
+    {"chain": "ngram:0,x"},
+    {"routing": {"lengths": [0, 4]}},
+    {"routing": {"lookup_lengths": [8, 32]}},  # past the widest pass the profiler times
 ])
 def test_bad_configs_are_rejected_with_the_field_named(fields):
     with pytest.raises(ValidationError):
