@@ -77,6 +77,7 @@ def methods(threads: int) -> list[Method]:
         Method("ours: 0.5B gguf -> 1.5B w4", chain=f"{DRAFT}@gguf,{w4}", draft_lens=(3,), reference="ours: 1.5B w4 alone"),
         Method("ours: 0.5B gguf -> 1.5B w4 (stop 0.5)", chain=f"{DRAFT}@gguf,{w4}", draft_lens=(8,), draft_confidence=0.5,
                reference="ours: 1.5B w4 alone"),
+        Method("ours: ngram:8 -> 1.5B w4", chain=f"ngram:8,{w4}", draft_lens=(15,), reference="ours: 1.5B w4 alone"),
         Method("ours: ngram -> 0.5B gguf -> 1.5B w4", chain=f"ngram,{DRAFT}@gguf,{w4}", draft_lens=(4, 3),
                reference="ours: 1.5B w4 alone"),
         Method("ours: adaptive (ngram, 0.5B gguf, 1.5B w4)", chain=f"ngram,{DRAFT}@gguf,{w4}", adaptive=True,
@@ -91,6 +92,10 @@ def methods(threads: int) -> list[Method]:
                draft_confidence=0.5, bit_exact=False, reference="ours: 1.5B gguf alone"),
         Method("ours: adaptive (ngram, 0.5B gguf, 1.5B gguf)", chain=f"ngram,{DRAFT}@gguf,{gguf}", adaptive=True,
                reference="ours: 1.5B gguf alone"),
+        Method("ours: ngram:8 -> 1.5B gguf, not bit-exact", chain=f"ngram:8,{gguf}", draft_lens=(31,), bit_exact=False,
+               reference="ours: 1.5B gguf alone"),
+        Method("ours: adaptive (ngram:8, 0.5B gguf, 1.5B gguf), not bit-exact", chain=f"ngram:8,{DRAFT}@gguf,{gguf}",
+               adaptive=True, bit_exact=False, reference="ours: 1.5B gguf alone"),
     ]
 
 
@@ -155,7 +160,8 @@ def routing_summary(chosen: list[Method], by: dict, prompts) -> dict:
     out = {}
     for m in (m for m in chosen if m.adaptive):
         pool = m.chain.split(",")
-        statics = [s.name for s in chosen if s.server_args is None and not s.adaptive and s.bit_exact == m.bit_exact
+        statics = [s.name for s in chosen if s.server_args is None and not s.adaptive
+                   and (s.bit_exact == m.bit_exact or s.chain == pool[-1])  # the target alone is either
                    and s.chain.split(",")[-1] == pool[-1] and set(s.chain.split(",")) <= set(pool)]
         if not statics:
             continue
