@@ -125,10 +125,10 @@ class KillAtStep:
     """A router that plans the engine's static chain and stops a server before step `at`."""
 
     def __init__(self, plan, server, at: int):
-        from specrouter.routing.config import RouterConfig
-
         self.fixed, self.server, self.at, self.steps = plan, server, at, 0
-        self.config = RouterConfig(lengths=plan.draft_lens)
+
+    def longest_block(self) -> int:
+        return max(self.fixed.draft_lens)
 
     def plan(self, requests, backlog=None, remaining=None):
         from specrouter.routing.router import Decision
