@@ -82,6 +82,8 @@ def methods(threads: int) -> list[Method]:
                reference="ours: 1.5B w4 alone"),
         Method("ours: adaptive (ngram, 0.5B gguf, 1.5B w4)", chain=f"ngram,{DRAFT}@gguf,{w4}", adaptive=True,
                reference="ours: 1.5B w4 alone"),
+        Method("ours: adaptive (ngram:8, 0.5B gguf, 1.5B w4)", chain=f"ngram:8,{DRAFT}@gguf,{w4}", adaptive=True,
+               reference="ours: 1.5B w4 alone"),
         Method("ours: ngram -> 1.5B gguf", chain=f"ngram,{gguf}", draft_lens=(6,), reference="ours: 1.5B gguf alone"),
         Method("ours: 0.5B gguf -> 1.5B gguf", chain=f"{DRAFT}@gguf,{gguf}", draft_lens=(6,), reference="ours: 1.5B gguf alone"),
         Method("ours: ngram -> 0.5B gguf -> 1.5B gguf", chain=f"ngram,{DRAFT}@gguf,{gguf}", draft_lens=(4, 6),
