@@ -259,7 +259,7 @@ class NgramLevel:
     def __init__(self, vocab_size: int, max_n: int = 4, min_n: int = 2, name: str = "ngram"):
         self.name = name
         self.vocab_size = vocab_size
-        self.max_n, self.min_n = max_n, min_n
+        self.max_n, self.min_n = max(max_n, min_n), min_n  # a long minimum is looked up at its own length
 
     def lookup(self, ctx: list[int], n: int) -> list[int]:
         for size in range(min(self.max_n, len(ctx) - 1), self.min_n - 1, -1):

@@ -82,8 +82,7 @@ class Engine:
         levels: list[Level] = []
         for spec in self.specs:
             if spec.model == "ngram":
-                min_n = spec.min_match or 2
-                levels.append(NgramLevel(info.vocab_size, max_n=max(min_n, 4), min_n=min_n, name=spec.label))
+                levels.append(NgramLevel(info.vocab_size, min_n=spec.min_match or 2, name=spec.label))
                 continue
             worker = self.provider.worker(spec, target.label)
             tokenizer, fingerprint = self.provider.tokenizer(spec)

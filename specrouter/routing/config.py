@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specrouter.routing.profiler import BUCKETS
 
-MAX_DRAFT_LEN = 31  # the longest block the router plans: with the verifier's token, the profiler's widest pass
+
+MAX_DRAFT_LEN = BUCKETS[-1] - 1  # the longest block the router plans: with the verifier's token, the profiler's widest pass
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ class AdaptiveRouter:
             overhead=self.overhead_s,
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
-            own_lengths={d: self.config.lookup_lengths for d in self.lookup},
+            own_lengths={d: self.lengths_of(d) for d in self.lookup},
             max_drafters=self.config.max_drafters,
             max_top_len=self.max_top_len,
             expected=self._expected(classes, self._own_ratios(classes[0], own), own),
