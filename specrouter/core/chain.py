@@ -209,14 +209,15 @@ def draft(level: Level, seqs: list[SequenceState], prefixes: list[list[int]], ns
           timings: list[TimingRecord]) -> list[Block]:
     """The bottom level drafts up to n tokens after each prefix, in one batched call, timed."""
     items = [ProposeItem(seq, prefix, n, ctx.params, ctx.seed()) for seq, prefix, n, ctx in zip(seqs, prefixes, ns, ctxs)]
-    catching_up = any(level.backlog(seq.seq_id, len(prefix)) > CATCH_UP for seq, prefix in zip(seqs, prefixes))
+    backlogs = [level.backlog(seq.seq_id, len(prefix)) for seq, prefix in zip(seqs, prefixes)]
+    catching_up = max(backlogs) > CATCH_UP
     t0 = time.perf_counter()
     blocks = level.propose(items)
     seconds = time.perf_counter() - t0
     for ctx in ctxs:
         ctx.level_stats(level.name).time_s += seconds
     timings.append(TimingRecord(level.name, "prefill" if catching_up else "draft", max(drafted(b, n) for b, n in zip(blocks, ns)),
-                                seconds, len(seqs), max(ns)))
+                                seconds, len(seqs), max(ns), sum(backlogs) if catching_up else 0))
     return blocks
 
 

@@ -82,11 +82,12 @@ class TimingRecord:
 
     level: str
     op: str  # "score" (one pass over num_tokens), "draft" (num_tokens sampled one by one) or "prefill" (a
-    # drafter catching up on context it had not cached, then drafting: neither a drafting cost nor overhead)
+    # drafter catching up on `context` tokens it had not cached, then drafting num_tokens: a prefill cost)
     num_tokens: int  # tokens the pass ran per sequence: its uncached context and the block (the longest in a batch)
     seconds: float
     batch: int = 1  # sequences in the call
     asked: int | None = None  # "draft": the tokens asked for (num_tokens: those drafted, fewer where it stopped unsure)
+    context: int = 0  # "prefill": the context tokens it cached before drafting, all sequences together
 
 
 def level_stats(stats: dict[str, LevelStats], name: str) -> LevelStats:

@@ -80,13 +80,16 @@ def calibrate_costs(router: AdaptiveRouter, levels: dict[str, Level], batches: t
             for op, num_tokens, seconds in calibration_passes(level, batch, level_lengths, context):
                 if op == "score":
                     router.profiler.observe_score(name, num_tokens, seconds, batch=batch)
+                elif op == "prefill":
+                    router.profiler.observe_prefill(name, num_tokens, seconds)
                 else:
                     router.profiler.observe_draft(name, num_tokens, seconds, batch=batch)
 
 
 def calibration_passes(level: Level, batch: int, lengths: tuple[int, ...], context: int) -> list[tuple[str, int, float]]:
     """Time a level's passes over `batch` throwaway sequences of `context` tokens (one batched pass for
-    all of them): ("score", block length, s) per length (verifiers only; after an untimed prefill) and
+    all of them): ("prefill", context tokens of them all, s) and ("score", block length, s) per length
+    after it (verifiers only), and
     ("draft", n, s) for up to four tokens drafted for all of them (n: the most any of them drafted, at
     least 1: one that stops unsure drafts fewer, an n-gram without a match none)."""
     params, out = SamplingParams(), []
@@ -94,7 +97,9 @@ def calibration_passes(level: Level, batch: int, lengths: tuple[int, ...], conte
     ctxs = [list(seq.token_ids) for seq in seqs]
     try:
         if level.can_verify:
-            level.score([ScoreItem(seq, ctx[:-1], [], params) for seq, ctx in zip(seqs, ctxs)])  # prefill, not timed
+            t0 = time.perf_counter()
+            level.score([ScoreItem(seq, ctx[:-1], [], params) for seq, ctx in zip(seqs, ctxs)])  # the context
+            out.append(("prefill", batch * (context - 1), time.perf_counter() - t0))
             for n in lengths:
                 t0 = time.perf_counter()
                 level.score([ScoreItem(seq, ctx, list(range(2, n + 1)), params) for seq, ctx in zip(seqs, ctxs)])

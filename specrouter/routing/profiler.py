@@ -1,8 +1,11 @@
 """Online profile of each level's cost: forward time by block length (and batch size), EMA per bucket.
 
-Two operations are profiled per level, as the chain measures them (so remote overheads count):
+Three operations are profiled per level, as the chain measures them (so remote overheads count):
 - `score`: one verification pass over a block of n tokens;
-- `draft`: autoregressive drafting, recorded per drafted token.
+- `draft`: autoregressive drafting, recorded per drafted token;
+- `prefill`: caching context a level has not seen (a drafter catching up after steps out of the
+  chain, a pass longer than any block), recorded per token: what a plan that brings a far-behind
+  drafter back pays first.
 
 Each level also has a speed factor that multiplies all of its costs. Two observations in a row that
 are both far off their predictions in the same direction (a level slowed down or recovered, say its
@@ -44,6 +47,7 @@ class ForwardProfiler:
     ema: float = 0.2  # weight of a new observation
     _score: dict[tuple[str, int, int], _Ema] = field(default_factory=dict)  # (level, bucket, batch)
     _draft: dict[tuple[str, int], _Ema] = field(default_factory=dict)  # (level, batch): seconds per token
+    _prefill: dict[str, _Ema] = field(default_factory=dict)  # level: seconds per context token cached
     # Both tables hold costs divided by the level's speed factor at the time; predictions multiply it back.
     _speed: dict[str, float] = field(default_factory=dict)
     # per level: its last observation over its prediction, which entry saw it, and that entry's value before
@@ -56,9 +60,19 @@ class ForwardProfiler:
         self._hosts[level] = host
 
     def observe_score(self, level: str, num_tokens: int, seconds: float, batch: int = 1, weight: float | None = None) -> None:
-        if num_tokens > BUCKETS[-1]:
-            return  # prefill: not a verification size
+        if num_tokens > BUCKETS[-1]:  # not a verification size: a pass that also caches context
+            self.observe_prefill(level, num_tokens * batch, seconds)
+            return
         self._update(self._score, (level, bucket(num_tokens), batch), seconds, weight)
+
+    def observe_prefill(self, level: str, num_tokens: int, seconds: float) -> None:
+        """`num_tokens` of context (all sequences together) cached by `level` in `seconds`."""
+        if num_tokens > 0 and seconds > 0:
+            rate = seconds / num_tokens / self.speed(level)
+            if level in self._prefill:
+                self._prefill[level].update(rate, self.ema)
+            else:
+                self._prefill[level] = _Ema(rate)
 
     def observe_draft(self, level: str, num_tokens: int, seconds: float, batch: int = 1, weight: float | None = None) -> None:
         if num_tokens > 0:
@@ -113,7 +127,10 @@ class ForwardProfiler:
 
     def prefill_time(self, level: str, num_tokens: int) -> float | None:
         """Predicted seconds to prefill `num_tokens` (summed over sequences) into a level's caches: at
-        the cheapest per-token rate of any profiled pass, the bulk rate a long prefill runs at."""
+        the rate its prefills ran at, else the cheapest per-token rate of any profiled pass (a guess
+        that can be well below the real rate: a short pass's rows are not a long prefill's)."""
+        if level in self._prefill:
+            return self._prefill[level].value * num_tokens * self.speed(level)
         rates = [e.value / (b * bt) for (name, b, bt), e in self._score.items() if name == level]
         return min(rates) * num_tokens * self.speed(level) if rates else None
 

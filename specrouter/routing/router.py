@@ -12,10 +12,12 @@ batch is planned for its classes' acceptance at its batch size's costs (goodput)
 when that is clearly faster than plain batched decoding, and each sequence drafts at the top what its
 own acceptance pays for. Every `explore_every` steps the least recently measured drafter (else pair
 of neighbours) is re-measured, so estimates of levels out of use (a drafter that slowed down and
-recovered) stay fresh: its best plan runs once if it is predicted close to the best, else (a request
-alone) one small timed pass of the level (a probe) refreshes its cost without running a slow chain
-(less and less often while probes find that cost unchanged); a level on the device of a level in use
-(a skip-layer view of the target's weights) needs no probe, as its costs follow that level's. An
+recovered) stay fresh: its best plan runs once if it is predicted close to the best and that step
+costs little (its drafters' catch-up on what they missed, and its longer blocks, at most
+EXPLORE_BUDGET of the time until the next look; less and less often while such steps leave it out
+of use), else (a request alone) one small timed pass of the level (a probe) refreshes its cost
+without running a slow chain (less and less often while probes find that cost unchanged); a level
+on the device of a level in use (a skip-layer view of the target's weights) needs no probe, as its costs follow that level's. An
 n-gram drafter's cost and its acceptance need neither: the loop replays it against the target on
 every step of a routed request (specrouter/core/shadow.py), and those replays stand for its
 acceptance by every verifier. Calibration at start (specrouter/engine/calibration.py) measures every
@@ -27,6 +29,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from specrouter.core.chain import CATCH_UP
 from specrouter.core.records import TimingRecord, VerifyRecord
 from specrouter.core.levels import Level, ProposeItem, ScoreItem
 from specrouter.core.sampling import SamplingParams
@@ -40,6 +43,10 @@ from specrouter.routing.scheduler import Plan, predict, search
 
 EXPLORE_WEIGHT = 0.8  # an exploratory measurement is fresh news about a level out of use
 PROBE_BACKOFF = 4  # a level whose probes keep confirming its cost is probed at most this many times less often
+EXPLORE_BACKOFF = 2  # a level or pair whose explorations keep it out of use is explored at most this many times less often
+# An exploration costs its drafters' catch-up and a step on a plan predicted slower, lost unless its plan is
+# then adopted: it runs only where that is at most this share of the time until the item's next one
+EXPLORE_BUDGET = 0.1
 
 
 @dataclass
@@ -90,10 +97,14 @@ class AdaptiveRouter:
         self._pairs = [(d, v) for i, d in enumerate(self.pool) for v in names[i + 1:] if can_verify.get(v, True)]
         self._last_measured: dict[str | tuple[str, str], int] = {item: 0 for item in names + self._pairs}  # level or pair -> step
         self._exploring: set[str] = set()  # levels whose next measurement replaces most of the old one
+        self._explored = False  # whether the step planned last explores (its levels and pairs are not in use)
         # steps between probes of a level out of use: doubled (up to PROBE_BACKOFF x explore_every) each time a
         # probe finds its cost as predicted, since each costs a pass of that level (for a large level, a share of
-        # the workload's time worth saving); back to explore_every once a probe finds it changed or a chain runs it
-        self._probe_every: dict[str, int] = {}
+        # the workload's time worth saving); back to explore_every once a probe finds it changed or a chain runs it.
+        # Likewise between explorations of a level or pair (up to EXPLORE_BACKOFF x explore_every): doubled by each
+        # (a step on a plan predicted slower, and a drafter's catch-up on what it missed), back to explore_every once
+        # a plan chosen on its merits runs it.
+        self._probe_every: dict[str | tuple[str, str], int] = {}
         self._levels: dict[str, Level] = levels if levels is not None else {}
         # per class, the plan its last request planned: a new request starts from it with the same hysteresis
         # (two chains a few % apart in the model are near ties: one request's estimates must not flip them)
@@ -243,8 +254,9 @@ class AdaptiveRouter:
         size's costs, plain batched decoding unless speculation is predicted `batch_speculation_margin`
         faster, each sequence then drafting at the top what its own acceptance pays for
         (`sequence_draft_lens`). Both explore a level or pair not measured for `explore_every` steps
-        when its best plan is within `explore_margin` of the best (a request alone probes a level
-        that is not, where it can)."""
+        when its best plan is within `explore_margin` of the best and the step costs little
+        (`_worth_exploring`); a request alone probes a level that is not, where it can."""
+        self._explored = False
         if len(requests) == 1:
             plan, ranked, reason = self._plan_alone(requests[0], backlog, remaining)
             top_lens = (plan.draft_lens[-1] if plan.draft_lens else 0,)
@@ -260,13 +272,13 @@ class AdaptiveRouter:
         if stale is not None:
             ranked = self._ranked([klass], backlog, remaining, own)
             explore = next((p for p in ranked if _runs(p.chain, stale)), None)
-            promising = explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin
+            promising = self._worth_exploring(stale, explore, ranked[0], [klass], backlog, own)
             self._last_measured[stale] = self._step
             if not promising and stale in self._levels:
                 # Far behind: re-measure its cost with one small pass instead of running a slow chain.
                 self._probe(stale)
             elif promising or (explore is not None and isinstance(stale, str)):  # a level we cannot probe: run it
-                explore = self._exploration(explore)
+                explore = self._exploration(explore, backlog)
                 if isinstance(stale, str):
                     self._exploring.add(stale)
                 what = stale if isinstance(stale, str) else " -> ".join(stale)
@@ -306,9 +318,9 @@ class AdaptiveRouter:
         if stale is not None:
             self._last_measured[stale] = self._step
             explore = next((p for p in ranked if _runs(p.chain, stale)), None)
-            if explore is not None and explore.predicted_s_per_token <= ranked[0].predicted_s_per_token * self.config.explore_margin:
+            if self._worth_exploring(stale, explore, ranked[0], [r.klass for r in requests], backlog):
                 what = stale if isinstance(stale, str) else " -> ".join(stale)
-                return self._exploration(explore), ranked, f"explore: {what} not measured for {self.config.explore_every}+ steps"
+                return self._exploration(explore, backlog), ranked, f"explore: {what} not measured for {self.config.explore_every}+ steps"
         return ranked[0], ranked, reason
 
     def _ranked(self, classes: list[str], backlog: dict[str, int] | None, remaining: float,
@@ -320,21 +332,49 @@ class AdaptiveRouter:
         return sorted((self._with_catch_up(p, backlog, remaining) for p in plans), key=lambda p: p.predicted_s_per_token)
 
     def _with_catch_up(self, plan: Plan, backlog: dict[str, int], remaining: float) -> Plan:
-        seconds = sum(self.profiler.prefill_time(level, backlog[level]) or 0.0 for level in plan.chain[:-1] if backlog.get(level))
-        return Plan(plan.chain, plan.draft_lens, plan.predicted_s_per_token + seconds / max(remaining, 1.0))
+        return Plan(plan.chain, plan.draft_lens, plan.predicted_s_per_token + self._catch_up_s(plan, backlog) / max(remaining, 1.0))
+
+    def _catch_up_s(self, plan: Plan, backlog: dict[str, int] | None) -> float:
+        """Predicted seconds the plan's drafters take to cache the context they have not (`backlog`)."""
+        return sum(self.profiler.prefill_time(level, backlog[level]) or 0.0 for level in plan.chain[:-1] if backlog and backlog.get(level))
+
+    def _worth_exploring(self, item: str | tuple[str, str], explore: Plan | None, best: Plan, classes: list[str],
+                         backlog: dict[str, int] | None, own: OwnAcceptance | None = None) -> bool:
+        """Whether a stale level's or pair's best plan (`explore`, its catch-up spread over the remaining
+        tokens) is worth a step: predicted at most `explore_margin` slower than the best, and the step it
+        explores with (`_exploration`: its catch-up, and a block on a plan predicted slower) at most
+        EXPLORE_BUDGET of the time until the item's next exploration (at one token a step on the best)."""
+        if explore is None or explore.predicted_s_per_token > best.predicted_s_per_token * self.config.explore_margin:
+            return False
+        run = self._predicted(_lengthened(explore), classes, own)
+        cost = self._catch_up_s(run, backlog) + max(0.0, run.predicted_s_per_token - best.predicted_s_per_token) * (run.draft_lens[-1] + 1)
+        return cost <= EXPLORE_BUDGET * self._probe_every.get(item, self.config.explore_every) * best.predicted_s_per_token
 
     def _repredict(self, plan: Plan, klass: str, own: OwnAcceptance | None = None) -> Plan:
-        ratios = self._own_ratios(klass, own)
-        t = predict(plan.chain, plan.draft_lens, self._verify_cost, self._draft_cost, self._alpha([klass]),
-                    self.overhead_s, self._expected([klass], ratios, own), self._drafted([klass], own))
+        return self._predicted(plan, [klass], own)
+
+    def _predicted(self, plan: Plan, classes: list[str], own: OwnAcceptance | None = None) -> Plan:
+        """The plan with its prediction for requests of these classes stepping together, as `_search` makes it."""
+        batch = len(classes)
+        t = predict(plan.chain, plan.draft_lens, lambda level, n: self._verify_cost(level, n, batch),
+                    lambda level: self._draft_cost(level, batch), self._alpha(classes), self.overhead_s,
+                    self._expected(classes, self._own_ratios(classes[0], own), own), self._drafted(classes, own))
         return Plan(plan.chain, plan.draft_lens, t)
 
-    def _exploration(self, plan: Plan) -> Plan:
+    def _exploration(self, plan: Plan, backlog: dict[str, int] | None) -> Plan:
         """The plan run to explore: long enough blocks that one step measures acceptance, not just cost.
-        It measures every level and pair it runs, so none of them is explored again at once."""
+        It measures every level and pair it runs, so none of them is explored again at once. One that
+        brings back a drafter out of use (which first catches up on what it missed) is dearer: its
+        levels and pairs then wait twice as long as before for their next one, unless a plan chosen on
+        its merits runs them meanwhile."""
+        every, longest = self.config.explore_every, EXPLORE_BACKOFF * self.config.explore_every
+        idle = any(backlog.get(level, 0) > CATCH_UP for level in plan.chain[:-1]) if backlog else False
         for item in (*plan.chain, *zip(plan.chain, plan.chain[1:])):
             self._last_measured[item] = self._step
-        return Plan(plan.chain, tuple(max(3, g) for g in plan.draft_lens), plan.predicted_s_per_token)
+            if idle and item != self.target:
+                self._probe_every[item] = min(2 * self._probe_every.get(item, every), longest)
+        self._explored = True
+        return _lengthened(plan)
 
     def _stalest(self) -> str | tuple[str, str] | None:
         """The drafter, else the (drafter, verifier) pair, measured longest ago, if explore_every or more
@@ -398,6 +438,7 @@ class AdaptiveRouter:
             level_seconds += t.seconds
             rounds += self._observe_timing(t, requests[0].klass if alone else POOLED)
         self._exploring.clear()
+        self._explored = False
         if alone and rounds and seconds is not None:
             per_round = max(0.0, seconds - level_seconds) / rounds
             self.overhead_s += 0.2 * (per_round - self.overhead_s)
@@ -405,7 +446,8 @@ class AdaptiveRouter:
     def _observe_timing(self, t: TimingRecord, klass: str) -> int:
         """One level call's cost (its blocks' lengths under `klass`); 1 for a verification round."""
         self._measured(t.level)
-        self._probe_every.pop(t.level, None)  # in use: probed at the usual pace once out of use again
+        if not self._explored:
+            self._probe_every.pop(t.level, None)  # in use: probed and explored at the usual pace once out of use again
         weight = EXPLORE_WEIGHT if t.level in self._exploring else None
         if t.op == "score":
             self.profiler.observe_score(t.level, t.num_tokens, t.seconds, batch=t.batch, weight=weight)
@@ -414,6 +456,8 @@ class AdaptiveRouter:
             self.profiler.observe_draft(t.level, t.num_tokens, t.seconds, batch=t.batch, weight=weight)
             if t.asked:
                 self.acceptance.observe_draft(klass, t.level, t.asked, t.num_tokens)
+        elif t.op == "prefill" and t.context:  # its catch-up: the call's time less the drafting it also did
+            self.profiler.observe_prefill(t.level, t.context, t.seconds - t.num_tokens * self._draft_cost(t.level, t.batch))
         return 0
 
     def _measured(self, level: str) -> None:
@@ -445,6 +489,8 @@ class AdaptiveRouter:
     def _observe_verdict(self, klass: str, r: VerifyRecord) -> None:
         """One verification's feedback: the pair's acceptance, and the round's run."""
         self._last_measured[(r.drafter, r.verifier)] = self._step
+        if not self._explored and not r.replayed:
+            self._probe_every.pop((r.drafter, r.verifier), None)  # in use
         if r.replayed:  # its replays stand for its other verifiers (_estimated_as): none of them is explored blindly
             self._replayed.add(r.drafter)
             for pair in self._pairs:
@@ -485,6 +531,11 @@ def taught(records: list, first_step: bool) -> list:
     rest, and one such round in a request's own rounds would plan its next steps for far fewer tokens
     a round than it then gets."""
     return [r for r in records if not isinstance(r, VerifyRecord)] if first_step else records
+
+
+def _lengthened(plan: Plan) -> Plan:
+    """An exploration's plan: blocks of at least 3 (`AdaptiveRouter._exploration`)."""
+    return Plan(plan.chain, tuple(max(3, g) for g in plan.draft_lens), plan.predicted_s_per_token)
 
 
 def _runs(chain: tuple[str, ...], item: str | tuple[str, str]) -> bool:

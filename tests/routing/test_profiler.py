@@ -35,6 +35,19 @@ def test_a_single_outlier_moves_only_its_own_block_length():
     assert profiler.score_time("t", 8) > 0.4
 
 
+def test_a_catch_up_pass_teaches_the_prefill_rate_a_plan_is_charged():
+    """Until a level has cached context, its prefill is priced at its verification passes' bulk rate;
+    a pass longer than any block (a drafter catching up, here 150 tokens in 0.45 s) then prices it."""
+    profiler = ForwardProfiler()
+    profiler.observe_score("d", 32, 0.042)  # 1.3 ms a row
+    assert profiler.prefill_time("d", 100) == pytest.approx(0.042 / 32 * 100)
+    profiler.observe_score("d", 150, 0.45)
+    assert profiler.prefill_time("d", 100) == pytest.approx(0.3)
+    assert profiler.score_time("d", 32) == pytest.approx(0.042)  # no verification size learns from it
+    profiler.observe_prefill("d", 100, 0.5)  # an EMA step toward 5 ms a token
+    assert 0.3 < profiler.prefill_time("d", 100) < 0.5
+
+
 def test_score_time_interpolates_between_block_lengths_and_stays_flat_outside():
     profiler = ForwardProfiler()
     profiler.observe_score("t", 2, 0.2)

@@ -442,6 +442,88 @@ def test_batch_plan_charges_a_far_behind_drafter_its_catch_up_prefill():
     assert router.profiler.prefill_time("d", 2000) == pytest.approx(2000 * (0.02 + 0.004 * 8) / 8)
 
 
+def test_a_drafters_catch_up_teaches_its_prefill_rate_less_the_drafting_it_also_did():
+    router = AdaptiveRouter(["d"], "t", {"d": True, "t": True})
+    router.observe([], [], [TimingRecord("d", "draft", 4, 0.1, 1, 4)])  # 25 ms a drafted token
+    # caught up on 100 context tokens, then drafted 4: 0.5 s in all
+    router.observe([], [], [TimingRecord("d", "prefill", 4, 0.5, 1, 4, context=100)])
+    assert router.profiler.prefill_time("d", 100) == pytest.approx(0.4)
+    assert router.profiler.draft_time("d") == pytest.approx(0.025)  # no drafting cost learnt from it
+
+
+def test_calibration_times_each_levels_prefill():
+    import time
+
+    from specrouter.core.levels import Block
+    from specrouter.engine.calibration import calibrate_costs
+
+    class Sleeps:  # 1 ms a row
+        name, can_verify, min_confidence = "t", True, 0.0
+
+        def score(self, items):
+            time.sleep(0.001 * (len(items[0].ctx) + len(items[0].draft)))
+
+        def propose(self, items):
+            return [Block([1], torch.zeros(1, 8)) for _ in items]
+
+        def release(self, seq_id):
+            pass
+
+    router = AdaptiveRouter([], "t", {"t": True}, RouterConfig(lengths=(1,)))
+    calibrate_costs(router, {"t": Sleeps()}, context=101)
+    assert 0.1 <= router.profiler.prefill_time("t", 100) < 1.0  # the 100 rows it slept for, and whatever load adds
+
+
+def test_a_drafter_out_of_use_is_explored_where_its_catch_up_is_cheap_and_less_often_each_time():
+    """Re-measuring a drafter out of use by running its plan first caches what it missed: that runs
+    where the step costs a small share of the steps until the next look (20 tokens to catch up), a
+    small timed pass (a probe) stands in where it would not (100 tokens at 3 ms); each such look
+    doubles the wait for the next while the drafter stays out of use."""
+    import time
+
+
+    class Probed:
+        name, can_verify, min_confidence = "d", True, 0.0
+
+        def __init__(self):
+            self.probes = 0
+
+        def score(self, items):  # a pass at its drafting cost
+            self.probes += 1
+            time.sleep(0.01)
+
+        def release(self, seq_id):
+            pass
+
+    def router_and_drafter():
+        drafter = Probed()
+        router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, levels={"d": drafter})
+        # t alone is best (0.1 s a token); d -> t close behind: a pass of 2+ tokens costs 0.15 s + 0.01 s a token
+        router.observe([], [], [TimingRecord("t", "score", n, 0.1 if n == 1 else 0.15 + 0.01 * n, 1) for n in (1, 2, 4, 8, 12)]
+                       + [TimingRecord("d", "draft", 4, 4 * 0.01, 1)])
+        router.profiler.observe_prefill("d", 100, 0.3)
+        router.acceptance.observe("chat", "d", "t", [0.55] * 200)
+        return router, drafter
+
+    def after_steps(router, n):
+        for _ in range(n):
+            router.observe([], [], [])
+
+    far, drafter = router_and_drafter()
+    after_steps(far, RouterConfig().explore_every)
+    decision = plan_for(far, "chat", backlog={"d": 100}, remaining=1000)
+    assert decision.plan.chain == ("t",) and drafter.probes == 1
+    near, drafter = router_and_drafter()
+    after_steps(near, RouterConfig().explore_every)
+    decision = plan_for(near, "chat", backlog={"d": 20}, remaining=1000)
+    assert decision.reason.startswith("explore: d") and decision.plan.chain == ("d", "t")
+    after_steps(near, RouterConfig().explore_every)
+    assert not plan_for(near, "chat", backlog={"d": 20}, remaining=1000).reason.startswith("explore")
+    after_steps(near, RouterConfig().explore_every)
+    assert plan_for(near, "chat", backlog={"d": 20}, remaining=1000).reason.startswith("explore: d")
+    assert drafter.probes == 0
+
+
 def test_request_plan_charges_a_far_behind_drafter_its_catch_up_prefill():
     router = AdaptiveRouter(["d"], "t", {"d": True, "t": True}, RouterConfig(explore_every=0))
     synthetic_batch_profile(router, "t", "d", batches=(1,))
@@ -906,7 +988,7 @@ def test_a_drafter_replayed_on_every_step_is_estimated_from_its_replays_below_ev
 
 @pytest.mark.parametrize("replayed", [True, False])
 def test_a_drafter_replayed_on_every_step_is_not_explored(replayed):
-    router = AdaptiveRouter(["n", "d"], "t", {"n": False, "d": True, "t": True}, RouterConfig(explore_every=4))
+    router = AdaptiveRouter(["n", "d"], "t", {"n": False, "d": True, "t": True}, RouterConfig())
     router.observe([], [], [TimingRecord(level, "score", k, base + 0.01 * k, 1) for level, base in (("t", 0.1), ("d", 0.03))
                               for k in (1, 2, 4, 8, 12)] + [TimingRecord("n", "draft", 4, 0.0004, 1)])
     router.acceptance.observe("chat", "n", "d", [0.9] * 50)  # measured once, long ago: n -> d -> t is close to the best
