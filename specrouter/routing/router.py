@@ -17,10 +17,11 @@ costs little (its drafters' catch-up on what they missed, and its longer blocks,
 EXPLORE_BUDGET of the time until the next look; less and less often while such steps leave it out
 of use), else (a request alone) one small timed pass of the level (a probe) refreshes its cost
 without running a slow chain (less and less often while probes find that cost unchanged); a level
-on the device of a level in use (a skip-layer view of the target's weights) needs no probe, as its costs follow that level's. An
-n-gram drafter's cost and its acceptance need neither: the loop replays it against the target on
-every step of a routed request (specrouter/core/shadow.py), and those replays stand for its
-acceptance by every verifier. Calibration at start (specrouter/engine/calibration.py) measures every
+on the device of a level in use (a skip-layer view of the target's weights) needs no probe, as its
+costs follow that level's. A drafter whose catch-up has grown too dear to explore returns when its
+plan, catch-up included, is predicted best. An n-gram drafter's cost and its acceptance need
+neither: the loop replays it against the target on every step of a routed request
+(specrouter/core/shadow.py), and those replays stand for its acceptance by every verifier. Calibration at start (specrouter/engine/calibration.py) measures every
 level's cost, then every pair's acceptance on the target's own continuation of a prompt per class.
 """
 
