@@ -9,8 +9,8 @@ functions (answers that repeat much of the prompt). Every request runs end to en
 greedy, 2 threads, one at a time; each prompt under every method in turn, so drift hits them alike.
 Neither side reuses what earlier prompts left (llama-server's prompt cache and our llama.cpp levels'
 prefix sharing are off): every method runs each prompt whole, so outputs compare with the target alone's.
-llama-server runs plain, with its n-gram speculation and with the 0.5B as its draft model (two
-settings); SpecRouter in-process runs each target alone on each backend (llama.cpp; torch in bf16, with
+llama-server runs plain, with its n-gram speculation and with the 0.5B as its draft model (its
+defaults, and two settings); SpecRouter in-process runs each target alone on each backend (llama.cpp; torch in bf16, with
 int8 weights, with 4-bit weights), static chains, and adaptive routing over a pool; chains verify
 blocks no wider than their target verifies bit-exactly (llama.cpp: measured at load; w8/w4: 16
 tokens) unless named "not bit-exact". Reported: tokens/s, speed relative to llama-server plain, the rate of outputs
@@ -66,6 +66,7 @@ def methods(threads: int) -> list[Method]:
     return [
         Method(BASELINE, ()),
         Method("llama-server ngram", ("--spec-type", "ngram-mod")),
+        Method("llama-server 0.5B draft (defaults)", spec),  # n-max 3, p-min 0 in the vendored llama.cpp
         Method("llama-server 0.5B draft (n-max 3, p-min 0.7)", spec + ("--spec-draft-n-max", "3", "--spec-draft-p-min", "0.7")),
         Method("llama-server 0.5B draft (n-max 8)", spec + ("--spec-draft-n-max", "8")),
         Method("ours: 1.5B gguf alone", chain=gguf, reference="ours: 1.5B gguf alone"),
