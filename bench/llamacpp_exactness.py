@@ -1,7 +1,8 @@
 """Which llama.cpp kernels make a wider pass round differently from one-token decoding, and what a pass
 costs with each of them switched off.
 
-    .venv/bin/python bench/llamacpp_exactness.py [--model qwen2.5-coder-1.5b] [--threads 2]
+    .venv/bin/python bench/llamacpp_exactness.py [--model qwen2.5-coder-1.5b] [--threads 2] [--widest 8]
+        [--no-tiled-matmul]
 
 A llama.cpp target verifies a drafted block bit-exactly only while a pass over k tokens gives every
 row the bits k one-token passes give (its `exact_width`, measured at load). Two kernel choices in
@@ -11,7 +12,9 @@ split across threads and merged; several queries run one by one). For the runtim
 each switched off (weights left as in the file: `use_extra_bufts`; attention without flash
 attention), this measures the exact width after 16, 320, 700 and 1500 cached positions and the time
 of a pass over k = 1, 2, 4, 8, 16, 32 new tokens after 300 (median of 7): verification's cost, which
-decides how long a block pays.
+decides how long a block pays. Weights as in the file take llama.cpp's tiled K-quant products from 8
+rows; `--no-tiled-matmul` switches those off for the whole run (GGML_CPU_TILED_MM=0, read once per
+process), leaving every row a vector product of its own.
 
 Writes bench/results/llamacpp-exactness-<timestamp>.json.
 """
@@ -19,6 +22,7 @@ Writes bench/results/llamacpp-exactness-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -33,7 +37,6 @@ from specrouter.core import catalog  # noqa: E402
 from specrouter.core.llamacpp import LlamaCppModel  # noqa: E402
 
 CONTEXTS = (16, 320, 700, 1500)
-WIDTHS = (1, 2, 4, 8)  # the widest pass probed for bit-exactness
 PASS_WIDTHS = (1, 2, 4, 8, 16, 32)  # passes timed
 VARIANTS = {  # name -> (repacked weights, flash attention: llama.cpp's enum, -1 auto)
     "runtime (repacked weights, flash attention)": (True, ll.LLAMA_FLASH_ATTN_TYPE_AUTO),
@@ -64,9 +67,9 @@ def load(path: Path, threads: int, repack: bool, flash_attn: int) -> LlamaCppMod
         ll.llama_model_default_params, ll.llama_context_default_params = model_defaults, context_defaults
 
 
-def measure(model: LlamaCppModel) -> dict:
+def measure(model: LlamaCppModel, widest: int) -> dict:
     seq = model.take_sequence()
-    widths = {context: model._exact_width_after(seq, context, max(WIDTHS)) for context in CONTEXTS}
+    widths = {context: model._exact_width_after(seq, context, widest) for context in CONTEXTS}
     tokens = [(7 * i + 3) % model.vocab_size for i in range(300 + max(PASS_WIDTHS))]
     model.keep_before(seq, 0)
     model.decode([(t, i, seq, False) for i, t in enumerate(tokens[:300])])
@@ -88,13 +91,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-1.5b")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--widest", type=int, default=8, help="the widest pass probed for bit-exactness")
+    parser.add_argument("--no-tiled-matmul", action="store_true", help="llama.cpp's tiled K-quant products off")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
+    if args.no_tiled_matmul:
+        os.environ["GGML_CPU_TILED_MM"] = "0"  # before llama.cpp's first product reads it
     path = catalog.prepare_gguf(args.model)
     variants = {}
     for name, (repack, flash_attn) in VARIANTS.items():
         model = load(path, args.threads, repack, flash_attn)
-        variants[name] = measure(model)
+        variants[name] = measure(model, args.widest)
         del model
         print(f"{name}: {variants[name]}", flush=True)
     print(f"wrote {write_result('llamacpp-exactness', {'config': {**vars(args), 'gguf': path.name}, 'variants': variants}, args.out)}")
