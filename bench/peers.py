@@ -8,13 +8,14 @@ Workloads: HumanEval prompts (code), ShareGPT first turns (chat), and code edits
 functions (answers that repeat much of the prompt). Every request runs end to end, prefill included,
 greedy, 2 threads, one at a time; each prompt under every method in turn, so drift hits them alike.
 Neither side reuses what earlier prompts left (llama-server's prompt cache and our llama.cpp levels'
-prefix sharing are off): every method runs each prompt whole, so outputs compare with the target alone's.
-llama-server runs plain, with its n-gram speculation and with the 0.5B as its draft model (its
-defaults, and two settings); SpecRouter in-process runs each target alone on each backend (llama.cpp; torch in bf16, with
-int8 weights, with 4-bit weights), static chains, and adaptive routing over a pool; chains verify
-blocks no wider than their target verifies bit-exactly (llama.cpp: measured at load; w8/w4: 16
-tokens) unless named "not bit-exact". Reported: tokens/s, speed relative to llama-server plain, the rate of outputs
-identical to the same target alone, tokens per target pass, peak RSS of each process.
+prefix sharing are off): every method runs each prompt whole, so outputs compare with the target
+alone's. llama-server runs plain, with its n-gram speculation and with the 0.5B as its draft model (its
+defaults, and two settings); SpecRouter in-process runs each target alone on each backend (llama.cpp;
+torch in bf16, with int8 weights, with 4-bit weights), static chains, and adaptive routing over a pool;
+chains verify blocks no wider than their target verifies bit-exactly (llama.cpp: measured at load;
+w8/w4: 16 tokens) unless named "not bit-exact". Reported: tokens/s, speed relative to llama-server
+plain, the rate of outputs identical to the same target alone, tokens per target pass, peak RSS of each
+process.
 
 Writes bench/results/peers-<timestamp>.json.
 """
