@@ -69,10 +69,7 @@ class ForwardProfiler:
         """`num_tokens` of context (all sequences together) cached by `level` in `seconds`."""
         if num_tokens > 0 and seconds > 0:
             rate = seconds / num_tokens / self.speed(level)
-            if level in self._prefill:
-                self._prefill[level].update(rate, self.ema)
-            else:
-                self._prefill[level] = _Ema(rate)
+            self._prefill.setdefault(level, _Ema(rate)).update(rate, self.ema)  # the first: itself
 
     def observe_draft(self, level: str, num_tokens: int, seconds: float, batch: int = 1, weight: float | None = None) -> None:
         if num_tokens > 0:

@@ -2,27 +2,27 @@
 the requests stepping together, from costs and acceptances learned online, and re-plan as they move.
 
 The router is shared by all requests (it owns the profiler and the acceptance table per class). The
-generation loop (specrouter/engine/loop.py) keeps a `RequestRoute` per request and, before every
-step, asks `plan` for the batch's plan; after it, `observe` gets each request's records and the
-step's level timings. A batch of one is planned for its request alone: its own acceptance of each
-pair, so an easy prompt of a class is planned for what it accepts, not for its class's average;
-re-planning every `replan_every` steps with hysteresis (a new request's first plan against the one
-its class's last request planned), and at once after a level's cost changed as a whole. A larger
-batch is planned for its classes' acceptance at its batch size's costs (goodput), speculating only
-when that is clearly faster than plain batched decoding, and each sequence drafts at the top what its
-own acceptance pays for. Every `explore_every` steps the least recently measured drafter (else pair
-of neighbours) is re-measured, so estimates of levels out of use (a drafter that slowed down and
-recovered) stay fresh: its best plan runs once if it is predicted close to the best and that step
-costs little (its drafters' catch-up on what they missed, and its longer blocks, at most
-EXPLORE_BUDGET of the time until the next look; less and less often while such steps leave it out
-of use), else (a request alone) one small timed pass of the level (a probe) refreshes its cost
-without running a slow chain (less and less often while probes find that cost unchanged); a level
-on the device of a level in use (a skip-layer view of the target's weights) needs no probe, as its
-costs follow that level's. A drafter whose catch-up has grown too dear to explore returns when its
-plan, catch-up included, is predicted best. An n-gram drafter's cost and its acceptance need
-neither: the loop replays it against the target on every step of a routed request
-(specrouter/core/shadow.py), and those replays stand for its acceptance by every verifier. Calibration at start (specrouter/engine/calibration.py) measures every
-level's cost, then every pair's acceptance on the target's own continuation of a prompt per class.
+generation loop (specrouter/engine/loop.py) keeps a `RequestRoute` per request and, before every step,
+asks `plan` for the batch's plan; after it, `observe` gets each request's records and the step's level
+timings. A batch of one is planned for its request alone: its own acceptance of each pair, so an easy
+prompt of a class is planned for what it accepts, not for its class's average; re-planning every
+`replan_every` steps with hysteresis (a new request's first plan against the one its class's last
+request planned), and at once after a level's cost changed as a whole. A larger batch is planned for
+its classes' acceptance at its batch size's costs (goodput), speculating only when that is clearly
+faster than plain batched decoding, and each sequence drafts at the top what its own acceptance pays
+for. Every `explore_every` steps the least recently measured drafter (else pair of neighbours) is
+re-measured, so estimates of levels out of use (a drafter that slowed down and recovered) stay fresh:
+its best plan runs once if it is predicted close to the best and that step costs little (its drafters'
+catch-up on what they missed, and its longer blocks, at most EXPLORE_BUDGET of the time until the next
+look; less and less often while such steps leave it out of use), else (a request alone) one small
+timed pass of the level (a probe) refreshes its cost without running a slow chain (less and less often
+while probes find that cost unchanged); a level on the device of a level in use (a skip-layer view of
+the target's weights) needs no probe, as its costs follow that level's. A drafter whose catch-up has
+grown too dear to explore returns when its plan, catch-up included, is predicted best. An n-gram
+drafter's cost and its acceptance need neither: the loop replays it against the target on every step
+of a routed request (specrouter/core/shadow.py), and those replays stand for its acceptance by every
+verifier. Calibration at start (specrouter/engine/calibration.py) measures every level's cost, then
+every pair's acceptance on the target's own continuation of a prompt per class.
 """
 
 from __future__ import annotations
@@ -289,14 +289,14 @@ class AdaptiveRouter:
             request.steps_since_plan += 1
             # the same plan, its prediction brought up to date with the request's latest rounds (what the
             # response's explanation compares with the time measured: a short request has few steps)
-            request.plan = self._repredict(request.plan, klass, own)
+            request.plan = self._predicted(request.plan, [klass], own)
             return request.plan, [], "keep"
         ranked = self._ranked([klass], backlog, remaining, own)
         best = ranked[0]
         reason = "best predicted"
         previous = request.plan if request.plan is not None else self._incumbent.get(klass)
         if previous is not None and best.chain + best.draft_lens != previous.chain + previous.draft_lens:
-            current = self._repredict(previous, klass, own)
+            current = self._predicted(previous, [klass], own)
             if backlog:
                 current = self._with_catch_up(current, backlog, remaining)
             if best.predicted_s_per_token > current.predicted_s_per_token * (1 - self.config.hysteresis):
@@ -350,9 +350,6 @@ class AdaptiveRouter:
         run = self._predicted(_lengthened(explore), classes, own)
         cost = self._catch_up_s(run, backlog) + max(0.0, run.predicted_s_per_token - best.predicted_s_per_token) * (run.draft_lens[-1] + 1)
         return cost <= EXPLORE_BUDGET * self._probe_every.get(item, self.config.explore_every) * best.predicted_s_per_token
-
-    def _repredict(self, plan: Plan, klass: str, own: OwnAcceptance | None = None) -> Plan:
-        return self._predicted(plan, [klass], own)
 
     def _predicted(self, plan: Plan, classes: list[str], own: OwnAcceptance | None = None) -> Plan:
         """The plan with its prediction for requests of these classes stepping together, as `_search` makes it."""
