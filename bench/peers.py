@@ -15,7 +15,8 @@ torch in bf16, with int8 weights, with 4-bit weights), static chains, and adapti
 chains verify blocks no wider than their target verifies bit-exactly (llama.cpp: measured at load;
 w8/w4: 16 tokens) unless named "not bit-exact". Reported: tokens/s, speed relative to llama-server
 plain, the rate of outputs identical to the same target alone, tokens per target pass, peak RSS of each
-process.
+process. Our models load in this process with glibc's huge-page tunable, as a worker actor's do
+(specrouter/core/hugepages.py); llama-server runs as users run it, and once more with the tunable.
 
 Writes bench/results/peers-<timestamp>.json.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -39,6 +41,7 @@ from report import peak_rss_gb, tokens_per_s, write_result  # noqa: E402
 from workloads import Prompt, code_edits, encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.core import catalog  # noqa: E402
+from specrouter.core.hugepages import TUNABLE, reexec_with_huge_pages, with_huge_pages  # noqa: E402
 from specrouter.routing.classifier import classify  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
 from specrouter.engine.calibration import router_for  # noqa: E402
@@ -58,6 +61,7 @@ class Method:
     adaptive: bool = False
     bit_exact: bool = True  # the target verifies blocks no wider than it verifies bit-exactly
     reference: str = ""  # the method whose output is this one's "target alone"
+    huge_pages: bool = False  # llama-server started with glibc's huge-page tunable, as our processes are
 
 
 def methods(threads: int) -> list[Method]:
@@ -66,6 +70,7 @@ def methods(threads: int) -> list[Method]:
     gguf, w8, w4 = f"{TARGET}@gguf", f"{TARGET}@w8", f"{TARGET}@w4"
     return [
         Method(BASELINE, ()),
+        Method("llama-server (huge pages)", (), huge_pages=True),
         Method("llama-server ngram", ("--spec-type", "ngram-mod")),
         Method("llama-server 0.5B draft (defaults)", spec),  # n-max 3, p-min 0 in the vendored llama.cpp
         Method("llama-server 0.5B draft (n-max 3, p-min 0.7)", spec + ("--spec-draft-n-max", "3", "--spec-draft-p-min", "0.7")),
@@ -109,14 +114,25 @@ def llama_server_binary(path: str | None) -> str:
                                   check=True, capture_output=True, text=True).stdout.strip()
 
 
+def without_huge_pages(env) -> dict[str, str]:
+    """`env` without glibc's huge-page tunable."""
+    out = dict(env)
+    kept = [t for t in out.pop("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(TUNABLE + "=")]
+    if kept:
+        out["GLIBC_TUNABLES"] = ":".join(kept)
+    return out
+
+
 class LlamaServer:
     """One llama-server process on loopback with `parallel` slots of 4096 positions each."""
 
-    def __init__(self, binary: str, args: tuple[str, ...], port: int, threads: int, parallel: int = 1):
+    def __init__(self, binary: str, args: tuple[str, ...], port: int, threads: int, parallel: int = 1, huge_pages: bool = False):
         cmd = [binary, "-m", str(catalog.prepare_gguf(TARGET)), "-t", str(threads), "-tb", str(threads),
                "-c", str(4096 * parallel), "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel), *args]
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # As users run it (without the tunable this process starts itself with), or with huge pages too
+        env = with_huge_pages(os.environ) if huge_pages else without_huge_pages(os.environ)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
@@ -198,6 +214,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
+    reexec_with_huge_pages()  # our models load in this process, as a worker actor's would: with huge pages
     torch.set_num_threads(args.threads)
     chosen = [m for m in methods(args.threads) if not args.methods or m.name in args.methods.split(";") or m.name == BASELINE]
     binary = llama_server_binary(args.llama_server)
@@ -207,7 +224,7 @@ def main() -> None:
     prompts: list[Prompt] = humaneval(args.humaneval) + sharegpt(args.sharegpt) + code_edits(args.edits)
     encoded = {p.id: encode(tokenizer, p) for p in prompts}
 
-    servers = {m.name: LlamaServer(binary, m.server_args, 18200 + i, args.threads)
+    servers = {m.name: LlamaServer(binary, m.server_args, 18200 + i, args.threads, huge_pages=m.huge_pages)
                for i, m in enumerate(chosen) if m.server_args is not None}
     engines, routers = {}, {}
     for m in chosen:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from specrouter.core.hugepages import reexec_with_huge_pages
 from specrouter.serving.config import DEFAULT_CHAIN, ServeConfig
 from specrouter.tasks.align_config import LOSSES, AlignConfig
 
@@ -309,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     from specrouter.core.catalog import CatalogError
 
     args = build_parser().parse_args(argv)
+    if argv is None and args.command == "generate":  # this process loads the models: with huge pages
+        reexec_with_huge_pages()
     if args.command == "serve" and not args.address:
         # A Ray started with clusters off takes 127.0.0.1 as its node address, and then binds every
         # server it runs (GCS, raylet, workers, agents) to loopback alone. Set before Ray is imported:

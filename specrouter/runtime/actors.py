@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import ray
 
+from specrouter.core.hugepages import with_huge_pages
 from specrouter.core.spec import LevelSpec, parse_chain, slim_spec
 from specrouter.engine.defaults import DECODE_RUN_S, MAX_BATCH, PREFILL_CHUNK, RETRY_DOWN_AFTER_S
 from specrouter.routing.config import RouterConfig
@@ -39,13 +40,13 @@ class Placement:
     resources: dict[str, float] = field(default_factory=dict)
     torch_threads: int | None = None  # None: every core of the node (the chain's models take turns)
     device: str = "cpu"
-    env: dict[str, str] = field(default_factory=dict)  # extra environment of the actor's process
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the actor's process (huge pages on unless it sets them)
     kv_cache_tokens: int | None = None  # a llama.cpp model's KV cache, in positions (None: the default)
     share_prefixes: bool = True  # a llama.cpp model's sequences share the cells of the prompt tokens they begin with alike
 
     def actor_options(self) -> dict:
         options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources),
-                   "runtime_env": {"env_vars": dict(self.env)}}
+                   "runtime_env": {"env_vars": with_huge_pages(self.env)}}
         if self.accelerator_type:
             options["accelerator_type"] = self.accelerator_type
         return options

@@ -68,7 +68,8 @@ class PlacementConfig(BaseModel):
     torch_threads: int | None = Field(
         default=None, ge=1, description="Threads of the model's torch or llama.cpp computation. null: the default.")
     device: str = Field(default="cpu", description="The torch device the model runs on (cpu, cuda, cuda:1).")
-    env: dict[str, str] = Field(default={}, description="Extra environment of the model's actor (e.g. OMP_WAIT_POLICY).")
+    env: dict[str, str] = Field(default={}, description="Extra environment of the model's actor (e.g. OMP_WAIT_POLICY); "
+                                "its process starts with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (huge pages) unless this sets that tunable.")
     kv_cache_tokens: int | None = Field(
         default=None, ge=64, description="Positions of a llama.cpp model's KV cache, all its sequences together (like "
         "llama-server's --ctx-size): requests join the batch while theirs fit, and none may exceed it. null: 16384.")

@@ -1,0 +1,42 @@
+"""Transparent huge pages for the memory a model's passes read.
+
+A decoding pass reads every weight once. llama.cpp allocates its weights (repacked for the CPU), KV
+cache and compute buffers with malloc, which glibc backs with 4 KiB pages unless the process starts
+with the tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35): then large allocations get transparent
+huge pages (2 MiB) wherever the kernel's THP mode is `madvise` or `always`, each TLB entry covers 512
+times the memory, and a one-token pass of a 1.5B Q4_K_M model runs about 6% faster on a 2-core
+EPYC (bench/results). The tunable is read once, when a process starts, so the processes that host
+models get it in their environment: worker actors through their runtime environment
+(`runtime/actors.py`), `specrouter generate` by starting itself again once
+(`reexec_with_huge_pages`). A process whose environment already sets the tunable keeps its setting,
+so `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` turns this off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+TUNABLE = "glibc.malloc.hugetlb"
+
+
+def sets_huge_pages(env: Mapping[str, str]) -> bool:
+    """Whether `env` already sets glibc's huge-page tunable (to anything)."""
+    return any(t.startswith(TUNABLE + "=") for t in env.get("GLIBC_TUNABLES", "").split(":"))
+
+
+def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with glibc's malloc backing large allocations with transparent huge pages, unless `env`
+    already sets that tunable; other tunables are kept."""
+    out = dict(env)
+    if not sets_huge_pages(out):
+        out["GLIBC_TUNABLES"] = ":".join(t for t in (out.get("GLIBC_TUNABLES", ""), f"{TUNABLE}=1") if t)
+    return out
+
+
+def reexec_with_huge_pages() -> None:
+    """Start this process again (same interpreter, same command line) with huge pages on, unless its
+    environment already sets the tunable. Call it first thing in a program that loads models in-process."""
+    if not sets_huge_pages(os.environ):
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], with_huge_pages(os.environ))
