@@ -4,8 +4,8 @@ A decoding pass reads every weight once. llama.cpp allocates its weights (repack
 cache and compute buffers with malloc, which glibc backs with 4 KiB pages unless the process starts
 with the tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35): then large allocations get transparent
 huge pages (2 MiB) wherever the kernel's THP mode is `madvise` or `always`, each TLB entry covers 512
-times the memory, and a one-token pass of a 1.5B Q4_K_M model runs about 6% faster on a 2-core
-EPYC (bench/results). The tunable is read once, when a process starts, so the processes that host
+times the memory, and a one-token pass of a 1.5B Q4_K_M model takes 7-9% less time on a 2-core
+EPYC (docs/benchmarks.md). The tunable is read once, when a process starts, so the processes that host
 models get it in their environment: worker actors through their runtime environment
 (`runtime/actors.py`), `specrouter generate` by starting itself again once
 (`reexec_with_huge_pages`). A process whose environment already sets the tunable keeps its setting,
