@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from report import write_result  # noqa: E402
+from report import peak_rss_gb, write_result  # noqa: E402
 
 from specrouter.core.hugepages import TUNABLE, with_huge_pages  # noqa: E402
 
@@ -53,12 +53,9 @@ def child(model: str, threads: int) -> dict:
                 token = int(logits[-1].argmax())
             llama.drop_sequence(seq, keep=False)
 
-    def kib(path: str, key: str) -> int:
-        return int(Path(path).read_text().split(key + ":")[1].split()[0])
-
     return {"prefill_ms": round(statistics.mean(prefill) * 1e3, 2), "one_token_ms": round(statistics.mean(one_token) * 1e3, 3),
-            "huge_pages_gib": round(kib("/proc/self/smaps_rollup", "AnonHugePages") / 2**20, 2),
-            "peak_rss_gib": round(kib("/proc/self/status", "VmHWM") / 2**20, 2)}
+            "huge_pages_gib": round(int(Path("/proc/self/smaps_rollup").read_text().split("AnonHugePages:")[1].split()[0]) / 2**20, 2),
+            "peak_rss_gb": peak_rss_gb()}
 
 
 def main() -> None:
@@ -87,13 +84,14 @@ def main() -> None:
     for setting in envs:
         mine = [r for r in runs if r["setting"] == setting]
         summary[setting] = {key: round(statistics.mean(r[key] for r in mine), 3)
-                            for key in ("prefill_ms", "one_token_ms", "huge_pages_gib", "peak_rss_gib")}
-    pairs = [(a, b) for a in runs for b in runs if a["pair"] == b["pair"] and a["setting"] == "huge pages" != b["setting"]]
+                            for key in ("prefill_ms", "one_token_ms", "huge_pages_gib", "peak_rss_gb")}
+    one_token = {(r["pair"], r["setting"]): r["one_token_ms"] for r in runs}
     summary["one_token_ratio"] = round(summary["huge pages"]["one_token_ms"] / summary["4 KiB pages"]["one_token_ms"], 3)
-    summary["pairs_where_huge_pages_were_faster"] = sum(a["one_token_ms"] < b["one_token_ms"] for a, b in pairs)
+    summary["pairs_where_huge_pages_were_faster"] = sum(one_token[pair, "huge pages"] < one_token[pair, "4 KiB pages"]
+                                                        for pair in range(args.pairs))
     print(json.dumps(summary, indent=1))
     path = write_result("huge-pages", {"config": vars(args), "summary": summary, "runs": runs,
-                                       "peak_rss_gb": max(r["peak_rss_gib"] for r in runs)}, args.out)  # the model processes'
+                                       "peak_rss_gb": max(r["peak_rss_gb"] for r in runs)}, args.out)  # the model processes'
     print(f"wrote {path}")
 
 
