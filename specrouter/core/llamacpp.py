@@ -4,7 +4,8 @@ One llama.cpp context holds the KV state of many sequences, each under a sequenc
 A new block that begins with tokens another sequence already holds (a chat template's system
 prompt, the earlier turns of a conversation) takes their keys and values from it instead of running
 them again (`llama_memory_seq_cp`, which shares the cells), as llama-server's prompt cache does; the
-last few released sequences are kept for this while their cells are not needed.
+last released sequences are kept for this while their cells are not needed (one that a later
+sequence continues, such as a conversation's earlier turn, gives way to it).
 `LlamaCppView` offers the calls of the torch `ModelView` (`new_cache`, `forward`, `forward_batch`),
 so the `ModelWorker` above it, and everything above that, runs either backend unchanged. A forward
 at `start` first drops whatever its sequence holds from `start` on (`llama_memory_seq_rm`): a
@@ -52,8 +53,8 @@ class LlamaCppError(RuntimeError):
 
 
 DEFAULT_KV_TOKENS = 16384  # positions of a model's KV cache, shared by its sequences (llama-server's --ctx-size)
-MIN_SHARED_PREFIX = 16  # the fewest leading tokens worth taking from another sequence's cells
-KEPT_RELEASED = 8  # released sequences kept for their prefixes (while their cells and ids are not needed)
+MIN_SHARED_PREFIX = 16  # the fewest leading tokens worth taking from another sequence's cells (a whole prompt: any)
+KEPT_RELEASED = 16  # released sequences kept for their prefixes (while their cells and ids are not needed)
 
 
 class LlamaCppModel:
@@ -149,11 +150,18 @@ class LlamaCppModel:
     def drop_sequence(self, seq_id: int, keep: bool = True) -> None:
         """Give the sequence's id back; with `keep`, its cells stay for later blocks that begin with its
         tokens, until their room or its id is needed."""
-        if keep and self.share_prefixes and len(self._held[seq_id]) >= MIN_SHARED_PREFIX:
-            self._kept[seq_id] = None
-            if len(self._kept) > KEPT_RELEASED:
-                self._forget_oldest()
-            return
+        tokens = self._held[seq_id]
+        if keep and self.share_prefixes and len(tokens) > 1:
+            longer = next((k for k in self._kept if self._held[k][: len(tokens)] == tokens), None)
+            if longer is None:  # keep it; kept sequences it now covers (a conversation's earlier turns) go
+                for k in [k for k in self._kept if tokens[: len(self._held[k])] == self._held[k]]:
+                    del self._kept[k]
+                    self.drop_sequence(k, keep=False)
+                self._kept[seq_id] = None
+                if len(self._kept) > KEPT_RELEASED:
+                    self._forget_oldest()
+                return
+            self._kept.move_to_end(longer)  # a kept sequence covers it: that one stays, fresher
         self.keep_before(seq_id, 0)
         del self._held[seq_id]
         self._free_ids.append(seq_id)
@@ -170,10 +178,11 @@ class LlamaCppModel:
     def share_prefix(self, seq_id: int, token_ids: list[int], start: int, limit: int) -> int:
         """Before running `token_ids` at [start, ...) on a sequence that holds [0, start): take the cells of
         the longest run of them, up to position `limit`, that another sequence holds after the same
-        tokens [0, start), if the tokens so held reach position MIN_SHARED_PREFIX. Returns how many of
-        `token_ids` no longer need running."""
+        tokens [0, start), if the tokens so held reach position MIN_SHARED_PREFIX or `limit` itself (a
+        short prompt asked again: all but the rows that must run). Returns how many of `token_ids` no
+        longer need running."""
         held = self._held[seq_id]
-        if not self.share_prefixes or limit - start < 1 or limit < MIN_SHARED_PREFIX:
+        if not self.share_prefixes or limit - start < 1:
             return 0
         wanted = held + token_ids[: limit - start]
         best, source = 0, None
@@ -185,7 +194,7 @@ class LlamaCppModel:
                 n += 1
             if n > best:
                 best, source = n, other
-        if source is None or best < MIN_SHARED_PREFIX:  # a source always holds more than [0, start)
+        if source is None or best < min(MIN_SHARED_PREFIX, limit):  # a source always holds more than [0, start)
             return 0
         self._ll.llama_memory_seq_cp(self.memory, source, seq_id, start, best)
         held += wanted[start:best]

@@ -101,6 +101,32 @@ def test_a_prompt_that_begins_as_a_released_one_runs_only_its_new_tokens_and_sco
     torch.testing.assert_close(again, view.forward(LONG_PROMPT + [8], 0, view.new_cache(), 1), atol=1e-3, rtol=0)
 
 
+def test_a_short_prompt_asked_again_runs_only_its_last_token(tiny_gguf_dirs):
+    model = LlamaCppModel(f"{tiny_gguf_dirs['target']}/model.gguf", threads=2, max_sequences=4)
+    view = LlamaCppView(model)
+    short = LONG_PROMPT[:5]  # shorter than MIN_SHARED_PREFIX, shared because it is shared whole
+    first = view.forward(short, 0, view.new_cache(), 1)
+    calls = _recording(model)
+    again = view.forward(short, 0, view.new_cache(), 1)
+    assert [row[1] for row in calls[0]] == [len(short) - 1]
+    torch.testing.assert_close(again, first, atol=1e-3, rtol=0)
+
+
+def test_a_released_sequence_gives_way_to_a_later_one_that_continues_it(tiny_gguf_dirs):
+    model = LlamaCppModel(f"{tiny_gguf_dirs['target']}/model.gguf", threads=2, max_sequences=4)
+    view = LlamaCppView(model)
+    turn1 = LONG_PROMPT
+    turn2 = turn1 + [5, 6, 7, 8]  # the next turn of the conversation
+    view.forward(turn1, 0, view.new_cache(), 1)
+    view.forward(turn2, 0, view.new_cache(), 1)  # shares turn1's cells, then is released too
+    assert [model._held[k] for k in model._kept] == [turn2]  # turn1 alone would add nothing
+    view.forward(turn1[:-1], 0, view.new_cache(), 1)  # a prefix of a kept sequence: not kept beside it
+    assert [model._held[k] for k in model._kept] == [turn2]
+    calls = _recording(model)
+    view.forward(turn1 + [9], 0, view.new_cache(), 1)
+    assert [row[1] for row in calls[0]] == [len(turn1)]  # turn1's part still comes from the kept turn2
+
+
 def test_without_prefix_sharing_a_repeated_prompt_runs_whole(tiny_gguf_dirs):
     model = LlamaCppModel(f"{tiny_gguf_dirs['target']}/model.gguf", threads=2, max_sequences=4, share_prefixes=False)
     view = LlamaCppView(model)
@@ -117,8 +143,8 @@ def test_short_or_unshared_prompts_run_whole_and_kept_sequences_make_room_for_ne
     positions = model.kv_pool.positions
     view.forward(LONG_PROMPT, 0, view.new_cache(), 1)
     calls = _recording(model)
-    view.forward(LONG_PROMPT[: MIN_SHARED_PREFIX - 1] + [1], 0, view.new_cache(), 1)  # too short a prefix to share
-    assert len(calls[-1]) == MIN_SHARED_PREFIX
+    view.forward(LONG_PROMPT[: MIN_SHARED_PREFIX - 1] + [1, 2], 0, view.new_cache(), 1)  # too short a prefix to share
+    assert len(calls[-1]) == MIN_SHARED_PREFIX + 1
     view.forward([4000 - t for t in LONG_PROMPT], 0, view.new_cache(), 1)  # nothing in common
     assert len(calls[-1]) == len(LONG_PROMPT)
     # Three released sequences are kept; a prompt that needs nearly every cell of the cache still runs.
