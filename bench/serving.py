@@ -114,7 +114,7 @@ def llama_server_load(args, port: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--chain", default=DEFAULT_CHAIN)
-    parser.add_argument("--draft-lens", default="6")
+    parser.add_argument("--draft-lens", default=None, help="e.g. 6 or 4,10 (default: the server's, as the main job runs)")
     parser.add_argument("--draft-confidence", type=float, default=0.0)
     parser.add_argument("--plain-draft-lens", default="6", help="with --draft-confidence: the lengths of the run without it")
     parser.add_argument("--prompts", type=int, default=6)
