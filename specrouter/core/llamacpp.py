@@ -53,7 +53,7 @@ class LlamaCppError(RuntimeError):
 
 
 DEFAULT_KV_TOKENS = 16384  # positions of a model's KV cache, shared by its sequences (llama-server's --ctx-size)
-MIN_SHARED_PREFIX = 16  # the fewest leading tokens worth taking from another sequence's cells (a whole prompt: any)
+MIN_SHARED_PREFIX = 16  # the fewest leading tokens worth taking from another sequence's cells (all a block can share: any)
 KEPT_RELEASED = 16  # released sequences kept for their prefixes (while their cells and ids are not needed)
 
 
