@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,19 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+def load_hf_tokenizer(path: str | Path):
+    """A saved transformers tokenizer (a local dir, or an already-cached HF id). A directory with a
+    tokenizer.json loads through transformers' generic fast tokenizer, which runs that file as it is:
+    the same vocabulary, merges, special tokens and chat template as the model's own class, where a
+    class such as Qwen2Tokenizer rebuilds the tokenizer from Python copies of its vocabulary and
+    merges and keeps them (190 MB more for Qwen's 151k tokens, in every process that loads it)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (Path(path) / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant: str | None = None, adapter=None):
     """Load a transformers causal LM and its tokenizer from a local dir (or an already-cached HF id).
 
@@ -52,7 +66,7 @@ def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant:
     quant="w4": the same with 4-bit weights in groups of 32 (`Int4WeightLinear`, CPU): half of w8's
     bytes again, and a pass of 4 tokens costs little more than a pass of one.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if quant not in (None, "int8", "w8", "w4"):
         raise ValueError(f"unknown quantisation {quant!r} (supported: int8, w8, w4)")
@@ -65,8 +79,7 @@ def load_hf_model(path: str, dtype: str = "float32", device: str = "cpu", quant:
         model = quantize_int8(model)
     elif quant in WEIGHT_ONLY:
         model = quantize_weights(model, WEIGHT_ONLY[quant])
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return model, load_hf_tokenizer(path)
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

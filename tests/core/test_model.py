@@ -248,3 +248,25 @@ def test_weight_only_quantised_view_gives_blocks_the_bits_of_target_only_decodin
     assert torch.equal(view.forward(ids[:34], 0, cache, 5), decoded[:5])
     assert torch.equal(view.forward(ids[34:38], 34, cache, 4), decoded[5:])  # a verification block after it
     assert torch.equal(view.forward(ids[33:38], 33, cache, 5), decoded[4:])  # rolled back a token and verified again
+
+
+def test_a_saved_tokenizer_loads_as_its_own_class_does(qwen_tokenizer_dir, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from specrouter.core.model import load_hf_tokenizer
+
+    texts = ["def fib(n):\n    return n", "  spaces\tand tabs\n\n", "héllo wörld 你好 🙂", "<|im_end|> in text", "", " "]
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write fizzbuzz."},
+                    {"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"}]
+    gen = torch.Generator().manual_seed(0)
+    for path in (qwen_tokenizer_dir, smollm2_dir):
+        ours, theirs = load_hf_tokenizer(path), AutoTokenizer.from_pretrained(path)
+        assert ours.get_vocab() == theirs.get_vocab() and ours.all_special_ids == theirs.all_special_ids
+        assert ours.eos_token_id == theirs.eos_token_id
+        assert [ours.encode(t) for t in texts] == [theirs.encode(t) for t in texts]
+        for ids in torch.randint(0, len(theirs), (50, 12), generator=gen).tolist():
+            assert ours.decode(ids) == theirs.decode(ids)
+            assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+        for prompt in (True, False):
+            assert (ours.apply_chat_template(conversation, tokenize=False, add_generation_prompt=prompt)
+                    == theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=prompt))
