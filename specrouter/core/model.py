@@ -45,7 +45,7 @@ def load_hf_tokenizer(path: str | Path):
     tokenizer.json loads through transformers' generic fast tokenizer, which runs that file as it is:
     the same vocabulary, merges, special tokens and chat template as the model's own class, where a
     class such as Qwen2Tokenizer rebuilds the tokenizer from Python copies of its vocabulary and
-    merges and keeps them (190 MB more for Qwen's 151k tokens, in every process that loads it)."""
+    merges and keeps them (Qwen's 151k tokens: 349 MB loaded that way, 159 MB this way)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if (Path(path) / "tokenizer.json").is_file():
