@@ -41,7 +41,7 @@ from report import peak_rss_gb, tokens_per_s, write_result  # noqa: E402
 from workloads import Prompt, code_edits, encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.core import catalog  # noqa: E402
-from specrouter.core.hugepages import TUNABLE, reexec_with_huge_pages, with_huge_pages  # noqa: E402
+from specrouter.core.hugepages import reexec_with_huge_pages, with_huge_pages, without_huge_pages  # noqa: E402
 from specrouter.routing.classifier import classify  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
 from specrouter.engine.calibration import router_for  # noqa: E402
@@ -112,15 +112,6 @@ def llama_server_binary(path: str | None) -> str:
     """`path`, or the llama-server that bench/build_llama_server.sh builds (once) and names."""
     return path or subprocess.run(["bash", str(Path(__file__).parent / "build_llama_server.sh")],
                                   check=True, capture_output=True, text=True).stdout.strip()
-
-
-def without_huge_pages(env) -> dict[str, str]:
-    """`env` without glibc's huge-page tunable."""
-    out = dict(env)
-    kept = [t for t in out.pop("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(TUNABLE + "=")]
-    if kept:
-        out["GLIBC_TUNABLES"] = ":".join(kept)
-    return out
 
 
 class LlamaServer:

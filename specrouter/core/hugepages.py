@@ -21,9 +21,13 @@ from collections.abc import Mapping
 TUNABLE = "glibc.malloc.hugetlb"
 
 
+def _tunables(env: Mapping[str, str]) -> list[str]:
+    return [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+
+
 def sets_huge_pages(env: Mapping[str, str]) -> bool:
     """Whether `env` already sets glibc's huge-page tunable (to anything)."""
-    return any(t.startswith(TUNABLE + "=") for t in env.get("GLIBC_TUNABLES", "").split(":"))
+    return any(t.startswith(TUNABLE + "=") for t in _tunables(env))
 
 
 def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
@@ -31,7 +35,16 @@ def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
     already sets that tunable; other tunables are kept."""
     out = dict(env)
     if not sets_huge_pages(out):
-        out["GLIBC_TUNABLES"] = ":".join(t for t in (out.get("GLIBC_TUNABLES", ""), f"{TUNABLE}=1") if t)
+        out["GLIBC_TUNABLES"] = ":".join([*_tunables(out), f"{TUNABLE}=1"])
+    return out
+
+
+def without_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` without glibc's huge-page tunable (other tunables kept): a process as glibc starts it by
+    default (benchmarks run peers such as llama-server so)."""
+    out = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
+    if others := [t for t in _tunables(env) if not t.startswith(TUNABLE + "=")]:
+        out["GLIBC_TUNABLES"] = ":".join(others)
     return out
 
 

@@ -155,8 +155,7 @@ class LlamaCppModel:
             longer = next((k for k in self._kept if self._held[k][: len(tokens)] == tokens), None)
             if longer is None:  # keep it; kept sequences it now covers (a conversation's earlier turns) go
                 for k in [k for k in self._kept if tokens[: len(self._held[k])] == self._held[k]]:
-                    del self._kept[k]
-                    self.drop_sequence(k, keep=False)
+                    self._forget(k)
                 self._kept[seq_id] = None
                 if len(self._kept) > KEPT_RELEASED:
                     self._forget_oldest()
@@ -166,9 +165,13 @@ class LlamaCppModel:
         del self._held[seq_id]
         self._free_ids.append(seq_id)
 
-    def _forget_oldest(self) -> None:
-        seq_id, _ = self._kept.popitem(last=False)
+    def _forget(self, seq_id: int) -> None:
+        """A kept sequence's cells and id go after all."""
+        del self._kept[seq_id]
         self.drop_sequence(seq_id, keep=False)
+
+    def _forget_oldest(self) -> None:
+        self._forget(next(iter(self._kept)))
 
     def keep_before(self, seq_id: int, position: int) -> None:
         """Drop what the sequence holds at `position` and beyond (a rollback; repeating it is a no-op)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from specrouter.core.hugepages import TUNABLE, sets_huge_pages, with_huge_pages
+from specrouter.core.hugepages import TUNABLE, sets_huge_pages, with_huge_pages, without_huge_pages
 
 
 def test_huge_pages_join_other_tunables_and_an_explicit_setting_wins():
@@ -16,6 +16,9 @@ def test_huge_pages_join_other_tunables_and_an_explicit_setting_wins():
     assert with_huge_pages({"GLIBC_TUNABLES": f"{TUNABLE}=0"}) == {"GLIBC_TUNABLES": f"{TUNABLE}=0"}
     assert sets_huge_pages({"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{TUNABLE}=0"})
     assert not sets_huge_pages({"GLIBC_TUNABLES": f"{TUNABLE}x=1"})
+    assert without_huge_pages({"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{TUNABLE}=1", "X": "y"}) == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "y"}
+    assert without_huge_pages(with_huge_pages({"X": "y"})) == {"X": "y"}
 
 
 def _run(code: str, env: dict[str, str]) -> str:
