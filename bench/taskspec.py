@@ -3,20 +3,23 @@
 1. Task discovery: each encoder's routing accuracy on held-out prompts of known source and its cost
    (`specrouter tasks fit`, re-run here unless --skip-fit; the default task model is then the better).
 2. Per task and per held-out source (HumanEval: code, ShareGPT: chat; never trained on), acceptance
-   of the base drafter and of each aligned drafter under the target: in greedy decoding (accepted /
-   drafted: how often the drafter's argmax is the target's) and mean accepted length, with each
-   static chain's tokens/s; in sampling at temperature 1 (accepted / drafted under rejection
-   sampling); and alpha = 1 - E[TV(q_draft, p_target)] teacher-forced on the target's greedy
-   continuations up to their first end token (the acceptance probability of sampling at
-   temperature 1, measured at every position rather than at those a run happens to draft).
+   of the base drafter (--drafter) and of each aligned copy of it under the target: in greedy
+   decoding (accepted / drafted: how often the drafter's argmax is the target's) and mean accepted
+   length, with each static chain's tokens/s; in sampling at temperature 1 (accepted / drafted under
+   rejection sampling); and alpha = 1 - E[TV(q_draft, p_target)] teacher-forced on the target's
+   greedy continuations up to their first end token (the acceptance probability of sampling at
+   temperature 1, measured at every position rather than at those a run happens to draft), for a
+   drafter on the target's tokenizer (one on another, such as SmolLM2, has no distribution over the
+   target's tokens).
 3. The adaptive router over the pool (base and aligned drafters, the target) against the best static
    chain, greedy and sampled, on the mix and per source, each prompt classed by the default task model.
    Every prompt runs under every static chain and the router in turn, so the machine's drift hits
    them alike.
 
-    nice -n 15 .venv/bin/python bench/taskspec.py [--prompts 4] [--max-tokens 48] [--skip-fit]
+    nice -n 15 .venv/bin/python bench/taskspec.py [--prompts 4] [--max-tokens 48] [--skip-fit] [--drafter smollm2-135m]
 
-Aligned drafters must exist (`specrouter align --task NAME`); tasks without one are skipped.
+Aligned drafters must exist (`specrouter align --task NAME [--drafter D --loss seqkd]`); tasks without
+one are skipped.
 Writes bench/results/taskspec-<timestamp>.json (the machine it ran on, peak RSS).
 """
 
@@ -41,7 +44,7 @@ from specrouter.tasks.align import expected_acceptance  # noqa: E402
 from specrouter.tasks.classifier import TaskClassifier  # noqa: E402
 from specrouter.tasks.fit import fit_and_compare  # noqa: E402
 
-TARGET, DRAFTER = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
+TARGET = "qwen2.5-coder-1.5b"
 TARGETS = {"aligned_relative_acceptance_gain_on_own_task": 0.15, "max_relative_loss_elsewhere": 0.05, "routing_accuracy": 0.90}
 
 
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts per source")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--draft-len", type=int, default=4)
+    parser.add_argument("--drafter", default="qwen2.5-coder-0.5b", help="the base drafter, measured beside its aligned copies")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--skip-fit", action="store_true", help="use the saved default task model as it is")
     parser.add_argument("--encoders", default=f"minilm,embed:{TARGET},hidden:{TARGET}")
@@ -111,7 +115,8 @@ def main() -> None:
     store = ModelStore(args.dtype)
     target_engine = Engine(TARGET, provider=store)
     classifier = TaskClassifier.load(shared={TARGET: (store.get(TARGET).model, target_engine.tokenizer)})
-    aligned = [t for t in classifier.tasks if (adapters.adapter_dir(DRAFTER, t) / adapters.WEIGHTS).exists()]
+    base = args.drafter
+    aligned = [t for t in classifier.tasks if (adapters.adapter_dir(base, t) / adapters.WEIGHTS).exists()]
     prompts = held_out_prompts(args.prompts)
     encoded = [(p, encode(target_engine.tokenizer, p)) for p in prompts]
     matches = [classifier.classify(p.text) for p in prompts]
@@ -122,7 +127,7 @@ def main() -> None:
 
     # 2. Static chains (the base drafter, each aligned one) and 3. the adaptive router over the whole
     # pool, greedy and sampled: every prompt under every method in turn, so drift hits them alike.
-    drafters = [DRAFTER] + [f"{DRAFTER}+task:{t}" for t in aligned]
+    drafters = [base] + [f"{base}+task:{t}" for t in aligned]
     engines = {d: Engine(f"{d},{TARGET}", draft_lens=[args.draft_len], provider=store) for d in drafters}
     pool = Engine(",".join(drafters + [TARGET]), draft_lens=[args.draft_len] * len(drafters), provider=store)
     modes = {"greedy": SamplingParams(), "sampled": SamplingParams(temperature=1.0)}
@@ -136,7 +141,7 @@ def main() -> None:
                 result = engine.generate(ids, args.max_tokens, params, seed=seed, ignore_eos=True)
                 add_static(static_rows[mode][drafter].setdefault(
                     prompt.klass, {"drafted": 0, "accepted": 0, "lengths": [], "tokens": 0, "seconds": 0.0}), result)
-                if mode == "greedy" and drafter == DRAFTER:
+                if mode == "greedy" and drafter == base:
                     base_greedy[prompt.id] = result.token_ids
             result = pool.generate(ids, args.max_tokens, params, seed=seed, ignore_eos=True, router=routers[mode], klass=klass)
             add_adaptive(adaptive_rows[mode].setdefault(prompt.klass, {"tokens": 0, "seconds": 0.0, "steps_by_drafter": {}}),
@@ -146,8 +151,8 @@ def main() -> None:
     sampled = {d: summarise_static(static_rows["sampled"][d]) for d in drafters}
     print(json.dumps({"greedy": static, "sampled": sampled}), flush=True)
     report["static"], report["sampled"] = static, sampled
-    report["relative_acceptance"] = relative(static, "alpha", DRAFTER)
-    report["relative_sampled_acceptance"] = relative(sampled, "alpha", DRAFTER)
+    report["relative_acceptance"] = relative(static, "alpha", base)
+    report["relative_sampled_acceptance"] = relative(sampled, "alpha", base)
 
     # Teacher-forced alpha = 1 - E[TV] on the target's greedy continuations (the base chain's greedy
     # output), each up to its first end token: the runs above ignore end tokens, a request would stop there.
@@ -156,16 +161,17 @@ def main() -> None:
                      for pid, tokens in base_greedy.items()}
     target_lm = store.get(TARGET).model
     forced: dict[str, dict] = {}
-    for drafter in drafters:
+    shared_vocab = store.get(base).tokenizer.get_vocab() == target_engine.tokenizer.get_vocab()
+    for drafter in drafters if shared_vocab else []:
         task = drafter.partition("+task:")[2] or None
-        drafter_lm = store.get(DRAFTER, task=task).model
+        drafter_lm = store.get(base, task=task).model
         for source in sorted({p.klass for p in prompts}):
             examples = [(ids, continuations[p.id]) for p, ids in encoded if p.klass == source]
             forced.setdefault(drafter, {})[source] = {"alpha": expected_acceptance(drafter_lm, target_lm, examples),
                                                       "positions": sum(len(c) for _, c in examples)}
         print(json.dumps({drafter: {"teacher_forced": forced[drafter]}}), flush=True)
-    report["teacher_forced"] = forced
-    report["relative_teacher_forced_alpha"] = relative(forced, "alpha", DRAFTER)
+    report["teacher_forced"] = forced if shared_vocab else f"not defined: {base} is on another tokenizer than {TARGET}"
+    report["relative_teacher_forced_alpha"] = relative(forced, "alpha", base) if shared_vocab else None
 
     # 3. The adaptive router against the best static chain, on the mix and per source.
     report["adaptive"] = {}

@@ -110,14 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     align = sub.add_parser("align", help="distil a drafter toward the target on one task's prompts (LoRA adapter)")
     align.add_argument("--task", required=True, help="a task of the default task model (`specrouter tasks fit`)")
     align.add_argument("--drafter", default=DEFAULT_DRAFTER)
-    align.add_argument("--target", default=DEFAULT_TARGET)
+    align.add_argument("--target", default=DEFAULT_TARGET,
+                       help="the target (torch) whose distributions a divergence compares; with --loss seqkd any level "
+                            "that generates its text, e.g. qwen2.5-coder-1.5b@gguf")
     align.add_argument("--steps", type=int, default=AlignConfig.steps)
     align.add_argument("--lr", type=float, default=AlignConfig.lr)
     align.add_argument("--rank", type=int, default=AlignConfig.rank)
-    align.add_argument("--loss", choices=LOSSES, default=AlignConfig.loss, help="total variation (1 - acceptance) or forward KL")
+    align.add_argument("--loss", choices=LOSSES, default=AlignConfig.loss,
+                       help="total variation (1 - acceptance) or forward KL (drafters on the target's tokenizer); "
+                            "seqkd: cross-entropy on the target's text (drafters on any tokenizer, e.g. smollm2-135m)")
     align.add_argument("--continuation-tokens", type=int, default=AlignConfig.continuation_tokens)
     align.add_argument("--max-prompts", type=int, default=None, help="use at most this many of the task's prompts")
-    align.add_argument("--per-source", type=int, default=64, help="as given to `specrouter tasks fit`")
+    align.add_argument("--per-source", type=int, default=64,
+                       help="training prompts per source, each classed by the task model (as many as `tasks fit` took, or more)")
     align.add_argument("--drafter-dtype", choices=["float32", "bfloat16"], default="bfloat16",
                        help="the frozen base drafter's dtype (adapters train in float32)")
     align.add_argument("--seed", type=int, default=AlignConfig.seed)
@@ -297,8 +302,13 @@ def cmd_align(args) -> int:
 
     config = AlignConfig(steps=args.steps, lr=args.lr, rank=args.rank, lora_alpha=2 * args.rank,
                          continuation_tokens=args.continuation_tokens, loss=args.loss, seed=args.seed)
+    teacher = None
+    if args.loss == "seqkd":  # the target generates the text the drafter learns, on its own backend
+        from specrouter.engine.engine import Engine
+
+        teacher = Engine(args.target)
     result = align_task(args.task, args.drafter, args.target, config, args.per_source, drafter_dtype=args.drafter_dtype,
-                        max_prompts=args.max_prompts)
+                        max_prompts=args.max_prompts, teacher=teacher)
     losses = " ".join(f"{x:.4f}" for x in result.losses) if len(result.losses) <= 10 else \
         f"{result.loss_first:.4f} (first 5) -> {result.loss_last:.4f} (last 5)"
     print(f"{args.drafter}+task:{args.task}: {result.steps - result.resumed_at} steps in {result.minutes:.1f} min; loss {losses}\n"

@@ -1,17 +1,24 @@
 """Drafter alignment (DistillSpec): LoRA adapters that move a drafter's token distributions toward
 the target's on one task's prompts.
 
-Each step takes one prompt of the task and a continuation of it: every `on_policy_every`-th step the
-drafter's own greedy continuation (with the adapter as trained so far: on-policy), otherwise the
-target's (generated once and kept). Both models score the sequence, and the loss is a divergence
-between the target's and the drafter's next-token distributions over the continuation's positions:
-forward KL(p_target || q_draft) or total variation 0.5 * sum |p_target - q_draft|, the quantity
-whose complement is the expected acceptance of a speculative step. Only the adapter's weights train
-(peft LoRA on every projection); the base drafter's stay as loaded (bf16 or fp32; adapters in fp32).
+A drafter on the target's tokenizer trains on a divergence. Each step takes one prompt of the task
+and a continuation of it: every `on_policy_every`-th step the drafter's own greedy continuation (with
+the adapter as trained so far: on-policy), otherwise the target's (generated once and kept). Both
+models score the sequence, and the loss is a divergence between the target's and the drafter's
+next-token distributions over the continuation's positions: forward KL(p_target || q_draft) or total
+variation 0.5 * sum |p_target - q_draft|, the quantity whose complement is the expected acceptance of
+a speculative step.
 
-A run checkpoints (adapter, optimiser, step, losses) every `save_every` steps in a work directory
-beside the output and resumes from there; the finished adapter is saved with the sha256 of its
-weights (specrouter/core/adapters.py), where a `MODEL+task:NAME` level finds it.
+A drafter on another tokenizer has no distribution over the target's tokens to compare, so it trains
+on the target's text instead (`align_seqkd`, sequence-level distillation): cross-entropy on the
+target's greedy continuations of the task's prompts, prompt and continuation spelled by the drafter's
+tokenizer as a cross-tokenizer chain shows it the committed text (specrouter/core/retokenize.py).
+
+Only the adapter's weights train (peft LoRA on every projection); the base drafter's stay as loaded
+(bf16 or fp32; adapters in fp32). A run checkpoints (adapter, optimiser, step, losses) every
+`save_every` steps in a work directory beside the output and resumes from there, the target's
+continuations with it; the finished adapter is saved with the sha256 of its weights
+(specrouter/core/adapters.py), where a `MODEL+task:NAME` level finds it.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 from tqdm import tqdm
 
 from specrouter.core import adapters
 from specrouter.core.verification import pairwise_alpha
-from specrouter.tasks.align_config import LOSSES, AlignConfig
+from specrouter.tasks.align_config import DIVERGENCES, AlignConfig
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,7 +61,7 @@ def divergence(target_logits: torch.Tensor, draft_logits: torch.Tensor, loss: st
         return (log_p_target.exp() * (log_p_target - log_q_draft)).sum(-1).mean()
     if loss == "tvd":
         return 0.5 * (log_p_target.exp() - log_q_draft.exp()).abs().sum(-1).mean()
-    raise ValueError(f"unknown loss {loss!r}: one of {LOSSES}")
+    raise ValueError(f"unknown loss {loss!r}: one of {DIVERGENCES}")
 
 
 @torch.no_grad()
@@ -95,65 +103,137 @@ def _lora(drafter, config: AlignConfig):
     present = {name.rsplit(".", 1)[-1] for name, _ in drafter.named_modules()}
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                       target_modules=[p for p in PROJECTIONS if p in present], task_type="CAUSAL_LM")
+    torch.manual_seed(config.seed)  # the adapters' initial weights, and so the whole run, follow the seed
     return get_peft_model(drafter, lora)  # adapters in fp32 over a bf16 or fp32 base (peft's autocast_adapter_dtype)
+
+
+class Teacher(Protocol):
+    """What sequence-level distillation needs of the target: its greedy continuation of a prompt (an
+    `Engine` over the target, on any backend, is one)."""
+
+    tokenizer: Any
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Any:  # -> a result with `token_ids`
+        ...
+
+
+class ContinuationCache:
+    """The target's continuation of each prompt (by its index), generated on first use and kept in
+    the run's work directory, so a resumed run does not generate them again."""
+
+    def __init__(self, path: Path, generate: Callable[[list[int]], list[int]]):
+        self.path, self.generate = path, generate
+        self.known: dict[str, list[int]] = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, index: int, prompt: list[int]) -> list[int]:
+        key = str(index)
+        if key not in self.known:
+            self.known[key] = self.generate(prompt)
+            self.path.write_text(json.dumps(self.known))
+        return self.known[key]
+
+
+def work_dir(out: Path) -> Path:
+    """Where a run towards the adapter at `out` keeps its checkpoint and the target's continuations."""
+    return out.with_name(f".{out.name}.work")
 
 
 def align(drafter, target, prompts: list[list[int]], out: Path, config: AlignConfig = AlignConfig(),
           eos_ids: frozenset[int] = frozenset(), meta: dict | None = None) -> AlignResult:
-    """Train a LoRA adapter on `drafter` toward `target` over `prompts` (token ids) and save it at `out`."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    """Train a LoRA adapter on `drafter` toward `target` (both torch models on one tokenizer) over
+    `prompts` (token ids), on the divergence `config.loss`, and save it at `out`."""
+    if config.loss not in DIVERGENCES:
+        raise ValueError(f"{config.loss!r} is not a divergence: one of {DIVERGENCES} (seqkd: align_seqkd)")
+    prompts = _clip(prompts, config)
+    target.eval()
+    model = _lora(drafter, config)
+    targets = ContinuationCache(work_dir(out) / "target_continuations.json",
+                                lambda prompt: greedy_continuation(target, prompt, config.continuation_tokens, eos_ids))
+    order = _order(len(prompts), config)
 
-    if config.loss not in LOSSES:
-        raise ValueError(f"unknown loss {config.loss!r}: one of {LOSSES}")
+    def loss_at(step: int) -> torch.Tensor:
+        index = order[step % len(order)]
+        prompt = prompts[index]
+        # The continuation: the drafter's own (on-policy) or the target's.
+        if config.on_policy_every and step % config.on_policy_every == config.on_policy_every - 1:
+            model.eval()
+            continuation = greedy_continuation(model, prompt, config.continuation_tokens, eos_ids)
+        else:
+            continuation = targets.get(index, prompt)
+        ids = torch.tensor([prompt + continuation])  # [1, S]
+        scored = slice(len(prompt) - 1, ids.shape[1] - 1)  # positions predicting the continuation
+        # The divergence between the two distributions there.
+        model.train()
+        with torch.no_grad():
+            target_logits = target(input_ids=ids).logits[0, scored]  # [T, V]
+        draft_logits = model(input_ids=ids).logits[0, scored]  # [T, V]
+        return divergence(target_logits, draft_logits, config.loss)
+
+    return _train(model, loss_at, out, config, len(prompts), meta)
+
+
+def align_seqkd(drafter, prompts: list[list[int]], teacher: Teacher, spell: Callable[[list[int]], list[int]], out: Path,
+                config: AlignConfig = AlignConfig(), meta: dict | None = None) -> AlignResult:
+    """Train a LoRA adapter on `drafter` (on any tokenizer) over `prompts` (the target's token ids) by
+    cross-entropy on the target's greedy continuations of them (`teacher`), both spelled in the
+    drafter's tokens by `spell` (target ids -> drafter ids), and save it at `out`."""
+    if config.loss != "seqkd":
+        raise ValueError(f"align_seqkd trains on the target's text (loss 'seqkd'), not {config.loss!r}")
+    prompts = _clip(prompts, config)
+    model = _lora(drafter, config)
+    targets = ContinuationCache(work_dir(out) / "target_continuations.json",
+                                lambda prompt: list(teacher.generate(prompt, config.continuation_tokens).token_ids))
+    order = _order(len(prompts), config)
+
+    def loss_at(step: int) -> torch.Tensor:
+        index = order[step % len(order)]
+        prompt, continuation = spell(prompts[index]), spell(targets.get(index, prompts[index]))
+        ids = torch.tensor([prompt + continuation])  # [1, S]
+        labels = torch.tensor([[-100] * len(prompt) + continuation])  # [1, S]: the continuation's tokens only
+        model.train()
+        return model(input_ids=ids, labels=labels).loss
+
+    return _train(model, loss_at, out, config, len(prompts), meta)
+
+
+def _clip(prompts: list[list[int]], config: AlignConfig) -> list[list[int]]:
     if not prompts:
         raise ValueError("no prompts to align on")
-    prompts = [p[-config.max_prompt_tokens :] for p in prompts]
-    work = out.with_name(f".{out.name}.work")
+    return [p[-config.max_prompt_tokens :] for p in prompts]
+
+
+def _order(num_prompts: int, config: AlignConfig) -> list[int]:
+    order = list(range(num_prompts))
+    random.Random(config.seed).shuffle(order)
+    return order
+
+
+def _train(model, loss_at: Callable[[int], torch.Tensor], out: Path, config: AlignConfig, num_prompts: int,
+           meta: dict | None) -> AlignResult:
+    """Steps of AdamW on the adapter of `model` (a peft model) over `loss_at(step)`, resuming from and
+    checkpointing to the work directory; the adapter saved and sealed at `out`."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    work = work_dir(out)
     work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    model = _lora(drafter, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    target.eval()
 
     # 1. Resume: adapter, optimiser, step and losses from the last checkpoint of this configuration.
     checkpoint, step, losses = work / "checkpoint.pt", 0, []
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
-        if state["config"] == asdict(config) and state["num_prompts"] == len(prompts):
+        if state["config"] == asdict(config) and state["num_prompts"] == num_prompts:
             set_peft_model_state_dict(model, state["adapter"])
             optimizer.load_state_dict(state["optimizer"])
             step, losses = state["step"], state["losses"]
     resumed_at = step
 
-    # 2. The target's continuations, generated once per prompt and kept in the work directory.
-    cached = work / "target_continuations.json"
-    continuations: dict[str, list[int]] = json.loads(cached.read_text()) if cached.exists() else {}
-    order = list(range(len(prompts)))
-    random.Random(config.seed).shuffle(order)
-
+    # 2. Steps, each checkpointed every `save_every`.
     start = time.perf_counter()
     with tqdm(total=config.steps, initial=step, desc=f"align {out.name}", unit="step") as bar:
         while step < config.steps:
-            prompt = prompts[order[step % len(order)]]
-            # 3. The continuation: the drafter's own (on-policy) or the target's.
-            if config.on_policy_every and step % config.on_policy_every == config.on_policy_every - 1:
-                model.eval()
-                continuation = greedy_continuation(model, prompt, config.continuation_tokens, eos_ids)
-            else:
-                key = str(order[step % len(order)])
-                if key not in continuations:
-                    continuations[key] = greedy_continuation(target, prompt, config.continuation_tokens, eos_ids)
-                    cached.write_text(json.dumps(continuations))
-                continuation = continuations[key]
-            ids = torch.tensor([prompt + continuation])  # [1, S]
-            scored = slice(len(prompt) - 1, ids.shape[1] - 1)  # positions predicting the continuation
-            # 4. Divergence between the two distributions there; a step of the adapter's weights.
-            model.train()
-            with torch.no_grad():
-                target_logits = target(input_ids=ids).logits[0, scored]  # [T, V]
-            draft_logits = model(input_ids=ids).logits[0, scored]  # [T, V]
-            loss = divergence(target_logits, draft_logits, config.loss)
+            loss = loss_at(step)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -164,17 +244,17 @@ def align(drafter, target, prompts: list[list[int]], out: Path, config: AlignCon
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if step % config.save_every == 0 or step == config.steps:
                 tmp = checkpoint.with_suffix(".partial")
-                torch.save({"config": asdict(config), "num_prompts": len(prompts), "step": step, "losses": losses,
+                torch.save({"config": asdict(config), "num_prompts": num_prompts, "step": step, "losses": losses,
                             "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict()}, tmp)
                 tmp.replace(checkpoint)
     minutes = (time.perf_counter() - start) / 60
 
-    # 5. The adapter, sealed with its sha256; the work directory goes.
+    # 3. The adapter, sealed with its sha256; the work directory goes.
     model.eval()
     shutil.rmtree(out, ignore_errors=True)
     model.save_pretrained(str(out))
     head, tail = losses[:5], losses[-5:]
-    summary = {**(meta or {}), "config": asdict(config), "prompts": len(prompts), "steps": step, "minutes": round(minutes, 3),
+    summary = {**(meta or {}), "config": asdict(config), "prompts": num_prompts, "steps": step, "minutes": round(minutes, 3),
                "loss_first": sum(head) / len(head), "loss_last": sum(tail) / len(tail), "losses": losses}
     digest = adapters.seal(out, summary)
     shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LOSSES = ("fkl", "tvd")  # forward KL(p_target || q_draft), total variation
+DIVERGENCES = ("fkl", "tvd")  # forward KL(p_target || q_draft), total variation: drafters on the target's tokenizer
+LOSSES = DIVERGENCES + ("seqkd",)  # seqkd: cross-entropy on the target's text, for a drafter on any tokenizer
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class AlignConfig:
     lora_alpha: int = 32
     continuation_tokens: int = 48
     max_prompt_tokens: int = 192
-    on_policy_every: int = 2  # every n-th step trains on the drafter's own continuation (0: never)
+    on_policy_every: int = 2  # every n-th step trains on the drafter's own continuation (0: never; seqkd: never)
     loss: str = "tvd"
     save_every: int = 10
     seed: int = 0

@@ -6,7 +6,7 @@ from specrouter.core import adapters, catalog
 from specrouter.core.model import load_hf_model
 from specrouter.core.store import end_tokens
 from specrouter.tasks import corpora
-from specrouter.tasks.align import AlignResult, align
+from specrouter.tasks.align import AlignResult, Teacher, align, align_seqkd
 from specrouter.tasks.align_config import AlignConfig
 from specrouter.tasks.discovery import DEFAULT, TaskModel, members, tasks_root
 from specrouter.tasks.encoders import encoder_for
@@ -21,28 +21,46 @@ def prompt_ids(tokenizer, text: corpora.Text) -> list[int]:
 
 
 def task_texts(model: TaskModel, task: str, per_source: int, shared: dict | None = None) -> list[corpora.Text]:
-    """The training corpus's prompts that fall in `task` (the corpus the task model was fitted on)."""
+    """The prompts of the training corpus (`per_source` of each source: those the task model was
+    fitted on, or more) whose nearest task is `task`."""
     if task not in model.names:
         raise ValueError(f"unknown task {task!r}: the task model has {', '.join(model.names)}")
     train = corpora.training_corpus(per_source)
-    if corpora.corpus_sha256(train) != model.corpus_sha256:
-        raise ValueError("the task model was fitted on another corpus; pass the --per-source it was fitted with")
     vectors = encoder_for(model.encoder, shared=shared).encode([t.text for t in train])
     return [train[i] for i in members(model, vectors, task)]
 
 
 def align_task(task: str, drafter: str, target: str, config: AlignConfig, per_source: int = 64,
                task_model: str = DEFAULT, drafter_dtype: str = "bfloat16", target_dtype: str = "bfloat16",
-               max_prompts: int | None = None) -> AlignResult:
+               max_prompts: int | None = None, teacher: Teacher | None = None) -> AlignResult:
+    """Align `drafter` to `target` on `task`'s training prompts: on a divergence from the target's
+    distributions (the torch `target` loaded here), or with `config.loss` "seqkd" on the text of
+    `teacher` (the target on any backend; the drafter on any tokenizer)."""
     model = TaskModel.load(tasks_root(), task_model)
-    target_lm, tokenizer = load_hf_model(catalog.resolve(target), target_dtype)
-    texts = task_texts(model, task, per_source, shared={target: (target_lm, tokenizer)})
-    corpora.assert_disjoint(texts, corpora.evaluation_texts())
-    texts = texts[:max_prompts] if max_prompts else texts
     drafter_lm, drafter_tokenizer = load_hf_model(catalog.resolve(drafter), drafter_dtype)
+    meta = {"task": task, "drafter": drafter, "target": target, "corpus_sha256": model.corpus_sha256,
+            "encoder": model.encoder, "prompts_per_source": per_source, "drafter_dtype": drafter_dtype}
+    if config.loss == "seqkd":
+        if teacher is None:
+            raise ValueError("sequence-level distillation (seqkd) needs the target to generate its text")
+        tokenizer = teacher.tokenizer
+
+        def spell(ids: list[int]) -> list[int]:  # the target's tokens as the drafter's tokenizer spells their text
+            return drafter_tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"]
+
+        texts = _task_prompts(model, task, per_source, max_prompts)
+        return align_seqkd(drafter_lm, [prompt_ids(tokenizer, t) for t in texts], teacher, spell,
+                           adapters.adapter_dir(drafter, task), config, meta=meta)
+    target_lm, tokenizer = load_hf_model(catalog.resolve(target), target_dtype)
+    texts = _task_prompts(model, task, per_source, max_prompts, shared={target: (target_lm, tokenizer)})
     if len(drafter_tokenizer) != len(tokenizer) or drafter_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"{drafter} and {target} must share a tokenizer to be aligned")
+        raise ValueError(f"{drafter} and {target} do not share a tokenizer: align them with --loss seqkd")
     return align(drafter_lm, target_lm, [prompt_ids(tokenizer, t) for t in texts], adapters.adapter_dir(drafter, task),
-                 config, end_tokens(tokenizer, target_lm.generation_config),
-                 meta={"task": task, "drafter": drafter, "target": target, "corpus_sha256": model.corpus_sha256,
-                       "encoder": model.encoder, "drafter_dtype": drafter_dtype, "target_dtype": target_dtype})
+                 config, end_tokens(tokenizer, target_lm.generation_config), meta={**meta, "target_dtype": target_dtype})
+
+
+def _task_prompts(model: TaskModel, task: str, per_source: int, max_prompts: int | None,
+                  shared: dict | None = None) -> list[corpora.Text]:
+    texts = task_texts(model, task, per_source, shared=shared)
+    corpora.assert_disjoint(texts, corpora.evaluation_texts())
+    return texts[:max_prompts] if max_prompts else texts

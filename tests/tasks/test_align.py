@@ -18,7 +18,7 @@ from specrouter.core.store import ModelStore
 from specrouter.engine.calibration import router_for
 from specrouter.engine.engine import Engine
 from specrouter.tasks import align as align_module
-from specrouter.tasks.align import align
+from specrouter.tasks.align import align, align_seqkd
 from specrouter.tasks.align_config import AlignConfig
 
 VOCAB = 49152
@@ -252,3 +252,45 @@ def test_sampling_with_an_aligned_drafter_follows_the_target_joint(tmp_path):
         counts[tokens[0], tokens[1]] += 1
     assert chi_square_p_value(counts, joint_two_tokens(ModelView(target), prompt, params)) > 1e-3
     assert chi_square_p_value(counts, joint_two_tokens(ModelView(aligned), prompt, params)) < 1e-6
+
+
+@torch.no_grad()
+def mean_cross_entropy(drafter, examples: list[tuple[list[int], list[int]]]) -> float:
+    """The drafter's cross-entropy on each continuation after its prompt (its own tokens)."""
+    losses = [float(drafter(input_ids=torch.tensor([p + c]), labels=torch.tensor([[-100] * len(p) + c])).loss) for p, c in examples]
+    return sum(losses) / len(losses)
+
+
+def test_sequence_level_distillation_aligns_a_drafter_on_another_tokenizer(cache, cross_dirs, smollm2_dir, tmp_path):
+    """seqkd: a drafter on SmolLM2's tokenizer learns the text of a target on Qwen's, spelled in its
+    own tokens; the adapter loads as a cross-tokenizer level and the output stays the target's."""
+    teacher = Engine(cross_dirs["target"], dtype="float32")
+    # Weights wide enough that a LoRA can move its logits (at the usual init a token's logit spans ~1).
+    far = save_with_tokenizer(tiny_llama(30, VOCAB, init_std=0.2, layers=2), tmp_path / "smol-wide", smollm2_dir)
+    drafter, drafter_tokenizer = load_hf_model(far, "float32")
+
+    def spell(ids: list[int]) -> list[int]:
+        return drafter_tokenizer(teacher.tokenizer.decode(ids), add_special_tokens=False)["input_ids"]
+
+    data = prompts(4, 151936, seed=3)
+    examples = [(spell(p), spell(teacher.generate(p, 8).token_ids)) for p in data]
+    before = mean_cross_entropy(drafter, examples)
+    config = AlignConfig(steps=24, lr=2e-2, rank=8, lora_alpha=16, continuation_tokens=8, loss="seqkd", save_every=8)
+    out = adapters.adapter_dir(far, "code")
+    result = align_seqkd(drafter, data, teacher, spell, out, config, meta={"task": "code"})
+    assert result.steps == 24 and (out / adapters.DIGEST).read_text().strip() == result.sha256
+    after = mean_cross_entropy(adapters.merge_adapter(load_hf_model(far, "float32")[0], out), examples)
+    assert after < 0.5 * before
+
+    engine = Engine(f"{far}+task:code,{cross_dirs['target']}", dtype="float32", draft_lens=[3])
+    drafted = 0
+    for prompt in data + prompts(2, 151936, seed=11):
+        result = engine.generate(prompt, 16, ignore_eos=True)
+        assert result.token_ids == teacher.generate(prompt, 16, ignore_eos=True).token_ids
+        drafted += result.level_stats[0].num_draft_tokens
+    assert drafted > 0
+
+    with pytest.raises(ValueError, match="seqkd"):  # each loss has its trainer
+        align(drafter, drafter, data, cache / "wrong", config)
+    with pytest.raises(ValueError, match="seqkd"):
+        align_seqkd(drafter, data, teacher, spell, cache / "wrong", FAST)
