@@ -23,6 +23,7 @@ continuations with it; the finished adapter is saved with the sha256 of its weig
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -119,18 +120,26 @@ class Teacher(Protocol):
 
 class ContinuationCache:
     """The target's continuation of each prompt (by its index), generated on first use and kept in
-    the run's work directory, so a resumed run does not generate them again."""
+    the run's work directory, so a resumed run does not generate them again; kept ones count only for
+    a run of the same kind (`source`: the loss, prompts and continuation length)."""
 
-    def __init__(self, path: Path, generate: Callable[[list[int]], list[int]]):
-        self.path, self.generate = path, generate
-        self.known: dict[str, list[int]] = json.loads(path.read_text()) if path.exists() else {}
+    def __init__(self, path: Path, source: str, generate: Callable[[list[int]], list[int]]):
+        self.path, self.source, self.generate = path, source, generate
+        kept = json.loads(path.read_text()) if path.exists() else {}
+        self.known: dict[str, list[int]] = kept.get("continuations", {}) if kept.get("source") == source else {}
 
     def get(self, index: int, prompt: list[int]) -> list[int]:
         key = str(index)
         if key not in self.known:
             self.known[key] = self.generate(prompt)
-            self.path.write_text(json.dumps(self.known))
+            self.path.write_text(json.dumps({"source": self.source, "continuations": self.known}))
         return self.known[key]
+
+
+def _cache_source(prompts: list[list[int]], config: AlignConfig) -> str:
+    """What a run's kept continuations depend on besides the target: its loss kind, prompts, length."""
+    digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+    return f"{'seqkd' if config.loss == 'seqkd' else 'divergence'}:{digest}:{config.continuation_tokens}"
 
 
 def work_dir(out: Path) -> Path:
@@ -147,7 +156,7 @@ def align(drafter, target, prompts: list[list[int]], out: Path, config: AlignCon
     prompts = _clip(prompts, config)
     target.eval()
     model = _lora(drafter, config)
-    targets = ContinuationCache(work_dir(out) / "target_continuations.json",
+    targets = ContinuationCache(work_dir(out) / "target_continuations.json", _cache_source(prompts, config),
                                 lambda prompt: greedy_continuation(target, prompt, config.continuation_tokens, eos_ids))
     order = _order(len(prompts), config)
 
@@ -181,7 +190,7 @@ def align_seqkd(drafter, prompts: list[list[int]], teacher: Teacher, spell: Call
         raise ValueError(f"align_seqkd trains on the target's text (loss 'seqkd'), not {config.loss!r}")
     prompts = _clip(prompts, config)
     model = _lora(drafter, config)
-    targets = ContinuationCache(work_dir(out) / "target_continuations.json",
+    targets = ContinuationCache(work_dir(out) / "target_continuations.json", _cache_source(prompts, config),
                                 lambda prompt: list(teacher.generate(prompt, config.continuation_tokens).token_ids))
     order = _order(len(prompts), config)
 

@@ -294,3 +294,18 @@ def test_sequence_level_distillation_aligns_a_drafter_on_another_tokenizer(cache
         align(drafter, drafter, data, cache / "wrong", config)
     with pytest.raises(ValueError, match="seqkd"):
         align_seqkd(drafter, data, teacher, spell, cache / "wrong", FAST)
+
+
+def test_kept_target_continuations_count_only_for_a_run_of_the_same_kind(tmp_path):
+    calls = []
+
+    def generate(prompt):
+        calls.append(prompt)
+        return prompt[::-1]
+
+    path = tmp_path / "target_continuations.json"
+    assert align_module.ContinuationCache(path, "seqkd:abc:96", generate).get(0, [1, 2]) == [2, 1]
+    assert align_module.ContinuationCache(path, "seqkd:abc:96", generate).get(0, [1, 2]) == [2, 1]
+    assert len(calls) == 1  # a resumed run reads it back
+    assert align_module.ContinuationCache(path, "seqkd:abc:48", generate).get(0, [1, 2]) == [2, 1]
+    assert len(calls) == 2  # a run of another length generates its own
