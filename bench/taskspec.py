@@ -161,7 +161,7 @@ def main() -> None:
                      for pid, tokens in base_greedy.items()}
     target_lm = store.get(TARGET).model
     forced: dict[str, dict] = {}
-    shared_vocab = store.get(base).tokenizer.get_vocab() == target_engine.tokenizer.get_vocab()
+    shared_vocab = store.get(base).fingerprint == store.get(TARGET).fingerprint  # as the engine tells a cross-tokenizer level
     for drafter in drafters if shared_vocab else []:
         task = drafter.partition("+task:")[2] or None
         drafter_lm = store.get(base, task=task).model
