@@ -25,9 +25,13 @@ def _tunables(env: Mapping[str, str]) -> list[str]:
     return [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
 
 
+def _is_huge_pages(tunable: str) -> bool:
+    return tunable.startswith(TUNABLE + "=")
+
+
 def sets_huge_pages(env: Mapping[str, str]) -> bool:
     """Whether `env` already sets glibc's huge-page tunable (to anything)."""
-    return any(t.startswith(TUNABLE + "=") for t in _tunables(env))
+    return any(_is_huge_pages(t) for t in _tunables(env))
 
 
 def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
@@ -43,7 +47,7 @@ def without_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
     """`env` without glibc's huge-page tunable (other tunables kept): a process as glibc starts it by
     default (benchmarks run peers such as llama-server so)."""
     out = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
-    if others := [t for t in _tunables(env) if not t.startswith(TUNABLE + "=")]:
+    if others := [t for t in _tunables(env) if not _is_huge_pages(t)]:
         out["GLIBC_TUNABLES"] = ":".join(others)
     return out
 
