@@ -8,6 +8,10 @@ For target-only decoding, the lossless chain and tiered verification at several 
 - ShareGPT agreement with target-only decoding: token-level match rate (position by position over
   the target's tokens, and the share before the first difference) and ROUGE-L F1 of the texts;
 - tok/s of each mode, and the tokens each tier decided.
+With --adaptive the lossless chain and every tiered mode also run under the adaptive router over the
+drafter and the target (calibrated at start, learning over the prompts in turn), which may decode
+with the target alone and declines to tier while tiered steps are measured slower than lossless ones
+(specrouter/routing/tiering.py); the tokens of its lossless steps count as tier 3.
 Writes bench/results/quality-<timestamp>.json (hardware, peak RSS) and a PNG speed/quality curve.
 
     .venv/bin/python bench/quality.py --humaneval 40 --sharegpt 10 --max-tokens 128 --execute
@@ -35,6 +39,7 @@ from workloads import encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.core.store import ModelStore  # noqa: E402
 from specrouter.core.tiers import Thresholds, TierCounts  # noqa: E402
+from specrouter.engine.calibration import router_for  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
 from specrouter.engine.loop import BatchLoop  # noqa: E402
 
@@ -51,11 +56,19 @@ class Mode:
     thresholds: Thresholds | None = None  # None: lossless
 
 
-def modes(target: str, draft: str, settings: list[tuple[float, float]], draft_len: int) -> list[Mode]:
+    adaptive: bool = False  # under the adaptive router (the chain is its pool)
+
+
+def modes(target: str, draft: str, settings: list[tuple[float, float]], draft_len: int, adaptive: bool) -> list[Mode]:
+    """Target-only, the lossless chain and each tiered setting; with `adaptive`, each chain mode
+    also under the adaptive router, beside it."""
     chain = f"{draft},{target}"
-    return [Mode("target-only", target), Mode(f"lossless {draft} -> {target}", chain, (draft_len,))] + [
-        Mode(f"tiered {hi:g}/{lo:g}", chain, (draft_len,), Thresholds(hi, lo)) for hi, lo in settings
-    ]
+    chained = [Mode(f"lossless {draft} -> {target}", chain, (draft_len,))] + [
+        Mode(f"tiered {hi:g}/{lo:g}", chain, (draft_len,), Thresholds(hi, lo)) for hi, lo in settings]
+    if adaptive:
+        chained = [m for static in chained for m in (static, Mode(f"{static.name} (adaptive)", chain, static.draft_lens,
+                                                                 static.thresholds, adaptive=True))]
+    return [Mode("target-only", target)] + chained
 
 
 # -- agreement with target-only decoding ----------------------------------------------------------------
@@ -143,10 +156,11 @@ class ModeRun:
         return sum(len(t) for t in self.outputs.values())
 
 
-def generate(engine: Engine, mode: Mode, prompt_ids: list[int], max_tokens: int, stop: tuple[str, ...]) -> tuple[list[int], float, TierCounts | None]:
-    """Greedy generation, ended early once the text holds a stop string (HumanEval's end of function)."""
-    loop = BatchLoop(engine, max_batch=1)
-    steps = loop.stream(loop.submit(prompt_ids, max_tokens, tiered=mode.thresholds))
+def generate(loop: BatchLoop, mode: Mode, prompt_ids: list[int], max_tokens: int, klass: str, stop: tuple[str, ...]):
+    """Greedy generation, ended early once the text holds a stop string (HumanEval's end of function):
+    its GenerationResult."""
+    engine = loop.engine
+    steps = loop.stream(loop.submit(prompt_ids, max_tokens, klass=klass, tiered=mode.thresholds))
     tokens: list[int] = []
     try:
         block = next(steps)
@@ -155,23 +169,23 @@ def generate(engine: Engine, mode: Mode, prompt_ids: list[int], max_tokens: int,
             done = bool(stop) and any(s in engine.tokenizer.decode(tokens) for s in stop)
             block = steps.send(True) if done else next(steps)
     except StopIteration as end:
-        result = end.value
-    return result.token_ids, result.elapsed_s, result.tiers
+        return end.value
 
 
 def run_mode(store: ModelStore, mode: Mode, prompts: list, max_tokens: int, slim: str | None, bit_exact: bool) -> ModeRun:
     engine = Engine(mode.chain, draft_lens=list(mode.draft_lens) or None, provider=store, bit_exact=bit_exact,
                     slim_verifier=mode.thresholds.slim_verifier(slim) if mode.thresholds is not None else None)
+    loop = BatchLoop(engine, router=router_for(engine) if mode.adaptive else None, max_batch=1)
     run = ModeRun(mode)
     for prompt in prompts:
         ids = encode(engine.tokenizer, prompt)
-        tokens, elapsed, tiers = generate(engine, mode, ids, max_tokens, STOP if prompt.klass == "code" else ())
-        run.outputs[prompt.id] = tokens
-        run.texts[prompt.id] = engine.tokenizer.decode(tokens, skip_special_tokens=True)
-        run.elapsed_s += elapsed
-        if tiers is not None:
-            run.tiers = run.tiers + tiers
-        print(f"  {mode.name} {prompt.id}: {len(tokens)} tokens in {elapsed:.1f}s", flush=True)
+        result = generate(loop, mode, ids, max_tokens, prompt.klass, STOP if prompt.klass == "code" else ())
+        run.outputs[prompt.id] = result.token_ids
+        run.texts[prompt.id] = engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        run.elapsed_s += result.elapsed_s
+        if result.tiers is not None:
+            run.tiers = run.tiers + result.tiers
+        print(f"  {mode.name} {prompt.id}: {len(result.token_ids)} tokens in {result.elapsed_s:.1f}s", flush=True)
     return run
 
 
@@ -248,6 +262,8 @@ def main() -> None:
                              "none: tier 2 goes to the target")
     parser.add_argument("--not-bit-exact", dest="bit_exact", action="store_false",
                         help="chains verify blocks wider than the target verifies bit-exactly (equal up to rounding)")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="also run the lossless chain and each tiered mode under the adaptive router, which may decline to tier")
     parser.add_argument("--execute", action="store_true", help="run the generated code against HumanEval's tests")
     parser.add_argument("--test-timeout", type=float, default=5.0)
     parser.add_argument("--test-memory-mb", type=int, default=2048)
@@ -266,7 +282,7 @@ def main() -> None:
     t0 = time.time()
     runs = []
     slim = None if args.slim == "none" else args.slim
-    for mode in modes(args.target, args.draft, settings, args.draft_len):
+    for mode in modes(args.target, args.draft, settings, args.draft_len, args.adaptive):
         print(mode.name, flush=True)
         runs.append(run_mode(store, mode, code + chat, args.max_tokens, slim, args.bit_exact))
     rows = summarize(runs, code, chat, problems, args)
@@ -275,6 +291,7 @@ def main() -> None:
         "drafter": args.draft,
         "slim_verifier": slim,
         "bit_exact": args.bit_exact,
+        "adaptive": args.adaptive,
         "dtype": args.dtype,
         "humaneval_problems": len(code),
         "sharegpt_prompts": len(chat),

@@ -21,6 +21,14 @@ their acceptance is measured on every step for free. Each result explains its ro
 ran and why, the predicted and measured seconds per token. Without a router every step runs the
 engine's static chain (fixed draft lengths; a one-level chain is plain batched decoding).
 
+A batch holding a request in tiered (lossy) verification mode runs a tiered step
+(specrouter/core/tiered.py) on the static chain; with a router, on the router's chain where it
+drafts, and only while the router's `tiering` measures tiered steps faster than lossless ones
+(specrouter/routing/tiering.py): a tiered request does not run slower than its lossless plan for
+long, and what it commits in lossless steps is the target's (tier 3).
+The router learns acceptance and costs from lossless steps only: a tiered step sends the target only
+its least confident blocks, and with them the tokens it catches up on.
+
 Admission is bounded: with `max_waiting` (and `max_waiting_tokens`), `submit` refuses a request
 that would wait, behind a full batch, with that many requests (prompt tokens) already waiting, by
 raising Overloaded at once; a request once queued is never dropped. A request with a deadline
@@ -48,7 +56,7 @@ from specrouter.core.records import LevelStats, TimingRecord
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.sequence import SequenceState
 from specrouter.core.tiered import tiered_step
-from specrouter.core.tiers import Thresholds, TierCounts
+from specrouter.core.tiers import TIER_TARGET, Thresholds, TierCounts
 from specrouter.core.shadow import shadow_records
 from specrouter.core.worker import WorkerUnavailable
 from specrouter.engine.defaults import DECODE_RUN_S, MAX_BATCH, PREFILL_CHUNK
@@ -119,6 +127,8 @@ class _Request:
     # what its routing explanation reports
     chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
     decisions: list[dict] = field(default_factory=list)  # every change of chain, why, and the batch size it was made for
+    tiering: bool | None = None  # in tiered mode with a router: whether its last step tiered
+    tiering_decisions: list[dict] = field(default_factory=list)  # ... each change of that, and why
     first_step_s: float | None = None  # the first step, which also prefills the prompt (its last chunk) on every level
     predicted_s: float = 0.0  # decode steps only (after the first): the latency model predicts decoding, not the prefill
     measured_s: float = 0.0
@@ -130,7 +140,8 @@ class _Request:
 
     def routing(self) -> dict:
         out = {"class": self.klass, "decisions": self.decisions,
-               "steps_by_plan": [{"chain": list(c), "draft_lens": list(g), "steps": n} for (c, g), n in self.chains.most_common()]}
+               "steps_by_plan": [{"chain": list(c), "draft_lens": list(g), "steps": n} for (c, g), n in self.chains.most_common()],
+               **({"tiering": self.tiering_decisions} if self.tiering_decisions else {})}
         if self.route is not None:
             tokens = max(1, self.decode_tokens)
             out.update({"predicted_s_per_token": round(self.predicted_s / tokens, 5),  # decode steps (after the first)
@@ -293,13 +304,14 @@ class BatchLoop:
             return StepReport({}, expired)
         t0 = time.perf_counter()
         while True:
-            # 2. the batch's plan
+            # 2. the batch's plan, and whether it tiers
             chain, top_lens, decision = self._plan(requests)
+            tiering, why = self._tiering(requests, chain)
             timings: list[TimingRecord] = []
-            run = self._run_length(chain, requests, top_lens)
+            run = self._run_length(chain, requests, top_lens, tiering)
             try:
-                # 3. one batched step: every sequence gets at least one target-verified token
-                new = self._step(chain, requests, timings, top_lens, run)
+                # 3. one batched step: every sequence gets at least one target-verified (or tiered) token
+                new = self._step(chain, requests, timings, top_lens, run, tiering)
                 break
             except WorkerUnavailable as exc:
                 self.engine.mark_down(exc, chain)  # a drafter: redo the step without it; the target: fail
@@ -307,21 +319,34 @@ class BatchLoop:
                     r.ctx.drain_records()
                     r.ahead = None
         records = [r.ctx.drain_records() for r in requests]
-        if self.router is not None:  # with the replays of the n-gram drafters this step's target did not verify
+        if self.router is not None and not tiering:  # with the replays of the n-gram drafters this step's target did not verify
             records = [rs + self._shadow(chain, r.seq, tokens) for r, rs, tokens in zip(requests, records, new)]
         seconds = time.perf_counter() - t0
         if run:
             self._pass_s = seconds / max(1, *map(len, new))
         if self.router is not None:
-            # 4. the router learns each request's verdicts and replays, and the step's level timings
-            self.router.observe([r.route for r in requests], records, timings, seconds)
+            # 4. the router learns each request's verdicts and replays, and the step's level timings (of a
+            # lossless step), and the time a token of the step's mode took where a request asked to tier
+            if tiering:
+                self.router.observe([r.route for r in requests], [[] for _ in requests])
+            else:
+                self.router.observe([r.route for r in requests], records, timings, seconds)
+            lossy = self._lossy(requests)
+            if why is not None and all(r.steps for r in requests):  # decoding: every prompt cached before this step
+                self.router.tiering.observe(lossy[0].klass, len(requests), tiering, seconds, sum(map(len, new)))
+            for request in lossy:
+                if why is not None and request.tiering != tiering:
+                    request.tiering_decisions.append({"tiered": tiering, "reason": why, "at_token": len(request.seq.generated)})
+                request.tiering = tiering
         # 5. commit; retire what finished
         committed, finished = {}, expired
         for b, (request, tokens) in enumerate(zip(requests, new)):
             lens = tuple(chain.draft_lens[:-1]) + (top_lens[b],) if top_lens is not None else tuple(chain.draft_lens)
             end = next((i for i, t in enumerate(tokens) if t in request.ctx.eos_ids), None)
             tokens = tokens[: end + 1] if end is not None else tokens
-            self._note_step(request, (tuple(chain.names), lens), decision, len(requests), len(tokens), seconds)
+            self._note_step(request, (tuple(chain.names), lens), decision if not tiering else None, len(requests), len(tokens), seconds)
+            if request.ctx.tiered is not None and not tiering:  # a lossless step: the target's tokens
+                request.ctx.tiers.add(TIER_TARGET, len(tokens))
             request.seq = request.seq.commit(tokens)
             request.steps += len(tokens) if run else 1  # target passes: one a token in a run
             committed[request.request_id] = tokens
@@ -379,11 +404,30 @@ class BatchLoop:
             return chain, None, decision  # a drafter is down: its shorter chain's own lengths
         return chain, list(decision.top_lens), decision
 
-    def _run_length(self, chain: Chain, requests: list[_Request], top_lens: list[int] | None) -> int:
+    @staticmethod
+    def _lossy(requests: list[_Request]) -> list[_Request]:
+        """The requests in a lossy tiered mode (a threshold below 1)."""
+        return [r for r in requests if r.ctx.tiered is not None and not r.ctx.tiered.lossless]
+
+    def _tiering(self, requests: list[_Request], chain: Chain) -> tuple[bool, str | None]:
+        """Whether this step on `chain` is a tiered one (some request asked for a lossy tiered mode), and
+        why where the router chose (None: it did not). With a router, a batch holding such a request
+        tiers where the router's plan drafts, while the router's `tiering` measures that faster than
+        lossless steps for the batch (led by the first such request's class)."""
+        lossy = self._lossy(requests)
+        if not lossy:  # tau_low = 1 is lossless: a plain step, its tokens tier 3
+            return False, None
+        if self.router is None:
+            return True, None
+        if len(chain.levels) < 2:  # the router decodes with the target alone: nothing drafted to tier
+            return False, None
+        return self.router.tiering.choose(lossy[0].klass, len(requests))
+
+    def _run_length(self, chain: Chain, requests: list[_Request], top_lens: list[int] | None, tiering: bool) -> int:
         """The tokens this step decodes per sequence in one call to the target: 0 unless the step is plain
-        decoding (no sequence drafts, every prompt is cached, nothing tiered or pipelined), else as many
+        decoding (no sequence drafts, every prompt is cached, not tiered nor pipelined), else as many
         as fit in `decode_run_s` at the last plain step's pace (1 until one was timed)."""
-        if self._pool is not None or any(r.ctx.tiered is not None for r in requests):
+        if self._pool is not None or tiering:
             return 0
         seqs, target = [r.seq for r in requests], chain.levels[-1]
         if any(target.backlog(s.seq_id, len(s.token_ids)) > 1 for s in seqs):
@@ -395,11 +439,11 @@ class BatchLoop:
         return max(1, min(MAX_RUN, int(self.decode_run_s / self._pass_s)))
 
     def _step(self, chain: Chain, requests: list[_Request], timings: list[TimingRecord], top_lens: list[int] | None,
-              run: int) -> list[list[int]]:
+              run: int, tiering: bool) -> list[list[int]]:
         seqs, ctxs, budgets = [r.seq for r in requests], [r.ctx for r in requests], [r.budget for r in requests]
         if run > 1:
             return decode_run(chain.levels[-1], seqs, ctxs, budgets, run, timings)
-        if any(ctx.tiered is not None for ctx in ctxs):  # tiered requests in the batch: one tiered step for all
+        if tiering:  # tiered requests in the batch: one tiered step for all
             for request in requests:
                 request.ahead = None
             return tiered_step(chain, seqs, ctxs, budgets, timings, top_lens)
@@ -424,7 +468,7 @@ class BatchLoop:
         chain changed (or a level was explored), and the predicted and measured time."""
         request.chains[plan] += 1
         last = request.decisions[-1] if request.decisions else None
-        reason = decision.reason if decision is not None else "static chain"
+        reason = decision.reason if decision is not None else "tiered step" if request.tiering else "static chain"
         if last is None or (last["chain"] != list(plan[0]) and reason != "keep") or reason.startswith("explore"):
             request.decisions.append({"chain": list(plan[0]), "draft_lens": list(plan[1]), "batch": batch, "reason": reason,
                                       **({"predicted_s_per_token": round(decision.plan.predicted_s_per_token, 5),

@@ -40,6 +40,7 @@ from specrouter.routing.acceptance import POOLED, AcceptanceTable, OwnAcceptance
 from specrouter.routing.config import RouterConfig
 from specrouter.routing.profiler import LEVEL_CHANGE, ForwardProfiler
 from specrouter.routing.scheduler import Plan, predict, search
+from specrouter.routing.tiering import TieringChoice
 
 
 EXPLORE_WEIGHT = 0.8  # an exploratory measurement is fresh news about a level out of use
@@ -92,6 +93,7 @@ class AdaptiveRouter:
         self.config = config
         self.profiler = ForwardProfiler()
         self.acceptance = AcceptanceTable()
+        self.tiering = TieringChoice(config.hysteresis, config.explore_every)  # requests in tiered (lossy) mode: tier or not
         self.overhead_s = 0.0  # per-round time outside level calls (EMA)
         self._step = 0
         names = self.pool + [target]

@@ -5,6 +5,9 @@ import pytest
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.store import ModelStore
 from specrouter.core.tiers import Thresholds
+from specrouter.routing.config import RouterConfig
+from specrouter.routing.profiler import BUCKETS
+from specrouter.engine.calibration import router_for
 from specrouter.engine.engine import Engine
 from specrouter.engine.loop import BatchLoop
 
@@ -66,3 +69,39 @@ def test_a_llamacpp_target_tiers_without_a_slim_verifier(tiny_gguf_dirs):
     result = engine.generate(PROMPT, 16, ignore_eos=True, tiered=Thresholds(1.0, 0.0))  # every token "medium"
     assert result.lossy and result.tiers.tier2_tokens == 0 and result.tiers.tier3_tokens == 16
     assert result.token_ids == alone.token_ids  # the target checked every token
+
+
+def _routed(engine, measured_tiered_s: float | None, measured_lossless_s: float | None):
+    """A router over the engine that has measured tiered and lossless steps at these seconds a token,
+    and a target whose one-token pass costs far more than its wider ones: it plans the chain that drafts."""
+    router = router_for(engine, RouterConfig(explore_every=0), calibrate=False)
+    drafter, target = list(engine.levels)
+    router.profiler.observe_score(target, 1, 1.0)
+    for n in BUCKETS[1:]:
+        router.profiler.observe_score(target, n, 0.001)
+    router.profiler.observe_draft(drafter, 1, 0.001)
+    if measured_tiered_s is not None:
+        router.tiering.observe("default", 1, True, measured_tiered_s, 1)
+    if measured_lossless_s is not None:
+        router.tiering.observe("default", 1, False, measured_lossless_s, 1)
+    return router
+
+
+def test_a_routed_request_declines_to_tier_where_tiered_steps_are_measured_slower(engine):
+    """Every token would be tier 1 (thresholds 0), yet the router measured tiered steps slower than
+    lossless ones: every step is lossless, the output is the target's, its tokens are tier 3."""
+    alone = Engine(engine.chain.names[-1], provider=ModelStore("float32")).generate(PROMPT, 16, ignore_eos=True)
+    result = engine.generate(PROMPT, 16, ignore_eos=True, tiered=Thresholds(0.0, 0.0), router=_routed(engine, 10.0, None))
+    assert result.token_ids == alone.token_ids
+    assert result.tiers.as_dict() == {"tier1_tokens": 0, "tier2_tokens": 0, "tier3_tokens": 16, "slim_rejections": 0}
+    assert all(len(plan["chain"]) == 2 for plan in result.routing["steps_by_plan"])  # the router's chain drafts
+    assert [d["tiered"] for d in result.routing["tiering"]] == [False]
+    assert result.routing["tiering"][0]["reason"].startswith("lossless")
+
+
+def test_a_routed_request_tiers_where_tiered_steps_are_measured_faster(engine):
+    router = _routed(engine, None, 10.0)
+    result = engine.generate(PROMPT, 16, ignore_eos=True, tiered=Thresholds(0.0, 0.0), router=router)
+    assert result.tiers.tier1_tokens == 16 and result.lossy
+    assert [d["tiered"] for d in result.routing["tiering"]] == [True]
+    assert router.tiering.rate("default", 1, True) < 10.0  # its tiered steps were measured
