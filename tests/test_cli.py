@@ -258,9 +258,21 @@ def test_generate_in_tiered_mode_says_it_is_lossy_and_counts_tiers(tiny_dirs, ca
     assert sum(out["tiers"][f"tier{i}_tokens"] for i in (1, 2, 3)) == len(out["token_ids"]) == 10
 
 
+def test_generate_by_a_quality_budget_says_it_is_lossy_and_names_the_budget(tiny_dirs, capsys):
+    chain = f"{tiny_dirs['draft']},{tiny_dirs['target']}"
+    assert main(["generate", "--chain", chain, "--prompt", "Hello there", "--max-tokens", "10", "--dtype", "float32",
+                 "--ignore-eos", "--json", "--max-disagreement", "0.05"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["lossy"] is True and out["verification"] == "tiered" and out["max_disagreement"] == 0.05
+    # nothing measured before this request's own verifications: its thresholds stay lossless, the target checks every token
+    assert (out["tau_high"], out["tau_low"]) == (1.0, 1.0) and out["tiers"]["tier3_tokens"] == 10
+
+
 @pytest.mark.parametrize("flags, message", [(["--tau-high", "0.2", "--tau-low", "0.5"], "tau_low must be <= tau_high"),
                                             (["--tau-high", "1.5"], "tau_high must be in [0, 1]"),
-                                            (["--tau-low", "0.5"], "--tau-low needs --tau-high")])
+                                            (["--tau-low", "0.5"], "--tau-low needs --tau-high"),
+                                            (["--max-disagreement", "1.5"], "max_disagreement must be in [0, 1]"),
+                                            (["--tau-high", "0.9", "--max-disagreement", "0.1"], "not both")])
 def test_generate_rejects_bad_thresholds(tiny_dirs, capsys, flags, message):
     assert main(["generate", "--chain", tiny_dirs["target"], "--prompt", "x", *flags]) == 2
     assert message in capsys.readouterr().err

@@ -74,6 +74,10 @@ class VerifyRecord:
     alphas: list[float]  # sum_x min(q_draft, p_target) at each draft position up to the first rejection
     num_asked: int | None = None  # the block length asked for (None: num_draft_tokens); a drafter may give fewer
     replayed: bool = False  # a shadow replay over committed tokens (specrouter/core/shadow.py), not a verification run
+    # where the drafter reported confidences (specrouter/core/tiers.py), at every drafted position: its
+    # confidence, and whether the token was the verifier's most likely one there (given the drafted prefix)
+    confidence: list[float] | None = None
+    agreed: list[bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,4 +125,7 @@ def record_verdict(stats: dict[str, LevelStats], records: list, drafter: str | N
         # turned down, where agreement is lower and never used (alpha is P(accepted | prefix accepted)).
         judged = min(len(block), verdict.num_accepted + 1)
         alphas = pairwise_alpha(q_draft[:judged], p_target[:judged]).tolist()
-        records.append(VerifyRecord(drafter, verifier, len(block), verdict.num_accepted, alphas, max(asked, len(block))))
+        confident = block.confidence is not None and len(block) > 0
+        agreed = (p_target[: len(block)].argmax(-1) == torch.tensor(block.token_ids)).tolist() if confident else None
+        records.append(VerifyRecord(drafter, verifier, len(block), verdict.num_accepted, alphas, max(asked, len(block)),
+                                    confidence=list(block.confidence) if confident else None, agreed=agreed))

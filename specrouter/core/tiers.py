@@ -12,11 +12,14 @@ tau_low = tau_high = 1 is lossless decoding.
 
 `calibrate` picks thresholds from a quality budget: measured (confidence, agreed-with-target)
 observations in, the widest tiered range whose measured disagreement with the full target stays
-within the budget out.
+within the budget out. A request may give such a budget (`QualityBudget`) instead of thresholds: the
+generation loop then calibrates them per prompt class and drafter on the agreement it measures in the
+target's own verifications (`AgreementLog`).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -163,3 +166,57 @@ def calibrate_classes(observations: dict[str, Sequence[Observation]], max_disagr
                       grid: Sequence[float] | None = None) -> dict[str, Calibration]:
     """`calibrate` for each prompt class (code, chat, ...) on its own observations."""
     return {klass: calibrate(obs, max_disagreement, grid) for klass, obs in observations.items()}
+
+
+# -- a quality budget, calibrated online ------------------------------------------------------------------
+
+LOG_SIZE = 4096  # drafted tokens kept per prompt class and drafter: the latest, so calibration follows the traffic
+MIN_OBSERVATIONS = 200  # a budget tiers nothing for a class and drafter until the target checked this many of its tokens
+RECALIBRATE_EVERY = 64  # new observations between two calibrations of the same class, drafter and budget
+
+
+@dataclass(frozen=True)
+class QualityBudget:
+    """A request's tiered mode given as a quality budget instead of thresholds: the share of its tokens
+    that may differ from the full target's. Its thresholds are calibrated per prompt class and drafter
+    on the agreement the server measured (AgreementLog)."""
+
+    max_disagreement: float
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_disagreement <= 1.0:
+            raise ValueError(f"max_disagreement must be in [0, 1], got {self.max_disagreement}")
+
+
+class AgreementLog:
+    """Per prompt class and drafter, the latest drafted tokens the full target checked in greedy
+    decoding: the drafter's confidence in each and whether it was the target's token. `thresholds`
+    calibrates a quality budget on them (`calibrate`, tier 1 only: a slim verifier's agreement is not
+    measured while serving, so tau_low = tau_high); lossless until `min_observations` were seen."""
+
+    def __init__(self, size: int = LOG_SIZE, min_observations: int = MIN_OBSERVATIONS):
+        self.size, self.min_observations = size, min_observations
+        self._log: dict[tuple[str, str], deque[Observation]] = {}
+        self._seen: dict[tuple[str, str], int] = {}  # observations ever logged, per class and drafter
+        self._calibrated: dict[tuple[str, str, float], tuple[int, Thresholds]] = {}  # ... -> (seen then, thresholds)
+
+    def observe(self, klass: str, drafter: str, confidences: Sequence[float], agreed: Sequence[bool]) -> None:
+        log = self._log.setdefault((klass, drafter), deque(maxlen=self.size))
+        log.extend(Observation(c, a) for c, a in zip(confidences, agreed))
+        self._seen[(klass, drafter)] = self._seen.get((klass, drafter), 0) + min(len(confidences), len(agreed))
+
+    def observations(self, klass: str, drafter: str) -> list[Observation]:
+        """The drafter's tokens the target checked for this class, oldest first."""
+        return list(self._log.get((klass, drafter), ()))
+
+    def thresholds(self, klass: str, drafter: str, budget: QualityBudget) -> Thresholds:
+        """The widest thresholds whose disagreement with the target, measured on this class's tokens of
+        this drafter, stays within the budget (lossless until enough were measured)."""
+        key, seen = (klass, drafter), self._seen.get((klass, drafter), 0)
+        if len(self._log.get(key, ())) < self.min_observations:
+            return Thresholds(1.0, 1.0)
+        cached = self._calibrated.get((*key, budget.max_disagreement))
+        if cached is None or seen - cached[0] >= RECALIBRATE_EVERY:
+            cached = (seen, calibrate(self.observations(klass, drafter), budget.max_disagreement).thresholds)
+            self._calibrated[(*key, budget.max_disagreement)] = cached
+        return cached[1]

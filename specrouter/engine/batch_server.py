@@ -18,7 +18,7 @@ from collections.abc import Generator
 from dataclasses import replace
 
 from specrouter.core.sampling import SamplingParams
-from specrouter.core.tiers import Thresholds
+from specrouter.core.tiers import QualityBudget, Thresholds
 from specrouter.engine.loop import BatchLoop, GenerationResult
 
 
@@ -34,7 +34,7 @@ class BatchServer:
 
     def steps(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int = 0,
               ignore_eos: bool = False, klass: str = "default", timeout_s: float | None = None,
-              tiered: Thresholds | None = None) -> Generator[list[int], bool | None, GenerationResult]:
+              tiered: Thresholds | QualityBudget | None = None) -> Generator[list[int], bool | None, GenerationResult]:
         """Queue one request of prompt class `klass` (`tiered`: in tiered verification mode) in the batch
         now and return its steps; raises Overloaded or ValueError, queueing nothing."""
         inbox: queue.SimpleQueue = queue.SimpleQueue()

@@ -16,7 +16,7 @@ from specrouter.core.model import KVPool
 from specrouter.core.retokenize import retokenizer
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.spec import LevelSpec, chain_summary, parse_chain, slim_spec
-from specrouter.core.tiers import Thresholds
+from specrouter.core.tiers import QualityBudget, Thresholds
 from specrouter.core.store import ModelStore, WorkerProvider
 from specrouter.core.vocab import vocab_map
 from specrouter.core.worker import WorkerUnavailable
@@ -171,11 +171,12 @@ class Engine:
         ignore_eos: bool = False,
         router: AdaptiveRouter | None = None,
         klass: str = "default",
-        tiered: Thresholds | None = None,
+        tiered: Thresholds | QualityBudget | None = None,
     ) -> GenerationResult:
         """Generate for one request (a batch of one in the generation loop), with the static chain, or
         with the chain `router` picks before every step for a request of class `klass`; with `tiered`,
-        in the opt-in lossy tiered verification mode (specrouter/core/tiered.py)."""
+        in the opt-in lossy tiered verification mode (specrouter/core/tiered.py), by thresholds or by a
+        quality budget."""
         request = {"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "params": params, "seed": seed,
                    "ignore_eos": ignore_eos, "klass": klass, "tiered": tiered}
         return BatchLoop(self, router, max_batch=1).run([request])[0]

@@ -16,13 +16,23 @@ from specrouter.engine.engine import Engine
 from specrouter.engine.loop import BatchLoop
 from specrouter.engine.request import GenerationRequest
 from specrouter.core.sampling import SamplingParams
-from specrouter.core.tiers import Thresholds
+from specrouter.core.tiers import QualityBudget, Thresholds
 
 
 def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of chat messages under the tokenizer's chat template, the assistant's turn opened."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def tiered_mode(request: GenerationRequest) -> Thresholds | QualityBudget | None:
+    """The request's tiered verification mode: its thresholds, its quality budget, or None (lossless).
+    Raises ValueError for bad values or for both at once."""
+    if request.tiered is not None and request.max_disagreement is not None:
+        raise ValueError("tiered verification takes thresholds (tau_high, tau_low) or a quality budget (max_disagreement), not both")
+    if request.max_disagreement is not None:
+        return QualityBudget(request.max_disagreement)
+    return Thresholds(*request.tiered) if request.tiered is not None else None
 
 
 class Frontend:
@@ -56,7 +66,7 @@ class Frontend:
         max_tokens = request.max_tokens if request.max_tokens is not None else max(1, min(self.default_max_tokens, room))
         self.engine.check_request(len(ids), max_tokens)
         params = SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
-        tiered = Thresholds(*request.tiered) if request.tiered is not None else None  # bad thresholds: ValueError
+        tiered = tiered_mode(request)  # bad thresholds: ValueError
 
         klass, match = "default", None
         if self.router is not None or self.tasks is not None:

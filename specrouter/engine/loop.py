@@ -52,11 +52,11 @@ from specrouter.core.chain import Chain, StepContext, decode_run, speculative_st
 from specrouter.core.levels import NgramLevel
 from specrouter.core.model import KVPool
 from specrouter.core.pipeline import DraftAhead, pipelined_step
-from specrouter.core.records import LevelStats, TimingRecord
+from specrouter.core.records import LevelStats, TimingRecord, VerifyRecord
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.sequence import SequenceState
 from specrouter.core.tiered import tiered_step
-from specrouter.core.tiers import TIER_TARGET, Thresholds, TierCounts
+from specrouter.core.tiers import TIER_TARGET, AgreementLog, QualityBudget, Thresholds, TierCounts
 from specrouter.core.shadow import shadow_records
 from specrouter.core.worker import WorkerUnavailable
 from specrouter.engine.defaults import DECODE_RUN_S, MAX_BATCH, PREFILL_CHUNK
@@ -79,13 +79,15 @@ class GenerationResult:
     text: str | None = None
     prompt_tokens: int = 0
     routing: dict | None = None  # which chains ran and why
-    tiered: Thresholds | None = None  # opt-in lossy tiered verification ran (None: lossless)
+    tiered: Thresholds | None = None  # opt-in lossy tiered verification ran (None: lossless), at these thresholds last
     tiers: TierCounts | None = None  # with `tiered`: the committed tokens each tier decided
+    quality_budget: QualityBudget | None = None  # tiered by a quality budget, its thresholds calibrated as it ran
 
     @property
     def lossy(self) -> bool:
-        """The output may differ from the target's alone (tiered verification with a tier below the target)."""
-        return self.tiered is not None and not self.tiered.lossless
+        """The output may differ from the target's alone (tiered verification with a tier below the
+        target, or by a quality budget)."""
+        return self.quality_budget is not None or (self.tiered is not None and not self.tiered.lossless)
 
     @property
     def tokens_per_s(self) -> float:
@@ -109,6 +111,7 @@ class GenerationResult:
             "lossy": self.lossy,
             **({"verification": "tiered", "tau_high": self.tiered.tau_high, "tau_low": self.tiered.tau_low,
                 "tiers": self.tiers.as_dict()} if self.tiered is not None else {}),
+            **({"max_disagreement": self.quality_budget.max_disagreement} if self.quality_budget is not None else {}),
         }
 
 
@@ -127,6 +130,7 @@ class _Request:
     # what its routing explanation reports
     chains: Counter = field(default_factory=Counter)  # (chain, draft_lens) -> steps
     decisions: list[dict] = field(default_factory=list)  # every change of chain, why, and the batch size it was made for
+    quality_budget: QualityBudget | None = None  # tiered by a budget: its ctx.tiered is calibrated before each step
     tiering: bool | None = None  # in tiered mode with a router: whether its last step tiered
     tiering_decisions: list[dict] = field(default_factory=list)  # ... each change of that, and why
     first_step_s: float | None = None  # the first step, which also prefills the prompt (its last chunk) on every level
@@ -182,6 +186,9 @@ class BatchLoop:
         self.engine, self.router, self.max_batch, self.prefill_chunk = engine, router, max_batch, prefill_chunk
         self.decode_run_s = decode_run_s
         self._pass_s: float | None = None  # seconds a pass of plain decoding took at the last such step
+        # per prompt class and drafter, the target's agreement with drafted tokens by the drafter's confidence:
+        # what the thresholds of a request tiered by a quality budget are calibrated on
+        self.agreement = AgreementLog()
         # Positions a sequence may hold past its last token: the widest block a step may draft, and one
         # (twice that when pipelined: the drafters run a block ahead).
         longest = max((*engine.chain.draft_lens, router.longest_block() if router is not None else 0), default=0)
@@ -204,18 +211,22 @@ class BatchLoop:
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int = 0,
                ignore_eos: bool = False, klass: str = "default", timeout_s: float | None = None,
-               request_id: str | None = None, tiered: Thresholds | None = None) -> str:
+               request_id: str | None = None, tiered: Thresholds | QualityBudget | None = None) -> str:
         """Queue a request (it joins the batch at the next step); returns its id. `klass`: its prompt
         class, for the router. `tiered`: the opt-in lossy tiered verification mode
-        (specrouter/core/tiered.py); None: lossless. Raises Overloaded, queueing nothing, if it would
-        wait past `max_waiting` / `max_waiting_tokens`."""
+        (specrouter/core/tiered.py), by its thresholds or by a quality budget (thresholds calibrated
+        before each step on the loop's `agreement` for its class and the step's drafter); None:
+        lossless. Raises Overloaded, queueing nothing, if it would wait past `max_waiting` /
+        `max_waiting_tokens`."""
         self.engine.check_request(len(prompt_ids), max_new_tokens)
         request_id = request_id or uuid.uuid4().hex
+        budget = tiered if isinstance(tiered, QualityBudget) else None
         ctx = StepContext(params, torch.Generator().manual_seed(seed), frozenset() if ignore_eos else self.engine.eos_ids,
-                          self.engine.new_stats(), tiered=tiered)
+                          self.engine.new_stats(), tiered=Thresholds(1.0, 1.0) if budget is not None else tiered)
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         route = RequestRoute(klass) if self.router is not None else None
-        request = _Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass, route, deadline)
+        request = _Request(request_id, SequenceState.new(request_id, list(prompt_ids)), ctx, max_new_tokens, klass, route, deadline,
+                           quality_budget=budget)
         with self._queue_lock:
             self._admit_or_refuse(request)
             self._waiting.append(request)
@@ -306,6 +317,7 @@ class BatchLoop:
         while True:
             # 2. the batch's plan, and whether it tiers
             chain, top_lens, decision = self._plan(requests)
+            self._calibrate(requests, chain)
             tiering, why = self._tiering(requests, chain)
             timings: list[TimingRecord] = []
             run = self._run_length(chain, requests, top_lens, tiering)
@@ -319,6 +331,7 @@ class BatchLoop:
                     r.ctx.drain_records()
                     r.ahead = None
         records = [r.ctx.drain_records() for r in requests]
+        self._log_agreement(requests, records)
         if self.router is not None and not tiering:  # with the replays of the n-gram drafters this step's target did not verify
             records = [rs + self._shadow(chain, r.seq, tokens) for r, rs, tokens in zip(requests, records, new)]
         seconds = time.perf_counter() - t0
@@ -403,6 +416,25 @@ class BatchLoop:
         if len(chain.levels) < 2 or tuple(chain.names) != decision.plan.chain:
             return chain, None, decision  # a drafter is down: its shorter chain's own lengths
         return chain, list(decision.top_lens), decision
+
+    def _calibrate(self, requests: list[_Request], chain: Chain) -> None:
+        """The thresholds of each request tiered by a quality budget, for this step's drafter below the
+        target: calibrated on the agreement measured for its class (lossless where nothing drafts)."""
+        drafter = chain.names[-2] if len(chain.levels) > 1 else None
+        for r in requests:
+            if r.quality_budget is not None:
+                r.ctx.tiered = (self.agreement.thresholds(r.klass, drafter, r.quality_budget) if drafter is not None
+                                else Thresholds(1.0, 1.0))
+
+    def _log_agreement(self, requests: list[_Request], records: list[list]) -> None:
+        """Each greedy request's drafted tokens the target checked this step, with their drafter's
+        confidence and whether the target agreed, into `agreement` under the request's class."""
+        target = self.engine.target_name
+        for r, request_records in zip(requests, records):
+            if r.ctx.params.greedy:
+                for rec in request_records:
+                    if isinstance(rec, VerifyRecord) and rec.verifier == target and rec.agreed is not None:
+                        self.agreement.observe(r.klass, rec.drafter, rec.confidence, rec.agreed)
 
     @staticmethod
     def _lossy(requests: list[_Request]) -> list[_Request]:
@@ -531,7 +563,7 @@ class BatchLoop:
             level_stats=[s for s in request.ctx.stats.values() if s.time_s > 0 or s.num_draft_tokens],
             prompt_tokens=request.seq.prompt_len,
             routing=request.routing(),
-            tiered=request.ctx.tiered,
+            tiered=request.ctx.tiered, quality_budget=request.quality_budget,
             tiers=request.ctx.tiers if request.ctx.tiered is not None else None,
         )
 

@@ -20,6 +20,7 @@ class GenerationRequest:
     prompt_class: str | None = None
     timeout_s: float | None = None  # the batch retires the request (finish_reason "timeout") this long after it is queued
     tiered: tuple[float, float] | None = None  # (tau_high, tau_low): opt-in lossy tiered verification; None: lossless
+    max_disagreement: float | None = None  # tiered verification by this quality budget instead of thresholds
 
     def __post_init__(self):
         if (self.prompt is None) == (self.messages is None):

@@ -159,12 +159,16 @@ class Completion:
 def make_request(prompt: str | list[int] | None = None, messages: list[dict] | None = None, *, model: str = "",
                  max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, seed: int | None = None, stop: list[str] | str | None = None,
-                 ignore_eos: bool = False, prompt_class: str = "", tiered: tuple[float, float] | None = None) -> pb.GenerateRequest:
-    """`tiered`: (tau_high, tau_low) for tiered (lossy) verification; None: lossless."""
+                 ignore_eos: bool = False, prompt_class: str = "", tiered: tuple[float, float] | None = None,
+                 max_disagreement: float | None = None) -> pb.GenerateRequest:
+    """`tiered`: (tau_high, tau_low) for tiered (lossy) verification, or `max_disagreement`, a quality
+    budget the server calibrates them by; neither: lossless."""
     request = pb.GenerateRequest(model=model, stop=[stop] if isinstance(stop, str) else list(stop or []),
                                  ignore_eos=ignore_eos, prompt_class=prompt_class)
     if tiered is not None:
         request.tiered.tau_high, request.tiered.tau_low = tiered
+    if max_disagreement is not None:
+        request.tiered.max_disagreement = max_disagreement
     if isinstance(prompt, str):
         request.prompt = prompt
     elif prompt is not None:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from specrouter.core.tiers import Thresholds
+from specrouter.core.tiers import QualityBudget, Thresholds
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 8
@@ -40,20 +40,30 @@ class StreamOptions(BaseModel):
 
 
 class TieredVerification(BaseModel):
-    """SpecRouter's extension: tiered (lossy) verification (specrouter/core/tiers.py), where the server allows it."""
+    """SpecRouter's extension: tiered (lossy) verification (specrouter/core/tiers.py), where the server
+    allows it: by thresholds, or by a quality budget."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
-    tau_high: float = Field(description="drafted tokens the drafter was at least this sure of are committed unchecked (1: none)")
-    tau_low: float = Field(description="from here up to tau_high a slim verifier checks them (= tau_high: none)")
+    tau_high: float | None = Field(default=None, description="drafted tokens the drafter was at least this sure of are "
+                                                             "committed unchecked (1: none)")
+    tau_low: float | None = Field(default=None, description="from here up to tau_high a slim verifier checks them (= tau_high: none)")
+    max_disagreement: float | None = Field(
+        default=None, description="instead of thresholds, a quality budget: the share of tokens that may differ from the target's; "
+                                  "the server calibrates the thresholds on the agreement it measured for the prompt's class "
+                                  "and drafter (lossless until it measured enough)")
 
     @model_validator(mode="after")
     def _valid(self):
-        Thresholds(self.tau_high, self.tau_low)  # raises ValueError with the reason
+        thresholds = (self.tau_high, self.tau_low)
+        if self.max_disagreement is not None:
+            if thresholds != (None, None):
+                raise ValueError("give tau_high and tau_low, or max_disagreement, not both")
+            QualityBudget(self.max_disagreement)  # raises ValueError with the reason
+        elif None in thresholds:
+            raise ValueError("give tau_high and tau_low, or max_disagreement")
+        else:
+            Thresholds(self.tau_high, self.tau_low)
         return self
-
-    @property
-    def thresholds(self) -> Thresholds:
-        return Thresholds(self.tau_high, self.tau_low)
 
 
 class _Request(BaseModel):

@@ -141,13 +141,15 @@ class SpecRouterServer:
         if req.tiered is not None and not self.config.tiered_verification:
             raise oai.APIError("tiered (lossy) verification is off on this server (ServeConfig tiered_verification)",
                                param="tiered", code="tiered_verification_off")
-        tiered = (req.tiered.tau_high, req.tiered.tau_low) if req.tiered is not None else None
+        tiered = (req.tiered.tau_high, req.tiered.tau_low) if req.tiered is not None and req.tiered.max_disagreement is None else None
+        budget = req.tiered.max_disagreement if req.tiered is not None else None
         timeouts = [t for t in (req.timeout, deadline_s, self.config.request_timeout_s) if t is not None]
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
         return [
             GenerationRequest(prompt=prompt, messages=messages, max_tokens=req.max_tokens, temperature=req.temperature,
                               top_p=req.top_p, top_k=req.top_k, seed=seed + i, stop=req.stops, ignore_eos=req.ignore_eos,
-                              prompt_class=req.prompt_class, timeout_s=min(timeouts) if timeouts else None, tiered=tiered)
+                              prompt_class=req.prompt_class, timeout_s=min(timeouts) if timeouts else None, tiered=tiered,
+                              max_disagreement=budget)
             for i in range(req.n)
         ]
 
@@ -331,8 +333,11 @@ def _grpc_to_openai(request: pb.GenerateRequest, served: str) -> dict:
             body[field] = getattr(request, field)
     if request.prompt_class:
         body["prompt_class"] = request.prompt_class
-    if request.HasField("tiered"):
-        body["tiered"] = {"tau_high": request.tiered.tau_high, "tau_low": request.tiered.tau_low}
+    if request.HasField("tiered"):  # thresholds (unset: 0), or a quality budget
+        given = request.tiered
+        body["tiered"] = ({"max_disagreement": given.max_disagreement,
+                           **{f: getattr(given, f) for f in ("tau_high", "tau_low") if given.HasField(f)}}
+                          if given.HasField("max_disagreement") else {"tau_high": given.tau_high, "tau_low": given.tau_low})
     return body
 
 

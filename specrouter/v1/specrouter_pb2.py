@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1especrouter/v1/specrouter.proto\x12\rspecrouter.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x9d\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08messages\x18\x04 \x03(\x0b\x32\x1a.specrouter.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x14\n\x0cprompt_class\x18\x0c \x01(\t\x12\x36\n\x06tiered\x18\r \x01(\x0b\x32!.specrouter.v1.TieredVerificationH\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\t\n\x07_tiered\"7\n\x12TieredVerification\x12\x10\n\x08tau_high\x18\x01 \x01(\x01\x12\x0f\n\x07tau_low\x18\x02 \x01(\x01\"g\n\nTierCounts\x12\x14\n\x0ctier1_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctier2_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctier3_tokens\x18\x03 \x01(\r\x12\x17\n\x0fslim_rejections\x18\x04 \x01(\r\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xbc\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.specrouter.v1.Usage\x12\x12\n\nstats_json\x18\x05 \x01(\t\x12\r\n\x05lossy\x18\x06 \x01(\x08\x12(\n\x05tiers\x18\x07 \x01(\x0b\x32\x19.specrouter.v1.TierCounts\"\x13\n\x11ListModelsRequest\"m\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x63hain\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x1c\n\x0f\x62it_exact_block\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x12\n\x10_bit_exact_block\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.specrouter.v1.ModelCard\"\x14\n\x12HealthCheckRequest\"3\n\x13HealthCheckResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t2\xff\x01\n\nSpecRouter\x12M\n\x08Generate\x12\x1e.specrouter.v1.GenerateRequest\x1a\x1f.specrouter.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .specrouter.v1.ListModelsRequest\x1a!.specrouter.v1.ListModelsResponse\x12O\n\x06Health\x12!.specrouter.v1.HealthCheckRequest\x1a\".specrouter.v1.HealthCheckResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1especrouter/v1/specrouter.proto\x12\rspecrouter.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x9d\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08messages\x18\x04 \x03(\x0b\x32\x1a.specrouter.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x14\n\x0cprompt_class\x18\x0c \x01(\t\x12\x36\n\x06tiered\x18\r \x01(\x0b\x32!.specrouter.v1.TieredVerificationH\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\t\n\x07_tiered\"\x8e\x01\n\x12TieredVerification\x12\x15\n\x08tau_high\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07tau_low\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1d\n\x10max_disagreement\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x0b\n\t_tau_highB\n\n\x08_tau_lowB\x13\n\x11_max_disagreement\"g\n\nTierCounts\x12\x14\n\x0ctier1_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctier2_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctier3_tokens\x18\x03 \x01(\r\x12\x17\n\x0fslim_rejections\x18\x04 \x01(\r\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xbc\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.specrouter.v1.Usage\x12\x12\n\nstats_json\x18\x05 \x01(\t\x12\r\n\x05lossy\x18\x06 \x01(\x08\x12(\n\x05tiers\x18\x07 \x01(\x0b\x32\x19.specrouter.v1.TierCounts\"\x13\n\x11ListModelsRequest\"m\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x63hain\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x1c\n\x0f\x62it_exact_block\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x12\n\x10_bit_exact_block\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.specrouter.v1.ModelCard\"\x14\n\x12HealthCheckRequest\"3\n\x13HealthCheckResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t2\xff\x01\n\nSpecRouter\x12M\n\x08Generate\x12\x1e.specrouter.v1.GenerateRequest\x1a\x1f.specrouter.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .specrouter.v1.ListModelsRequest\x1a!.specrouter.v1.ListModelsResponse\x12O\n\x06Health\x12!.specrouter.v1.HealthCheckRequest\x1a\".specrouter.v1.HealthCheckResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_end=93
   _globals['_GENERATEREQUEST']._serialized_start=96
   _globals['_GENERATEREQUEST']._serialized_end=509
-  _globals['_TIEREDVERIFICATION']._serialized_start=511
-  _globals['_TIEREDVERIFICATION']._serialized_end=566
-  _globals['_TIERCOUNTS']._serialized_start=568
-  _globals['_TIERCOUNTS']._serialized_end=671
-  _globals['_USAGE']._serialized_start=673
-  _globals['_USAGE']._serialized_end=752
-  _globals['_GENERATERESPONSE']._serialized_start=755
-  _globals['_GENERATERESPONSE']._serialized_end=943
-  _globals['_LISTMODELSREQUEST']._serialized_start=945
-  _globals['_LISTMODELSREQUEST']._serialized_end=964
-  _globals['_MODELCARD']._serialized_start=966
-  _globals['_MODELCARD']._serialized_end=1075
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1077
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1139
-  _globals['_HEALTHCHECKREQUEST']._serialized_start=1141
-  _globals['_HEALTHCHECKREQUEST']._serialized_end=1161
-  _globals['_HEALTHCHECKRESPONSE']._serialized_start=1163
-  _globals['_HEALTHCHECKRESPONSE']._serialized_end=1214
-  _globals['_SPECROUTER']._serialized_start=1217
-  _globals['_SPECROUTER']._serialized_end=1472
+  _globals['_TIEREDVERIFICATION']._serialized_start=512
+  _globals['_TIEREDVERIFICATION']._serialized_end=654
+  _globals['_TIERCOUNTS']._serialized_start=656
+  _globals['_TIERCOUNTS']._serialized_end=759
+  _globals['_USAGE']._serialized_start=761
+  _globals['_USAGE']._serialized_end=840
+  _globals['_GENERATERESPONSE']._serialized_start=843
+  _globals['_GENERATERESPONSE']._serialized_end=1031
+  _globals['_LISTMODELSREQUEST']._serialized_start=1033
+  _globals['_LISTMODELSREQUEST']._serialized_end=1052
+  _globals['_MODELCARD']._serialized_start=1054
+  _globals['_MODELCARD']._serialized_end=1163
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1165
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1227
+  _globals['_HEALTHCHECKREQUEST']._serialized_start=1229
+  _globals['_HEALTHCHECKREQUEST']._serialized_end=1249
+  _globals['_HEALTHCHECKRESPONSE']._serialized_start=1251
+  _globals['_HEALTHCHECKRESPONSE']._serialized_end=1302
+  _globals['_SPECROUTER']._serialized_start=1305
+  _globals['_SPECROUTER']._serialized_end=1560
 # @@protoc_insertion_point(module_scope)

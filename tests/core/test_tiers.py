@@ -1,12 +1,15 @@
 import random
 
+import numpy as np
 import pytest
 
 from specrouter.core.tiers import (
     TIER_SLIM,
     TIER_TARGET,
     TIER_UNCHECKED,
+    AgreementLog,
     Observation,
+    QualityBudget,
     Thresholds,
     TierCounts,
     calibrate,
@@ -153,3 +156,33 @@ def test_calibration_per_prompt_class():
     assert cals["code"].thresholds == Thresholds(0.0, 0.0)
     assert (cals["chat"].thresholds.tau_low, cals["chat"].thresholds.tau_high) == pytest.approx((0.91, 0.91))
     assert cals["chat"].tier_shares == (0.0, 0.0, 1.0)
+
+
+def test_a_quality_budget_must_be_a_share():
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="max_disagreement"):
+            QualityBudget(bad)
+
+
+def test_agreement_log_is_lossless_until_it_has_measured_enough_then_calibrates_the_budget():
+    log = AgreementLog(size=1000, min_observations=100)
+    rng = np.random.default_rng(0)
+    confidences = rng.uniform(0, 1, 300)
+    agreed = rng.uniform(0, 1, 300) < confidences  # a drafter as right as it is sure
+    budget = QualityBudget(0.05)
+    log.observe("code", "draft", confidences[:99].tolist(), agreed[:99].tolist())
+    assert log.thresholds("code", "draft", budget) == Thresholds(1.0, 1.0)
+    log.observe("code", "draft", confidences[99:].tolist(), agreed[99:].tolist())
+    expected = calibrate([Observation(c, a) for c, a in zip(confidences, agreed)], 0.05).thresholds
+    assert log.thresholds("code", "draft", budget) == expected
+    assert expected.tau_high == expected.tau_low < 1.0  # no slim tier: its agreement is not measured while serving
+    assert log.thresholds("chat", "draft", budget).lossless and log.thresholds("code", "other", budget).lossless
+
+
+def test_agreement_log_keeps_the_latest_observations():
+    log = AgreementLog(size=50, min_observations=10)
+    log.observe("code", "draft", [0.99] * 50, [False] * 50)  # a drafter wrong when sure ...
+    assert log.thresholds("code", "draft", QualityBudget(0.0)).lossless
+    log.observe("code", "draft", [0.99] * 100, [True] * 100)  # ... that became right: the old tokens are gone
+    assert len(log.observations("code", "draft")) == 50
+    assert log.thresholds("code", "draft", QualityBudget(0.0)).tau_high <= 0.99

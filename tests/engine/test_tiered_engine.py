@@ -4,7 +4,7 @@ import pytest
 
 from specrouter.core.sampling import SamplingParams
 from specrouter.core.store import ModelStore
-from specrouter.core.tiers import Thresholds
+from specrouter.core.tiers import QualityBudget, Thresholds, calibrate
 from specrouter.routing.config import RouterConfig
 from specrouter.routing.profiler import BUCKETS
 from specrouter.engine.calibration import router_for
@@ -105,3 +105,21 @@ def test_a_routed_request_tiers_where_tiered_steps_are_measured_faster(engine):
     assert result.tiers.tier1_tokens == 16 and result.lossy
     assert [d["tiered"] for d in result.routing["tiering"]] == [True]
     assert router.tiering.rate("default", 1, True) < 10.0  # its tiered steps were measured
+
+
+def test_a_quality_budget_is_lossless_until_the_loop_has_measured_the_drafters_agreement_then_calibrates(engine):
+    loop = BatchLoop(engine, max_batch=1)
+    drafter, target = engine.chain.names
+    alone = Engine(target, provider=ModelStore("float32")).generate(PROMPT, 16, ignore_eos=True)
+    anything = QualityBudget(1.0)  # every token may differ: once calibrated, nothing is checked
+    (first,) = loop.run([{"prompt_ids": PROMPT, "max_new_tokens": 16, "ignore_eos": True, "tiered": anything}])
+    assert first.token_ids == alone.token_ids and first.tiers.tier3_tokens == 16 and first.tiered.lossless
+    assert first.lossy and first.as_dict()["max_disagreement"] == 1.0  # a budget's output may differ: it says so
+    # greedy requests' verifications teach the loop how often the target agrees with the drafter, by confidence
+    loop.run([{"prompt_ids": PROMPT[: 3 + i], "max_new_tokens": 48, "ignore_eos": True} for i in range(6)])
+    assert len(loop.agreement.observations("default", drafter)) >= 200
+    (tiered,) = loop.run([{"prompt_ids": PROMPT, "max_new_tokens": 16, "ignore_eos": True, "tiered": anything}])
+    assert tiered.tiered == Thresholds(0.0, 0.0) and tiered.tiers.tier1_tokens == 16
+    strict = loop.agreement.thresholds("default", drafter, QualityBudget(0.0))
+    measured = calibrate(loop.agreement.observations("default", drafter), 0.0)
+    assert strict == measured.thresholds and measured.disagreement == 0.0

@@ -31,7 +31,9 @@ BAD_COMPLETIONS = {
     "not an object": (b"[1, 2]", None),
     "tiered low above high": (_body(prompt="x", tiered={"tau_high": 0.5, "tau_low": 0.9}), "tiered"),
     "tiered above one": (_body(prompt="x", tiered={"tau_high": 1.5, "tau_low": 0.9}), "tiered"),
-    "tiered missing tau_low": (_body(prompt="x", tiered={"tau_high": 0.9}), "tiered.tau_low"),
+    "tiered missing tau_low": (_body(prompt="x", tiered={"tau_high": 0.9}), "tiered"),
+    "tiered thresholds and budget": (_body(prompt="x", tiered={"tau_high": 0.9, "tau_low": 0.5, "max_disagreement": 0.1}), "tiered"),
+    "tiered budget above one": (_body(prompt="x", tiered={"max_disagreement": 1.5}), "tiered"),
     "tiered unknown field": (_body(prompt="x", tiered={"tau_high": 0.9, "tau_low": 0.5, "tau": 1}), "tiered.tau"),
 }
 
@@ -74,7 +76,9 @@ def test_timeout_is_a_positive_number_of_seconds():
 def test_tiered_verification_is_opt_in_and_names_its_thresholds():
     assert oai.parse(oai.CompletionRequest, _body(prompt="x")).tiered is None
     req = oai.parse(oai.CompletionRequest, _body(prompt="x", tiered={"tau_high": 0.9, "tau_low": 0.5}))
-    assert (req.tiered.thresholds.tau_high, req.tiered.thresholds.tau_low) == (0.9, 0.5)
+    assert (req.tiered.tau_high, req.tiered.tau_low, req.tiered.max_disagreement) == (0.9, 0.5, None)
+    req = oai.parse(oai.CompletionRequest, _body(prompt="x", tiered={"max_disagreement": 0.02}))
+    assert (req.tiered.tau_high, req.tiered.tau_low, req.tiered.max_disagreement) == (None, None, 0.02)
     with pytest.raises(oai.APIError, match="tau_low must be <= tau_high"):
         oai.parse(oai.ChatCompletionRequest, _body(messages=[{"role": "user", "content": "hi"}], tiered={"tau_high": 0.2, "tau_low": 0.3}))
 

@@ -37,6 +37,17 @@ def test_http_tiered_response_is_flagged_lossy_with_tier_counts(live_server):
     assert status == 200 and same["choices"][0]["text"] == lossless["choices"][0]["text"] and "lossy" not in same
 
 
+def test_http_quality_budget_is_lossy_names_its_budget_and_starts_lossless(live_server):
+    body = {"model": live_server["model"], "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    status, budget = post(live_server, {**body, "tiered": {"max_disagreement": 0.05}})
+    assert status == 200 and budget["lossy"] is True
+    stats = budget["specrouter"][0]
+    assert stats["verification"] == "tiered" and stats["max_disagreement"] == 0.05
+    assert stats["tiers"]["tier1_tokens"] + stats["tiers"]["tier2_tokens"] + stats["tiers"]["tier3_tokens"] == 8
+    status, both = post(live_server, {**body, "tiered": {"tau_high": 0.9, "tau_low": 0.9, "max_disagreement": 0.05}})
+    assert status == 400 and both["error"]["param"] == "tiered" and "not both" in both["error"]["message"]
+
+
 def test_http_bad_thresholds_are_a_400_in_openais_shape(live_server):
     status, body = post(live_server, {"model": live_server["model"], "prompt": PROMPT, "tiered": {"tau_high": 0.3, "tau_low": 0.6}})
     assert status == 400 and body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == "tiered"
@@ -52,6 +63,12 @@ def test_grpc_tiered_response_is_flagged_lossy_and_bad_thresholds_are_invalid_ar
         assert not plain.lossy and plain.tiers is None
         with pytest.raises(sdk.InvalidRequest, match="tau_high must be in"):
             client.generate(PROMPT, max_tokens=4, tiered=(1.5, 0.5))
+        budget = client.generate(PROMPT, max_tokens=6, temperature=0, ignore_eos=True, max_disagreement=0.05)
+        assert budget.lossy and budget.stats["max_disagreement"] == 0.05 and budget.completion_tokens == 6
+        with pytest.raises(sdk.InvalidRequest, match="max_disagreement must be in"):
+            client.generate(PROMPT, max_tokens=4, max_disagreement=2.0)
+        with pytest.raises(sdk.InvalidRequest, match="not both"):
+            client.generate(PROMPT, max_tokens=4, tiered=(0.9, 0.9), max_disagreement=0.1)
 
 
 def test_tiered_verification_is_off_by_default_and_then_refused():
