@@ -7,7 +7,11 @@ and quality budgets (specrouter/core/tiers.py), on the same prompts from bench/w
   output is code nobody has read: it runs only with --execute, and only on a machine that may run it;
 - ShareGPT agreement with target-only decoding: token-level match rate (position by position over
   the target's tokens, and the share before the first difference) and ROUGE-L F1 of the texts;
-- tok/s of each mode, and the tokens each tier decided.
+- tok/s of each mode, and the tokens each tier decided;
+- where verification costs scale as on a GPU (a pass over a block costs what a one-token pass does,
+  and a drafter pass a share d of a target pass), a projection from the passes each mode ran: its
+  committed tokens per target-pass time, target-only decoding 1.0, for d = 0.25 and 0.5
+  (`gpu_projection`). A model of the costs, not a measurement.
 With --adaptive the lossless chain and every tiered mode also run under the adaptive router over the
 drafter and the target (calibrated at start, learning over the prompts in turn), which may decode
 with the target alone and declines to tier while tiered steps are measured slower than lossless ones
@@ -152,6 +156,8 @@ class ModeRun:
     texts: dict[str, str] = field(default_factory=dict)
     elapsed_s: float = 0.0
     tiers: TierCounts = field(default_factory=TierCounts)
+    target_passes: int = 0  # the target's passes over generated tokens (its verifications, or one a token alone)
+    drafted_tokens: int = 0  # the drafter's passes: tokens it drafted, checked by the target or not
 
     @property
     def num_tokens(self) -> int:
@@ -187,6 +193,14 @@ def run_mode(store: ModelStore, mode: Mode, prompts: list, max_tokens: int, slim
         run.elapsed_s += result.elapsed_s
         if result.tiers is not None:
             run.tiers = run.tiers + result.tiers
+        stats = {s.name: s for s in result.level_stats}
+        if len(engine.chain.names) == 1:
+            run.target_passes += len(result.token_ids)
+        else:
+            target, drafter = stats.get(engine.chain.names[-1]), stats.get(engine.chain.names[0])
+            run.target_passes += target.num_recovered_tokens + target.num_bonus_tokens if target else 0
+            unverified = result.tiers.tier1_tokens + result.tiers.tier2_tokens if result.tiers is not None else 0
+            run.drafted_tokens += (drafter.num_draft_tokens if drafter else 0) + unverified
         print(f"  {mode.name} {prompt.id}: {len(result.token_ids)} tokens in {result.elapsed_s:.1f}s", flush=True)
     return run
 
@@ -206,6 +220,10 @@ def summarize(runs: list[ModeRun], code: list, chat: list, problems: dict[str, d
             "elapsed_s": round(run.elapsed_s, 2),
             "tokens_per_s": round(run.num_tokens / run.elapsed_s, 3) if run.elapsed_s else 0.0,
             **({"tiers": run.tiers.as_dict()} if run.mode.thresholds is not None else {}),
+            "target_passes": run.target_passes,
+            "drafted_tokens": run.drafted_tokens,
+            "gpu_projection": {f"drafter_cost_{d:g}": round(run.num_tokens / (run.target_passes + d * run.drafted_tokens), 3)
+                               for d in (0.25, 0.5)},
         }
         if chat:
             matches = [token_match(reference.outputs[p.id], run.outputs[p.id]) for p in chat]
