@@ -66,7 +66,7 @@ class Frontend:
         max_tokens = request.max_tokens if request.max_tokens is not None else max(1, min(self.default_max_tokens, room))
         self.engine.check_request(len(ids), max_tokens)
         params = SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
-        tiered = tiered_mode(request)  # bad thresholds: ValueError
+        tiered = tiered_mode(request)  # bad thresholds or budget, or both at once: ValueError
 
         klass, match = "default", None
         if self.router is not None or self.tasks is not None:
