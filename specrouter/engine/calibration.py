@@ -22,7 +22,7 @@ from specrouter.core.sequence import SequenceState
 from specrouter.engine.engine import Engine
 from specrouter.engine.frontend import chat_ids
 from specrouter.routing.profiler import BUCKETS, bucket
-from specrouter.routing.router import AdaptiveRouter, RouterConfig, shared_devices
+from specrouter.routing.router import AdaptiveRouter, RouterConfig, shared_devices, sibling_pairs
 
 CALIBRATION_ROUNDS = 10.0  # what the calibration text's blocks are worth, in verification rounds
 CALIBRATION_BLOCK = 8  # the blocks calibration simulates (from every other position of its text)
@@ -50,7 +50,7 @@ def router_for(engine: Engine, config: RouterConfig = RouterConfig(), calibrate:
     names = list(engine.levels)
     stopping = frozenset(n for n, level in engine.levels.items() if level.min_confidence > 0)
     router = AdaptiveRouter(names[:-1], names[-1], {n: level.can_verify for n, level in engine.levels.items()}, config,
-                            levels=engine.levels, stopping=stopping, hosts=shared_devices(names),
+                            levels=engine.levels, stopping=stopping, hosts=shared_devices(names), siblings=sibling_pairs(names),
                             max_top_len=engine.levels[names[-1]].max_block,
                             lookup=frozenset(n for n, level in engine.levels.items() if isinstance(level, NgramLevel)))
     if calibrate:
@@ -90,8 +90,8 @@ def calibration_passes(level: Level, batch: int, lengths: tuple[int, ...], conte
     """Time a level's passes over `batch` throwaway sequences of `context` tokens (one batched pass for
     all of them): ("prefill", context tokens of them all, s) and ("score", block length, s) per length
     after it (verifiers only), and
-    ("draft", n, s) for up to four tokens drafted for all of them (n: the most any of them drafted, at
-    least 1: one that stops unsure drafts fewer, an n-gram without a match none)."""
+    ("draft", n, s) for blocks of one and of up to four tokens drafted for all of them (n: the most any
+    of them drafted, at least 1: one that stops unsure drafts fewer, an n-gram without a match none)."""
     params, out = SamplingParams(), []
     seqs = [SequenceState.new(f"calibrate-{level.name}-{batch}-{b}", list(range(1 + b, context + 1 + b))) for b in range(batch)]
     ctxs = [list(seq.token_ids) for seq in seqs]
@@ -104,9 +104,10 @@ def calibration_passes(level: Level, batch: int, lengths: tuple[int, ...], conte
                 t0 = time.perf_counter()
                 level.score([ScoreItem(seq, ctx, list(range(2, n + 1)), params) for seq, ctx in zip(seqs, ctxs)])
                 out.append(("score", n, time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        blocks = level.propose([ProposeItem(seq, ctx, 4, params, 0) for seq, ctx in zip(seqs, ctxs)])
-        out.append(("draft", max(1, *(drafted(b, 4) for b in blocks)), time.perf_counter() - t0))
+        for n in (1, 4):  # a call's own share shows beside its tokens' only with two lengths
+            t0 = time.perf_counter()
+            blocks = level.propose([ProposeItem(seq, ctx, n, params, 0) for seq, ctx in zip(seqs, ctxs)])
+            out.append(("draft", max(1, *(drafted(b, n) for b in blocks)), time.perf_counter() - t0))
     finally:
         for seq in seqs:
             level.release(seq.seq_id)

@@ -357,11 +357,13 @@ class BatchLoop:
             lens = tuple(chain.draft_lens[:-1]) + (top_lens[b],) if top_lens is not None else tuple(chain.draft_lens)
             end = next((i for i, t in enumerate(tokens) if t in request.ctx.eos_ids), None)
             tokens = tokens[: end + 1] if end is not None else tokens
-            self._note_step(request, (tuple(chain.names), lens), decision if not tiering else None, len(requests), len(tokens), seconds)
+            passes = len(tokens) if run else 1  # target passes: one a token in a run
+            self._note_step(request, (tuple(chain.names), lens), decision if not tiering else None, len(requests), len(tokens),
+                            seconds, passes)
             if request.ctx.tiered is not None and not tiering:  # a lossless step: the target's tokens
                 request.ctx.tiers.add(TIER_TARGET, len(tokens))
             request.seq = request.seq.commit(tokens)
-            request.steps += len(tokens) if run else 1  # target passes: one a token in a run
+            request.steps += passes
             committed[request.request_id] = tokens
             if end is not None or request.budget <= 0:
                 finished[request.request_id] = self._finish(request, "stop" if end is not None else "length")
@@ -495,10 +497,11 @@ class BatchLoop:
                 for r in shadow_records(level, seq, new, self.engine.target_name, SHADOW_BLOCK)]
 
     def _note_step(self, request: _Request, plan: tuple[tuple[str, ...], tuple[int, ...]], decision: Decision | None,
-                   batch: int, committed: int, seconds: float) -> None:
-        """Record a step in the request's routing explanation: the plan it ran, a decision where its
-        chain changed (or a level was explored), and the predicted and measured time."""
-        request.chains[plan] += 1
+                   batch: int, committed: int, seconds: float, passes: int = 1) -> None:
+        """Record a step in the request's routing explanation: the plan it ran (`passes`: the target's
+        passes it made), a decision where its chain changed (or a level was explored), and the
+        predicted and measured time."""
+        request.chains[plan] += passes
         last = request.decisions[-1] if request.decisions else None
         reason = decision.reason if decision is not None else "tiered step" if request.tiering else "static chain"
         if last is None or (last["chain"] != list(plan[0]) and reason != "keep") or reason.startswith("explore"):

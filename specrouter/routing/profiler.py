@@ -2,7 +2,9 @@
 
 Three operations are profiled per level, as the chain measures them (so remote overheads count):
 - `score`: one verification pass over a block of n tokens;
-- `draft`: autoregressive drafting, recorded per drafted token;
+- `draft`: autoregressive drafting, by the tokens a call drafted: a call costs a share of its own
+  (a remote call, a cross-tokenizer level's conversions) besides its tokens, which makes short
+  blocks dearer a token than long ones;
 - `prefill`: caching context a level has not seen (a drafter catching up after steps out of the
   chain, a pass longer than any block), recorded per token: what a plan that brings a far-behind
   drafter back pays first.
@@ -46,7 +48,7 @@ class _Ema:
 class ForwardProfiler:
     ema: float = 0.2  # weight of a new observation
     _score: dict[tuple[str, int, int], _Ema] = field(default_factory=dict)  # (level, bucket, batch)
-    _draft: dict[tuple[str, int], _Ema] = field(default_factory=dict)  # (level, batch): seconds per token
+    _draft: dict[tuple[str, int, int], _Ema] = field(default_factory=dict)  # (level, tokens drafted, batch): seconds a call
     _prefill: dict[str, _Ema] = field(default_factory=dict)  # level: seconds per context token cached
     # Both tables hold costs divided by the level's speed factor at the time; predictions multiply it back.
     _speed: dict[str, float] = field(default_factory=dict)
@@ -72,8 +74,9 @@ class ForwardProfiler:
             self._prefill.setdefault(level, _Ema(rate)).update(rate, self.ema)  # the first: itself
 
     def observe_draft(self, level: str, num_tokens: int, seconds: float, batch: int = 1, weight: float | None = None) -> None:
+        """A drafting call of `level` that drafted `num_tokens` (per sequence) in `seconds`."""
         if num_tokens > 0:
-            self._update(self._draft, (level, batch), seconds / num_tokens, weight)
+            self._update(self._draft, (level, num_tokens, batch), seconds, weight)
 
     def _update(self, table: dict, key, x: float, weight: float | None) -> None:
         level = key[0]
@@ -131,9 +134,29 @@ class ForwardProfiler:
         rates = [e.value / (b * bt) for (name, b, bt), e in self._score.items() if name == level]
         return min(rates) * num_tokens * self.speed(level) if rates else None
 
-    def draft_time(self, level: str, batch: int = 1) -> float | None:
-        """Seconds per drafted token for `batch` sequences drafting together."""
-        return _scaled(_over_batches(sorted((bt, e.value) for (name, bt), e in self._draft.items() if name == level), batch), self.speed(level))
+    def draft_time(self, level: str, num_tokens: float = 1.0, batch: int = 1) -> float | None:
+        """Predicted seconds for `batch` sequences to draft `num_tokens` each (an expected block
+        length may be fractional) in one call: linear between the lengths drafted, along the line
+        through the nearest two beyond them (a longer block costs at least what the longest seen
+        does; a shorter one at most what the shortest does and at least its tokens' share of it: a
+        call's own share is not negative), in proportion where one length alone was seen."""
+        batches = sorted({bt for (name, _, bt) in self._draft if name == level})
+        return _scaled(_over_batches([(bt, self._draft_at(level, num_tokens, bt)) for bt in batches], batch), self.speed(level))
+
+    def _draft_at(self, level: str, num_tokens: float, batch: int) -> float:
+        known = sorted((n, e.value) for (name, n, bt), e in self._draft.items() if name == level and bt == batch)
+        if len(known) == 1:
+            (n0, t0), = known
+            return t0 * num_tokens / n0
+        inside = [i for i in range(len(known) - 1) if known[i][0] <= num_tokens <= known[i + 1][0]]
+        i = inside[0] if inside else (0 if num_tokens < known[0][0] else len(known) - 2)
+        (n0, t0), (n1, t1) = known[i], known[i + 1]
+        line = t0 + (t1 - t0) * (num_tokens - n0) / (n1 - n0)
+        if inside:
+            return line
+        if num_tokens > n1:
+            return max(line, t1)
+        return min(max(line, t0 * num_tokens / n0), t0)  # shorter: cheaper, but by no more than its tokens' share
 
 
 def _far(ratio: float) -> bool:

@@ -78,13 +78,15 @@ class Decision:
 class AdaptiveRouter:
     def __init__(self, pool: list[str], target: str, can_verify: dict[str, bool], config: RouterConfig = RouterConfig(),
                  levels: dict[str, Level] | None = None, stopping: frozenset[str] = frozenset(),
-                 hosts: dict[str, str] | None = None, max_top_len: int | None = None, lookup: frozenset[str] = frozenset()):
+                 hosts: dict[str, str] | None = None, max_top_len: int | None = None, lookup: frozenset[str] = frozenset(),
+                 siblings: frozenset[tuple[str, str]] = frozenset()):
         """`levels`: the pool's levels by name (by reference: a replaced level is seen), to probe a stale
         level's cost directly.
         `stopping`: drafters that end their blocks unsure (at every level of a chain: specrouter/core/chain.py).
         `lookup`: prompt-lookup drafters (n-gram), which draft only where the text repeats itself.
         `hosts`: level -> the level whose device it runs on (a skip-layer view of its weights: `shared_devices`).
-        `max_top_len`: the longest block the target verifies (its `max_block`; None: any)."""
+        `max_top_len`: the longest block the target verifies (its `max_block`; None: any).
+        `siblings`: (lower, upper) pairs never run as neighbours in a chain (`sibling_pairs`)."""
         self.pool, self.target = list(pool), target  # pool: drafters, cheapest first
         self.max_top_len = max_top_len
         self.can_verify = can_verify
@@ -97,7 +99,8 @@ class AdaptiveRouter:
         self.overhead_s = 0.0  # per-round time outside level calls (EMA)
         self._step = 0
         names = self.pool + [target]
-        self._pairs = [(d, v) for i, d in enumerate(self.pool) for v in names[i + 1:] if can_verify.get(v, True)]
+        self.siblings = siblings
+        self._pairs = [(d, v) for i, d in enumerate(self.pool) for v in names[i + 1:] if can_verify.get(v, True) and self._stacks(d, v)]
         self._last_measured: dict[str | tuple[str, str], int] = {item: 0 for item in names + self._pairs}  # level or pair -> step
         self._exploring: set[str] = set()  # levels whose next measurement replaces most of the old one
         self._explored = False  # whether the step planned last explores (its levels and pairs are not in use)
@@ -121,6 +124,9 @@ class AdaptiveRouter:
             self.profiler.share(level, host)
             self._guests.setdefault(host, []).append(level)
 
+    def _stacks(self, lower: str, upper: str) -> bool:
+        return (lower, upper) not in self.siblings
+
     def lengths_of(self, drafter: str) -> tuple[int, ...]:
         """The block lengths searched for a drafter (prompt lookup has longer ones)."""
         return self.config.lookup_lengths if drafter in self.lookup else self.config.lengths
@@ -135,12 +141,13 @@ class AdaptiveRouter:
         t = self.profiler.score_time(level, num_tokens, batch)
         return t if t is not None else self.config.default_cost_s
 
-    def _draft_cost(self, level: str, batch: int = 1) -> float:
-        t = self.profiler.draft_time(level, batch)
+    def _draft_cost(self, level: str, num_tokens: float = 1.0, batch: int = 1) -> float:
+        """Seconds for one call of `level` drafting `num_tokens` for each of `batch` sequences."""
+        t = self.profiler.draft_time(level, num_tokens, batch)
         if t is not None:
             return t
         single = self.profiler.score_time(level, 1, batch)  # a model drafts one token per single-token pass
-        return single if single is not None else self.config.default_cost_s
+        return num_tokens * (single if single is not None else self.config.default_cost_s)
 
     def plans(self, klass: str, own: OwnAcceptance | None = None) -> list[Plan]:
         """Every chain's best plan for a request of `klass` alone, best first; `own`: the request's own
@@ -155,13 +162,14 @@ class AdaptiveRouter:
             self.pool,
             self.target,
             verify=lambda level, n: self._verify_cost(level, n, batch),
-            draft=lambda level: self._draft_cost(level, batch),
+            draft=lambda level, n: self._draft_cost(level, n, batch),
             alpha=self._alpha(classes),
             overhead=self.overhead_s,
             can_verify=lambda name: self.can_verify.get(name, True),
             lengths=self.config.lengths,
             own_lengths={d: self.lengths_of(d) for d in self.lookup},
             max_drafters=self.config.max_drafters,
+            stacks=self._stacks,
             max_top_len=self.max_top_len,
             expected=self._expected(classes, self._own_ratios(classes[0], own), own),
             drafted=self._drafted(classes, own),
@@ -357,7 +365,7 @@ class AdaptiveRouter:
         """The plan with its prediction for requests of these classes stepping together, as `_search` makes it."""
         batch = len(classes)
         t = predict(plan.chain, plan.draft_lens, lambda level, n: self._verify_cost(level, n, batch),
-                    lambda level: self._draft_cost(level, batch), self._alpha(classes), self.overhead_s,
+                    lambda level, n: self._draft_cost(level, n, batch), self._alpha(classes), self.overhead_s,
                     self._expected(classes, self._own_ratios(classes[0], own), own), self._drafted(classes, own))
         return Plan(plan.chain, plan.draft_lens, t)
 
@@ -407,7 +415,7 @@ class AdaptiveRouter:
             candidates = [g for g in self.lengths_of(top[0]) if g <= plan.draft_lens[-1]] or [plan.draft_lens[-1]]
             lens.append(min(candidates, key=lambda g: predict(plan.chain, plan.draft_lens[:-1] + (g,),
                                                               lambda level, n: self._verify_cost(level, n, batch),
-                                                              lambda level: self._draft_cost(level, batch), class_alpha,
+                                                              lambda level, n: self._draft_cost(level, n, batch), class_alpha,
                                                               self.overhead_s, expected, drafted)))
         return lens
 
@@ -457,7 +465,8 @@ class AdaptiveRouter:
             if t.asked:
                 self.acceptance.observe_draft(klass, t.level, t.asked, t.num_tokens)
         elif t.op == "prefill" and t.context:  # its catch-up: the call's time less the drafting it also did
-            self.profiler.observe_prefill(t.level, t.context, t.seconds - t.num_tokens * self._draft_cost(t.level, t.batch))
+            drafting = self._draft_cost(t.level, t.num_tokens, t.batch) if t.num_tokens else 0.0
+            self.profiler.observe_prefill(t.level, t.context, t.seconds - drafting)
         return 0
 
     def _measured(self, level: str) -> None:
@@ -550,3 +559,14 @@ def shared_devices(names: list[str]) -> dict[str, str]:
     specs = {name: LevelSpec.parse(name) for name in names}
     full = {(s.model, s.quant): name for name, s in specs.items() if s.skip_layers is None}
     return {name: full[(s.model, s.quant)] for name, s in specs.items() if s.skip_layers is not None and (s.model, s.quant) in full}
+
+
+def sibling_pairs(names: list[str]) -> frozenset[tuple[str, str]]:
+    """(lower, upper) pairs of levels that differ only by a task's adapter (a model and its aligned
+    copies): they cost the same a pass, so one verifying the other's block costs about what drafting
+    it does, and the chain pays a middle level's passes for nothing (docs/routing.md). Each still
+    drafts for any other level."""
+    specs = {name: LevelSpec.parse(name) for name in names}
+    return frozenset((a, b) for a in names for b in names if a != b and specs[a].model == specs[b].model
+                     and (specs[a].quant, specs[a].skip_layers) == (specs[b].quant, specs[b].skip_layers)
+                     and specs[a].task != specs[b].task)

@@ -13,7 +13,8 @@ verify_N(g + 1) above stands for that pass's cost expected over D's distribution
 D_k(m) - D_k(m - 1) are the chances that a block holds at least m tokens. A pass's cost is not linear
 in its rows (on a CPU it jumps where a kernel changes tiles) and an n-gram's block is mostly all or
 nothing, so the pass over the average block is not the average pass. At the bottom
-C_0(n) = D_0(n) * draft_0; above it, rounds as the engine runs them (specrouter/core/chain.py
+C_0(n) = draft_0(D_0(n)), a drafting call's cost by the tokens it drafts (a call has a cost of its
+own, so a token of a short block costs more than one of a long block); above it, rounds as the engine runs them (specrouter/core/chain.py
 `propose`) until D_k(n) tokens are out: each asks the level below for r = min(g_{k-1}, n_left - 1)
 tokens (the level adds one of its own), costs C_{k-1}(r) + verify_k(r + 1) + overhead and yields
 E_{k-1}(r) tokens; the last round is charged in proportion to the tokens still needed. So a level
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 CostFn = Callable[[str, int], float]  # (level, block length) -> seconds for one verification pass
-DraftFn = Callable[[str], float]  # level -> seconds per drafted token
+DraftFn = Callable[[str, float], float]  # (level, tokens) -> seconds for one call drafting that many
 AlphaFn = Callable[[str, str], float]  # (drafter, verifier) -> acceptance
 ExpectedFn = Callable[[str, str, int], float]  # (drafter, verifier, g) -> tokens emitted per round
 DraftedFn = Callable[[str, int], float]  # (level, n asked) -> tokens its block is expected to hold: the sum
@@ -118,7 +119,8 @@ class _ChainModel:
     def propose_time(self, k: int, draft_lens: tuple[int, ...], n: int) -> float:
         """C_k(n): seconds for level k to propose n tokens (it depends on draft_lens[:k] only)."""
         if k == 0:
-            return self.held(0, n) * self.draft(self.chain[0])
+            held = self.held(0, n)
+            return self.draft(self.chain[0], held) if held > 0 else 0.0
         key = (k, draft_lens[:k], n)
         if key not in self._propose:
             seconds, left = 0.0, float(self.held(k, n))
@@ -132,12 +134,15 @@ class _ChainModel:
         return self._propose[key]
 
 
-def enumerate_chains(pool: list[str], target: str, can_verify: Callable[[str], bool], max_drafters: int = 3):
-    """Ordered subsets of the pool (kept in the pool's cheapest-first order) ending at the target."""
+def enumerate_chains(pool: list[str], target: str, can_verify: Callable[[str], bool], max_drafters: int = 3,
+                     stacks: Callable[[str, str], bool] = lambda lower, upper: True):
+    """Ordered subsets of the pool (kept in the pool's cheapest-first order) ending at the target,
+    where every level above the bottom can verify and `stacks(lower, upper)` for every neighbours."""
     for size in range(0, min(max_drafters, len(pool)) + 1):
         for subset in itertools.combinations(pool, size):
-            if all(can_verify(level) for level in subset[1:]):
-                yield subset + (target,)
+            chain = subset + (target,)
+            if all(can_verify(level) for level in subset[1:]) and all(stacks(a, b) for a, b in zip(chain, chain[1:])):
+                yield chain
 
 
 def search(
@@ -155,6 +160,7 @@ def search(
     fixed: dict[str, int] | None = None,
     max_top_len: int | None = None,
     own_lengths: dict[str, tuple[int, ...]] | None = None,
+    stacks: Callable[[str, str], bool] = lambda lower, upper: True,
 ) -> list[Plan]:
     """Every chain and draft-length vector, best (lowest predicted time per token) first; a level in
     `fixed` always proposes blocks of its length there (no search), one in `own_lengths` is searched
@@ -163,7 +169,7 @@ def search(
     verify, draft = functools.cache(verify), functools.cache(draft)  # profile lookups, shared by every chain
     drafted = functools.cache(drafted) if drafted is not None else None
     plans = []
-    for chain in enumerate_chains(pool, target, can_verify, max_drafters):
+    for chain in enumerate_chains(pool, target, can_verify, max_drafters, stacks):
         best = None
         model = _ChainModel(chain, verify, draft, alpha, overhead, expected, drafted)
         choices = [(fixed[d],) if fixed and d in fixed else (own_lengths or {}).get(d, lengths) for d in chain[:-1]]

@@ -57,6 +57,26 @@ def test_score_time_interpolates_between_block_lengths_and_stays_flat_outside():
     assert profiler.score_time("t", 16) == pytest.approx(0.4)
 
 
+def test_a_drafting_call_is_charged_its_own_share_beside_its_tokens():
+    """A cross-tokenizer or remote drafter's call costs 15 ms of its own and 25 ms a token: priced by
+    the tokens each call drafted, a short block is not taken for a share of a long one's cost."""
+    profiler = ForwardProfiler()
+    profiler.observe_draft("d", 1, 0.040)
+    profiler.observe_draft("d", 4, 0.115)
+    assert profiler.draft_time("d", 1) == pytest.approx(0.040)
+    assert profiler.draft_time("d", 2) == pytest.approx(0.065)
+    assert profiler.draft_time("d", 8) == pytest.approx(0.215)  # along the line beyond the longest seen
+    assert profiler.draft_time("d", 0.5) == pytest.approx(0.0275)  # an expected block of half a token
+    one = ForwardProfiler()
+    one.observe_draft("d", 4, 0.115)  # one length seen: in proportion to its tokens
+    assert one.draft_time("d", 1) == pytest.approx(0.115 / 4)
+    noisy = ForwardProfiler()
+    noisy.observe_draft("d", 2, 0.02)
+    noisy.observe_draft("d", 3, 0.09)  # a line through these would make a token of a 1-token call cost nothing
+    assert noisy.draft_time("d", 1) == pytest.approx(0.01)  # at least its token's share of the shortest
+    assert noisy.draft_time("d", 4) >= 0.09
+
+
 def test_a_level_that_costs_next_to_nothing_never_changes_as_a_whole():
     """Prompt lookup takes 0.05-0.6 ms a token, often 3x off its estimate either way: no level-wide
     change (each would make every route re-plan at once), and its cost stays its recent average."""

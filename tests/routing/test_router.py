@@ -97,7 +97,7 @@ ALPHA = {"chat": {("A", "T"): 0.8, ("B", "T"): 0.85, ("A", "B"): 0.85}}
 def true_s_per_token(plan: Plan) -> float:
     """What a plan really costs in the simulation (acceptance there is independent per position)."""
     alpha = ALPHA["chat"]
-    return predict(plan.chain, plan.draft_lens, lambda level, n: COSTS[level] * (1 + 0.02 * (n - 1)), lambda level: COSTS[level],
+    return predict(plan.chain, plan.draft_lens, lambda level, n: COSTS[level] * (1 + 0.02 * (n - 1)), lambda level, n: COSTS[level] * n,
                    lambda d, v: alpha[(d, v)], 0.0)
 
 
@@ -324,6 +324,62 @@ def test_a_probe_times_the_short_pass_it_records():
     assert passes == [2]  # the 2-token pass it is recorded as, not a prefill of context besides
     assert 0.02 <= router.profiler.score_time("S", 2) < 0.5  # its sleep, and whatever a loaded machine adds
     assert router.profiler.draft_time("S") == pytest.approx(router.profiler.score_time("S", 2), rel=0.05)  # a short pass: a drafted token
+
+
+def test_a_drafting_calls_own_share_makes_longer_blocks_pay():
+    """A remote drafter whose calls cost 60 ms of their own and 5 ms a token, against the same drafter
+    priced per token from its 4-token calls alone (20 ms a token): the router plans longer blocks for
+    it, as a short block costs it far more a token than a long one."""
+    def plan(calls: list[tuple[int, float]]) -> Plan:
+        router = AdaptiveRouter(["d"], "t", {"d": False, "t": True}, RouterConfig(explore_every=0))
+        router.observe([], [], [TimingRecord("t", "score", n, 0.15 + 0.005 * n) for n in (1, 2, 3, 4, 6, 8, 12)]
+                       + [TimingRecord("d", "draft", n, seconds) for n, seconds in calls])
+        router.acceptance.observe("code", "d", "t", [0.8] * 200)
+        return router.plans("code")[0]
+
+    per_call = plan([(1, 0.065), (4, 0.080)])
+    per_token = plan([(4, 0.080)])
+    assert per_call.chain == per_token.chain == ("d", "t")
+    assert per_call.draft_lens[0] >= per_token.draft_lens[0] + 2
+
+
+def test_calibration_times_a_drafters_calls_at_two_lengths():
+    import time
+
+    from specrouter.core.levels import Block
+
+    from specrouter.engine.calibration import calibrate_costs
+
+    class Remote:  # 20 ms a call besides 5 ms a token
+        name, can_verify = "r", False
+
+        def propose(self, items):
+            time.sleep(0.02 + 0.005 * items[0].n)
+            return [Block([1] * item.n, torch.zeros(item.n, 8)) for item in items]
+
+        def release(self, seq_id):
+            pass
+
+    router = AdaptiveRouter(["r"], "T", {"r": False})
+    calibrate_costs(router, {"r": Remote()})
+    one, four = router.profiler.draft_time("r", 1), router.profiler.draft_time("r", 4)
+    assert one >= 0.025 and four >= 0.04
+    assert four < 3 * one  # not four times a token's: the call's own share is counted once
+
+
+def test_a_model_and_its_task_aligned_copies_are_never_stacked():
+    from specrouter.routing.router import sibling_pairs
+
+    names = ["ngram", "ngram:8", "smollm2-135m", "smollm2-135m+task:code", "smollm2-135m+task:chat", "q@skip", "q"]
+    pairs = sibling_pairs(names)
+    family = ["smollm2-135m", "smollm2-135m+task:code", "smollm2-135m+task:chat"]
+    assert pairs == {(a, b) for a in family for b in family if a != b}  # not the n-grams, nor a skip-layer view
+    pool = names[:-1]
+    router = AdaptiveRouter(pool, "q", {}, RouterConfig(explore_every=0), siblings=pairs)
+    chains = [p.chain for p in router.plans("code")]
+    assert ("smollm2-135m", "smollm2-135m+task:code", "q") not in chains
+    assert ("ngram", "smollm2-135m+task:code", "q") in chains and ("smollm2-135m+task:chat", "q@skip", "q") in chains
+    assert not any(pair in pairs for pair in router._pairs)  # nor explored
 
 
 def test_calibration_charges_a_drafter_that_stops_unsure_per_token_it_drafts():
