@@ -14,17 +14,18 @@ D_k(m) - D_k(m - 1) are the chances that a block holds at least m tokens. A pass
 in its rows (on a CPU it jumps where a kernel changes tiles) and an n-gram's block is mostly all or
 nothing, so the pass over the average block is not the average pass. At the bottom
 C_0(n) = draft_0(D_0(n)), a drafting call's cost by the tokens it drafts (a call has a cost of its
-own, so a token of a short block costs more than one of a long block); above it, rounds as the engine runs them (specrouter/core/chain.py
-`propose`) until D_k(n) tokens are out: each asks the level below for r = min(g_{k-1}, n_left - 1)
-tokens (the level adds one of its own), costs C_{k-1}(r) + verify_k(r + 1) + overhead and yields
-E_{k-1}(r) tokens; the last round is charged in proportion to the tokens still needed. So a level
-asked for one token scores it alone, with no help from below. An `expected(drafter, verifier, g)` may
-replace the i.i.d. E_k (specrouter/routing/acceptance.py: acceptance measured position by position).
-Target-only decoding is the chain of one level, L = verify_N(1) + overhead, so speculation switches
-itself off when it does not pay.
+own, so a token of a short block costs more than one of a long block); above it, rounds as the
+engine runs them (specrouter/core/chain.py `propose`) until D_k(n) tokens are out: each asks the
+level below for r = min(g_{k-1}, n_left - 1) tokens (the level adds one of its own), costs
+C_{k-1}(r) + verify_k(r + 1) + overhead and yields E_{k-1}(r) tokens; the last round is charged in
+proportion to the tokens still needed. So a level asked for one token scores it alone, with no help
+from below. An `expected(drafter, verifier, g)` may replace the i.i.d. E_k
+(specrouter/routing/acceptance.py: acceptance measured position by position). Target-only decoding
+is the chain of one level, L = verify_N(1) + overhead, so speculation switches itself off when it
+does not pay.
 
-A batch of B sequences stepping together is the same model with batch-dependent costs: drafting a
-token for all of them takes draft(level, B), a verification pass over g+1 tokens each takes
+A batch of B sequences stepping together is the same model with batch-dependent costs: drafting n
+tokens for all of them takes draft(level, n, B), a verification pass over g+1 tokens each takes
 verify(level, g+1, B), and L_N is the batch's time per token per sequence, so the batch commits
 B / L_N tokens per second (its goodput): `search` with the costs at batch B ranks plans by goodput,
 and at B = 1 it is the search for a request alone. Verification gets dearer as B grows (the pass
