@@ -17,6 +17,9 @@ def test_two_level_prediction_by_hand():
     verify = flat({"t": 1.0})
     t = predict(("d", "t"), (3,), verify, lambda d, n: 0.1 * n, lambda d, v: 0.5, overhead=0.0)
     assert t == pytest.approx((3 * 0.1 + 1.0) / expected_tokens(0.5, 3))
+    # a drafting call with a share of its own is charged it once a block, not once a token
+    t = predict(("d", "t"), (3,), verify, lambda d, n: 0.05 + 0.1 * n, lambda d, v: 0.5, overhead=0.0)
+    assert t == pytest.approx((0.05 + 3 * 0.1 + 1.0) / expected_tokens(0.5, 3))
 
 
 def test_bottom_drafter_that_stops_early_is_charged_its_expected_block():
