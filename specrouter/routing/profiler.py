@@ -110,7 +110,7 @@ class ForwardProfiler:
         """Predicted seconds for one pass over num_tokens per sequence for `batch` sequences: the
         bucket's EMA, else interpolated over block lengths, then over batch sizes."""
         batches = sorted({bt for (name, _, bt) in self._score if name == level})
-        return _scaled(_over_batches([(bt, self._score_at(level, num_tokens, bt)) for bt in batches], batch), self.speed(level))
+        return _scaled(_interpolated([(bt, self._score_at(level, num_tokens, bt)) for bt in batches], batch), self.speed(level))
 
     def _score_at(self, level: str, num_tokens: int, batch: int) -> float:
         known = sorted((b, e.value) for (name, b, bt), e in self._score.items() if name == level and bt == batch)
@@ -141,23 +141,18 @@ class ForwardProfiler:
         does; a shorter one at most what the shortest does and at least its tokens' share of it: a
         call's own share is not negative), in proportion where one length alone was seen."""
         batches = sorted({bt for (name, _, bt) in self._draft if name == level})
-        return _scaled(_over_batches([(bt, self._draft_at(level, num_tokens, bt)) for bt in batches], batch), self.speed(level))
+        return _scaled(_interpolated([(bt, self._draft_at(level, num_tokens, bt)) for bt in batches], batch), self.speed(level))
 
     def _draft_at(self, level: str, num_tokens: float, batch: int) -> float:
         known = sorted((n, e.value) for (name, n, bt), e in self._draft.items() if name == level and bt == batch)
+        (n0, t0) = known[0]
         if len(known) == 1:
-            (n0, t0), = known
             return t0 * num_tokens / n0
-        inside = [i for i in range(len(known) - 1) if known[i][0] <= num_tokens <= known[i + 1][0]]
-        i = inside[0] if inside else (0 if num_tokens < known[0][0] else len(known) - 2)
-        (n0, t0), (n1, t1) = known[i], known[i + 1]
+        if num_tokens >= n0:
+            return _interpolated(known, num_tokens)
+        (n1, t1) = known[1]
         line = t0 + (t1 - t0) * (num_tokens - n0) / (n1 - n0)
-        if inside:
-            return line
-        if num_tokens > n1:
-            return max(line, t1)
         return min(max(line, t0 * num_tokens / n0), t0)  # shorter: cheaper, but by no more than its tokens' share
-
 
 def _far(ratio: float) -> bool:
     return ratio > LEVEL_CHANGE or ratio < 1 / LEVEL_CHANGE
@@ -167,23 +162,23 @@ def _scaled(seconds: float | None, speed: float) -> float | None:
     return None if seconds is None else seconds * speed
 
 
-def _over_batches(points: list[tuple[int, float]], batch: int) -> float | None:
-    """Cost at `batch` from costs measured at other batch sizes [(batch, seconds)], sorted: linear
-    between neighbours; past the largest measured batch, extended along the last measured slope
-    (never below it); below the smallest, flat."""
+def _interpolated(points: list[tuple[float, float]], x: float) -> float | None:
+    """Cost at `x` (a batch size, a block length) from costs measured at others [(x, seconds)],
+    sorted: linear between neighbours; past the largest measured, extended along the last measured
+    slope (never below it); below the smallest, flat."""
     if not points:
         return None
     known = dict(points)
-    if batch in known:
-        return known[batch]
-    below = [p for p in points if p[0] < batch]
-    above = [p for p in points if p[0] > batch]
+    if x in known:
+        return known[x]
+    below = [p for p in points if p[0] < x]
+    above = [p for p in points if p[0] > x]
     if below and above:
         (b0, t0), (b1, t1) = below[-1], above[0]
-        return t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
+        return t0 + (t1 - t0) * (x - b0) / (b1 - b0)
     if above:
         return above[0][1]
     if len(below) >= 2:
         (b0, t0), (b1, t1) = below[-2], below[-1]
-        return t1 + max(0.0, (t1 - t0) / (b1 - b0)) * (batch - b1)
+        return t1 + max(0.0, (t1 - t0) / (b1 - b0)) * (x - b1)
     return below[-1][1]
