@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="total variation (1 - acceptance) or forward KL (drafters on the target's tokenizer); "
                             "seqkd: cross-entropy on the target's text (drafters on any tokenizer, e.g. smollm2-135m)")
     align.add_argument("--continuation-tokens", type=int, default=AlignConfig.continuation_tokens)
+    align.add_argument("--teacher-batch", type=int, default=16,
+                       help="seqkd: prompts the target continues together (1: one at a time, the text the target alone "
+                            "writes; a batched pass may round differently and take the other side of a near-tie)")
     align.add_argument("--max-prompts", type=int, default=None, help="use at most this many of the task's prompts")
     align.add_argument("--per-source", type=int, default=64,
                        help="training prompts per source, each classed by the task model (as many as `tasks fit` took, or more)")
@@ -316,7 +319,7 @@ def cmd_align(args) -> int:
 
         teacher = Engine(args.target)
     result = align_task(args.task, args.drafter, args.target, config, args.per_source, drafter_dtype=args.drafter_dtype,
-                        max_prompts=args.max_prompts, teacher=teacher)
+                        max_prompts=args.max_prompts, teacher=teacher, teacher_batch=args.teacher_batch)
     losses = " ".join(f"{x:.4f}" for x in result.losses) if len(result.losses) <= 10 else \
         f"{result.loss_first:.4f} (first 5) -> {result.loss_last:.4f} (last 5)"
     print(f"{args.drafter}+task:{args.task}: {result.steps - result.resumed_at} steps in {result.minutes:.1f} min; loss {losses}\n"

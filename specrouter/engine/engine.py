@@ -20,7 +20,7 @@ from specrouter.core.tiers import QualityBudget, Thresholds
 from specrouter.core.store import ModelStore, WorkerProvider
 from specrouter.core.vocab import vocab_map
 from specrouter.core.worker import WorkerUnavailable
-from specrouter.engine.defaults import RETRY_DOWN_AFTER_S
+from specrouter.engine.defaults import MAX_BATCH, RETRY_DOWN_AFTER_S
 from specrouter.engine.loop import BatchLoop, GenerationResult
 from specrouter.routing.router import AdaptiveRouter
 from specrouter.routing.scheduler import Plan
@@ -180,6 +180,15 @@ class Engine:
         request = {"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens, "params": params, "seed": seed,
                    "ignore_eos": ignore_eos, "klass": klass, "tiered": tiered}
         return BatchLoop(self, router, max_batch=1).run([request])[0]
+
+    def generate_many(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+                      seed: int = 0, max_batch: int = MAX_BATCH) -> list[GenerationResult]:
+        """Generate for many requests in one continuous batch of up to `max_batch` (request i seeded
+        `seed + i`), with the static chain; results in the prompts' order. A batched pass may round
+        differently from a pass of one sequence, so a greedy text may take the other side of a near-tie."""
+        requests = [{"prompt_ids": prompt, "max_new_tokens": max_new_tokens, "params": params, "seed": seed + i}
+                    for i, prompt in enumerate(prompts)]
+        return BatchLoop(self, max_batch=max_batch).run(requests)
 
     def new_stats(self) -> dict[str, LevelStats]:
         """Fresh per-level statistics for one request (with each cross-tokenizer level's mapping report)."""

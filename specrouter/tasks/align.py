@@ -11,8 +11,9 @@ a speculative step.
 
 A drafter on another tokenizer has no distribution over the target's tokens to compare, so it trains
 on the target's text instead (`align_seqkd`, sequence-level distillation): cross-entropy on the
-target's greedy continuations of the task's prompts, prompt and continuation spelled by the drafter's
-tokenizer as a cross-tokenizer chain shows it the committed text (specrouter/core/retokenize.py).
+target's greedy continuations of the task's prompts (generated before the first step, many prompts
+decoding together), prompt and continuation spelled by the drafter's tokenizer as a cross-tokenizer
+chain shows it the committed text (specrouter/core/retokenize.py).
 
 Only the adapter's weights train (peft LoRA on every projection); the base drafter's stay as loaded
 (bf16 or fp32; adapters in fp32). A run checkpoints (adapter, optimiser, step, losses) every
@@ -47,7 +48,7 @@ class AlignResult:
     path: str
     sha256: str
     steps: int
-    minutes: float  # this run's wall time (a resumed run counts from its resumption)
+    minutes: float  # this run's wall time, the target's text included (a resumed run counts from its resumption)
     resumed_at: int
     loss_first: float  # mean loss of the first and last (up to) 5 steps
     loss_last: float
@@ -109,31 +110,43 @@ def _lora(drafter, config: AlignConfig):
 
 
 class Teacher(Protocol):
-    """What sequence-level distillation needs of the target: its greedy continuation of a prompt (an
-    `Engine` over the target, on any backend, is one)."""
+    """What sequence-level distillation needs of the target: its greedy continuations of many prompts,
+    up to `max_batch` decoding together (an `Engine` over the target, on any backend, is one)."""
 
     tokenizer: Any
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Any:  # -> a result with `token_ids`
-        ...
+    def generate_many(self, prompts: list[list[int]], max_new_tokens: int, *, max_batch: int) -> list[Any]:
+        ...  # -> results with `token_ids`, in the prompts' order
 
 
 class ContinuationCache:
-    """The target's continuation of each prompt (by its index), generated on first use and kept in
-    the run's work directory, so a resumed run does not generate them again; kept ones count only for
-    a run of the same kind (`source`: the loss, prompts and continuation length)."""
+    """The target's continuation of each prompt (by its index), kept in the run's work directory after
+    every call that generates some, so a resumed run does not generate them again; kept ones count
+    only for a run of the same kind (`source`: the loss, prompts and continuation length).
+    `generate_many` continues a list of prompts, up to `per_call` of them a call."""
 
-    def __init__(self, path: Path, source: str, generate: Callable[[list[int]], list[int]]):
-        self.path, self.source, self.generate = path, source, generate
+    def __init__(self, path: Path, source: str, generate_many: Callable[[list[list[int]]], list[list[int]]], per_call: int = 1):
+        self.path, self.source, self.generate_many, self.per_call = path, source, generate_many, per_call
         kept = json.loads(path.read_text()) if path.exists() else {}
         self.known: dict[str, list[int]] = kept.get("continuations", {}) if kept.get("source") == source else {}
 
+    def fill(self, prompts: dict[int, list[int]], progress: bool = False) -> None:
+        """Generate the continuations of these prompts (index -> prompt) not kept yet."""
+        missing = [(i, p) for i, p in prompts.items() if str(i) not in self.known]
+        with tqdm(total=len(prompts), initial=len(prompts) - len(missing), desc="target continuations", unit="prompt",
+                  disable=not progress) as bar:
+            for start in range(0, len(missing), self.per_call):
+                chunk = missing[start : start + self.per_call]
+                for (i, _), continuation in zip(chunk, self.generate_many([p for _, p in chunk]), strict=True):
+                    self.known[str(i)] = list(continuation)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.write_text(json.dumps({"source": self.source, "continuations": self.known}))
+                bar.update(len(chunk))
+
     def get(self, index: int, prompt: list[int]) -> list[int]:
-        key = str(index)
-        if key not in self.known:
-            self.known[key] = self.generate(prompt)
-            self.path.write_text(json.dumps({"source": self.source, "continuations": self.known}))
-        return self.known[key]
+        if str(index) not in self.known:
+            self.fill({index: prompt})
+        return self.known[str(index)]
 
 
 def _cache_source(prompts: list[list[int]], config: AlignConfig) -> str:
@@ -157,7 +170,7 @@ def align(drafter, target, prompts: list[list[int]], out: Path, config: AlignCon
     target.eval()
     model = _lora(drafter, config)
     targets = ContinuationCache(work_dir(out) / "target_continuations.json", _cache_source(prompts, config),
-                                lambda prompt: greedy_continuation(target, prompt, config.continuation_tokens, eos_ids))
+                                lambda batch: [greedy_continuation(target, p, config.continuation_tokens, eos_ids) for p in batch])
     order = _order(len(prompts), config)
 
     def loss_at(step: int) -> torch.Tensor:
@@ -182,17 +195,27 @@ def align(drafter, target, prompts: list[list[int]], out: Path, config: AlignCon
 
 
 def align_seqkd(drafter, prompts: list[list[int]], teacher: Teacher, spell: Callable[[list[int]], list[int]], out: Path,
-                config: AlignConfig = AlignConfig(), meta: dict | None = None) -> AlignResult:
+                config: AlignConfig = AlignConfig(), meta: dict | None = None, teacher_batch: int = 16) -> AlignResult:
     """Train a LoRA adapter on `drafter` (on any tokenizer) over `prompts` (the target's token ids) by
-    cross-entropy on the target's greedy continuations of them (`teacher`), both spelled in the
-    drafter's tokens by `spell` (target ids -> drafter ids), and save it at `out`."""
+    cross-entropy on the target's greedy continuations of them (`teacher`, `teacher_batch` prompts
+    decoding together, kept after each batch; 1: the text the target alone writes), both spelled in
+    the drafter's tokens by `spell` (target ids -> drafter ids), and save it at `out`."""
     if config.loss != "seqkd":
         raise ValueError(f"align_seqkd trains on the target's text (loss 'seqkd'), not {config.loss!r}")
+    if teacher_batch < 1:
+        raise ValueError(f"teacher_batch must be >= 1, got {teacher_batch}")
+    start = time.perf_counter()
     prompts = _clip(prompts, config)
     model = _lora(drafter, config)
     targets = ContinuationCache(work_dir(out) / "target_continuations.json", _cache_source(prompts, config),
-                                lambda prompt: list(teacher.generate(prompt, config.continuation_tokens).token_ids))
+                                lambda batch: [r.token_ids for r in teacher.generate_many(batch, config.continuation_tokens,
+                                                                                          max_batch=teacher_batch)],
+                                per_call=teacher_batch)
     order = _order(len(prompts), config)
+    # The target's text first, for every prompt the run's steps visit, a batch decoding together (a
+    # batched pass costs little more than a pass of one, but may round differently and so take the
+    # other side of a near-tie).
+    targets.fill({i: prompts[i] for i in sorted({order[step % len(order)] for step in range(config.steps)})}, progress=True)
 
     def loss_at(step: int) -> torch.Tensor:
         index = order[step % len(order)]
@@ -202,7 +225,7 @@ def align_seqkd(drafter, prompts: list[list[int]], teacher: Teacher, spell: Call
         model.train()
         return model(input_ids=ids, labels=labels).loss
 
-    return _train(model, loss_at, out, config, len(prompts), meta)
+    return _train(model, loss_at, out, config, len(prompts), meta, start)
 
 
 def _clip(prompts: list[list[int]], config: AlignConfig) -> list[list[int]]:
@@ -218,7 +241,7 @@ def _order(num_prompts: int, config: AlignConfig) -> list[int]:
 
 
 def _train(model, loss_at: Callable[[int], torch.Tensor], out: Path, config: AlignConfig, num_prompts: int,
-           meta: dict | None) -> AlignResult:
+           meta: dict | None, start: float | None = None) -> AlignResult:
     """Steps of AdamW on the adapter of `model` (a peft model) over `loss_at(step)`, resuming from and
     checkpointing to the work directory; the adapter saved and sealed at `out`."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -239,7 +262,7 @@ def _train(model, loss_at: Callable[[int], torch.Tensor], out: Path, config: Ali
     resumed_at = step
 
     # 2. Steps, each checkpointed every `save_every`.
-    start = time.perf_counter()
+    start = time.perf_counter() if start is None else start  # the run began at `start` (perf_counter), work before its steps included
     with tqdm(total=config.steps, initial=step, desc=f"align {out.name}", unit="step") as bar:
         while step < config.steps:
             loss = loss_at(step)

@@ -32,10 +32,11 @@ def task_texts(model: TaskModel, task: str, per_source: int, shared: dict | None
 
 def align_task(task: str, drafter: str, target: str, config: AlignConfig, per_source: int = 64,
                task_model: str = DEFAULT, drafter_dtype: str = "bfloat16", target_dtype: str = "bfloat16",
-               max_prompts: int | None = None, teacher: Teacher | None = None) -> AlignResult:
+               max_prompts: int | None = None, teacher: Teacher | None = None, teacher_batch: int = 16) -> AlignResult:
     """Align `drafter` to `target` on `task`'s training prompts: on a divergence from the target's
     distributions (the torch `target` loaded here), or with `config.loss` "seqkd" on the text of
-    `teacher` (the target on any backend; the drafter on any tokenizer)."""
+    `teacher` (the target on any backend, `teacher_batch` prompts decoding together; the drafter on
+    any tokenizer)."""
     model = TaskModel.load(tasks_root(), task_model)
     drafter_lm, drafter_tokenizer = load_hf_model(catalog.resolve(drafter), drafter_dtype)
     meta = {"task": task, "drafter": drafter, "target": target, "corpus_sha256": model.corpus_sha256,
@@ -50,7 +51,8 @@ def align_task(task: str, drafter: str, target: str, config: AlignConfig, per_so
 
         texts = _task_prompts(model, task, per_source, max_prompts)
         return align_seqkd(drafter_lm, [prompt_ids(tokenizer, t) for t in texts], teacher, spell,
-                           adapters.adapter_dir(drafter, task), config, meta=meta)
+                           adapters.adapter_dir(drafter, task), config, meta={**meta, "teacher_batch": teacher_batch},
+                           teacher_batch=teacher_batch)
     target_lm, tokenizer = load_hf_model(catalog.resolve(target), target_dtype)
     texts = _task_prompts(model, task, per_source, max_prompts, shared={target: (target_lm, tokenizer)})
     if len(drafter_tokenizer) != len(tokenizer) or drafter_tokenizer.get_vocab() != tokenizer.get_vocab():

@@ -152,6 +152,19 @@ def test_sampled_requests_in_a_batch_draw_as_they_do_alone(tiny_dirs):
     assert len({tuple(a) for a in alone}) == len(alone)
 
 
+def test_generate_many_gives_each_prompt_what_it_gets_alone_in_order(tiny_dirs):
+    """Many prompts in one continuous batch (more than fit at once: the rest wait), request i seeded
+    `seed + i`: each result is the one the prompt gets alone, in the prompts' order."""
+    from specrouter.core.sampling import SamplingParams
+
+    engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])
+    data = prompts(6, 2000, seed=5)
+    for params in (SamplingParams(), SamplingParams(temperature=0.8)):
+        many = engine.generate_many(data, 8, params, seed=10, max_batch=4)
+        assert [r.token_ids for r in many] == [engine.generate(p, 8, params, seed=10 + i).token_ids for i, p in enumerate(data)]
+    assert all(level.worker.num_sequences() == 0 for level in engine.levels.values() if hasattr(level, "worker"))
+
+
 def test_a_batched_requests_first_step_teaches_the_router_no_acceptance(tiny_dirs):
     """As for a request alone (specrouter/routing/router.py `taught`): its first step's verdicts are left out."""
     engine = Engine(chain_spec(tiny_dirs, "draft,target"), dtype="float32", draft_lens=[3])

@@ -273,7 +273,7 @@ def test_sequence_level_distillation_aligns_a_drafter_on_another_tokenizer(cache
         return drafter_tokenizer(teacher.tokenizer.decode(ids), add_special_tokens=False)["input_ids"]
 
     data = prompts(4, 151936, seed=3)
-    examples = [(spell(p), spell(teacher.generate(p, 8).token_ids)) for p in data]
+    examples = [(spell(p), spell(r.token_ids)) for p, r in zip(data, teacher.generate_many(data, 8))]
     before = mean_cross_entropy(drafter, examples)
     config = AlignConfig(steps=24, lr=2e-2, rank=8, lora_alpha=16, continuation_tokens=8, loss="seqkd", save_every=8)
     out = adapters.adapter_dir(far, "code")
@@ -296,16 +296,36 @@ def test_sequence_level_distillation_aligns_a_drafter_on_another_tokenizer(cache
         align_seqkd(drafter, data, teacher, spell, cache / "wrong", FAST)
 
 
+def reversing(calls: list, stop_in: int | None = None):
+    """A stand-in target's `generate_many` (each continuation the prompt reversed) logging its calls,
+    stopping the run (Ctrl-C) in call `stop_in`."""
+    def generate_many(batch: list[list[int]]) -> list[list[int]]:
+        calls.append(batch)
+        if len(calls) == stop_in:
+            raise KeyboardInterrupt
+        return [prompt[::-1] for prompt in batch]
+    return generate_many
+
+
 def test_kept_target_continuations_count_only_for_a_run_of_the_same_kind(tmp_path):
-    calls = []
-
-    def generate(prompt):
-        calls.append(prompt)
-        return prompt[::-1]
-
-    path = tmp_path / "target_continuations.json"
-    assert align_module.ContinuationCache(path, "seqkd:abc:96", generate).get(0, [1, 2]) == [2, 1]
-    assert align_module.ContinuationCache(path, "seqkd:abc:96", generate).get(0, [1, 2]) == [2, 1]
+    calls, path = [], tmp_path / "target_continuations.json"
+    assert align_module.ContinuationCache(path, "seqkd:abc:96", reversing(calls)).get(0, [1, 2]) == [2, 1]
+    assert align_module.ContinuationCache(path, "seqkd:abc:96", reversing(calls)).get(0, [1, 2]) == [2, 1]
     assert len(calls) == 1  # a resumed run reads it back
-    assert align_module.ContinuationCache(path, "seqkd:abc:48", generate).get(0, [1, 2]) == [2, 1]
+    assert align_module.ContinuationCache(path, "seqkd:abc:48", reversing(calls)).get(0, [1, 2]) == [2, 1]
     assert len(calls) == 2  # a run of another length generates its own
+
+
+def test_target_continuations_are_generated_many_a_call_and_kept_after_each(tmp_path):
+    """The prompts not kept yet go to the target `per_call` at a time; a run stopped in a call keeps
+    what the calls before it generated, and its resumption generates only the rest."""
+    calls, path, by_index = [], tmp_path / "target_continuations.json", {i: [i, i + 1] for i in range(7)}
+    with pytest.raises(KeyboardInterrupt):
+        align_module.ContinuationCache(path, "seqkd:abc:96", reversing(calls, stop_in=3), per_call=3).fill(by_index)
+    assert calls == [[[0, 1], [1, 2], [2, 3]], [[3, 4], [4, 5], [5, 6]], [[6, 7]]]
+    calls.clear()
+    resumed = align_module.ContinuationCache(path, "seqkd:abc:96", reversing(calls), per_call=3)
+    resumed.fill(by_index)
+    assert calls == [[[6, 7]]]
+    assert [resumed.get(i, p) for i, p in by_index.items()] == [p[::-1] for p in by_index.values()]
+    assert calls == [[[6, 7]]]  # every one kept: nothing generated again
