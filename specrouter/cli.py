@@ -21,6 +21,12 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specrouter", description="Lossless multi-level speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="total variation (1 - acceptance) or forward KL (drafters on the target's tokenizer); "
                             "seqkd: cross-entropy on the target's text (drafters on any tokenizer, e.g. smollm2-135m)")
     align.add_argument("--continuation-tokens", type=int, default=AlignConfig.continuation_tokens)
-    align.add_argument("--teacher-batch", type=int, default=16,
+    align.add_argument("--teacher-batch", type=_positive_int, default=16,
                        help="seqkd: prompts the target continues together (1: one at a time, the text the target alone "
                             "writes; a batched pass may round differently and take the other side of a near-tie)")
     align.add_argument("--max-prompts", type=int, default=None, help="use at most this many of the task's prompts")

@@ -276,3 +276,10 @@ def test_generate_by_a_quality_budget_says_it_is_lossy_and_names_the_budget(tiny
 def test_generate_rejects_bad_thresholds(tiny_dirs, capsys, flags, message):
     assert main(["generate", "--chain", tiny_dirs["target"], "--prompt", "x", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "four"])
+def test_align_refuses_a_teacher_batch_below_one_before_loading_anything(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["align", "--task", "code", "--loss", "seqkd", "--teacher-batch", value])
+    assert exit_info.value.code == 2 and "expected an integer >= 1" in capsys.readouterr().err
