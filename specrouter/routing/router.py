@@ -39,7 +39,7 @@ from specrouter.core.spec import LevelSpec
 from specrouter.routing.acceptance import POOLED, AcceptanceTable, OwnAcceptance, rejection_ratio
 from specrouter.routing.config import RouterConfig
 from specrouter.routing.profiler import LEVEL_CHANGE, ForwardProfiler
-from specrouter.routing.scheduler import Plan, predict, search
+from specrouter.routing.scheduler import CostFn, DraftFn, Plan, predict, search
 from specrouter.routing.tiering import TieringChoice
 
 
@@ -149,6 +149,10 @@ class AdaptiveRouter:
         single = self.profiler.score_time(level, 1, batch)  # a model drafts one token per single-token pass
         return num_tokens * (single if single is not None else self.config.default_cost_s)
 
+    def _costs(self, batch: int) -> tuple[CostFn, DraftFn]:
+        """The latency model's costs at this batch size: a verification pass, a drafting call."""
+        return (lambda level, n: self._verify_cost(level, n, batch)), (lambda level, n: self._draft_cost(level, n, batch))
+
     def plans(self, klass: str, own: OwnAcceptance | None = None) -> list[Plan]:
         """Every chain's best plan for a request of `klass` alone, best first; `own`: the request's own
         acceptance and blocks, where it has run some."""
@@ -157,12 +161,12 @@ class AdaptiveRouter:
     def _search(self, classes: list[str], own: OwnAcceptance | None = None) -> list[Plan]:
         """Every chain's best plan for requests of these classes stepping together (acceptance averaged
         over them; `own`: a request alone's own), from the costs profiled at their batch size, best first."""
-        batch = len(classes)
+        verify, draft = self._costs(len(classes))
         return search(
             self.pool,
             self.target,
-            verify=lambda level, n: self._verify_cost(level, n, batch),
-            draft=lambda level, n: self._draft_cost(level, n, batch),
+            verify=verify,
+            draft=draft,
             alpha=self._alpha(classes),
             overhead=self.overhead_s,
             can_verify=lambda name: self.can_verify.get(name, True),
@@ -363,9 +367,7 @@ class AdaptiveRouter:
 
     def _predicted(self, plan: Plan, classes: list[str], own: OwnAcceptance | None = None) -> Plan:
         """The plan with its prediction for requests of these classes stepping together, as `_search` makes it."""
-        batch = len(classes)
-        t = predict(plan.chain, plan.draft_lens, lambda level, n: self._verify_cost(level, n, batch),
-                    lambda level, n: self._draft_cost(level, n, batch), self._alpha(classes), self.overhead_s,
+        t = predict(plan.chain, plan.draft_lens, *self._costs(len(classes)), self._alpha(classes), self.overhead_s,
                     self._expected(classes, self._own_ratios(classes[0], own), own), self._drafted(classes, own))
         return Plan(plan.chain, plan.draft_lens, t)
 
@@ -405,7 +407,8 @@ class AdaptiveRouter:
         if len(plan.chain) < 2:
             return [0] * len(requests)
         classes = [r.klass for r in requests]
-        batch, top = len(requests), (plan.chain[-2], plan.chain[-1])
+        top = (plan.chain[-2], plan.chain[-1])
+        verify, draft = self._costs(len(requests))
         class_alpha = self._alpha(classes)
         lens = []
         for request in requests:
@@ -413,10 +416,8 @@ class AdaptiveRouter:
             ratio = rejection_ratio(alpha, class_alpha(*top)) if alpha is not None else 1.0
             expected, drafted = self._expected(classes, {top: ratio}, request.own), self._drafted(classes, request.own)
             candidates = [g for g in self.lengths_of(top[0]) if g <= plan.draft_lens[-1]] or [plan.draft_lens[-1]]
-            lens.append(min(candidates, key=lambda g: predict(plan.chain, plan.draft_lens[:-1] + (g,),
-                                                              lambda level, n: self._verify_cost(level, n, batch),
-                                                              lambda level, n: self._draft_cost(level, n, batch), class_alpha,
-                                                              self.overhead_s, expected, drafted)))
+            lens.append(min(candidates, key=lambda g: predict(plan.chain, plan.draft_lens[:-1] + (g,), verify, draft,
+                                                              class_alpha, self.overhead_s, expected, drafted)))
         return lens
 
     # -- feedback ---------------------------------------------------------------------------------------

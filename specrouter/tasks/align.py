@@ -166,6 +166,7 @@ def align(drafter, target, prompts: list[list[int]], out: Path, config: AlignCon
     `prompts` (token ids), on the divergence `config.loss`, and save it at `out`."""
     if config.loss not in DIVERGENCES:
         raise ValueError(f"{config.loss!r} is not a divergence: one of {DIVERGENCES} (seqkd: align_seqkd)")
+    start = time.perf_counter()
     prompts = _clip(prompts, config)
     target.eval()
     model = _lora(drafter, config)
@@ -191,7 +192,7 @@ def align(drafter, target, prompts: list[list[int]], out: Path, config: AlignCon
         draft_logits = model(input_ids=ids).logits[0, scored]  # [T, V]
         return divergence(target_logits, draft_logits, config.loss)
 
-    return _train(model, loss_at, out, config, len(prompts), meta)
+    return _train(model, loss_at, out, config, len(prompts), meta, start)
 
 
 def align_seqkd(drafter, prompts: list[list[int]], teacher: Teacher, spell: Callable[[list[int]], list[int]], out: Path,
@@ -241,9 +242,10 @@ def _order(num_prompts: int, config: AlignConfig) -> list[int]:
 
 
 def _train(model, loss_at: Callable[[int], torch.Tensor], out: Path, config: AlignConfig, num_prompts: int,
-           meta: dict | None, start: float | None = None) -> AlignResult:
+           meta: dict | None, start: float) -> AlignResult:
     """Steps of AdamW on the adapter of `model` (a peft model) over `loss_at(step)`, resuming from and
-    checkpointing to the work directory; the adapter saved and sealed at `out`."""
+    checkpointing to the work directory; the adapter saved and sealed at `out`. `start`: when the run
+    began (`time.perf_counter()`), so its minutes count what it did before its steps."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     work = work_dir(out)
@@ -262,7 +264,6 @@ def _train(model, loss_at: Callable[[int], torch.Tensor], out: Path, config: Ali
     resumed_at = step
 
     # 2. Steps, each checkpointed every `save_every`.
-    start = time.perf_counter() if start is None else start  # the run began at `start` (perf_counter), work before its steps included
     with tqdm(total=config.steps, initial=step, desc=f"align {out.name}", unit="step") as bar:
         while step < config.steps:
             loss = loss_at(step)
