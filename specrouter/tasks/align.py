@@ -18,7 +18,8 @@ chain shows it the committed text (specrouter/core/retokenize.py).
 Only the adapter's weights train (peft LoRA on every projection); the base drafter's stay as loaded
 (bf16 or fp32; adapters in fp32). A run checkpoints (adapter, optimiser, step, losses) every
 `save_every` steps in a work directory beside the output and resumes from there, the target's
-continuations with it; the finished adapter is saved with the sha256 of its weights
+continuations with it (sequence-level distillation keeps the target's text for good, for every later
+run on the same prompts: `target_text_path`); the finished adapter is saved with the sha256 of its weights
 (specrouter/core/adapters.py), where a `MODEL+task:NAME` level finds it.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -120,39 +122,49 @@ class Teacher(Protocol):
 
 
 class ContinuationCache:
-    """The target's continuation of each prompt (by its index), kept in the run's work directory after
-    every call that generates some, so a resumed run does not generate them again; kept ones count
-    only for a run of the same kind (`source`: the loss, prompts and continuation length).
-    `generate_many` continues a list of prompts, up to `per_call` of them a call."""
+    """The target's continuation of each prompt (by the prompt's tokens), kept in a file after every
+    call that generates some, so a resumed or repeated run does not generate them again; kept ones
+    count only for runs of the same kind (`source`: the loss, the continuation length, how the target
+    decoded). `generate_many` continues a list of prompts, up to `per_call` of them a call."""
 
     def __init__(self, path: Path, source: str, generate_many: Callable[[list[list[int]]], list[list[int]]], per_call: int = 1):
         self.path, self.source, self.generate_many, self.per_call = path, source, generate_many, per_call
         kept = json.loads(path.read_text()) if path.exists() else {}
         self.known: dict[str, list[int]] = kept.get("continuations", {}) if kept.get("source") == source else {}
 
-    def fill(self, prompts: dict[int, list[int]], progress: bool = False) -> None:
-        """Generate the continuations of these prompts (index -> prompt) not kept yet."""
-        missing = [(i, p) for i, p in prompts.items() if str(i) not in self.known]
-        with tqdm(total=len(prompts), initial=len(prompts) - len(missing), desc="target continuations", unit="prompt",
+    def fill(self, prompts: list[list[int]], progress: bool = False) -> None:
+        """Generate the continuations of these prompts not kept yet."""
+        missing = list({_key(p): p for p in prompts if _key(p) not in self.known}.values())
+        total = len({_key(p) for p in prompts})
+        with tqdm(total=total, initial=total - len(missing), desc="target continuations", unit="prompt",
                   disable=not progress) as bar:
             for start in range(0, len(missing), self.per_call):
                 chunk = missing[start : start + self.per_call]
-                for (i, _), continuation in zip(chunk, self.generate_many([p for _, p in chunk]), strict=True):
-                    self.known[str(i)] = list(continuation)
+                for prompt, continuation in zip(chunk, self.generate_many(chunk), strict=True):
+                    self.known[_key(prompt)] = list(continuation)
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.path.write_text(json.dumps({"source": self.source, "continuations": self.known}))
+                tmp = self.path.with_suffix(".partial")
+                tmp.write_text(json.dumps({"source": self.source, "continuations": self.known}))
+                tmp.replace(self.path)
                 bar.update(len(chunk))
 
-    def get(self, index: int, prompt: list[int]) -> list[int]:
-        if str(index) not in self.known:
-            self.fill({index: prompt})
-        return self.known[str(index)]
+    def get(self, prompt: list[int]) -> list[int]:
+        if _key(prompt) not in self.known:
+            self.fill([prompt])
+        return self.known[_key(prompt)]
 
 
-def _cache_source(prompts: list[list[int]], config: AlignConfig) -> str:
-    """What a run's kept continuations depend on besides the target: its loss kind, prompts, length."""
-    digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
-    return f"{'seqkd' if config.loss == 'seqkd' else 'divergence'}:{digest}:{config.continuation_tokens}"
+def _key(prompt: list[int]) -> str:
+    return hashlib.sha256(json.dumps(prompt).encode()).hexdigest()[:24]
+
+
+def target_text_path(target: str, continuation_tokens: int, teacher_batch: int) -> Path:
+    """Where sequence-level distillation keeps the text `target` wrote (its greedy continuations of
+    `continuation_tokens`, `teacher_batch` prompts decoding together) for every run after: one file
+    per target, length and batch, shared by the tasks and drafters that train on it."""
+    name = re.sub(r"[^A-Za-z0-9._@+-]", "_", Path(target).name)
+    digest = hashlib.sha256(target.encode()).hexdigest()[:8]
+    return adapters.adapters_root() / ".target-text" / f"{name}-{digest}--{continuation_tokens}tok--batch{teacher_batch}.json"
 
 
 def work_dir(out: Path) -> Path:
@@ -170,7 +182,7 @@ def align(drafter, target, prompts: list[list[int]], out: Path, config: AlignCon
     prompts = _clip(prompts, config)
     target.eval()
     model = _lora(drafter, config)
-    targets = ContinuationCache(work_dir(out) / "target_continuations.json", _cache_source(prompts, config),
+    targets = ContinuationCache(work_dir(out) / "target_continuations.json", f"divergence:{config.continuation_tokens}",
                                 lambda batch: [greedy_continuation(target, p, config.continuation_tokens, eos_ids) for p in batch])
     order = _order(len(prompts), config)
 
@@ -182,7 +194,7 @@ def align(drafter, target, prompts: list[list[int]], out: Path, config: AlignCon
             model.eval()
             continuation = greedy_continuation(model, prompt, config.continuation_tokens, eos_ids)
         else:
-            continuation = targets.get(index, prompt)
+            continuation = targets.get(prompt)
         ids = torch.tensor([prompt + continuation])  # [1, S]
         scored = slice(len(prompt) - 1, ids.shape[1] - 1)  # positions predicting the continuation
         # The divergence between the two distributions there.
@@ -196,11 +208,12 @@ def align(drafter, target, prompts: list[list[int]], out: Path, config: AlignCon
 
 
 def align_seqkd(drafter, prompts: list[list[int]], teacher: Teacher, spell: Callable[[list[int]], list[int]], out: Path,
-                config: AlignConfig = AlignConfig(), meta: dict | None = None, teacher_batch: int = 16) -> AlignResult:
+                texts: Path, config: AlignConfig = AlignConfig(), meta: dict | None = None, teacher_batch: int = 16) -> AlignResult:
     """Train a LoRA adapter on `drafter` (on any tokenizer) over `prompts` (the target's token ids) by
     cross-entropy on the target's greedy continuations of them (`teacher`, `teacher_batch` prompts
-    decoding together, kept after each batch; 1: the text the target alone writes), both spelled in
-    the drafter's tokens by `spell` (target ids -> drafter ids), and save it at `out`."""
+    decoding together; 1: the text the target alone writes), both spelled in the drafter's tokens by
+    `spell` (target ids -> drafter ids), and save it at `out`. The target's text is kept in `texts`
+    (`target_text_path`) after each batch and read back by every later run on the same prompts."""
     if config.loss != "seqkd":
         raise ValueError(f"align_seqkd trains on the target's text (loss 'seqkd'), not {config.loss!r}")
     if teacher_batch < 1:
@@ -208,7 +221,7 @@ def align_seqkd(drafter, prompts: list[list[int]], teacher: Teacher, spell: Call
     start = time.perf_counter()
     prompts = _clip(prompts, config)
     model = _lora(drafter, config)
-    targets = ContinuationCache(work_dir(out) / "target_continuations.json", _cache_source(prompts, config),
+    targets = ContinuationCache(texts, f"seqkd:{config.continuation_tokens}:batch{teacher_batch}",
                                 lambda batch: [r.token_ids for r in teacher.generate_many(batch, config.continuation_tokens,
                                                                                           max_batch=teacher_batch)],
                                 per_call=teacher_batch)
@@ -216,11 +229,11 @@ def align_seqkd(drafter, prompts: list[list[int]], teacher: Teacher, spell: Call
     # The target's text first, for every prompt the run's steps visit, a batch decoding together (a
     # batched pass costs little more than a pass of one, but may round differently and so take the
     # other side of a near-tie).
-    targets.fill({i: prompts[i] for i in sorted({order[step % len(order)] for step in range(config.steps)})}, progress=True)
+    targets.fill([prompts[i] for i in sorted({order[step % len(order)] for step in range(config.steps)})], progress=True)
 
     def loss_at(step: int) -> torch.Tensor:
-        index = order[step % len(order)]
-        prompt, continuation = spell(prompts[index]), spell(targets.get(index, prompts[index]))
+        target_prompt = prompts[order[step % len(order)]]
+        prompt, continuation = spell(target_prompt), spell(targets.get(target_prompt))
         ids = torch.tensor([prompt + continuation])  # [1, S]
         labels = torch.tensor([[-100] * len(prompt) + continuation])  # [1, S]: the continuation's tokens only
         model.train()

@@ -1,6 +1,6 @@
 """Prompt corpora from data shipped in PyPI packages, and the check that training stays off evaluation.
 
-Training prompts: the documented functions of Python's standard library (its own source, read with
+Training prompts: the documented functions and methods of Python's standard library (its own source, read with
 `ast`: nothing is imported), cut after the docstring as a code-completion prompt; and ShareGPT first
 user turns from past the region the benchmarks read. Evaluation prompts: HumanEval (every problem),
 the ShareGPT first turns of that region (bench/workloads.py reads the file's first `EVAL_WINDOW`
@@ -16,12 +16,13 @@ import hashlib
 import json
 import re
 import sysconfig
+import textwrap
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
 EVAL_WINDOW = 4 << 20  # characters of the ShareGPT file the benchmarks draw prompts from
-TRAIN_WINDOW = 8 << 20  # characters after it that training prompts come from
+TRAIN_WINDOW = 24 << 20  # characters after it that training prompts come from
 MIN_OVERLAP_CHARS = 40  # shorter normalised texts are compared for equality only
 EDIT_SOURCES = [("textwrap", "dedent"), ("shlex", "join"), ("glob", "escape"), ("string", "capwords"),
                 ("calendar", "weekday"), ("colorsys", "rgb_to_hls"), ("base64", "b64encode"), ("heapq", "nsmallest")]
@@ -94,11 +95,13 @@ STDLIB_SKIP = ("test", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-pack
 
 
 def stdlib_functions(n: int) -> list[Text]:
-    """n code-completion prompts from the standard library: a documented top-level function's
-    signature and docstring, taken from files in sorted order (every module's first few)."""
+    """n code-completion prompts from the standard library: a documented function's signature and
+    docstring. Every module's first few top-level functions come first (files in sorted order); past
+    those, the rest of each module's documented functions and its classes' public methods."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if not any(part in STDLIB_SKIP for part in p.relative_to(root).parts))
-    out: list[Text] = []
+    first: list[Text] = []
+    rest: list[Text] = []
     for path in files:
         try:
             source = path.read_text(encoding="utf-8")
@@ -106,17 +109,28 @@ def stdlib_functions(n: int) -> list[Text]:
         except (SyntaxError, UnicodeDecodeError):
             continue
         lines = source.splitlines(keepends=True)
-        for node in [n for n in tree.body if isinstance(n, ast.FunctionDef)][:3]:
-            doc = ast.get_docstring(node)
-            if not doc or node.name.startswith("_") or len(doc) < 40 or node.decorator_list:
-                continue
-            head = "".join(lines[node.lineno - 1 : node.body[0].end_lineno])
-            if len(head) > 1200:
-                continue
-            out.append(Text("code", f"{path.relative_to(root)}:{node.name}", head, chat=False))
-        if len(out) >= n:
-            break
-    return out[:n]
+        module = str(path.relative_to(root))
+        functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+        first += _documented(lines, module, "", functions[:3])
+        if len(first) >= n:
+            return first[:n]
+        rest += _documented(lines, module, "", functions[3:])
+        for c in [c for c in tree.body if isinstance(c, ast.ClassDef) and not c.name.startswith("_")]:
+            rest += _documented(lines, module, f"{c.name}.", [m for m in c.body if isinstance(m, ast.FunctionDef)])
+    return (first + rest)[:n]
+
+
+def _documented(lines: list[str], module: str, owner: str, nodes: list[ast.FunctionDef]) -> list[Text]:
+    """The prompts of `nodes` (public, undecorated, with a docstring of 40+ characters), dedented."""
+    out = []
+    for node in nodes:
+        doc = ast.get_docstring(node)
+        if not doc or node.name.startswith("_") or len(doc) < 40 or node.decorator_list:
+            continue
+        head = textwrap.dedent("".join(lines[node.lineno - 1 : node.body[0].end_lineno]))
+        if len(head) <= 1200:
+            out.append(Text("code", f"{module}:{owner}{node.name}", head, chat=False))
+    return out
 
 
 def normalise(text: str) -> str:

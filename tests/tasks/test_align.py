@@ -1,6 +1,7 @@
 """Aligned drafters: LoRA distillation toward the target, loaded as a chain level, lossless in use."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -277,10 +278,16 @@ def test_sequence_level_distillation_aligns_a_drafter_on_another_tokenizer(cache
     before = mean_cross_entropy(drafter, examples)
     config = AlignConfig(steps=24, lr=2e-2, rank=8, lora_alpha=16, continuation_tokens=8, loss="seqkd", save_every=8)
     out = adapters.adapter_dir(far, "code")
-    result = align_seqkd(drafter, data, teacher, spell, out, config, meta={"task": "code"})
+    texts = tmp_path / "target-text.json"
+    result = align_seqkd(drafter, data, teacher, spell, out, texts, config, meta={"task": "code"})
     assert result.steps == 24 and (out / adapters.DIGEST).read_text().strip() == result.sha256
     after = mean_cross_entropy(adapters.merge_adapter(load_hf_model(far, "float32")[0], out), examples)
     assert after < 0.5 * before
+
+    # Another run on these prompts (other settings, another task's adapter) reads the target's text back.
+    counting = CountingTeacher(teacher)
+    again = align_seqkd(drafter, data[:3], counting, spell, adapters.adapter_dir(far, "chat"), texts, replace(config, steps=4))
+    assert again.steps == 4 and counting.calls == []
 
     engine = Engine(f"{far}+task:code,{cross_dirs['target']}", dtype="float32", draft_lens=[3])
     drafted = 0
@@ -293,7 +300,18 @@ def test_sequence_level_distillation_aligns_a_drafter_on_another_tokenizer(cache
     with pytest.raises(ValueError, match="seqkd"):  # each loss has its trainer
         align(drafter, drafter, data, cache / "wrong", config)
     with pytest.raises(ValueError, match="seqkd"):
-        align_seqkd(drafter, data, teacher, spell, cache / "wrong", FAST)
+        align_seqkd(drafter, data, teacher, spell, cache / "wrong", tmp_path / "texts.json", FAST)
+
+
+class CountingTeacher:
+    """The target as a teacher, logging the prompts it is asked to continue."""
+
+    def __init__(self, teacher: Engine):
+        self.teacher, self.tokenizer, self.calls = teacher, teacher.tokenizer, []
+
+    def generate_many(self, prompts: list[list[int]], max_new_tokens: int, *, max_batch: int) -> list:
+        self.calls.append(prompts)
+        return self.teacher.generate_many(prompts, max_new_tokens, max_batch=max_batch)
 
 
 def reversing(calls: list, stop_in: int | None = None):
@@ -309,23 +327,35 @@ def reversing(calls: list, stop_in: int | None = None):
 
 def test_kept_target_continuations_count_only_for_a_run_of_the_same_kind(tmp_path):
     calls, path = [], tmp_path / "target_continuations.json"
-    assert align_module.ContinuationCache(path, "seqkd:abc:96", reversing(calls)).get(0, [1, 2]) == [2, 1]
-    assert align_module.ContinuationCache(path, "seqkd:abc:96", reversing(calls)).get(0, [1, 2]) == [2, 1]
+    assert align_module.ContinuationCache(path, "seqkd:96", reversing(calls)).get([1, 2]) == [2, 1]
+    assert align_module.ContinuationCache(path, "seqkd:96", reversing(calls)).get([1, 2]) == [2, 1]
     assert len(calls) == 1  # a resumed run reads it back
-    assert align_module.ContinuationCache(path, "seqkd:abc:48", reversing(calls)).get(0, [1, 2]) == [2, 1]
+    assert align_module.ContinuationCache(path, "seqkd:48", reversing(calls)).get([1, 2]) == [2, 1]
     assert len(calls) == 2  # a run of another length generates its own
 
 
 def test_target_continuations_are_generated_many_a_call_and_kept_after_each(tmp_path):
     """The prompts not kept yet go to the target `per_call` at a time; a run stopped in a call keeps
     what the calls before it generated, and its resumption generates only the rest."""
-    calls, path, by_index = [], tmp_path / "target_continuations.json", {i: [i, i + 1] for i in range(7)}
+    calls, path, prompts = [], tmp_path / "target_continuations.json", [[i, i + 1] for i in range(7)]
     with pytest.raises(KeyboardInterrupt):
-        align_module.ContinuationCache(path, "seqkd:abc:96", reversing(calls, stop_in=3), per_call=3).fill(by_index)
+        align_module.ContinuationCache(path, "seqkd:96", reversing(calls, stop_in=3), per_call=3).fill(prompts)
     assert calls == [[[0, 1], [1, 2], [2, 3]], [[3, 4], [4, 5], [5, 6]], [[6, 7]]]
     calls.clear()
-    resumed = align_module.ContinuationCache(path, "seqkd:abc:96", reversing(calls), per_call=3)
-    resumed.fill(by_index)
+    resumed = align_module.ContinuationCache(path, "seqkd:96", reversing(calls), per_call=3)
+    resumed.fill(prompts + [[0, 1]])  # a prompt asked twice is continued once
     assert calls == [[[6, 7]]]
-    assert [resumed.get(i, p) for i, p in by_index.items()] == [p[::-1] for p in by_index.values()]
+    assert [resumed.get(p) for p in prompts] == [p[::-1] for p in prompts]
     assert calls == [[[6, 7]]]  # every one kept: nothing generated again
+    more = align_module.ContinuationCache(path, "seqkd:96", reversing(calls), per_call=3)
+    more.fill([[9, 8], [3, 4]])  # a larger corpus: only its new prompts go to the target
+    assert calls[1:] == [[[9, 8]]]
+
+
+def test_the_target_text_is_kept_per_target_length_and_batch(cache):
+    path = align_module.target_text_path("qwen2.5-coder-1.5b@gguf", 96, 16)
+    assert path == align_module.target_text_path("qwen2.5-coder-1.5b@gguf", 96, 16)
+    others = {align_module.target_text_path(*key) for key in
+              [("qwen2.5-coder-1.5b", 96, 16), ("qwen2.5-coder-1.5b@gguf", 48, 16), ("qwen2.5-coder-1.5b@gguf", 96, 1),
+               ("/elsewhere/qwen2.5-coder-1.5b@gguf", 96, 16)]}
+    assert len(others) == 4 and path not in others and path.is_relative_to(adapters.adapters_root())

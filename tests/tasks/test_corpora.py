@@ -48,3 +48,11 @@ def test_the_code_edit_workloads_functions_are_evaluation_prompts_never_trained_
     assert edited <= {e.id for e in evaluation}
     train = corpora.training_corpus(64)
     assert not {t.id.split(":")[-1] for t in train if t.source == "code"} & {name for _, name in corpora.EDIT_SOURCES}
+
+
+def test_a_larger_code_corpus_keeps_the_smaller_one_first_and_adds_methods_dedented():
+    few, many = corpora.stdlib_functions(64), corpora.stdlib_functions(600)
+    assert len(many) == 600 and len({t.id for t in many}) == 600
+    assert [(t.id, t.text) for t in many[:64]] == [(t.id, t.text) for t in few]
+    methods = [t for t in many if "." in t.id.split(":")[1]]
+    assert methods and all(t.text.startswith("def ") for t in many)
