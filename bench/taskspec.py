@@ -10,7 +10,8 @@
    greedy continuations up to their first end token (the acceptance probability of sampling at
    temperature 1, measured at every position rather than at those a run happens to draft), for a
    drafter on the target's tokenizer (one on another, such as SmolLM2, has no distribution over the
-   target's tokens).
+   target's tokens); and, for every drafter, greedy agreement over the same text spelled in the
+   drafter's tokens (how often its argmax is the next token, teacher-forced).
 3. The adaptive router over the pool (base and aligned drafters, the target) against the best static
    chain, greedy and sampled, on the mix and per source, each prompt classed by the default task model.
    Every prompt runs under every static chain and the router in turn, so the machine's drift hits
@@ -40,7 +41,7 @@ from specrouter.core.store import ModelStore  # noqa: E402
 from specrouter.engine.calibration import router_for  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
 from specrouter.tasks import corpora  # noqa: E402
-from specrouter.tasks.align import expected_acceptance  # noqa: E402
+from specrouter.tasks.align import expected_acceptance, greedy_agreement  # noqa: E402
 from specrouter.tasks.classifier import TaskClassifier  # noqa: E402
 from specrouter.tasks.fit import fit_and_compare  # noqa: E402
 
@@ -154,23 +155,33 @@ def main() -> None:
     report["relative_acceptance"] = relative(static, "alpha", base)
     report["relative_sampled_acceptance"] = relative(sampled, "alpha", base)
 
-    # Teacher-forced alpha = 1 - E[TV] on the target's greedy continuations (the base chain's greedy
-    # output), each up to its first end token: the runs above ignore end tokens, a request would stop there.
+    # Teacher-forced on the target's greedy continuations (the base chain's greedy output), each up
+    # to its first end token (the runs above ignore end tokens, a request would stop there): greedy
+    # agreement for every drafter, over that text spelled in the drafter's tokens; alpha = 1 - E[TV]
+    # for a drafter on the target's tokenizer.
     eos_ids = store.get(TARGET).info.eos_ids
     continuations = {pid: tokens[: next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))]
                      for pid, tokens in base_greedy.items()}
-    target_lm = store.get(TARGET).model
-    forced: dict[str, dict] = {}
+    target_lm, target_tokenizer = store.get(TARGET).model, store.get(TARGET).tokenizer
     shared_vocab = store.get(base).fingerprint == store.get(TARGET).fingerprint  # as the engine tells a cross-tokenizer level
-    for drafter in drafters if shared_vocab else []:
+    drafter_tokenizer = store.get(base).tokenizer
+
+    def spell(ids: list[int]) -> list[int]:  # the target's tokens as the drafter's tokenizer spells their text
+        return ids if shared_vocab else drafter_tokenizer(target_tokenizer.decode(ids), add_special_tokens=False)["input_ids"]
+
+    forced: dict[str, dict] = {}
+    for drafter in drafters:
         task = drafter.partition("+task:")[2] or None
         drafter_lm = store.get(base, task=task).model
         for source in sorted({p.klass for p in prompts}):
-            examples = [(ids, continuations[p.id]) for p, ids in encoded if p.klass == source]
-            forced.setdefault(drafter, {})[source] = {"alpha": expected_acceptance(drafter_lm, target_lm, examples),
-                                                      "positions": sum(len(c) for _, c in examples)}
+            examples = [(spell(ids), spell(continuations[p.id])) for p, ids in encoded if p.klass == source]
+            row = {"greedy_agreement": greedy_agreement(drafter_lm, examples), "positions": sum(len(c) for _, c in examples)}
+            if shared_vocab:
+                row["alpha"] = expected_acceptance(drafter_lm, target_lm, examples)
+            forced.setdefault(drafter, {})[source] = row
         print(json.dumps({drafter: {"teacher_forced": forced[drafter]}}), flush=True)
-    report["teacher_forced"] = forced if shared_vocab else f"not defined: {base} is on another tokenizer than {TARGET}"
+    report["teacher_forced"] = forced
+    report["relative_teacher_forced_greedy_agreement"] = relative(forced, "greedy_agreement", base)
     report["relative_teacher_forced_alpha"] = relative(forced, "alpha", base) if shared_vocab else None
 
     # 3. The adaptive router against the best static chain, on the mix and per source.

@@ -87,6 +87,21 @@ def expected_acceptance(drafter, target, examples: list[tuple[list[int], list[in
 
 
 @torch.no_grad()
+def greedy_agreement(drafter, examples: list[tuple[list[int], list[int]]]) -> float:
+    """How often the drafter's argmax is the next token over the continuation positions of (prompt,
+    continuation) pairs in its own tokens, teacher-forced: the greedy counterpart of
+    `expected_acceptance`, defined also for a drafter on another tokenizer than the target (over the
+    target's text spelled in the drafter's tokens)."""
+    agreed, positions = 0, 0
+    for prompt, continuation in examples:
+        ids = torch.tensor([prompt + continuation])  # [1, S]
+        scored = slice(len(prompt) - 1, ids.shape[1] - 1)  # positions predicting the continuation
+        agreed += int((drafter(input_ids=ids).logits[0, scored].argmax(-1) == torch.tensor(continuation)).sum())
+        positions += len(continuation)
+    return agreed / max(1, positions)
+
+
+@torch.no_grad()
 def greedy_continuation(model, prompt: list[int], n: int, eos_ids: frozenset[int]) -> list[int]:
     """n greedy tokens after `prompt` (fewer where an end token comes), with the model's own KV cache."""
     ids, past, out = torch.tensor([prompt]), None, []

@@ -102,6 +102,17 @@ def test_expected_acceptance_is_one_minus_the_mean_total_variation(dirs):
     assert 0.0 < alpha < 1.0 and alpha == pytest.approx(1.0 - np.mean(tv), abs=1e-5)
 
 
+def test_greedy_agreement_counts_the_positions_where_the_drafters_argmax_is_the_next_token(dirs):
+    _, target = tiny_pair(dirs)
+    draft = perturbed(target, seed=5, noise=0.3)  # agrees on some positions, not all
+    examples = target_continuations(target, prompts(4, VOCAB))
+    assert align_module.greedy_agreement(target, examples) == 1.0  # its own greedy text
+    with torch.no_grad():
+        agreed = [int(draft(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 + i].argmax()) == t
+                  for p, c in examples for i, t in enumerate(c)]
+    assert align_module.greedy_agreement(draft, examples) == pytest.approx(np.mean(agreed)) and 0 < np.mean(agreed) < 1
+
+
 def test_alignment_lowers_the_divergence_raises_acceptance_and_seals_the_adapter(aligned):
     aligned, (before, after), (alpha_before, alpha_after) = aligned
     assert aligned.steps == FAST.steps and aligned.resumed_at == 0
