@@ -41,7 +41,7 @@ from specrouter.core.store import ModelStore  # noqa: E402
 from specrouter.engine.calibration import router_for  # noqa: E402
 from specrouter.engine.engine import Engine  # noqa: E402
 from specrouter.tasks import corpora  # noqa: E402
-from specrouter.tasks.align import expected_acceptance, greedy_agreement  # noqa: E402
+from specrouter.tasks.align import expected_acceptance, greedy_agreement, speller  # noqa: E402
 from specrouter.tasks.classifier import TaskClassifier  # noqa: E402
 from specrouter.tasks.fit import fit_and_compare  # noqa: E402
 
@@ -164,11 +164,7 @@ def main() -> None:
                      for pid, tokens in base_greedy.items()}
     target_lm, target_tokenizer = store.get(TARGET).model, store.get(TARGET).tokenizer
     shared_vocab = store.get(base).fingerprint == store.get(TARGET).fingerprint  # as the engine tells a cross-tokenizer level
-    drafter_tokenizer = store.get(base).tokenizer
-
-    def spell(ids: list[int]) -> list[int]:  # the target's tokens as the drafter's tokenizer spells their text
-        return ids if shared_vocab else drafter_tokenizer(target_tokenizer.decode(ids), add_special_tokens=False)["input_ids"]
-
+    spell = (lambda ids: ids) if shared_vocab else speller(target_tokenizer, store.get(base).tokenizer)
     forced: dict[str, dict] = {}
     for drafter in drafters:
         task = drafter.partition("+task:")[2] or None

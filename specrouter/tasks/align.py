@@ -149,14 +149,14 @@ class ContinuationCache:
 
     def fill(self, prompts: list[list[int]], progress: bool = False) -> None:
         """Generate the continuations of these prompts not kept yet."""
-        missing = list({_key(p): p for p in prompts if _key(p) not in self.known}.values())
-        total = len({_key(p) for p in prompts})
-        with tqdm(total=total, initial=total - len(missing), desc="target continuations", unit="prompt",
+        by_key = {_key(p): p for p in prompts}
+        missing = [(key, p) for key, p in by_key.items() if key not in self.known]
+        with tqdm(total=len(by_key), initial=len(by_key) - len(missing), desc="target continuations", unit="prompt",
                   disable=not progress) as bar:
             for start in range(0, len(missing), self.per_call):
                 chunk = missing[start : start + self.per_call]
-                for prompt, continuation in zip(chunk, self.generate_many(chunk), strict=True):
-                    self.known[_key(prompt)] = list(continuation)
+                for (key, _), continuation in zip(chunk, self.generate_many([p for _, p in chunk]), strict=True):
+                    self.known[key] = list(continuation)
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self.path.with_suffix(".partial")
                 tmp.write_text(json.dumps({"source": self.source, "continuations": self.known}))
@@ -164,13 +164,21 @@ class ContinuationCache:
                 bar.update(len(chunk))
 
     def get(self, prompt: list[int]) -> list[int]:
-        if _key(prompt) not in self.known:
+        key = _key(prompt)
+        if key not in self.known:
             self.fill([prompt])
-        return self.known[_key(prompt)]
+        return self.known[key]
 
 
 def _key(prompt: list[int]) -> str:
     return hashlib.sha256(json.dumps(prompt).encode()).hexdigest()[:24]
+
+
+def speller(target_tokenizer, drafter_tokenizer) -> Callable[[list[int]], list[int]]:
+    """target ids -> the drafter's tokens for their text (special tokens by content, nothing added)."""
+    def spell(ids: list[int]) -> list[int]:
+        return drafter_tokenizer(target_tokenizer.decode(ids), add_special_tokens=False)["input_ids"]
+    return spell
 
 
 def target_text_path(target: str, continuation_tokens: int, teacher_batch: int) -> Path:

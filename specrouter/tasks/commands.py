@@ -6,7 +6,7 @@ from specrouter.core import adapters, catalog
 from specrouter.core.model import load_hf_model
 from specrouter.core.store import end_tokens
 from specrouter.tasks import corpora
-from specrouter.tasks.align import AlignResult, Teacher, align, align_seqkd, target_text_path
+from specrouter.tasks.align import AlignResult, Teacher, align, align_seqkd, speller, target_text_path
 from specrouter.tasks.align_config import AlignConfig
 from specrouter.tasks.discovery import DEFAULT, TaskModel, members, tasks_root
 from specrouter.tasks.encoders import encoder_for
@@ -45,12 +45,8 @@ def align_task(task: str, drafter: str, target: str, config: AlignConfig, per_so
         if teacher is None:
             raise ValueError("sequence-level distillation (seqkd) needs the target to generate its text")
         tokenizer = teacher.tokenizer
-
-        def spell(ids: list[int]) -> list[int]:  # the target's tokens as the drafter's tokenizer spells their text
-            return drafter_tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"]
-
         texts = _task_prompts(model, task, per_source, max_prompts)
-        return align_seqkd(drafter_lm, [prompt_ids(tokenizer, t) for t in texts], teacher, spell,
+        return align_seqkd(drafter_lm, [prompt_ids(tokenizer, t) for t in texts], teacher, speller(tokenizer, drafter_tokenizer),
                            adapters.adapter_dir(drafter, task), target_text_path(target, config.continuation_tokens, teacher_batch),
                            config, meta={**meta, "teacher_batch": teacher_batch}, teacher_batch=teacher_batch)
     target_lm, tokenizer = load_hf_model(catalog.resolve(target), target_dtype)

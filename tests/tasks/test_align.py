@@ -281,9 +281,7 @@ def test_sequence_level_distillation_aligns_a_drafter_on_another_tokenizer(cache
     far = save_with_tokenizer(tiny_llama(30, VOCAB, init_std=0.2, layers=2), tmp_path / "smol-wide", smollm2_dir)
     drafter, drafter_tokenizer = load_hf_model(far, "float32")
 
-    def spell(ids: list[int]) -> list[int]:
-        return drafter_tokenizer(teacher.tokenizer.decode(ids), add_special_tokens=False)["input_ids"]
-
+    spell = align_module.speller(teacher.tokenizer, drafter_tokenizer)
     data = prompts(4, 151936, seed=3)
     examples = [(spell(p), spell(r.token_ids)) for p, r in zip(data, teacher.generate_many(data, 8))]
     before = mean_cross_entropy(drafter, examples)
